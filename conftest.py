@@ -1,0 +1,136 @@
+"""Test harness: real server processes on free ports, driven over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+HERE = Path(__file__).resolve().parent
+TERMINAL = {"DONE", "ERROR", "CANCELLED"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def new_user() -> str:
+    return str(uuid.uuid4())
+
+
+class ServerProcess:
+    """``python agent_runner.py`` on a free port, with its stdout kept in a file."""
+
+    def __init__(self, log_path: Path, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        full_env = {**os.environ, "PORT": str(self.port), "HOST": "127.0.0.1",
+                    "AGENT_MODULES": "fixture_agents", "AGENT_SLEEP_SECONDS": "0.2", **env}
+        self._log_file = open(log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "agent_runner.py"], cwd=HERE, env=full_env,
+                                     stdout=self._log_file, stderr=subprocess.STDOUT)
+        self.client = httpx.Client(base_url=self.url, timeout=30)
+        self._wait_until_up()
+
+    def _wait_until_up(self) -> None:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.02)
+        raise RuntimeError(f"server did not start:\n{self.log_path.read_text()}")
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [line for line in self.log_lines() if line.get("event") == name]
+
+    def wait_for_event(self, name: str, timeout: float = 10, **fields: Any) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.events(name):
+                if all(line.get(key) == value for key, value in fields.items()):
+                    return line
+            time.sleep(0.02)
+        raise AssertionError(f"no {name} log line with {fields}")
+
+    def start_run(self, agent_type: str = "sleeper", user_id: str | None = None, **input: Any) -> str:
+        response = self.client.post("/agents/run", json={
+            "agent_type": agent_type, "user_id": user_id or new_user(), "input": input})
+        assert response.status_code == 202, response.text
+        return response.json()["run_id"]
+
+    def wait_run(self, run_id: str, timeout: float = 20) -> dict[str, Any]:
+        """The run once terminal, by long-polling its status."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            run = self.client.get(f"/agents/status/{run_id}", params={"wait": 5}).json()
+            if run["state"] in TERMINAL:
+                return run
+        raise AssertionError(f"run {run_id} did not finish in {timeout} s")
+
+    def wait_state(self, run_id: str, state: str, timeout: float = 10) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            run = self.client.get(f"/agents/status/{run_id}").json()
+            if run["state"] == state:
+                return run
+            time.sleep(0.01)
+        raise AssertionError(f"run {run_id} never reached {state}")
+
+    def run_to_end(self, agent_type: str = "sleeper", **input: Any) -> dict[str, Any]:
+        return self.wait_run(self.start_run(agent_type, **input))
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        self.client.close()
+        self._log_file.close()
+        return code
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Any]:
+    """Factory: start_server(**env) -> a fresh ServerProcess, stopped after the test."""
+    servers: list[ServerProcess] = []
+
+    def start(**env: str) -> ServerProcess:
+        server = ServerProcess(tmp_path / f"server-{len(servers)}.log", **env)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server shared by a module's tests; each test leaves it idle."""
+    srv = ServerProcess(tmp_path_factory.mktemp("server") / "server.log")
+    yield srv
+    srv.stop(signal.SIGKILL)
