@@ -1,0 +1,336 @@
+"""Run lifecycle and operations: timeout, cancel, wait, list, retention, auth, metrics, shutdown."""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import time
+import uuid
+
+import httpx
+import pytest
+
+from conftest import ServerProcess, new_user
+
+BUSY = "An agent is already running, please retry later"
+
+
+# --- timeout ---------------------------------------------------------------
+
+def test_run_that_never_returns_times_out_as_error_and_frees_the_lock(start_server) -> None:
+    srv = start_server(RUN_TIMEOUT_SECONDS="0.5")
+    started = time.monotonic()
+    run = srv.wait_run(srv.start_run("hanging"))
+    assert run["state"] == "ERROR"
+    assert run["error"] == "Run timed out after 0.5 seconds"
+    assert 0.5 <= time.monotonic() - started < 5
+    line = srv.wait_for_event("run_timeout", run_id=run["run_id"])
+    assert line["level"] == "error"
+    assert srv.client.post("/agents/run", json={"agent_type": "sleeper", "user_id": new_user()}).status_code == 202
+
+
+# --- cancel ----------------------------------------------------------------
+
+def test_cancel_while_running_ends_cancelled_and_frees_the_lock(server: ServerProcess) -> None:
+    run_id = server.start_run("hanging")
+    server.wait_state(run_id, "RUNNING")
+    response = server.client.post(f"/agents/cancel/{run_id}")
+    assert response.status_code == 200
+    run = response.json()
+    assert run["state"] == "CANCELLED" and run["finished_at"] and run["error"] is None
+    assert server.wait_for_event("run_cancelled", run_id=run_id)["level"] == "info"
+    server.wait_run(server.start_run("sleeper", seconds=0))
+
+
+def test_cancel_while_pending_or_running_never_runs_two_agents(server: ServerProcess) -> None:
+    # Cancel immediately after 202: the run may still be PENDING.
+    for _ in range(5):
+        run_id = server.start_run("hanging")
+        response = server.client.post(f"/agents/cancel/{run_id}")
+        assert response.status_code == 200 and response.json()["state"] == "CANCELLED"
+
+
+def test_cancel_after_done_is_409_with_the_state(server: ServerProcess) -> None:
+    run = server.run_to_end("sleeper", seconds=0)
+    response = server.client.post(f"/agents/cancel/{run['run_id']}")
+    assert response.status_code == 409
+    assert response.json() == {"detail": f"Run {run['run_id']} already finished (DONE)"}
+
+
+def test_cancel_unknown_is_404_and_malformed_is_400(server: ServerProcess) -> None:
+    unknown = str(uuid.uuid4())
+    response = server.client.post(f"/agents/cancel/{unknown}")
+    assert response.status_code == 404 and response.json() == {"detail": f"Run {unknown} not found"}
+    assert server.client.post("/agents/cancel/42").status_code == 400
+
+
+def test_agent_that_swallows_cancellation_keeps_the_lock_until_it_stops(server: ServerProcess) -> None:
+    run_id = server.start_run("stubborn", hold=6.5)
+    server.wait_state(run_id, "RUNNING")
+    started = time.monotonic()
+    response = server.client.post(f"/agents/cancel/{run_id}")
+    # The agent ignores cancellation longer than the cancel endpoint waits: 202, still RUNNING.
+    assert response.status_code == 202
+    assert response.json()["state"] == "RUNNING"
+    busy = server.client.post("/agents/run", json={"agent_type": "sleeper", "user_id": new_user()})
+    assert busy.status_code == 409
+    run = server.wait_run(run_id)
+    assert run["state"] == "CANCELLED"
+    assert time.monotonic() - started >= 1.0
+    ignored = server.events("cancel_ignored")
+    assert any(line["run_id"] == run_id for line in ignored)
+    server.wait_run(server.start_run("sleeper", seconds=0))
+
+
+# --- long-poll ---------------------------------------------------------------
+
+def test_wait_returns_as_soon_as_the_run_finishes(server: ServerProcess) -> None:
+    run_id = server.start_run("sleeper", seconds=0.3)
+    started = time.monotonic()
+    run = server.client.get(f"/agents/status/{run_id}", params={"wait": 30}).json()
+    assert run["state"] == "DONE"
+    assert time.monotonic() - started < 5
+
+
+def test_wait_times_out_with_the_run_as_it_stands(server: ServerProcess) -> None:
+    run_id = server.start_run("hanging")
+    started = time.monotonic()
+    run = server.client.get(f"/agents/status/{run_id}", params={"wait": 0.5}).json()
+    elapsed = time.monotonic() - started
+    assert run["state"] in ("PENDING", "RUNNING")
+    assert 0.45 <= elapsed < 3
+    server.client.post(f"/agents/cancel/{run_id}")
+
+
+def test_wait_on_a_finished_run_returns_at_once(server: ServerProcess) -> None:
+    run = server.run_to_end("sleeper", seconds=0)
+    started = time.monotonic()
+    assert server.client.get(f"/agents/status/{run['run_id']}", params={"wait": 60}).json()["state"] == "DONE"
+    assert time.monotonic() - started < 1
+
+
+@pytest.mark.parametrize("wait", ["abc", "0", "-1", "60.5", "nan", "inf", ""])
+def test_wait_out_of_range_is_400(server: ServerProcess, wait: str) -> None:
+    run = server.run_to_end("sleeper", seconds=0)
+    response = server.client.get(f"/agents/status/{run['run_id']}", params={"wait": wait})
+    assert response.status_code == 400
+    assert "wait" in response.json()["detail"]
+
+
+# --- list ------------------------------------------------------------------
+
+def test_list_is_newest_first_with_filters_and_paging(start_server) -> None:
+    srv = start_server()
+    alice, bob = new_user(), new_user()
+    ids = []
+    for agent_type, user, extra in [("sleeper", alice, {"seconds": 0}), ("failing", bob, {}),
+                                    ("sleeper", bob, {"seconds": 0}), ("policy-checker", alice, {}),
+                                    ("sleeper", alice, {"seconds": 0})]:
+        ids.append(srv.wait_run(srv.start_run(agent_type, user_id=user, **extra))["run_id"])
+    newest_first = ids[::-1]
+
+    def listed(**params) -> list[str]:
+        response = srv.client.get("/agents/runs", params=params)
+        assert response.status_code == 200, response.text
+        return [run["run_id"] for run in response.json()["runs"]]
+
+    assert listed() == newest_first
+    assert listed(state="ERROR") == [ids[1]]
+    assert listed(agent_type="sleeper") == [ids[4], ids[2], ids[0]]
+    assert listed(user_id=alice) == [ids[4], ids[3], ids[0]]
+    assert listed(user_id=bob.upper()) == [ids[2], ids[1]]
+    assert listed(agent_type="sleeper", user_id=bob) == [ids[2]]
+    assert listed(limit=2) == newest_first[:2]
+    assert listed(limit=2, before=newest_first[1]) == newest_first[2:4]
+    assert listed(before=ids[0]) == []
+    assert listed(state="RUNNING") == []
+
+
+@pytest.mark.parametrize(("params", "word"), [
+    ({"state": "FINISHED"}, "state"), ({"limit": "0"}, "limit"), ({"limit": "1001"}, "limit"),
+    ({"limit": "ten"}, "limit"), ({"user_id": "bob"}, "user_id"), ({"before": "x"}, "before"),
+    ({"before": str(uuid.uuid4())}, "before"),
+])
+def test_list_rejects_bad_query_with_400(server: ServerProcess, params: dict[str, str], word: str) -> None:
+    response = server.client.get("/agents/runs", params=params)
+    assert response.status_code == 400
+    assert word in response.json()["detail"]
+
+
+# --- retention -------------------------------------------------------------
+
+def test_retention_drops_the_oldest_finished_runs(start_server) -> None:
+    srv = start_server(RUN_RETENTION="3")
+    ids = [srv.run_to_end("sleeper", seconds=0)["run_id"] for _ in range(5)]
+    for dropped in ids[:2]:
+        response = srv.client.get(f"/agents/status/{dropped}")
+        assert response.status_code == 404
+    for kept in ids[2:]:
+        assert srv.client.get(f"/agents/status/{kept}").status_code == 200
+    assert [run["run_id"] for run in srv.client.get("/agents/runs").json()["runs"]] == ids[:1:-1]
+
+
+def test_retention_never_drops_the_running_run(start_server) -> None:
+    srv = start_server(RUN_RETENTION="1")
+    srv.run_to_end("sleeper", seconds=0)
+    running = srv.start_run("hanging")
+    srv.wait_state(running, "RUNNING")
+    assert srv.client.get(f"/agents/status/{running}").json()["state"] == "RUNNING"
+    srv.client.post(f"/agents/cancel/{running}")
+    assert srv.client.get(f"/agents/status/{running}").json()["state"] == "CANCELLED"
+
+
+# --- progress --------------------------------------------------------------
+
+def test_progress_is_visible_while_running(server: ServerProcess) -> None:
+    run_id = server.start_run("sleeper", seconds=1.0)
+    deadline = time.monotonic() + 5
+    seen = set()
+    while time.monotonic() < deadline:
+        run = server.client.get(f"/agents/status/{run_id}").json()
+        if run["state"] == "RUNNING":
+            seen.add(run["progress"])
+        if run["state"] == "DONE":
+            break
+    assert 0.5 in seen
+    assert run["progress"] == 1.0
+
+
+# --- auth ------------------------------------------------------------------
+
+TOKEN = "s3cret-token-value-42"
+
+
+@pytest.fixture(scope="module")
+def token_server(tmp_path_factory) -> ServerProcess:
+    srv = ServerProcess(tmp_path_factory.mktemp("auth") / "server.log", API_TOKEN=TOKEN)
+    yield srv
+    srv.stop(signal.SIGKILL)
+
+
+PROTECTED = [("GET", "/agents"), ("POST", "/agents/run"), ("GET", f"/agents/status/{uuid.uuid4()}"),
+             ("GET", "/agents/runs"), ("POST", f"/agents/cancel/{uuid.uuid4()}")]
+
+
+@pytest.mark.parametrize(("method", "path"), PROTECTED)
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong", f"Basic {TOKEN}", f"Bearer {TOKEN}x", "Bearer"])
+def test_protected_paths_need_the_bearer_token(token_server: ServerProcess, method: str, path: str,
+                                               authorization: str | None) -> None:
+    headers = {"authorization": authorization} if authorization else {}
+    response = httpx.request(method, token_server.url + path, headers=headers, json={})
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert response.json()["detail"]
+
+
+def test_open_paths_need_no_token(token_server: ServerProcess) -> None:
+    for path in ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.yaml"):
+        assert httpx.get(token_server.url + path).status_code == 200, path
+
+
+def test_token_lets_a_run_through_and_never_appears_in_logs(token_server: ServerProcess) -> None:
+    client = httpx.Client(base_url=token_server.url, headers={"authorization": f"Bearer {TOKEN}"})
+    assert client.get("/agents").status_code == 200
+    response = client.post("/agents/run", json={"agent_type": "sleeper", "user_id": new_user(),
+                                                "input": {"seconds": 0}})
+    assert response.status_code == 202
+    run_id = response.json()["run_id"]
+    assert client.get(f"/agents/status/{run_id}", params={"wait": 10}).json()["state"] == "DONE"
+    assert client.get("/agents/runs").status_code == 200
+    httpx.get(token_server.url + "/agents", headers={"authorization": "Bearer wrong-" + TOKEN})
+    token_server.wait_for_event("http_request", path="/agents", status=401)
+    assert TOKEN not in token_server.log_path.read_text()
+
+
+# --- metrics ---------------------------------------------------------------
+
+def metric(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        match = re.match(r"^([a-zA-Z_:]+)(?:\{(.*)\})? (\S+)$", line)
+        if not match or match.group(1) != name:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+        if all(found.get(key) == value for key, value in labels.items()):
+            return float(match.group(3))
+    return 0.0
+
+
+def test_metrics_count_runs_rejections_durations_and_requests(start_server) -> None:
+    srv = start_server()
+    srv.run_to_end("sleeper", seconds=0)
+    srv.run_to_end("sleeper", seconds=0)
+    srv.run_to_end("failing")
+    running = srv.start_run("hanging")
+    srv.wait_state(running, "RUNNING")
+    assert srv.client.post("/agents/run", json={"agent_type": "sleeper", "user_id": new_user()}).status_code == 409
+    text = srv.client.get("/metrics").text
+    assert metric(text, "agent_runner_running") == 1
+    srv.client.post(f"/agents/cancel/{running}")
+    response = srv.client.get("/metrics")
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert metric(text, "agent_runner_runs_total", agent_type="sleeper", state="DONE") == 2
+    assert metric(text, "agent_runner_runs_total", agent_type="failing", state="ERROR") == 1
+    assert metric(text, "agent_runner_runs_total", agent_type="hanging", state="CANCELLED") == 1
+    assert metric(text, "agent_runner_rejected_total") == 1
+    assert metric(text, "agent_runner_running") == 0
+    assert metric(text, "agent_runner_run_duration_seconds_count", agent_type="sleeper") == 2
+    assert metric(text, "agent_runner_http_requests_total", method="POST", route="/agents/run", status="409") == 1
+    assert metric(text, "agent_runner_http_requests_total", method="GET",
+                  route="/agents/status/{run_id}", status="200") >= 4
+    assert "/agents/status/" + running not in text  # the route template, never the raw path
+
+
+# --- readiness and graceful shutdown --------------------------------------
+
+def test_readyz_is_ready_while_accepting(server: ServerProcess) -> None:
+    response = server.client.get("/readyz")
+    assert response.status_code == 200 and response.json() == {"status": "ready"}
+
+
+def test_sigterm_drains_the_running_run_then_exits_0(start_server) -> None:
+    srv = start_server(SHUTDOWN_GRACE_SECONDS="10")
+    run_id = srv.start_run("sleeper", seconds=1.5)
+    srv.wait_state(run_id, "RUNNING")
+    srv.proc.send_signal(signal.SIGTERM)
+    srv.wait_for_event("shutdown_started")
+    ready = srv.client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["detail"]
+    refused = srv.client.post("/agents/run", json={"agent_type": "sleeper", "user_id": new_user()})
+    assert refused.status_code == 503 and refused.json() == {"detail": "Shutting down"}
+    assert srv.client.get("/healthz").status_code == 200
+    assert srv.client.get(f"/agents/status/{run_id}", params={"wait": 10}).json()["state"] == "DONE"
+    assert srv.proc.wait(20) == 0
+    events = [line["event"] for line in srv.log_lines()]
+    assert "agent_complete" in events
+    assert events.index("agent_complete") < len(events) - 1
+    assert srv.wait_for_event("agent_complete", run_id=run_id)
+
+
+def test_sigterm_past_the_grace_interrupts_the_run_as_error(start_server) -> None:
+    srv = start_server(SHUTDOWN_GRACE_SECONDS="0.5")
+    run_id = srv.start_run("hanging")
+    srv.wait_state(run_id, "RUNNING")
+    waiter: dict[str, dict] = {}
+    poll = threading.Thread(target=lambda: waiter.setdefault(
+        "run", srv.client.get(f"/agents/status/{run_id}", params={"wait": 20}).json()))
+    poll.start()
+    srv.proc.send_signal(signal.SIGTERM)
+    assert srv.proc.wait(20) == 0
+    poll.join(5)
+    line = srv.wait_for_event("run_interrupted", run_id=run_id)
+    assert line["level"] == "error" and line["state"] == "ERROR"
+    assert waiter["run"]["state"] == "ERROR"
+    assert waiter["run"]["error"] == "Run interrupted by shutdown"
+
+
+def test_sigint_also_drains(start_server) -> None:
+    srv = start_server(SHUTDOWN_GRACE_SECONDS="10")
+    run_id = srv.start_run("sleeper", seconds=0.5)
+    srv.wait_state(run_id, "RUNNING")
+    srv.proc.send_signal(signal.SIGINT)
+    assert srv.proc.wait(20) == 0
+    assert srv.wait_for_event("agent_complete", run_id=run_id)
