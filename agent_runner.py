@@ -38,7 +38,11 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import agents
-from store import STATES, MemoryRunLock, MemoryRunStore, Run, utc_now
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import LockError
+
+from store import (STATES, MemoryRunLock, MemoryRunStore, RedisRunLock, RedisRunStore, Run, StoreHealth,
+                   StoreUnavailable, utc_now)
 
 __version__ = "0.1.0"
 
@@ -99,6 +103,9 @@ class Settings:
     run_retention: int = 10000
     api_token: str | None = field(default=None, repr=False)
     shutdown_grace_seconds: float = 30.0
+    redis_url: str | None = field(default=None, repr=False)
+    redis_prefix: str = "agent-runner"
+    lock_ttl_seconds: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -108,6 +115,9 @@ class Settings:
         host = env.get("HOST", cls.host).strip()
         if not host:
             raise ConfigError("HOST", "must not be empty")
+        redis_url = env.get("REDIS_URL", "").strip() or None
+        if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError("REDIS_URL", "must start with redis://, rediss:// or unix://")
         return cls(
             host=host,
             port=_env_number(env, "PORT", cls.port, integer=True, minimum=1, maximum=65535),
@@ -123,6 +133,10 @@ class Settings:
             api_token=env.get("API_TOKEN") or None,
             shutdown_grace_seconds=_env_number(env, "SHUTDOWN_GRACE_SECONDS", cls.shutdown_grace_seconds,
                                                integer=False, minimum=0),
+            redis_url=redis_url,
+            redis_prefix=env.get("REDIS_PREFIX", "").strip() or cls.redis_prefix,
+            lock_ttl_seconds=_env_number(env, "LOCK_TTL_SECONDS", cls.lock_ttl_seconds,
+                                         integer=False, minimum=0.3),
         )
 
 
@@ -192,11 +206,11 @@ log = logging.getLogger("agent_runner")
 # ---------------------------------------------------------------------------
 # Run state. post_run is the only place that takes run_lock and finish_run the
 # only place that releases it, right after storing the run's terminal state.
-# The lifespan picks the backend once; nothing else reassigns these.
+# The lifespan picks the backend (memory, or Redis with REDIS_URL) once.
 
 settings = Settings()
-run_lock = MemoryRunLock()
-run_store = MemoryRunStore(retention=settings.run_retention)
+run_lock: MemoryRunLock | RedisRunLock = MemoryRunLock()
+run_store: MemoryRunStore | RedisRunStore = MemoryRunStore(retention=settings.run_retention)
 active_run: ActiveRun | None = None  # the run this process is executing
 accepting_runs = True  # False once shutdown has begun
 
@@ -219,7 +233,7 @@ class ActiveRun:
     def __init__(self, run: Run, agent_cls: type[agents.BaseAgent]) -> None:
         self.run = run
         self.agent_cls = agent_cls
-        self.stop_reason: str | None = None  # "cancel", "timeout" or "shutdown"
+        self.stop_reason: str | None = None  # "cancel", "timeout", "shutdown" or "lock_lost"
         self.stop_requested = asyncio.Event()
         self.agent_task: asyncio.Task[Any] | None = None
         self.driver: asyncio.Task[None] | None = None
@@ -246,24 +260,73 @@ async def execute_run(active: ActiveRun) -> None:
     """Run the agent, record exactly one terminal state, log it, release the lock."""
     run = active.run
     outcome: dict[str, Any] = {"state": "ERROR", "error": "Run ended without an outcome"}
+    keeper = asyncio.create_task(keep_lock(active)) if run_lock.renew_interval else None
     try:
+        await recover_orphans(run)
         if active.stop_reason is None:
             run.update(state="RUNNING", started_at=utc_now())
             await run_store.save(run)
             RUNNING.set(1)
-            agent = active.agent_cls(
-                run.run_id, run.user_id, run.input,
-                sleep_seconds=settings.agent_sleep_seconds, on_progress=lambda f: run.update(progress=f))
+            agent = active.agent_cls(run.run_id, run.user_id, run.input,
+                                     sleep_seconds=settings.agent_sleep_seconds,
+                                     on_progress=lambda fraction: report_progress(run, fraction))
             active.agent_task = asyncio.create_task(agent.run())
             await supervise(active, active.agent_task, settings.run_timeout_seconds)
             outcome = judge(active, agent)
         else:
             outcome = judge(active, None)
-    except Exception as exc:  # a failure of the runner itself still ends the run
+    except Exception as exc:  # the store or the agent's constructor failed before the agent ran
         outcome = {"state": "ERROR", "error": f"{type(exc).__name__}: {exc}",
                    "event": "agent_error", "traceback": traceback.format_exc()}
     finally:
+        if keeper is not None:
+            keeper.cancel()
         await finish_run(active, outcome)
+
+
+def report_progress(run: Run, fraction: float) -> None:
+    run.update(progress=fraction)
+    run_store.note_progress(run)
+
+
+async def recover_orphans(run: Run) -> None:
+    """Mark ERROR the unfinished runs of holders that lost the lock (a replica died); we hold it now."""
+    for orphan in await run_store.unfinished():
+        if orphan.run_id == run.run_id or orphan.holder == run.holder:
+            continue
+        orphan.update(state="ERROR", finished_at=utc_now(),
+                      error="Runner lost: the replica running it stopped holding the run lock")
+        await run_store.save(orphan)
+        log.error("run_orphaned", extra={**run_fields(orphan), "state": "ERROR", "error": orphan.error})
+
+
+async def keep_lock(active: ActiveRun) -> None:
+    """Renew the run lock while the run lasts; stop the run the moment the lock may be lost.
+
+    Unreachable Redis counts as lost once the lock could have expired within
+    the next interval, so another replica can never start while this agent runs.
+    """
+    interval = run_lock.renew_interval
+    assert interval is not None and active.run.holder is not None
+    renewed_at = time.monotonic()
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await run_lock.renew(active.run.holder)
+            renewed_at = time.monotonic()
+            if await run_store.cancel_requested(active.run.run_id):
+                active.stop("cancel")
+        except LockError:
+            reason = "the lock was taken over or expired"
+        except StoreUnavailable:
+            if time.monotonic() - renewed_at + interval < settings.lock_ttl_seconds:
+                continue
+            reason = "the run store was unreachable for the lock's whole TTL"
+        else:
+            continue
+        log.error("lock_lost", extra={**run_fields(active.run), "detail": reason})
+        active.stop("lock_lost")
+        return
 
 
 async def supervise(active: ActiveRun, agent_task: asyncio.Task[Any], timeout: float) -> None:
@@ -290,6 +353,8 @@ def judge(active: ActiveRun, agent: agents.BaseAgent | None) -> dict[str, Any]:
                 "error": f"Run timed out after {settings.run_timeout_seconds:g} seconds"}
     if active.stop_reason == "shutdown":
         return {"state": "ERROR", "event": "run_interrupted", "error": "Run interrupted by shutdown"}
+    if active.stop_reason == "lock_lost":
+        return {"state": "ERROR", "event": "agent_error", "error": "Run stopped: lock lost"}
     task = active.agent_task
     assert task is not None and agent is not None
     if task.cancelled():
@@ -321,10 +386,9 @@ async def finish_run(active: ActiveRun, outcome: dict[str, Any]) -> None:
     trace = outcome.pop("traceback", None)
     extra_fields = {key: outcome.pop(key) for key in list(outcome) if key not in ("state", "result", "error")}
     run.update(finished_at=utc_now(), **outcome)
-    await run_store.save(run)
+    await save_finished(run)
     if active_run is active:
         active_run = None
-    await run_lock.release(run.holder)
     duration = time.monotonic() - active.started
     RUNNING.set(0)
     RUNS_TOTAL.labels(run.agent_type, run.state).inc()
@@ -336,6 +400,33 @@ async def finish_run(active: ActiveRun, outcome: dict[str, Any]) -> None:
         fields["traceback"] = trace
     level = logging.INFO if run.state in ("DONE", "CANCELLED") else logging.ERROR
     log.log(level, event, extra=fields)
+
+
+async def save_finished(run: Run) -> None:
+    """Store a terminal state and release the run lock in one step, retrying while the store is unreachable.
+
+    If the store never comes back within the lock's TTL, the run stays
+    unfinished there and the next lock holder marks it ERROR ("runner lost");
+    the terminal log line is written anyway.
+    """
+    deadline = time.monotonic() + max(settings.lock_ttl_seconds, 5.0)
+    while True:
+        try:
+            await run_store.save(run, release=run_lock)  # type: ignore[arg-type]
+            return
+        except StoreUnavailable:
+            if time.monotonic() >= deadline:
+                log.error("terminal_state_not_stored", extra={**run_fields(run), "state": run.state})
+                await run_lock.release(run.holder)  # type: ignore[arg-type]
+                return
+            await asyncio.sleep(0.5)
+
+
+def cancel_local(run_id: str) -> None:
+    """Cancel ``run_id`` if this process is running it (a cancel request from another replica)."""
+    active = active_run
+    if active is not None and active.run.run_id == run_id:
+        active.stop("cancel")
 
 
 async def drain(grace_seconds: float) -> None:
@@ -516,10 +607,12 @@ async def cancel_run(request: Request) -> Response:
     run = await find_run(request.path_params["run_id"])
     if run.finished:
         raise HTTPException(409, f"Run {run.run_id} already finished ({run.state})")
+    log.info("cancel_requested", extra=run_fields(run))
     active = active_run
     if active is not None and active.run.run_id == run.run_id:
         active.stop("cancel")
-        log.info("cancel_requested", extra=run_fields(run))
+    else:  # another replica runs it
+        await run_store.request_cancel(run.run_id)
     run = await run_store.wait_finished(run.run_id, CANCEL_WAIT_SECONDS) or run
     return json_response(run.json(), 200 if run.finished else 202)
 
@@ -565,6 +658,7 @@ async def healthz(request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     if not accepting_runs:
         raise HTTPException(503, "Shutting down")
+    await run_store.check()
     return json_response({"status": "ready"})
 
 
@@ -603,6 +697,10 @@ async def docs(request: Request) -> Response:
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     return json_response({"detail": exc.detail}, exc.status_code, headers=exc.headers)
+
+
+async def store_unavailable(request: Request, exc: Exception) -> Response:
+    return json_response({"detail": "Run store unavailable"}, 503, headers={"Retry-After": "1"})
 
 
 async def server_error(request: Request, exc: Exception) -> Response:
@@ -669,10 +767,27 @@ class AccessLog:
 
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
-    log.info("service_started", extra={"version": __version__, "agent_types": sorted(agents.registry),
-                                       "agent_sleep_seconds": settings.agent_sleep_seconds})
-    yield
-    await drain(settings.shutdown_grace_seconds)
+    global run_lock, run_store
+    if settings.redis_url:
+        # A blocking pool: a burst of requests waits briefly for a connection instead of failing.
+        pool = BlockingConnectionPool.from_url(settings.redis_url, max_connections=64, timeout=5,
+                                               socket_timeout=2, socket_connect_timeout=2)
+        client = Redis(connection_pool=pool)
+        health = StoreHealth(log)
+        run_lock = RedisRunLock(client, f"{settings.redis_prefix}:lock", settings.lock_ttl_seconds, health)
+        run_store = RedisRunStore(client, settings.redis_prefix, settings.run_retention, health)
+    else:
+        run_lock, run_store = MemoryRunLock(), MemoryRunStore(settings.run_retention)
+    run_store.on_cancel = cancel_local
+    await run_store.start()
+    log.info("service_started", extra={
+        "version": __version__, "store": "redis" if settings.redis_url else "memory",
+        "agent_types": sorted(agents.registry), "agent_sleep_seconds": settings.agent_sleep_seconds})
+    try:
+        yield
+    finally:
+        await drain(settings.shutdown_grace_seconds)
+        await run_store.close()
 
 
 routes = [
@@ -690,7 +805,7 @@ routes = [
 
 app = Starlette(
     routes=routes,
-    exception_handlers={HTTPException: http_error, Exception: server_error},
+    exception_handlers={HTTPException: http_error, StoreUnavailable: store_unavailable, Exception: server_error},
     lifespan=lifespan,
 )
 app.add_middleware(BearerAuth)
@@ -733,7 +848,7 @@ class Server(uvicorn.Server):
 
 def configure(env: Mapping[str, str] = os.environ) -> None:
     """Read settings, set up logging and load agent modules; on a bad value log it and exit 2."""
-    global settings, run_store
+    global settings
     logging.config.dictConfig(logging_config("info"))
     try:
         settings = Settings.from_env(env)
@@ -742,7 +857,6 @@ def configure(env: Mapping[str, str] = os.environ) -> None:
     except ConfigError as exc:
         log.error("invalid_configuration", extra={"variable": exc.variable, "detail": exc.detail})
         sys.exit(2)
-    run_store = MemoryRunStore(retention=settings.run_retention)
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -113,13 +114,79 @@ class ServerProcess:
         return code
 
 
+class RedisServer:
+    """A throwaway ``redis-server`` on a free port, in its own directory, with no persistence."""
+
+    def __init__(self, directory: Path, port: int | None = None) -> None:
+        self.directory = directory
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def command(self, *args: str) -> Any:
+        import redis
+        client = redis.Redis.from_url(self.url)
+        try:
+            return client.execute_command(*args)
+        finally:
+            client.close()
+
+
+def require_redis_server() -> None:
+    if shutil.which("redis-server") is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is missing in CI: .ci/run must install it")
+        pytest.skip("redis-server is not installed (apt-get install redis-server); Redis-mode tests skipped")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One Redis for the session; each server process gets its own key prefix in it."""
+    require_redis_server()
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def backend(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The environment that selects a store backend: every server test runs against both."""
+    if request.param == "memory":
+        return {}
+    redis = request.getfixturevalue("redis_server")
+    return {"REDIS_URL": redis.url, "REDIS_PREFIX": f"test-{uuid.uuid4().hex[:8]}"}
+
+
 @pytest.fixture
-def start_server(tmp_path: Path) -> Iterator[Any]:
-    """Factory: start_server(**env) -> a fresh ServerProcess, stopped after the test."""
+def start_server(tmp_path: Path, backend: dict[str, str]) -> Iterator[Any]:
+    """Factory: start_server(**env) -> a fresh ServerProcess on the module's backend, stopped after the test."""
     servers: list[ServerProcess] = []
 
     def start(**env: str) -> ServerProcess:
-        server = ServerProcess(tmp_path / f"server-{len(servers)}.log", **env)
+        fresh = {"REDIS_PREFIX": f"test-{uuid.uuid4().hex[:8]}"} if backend else {}
+        server = ServerProcess(tmp_path / f"server-{len(servers)}.log", **{**backend, **fresh, **env})
         servers.append(server)
         return server
 
@@ -129,8 +196,8 @@ def start_server(tmp_path: Path) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def server(tmp_path_factory: pytest.TempPathFactory, backend: dict[str, str]) -> Iterator[ServerProcess]:
     """One server shared by a module's tests; each test leaves it idle."""
-    srv = ServerProcess(tmp_path_factory.mktemp("server") / "server.log")
+    srv = ServerProcess(tmp_path_factory.mktemp("server") / "server.log", **backend)
     yield srv
     srv.stop(signal.SIGKILL)

@@ -7,12 +7,20 @@ methods below, so another backend (Redis) slots in without touching it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import uuid
 from collections import deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.asyncio.lock import Lock as RedisLock
+from redis.exceptions import LockError, RedisError, ResponseError
 
 STATES = ("PENDING", "RUNNING", "DONE", "ERROR", "CANCELLED")
 TERMINAL_STATES = frozenset({"DONE", "ERROR", "CANCELLED"})
@@ -62,9 +70,19 @@ class Run:
             self._json = json.dumps(self.public(), separators=(",", ":")).encode()
         return self._json
 
+    def record(self) -> bytes:
+        """The stored form: the client-facing fields plus the lock holder's token."""
+        return json.dumps({**self.public(), "holder": self.holder}, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_record(cls, raw: bytes) -> Run:
+        return cls(**json.loads(raw))
+
 
 class MemoryRunLock:
     """The single-run lock of one process: a holder token or nothing. Never waits."""
+
+    renew_interval: float | None = None  # nothing to renew in memory
 
     def __init__(self) -> None:
         self._token: str | None = None
@@ -80,8 +98,8 @@ class MemoryRunLock:
         if self._token == token:
             self._token = None
 
-    def locked(self) -> bool:
-        return self._token is not None
+    async def renew(self, token: str) -> None:
+        pass
 
 
 class MemoryRunStore:
@@ -89,19 +107,48 @@ class MemoryRunStore:
 
     def __init__(self, retention: int) -> None:
         self.retention = retention
+        self.on_cancel: Callable[[str], None] = lambda run_id: None
         self._runs: dict[str, Run] = {}
         self._finished: deque[str] = deque()  # finished run ids, oldest first
         self._finish_events: dict[str, asyncio.Event] = {}
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def check(self) -> None:
+        pass
+
+    def note_progress(self, run: Run) -> None:
+        pass  # the stored run is the object the agent updates
+
+    async def unfinished(self) -> list[Run]:
+        return []  # one process: no other holder can leave a run behind
+
+    async def request_cancel(self, run_id: str) -> None:
+        pass  # one process: the runner cancels its own run directly
+
+    async def cancel_requested(self, run_id: str) -> bool:
+        return False
 
     async def add(self, run: Run) -> None:
         self._runs[run.run_id] = run
         self._finish_events[run.run_id] = asyncio.Event()
 
-    async def save(self, run: Run) -> None:
-        """Store a change; a terminal state wakes its waiters and may drop the oldest finished run."""
+    async def save(self, run: Run, release: MemoryRunLock | None = None) -> None:
+        """Store a change; a terminal state wakes its waiters and may drop the oldest finished run.
+
+        With ``release``, the run's lock is released in the same step (nothing
+        in between yields), so a client that sees the terminal state can start
+        the next run at once.
+        """
         self._runs[run.run_id] = run
         if not run.finished:
             return
+        if release is not None and run.holder is not None:
+            await release.release(run.holder)
         event = self._finish_events.pop(run.run_id, None)
         if event is not None:
             event.set()
@@ -147,3 +194,263 @@ class MemoryRunStore:
                 if len(runs) == limit:
                     break
         return runs
+
+
+# ---------------------------------------------------------------------------
+# Redis mode: the lock and the runs live in Redis, shared by every replica.
+
+
+class StoreUnavailable(Exception):
+    """The run store (Redis) cannot be reached; the request gets 503."""
+
+
+class StoreHealth:
+    """Logs store_unavailable / store_recovered once per transition, not per request."""
+
+    def __init__(self, log: logging.Logger) -> None:
+        self.log = log
+        self.healthy = True
+
+    @contextlib.asynccontextmanager
+    async def guard(self) -> AsyncIterator[None]:
+        try:
+            yield
+        except (RedisError, OSError) as exc:
+            if isinstance(exc, (LockError, ResponseError)):
+                raise
+            if self.healthy:
+                self.healthy = False
+                self.log.error("store_unavailable", extra={"error": f"{type(exc).__name__}: {exc}"})
+            raise StoreUnavailable(str(exc)) from exc
+        if not self.healthy:
+            self.healthy = True
+            self.log.info("store_recovered")
+
+
+class RedisRunLock:
+    """redis-py's Lock (SET NX PX with a token, compare-and-delete release), taken without blocking."""
+
+    def __init__(self, client: Redis, key: str, ttl_seconds: float, health: StoreHealth) -> None:
+        self.client = client
+        self.key = key
+        self.ttl_seconds = ttl_seconds
+        self.renew_interval: float | None = ttl_seconds / 3
+        self.health = health
+        self._held: dict[str, RedisLock] = {}
+
+    async def try_acquire(self) -> str | None:
+        lock = self.client.lock(self.key, timeout=self.ttl_seconds, blocking=False, thread_local=False)
+        token = uuid.uuid4().hex
+        async with self.health.guard():
+            acquired = await lock.acquire(blocking=False, token=token)
+        if not acquired:
+            return None
+        self._held[token] = lock
+        return token
+
+    async def renew(self, token: str) -> None:
+        """Reset the lock's TTL; raises LockNotOwnedError when it was lost, StoreUnavailable when unreachable."""
+        async with self.health.guard():
+            await self._held[token].reacquire()
+
+    async def queue_release(self, pipe: Pipeline, token: str) -> None:
+        """Add the lock's compare-and-delete release to a MULTI pipeline (see RedisRunStore.save)."""
+        lock = self._held.pop(token, None)
+        if lock is not None:
+            await lock.lua_release(keys=[lock.name], args=[lock.local.token], client=pipe)
+
+    async def release(self, token: str) -> None:
+        lock = self._held.pop(token, None)
+        if lock is None:
+            return
+        try:
+            async with self.health.guard():
+                await lock.release()
+        except (LockError, StoreUnavailable):
+            pass  # lost or unreachable: the key expires by its TTL
+
+
+class RedisRunStore:
+    """Runs as JSON under ``<prefix>:run:<id>``, indexed for listing, trimmed to ``retention`` finished runs.
+
+    Keys: ``runs`` (zset of all run ids by creation sequence), ``finished``
+    (zset of finished run ids by finish sequence), ``unfinished`` (set of
+    PENDING/RUNNING ids), ``seq`` (counter), ``cancel:<id>`` (a cancel
+    request). Channels: ``finished`` and ``cancel`` carry run ids.
+    """
+
+    POLL_SECONDS = 1.0  # waiters re-read the run this often in case a pub/sub message was missed
+
+    def __init__(self, client: Redis, prefix: str, retention: int, health: StoreHealth) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.retention = retention
+        self.health = health
+        self.on_cancel: Callable[[str], None] = lambda run_id: None
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._progress_writes: dict[str, asyncio.Task[None]] = {}
+        self._listener: asyncio.Task[None] | None = None
+
+    def key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    async def start(self) -> None:
+        self._listener = asyncio.create_task(self._listen(), name="redis-listener")
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        await self.client.aclose()
+
+    async def check(self) -> None:
+        async with self.health.guard():
+            await self.client.ping()
+
+    async def _listen(self) -> None:
+        """Wake local waiters when any replica finishes a run; pass cancel requests to the runner."""
+        finished, cancel = self.key("finished"), self.key("cancel")
+        while True:
+            try:
+                async with self.client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(finished, cancel)
+                    self._wake_all()  # anything finished while we were not subscribed
+                    async for message in pubsub.listen():
+                        channel, run_id = message["channel"].decode(), message["data"].decode()
+                        if channel == finished:
+                            self._wake(run_id)
+                        elif channel == cancel:
+                            self.on_cancel(run_id)
+            except (RedisError, OSError):
+                await asyncio.sleep(0.5)
+
+    def _wake(self, run_id: str) -> None:
+        for event in self._waiters.get(run_id, ()):
+            event.set()
+
+    def _wake_all(self) -> None:
+        for run_id in list(self._waiters):
+            self._wake(run_id)
+
+    async def add(self, run: Run) -> None:
+        async with self.health.guard():
+            seq = await self.client.incr(self.key("seq"))
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.set(self.key("run", run.run_id), run.record())
+                pipe.zadd(self.key("runs"), {run.run_id: seq})
+                pipe.sadd(self.key("unfinished"), run.run_id)
+                await pipe.execute()
+
+    def note_progress(self, run: Run) -> None:
+        """Write a progress change soon, coalescing bursts; save() waits for it so order holds."""
+        if run.run_id not in self._progress_writes:
+            self._progress_writes[run.run_id] = asyncio.create_task(self._write_progress(run))
+
+    async def _write_progress(self, run: Run) -> None:
+        await asyncio.sleep(0)
+        self._progress_writes.pop(run.run_id, None)
+        with contextlib.suppress(StoreUnavailable):
+            async with self.health.guard():
+                await self.client.set(self.key("run", run.run_id), run.record())
+
+    async def save(self, run: Run, release: RedisRunLock | None = None) -> None:
+        """Store a change; a terminal state also updates the indexes, publishes, trims to retention,
+        and (with ``release``) releases the run lock in the same MULTI transaction."""
+        pending = self._progress_writes.pop(run.run_id, None)
+        if pending is not None:
+            await asyncio.gather(pending, return_exceptions=True)
+        async with self.health.guard():
+            if not run.finished:
+                await self.client.set(self.key("run", run.run_id), run.record())
+                return
+            seq = await self.client.incr(self.key("seq"))
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.set(self.key("run", run.run_id), run.record())
+                pipe.zadd(self.key("finished"), {run.run_id: seq})
+                pipe.srem(self.key("unfinished"), run.run_id)
+                pipe.delete(self.key("cancel", run.run_id))
+                pipe.publish(self.key("finished"), run.run_id)
+                if release is not None and run.holder is not None:
+                    await release.queue_release(pipe, run.holder)
+                pipe.zcard(self.key("finished"))
+                finished_count = (await pipe.execute())[-1]
+            if finished_count > self.retention:
+                dropped = [member.decode() for member, _ in
+                           await self.client.zpopmin(self.key("finished"), finished_count - self.retention)]
+                async with self.client.pipeline(transaction=True) as pipe:
+                    pipe.delete(*(self.key("run", run_id) for run_id in dropped))
+                    pipe.zrem(self.key("runs"), *dropped)
+                    await pipe.execute()
+
+    async def get(self, run_id: str) -> Run | None:
+        async with self.health.guard():
+            raw = await self.client.get(self.key("run", run_id))
+        return Run.from_record(raw) if raw is not None else None
+
+    async def wait_finished(self, run_id: str, timeout: float) -> Run | None:
+        event = asyncio.Event()
+        self._waiters.setdefault(run_id, set()).add(event)
+        deadline = asyncio.get_running_loop().time() + timeout
+        try:
+            while True:
+                run = await self.get(run_id)
+                left = deadline - asyncio.get_running_loop().time()
+                if run is None or run.finished or left <= 0:
+                    return run
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), min(left, self.POLL_SECONDS))
+                event.clear()
+        finally:
+            waiters = self._waiters[run_id]
+            waiters.discard(event)
+            if not waiters:
+                del self._waiters[run_id]
+
+    async def list(self, *, limit: int, state: str | None = None, agent_type: str | None = None,
+                   user_id: str | None = None, before: str | None = None) -> list[Run]:
+        runs: list[Run] = []
+        async with self.health.guard():
+            top: float | str = "+inf"
+            if before is not None:
+                score = await self.client.zscore(self.key("runs"), before)
+                if score is None:
+                    return []
+                top = f"({score}"
+            batch = max(limit, 100)
+            while len(runs) < limit:
+                ids = await self.client.zrevrangebyscore(self.key("runs"), top, "-inf", start=0, num=batch,
+                                                         withscores=True)
+                if not ids:
+                    break
+                records = await self.client.mget([self.key("run", member.decode()) for member, _ in ids])
+                for raw in records:
+                    if raw is None:
+                        continue
+                    run = Run.from_record(raw)
+                    if ((state is None or run.state == state) and (agent_type is None or run.agent_type == agent_type)
+                            and (user_id is None or run.user_id == user_id)):
+                        runs.append(run)
+                        if len(runs) == limit:
+                            break
+                top = f"({ids[-1][1]}"
+        return runs
+
+    async def unfinished(self) -> list[Run]:
+        """PENDING/RUNNING runs, for orphan recovery by a new lock holder."""
+        async with self.health.guard():
+            ids = [member.decode() for member in await self.client.smembers(self.key("unfinished"))]
+            records = await self.client.mget([self.key("run", run_id) for run_id in ids]) if ids else []
+        return [Run.from_record(raw) for raw in records if raw is not None]
+
+    async def request_cancel(self, run_id: str) -> None:
+        """Ask whichever replica runs ``run_id`` to cancel it (pub/sub, plus a flag its renewal checks)."""
+        async with self.health.guard():
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.set(self.key("cancel", run_id), "1", ex=3600)
+                pipe.publish(self.key("cancel"), run_id)
+                await pipe.execute()
+
+    async def cancel_requested(self, run_id: str) -> bool:
+        async with self.health.guard():
+            return bool(await self.client.exists(self.key("cancel", run_id)))
