@@ -39,7 +39,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import agents
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import LockError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.asyncio.retry import Retry
 
 from store import (STATES, MemoryRunLock, MemoryRunStore, RedisRunLock, RedisRunStore, Run, StoreHealth,
                    StoreUnavailable, utc_now)
@@ -770,8 +774,12 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     global run_lock, run_store
     if settings.redis_url:
         # A blocking pool: a burst of requests waits briefly for a connection instead of failing.
-        pool = BlockingConnectionPool.from_url(settings.redis_url, max_connections=64, timeout=5,
-                                               socket_timeout=2, socket_connect_timeout=2)
+        # Retry once on a dropped connection, so pooled connections left over from before a
+        # Redis restart do not turn into 503s.
+        pool = BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=64, timeout=5, socket_timeout=2, socket_connect_timeout=2,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError])
         client = Redis(connection_pool=pool)
         health = StoreHealth(log)
         run_lock = RedisRunLock(client, f"{settings.redis_prefix}:lock", settings.lock_ttl_seconds, health)

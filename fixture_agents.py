@@ -70,3 +70,29 @@ class Unserialisable(BaseAgent):
 
     async def run(self) -> Any:
         return {"when": object()}
+
+
+@register
+class OverlapCounter(BaseAgent):
+    """Counts concurrent executions in Redis (input.redis_url, input.key); records the maximum seen."""
+
+    agent_type = "overlap-counter"
+    description = "Increments a Redis counter while it runs and records the highest value seen."
+
+    async def run(self) -> Any:
+        from redis.asyncio import Redis
+
+        client = Redis.from_url(self.input["redis_url"])
+        key = self.input["key"]
+        try:
+            now = await client.incr(f"{key}:current")
+            try:
+                await client.eval("if tonumber(ARGV[1]) > tonumber(redis.call('GET', KEYS[1]) or '0') then "
+                                  "redis.call('SET', KEYS[1], ARGV[1]) end", 1, f"{key}:max", now)
+                await client.incr(f"{key}:runs")
+                await asyncio.sleep(float(self.input.get("seconds", 0.02)))
+            finally:
+                await client.decr(f"{key}:current")
+        finally:
+            await client.aclose()
+        return {"concurrent": now}

@@ -1,0 +1,181 @@
+"""Redis mode across replicas: one single-run guarantee shared through a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import RedisServer, ServerProcess, new_user, require_redis_server
+
+BUSY = "An agent is already running, please retry later"
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path):
+    """A Redis of the test's own, for tests that stop and restart it."""
+    require_redis_server()
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, redis_server: RedisServer):
+    """Factory: replicas(n, **env) -> n server processes sharing one Redis prefix."""
+    started: list[ServerProcess] = []
+
+    def start(count: int = 2, redis: RedisServer = redis_server, prefix: str | None = None,
+              **env: str) -> list[ServerProcess]:
+        prefix = prefix or f"test-{uuid.uuid4().hex[:8]}"
+        new = [ServerProcess(tmp_path / f"replica-{len(started) + i}.log", REDIS_URL=redis.url,
+                             REDIS_PREFIX=prefix, **env) for i in range(count)]
+        started.extend(new)
+        return new
+
+    yield start
+    for server in started:
+        server.stop(signal.SIGKILL)
+
+
+def test_burst_across_two_replicas_admits_exactly_one(replicas) -> None:
+    a, b = replicas(2)
+
+    async def burst() -> list[httpx.Response]:
+        body = {"agent_type": "sleeper", "user_id": new_user(), "input": {"seconds": 1.5}}
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+            return await asyncio.gather(*(client.post(f"{(a, b)[i % 2].url}/agents/run", json=body)
+                                          for i in range(100)))
+
+    responses = asyncio.run(burst())
+    codes = [r.status_code for r in responses]
+    assert codes.count(202) == 1 and codes.count(409) == 99, sorted(codes)
+    assert all(r.json() == {"detail": BUSY} for r in responses if r.status_code == 409)
+    run_id = next(r for r in responses if r.status_code == 202).json()["run_id"]
+    assert a.wait_run(run_id)["state"] == "DONE"
+
+
+def test_status_list_and_wait_work_on_any_replica(replicas) -> None:
+    a, b = replicas(2)
+    run_id = a.start_run("sleeper", seconds=0.5)
+    started = time.monotonic()
+    run = b.client.get(f"/agents/status/{run_id}", params={"wait": 20}).json()
+    assert run["state"] == "DONE" and time.monotonic() - started < 5
+    assert b.client.get("/agents/runs").json()["runs"][0]["run_id"] == run_id
+    # The lock is free for a run started through the other replica at once.
+    assert b.wait_run(b.start_run("sleeper", seconds=0))["state"] == "DONE"
+
+
+def test_cancel_on_another_replica_ends_cancelled_within_3_seconds(replicas) -> None:
+    a, b = replicas(2)
+    run_id = a.start_run("hanging")
+    a.wait_state(run_id, "RUNNING")
+    started = time.monotonic()
+    response = b.client.post(f"/agents/cancel/{run_id}")
+    assert response.status_code == 200, response.text
+    assert response.json()["state"] == "CANCELLED"
+    assert time.monotonic() - started < 3
+    a.wait_for_event("run_cancelled", run_id=run_id)
+    assert a.client.post("/agents/run", json={"agent_type": "sleeper", "user_id": new_user()}).status_code == 202
+
+
+def test_sigkilled_holder_frees_the_lock_after_its_ttl_and_its_run_becomes_error(replicas) -> None:
+    a, b = replicas(2, LOCK_TTL_SECONDS="2")
+    orphan = a.start_run("hanging")
+    a.wait_state(orphan, "RUNNING")
+    a.proc.kill()
+    killed = time.monotonic()
+    body = {"agent_type": "sleeper", "user_id": new_user(), "input": {"seconds": 0}}
+    while (response := b.client.post("/agents/run", json=body)).status_code != 202:
+        assert response.status_code == 409
+        assert time.monotonic() - killed < 2 + 2.5, "the dead holder's lock did not expire in time"
+        time.sleep(0.05)
+    waited = time.monotonic() - killed
+    assert waited <= 2 + 2.5
+    lost = b.wait_run(orphan, timeout=5)
+    assert lost["state"] == "ERROR" and "runner lost" in lost["error"].lower()
+    assert b.wait_for_event("run_orphaned", run_id=orphan)["level"] == "error"
+    print(f"SIGKILL to next 202: {waited:.2f} s")
+
+
+def test_records_survive_a_replica_restart(replicas) -> None:
+    (a,) = replicas(1, prefix="survivors")
+    done = a.run_to_end("sleeper", seconds=0)
+    a.stop()
+    (again,) = replicas(1, prefix="survivors")
+    assert again.client.get(f"/agents/status/{done['run_id']}").json() == done
+    assert done["run_id"] in [run["run_id"] for run in again.client.get("/agents/runs").json()["runs"]]
+
+
+def test_redis_down_answers_503_then_recovers_by_itself(replicas, own_redis: RedisServer) -> None:
+    (a,) = replicas(1, redis=own_redis)
+    done = a.run_to_end("sleeper", seconds=0)
+    own_redis.stop()
+    unavailable = {"detail": "Run store unavailable"}
+    for _ in range(3):
+        post = a.client.post("/agents/run", json={"agent_type": "sleeper", "user_id": new_user()})
+        assert (post.status_code, post.json()) == (503, unavailable)
+        status = a.client.get(f"/agents/status/{done['run_id']}")
+        assert (status.status_code, status.json()) == (503, unavailable)
+        listing = a.client.get("/agents/runs")
+        assert (listing.status_code, listing.json()) == (503, unavailable)
+    assert a.client.get("/readyz").status_code == 503
+    assert a.client.get("/healthz").status_code == 200
+    own_redis.start()
+    deadline = time.monotonic() + 10
+    while a.client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "did not recover after Redis came back"
+        time.sleep(0.1)
+    assert a.run_to_end("sleeper", seconds=0)["state"] == "DONE"
+    assert len(a.events("store_unavailable")) == 1
+    assert len(a.events("store_recovered")) == 1
+
+
+def test_lock_lost_during_a_run_cancels_it_as_error(replicas, redis_server: RedisServer) -> None:
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    (a,) = replicas(1, prefix=prefix, LOCK_TTL_SECONDS="1.5")
+    run_id = a.start_run("hanging")
+    a.wait_state(run_id, "RUNNING")
+    assert redis_server.command("DEL", f"{prefix}:lock") == 1
+    run = a.wait_run(run_id, timeout=5)
+    assert run["state"] == "ERROR" and run["error"] == "Run stopped: lock lost"
+    assert a.wait_for_event("lock_lost", run_id=run_id)["level"] == "error"
+
+
+def test_two_replicas_never_run_two_agents_at_once(replicas, redis_server: RedisServer) -> None:
+    a, b = replicas(2)
+    key = f"overlap-{uuid.uuid4().hex[:8]}"
+    agent_input = {"redis_url": redis_server.url, "key": key, "seconds": 0.02}
+
+    async def hammer(server: ServerProcess, client: httpx.AsyncClient, until: float) -> int:
+        accepted = 0
+        while time.monotonic() < until:
+            body = {"agent_type": "overlap-counter", "user_id": new_user(), "input": agent_input}
+            response = await client.post(f"{server.url}/agents/run", json=body)
+            if response.status_code == 202:
+                accepted += 1
+                if random.random() < 0.2:  # sometimes cancel it from the other replica
+                    other = b if server is a else a
+                    await client.post(f"{other.url}/agents/cancel/{response.json()['run_id']}")
+            else:
+                assert response.status_code == 409, response.text
+        return accepted
+
+    async def main() -> int:
+        async with httpx.AsyncClient(timeout=30) as client:
+            until = time.monotonic() + 6
+            counts = await asyncio.gather(*(hammer(server, client, until) for server in (a, b, a, b, a, b)))
+            return sum(counts)
+
+    accepted = asyncio.run(main())
+    time.sleep(0.5)
+    assert accepted >= 20, accepted
+    assert int(redis_server.command("GET", f"{key}:max")) == 1
+    assert int(redis_server.command("GET", f"{key}:current")) == 0
