@@ -57,7 +57,7 @@ CANCEL_WAIT_SECONDS = 5.0  # how long POST /agents/cancel waits for the agent to
 CANCEL_RETRY_SECONDS = 1.0  # an agent that swallows CancelledError is cancelled again this often
 STOP_WAIT_SECONDS = 5.0  # at shutdown, how long an interrupted agent may take to stop
 REQUEST_FIELDS = ("agent_type", "user_id", "input")
-UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 BUSY_DETAIL = "An agent is already running, please retry later"
 
 
@@ -469,7 +469,7 @@ def short(value: Any) -> str:
 
 
 def check_uuid(value: str, name: str) -> str:
-    if not UUID_RE.match(value):
+    if not UUID_RE.fullmatch(value):
         raise HTTPException(400, f"{name} must be a UUID, got {short(value)}")
     return value.lower()
 
@@ -500,7 +500,7 @@ async def read_json(request: Request) -> Any:
         raise HTTPException(415, "Content-Type charset must be utf-8")
     limit = settings.max_body_bytes
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise HTTPException(413, f"Request body is larger than {limit} bytes")
     body = b""
     async for chunk in request.stream():
@@ -624,7 +624,7 @@ async def cancel_run(request: Request) -> Response:
 def parse_limit(raw: str | None) -> int:
     if raw is None:
         return 50
-    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+    if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= 1000:
         raise HTTPException(400, f"limit must be an integer from 1 to 1000, got {short(raw)}")
     return int(raw)
 

@@ -166,9 +166,10 @@ def test_unknown_agent_type_names_it_lists_supported_and_logs_a_warning(server: 
 
 
 def test_status_of_malformed_id_is_400_and_of_unknown_id_is_404(server: ServerProcess) -> None:
-    response = server.client.get("/agents/status/not-a-uuid")
-    assert response.status_code == 400
-    assert "run_id" in response.json()["detail"]
+    for malformed in ("not-a-uuid", f"{uuid.uuid4()}%0A", f"{uuid.uuid4()}x"):
+        response = server.client.get(f"/agents/status/{malformed}")
+        assert response.status_code == 400
+        assert "run_id" in response.json()["detail"]
     unknown = str(uuid.uuid4())
     response = server.client.get(f"/agents/status/{unknown}")
     assert response.status_code == 404

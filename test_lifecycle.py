@@ -149,7 +149,8 @@ def test_list_is_newest_first_with_filters_and_paging(start_server) -> None:
 
 @pytest.mark.parametrize(("params", "word"), [
     ({"state": "FINISHED"}, "state"), ({"limit": "0"}, "limit"), ({"limit": "1001"}, "limit"),
-    ({"limit": "ten"}, "limit"), ({"user_id": "bob"}, "user_id"), ({"before": "x"}, "before"),
+    ({"limit": "ten"}, "limit"), ({"limit": "\u00b2"}, "limit"), ({"limit": "\u0663"}, "limit"),
+    ({"user_id": "bob"}, "user_id"), ({"user_id": f"{uuid.uuid4()}\n"}, "user_id"), ({"before": "x"}, "before"),
     ({"before": str(uuid.uuid4())}, "before"),
 ])
 def test_list_rejects_bad_query_with_400(server: ServerProcess, params: dict[str, str], word: str) -> None:
