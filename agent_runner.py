@@ -23,11 +23,11 @@ import traceback
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import prometheus_client
+from json.encoder import encode_basestring_ascii as json_string
 import uvicorn
 from pythonjsonlogger.json import JsonFormatter
 from starlette.applications import Starlette
@@ -58,7 +58,7 @@ CANCEL_RETRY_SECONDS = 1.0  # an agent that swallows CancelledError is cancelled
 STOP_WAIT_SECONDS = 5.0  # at shutdown, how long an interrupted agent may take to stop
 REQUEST_FIELDS = ("agent_type", "user_id", "input")
 UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
-BUSY_DETAIL = "An agent is already running, please retry later"
+BUSY_BODY = json.dumps({"detail": "An agent is already running, please retry later"}).encode()
 
 
 # ---------------------------------------------------------------------------
@@ -173,8 +173,7 @@ class LogFormatter(JsonFormatter):
         super().__init__(**kwargs)
 
     def add_fields(self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
-        created = datetime.fromtimestamp(record.created, timezone.utc)
-        log_data["timestamp"] = created.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        log_data["timestamp"] = log_timestamp(record.created)
         log_data["level"] = record.levelname.lower()
         own = record.name.split(".", 1)[0] in OWN_LOGGERS
         log_data["event"] = record.message if own else "server_log"
@@ -189,13 +188,42 @@ class LogFormatter(JsonFormatter):
             log_data["traceback"] = log_data.pop("exc_info")
 
 
+class StdoutHandler(logging.StreamHandler):
+    """stdout: warnings and errors are flushed at once, info lines at most 0.2 s late.
+
+    One write syscall per info line would cost more than the request it logs;
+    the lifespan flushes every 0.2 s and at exit.
+    """
+
+    FLUSH_SECONDS = 0.2
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+        self._may_wait = False
+        self._flushed_at = 0.0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._may_wait = record.levelno < logging.WARNING
+        try:
+            super().emit(record)
+        finally:
+            self._may_wait = False
+
+    def flush(self) -> None:
+        now = time.monotonic()
+        if self._may_wait and now - self._flushed_at < self.FLUSH_SECONDS:
+            return
+        super().flush()
+        self._flushed_at = now
+
+
 def logging_config(level: str) -> dict[str, Any]:
     """The dictConfig for the whole process, also handed to uvicorn."""
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"json": {"()": LogFormatter}},
-        "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stdout"}},
+        "handlers": {"stdout": {"()": StdoutHandler, "formatter": "json"}},
         "root": {"handlers": ["stdout"], "level": level.upper()},
         "loggers": {
             name: {"handlers": [], "propagate": True, "level": level.upper()}
@@ -205,6 +233,28 @@ def logging_config(level: str) -> dict[str, Any]:
 
 
 log = logging.getLogger("agent_runner")
+
+_second, _second_text = -1, ""
+
+
+def log_timestamp(now: float) -> str:
+    """RFC 3339 UTC with milliseconds, ending in Z (the seconds part is formatted once per second)."""
+    global _second, _second_text
+    second = int(now)
+    if second != _second:
+        _second, _second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{_second_text}.{int((now - second) * 1000):03d}Z"
+
+
+def log_hot(event: str, fields: dict[str, Any]) -> None:
+    """An info line for the per-request events (http_request, run_rejected), without a LogRecord.
+
+    Same JSON shape as LogFormatter's lines, written to the stream StdoutHandler
+    uses, so order holds and it is flushed like any info line (at most 0.2 s late).
+    """
+    if log.isEnabledFor(logging.INFO):
+        line = {"timestamp": log_timestamp(time.time()), "level": "info", "event": event, **fields}
+        sys.stdout.write(json.dumps(line) + "\n")
 
 
 # ---------------------------------------------------------------------------
@@ -555,10 +605,10 @@ async def post_run(request: Request) -> Response:
     if not accepting_runs:
         raise HTTPException(503, "Shutting down")
     token = await run_lock.try_acquire()
-    if token is None:
+    if token is None:  # the busy path is hot: answered directly, not through the exception handler
         REJECTED_TOTAL.inc()
-        log.info("run_rejected", extra={"agent_type": agent_cls.agent_type, "user_id": user_id})
-        raise HTTPException(409, BUSY_DETAIL, headers={"Retry-After": str(retry_after())})
+        log_hot("run_rejected", {"agent_type": agent_cls.agent_type, "user_id": user_id})
+        return json_response(BUSY_BODY, 409, headers={"Retry-After": str(retry_after())})
     run = Run(run_id=str(uuid.uuid4()), agent_type=agent_cls.agent_type, user_id=user_id,
               input=agent_input, holder=token)
     try:
@@ -601,7 +651,7 @@ def parse_wait(raw: str | None) -> float | None:
 
 async def get_status(request: Request) -> Response:
     run = await find_run(request.path_params["run_id"])
-    wait = parse_wait(request.query_params.get("wait"))
+    wait = parse_wait(request.query_params.get("wait")) if request.scope["query_string"] else None
     if wait is not None and not run.finished:
         run = await run_store.wait_finished(run.run_id, wait) or run
     return json_response(run.json())
@@ -736,10 +786,14 @@ class BearerAuth:
 
 
 class AccessLog:
-    """One ``http_request`` log line and one metrics sample per request."""
+    """One ``http_request`` log line and one metrics sample per request.
+
+    This is the hot path: the line is written like log_hot's, formatted by hand.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self._requests: dict[tuple[str, str, int], Any] = {}  # labelled counters, looked up once each
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -757,12 +811,25 @@ class AccessLog:
         try:
             await self.app(scope, receive, send_and_record)
         finally:
+            method = scope["method"]
             route = scope.get("route")
-            template = route.path if route is not None else "<unmatched>"
-            HTTP_REQUESTS_TOTAL.labels(scope["method"], template, str(status)).inc()
-            log.info("http_request", extra={
-                "method": scope["method"], "path": scope["path"], "status": status,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
+            key = (method, route.path if route is not None else "<unmatched>", status)
+            counter = self._requests.get(key)
+            if counter is None:
+                counter = self._requests[key] = HTTP_REQUESTS_TOTAL.labels(key[0], key[1], str(status))
+            counter.inc()
+            if log.isEnabledFor(logging.INFO):  # by hand: this line is most of a request's cost
+                sys.stdout.write(
+                    f'{{"timestamp": "{log_timestamp(time.time())}", "level": "info", "event": "http_request", '
+                    f'"method": {json_string(method)}, "path": {json_string(scope["path"])}, "status": {status}, '
+                    f'"duration_ms": {round((time.perf_counter() - started) * 1000, 2)}}}\n')
+
+
+async def flush_stdout_regularly() -> None:
+    """Flush the info lines left in stdout's buffer (see StdoutHandler)."""
+    while True:
+        await asyncio.sleep(StdoutHandler.FLUSH_SECONDS)
+        sys.stdout.flush()
 
 
 # ---------------------------------------------------------------------------
@@ -791,11 +858,14 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     log.info("service_started", extra={
         "version": __version__, "store": "redis" if settings.redis_url else "memory",
         "agent_types": sorted(agents.registry), "agent_sleep_seconds": settings.agent_sleep_seconds})
+    flusher = asyncio.create_task(flush_stdout_regularly())
     try:
         yield
     finally:
         await drain(settings.shutdown_grace_seconds)
         await run_store.close()
+        flusher.cancel()
+        sys.stdout.flush()
 
 
 routes = [
