@@ -83,7 +83,7 @@ class Server:
         command = ([sys.executable, "agent_runner.py"] if kind == "service"
                    else [sys.executable, "bench.py", "--serve-baseline", str(self.port)])
         full_env = {**os.environ, "PORT": str(self.port), "AGENT_MODULES": "fixture_agents",
-                    "AGENT_SLEEP_SECONDS": "0", **env}
+                    "AGENT_SLEEP_SECONDS": "0", "SHUTDOWN_GRACE_SECONDS": "0", **env}
         started = time.perf_counter()
         self.proc = subprocess.Popen(command, cwd=HERE, env=full_env, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
@@ -198,7 +198,7 @@ def fig_post_busy(opts: argparse.Namespace) -> dict[str, Any]:
 
 def fig_launch(opts: argparse.Namespace) -> dict[str, Any]:
     base, serv = [], []
-    for _ in range(10):
+    for _ in range(3 if opts.quick else 10):
         for kind, samples in (("baseline", base), ("service", serv)):
             server = Server(kind)
             samples.append(server.ready * 1000)
@@ -220,7 +220,7 @@ def fig_runs_per_second(opts: argparse.Namespace) -> dict[str, Any]:
 
 
 def fig_rss(opts: argparse.Namespace) -> dict[str, Any]:
-    first, second = (2000, 10000) if opts.quick else (20000, 100000)
+    first, second = (1000, 5000) if opts.quick else (20000, 100000)
     retention = first // 2
     service = Server("service", RUN_RETENTION=str(retention))
     try:
