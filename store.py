@@ -13,7 +13,7 @@ import logging
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -60,9 +60,9 @@ class Run:
         self._json = None
 
     def public(self) -> dict[str, Any]:
-        data = asdict(self)
-        del data["holder"], data["_json"]
-        return data
+        return {"run_id": self.run_id, "agent_type": self.agent_type, "user_id": self.user_id, "input": self.input,
+                "state": self.state, "result": self.result, "error": self.error, "progress": self.progress,
+                "created_at": self.created_at, "started_at": self.started_at, "finished_at": self.finished_at}
 
     def json(self) -> bytes:
         """The client-facing JSON, serialised once per change rather than per request."""
@@ -70,13 +70,12 @@ class Run:
             self._json = json.dumps(self.public(), separators=(",", ":")).encode()
         return self._json
 
-    def record(self) -> bytes:
-        """The stored form: the client-facing fields plus the lock holder's token."""
-        return json.dumps({**self.public(), "holder": self.holder}, separators=(",", ":")).encode()
-
     @classmethod
-    def from_record(cls, raw: bytes) -> Run:
-        return cls(**json.loads(raw))
+    def from_json(cls, raw: bytes, holder: str | None = None) -> Run:
+        """A run read back from its client-facing JSON, which it then serves as it is."""
+        run = cls(**json.loads(raw), holder=holder)
+        run._json = raw
+        return run
 
 
 class MemoryRunLock:
@@ -271,12 +270,13 @@ class RedisRunLock:
 
 
 class RedisRunStore:
-    """Runs as JSON under ``<prefix>:run:<id>``, indexed for listing, trimmed to ``retention`` finished runs.
+    """Runs as their client-facing JSON under ``<prefix>:run:<id>``, trimmed to ``retention`` finished runs.
 
     Keys: ``runs`` (zset of all run ids by creation sequence), ``finished``
-    (zset of finished run ids by finish sequence), ``unfinished`` (set of
-    PENDING/RUNNING ids), ``seq`` (counter), ``cancel:<id>`` (a cancel
-    request). Channels: ``finished`` and ``cancel`` carry run ids.
+    (zset of finished run ids by finish sequence), ``unfinished`` (hash of
+    PENDING/RUNNING run ids to the token of the lock each was started under),
+    ``seq`` (counter), ``cancel:<id>`` (a cancel request). Channels:
+    ``finished`` and ``cancel`` carry run ids.
     """
 
     POLL_SECONDS = 1.0  # waiters re-read the run this often in case a pub/sub message was missed
@@ -337,9 +337,9 @@ class RedisRunStore:
         async with self.health.guard():
             seq = await self.client.incr(self.key("seq"))
             async with self.client.pipeline(transaction=True) as pipe:
-                pipe.set(self.key("run", run.run_id), run.record())
+                pipe.set(self.key("run", run.run_id), run.json())
                 pipe.zadd(self.key("runs"), {run.run_id: seq})
-                pipe.sadd(self.key("unfinished"), run.run_id)
+                pipe.hset(self.key("unfinished"), run.run_id, run.holder or "")
                 await pipe.execute()
 
     def note_progress(self, run: Run) -> None:
@@ -352,7 +352,7 @@ class RedisRunStore:
         self._progress_writes.pop(run.run_id, None)
         with contextlib.suppress(StoreUnavailable):
             async with self.health.guard():
-                await self.client.set(self.key("run", run.run_id), run.record())
+                await self.client.set(self.key("run", run.run_id), run.json())
 
     async def save(self, run: Run, release: RedisRunLock | None = None) -> None:
         """Store a change; a terminal state also updates the indexes, publishes, trims to retention,
@@ -362,13 +362,13 @@ class RedisRunStore:
             await asyncio.gather(pending, return_exceptions=True)
         async with self.health.guard():
             if not run.finished:
-                await self.client.set(self.key("run", run.run_id), run.record())
+                await self.client.set(self.key("run", run.run_id), run.json())
                 return
             seq = await self.client.incr(self.key("seq"))
             async with self.client.pipeline(transaction=True) as pipe:
-                pipe.set(self.key("run", run.run_id), run.record())
+                pipe.set(self.key("run", run.run_id), run.json())
                 pipe.zadd(self.key("finished"), {run.run_id: seq})
-                pipe.srem(self.key("unfinished"), run.run_id)
+                pipe.hdel(self.key("unfinished"), run.run_id)
                 pipe.delete(self.key("cancel", run.run_id))
                 pipe.publish(self.key("finished"), run.run_id)
                 if release is not None and run.holder is not None:
@@ -386,7 +386,7 @@ class RedisRunStore:
     async def get(self, run_id: str) -> Run | None:
         async with self.health.guard():
             raw = await self.client.get(self.key("run", run_id))
-        return Run.from_record(raw) if raw is not None else None
+        return Run.from_json(raw) if raw is not None else None
 
     async def wait_finished(self, run_id: str, timeout: float) -> Run | None:
         event = asyncio.Event()
@@ -427,7 +427,7 @@ class RedisRunStore:
                 for raw in records:
                     if raw is None:
                         continue
-                    run = Run.from_record(raw)
+                    run = Run.from_json(raw)
                     if ((state is None or run.state == state) and (agent_type is None or run.agent_type == agent_type)
                             and (user_id is None or run.user_id == user_id)):
                         runs.append(run)
@@ -439,9 +439,11 @@ class RedisRunStore:
     async def unfinished(self) -> list[Run]:
         """PENDING/RUNNING runs, for orphan recovery by a new lock holder."""
         async with self.health.guard():
-            ids = [member.decode() for member in await self.client.smembers(self.key("unfinished"))]
-            records = await self.client.mget([self.key("run", run_id) for run_id in ids]) if ids else []
-        return [Run.from_record(raw) for raw in records if raw is not None]
+            holders = {run_id.decode(): token.decode()
+                       for run_id, token in (await self.client.hgetall(self.key("unfinished"))).items()}
+            records = await self.client.mget([self.key("run", run_id) for run_id in holders]) if holders else []
+        return [Run.from_json(raw, holder=holders[run_id])
+                for run_id, raw in zip(holders, records) if raw is not None]
 
     async def request_cancel(self, run_id: str) -> None:
         """Ask whichever replica runs ``run_id`` to cancel it (pub/sub, plus a flag its renewal checks)."""
