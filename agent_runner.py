@@ -53,6 +53,7 @@ __version__ = "0.1.0"
 HERE = Path(__file__).resolve().parent
 MAX_JSON_DEPTH = 32  # request bodies nested deeper are refused with 400
 MAX_RESULT_BYTES = 1024 * 1024  # a larger agent result ends the run as ERROR
+LOOP_LAG_WARNING_SECONDS = 1.0  # an event loop stalled longer than this is logged (event_loop_blocked)
 CANCEL_WAIT_SECONDS = 5.0  # how long POST /agents/cancel waits for the agent to stop
 CANCEL_RETRY_SECONDS = 1.0  # an agent that swallows CancelledError is cancelled again this often
 STOP_WAIT_SECONDS = 5.0  # at shutdown, how long an interrupted agent may take to stop
@@ -595,7 +596,10 @@ def parse_run_request(data: Any) -> tuple[type[agents.BaseAgent], str, dict[str,
         raise HTTPException(400, "Request body must be a JSON object")
     unknown = sorted(set(data) - set(REQUEST_FIELDS))
     if unknown:
-        raise HTTPException(400, f"Unknown field(s): {', '.join(unknown)}; allowed: {', '.join(REQUEST_FIELDS)}")
+        named = ", ".join(short(name) for name in unknown[:5])
+        if len(unknown) > 5:
+            named += f" and {len(unknown) - 5} more"
+        raise HTTPException(400, f"Unknown field(s): {named}; allowed: {', '.join(REQUEST_FIELDS)}")
     for name in ("agent_type", "user_id"):
         if name not in data:
             raise HTTPException(400, f"{name} is required")
@@ -838,6 +842,20 @@ class AccessLog:
                                     f'"duration_ms": {round((time.perf_counter() - started) * 1000, 2)}')
 
 
+async def watch_event_loop(interval: float = 0.25) -> None:
+    """Warn when something (usually an agent doing blocking work) stalls the event loop."""
+    loop = asyncio.get_running_loop()
+    while True:
+        expected = loop.time() + interval
+        await asyncio.sleep(interval)
+        lag = loop.time() - expected
+        if lag > LOOP_LAG_WARNING_SECONDS:
+            active = active_run
+            log.warning("event_loop_blocked", extra={
+                "lag_ms": round(lag * 1000), **(run_fields(active.run) if active else {}),
+                "hint": "agents must run blocking work in asyncio.to_thread"})
+
+
 async def flush_stdout_regularly() -> None:
     """Flush the info lines left in stdout's buffer (see StdoutHandler)."""
     while True:
@@ -872,13 +890,14 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     log.info("service_started", extra={
         "version": __version__, "store": "redis" if settings.redis_url else "memory",
         "agent_types": sorted(agents.registry), "agent_sleep_seconds": settings.agent_sleep_seconds})
-    flusher = asyncio.create_task(flush_stdout_regularly())
+    background = [asyncio.create_task(flush_stdout_regularly()), asyncio.create_task(watch_event_loop())]
     try:
         yield
     finally:
         await drain(settings.shutdown_grace_seconds)
         await run_store.close()
-        flusher.cancel()
+        for task in background:
+            task.cancel()
         write_hot_lines()
         sys.stdout.flush()
 

@@ -96,3 +96,59 @@ class OverlapCounter(BaseAgent):
         finally:
             await client.aclose()
         return {"concurrent": now}
+
+
+@register
+class Huge(BaseAgent):
+    agent_type = "huge"
+    description = "Returns a string of input.bytes characters."
+
+    async def run(self) -> Any:
+        return "x" * int(self.input.get("bytes", 2 * 1024 * 1024))
+
+
+@register
+class Blocker(BaseAgent):
+    agent_type = "blocker"
+    description = "Blocks the event loop with time.sleep(input.seconds): what an agent must not do."
+
+    async def run(self) -> Any:
+        time.sleep(float(self.input.get("seconds", 1.5)))
+        return "blocked"
+
+
+@register
+class ConcurrencyProbe(BaseAgent):
+    """Counts how many probes execute at once in this process; input.mode picks a misbehaviour.
+
+    Modes: ok, raise, hang (until cancelled or timed out), stubborn (swallows the
+    first cancellation), garbage (an unserialisable result).
+    """
+
+    agent_type = "probe"
+    description = "Counts concurrent executions; misbehaves as input.mode says."
+    running = 0
+    most = 0
+
+    async def run(self) -> Any:
+        cls = type(self)
+        cls.running += 1
+        cls.most = max(cls.most, cls.running)
+        try:
+            mode = self.input.get("mode", "ok")
+            await asyncio.sleep(float(self.input.get("seconds", 0.01)))
+            if mode == "raise":
+                raise RuntimeError("probe failure")
+            if mode == "hang":
+                await asyncio.Event().wait()
+            if mode == "stubborn":
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    await asyncio.sleep(0.2)
+            if mode == "garbage":
+                return {"most": cls.most, "garbage": object()}
+            return {"most": cls.most}
+        finally:
+            cls.running -= 1
+            self.log.info("probe_end", most=cls.most, running=cls.running)

@@ -1,0 +1,221 @@
+"""Fault injection: misbehaving agents, clients and processes. Each test fails without its guarantee."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import signal
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import RedisServer, ServerProcess, new_user, require_redis_server
+
+TERMINAL = {"DONE", "ERROR", "CANCELLED"}
+
+
+def raw_post(port: int, body: bytes, *, headers: bytes = b"", send_all: bool = True) -> socket.socket:
+    """A POST /agents/run on a raw socket (the caller reads, waits or closes it)."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    head = (b"POST /agents/run HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n" + headers + b"\r\n")
+    sock.sendall(head + (body if send_all else body[: len(body) // 2]))
+    return sock
+
+
+def read_reply(sock: socket.socket) -> tuple[bytes, bytes]:
+    """The status line and headers, and the body (by Content-Length) of one HTTP/1.1 response."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head, body
+
+
+def run_body(agent_type: str = "sleeper", **agent_input) -> bytes:
+    return json.dumps({"agent_type": agent_type, "user_id": new_user(), "input": agent_input}).encode()
+
+
+# --- never two at once -----------------------------------------------------
+
+def test_never_two_agents_at_once_through_bursts_cancels_timeouts_and_errors(start_server) -> None:
+    srv = start_server(RUN_TIMEOUT_SECONDS="0.3")
+    modes = ["ok", "ok", "raise", "hang", "stubborn", "garbage"]
+    rng = random.Random(7)
+
+    async def scenario() -> int:
+        accepted = 0
+        async with httpx.AsyncClient(base_url=srv.url, timeout=30,
+                                     limits=httpx.Limits(max_connections=50)) as client:
+            for _ in range(60):
+                body = {"agent_type": "probe", "user_id": new_user(), "input": {"mode": rng.choice(modes)}}
+                burst = rng.choice([1, 1, 5, 20])
+                responses = await asyncio.gather(*(client.post("/agents/run", json=body) for _ in range(burst)))
+                codes = [r.status_code for r in responses]
+                assert set(codes) <= {202, 409}, codes  # several 202s only if runs ended within the burst
+                for response in responses:
+                    if response.status_code != 202:
+                        continue
+                    accepted += 1
+                    run_id = response.json()["run_id"]
+                    if rng.random() < 0.3:
+                        await client.post(f"/agents/cancel/{run_id}")
+                    while (await client.get(f"/agents/status/{run_id}", params={"wait": 10})).json()["state"] \
+                            not in TERMINAL:
+                        pass
+        return accepted
+
+    accepted = asyncio.run(scenario())
+    assert accepted >= 40
+    ends = srv.events("probe_end")
+    assert len(ends) >= accepted - 5  # each probe that started logged its end
+    assert max(line["most"] for line in ends) == 1
+    states = {run["state"] for run in srv.client.get("/agents/runs", params={"limit": 1000}).json()["runs"]}
+    assert {"DONE", "ERROR", "CANCELLED"} <= states
+
+
+# --- agent misbehaviour ----------------------------------------------------
+
+def test_huge_result_ends_in_error_and_status_still_answers(start_server) -> None:
+    srv = start_server()
+    run = srv.run_to_end("huge", bytes=2 * 1024 * 1024)
+    assert run["state"] == "ERROR" and "too large" in run["error"] and "1048576" in run["error"]
+    assert run["result"] is None
+    small = srv.run_to_end("huge", bytes=1000)
+    assert small["state"] == "DONE" and len(small["result"]) == 1000
+
+
+def test_agent_blocking_the_event_loop_is_logged(start_server) -> None:
+    srv = start_server()
+    run = srv.run_to_end("blocker", seconds=1.6)
+    assert run["state"] == "DONE"
+    line = srv.wait_for_event("event_loop_blocked")
+    assert line["level"] == "warning" and line["lag_ms"] >= 1000
+    assert line["run_id"] == run["run_id"]
+    assert "to_thread" in line["hint"]
+
+
+# --- client misbehaviour ---------------------------------------------------
+
+def test_client_that_disconnects_right_after_post_still_gets_its_run(start_server) -> None:
+    srv = start_server()
+    before = {run["run_id"] for run in srv.client.get("/agents/runs").json()["runs"]}
+    raw_post(srv.port, run_body("sleeper", seconds=0.2)).close()
+    deadline = time.monotonic() + 10
+    while not (new := [run for run in srv.client.get("/agents/runs").json()["runs"] if run["run_id"] not in before]):
+        assert time.monotonic() < deadline, "the accepted run never appeared"
+        time.sleep(0.05)
+    assert srv.wait_run(new[0]["run_id"])["state"] == "DONE"
+    assert srv.run_to_end("sleeper", seconds=0)["state"] == "DONE"  # the lock did not leak
+
+
+def test_slow_body_upload_does_not_take_the_lock(start_server) -> None:
+    srv = start_server()
+    body = run_body("sleeper", seconds=0)
+    slow = raw_post(srv.port, body, send_all=False)
+    try:
+        time.sleep(0.3)
+        # Half a body is on the wire: another client still gets the lock, and its run ends.
+        assert srv.run_to_end("sleeper", seconds=0)["state"] == "DONE"
+        slow.sendall(body[len(body) // 2:])
+        head, reply = read_reply(slow)
+        assert head.startswith(b"HTTP/1.1 202"), head + reply  # complete and valid now, and the lock is free
+        run_id = json.loads(reply)["run_id"]
+    finally:
+        slow.close()
+    assert srv.wait_run(run_id)["state"] == "DONE"
+
+
+def test_ten_thousand_fields(start_server) -> None:
+    srv = start_server(MAX_BODY_BYTES="1000000")
+    user = new_user()
+    wide_input = {f"f{i}": i for i in range(10000)}
+    response = srv.client.post("/agents/run", json={"agent_type": "sleeper", "user_id": user,
+                                                   "input": {**wide_input, "seconds": 0}})
+    assert response.status_code == 202
+    assert len(srv.wait_run(response.json()["run_id"])["input"]) == 10001
+    wide_body = {"agent_type": "sleeper", "user_id": user, **wide_input}
+    response = srv.client.post("/agents/run", json=wide_body)
+    assert response.status_code == 400
+    detail = response.json()["detail"]
+    assert "Unknown field" in detail and "9995 more" in detail and len(detail) < 300
+
+
+def test_headers_that_are_not_utf8_get_a_4xx_not_a_500(start_server) -> None:
+    srv = start_server(API_TOKEN="token-\u00e9")
+    sock = raw_post(srv.port, run_body(), headers=b"Authorization: Bearer \xff\xfe\r\nX-Odd: \xc3\x28\r\n")
+    try:
+        head, reply = read_reply(sock)
+    finally:
+        sock.close()
+    assert head.startswith(b"HTTP/1.1 401"), head
+    assert json.loads(reply)["detail"]
+    odd_type = srv.client.post("/agents/run", content=run_body(),
+                               headers={"authorization": "Bearer token-\u00e9".encode(),
+                                        "content-type": b"application/json\xff"})
+    assert odd_type.status_code == 415
+
+
+def test_a_thousand_connections_mostly_polling(start_server) -> None:
+    srv = start_server()
+    run_id = srv.start_run("sleeper", seconds=1)
+
+    async def crowd() -> list[int]:
+        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
+        async with httpx.AsyncClient(base_url=srv.url, limits=limits, timeout=60) as client:
+            async def poller() -> int:
+                return (await client.get(f"/agents/status/{run_id}")).status_code
+
+            async def poster() -> int:
+                return (await client.post("/agents/run", json={"agent_type": "sleeper",
+                                                                "user_id": new_user()})).status_code
+            return await asyncio.gather(*(poster() if i % 100 == 0 else poller() for i in range(1000)))
+
+    codes = asyncio.run(crowd())
+    assert all(code < 500 for code in codes), sorted(set(codes))
+    assert codes.count(200) == 990
+    assert srv.wait_run(run_id)["state"] == "DONE"
+
+
+# --- process faults --------------------------------------------------------
+
+def test_sigkill_mid_run_in_memory_mode_loses_its_runs_and_restarts_clean(tmp_path: Path) -> None:
+    first = ServerProcess(tmp_path / "first.log")
+    run_id = first.start_run("hanging")
+    first.wait_state(run_id, "RUNNING")
+    first.proc.kill()
+    first.proc.wait(10)
+    again = ServerProcess(tmp_path / "again.log")
+    try:
+        assert again.client.get(f"/agents/status/{run_id}").status_code == 404  # memory mode keeps nothing
+        assert again.run_to_end("sleeper", seconds=0)["state"] == "DONE"
+    finally:
+        again.stop(signal.SIGKILL)
+
+
+def test_redis_killed_mid_run_and_brought_back(tmp_path: Path) -> None:
+    require_redis_server()
+    redis = RedisServer(tmp_path, persist=True)
+    srv = ServerProcess(tmp_path / "server.log", REDIS_URL=redis.url, LOCK_TTL_SECONDS="6")
+    try:
+        run_id = srv.start_run("sleeper", seconds=1.5)
+        srv.wait_state(run_id, "RUNNING")
+        redis.stop()
+        time.sleep(2)  # the agent finishes while Redis is away; its terminal state waits for the store
+        assert srv.client.get(f"/agents/status/{run_id}").status_code == 503
+        redis.start()
+        run = srv.wait_run(run_id, timeout=20)
+        assert run["state"] in TERMINAL
+        assert srv.run_to_end("sleeper", seconds=0)["state"] == "DONE"
+        assert len(srv.events("store_unavailable")) >= 1 and len(srv.events("store_recovered")) >= 1
+    finally:
+        srv.stop(signal.SIGKILL)
+        redis.stop()
