@@ -1,0 +1,201 @@
+"""Soak: drive a server process for N minutes and check it kept every promise.
+
+    python soak.py --minutes 10
+    python soak.py --minutes 1 --redis-url redis://127.0.0.1:6379/0
+
+Runs back to back (agents that succeed, raise, hang into the timeout, return
+garbage), cancels, bursts of concurrent POSTs and status/list polling, all at
+once. Then checks: no 5xx, every accepted run still within retention is
+terminal and listed (older ones answer 404), the in-process concurrency probe
+never saw two agents at once, and RSS stayed flat. Exit status 1 if any check
+fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+RETENTION = 2000
+TERMINAL = {"DONE", "ERROR", "CANCELLED"}
+MODES = ["ok", "ok", "ok", "raise", "hang", "garbage", "stubborn"]
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Soak:
+    def __init__(self, url: str, seconds: float, seed: int) -> None:
+        self.url = url
+        self.deadline = time.monotonic() + seconds
+        self.rng = random.Random(seed)
+        self.accepted: list[str] = []
+        self.codes: Counter[int] = Counter()
+        self.server_errors: list[str] = []
+
+    def record(self, response: httpx.Response) -> httpx.Response:
+        self.codes[response.status_code] += 1
+        if response.status_code >= 500:
+            self.server_errors.append(f"{response.request.method} {response.request.url}: "
+                                      f"{response.status_code} {response.text[:200]}")
+        return response
+
+    def body(self) -> dict[str, Any]:
+        return {"agent_type": "probe", "user_id": str(uuid.uuid4()),
+                "input": {"mode": self.rng.choice(MODES), "seconds": self.rng.choice([0, 0.005, 0.02])}}
+
+    async def runner(self, client: httpx.AsyncClient) -> None:
+        while time.monotonic() < self.deadline:
+            response = self.record(await client.post("/agents/run", json=self.body()))
+            if response.status_code != 202:
+                await asyncio.sleep(0.005)
+                continue
+            run_id = response.json()["run_id"]
+            self.accepted.append(run_id)
+            if self.rng.random() < 0.15:
+                self.record(await client.post(f"/agents/cancel/{run_id}"))
+            while True:
+                status = self.record(await client.get(f"/agents/status/{run_id}", params={"wait": 10}))
+                if status.status_code != 200 or status.json()["state"] in TERMINAL:
+                    break
+
+    async def burster(self, client: httpx.AsyncClient) -> None:
+        while time.monotonic() < self.deadline:
+            await asyncio.sleep(self.rng.uniform(0.5, 2))
+            responses = await asyncio.gather(*(client.post("/agents/run", json=self.body()) for _ in range(20)))
+            for response in responses:
+                self.record(response)
+                if response.status_code == 202:
+                    self.accepted.append(response.json()["run_id"])
+
+    async def poller(self, client: httpx.AsyncClient) -> None:
+        while time.monotonic() < self.deadline:
+            if self.accepted and self.rng.random() < 0.8:
+                self.record(await client.get(f"/agents/status/{self.rng.choice(self.accepted[-50:])}"))
+            else:
+                self.record(await client.get("/agents/runs", params={"limit": 20}))
+            await asyncio.sleep(0.01)
+
+    async def drive(self) -> None:
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=self.url, timeout=60, limits=limits) as client:
+            await asyncio.gather(self.runner(client), self.burster(client), *(self.poller(client) for _ in range(6)))
+
+    async def listed_runs(self) -> dict[str, dict[str, Any]]:
+        """Every listed run, once the last accepted run has had time to end."""
+        runs: dict[str, dict[str, Any]] = {}
+        async with httpx.AsyncClient(base_url=self.url, timeout=60) as client:
+            if self.accepted:
+                self.record(await client.get(f"/agents/status/{self.accepted[-1]}", params={"wait": 15}))
+            before = None
+            while True:
+                params = {"limit": 1000, **({"before": before} if before else {})}
+                page = self.record(await client.get("/agents/runs", params=params)).json()["runs"]
+                if not page:
+                    return runs
+                runs.update((run["run_id"], run) for run in page)
+                before = page[-1]["run_id"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=10)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--redis-url", default=None, help="run the server in Redis mode against this Redis")
+    parser.add_argument("--json", default=None, help="also write the summary to this file")
+    opts = parser.parse_args()
+
+    port = free_port()
+    log_file = tempfile.NamedTemporaryFile("w+b", prefix="soak-", suffix=".log", delete=False)
+    env = {**os.environ, "PORT": str(port), "AGENT_MODULES": "fixture_agents", "AGENT_SLEEP_SECONDS": "0",
+           "RUN_TIMEOUT_SECONDS": "0.2", "RUN_RETENTION": str(RETENTION), "SHUTDOWN_GRACE_SECONDS": "5"}
+    if opts.redis_url:
+        env.update(REDIS_URL=opts.redis_url, REDIS_PREFIX=f"soak-{uuid.uuid4().hex[:8]}")
+    server = subprocess.Popen([sys.executable, "agent_runner.py"], cwd=HERE, env=env, stdout=log_file,
+                              stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        seconds = opts.minutes * 60
+        soak = Soak(url, seconds, opts.seed)
+        started = time.monotonic()
+
+        async def run() -> tuple[float, float]:
+            drive = asyncio.create_task(soak.drive())
+            await asyncio.sleep(min(30, seconds / 5))  # warm-up before the first RSS reading
+            rss_start = rss_mb(server.pid)
+            await drive
+            return rss_start, rss_mb(server.pid)
+
+        rss_start, rss_end = asyncio.run(run())
+        elapsed = time.monotonic() - started
+        listed = asyncio.run(soak.listed_runs())
+        kept = soak.accepted[-RETENTION:]
+        missing = [run_id for run_id in kept if run_id not in listed]
+        not_terminal = [run_id for run_id in kept if run_id in listed and listed[run_id]["state"] not in TERMINAL]
+        dropped_ok = all(httpx.get(f"{url}/agents/status/{run_id}").status_code == 404
+                         for run_id in soak.accepted[:-RETENTION][:50])
+    finally:
+        server.terminate()
+        server.wait(30)
+    lines = [json.loads(line) for line in Path(log_file.name).read_text().splitlines() if line.strip()]
+    most = max((line["most"] for line in lines if line.get("event") == "probe_end"), default=0)
+    states = Counter(run["state"] for run in listed.values())
+    summary = {
+        "minutes": round(elapsed / 60, 2), "runs_accepted": len(soak.accepted), "requests": sum(soak.codes.values()),
+        "status_codes": dict(sorted(soak.codes.items())), "server_errors": len(soak.server_errors),
+        "max_concurrent_agents": most, "listed_states": dict(states), "kept_runs_missing": len(missing),
+        "kept_runs_not_terminal": len(not_terminal), "dropped_runs_answer_404": dropped_ok,
+        "rss_start_mb": round(rss_start, 1), "rss_end_mb": round(rss_end, 1),
+        "rss_growth": round(rss_end / rss_start - 1, 3), "log": log_file.name,
+    }
+    checks = {
+        "no 5xx": not soak.server_errors,
+        "never two agents at once": most == 1,
+        "every kept run listed and terminal": not missing and not not_terminal,
+        "runs beyond retention answer 404": dropped_ok,
+        "RSS flat (within 10 %)": summary["rss_growth"] <= 0.10,
+        "runs happened": len(soak.accepted) > 0,
+    }
+    print(json.dumps(summary, indent=2))
+    for name, ok in checks.items():
+        print(f"{'PASS' if ok else 'FAIL'}  {name}")
+    for error in soak.server_errors[:5]:
+        print("  5xx:", error)
+    if opts.json:
+        Path(opts.json).write_text(json.dumps({**summary, "checks": checks}, indent=2) + "\n")
+    return 0 if all(checks.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
