@@ -1,19 +1,22 @@
 # syntax=docker/dockerfile:1
+
+# Build stage: a venv with the runtime requirements only.
 FROM python:3.11.7-slim AS build
 RUN python -m venv /venv
 COPY requirements.txt /tmp/requirements.txt
-RUN /venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt
+RUN /venv/bin/pip install --no-cache-dir --disable-pip-version-check -r /tmp/requirements.txt
 
+# Runtime stage: slim Python, the venv, the service; no compilers, no pip cache, not root.
 FROM python:3.11.7-slim
 RUN useradd --create-home --uid 10001 runner
 COPY --from=build /venv /venv
 WORKDIR /app
 COPY agent_runner.py agents.py store.py openapi.yaml ./
 ENV PATH="/venv/bin:$PATH" \
-    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
     HOST=0.0.0.0 \
     PORT=8000
-USER runner
+USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=5s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PORT', '8000'), timeout=2)"]

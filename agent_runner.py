@@ -93,6 +93,25 @@ def _env_number(env: Mapping[str, str], name: str, default: float, *, integer: b
     return value
 
 
+# Every environment variable: name, default, meaning. --help, the README and .env.example show this table.
+SETTINGS_TABLE = (
+    ("HOST", "127.0.0.1", "bind address (the Dockerfile sets 0.0.0.0)"),
+    ("PORT", "8000", "bind port"),
+    ("LOG_LEVEL", "info", "debug, info, warning or error"),
+    ("AGENT_SLEEP_SECONDS", "5", "how long the built-in agents work (0 allowed)"),
+    ("MAX_BODY_BYTES", "65536", "largest accepted request body"),
+    ("AGENT_MODULES", "", "comma-separated importable modules; each is imported at start and registers agents"),
+    ("DOCS_ASSETS_URL", "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5", "where /docs loads Swagger UI's assets from"),
+    ("RUN_TIMEOUT_SECONDS", "300", "a run still going after this is stopped and marked ERROR"),
+    ("RUN_RETENTION", "10000", "finished runs kept; the oldest finished run is dropped first"),
+    ("API_TOKEN", "", "when set, every /agents... endpoint needs Authorization: Bearer <token>"),
+    ("SHUTDOWN_GRACE_SECONDS", "30", "on SIGTERM/SIGINT, how long a running run may still take"),
+    ("REDIS_URL", "", "e.g. redis://host:6379/0; when set, the lock and all run records live in Redis"),
+    ("REDIS_PREFIX", "agent-runner", "prefix of every Redis key, so several deployments can share one Redis"),
+    ("LOCK_TTL_SECONDS", "30", "the run lock's expiry in Redis; the holder renews it every TTL/3"),
+)
+
+
 @dataclass(frozen=True)
 class Settings:
     """The service's configuration; see the README's table for each variable."""
@@ -971,7 +990,23 @@ def configure(env: Mapping[str, str] = os.environ) -> None:
         sys.exit(2)
 
 
+def parse_args(argv: list[str]) -> None:
+    """--help prints the configuration table, --version the version; there are no other options."""
+    import argparse
+
+    width = max(len(name) for name, _, _ in SETTINGS_TABLE)
+    table = "\n".join(f"  {name:<{width}}  {meaning}" + (f" (default: {default})" if default else "")
+                      for name, default, meaning in SETTINGS_TABLE)
+    parser = argparse.ArgumentParser(
+        prog="agent_runner.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="agent-runner: an HTTP service that runs one agent at a time.",
+        epilog=f"Configuration comes from the environment:\n{table}")
+    parser.add_argument("--version", action="version", version=f"agent-runner {__version__}")
+    parser.parse_args(argv)
+
+
 def main() -> None:
+    parse_args(sys.argv[1:])
     configure()
     config = uvicorn.Config(
         app,

@@ -346,3 +346,24 @@ def test_agent_sleep_seconds_zero_is_allowed(start_server) -> None:
     started = time.monotonic()
     run = srv.wait_run(srv.start_run("policy-checker"))
     assert run["state"] == "DONE" and time.monotonic() - started < 2
+
+
+def test_help_prints_the_configuration_table_and_version_the_version() -> None:
+    help_text = subprocess.run([sys.executable, "agent_runner.py", "--help"], cwd=HERE, capture_output=True,
+                               text=True, timeout=30).stdout
+    version = subprocess.run([sys.executable, "agent_runner.py", "--version"], cwd=HERE, capture_output=True,
+                             text=True, timeout=30).stdout
+    for name, default, _ in agent_runner.SETTINGS_TABLE:
+        assert name in help_text and default in help_text
+    assert version.strip() == f"agent-runner {agent_runner.__version__}"
+
+
+def test_every_setting_is_in_the_readme_table_and_env_example_with_its_default() -> None:
+    readme = (HERE / "README.md").read_text()
+    env_example = (HERE / ".env.example").read_text()
+    for name, default, _ in agent_runner.SETTINGS_TABLE:
+        shown = f"`{default}`" if default else "(unset)" if name in ("API_TOKEN", "REDIS_URL") else "(empty)"
+        assert re.search(rf"^\| `{name}` \| {re.escape(shown)} \|", readme, re.M), name
+        assert f"\n#{name}={default}\n" in env_example, name
+    defaults = agent_runner.Settings.from_env({})
+    assert str(defaults.redis_prefix) == "agent-runner" and defaults.lock_ttl_seconds == 30
