@@ -279,20 +279,20 @@ def fig_redis_get_status(opts: argparse.Namespace) -> dict[str, Any]:
 
 # --- table -----------------------------------------------------------------
 
+def load_rows(label: str, r: dict[str, Any], rps_target: str) -> list[tuple[str, ...]]:
+    """The req/s and p99 rows of one interleaved wrk figure."""
+    return [(f"{label} req/s", f"{r['baseline_rps']:.0f}", f"{r['service_rps']:.0f}", f"{r['rps_ratio']:.2f}",
+             rps_target),
+            (f"{label} p99 ms", f"{r['baseline_p99_ms']:.2f}", f"{r['service_p99_ms']:.2f}", f"{r['p99_ratio']:.2f}",
+             "<= 1.5")]
+
+
 def table(results: dict[str, Any]) -> str:
     rows = [("figure", "baseline", "service", "ratio", "target")]
     if "get_status" in results:
-        r = results["get_status"]
-        rows.append(("GET status req/s", f"{r['baseline_rps']:.0f}", f"{r['service_rps']:.0f}",
-                     f"{r['rps_ratio']:.2f}", ">= 0.90"))
-        rows.append(("GET status p99 ms", f"{r['baseline_p99_ms']:.2f}", f"{r['service_p99_ms']:.2f}",
-                     f"{r['p99_ratio']:.2f}", "<= 1.5"))
+        rows += load_rows("GET status", results["get_status"], ">= 0.90")
     if "post_busy" in results:
-        r = results["post_busy"]
-        rows.append(("POST busy (409) req/s", f"{r['baseline_rps']:.0f}", f"{r['service_rps']:.0f}",
-                     f"{r['rps_ratio']:.2f}", ">= 0.80"))
-        rows.append(("POST busy p99 ms", f"{r['baseline_p99_ms']:.2f}", f"{r['service_p99_ms']:.2f}",
-                     f"{r['p99_ratio']:.2f}", "<= 1.5"))
+        rows += load_rows("POST busy (409)", results["post_busy"], ">= 0.80")
     if "launch" in results:
         r = results["launch"]
         rows.append(("launch to /healthz ms", f"{r['baseline_ms']:.0f}", f"{r['service_ms']:.0f}",
