@@ -32,7 +32,7 @@ import uvicorn
 from pythonjsonlogger.json import JsonFormatter
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -588,10 +588,13 @@ async def read_json(request: Request) -> Any:
     if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise HTTPException(413, f"Request body is larger than {limit} bytes")
     body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise HTTPException(413, f"Request body is larger than {limit} bytes")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise HTTPException(413, f"Request body is larger than {limit} bytes")
+    except ClientDisconnect:  # nobody is left to answer; the access line records a 400
+        raise HTTPException(400, "Client disconnected before the request body was complete") from None
     if not body.strip():
         raise HTTPException(400, "Request body is empty; send a JSON object")
     try:

@@ -102,7 +102,9 @@ class Soak:
             await asyncio.sleep(0.01)
 
     async def drive(self) -> None:
-        limits = httpx.Limits(max_connections=64)
+        # Idle connections expire on the client before uvicorn's 5 s keep-alive closes them on the server,
+        # so a request is never sent down a connection the server is closing.
+        limits = httpx.Limits(max_connections=64, keepalive_expiry=2)
         async with httpx.AsyncClient(base_url=self.url, timeout=60, limits=limits) as client:
             await asyncio.gather(self.runner(client), self.burster(client), *(self.poller(client) for _ in range(6)))
 

@@ -289,6 +289,7 @@ class RedisRunStore:
         self.on_cancel: Callable[[str], None] = lambda run_id: None
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._progress_writes: dict[str, asyncio.Task[None]] = {}
+        self._progress_dirty: set[str] = set()
         self._listener: asyncio.Task[None] | None = None
 
     def key(self, *parts: str) -> str:
@@ -343,22 +344,28 @@ class RedisRunStore:
                 await pipe.execute()
 
     def note_progress(self, run: Run) -> None:
-        """Write a progress change soon, coalescing bursts; save() waits for it so order holds."""
+        """Write a progress change soon, coalescing bursts; save() waits for the write so order holds."""
+        self._progress_dirty.add(run.run_id)
         if run.run_id not in self._progress_writes:
             self._progress_writes[run.run_id] = asyncio.create_task(self._write_progress(run))
 
     async def _write_progress(self, run: Run) -> None:
-        await asyncio.sleep(0)
-        self._progress_writes.pop(run.run_id, None)
-        with contextlib.suppress(StoreUnavailable):
-            async with self.health.guard():
-                await self.client.set(self.key("run", run.run_id), run.json())
+        try:
+            while run.run_id in self._progress_dirty:  # changes made during a write get one more write
+                self._progress_dirty.discard(run.run_id)
+                async with self.health.guard():
+                    await self.client.set(self.key("run", run.run_id), run.json())
+        except StoreUnavailable:
+            pass  # progress is best effort; the next state change writes the whole run
+        finally:
+            self._progress_writes.pop(run.run_id, None)
 
     async def save(self, run: Run, release: RedisRunLock | None = None) -> None:
         """Store a change; a terminal state also updates the indexes, publishes, trims to retention,
         and (with ``release``) releases the run lock in the same MULTI transaction."""
-        pending = self._progress_writes.pop(run.run_id, None)
-        if pending is not None:
+        self._progress_dirty.discard(run.run_id)
+        pending = self._progress_writes.get(run.run_id)
+        if pending is not None:  # a progress write in flight must land before this one
             await asyncio.gather(pending, return_exceptions=True)
         async with self.health.guard():
             if not run.finished:

@@ -219,3 +219,13 @@ def test_redis_killed_mid_run_and_brought_back(tmp_path: Path) -> None:
     finally:
         srv.stop(signal.SIGKILL)
         redis.stop()
+
+
+def test_client_that_disconnects_in_the_middle_of_the_body_is_not_a_server_error(start_server) -> None:
+    srv = start_server()
+    body = run_body("sleeper", seconds=0)
+    raw_post(srv.port, body, send_all=False).close()  # half a body, then gone
+    line = srv.wait_for_event("http_request", path="/agents/run")
+    assert line["status"] == 400
+    assert not srv.events("unhandled_error")
+    assert srv.run_to_end("sleeper", seconds=0)["state"] == "DONE"
