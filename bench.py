@@ -220,7 +220,7 @@ def fig_runs_per_second(opts: argparse.Namespace) -> dict[str, Any]:
 
 
 def fig_rss(opts: argparse.Namespace) -> dict[str, Any]:
-    first, second = (1000, 5000) if opts.quick else (20000, 100000)
+    first, second = (500, 2500) if opts.quick else (20000, 100000)
     retention = first // 2
     service = Server("service", RUN_RETENTION=str(retention))
     try:
@@ -331,7 +331,7 @@ def main() -> None:
         serve_baseline(opts.serve_baseline)
         return
     opts.runs = opts.runs or (1 if opts.quick else 3)
-    opts.seconds, opts.warmup = (2, 1) if opts.quick else (10, 3)
+    opts.seconds, opts.warmup = (1, 1) if opts.quick else (10, 3)
     wanted = opts.only or list(FIGURES)
     needs_wrk = {"get_status", "post_busy", "redis_get_status"} & set(wanted)
     if needs_wrk and shutil.which("wrk") is None:

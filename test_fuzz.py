@@ -22,7 +22,7 @@ def test_schemathesis_finds_nothing_against_the_served_spec(tmp_path: Path) -> N
             [os.path.join(os.path.dirname(sys.executable), "schemathesis"), "--no-color", "run",
              f"{server.url}/openapi.yaml", "--url", server.url,
              "--phases", "examples,coverage,fuzzing,stateful", "--checks", CHECKS,
-             "--seed", "20261124", "--max-time", "50", "--max-examples", "30", "--request-timeout", "65",
+             "--seed", "20261124", "--max-time", "35", "--max-examples", "30", "--request-timeout", "65",
              "--report", "junit", "--report-dir", str(tmp_path / "reports")],
             cwd=HERE, capture_output=True, text=True, timeout=300)
     finally:
