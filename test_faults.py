@@ -8,11 +8,9 @@ import random
 import signal
 import socket
 import time
-import uuid
 from pathlib import Path
 
 import httpx
-import pytest
 
 from conftest import RedisServer, ServerProcess, new_user, require_redis_server
 
