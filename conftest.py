@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 HERE = Path(__file__).resolve().parent
+TESTS = HERE / "tests"  # the fixture agents (AGENT_MODULES=fixture_agents) live here
 TERMINAL = {"DONE", "ERROR", "CANCELLED"}
 
 
@@ -40,7 +41,8 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         full_env = {**os.environ, "PORT": str(self.port), "HOST": "127.0.0.1",
-                    "AGENT_MODULES": "fixture_agents", "AGENT_SLEEP_SECONDS": "0.2", **env}
+                    "AGENT_MODULES": "fixture_agents", "AGENT_SLEEP_SECONDS": "0.2", "PYTHONPATH": str(TESTS),
+                    **env}
         self._log_file = open(log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "agent_runner.py"], cwd=HERE, env=full_env,
                                      stdout=self._log_file, stderr=subprocess.STDOUT)

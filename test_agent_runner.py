@@ -17,7 +17,8 @@ import yaml
 from openapi_spec_validator import validate
 
 import agent_runner
-from conftest import HERE, ServerProcess, free_port, new_user
+import settings
+from conftest import HERE, TESTS, ServerProcess, free_port, new_user
 
 BUSY = "An agent is already running, please retry later"
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -324,7 +325,7 @@ def test_run_lines_carry_run_id_agent_type_user_id(server: ServerProcess) -> Non
 ], ids=lambda value: value if isinstance(value, str) else None)
 def test_bad_setting_stops_start_with_one_json_line_naming_it(env: dict[str, str], variable: str) -> None:
     result = subprocess.run([sys.executable, "agent_runner.py"], cwd=HERE, capture_output=True, text=True,
-                            timeout=30, env={**os.environ, "PORT": str(free_port()), **env})
+                            timeout=30, env={**os.environ, "PORT": str(free_port()), "PYTHONPATH": str(TESTS), **env})
     assert result.returncode != 0
     lines = [json.loads(text) for text in result.stdout.splitlines()]
     assert len(lines) == 1, result.stdout + result.stderr
@@ -334,11 +335,11 @@ def test_bad_setting_stops_start_with_one_json_line_naming_it(env: dict[str, str
 
 
 def test_settings_defaults_match_the_readme_table() -> None:
-    settings = agent_runner.Settings.from_env({})
-    assert (settings.host, settings.port, settings.log_level) == ("127.0.0.1", 8000, "info")
-    assert (settings.agent_sleep_seconds, settings.max_body_bytes, settings.agent_modules) == (5.0, 65536, ())
-    assert (settings.run_timeout_seconds, settings.run_retention, settings.shutdown_grace_seconds) == (300, 10000, 30)
-    assert settings.api_token is None
+    defaults = settings.Settings.from_env({})
+    assert (defaults.host, defaults.port, defaults.log_level) == ("127.0.0.1", 8000, "info")
+    assert (defaults.agent_sleep_seconds, defaults.max_body_bytes, defaults.agent_modules) == (5.0, 65536, ())
+    assert (defaults.run_timeout_seconds, defaults.run_retention, defaults.shutdown_grace_seconds) == (300, 10000, 30)
+    assert defaults.api_token is None
 
 
 def test_agent_sleep_seconds_zero_is_allowed(start_server) -> None:
@@ -353,7 +354,7 @@ def test_help_prints_the_configuration_table_and_version_the_version() -> None:
                                text=True, timeout=30).stdout
     version = subprocess.run([sys.executable, "agent_runner.py", "--version"], cwd=HERE, capture_output=True,
                              text=True, timeout=30).stdout
-    for name, default, _ in agent_runner.SETTINGS_TABLE:
+    for name, default, _ in settings.SETTINGS_TABLE:
         assert name in help_text and default in help_text
     assert version.strip() == f"agent-runner {agent_runner.__version__}"
 
@@ -361,9 +362,9 @@ def test_help_prints_the_configuration_table_and_version_the_version() -> None:
 def test_every_setting_is_in_the_readme_table_and_env_example_with_its_default() -> None:
     readme = (HERE / "README.md").read_text()
     env_example = (HERE / ".env.example").read_text()
-    for name, default, _ in agent_runner.SETTINGS_TABLE:
+    for name, default, _ in settings.SETTINGS_TABLE:
         shown = f"`{default}`" if default else "(unset)" if name in ("API_TOKEN", "REDIS_URL") else "(empty)"
         assert re.search(rf"^\| `{name}` \| {re.escape(shown)} \|", readme, re.M), name
         assert f"\n#{name}={default}\n" in env_example, name
-    defaults = agent_runner.Settings.from_env({})
+    defaults = settings.Settings.from_env({})
     assert str(defaults.redis_prefix) == "agent-runner" and defaults.lock_ttl_seconds == 30

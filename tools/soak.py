@@ -1,7 +1,7 @@
 """Soak: drive a server process for N minutes and check it kept every promise.
 
-    python soak.py --minutes 10
-    python soak.py --minutes 1 --redis-url redis://127.0.0.1:6379/0
+    python tools/soak.py --minutes 10
+    python tools/soak.py --minutes 1 --redis-url redis://127.0.0.1:6379/0
 
 Runs back to back (agents that succeed, raise, hang into the timeout, return
 garbage), cancels, bursts of concurrent POSTs and status/list polling, all at
@@ -29,7 +29,8 @@ from typing import Any
 
 import httpx
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent  # the repository root: servers start there
+TESTS = HERE / "tests"  # AGENT_MODULES=fixture_agents is imported from here
 RETENTION = 2000
 TERMINAL = {"DONE", "ERROR", "CANCELLED"}
 MODES = ["ok", "ok", "ok", "raise", "hang", "garbage", "stubborn"]
@@ -134,7 +135,7 @@ def main() -> int:
 
     port = free_port()
     log_file = tempfile.NamedTemporaryFile("w+b", prefix="soak-", suffix=".log", delete=False)
-    env = {**os.environ, "PORT": str(port), "AGENT_MODULES": "fixture_agents", "AGENT_SLEEP_SECONDS": "0",
+    env = {**os.environ, "PORT": str(port), "AGENT_MODULES": "fixture_agents", "PYTHONPATH": str(TESTS), "AGENT_SLEEP_SECONDS": "0",
            "RUN_TIMEOUT_SECONDS": "0.2", "RUN_RETENTION": str(RETENTION), "SHUTDOWN_GRACE_SECONDS": "5"}
     if opts.redis_url:
         env.update(REDIS_URL=opts.redis_url, REDIS_PREFIX=f"soak-{uuid.uuid4().hex[:8]}")

@@ -12,7 +12,7 @@ from conftest import HERE
 
 def test_twenty_second_soak_passes_every_check(tmp_path: Path) -> None:
     summary_path = tmp_path / "soak.json"
-    result = subprocess.run([sys.executable, "soak.py", "--minutes", "0.33", "--json", str(summary_path)],
+    result = subprocess.run([sys.executable, "tools/soak.py", "--minutes", "0.33", "--json", str(summary_path)],
                             cwd=HERE, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads(summary_path.read_text())

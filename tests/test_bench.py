@@ -20,7 +20,7 @@ def test_quick_bench_prints_the_table_and_writes_the_json(tmp_path: Path) -> Non
             pytest.fail("wrk is missing in CI: .ci/run must install it")
         pytest.skip("wrk is not installed (apt-get install wrk); bench.py needs it")
     output = tmp_path / "bench-results.json"
-    result = subprocess.run([sys.executable, "bench.py", "--quick", "--output", str(output)], cwd=HERE,
+    result = subprocess.run([sys.executable, "tools/bench.py", "--quick", "--output", str(output)], cwd=HERE,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "| figure" in result.stdout and "GET status req/s" in result.stdout

@@ -1,8 +1,8 @@
 """Benchmark: agent-runner against a bare Starlette baseline, measured side by side in one run.
 
-    python bench.py            # full run (about 10 minutes)
-    python bench.py --quick    # a few seconds per figure (CI smoke)
-    python bench.py --only get_status --runs 3
+    python tools/bench.py            # full run (about 10 minutes)
+    python tools/bench.py --quick    # a few seconds per figure (CI smoke)
+    python tools/bench.py --only get_status --runs 3
 
 Load comes from wrk (Debian package ``wrk``): one thread, 32 keep-alive
 connections. Each figure is taken baseline, service, baseline, service, ...
@@ -31,7 +31,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent  # the repository root: servers start there
+TESTS = HERE / "tests"  # AGENT_MODULES=fixture_agents is imported from here
 RUN_BODY = json.dumps({"agent_type": "sleeper", "user_id": str(uuid.uuid4()), "input": {"seconds": 3600}})
 FIGURES = ("get_status", "post_busy", "launch", "runs_per_second", "rss", "footprint", "redis_get_status")
 
@@ -81,8 +82,8 @@ class Server:
     def __init__(self, kind: str, **env: str) -> None:
         self.port = free_port()
         command = ([sys.executable, "agent_runner.py"] if kind == "service"
-                   else [sys.executable, "bench.py", "--serve-baseline", str(self.port)])
-        full_env = {**os.environ, "PORT": str(self.port), "AGENT_MODULES": "fixture_agents",
+                   else [sys.executable, __file__, "--serve-baseline", str(self.port)])
+        full_env = {**os.environ, "PORT": str(self.port), "AGENT_MODULES": "fixture_agents", "PYTHONPATH": str(TESTS),
                     "AGENT_SLEEP_SECONDS": "0", "SHUTDOWN_GRACE_SECONDS": "0", **env}
         started = time.perf_counter()
         self.proc = subprocess.Popen(command, cwd=HERE, env=full_env, stdout=subprocess.DEVNULL,

@@ -1,0 +1,142 @@
+"""JSON in and out of HTTP: read and validate request bodies and query values, write JSON responses.
+
+Every refusal is an ``HTTPException`` whose detail says exactly what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+
+import agents
+import settings
+from logs import log
+
+MAX_JSON_DEPTH = 32  # request bodies nested deeper are refused with 400
+REQUEST_FIELDS = ("agent_type", "user_id", "input")
+UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def json_response(content: Any, status_code: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    body = content if isinstance(content, bytes) else json.dumps(content, separators=(",", ":")).encode()
+    return Response(body, status_code=status_code, headers=headers, media_type="application/json")
+
+
+def short(value: Any) -> str:
+    """A value as it appears in an error message, cut to a readable length."""
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_uuid(value: str, name: str) -> str:
+    if not UUID_RE.fullmatch(value):
+        raise HTTPException(400, f"{name} must be a UUID, got {short(value)}")
+    return value.lower()
+
+
+def json_depth_exceeds(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def read_json(request: Request) -> Any:
+    """The request's JSON body, or an HTTPException saying exactly what is wrong with it."""
+    media_type, _, params = request.headers.get("content-type", "").partition(";")
+    if media_type.strip().lower() != "application/json":
+        raise HTTPException(415, "Content-Type must be application/json")
+    charset = params.strip().lower()
+    if charset and charset.replace(" ", "").replace('"', "") not in ("charset=utf-8", "charset=utf8"):
+        raise HTTPException(415, "Content-Type charset must be utf-8")
+    limit = settings.current.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"Request body is larger than {limit} bytes")
+    body = b""
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise HTTPException(413, f"Request body is larger than {limit} bytes")
+    except ClientDisconnect:  # nobody is left to answer; the access line records a 400
+        raise HTTPException(400, "Client disconnected before the request body was complete") from None
+    if not body.strip():
+        raise HTTPException(400, "Request body is empty; send a JSON object")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HTTPException(400, "Request body is not valid UTF-8") from None
+    try:
+        data = json.loads(text, parse_constant=reject_constant)
+    except RecursionError:
+        raise HTTPException(400, f"Request body is nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as exc:
+        raise HTTPException(400, f"Request body is not valid JSON: {exc}") from None
+    if json_depth_exceeds(data, MAX_JSON_DEPTH):
+        raise HTTPException(400, f"Request body is nested deeper than {MAX_JSON_DEPTH} levels")
+    return data
+
+
+def parse_run_request(data: Any) -> tuple[type[agents.BaseAgent], str, dict[str, Any]]:
+    """Validate a POST /agents/run body; returns the agent class, user_id and input."""
+    if not isinstance(data, dict):
+        raise HTTPException(400, "Request body must be a JSON object")
+    unknown = sorted(set(data) - set(REQUEST_FIELDS))
+    if unknown:
+        named = ", ".join(short(name) for name in unknown[:5])
+        if len(unknown) > 5:
+            named += f" and {len(unknown) - 5} more"
+        raise HTTPException(400, f"Unknown field(s): {named}; allowed: {', '.join(REQUEST_FIELDS)}")
+    for name in ("agent_type", "user_id"):
+        if name not in data:
+            raise HTTPException(400, f"{name} is required")
+        if not isinstance(data[name], str):
+            raise HTTPException(400, f"{name} must be a string")
+    user_id = check_uuid(data["user_id"], "user_id")
+    agent_input = data.get("input", {})
+    if not isinstance(agent_input, dict):
+        raise HTTPException(400, "input must be a JSON object")
+    agent_type = data["agent_type"]
+    agent_cls = agents.registry.get(agent_type)
+    if agent_cls is None:
+        supported = ", ".join(sorted(agents.registry))
+        log.warning("unsupported_agent_type", extra={"agent_type": agent_type[:200], "user_id": user_id})
+        raise HTTPException(400, f"Unsupported agent_type {short(agent_type)}; supported types: {supported}")
+    return agent_cls, user_id, agent_input
+
+
+def parse_wait(raw: str | None) -> float | None:
+    if raw is None:
+        return None
+    try:
+        wait = float(raw)
+    except ValueError:
+        wait = math.nan
+    if not 0 < wait <= 60:  # also refuses nan
+        raise HTTPException(400, f"wait must be a number of seconds greater than 0 and at most 60, got {short(raw)}")
+    return wait
+
+
+def parse_limit(raw: str | None) -> int:
+    if raw is None:
+        return 50
+    if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        raise HTTPException(400, f"limit must be an integer from 1 to 1000, got {short(raw)}")
+    return int(raw)

@@ -1,0 +1,138 @@
+"""Logging: one JSON object per line on stdout, uvicorn's lines included.
+
+``log`` is the service's logger. Per-request lines (http_request,
+run_rejected) skip the logging machinery through ``log_hot``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from typing import Any
+
+from pythonjsonlogger.json import JsonFormatter
+
+OWN_LOGGERS = ("agent_runner", "agents")
+
+
+class LogFormatter(JsonFormatter):
+    """JSON lines with ``timestamp``, ``level`` and ``event`` first, then the record's fields.
+
+    Our loggers log event names (``log.info("run_accepted", extra=...)``);
+    lines from other libraries (uvicorn) get event ``server_log`` and their
+    text as ``message``.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("reserved_attrs", [*logging.LogRecord("", 0, "", 0, "", (), None).__dict__,
+                                             "message", "asctime", "color_message"])
+        super().__init__(**kwargs)
+
+    def add_fields(self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
+        log_data["timestamp"] = log_timestamp(record.created)
+        log_data["level"] = record.levelname.lower()
+        own = record.name.split(".", 1)[0] in OWN_LOGGERS
+        log_data["event"] = record.message if own else "server_log"
+        if not own:
+            log_data["logger"] = record.name
+        super().add_fields(log_data, record, message_dict)
+        if own:
+            log_data.pop("message", None)
+        if "human_message" in log_data:
+            log_data["message"] = log_data.pop("human_message")
+        if "exc_info" in log_data:
+            log_data["traceback"] = log_data.pop("exc_info")
+
+
+hot_lines: list[str] = []  # per-request lines waiting to be written (see log_hot)
+
+
+def write_hot_lines() -> None:
+    if hot_lines:
+        sys.stdout.write("".join(hot_lines))
+        hot_lines.clear()
+
+
+class StdoutHandler(logging.StreamHandler):
+    """stdout: warnings and errors are flushed at once, info lines at most 0.2 s late.
+
+    A write per info line would cost more than the request it logs; the
+    lifespan flushes every 0.2 s and at exit. Per-request lines queued by
+    log_hot are written first, so lines keep their order.
+    """
+
+    FLUSH_SECONDS = 0.2
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+        self._may_wait = False
+        self._flushed_at = 0.0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._may_wait = record.levelno < logging.WARNING
+        try:
+            write_hot_lines()
+            super().emit(record)
+        finally:
+            self._may_wait = False
+
+    def flush(self) -> None:
+        now = time.monotonic()
+        if self._may_wait and now - self._flushed_at < self.FLUSH_SECONDS:
+            return
+        write_hot_lines()
+        super().flush()
+        self._flushed_at = now
+
+
+def logging_config(level: str) -> dict[str, Any]:
+    """The dictConfig for the whole process, also handed to uvicorn."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": LogFormatter}},
+        "handlers": {"stdout": {"()": StdoutHandler, "formatter": "json"}},
+        "root": {"handlers": ["stdout"], "level": level.upper()},
+        "loggers": {
+            name: {"handlers": [], "propagate": True, "level": level.upper()}
+            for name in ("uvicorn", "uvicorn.error", "uvicorn.access")
+        },
+    }
+
+
+log = logging.getLogger("agent_runner")
+
+_second, _second_text = -1, ""
+
+
+def log_timestamp(now: float) -> str:
+    """RFC 3339 UTC with milliseconds, ending in Z (the seconds part is formatted once per second)."""
+    global _second, _second_text
+    second = int(now)
+    if second != _second:
+        _second, _second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{_second_text}.{int((now - second) * 1000):03d}Z"
+
+
+def log_hot(event: str, fields: str) -> None:
+    """An info line for the per-request events (http_request, run_rejected), without a LogRecord.
+
+    ``fields`` is the rest of the JSON object, already encoded (`"status": 200`).
+    Same shape as LogFormatter's lines; queued and written in batches, ahead of
+    any other line, at most 0.2 s late.
+    """
+    if log.isEnabledFor(logging.INFO):
+        hot_lines.append(f'{{"timestamp": "{log_timestamp(time.time())}", "level": "info", "event": "{event}", '
+                         f'{fields}}}\n')
+        if len(hot_lines) >= 512:
+            write_hot_lines()
+
+
+async def flush_stdout_regularly() -> None:
+    """Flush the info lines left in stdout's buffer (see StdoutHandler)."""
+    while True:
+        await asyncio.sleep(StdoutHandler.FLUSH_SECONDS)
+        write_hot_lines()
+        sys.stdout.flush()

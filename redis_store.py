@@ -1,0 +1,304 @@
+"""Redis mode: the run lock and the runs live in Redis, shared by every replica.
+
+Imported only when REDIS_URL is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.asyncio.client import Pipeline
+from redis.asyncio.lock import Lock as RedisLock
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import LockError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from store import LockLost, Run, StoreUnavailable
+
+
+def open_redis(url: str, prefix: str, lock_ttl_seconds: float, retention: int,
+               log: logging.Logger) -> tuple[RedisRunLock, RedisRunStore]:
+    """The run lock and run store on one client of ``url``."""
+    # A blocking pool: a burst of requests waits briefly for a connection instead of failing.
+    # Retry once on a dropped connection, so pooled connections left over from before a
+    # Redis restart do not turn into 503s.
+    pool = BlockingConnectionPool.from_url(
+        url, max_connections=64, timeout=5, socket_timeout=2, socket_connect_timeout=2,
+        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError])
+    client = Redis(connection_pool=pool)
+    health = StoreHealth(log)
+    return (RedisRunLock(client, f"{prefix}:lock", lock_ttl_seconds, health),
+            RedisRunStore(client, prefix, retention, health))
+
+
+class StoreHealth:
+    """Logs store_unavailable / store_recovered once per transition, not per request."""
+
+    def __init__(self, log: logging.Logger) -> None:
+        self.log = log
+        self.healthy = True
+
+    @contextlib.asynccontextmanager
+    async def guard(self) -> AsyncIterator[None]:
+        try:
+            yield
+        except (RedisError, OSError) as exc:
+            if isinstance(exc, (LockError, ResponseError)):
+                raise
+            if self.healthy:
+                self.healthy = False
+                self.log.error("store_unavailable", extra={"error": f"{type(exc).__name__}: {exc}"})
+            raise StoreUnavailable(str(exc)) from exc
+        if not self.healthy:
+            self.healthy = True
+            self.log.info("store_recovered")
+
+
+class RedisRunLock:
+    """redis-py's Lock (SET NX PX with a token, compare-and-delete release), taken without blocking."""
+
+    def __init__(self, client: Redis, key: str, ttl_seconds: float, health: StoreHealth) -> None:
+        self.client = client
+        self.key = key
+        self.ttl_seconds = ttl_seconds
+        self.renew_interval: float | None = ttl_seconds / 3
+        self.health = health
+        self._held: dict[str, RedisLock] = {}
+
+    async def try_acquire(self) -> str | None:
+        lock = self.client.lock(self.key, timeout=self.ttl_seconds, blocking=False, thread_local=False)
+        token = uuid.uuid4().hex
+        async with self.health.guard():
+            acquired = await lock.acquire(blocking=False, token=token)
+        if not acquired:
+            return None
+        self._held[token] = lock
+        return token
+
+    async def renew(self, token: str) -> None:
+        """Reset the lock's TTL; raises LockLost when it was lost, StoreUnavailable when unreachable."""
+        try:
+            async with self.health.guard():
+                await self._held[token].reacquire()
+        except LockError as exc:
+            raise LockLost(str(exc)) from exc
+
+    async def queue_release(self, pipe: Pipeline, token: str) -> None:
+        """Add the lock's compare-and-delete release to a MULTI pipeline (see RedisRunStore.save)."""
+        lock = self._held.pop(token, None)
+        if lock is not None:
+            await lock.lua_release(keys=[lock.name], args=[lock.local.token], client=pipe)
+
+    async def release(self, token: str) -> None:
+        lock = self._held.pop(token, None)
+        if lock is None:
+            return
+        try:
+            async with self.health.guard():
+                await lock.release()
+        except (LockError, StoreUnavailable):
+            pass  # lost or unreachable: the key expires by its TTL
+
+
+class RedisRunStore:
+    """Runs as their client-facing JSON under ``<prefix>:run:<id>``, trimmed to ``retention`` finished runs.
+
+    Keys: ``runs`` (zset of all run ids by creation sequence), ``finished``
+    (zset of finished run ids by finish sequence), ``unfinished`` (hash of
+    PENDING/RUNNING run ids to the token of the lock each was started under),
+    ``seq`` (counter), ``cancel:<id>`` (a cancel request). Channels:
+    ``finished`` and ``cancel`` carry run ids.
+    """
+
+    POLL_SECONDS = 1.0  # waiters re-read the run this often in case a pub/sub message was missed
+
+    def __init__(self, client: Redis, prefix: str, retention: int, health: StoreHealth) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.retention = retention
+        self.health = health
+        self.on_cancel: Callable[[str], None] = lambda run_id: None
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._progress_writes: dict[str, asyncio.Task[None]] = {}
+        self._progress_dirty: set[str] = set()
+        self._listener: asyncio.Task[None] | None = None
+
+    def key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    async def start(self) -> None:
+        self._listener = asyncio.create_task(self._listen(), name="redis-listener")
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        await self.client.aclose()
+
+    async def check(self) -> None:
+        async with self.health.guard():
+            await self.client.ping()
+
+    async def _listen(self) -> None:
+        """Wake local waiters when any replica finishes a run; pass cancel requests to the runner."""
+        finished, cancel = self.key("finished"), self.key("cancel")
+        while True:
+            try:
+                async with self.client.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(finished, cancel)
+                    self._wake_all()  # anything finished while we were not subscribed
+                    async for message in pubsub.listen():
+                        channel, run_id = message["channel"].decode(), message["data"].decode()
+                        if channel == finished:
+                            self._wake(run_id)
+                        elif channel == cancel:
+                            self.on_cancel(run_id)
+            except (RedisError, OSError):
+                await asyncio.sleep(0.5)
+
+    def _wake(self, run_id: str) -> None:
+        for event in self._waiters.get(run_id, ()):
+            event.set()
+
+    def _wake_all(self) -> None:
+        for run_id in list(self._waiters):
+            self._wake(run_id)
+
+    async def add(self, run: Run) -> None:
+        async with self.health.guard():
+            seq = await self.client.incr(self.key("seq"))
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.set(self.key("run", run.run_id), run.json())
+                pipe.zadd(self.key("runs"), {run.run_id: seq})
+                pipe.hset(self.key("unfinished"), run.run_id, run.holder or "")
+                await pipe.execute()
+
+    def note_progress(self, run: Run) -> None:
+        """Write a progress change soon, coalescing bursts; save() waits for the write so order holds."""
+        self._progress_dirty.add(run.run_id)
+        if run.run_id not in self._progress_writes:
+            self._progress_writes[run.run_id] = asyncio.create_task(self._write_progress(run))
+
+    async def _write_progress(self, run: Run) -> None:
+        try:
+            while run.run_id in self._progress_dirty:  # changes made during a write get one more write
+                self._progress_dirty.discard(run.run_id)
+                async with self.health.guard():
+                    await self.client.set(self.key("run", run.run_id), run.json())
+        except StoreUnavailable:
+            pass  # progress is best effort; the next state change writes the whole run
+        finally:
+            self._progress_writes.pop(run.run_id, None)
+
+    async def save(self, run: Run, release: RedisRunLock | None = None) -> None:
+        """Store a change; a terminal state also updates the indexes, publishes, trims to retention,
+        and (with ``release``) releases the run lock in the same MULTI transaction."""
+        self._progress_dirty.discard(run.run_id)
+        pending = self._progress_writes.get(run.run_id)
+        if pending is not None:  # a progress write in flight must land before this one
+            await asyncio.gather(pending, return_exceptions=True)
+        async with self.health.guard():
+            if not run.finished:
+                await self.client.set(self.key("run", run.run_id), run.json())
+                return
+            seq = await self.client.incr(self.key("seq"))
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.set(self.key("run", run.run_id), run.json())
+                pipe.zadd(self.key("finished"), {run.run_id: seq})
+                pipe.hdel(self.key("unfinished"), run.run_id)
+                pipe.delete(self.key("cancel", run.run_id))
+                pipe.publish(self.key("finished"), run.run_id)
+                if release is not None and run.holder is not None:
+                    await release.queue_release(pipe, run.holder)
+                pipe.zcard(self.key("finished"))
+                finished_count = (await pipe.execute())[-1]
+            if finished_count > self.retention:
+                dropped = [member.decode() for member, _ in
+                           await self.client.zpopmin(self.key("finished"), finished_count - self.retention)]
+                async with self.client.pipeline(transaction=True) as pipe:
+                    pipe.delete(*(self.key("run", run_id) for run_id in dropped))
+                    pipe.zrem(self.key("runs"), *dropped)
+                    await pipe.execute()
+
+    async def get(self, run_id: str) -> Run | None:
+        async with self.health.guard():
+            raw = await self.client.get(self.key("run", run_id))
+        return Run.from_json(raw) if raw is not None else None
+
+    async def wait_finished(self, run_id: str, timeout: float) -> Run | None:
+        event = asyncio.Event()
+        self._waiters.setdefault(run_id, set()).add(event)
+        deadline = asyncio.get_running_loop().time() + timeout
+        try:
+            while True:
+                run = await self.get(run_id)
+                left = deadline - asyncio.get_running_loop().time()
+                if run is None or run.finished or left <= 0:
+                    return run
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), min(left, self.POLL_SECONDS))
+                event.clear()
+        finally:
+            waiters = self._waiters[run_id]
+            waiters.discard(event)
+            if not waiters:
+                del self._waiters[run_id]
+
+    async def list(self, *, limit: int, state: str | None = None, agent_type: str | None = None,
+                   user_id: str | None = None, before: str | None = None) -> list[Run]:
+        runs: list[Run] = []
+        async with self.health.guard():
+            top: float | str = "+inf"
+            if before is not None:
+                score = await self.client.zscore(self.key("runs"), before)
+                if score is None:
+                    return []
+                top = f"({score}"
+            batch = max(limit, 100)
+            while len(runs) < limit:
+                ids = await self.client.zrevrangebyscore(self.key("runs"), top, "-inf", start=0, num=batch,
+                                                         withscores=True)
+                if not ids:
+                    break
+                records = await self.client.mget([self.key("run", member.decode()) for member, _ in ids])
+                for raw in records:
+                    if raw is None:
+                        continue
+                    run = Run.from_json(raw)
+                    if ((state is None or run.state == state) and (agent_type is None or run.agent_type == agent_type)
+                            and (user_id is None or run.user_id == user_id)):
+                        runs.append(run)
+                        if len(runs) == limit:
+                            break
+                top = f"({ids[-1][1]}"
+        return runs
+
+    async def unfinished(self) -> list[Run]:
+        """PENDING/RUNNING runs, for orphan recovery by a new lock holder."""
+        async with self.health.guard():
+            holders = {run_id.decode(): token.decode()
+                       for run_id, token in (await self.client.hgetall(self.key("unfinished"))).items()}
+            records = await self.client.mget([self.key("run", run_id) for run_id in holders]) if holders else []
+        return [Run.from_json(raw, holder=holders[run_id])
+                for run_id, raw in zip(holders, records) if raw is not None]
+
+    async def request_cancel(self, run_id: str) -> None:
+        """Ask whichever replica runs ``run_id`` to cancel it (pub/sub, plus a flag its renewal checks)."""
+        async with self.health.guard():
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.set(self.key("cancel", run_id), "1", ex=3600)
+                pipe.publish(self.key("cancel"), run_id)
+                await pipe.execute()
+
+    async def cancel_requested(self, run_id: str) -> bool:
+        async with self.health.guard():
+            return bool(await self.client.exists(self.key("cancel", run_id)))

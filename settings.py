@@ -1,0 +1,124 @@
+"""Settings: every environment variable, read once at start into a frozen dataclass.
+
+``settings.current`` is the configuration in force; ``agent_runner.configure``
+replaces it at start, nothing else does.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A bad setting; the process stops at start with one log line naming the variable."""
+
+    def __init__(self, variable: str, detail: str) -> None:
+        super().__init__(f"{variable}: {detail}")
+        self.variable = variable
+        self.detail = detail
+
+
+def _env_number(env: Mapping[str, str], name: str, default: float, *, integer: bool,
+                minimum: float, maximum: float = math.inf, above_minimum: bool = False) -> Any:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        raise ConfigError(name, f"must be {'an integer' if integer else 'a number'}, got {raw!r}") from None
+    too_small = value <= minimum if above_minimum else value < minimum
+    if not math.isfinite(value) or too_small or value > maximum:
+        bound = f"> {minimum:g}" if above_minimum else f">= {minimum:g}"
+        if maximum != math.inf:
+            bound += f" and <= {maximum:g}"
+        raise ConfigError(name, f"must be {bound}, got {raw!r}")
+    return value
+
+
+# Every environment variable: name, default, meaning. --help, the README and .env.example show this table.
+SETTINGS_TABLE = (
+    ("HOST", "127.0.0.1", "bind address (the Dockerfile sets 0.0.0.0)"),
+    ("PORT", "8000", "bind port"),
+    ("LOG_LEVEL", "info", "debug, info, warning or error"),
+    ("AGENT_SLEEP_SECONDS", "5", "how long the built-in agents work (0 allowed)"),
+    ("MAX_BODY_BYTES", "65536", "largest accepted request body"),
+    ("AGENT_MODULES", "", "comma-separated importable modules; each is imported at start and registers agents"),
+    ("DOCS_ASSETS_URL", "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5", "where /docs loads Swagger UI's assets from"),
+    ("RUN_TIMEOUT_SECONDS", "300", "a run still going after this is stopped and marked ERROR"),
+    ("RUN_RETENTION", "10000", "finished runs kept; the oldest finished run is dropped first"),
+    ("API_TOKEN", "", "when set, every /agents... endpoint needs Authorization: Bearer <token>"),
+    ("SHUTDOWN_GRACE_SECONDS", "30", "on SIGTERM/SIGINT, how long a running run may still take"),
+    ("REDIS_URL", "", "e.g. redis://host:6379/0; when set, the lock and all run records live in Redis"),
+    ("REDIS_PREFIX", "agent-runner", "prefix of every Redis key, so several deployments can share one Redis"),
+    ("LOCK_TTL_SECONDS", "30", "the run lock's expiry in Redis; the holder renews it every TTL/3"),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The service's configuration; see the README's table for each variable."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "info"
+    agent_sleep_seconds: float = 5.0
+    max_body_bytes: int = 65536
+    agent_modules: tuple[str, ...] = ()
+    docs_assets_url: str = "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5"
+    run_timeout_seconds: float = 300.0
+    run_retention: int = 10000
+    api_token: str | None = field(default=None, repr=False)
+    shutdown_grace_seconds: float = 30.0
+    redis_url: str | None = field(default=None, repr=False)
+    redis_prefix: str = "agent-runner"
+    lock_ttl_seconds: float = 30.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
+        log_level = env.get("LOG_LEVEL", "info").strip().lower() or "info"
+        if log_level not in ("debug", "info", "warning", "error"):
+            raise ConfigError("LOG_LEVEL", f"must be one of debug, info, warning, error; got {log_level!r}")
+        host = env.get("HOST", cls.host).strip()
+        if not host:
+            raise ConfigError("HOST", "must not be empty")
+        redis_url = env.get("REDIS_URL", "").strip() or None
+        if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError("REDIS_URL", "must start with redis://, rediss:// or unix://")
+        return cls(
+            host=host,
+            port=_env_number(env, "PORT", cls.port, integer=True, minimum=1, maximum=65535),
+            log_level=log_level,
+            agent_sleep_seconds=_env_number(env, "AGENT_SLEEP_SECONDS", cls.agent_sleep_seconds,
+                                            integer=False, minimum=0),
+            max_body_bytes=_env_number(env, "MAX_BODY_BYTES", cls.max_body_bytes, integer=True, minimum=1),
+            agent_modules=tuple(name.strip() for name in env.get("AGENT_MODULES", "").split(",") if name.strip()),
+            docs_assets_url=env.get("DOCS_ASSETS_URL", "").strip().rstrip("/") or cls.docs_assets_url,
+            run_timeout_seconds=_env_number(env, "RUN_TIMEOUT_SECONDS", cls.run_timeout_seconds,
+                                            integer=False, minimum=0, above_minimum=True),
+            run_retention=_env_number(env, "RUN_RETENTION", cls.run_retention, integer=True, minimum=1),
+            api_token=env.get("API_TOKEN") or None,
+            shutdown_grace_seconds=_env_number(env, "SHUTDOWN_GRACE_SECONDS", cls.shutdown_grace_seconds,
+                                               integer=False, minimum=0),
+            redis_url=redis_url,
+            redis_prefix=env.get("REDIS_PREFIX", "").strip() or cls.redis_prefix,
+            lock_ttl_seconds=_env_number(env, "LOCK_TTL_SECONDS", cls.lock_ttl_seconds,
+                                         integer=False, minimum=0.3),
+        )
+
+
+def load_agent_modules(names: tuple[str, ...]) -> None:
+    """Import each AGENT_MODULES entry so its @register decorators run."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # any failure to import stops the process at start
+            raise ConfigError("AGENT_MODULES", f"cannot import {name!r}: {type(exc).__name__}: {exc}") from exc
+
+
+current = Settings()  # replaced once at start by agent_runner.configure
