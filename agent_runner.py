@@ -39,6 +39,7 @@ __version__ = "0.1.0"
 
 HERE = Path(__file__).resolve().parent
 CANCEL_WAIT_SECONDS = 5.0  # how long POST /agents/cancel waits for the agent to stop
+LIST_BODY_BYTES = 8 * 1024 * 1024  # GET /agents/runs returns fewer runs rather than a larger body
 BUSY_BODY = b'{"detail":"An agent is already running, please retry later"}'
 
 
@@ -100,6 +101,7 @@ async def list_runs(request: Request) -> Response:
         agent_type=query.get("agent_type"),
         user_id=check_uuid(user_id, "user_id") if user_id is not None else None,
         before=before.lower() if before else None,
+        max_bytes=LIST_BODY_BYTES,
     )
     return json_response(b'{"runs":[' + b",".join(run.json() for run in runs) + b"]}")
 
@@ -229,6 +231,11 @@ class Server(uvicorn.Server):
     async def serve(self, sockets: Any = None) -> None:
         self.loop = asyncio.get_running_loop()
         await super().serve(sockets)
+        if runner.agent_code_running():  # recorded, but its code will not stop: only exiting stops it
+            log.error("exit_with_agent_running", extra=runner.run_fields(runner.active_run.run))
+            write_hot_lines()
+            sys.stdout.flush()
+            os._exit(0)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         if self.draining:  # a second signal: stop now
