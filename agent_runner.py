@@ -33,7 +33,7 @@ from http_json import check_uuid, json_response, parse_limit, parse_run_request,
 from logs import flush_stdout_regularly, log, log_hot, logging_config, write_hot_lines
 from middleware import AccessLog, BearerAuth
 from settings import SETTINGS_TABLE, ConfigError, Settings, load_agent_modules
-from store import STATES, Run, StoreUnavailable
+from store import STATES, Page, Run, StoreUnavailable
 
 __version__ = "0.1.0"
 
@@ -95,14 +95,9 @@ async def list_runs(request: Request) -> Response:
     before = query.get("before")
     if before is not None and await runner.run_store.get(check_uuid(before, "before")) is None:
         raise HTTPException(400, f"before: run {before} not found (it may have been dropped by retention)")
-    runs = await runner.run_store.list(
-        limit=parse_limit(query.get("limit")),
-        state=state,
-        agent_type=query.get("agent_type"),
-        user_id=check_uuid(user_id, "user_id") if user_id is not None else None,
-        before=before.lower() if before else None,
-        max_bytes=LIST_BODY_BYTES,
-    )
+    page = Page(parse_limit(query.get("limit")), state=state, agent_type=query.get("agent_type"),
+                user_id=check_uuid(user_id, "user_id") if user_id is not None else None, max_bytes=LIST_BODY_BYTES)
+    runs = await runner.run_store.list(page, before=before.lower() if before else None)
     return json_response(b'{"runs":[' + b",".join(run.json() for run in runs) + b"]}")
 
 

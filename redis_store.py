@@ -19,7 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import LockError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from store import LockLost, Run, RunRecordInvalid, StoreUnavailable
+from store import LockLost, Page, Run, RunRecordInvalid, StoreUnavailable
 
 
 def open_redis(url: str, prefix: str, lock_ttl_seconds: float, retention: int, retention_bytes: int,
@@ -298,11 +298,8 @@ class RedisRunStore:
             if not waiters:
                 del self._waiters[run_id]
 
-    async def list(self, *, limit: int, state: str | None = None, agent_type: str | None = None,
-                   user_id: str | None = None, before: str | None = None, max_bytes: int | None = None) -> list[Run]:
+    async def list(self, page: Page, before: str | None = None) -> list[Run]:
         """As MemoryRunStore.list; fetches in small batches so a page of large runs stays small in memory."""
-        runs: list[Run] = []
-        total = 0
         async with self.health.guard():
             top: float | str = "+inf"
             if before is not None:
@@ -310,8 +307,9 @@ class RedisRunStore:
                 if score is None:
                     return []
                 top = f"({score}"
-            batch = min(max(limit, 10), 50)
-            while len(runs) < limit and (max_bytes is None or total <= max_bytes):
+            batch = min(max(page.limit, 10), 50)
+            wanted = True
+            while wanted:
                 ids = await self.client.zrevrangebyscore(self.key("runs"), top, "-inf", start=0, num=batch,
                                                          withscores=True)
                 if not ids:
@@ -320,18 +318,10 @@ class RedisRunStore:
                 records = await self.client.mget([self.key("run", run_id) for run_id in members])
                 for run_id, raw in zip(members, records):
                     run = self.read(run_id, raw)
-                    if run is None:
-                        continue
-                    if ((state is None or run.state == state) and (agent_type is None or run.agent_type == agent_type)
-                            and (user_id is None or run.user_id == user_id)):
-                        total += len(run.json()) + 1
-                        if max_bytes is not None and runs and total > max_bytes:
-                            break
-                        runs.append(run)
-                        if len(runs) == limit:
-                            break
+                    if run is not None and not (wanted := page.offer(run)):
+                        break
                 top = f"({ids[-1][1]}"
-        return runs
+        return page.runs
 
     async def unfinished(self) -> list[Run]:
         """PENDING/RUNNING runs, for orphan recovery by a new lock holder."""

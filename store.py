@@ -129,6 +129,32 @@ class Run:
         return run
 
 
+class Page:
+    """One answer of GET /agents/runs: the runs that match, newest first, up to ``limit`` and ``max_bytes``.
+
+    Stores offer runs in order until ``offer`` answers False. The byte cap
+    keeps at least one run, so paging with ``before`` always moves on.
+    """
+
+    def __init__(self, limit: int, *, state: str | None = None, agent_type: str | None = None,
+                 user_id: str | None = None, max_bytes: int | None = None) -> None:
+        self.limit, self.max_bytes = limit, max_bytes
+        self.state, self.agent_type, self.user_id = state, agent_type, user_id
+        self.runs: list[Run] = []
+        self._bytes = 0
+
+    def offer(self, run: Run) -> bool:
+        """Take ``run`` if it matches the filters; False once the page is full."""
+        if ((self.state is None or run.state == self.state)
+                and (self.agent_type is None or run.agent_type == self.agent_type)
+                and (self.user_id is None or run.user_id == self.user_id)):
+            self._bytes += len(run.json()) + 1
+            if self.max_bytes is not None and self.runs and self._bytes > self.max_bytes:
+                return False
+            self.runs.append(run)
+        return len(self.runs) < self.limit
+
+
 class MemoryRunLock:
     """The single-run lock of one process: a holder token or nothing. Never waits."""
 
@@ -223,39 +249,15 @@ class MemoryRunStore:
                 pass
         return self._runs.get(run_id)
 
-    async def list(
-        self,
-        *,
-        limit: int,
-        state: str | None = None,
-        agent_type: str | None = None,
-        user_id: str | None = None,
-        before: str | None = None,
-        max_bytes: int | None = None,
-    ) -> list[Run]:
-        """Runs newest first, filtered; ``before`` starts after that run (it must exist).
-
-        With ``max_bytes``, stops before the runs' JSON would pass it (always at least one run).
-        """
-        runs: list[Run] = []
-        total = 0
+    async def list(self, page: Page, before: str | None = None) -> list[Run]:
+        """Runs newest first, as many as ``page`` takes; ``before`` starts after that run (it must exist)."""
         skipping = before is not None
         for run in reversed(self._runs.values()):
             if skipping:
                 skipping = run.run_id != before
-                continue
-            if (
-                (state is None or run.state == state)
-                and (agent_type is None or run.agent_type == agent_type)
-                and (user_id is None or run.user_id == user_id)
-            ):
-                total += len(run.json()) + 1
-                if max_bytes is not None and runs and total > max_bytes:
-                    break
-                runs.append(run)
-                if len(runs) == limit:
-                    break
-        return runs
+            elif not page.offer(run):
+                break
+        return page.runs
 
 
 class StoreUnavailable(Exception):
