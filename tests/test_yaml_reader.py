@@ -14,7 +14,8 @@ READ_LIKE_PYYAML = {
     "comments": "# top\na: b # after\nc: \"# not a comment\"\nd: it's # a comment after an apostrophe\n",
     "nesting": "a:\n  b:\n    c: d\n  e: f\ng: h\n",
     "sequences": "l:\n  - a\n  - b: 1\n    c: 2\n  -\n    d: 3\n  - [x, y]\nm:\n- at the key's indentation\nn: 1\n",
-    "flow": "r: [a, b,\n    c, d]\nf: {a: {b: [1, 2.5, {}]}, c: , d: \"q: r\", e: http://x.y/z}\ns: [{bearer: []}, {}]\n",
+    "flow": "r: [a, b,\n    c, d]\nf: {a: {b: [1, 2.5, {}]}, c: , d: \"q: r\", e: http://x.y/z}\n"
+            "s: [{bearer: []}, {}]\n",
     "literals": "clip: |\n  one\n    two\n\n  three\n\nstrip: |-\n  a\n\nkeep: |+\n  a\n\n\nempty: |\nlast: x\n",
     "sequence document": "- a\n- b\n",
 }
