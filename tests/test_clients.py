@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from conftest import HERE, ServerProcess
 TOKEN = "client-test-token"
 SPEC = HERE / "openapi.yaml"
 SESSIONS = HERE / "tests" / "clients"  # the session scripts, one per client
+README = HERE / "README.md"
 NODE_MODULES = HERE / ".ci" / "cache" / "clients" / "node_modules"  # fetched by .ci/run
 BIN = Path(sys.executable).parent
 
@@ -39,6 +41,12 @@ def run(command: list[Any], cwd: Path, **env: str) -> subprocess.CompletedProces
     full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **env}
     return subprocess.run([str(part) for part in command], cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=180)
+
+
+def readme_example(language: str) -> str:
+    """The code block in `language` from the README's Clients section."""
+    section = README.read_text().split("\n## Clients\n", 1)[1].split("\n## ", 1)[0]
+    return next(code for name, code in re.findall(r"```(\w+)\n(.*?)```", section, re.S) if name == language)
 
 
 def test_openapi_json_is_openapi_yaml_as_json_and_needs_no_token(tmp_path: Path) -> None:
@@ -61,7 +69,7 @@ def test_openapi_json_is_openapi_yaml_as_json_and_needs_no_token(tmp_path: Path)
 
 @pytest.fixture(scope="module")
 def python_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory with the generated package agent_runner_client and tests/clients/flow.py."""
+    """A directory with the generated package agent_runner_client, tests/clients/flow.py and the README's example."""
     if not (BIN / "openapi-python-client").exists():
         missing("openapi-python-client (requirements-dev.txt)")
     work = tmp_path_factory.mktemp("python-client")
@@ -69,12 +77,13 @@ def python_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert generated.returncode == 0, generated.stdout + generated.stderr
     assert "warning" not in (generated.stdout + generated.stderr).lower(), generated.stdout + generated.stderr
     shutil.copy(SESSIONS / "flow.py", work / "client" / "flow.py")
+    (work / "client" / "readme_example.py").write_text(readme_example("python"))
     return work / "client"
 
 
-def test_python_client_and_its_session_pass_mypy_strict(python_client: Path) -> None:
+def test_python_client_its_session_and_the_readme_example_pass_mypy_strict(python_client: Path) -> None:
     checked = run([sys.executable, "-m", "mypy", "--strict", "--cache-dir", python_client.parent / "mypy-cache",
-                   "flow.py", "agent_runner_client"], python_client)
+                   "flow.py", "readme_example.py", "agent_runner_client"], python_client)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert checked.stdout.startswith("Success: no issues found"), checked.stdout
 
@@ -93,7 +102,7 @@ def test_python_client_drives_a_whole_session(python_client: Path, start_server:
 
 @pytest.fixture(scope="module")
 def typescript_client(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
-    """A directory with the generated schema.d.ts and tests/clients/flow.mts, and tsc's outcome on them."""
+    """A directory with the generated types, tests/clients/flow.mts and the README's example; tsc's outcome."""
     if shutil.which("node") is None:
         missing("node")
     if not (NODE_MODULES / "openapi-typescript").is_dir():
@@ -102,15 +111,19 @@ def typescript_client(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, s
     (work / "node_modules").symlink_to(NODE_MODULES)
     for name in ("flow.mts", "tsconfig.json"):
         shutil.copy(SESSIONS / name, work / name)
-    generated = run(["node", NODE_MODULES / "openapi-typescript" / "bin" / "cli.js", SPEC, "-o", "schema.d.ts"], work)
+    (work / "readme_example.mts").write_text(readme_example("ts"))
+    generated = run(["node", NODE_MODULES / "openapi-typescript" / "bin" / "cli.js", SPEC, "-o", "agent-runner.d.ts"],
+                    work)
     assert generated.returncode == 0, generated.stdout + generated.stderr
     compiled = run(["node", NODE_MODULES / "typescript" / "bin" / "tsc", "-p", "tsconfig.json"], work)
     return work, compiled
 
 
-def test_typescript_types_and_the_session_pass_tsc_strict(typescript_client: tuple[Path, Any]) -> None:
+def test_typescript_types_the_session_and_the_readme_example_pass_tsc_strict(
+        typescript_client: tuple[Path, Any]) -> None:
     work, compiled = typescript_client
     assert compiled.returncode == 0, compiled.stdout + compiled.stderr
+    assert (work / "flow.mjs").exists() and (work / "readme_example.mjs").exists()
     assert json.loads((work / "tsconfig.json").read_text())["compilerOptions"]["strict"] is True
 
 

@@ -1,13 +1,13 @@
 // One session through openapi-fetch, typed by what openapi-typescript generates from openapi.yaml.
 //
-// tests/test_clients.py generates schema.d.ts beside a copy of this file, compiles both with
-// `tsc --strict` (tsconfig.json here) and runs the result under node against a live server:
+// tests/test_clients.py generates agent-runner.d.ts beside a copy of this file, compiles both with
+// `tsc --strict` (tsconfig.json here, with the README's example) and runs the result under node against a live server:
 // AGENT_RUNNER_URL says where, API_TOKEN (optional) the token the server wants. It prints one JSON
 // line with what it did, or exits non-zero with the first thing that was not as the spec says.
 import assert from "node:assert/strict";
 
 import createClient from "openapi-fetch";
-import type { components, paths } from "./schema.js";
+import type { components, paths } from "./agent-runner.js";
 
 type Run = components["schemas"]["Run"];
 
