@@ -34,6 +34,7 @@ from logs import flush_stdout_regularly, log, log_hot, logging_config, write_hot
 from middleware import AccessLog, BearerAuth
 from settings import SETTINGS_TABLE, ConfigError, Settings, load_agent_modules
 from store import STATES, Page, Run, StoreUnavailable
+from yaml_reader import read_yaml
 
 __version__ = "0.1.0"
 
@@ -125,6 +126,7 @@ async def metrics_page(request: Request) -> Response:
 
 
 OPENAPI_YAML = (HERE / "openapi.yaml").read_bytes()
+OPENAPI_DOCUMENT = read_yaml(OPENAPI_YAML.decode())  # served as /openapi.json: one source, two forms
 
 DOCS_PAGE = """<!doctype html>
 <html lang="en">
@@ -146,6 +148,10 @@ DOCS_PAGE = """<!doctype html>
 
 async def openapi_spec(request: Request) -> Response:
     return Response(OPENAPI_YAML, media_type="application/yaml")
+
+
+async def openapi_json(request: Request) -> Response:
+    return json_response(OPENAPI_DOCUMENT)
 
 
 async def docs(request: Request) -> Response:
@@ -198,6 +204,7 @@ routes = [
     Route("/readyz", readyz, methods=["GET"]),
     Route("/metrics", metrics_page, methods=["GET"]),
     Route("/openapi.yaml", openapi_spec, methods=["GET"]),
+    Route("/openapi.json", openapi_json, methods=["GET"]),
     Route("/docs", docs, methods=["GET"]),
 ]
 
