@@ -61,7 +61,7 @@ class Run:
     def json(self) -> bytes:
         """The client-facing JSON, serialised once per change rather than per request."""
         if self._json is None:
-            self._json = json.dumps(self.public(), separators=(",", ":")).encode()
+            self._json = json.dumps(self.public(), separators=(",", ":"), allow_nan=False).encode()
         return self._json
 
     @classmethod
