@@ -24,13 +24,16 @@ from typing import Any
 import agents
 import metrics
 import settings
-from logs import log
+from logs import log, safe_fields
 from store import LockLost, MemoryRunLock, MemoryRunStore, Run, StoreUnavailable, utc_now
 
 MAX_RESULT_BYTES = 1024 * 1024  # a larger agent result ends the run as ERROR
 LOOP_LAG_WARNING_SECONDS = 1.0  # an event loop stalled longer than this is logged (event_loop_blocked)
 CANCEL_RETRY_SECONDS = 1.0  # an agent that swallows CancelledError is cancelled again this often
 STOP_WAIT_SECONDS = 5.0  # at shutdown, how long an interrupted agent may take to stop
+# What finish_run puts on the terminal line itself; an agent's completion_fields with these names are renamed
+TERMINAL_LINE_FIELDS = frozenset({"run_id", "agent_type", "user_id", "state", "result", "error", "event",
+                                  "traceback", "duration_ms"})
 
 run_lock: Any = MemoryRunLock()  # MemoryRunLock, or RedisRunLock in Redis mode
 run_store: Any = MemoryRunStore(retention=settings.current.run_retention)  # MemoryRunStore or RedisRunStore
@@ -234,7 +237,8 @@ def judge(active: ActiveRun, agent: agents.BaseAgent | None) -> dict[str, Any]:
     if size > MAX_RESULT_BYTES:
         return {"state": "ERROR", "event": "agent_error",
                 "error": f"Agent result is too large: {size} bytes (limit {MAX_RESULT_BYTES})"}
-    return {"state": "DONE", "event": "agent_complete", "result": result, **agent.completion_fields(result)}
+    extra = safe_fields(agent.completion_fields(result), taken=TERMINAL_LINE_FIELDS)
+    return {"state": "DONE", "event": "agent_complete", "result": result, **extra}
 
 
 async def finish_run(active: ActiveRun, outcome: dict[str, Any]) -> None:
