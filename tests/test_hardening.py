@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import ServerProcess, new_user
+from conftest import RedisServer, ServerProcess, new_user
 
 
 def strict_json(text: str) -> Any:
@@ -53,3 +60,79 @@ def test_completion_fields_cannot_change_the_run_or_its_terminal_line(start_serv
     assert (line["state"], line["field_state"], line["field_error"], line["field_event"]) == (
         "DONE", "BOGUS", "not an error", "e")
     assert "error" not in line
+
+
+@pytest.fixture
+def two_replicas(tmp_path: Path, redis_server: RedisServer) -> Iterator[tuple[ServerProcess, ServerProcess, str]]:
+    """Two Redis-mode replicas sharing one fresh prefix, with a 30 s lock TTL (renewal every 10 s)."""
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    started = [ServerProcess(tmp_path / f"replica-{i}.log", REDIS_URL=redis_server.url, REDIS_PREFIX=prefix,
+                             LOCK_TTL_SECONDS="30") for i in range(2)]
+    yield started[0], started[1], prefix
+    for replica in started:
+        replica.stop(signal.SIGKILL)
+
+
+def wait_for_subscribers(redis: RedisServer, channel: str, count: int) -> None:
+    deadline = time.monotonic() + 10
+    while redis.command("PUBSUB", "NUMSUB", channel)[1] < count:
+        assert time.monotonic() < deadline, f"fewer than {count} subscribers on {channel}"
+        time.sleep(0.02)
+
+
+def test_undecodable_pubsub_message_does_not_slow_cross_replica_cancel(two_replicas, redis_server) -> None:
+    a, b, prefix = two_replicas
+    channels = (f"{prefix}:cancel", f"{prefix}:finished")
+    for channel in channels:
+        wait_for_subscribers(redis_server, channel, 2)
+    for channel in channels:
+        redis_server.command("PUBLISH", channel, b"\xff\xfe")
+    time.sleep(0.2)
+    run_id = a.start_run("hanging")
+    a.wait_state(run_id, "RUNNING")
+    started = time.monotonic()
+    response = b.client.post(f"/agents/cancel/{run_id}")
+    elapsed = time.monotonic() - started
+    assert (response.status_code, response.json()["state"]) == (200, "CANCELLED"), response.text
+    assert elapsed < 3, f"cancel took {elapsed:.1f} s: it waited for a lock renewal instead of pub/sub"
+    a.wait_for_event("pubsub_message_ignored", channel=f"{prefix}:cancel")
+
+
+def test_pubsub_listener_that_fails_is_logged_and_restarted(redis_server: RedisServer) -> None:
+    from redis_store import open_redis
+
+    records: list[logging.LogRecord] = []
+    logger = logging.getLogger("agent_runner.test_hardening")
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    cancelled: list[str] = []
+
+    def on_cancel(run_id: str) -> None:
+        if not cancelled:
+            cancelled.append("failed")
+            raise RuntimeError("on_cancel failed")
+        cancelled.append(run_id)
+
+    async def scenario() -> None:
+        lock, store = open_redis(redis_server.url, prefix, 30, 100, logger)
+        store.on_cancel = on_cancel
+        await store.start()
+        try:
+            await asyncio.to_thread(wait_for_subscribers, redis_server, f"{prefix}:cancel", 1)
+            for run_id in ("first", "second"):
+                deadline = time.monotonic() + 5
+                while run_id not in cancelled and time.monotonic() < deadline:
+                    await store.request_cancel(run_id)
+                    await asyncio.sleep(0.2)
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        logger.removeHandler(handler)
+    assert cancelled[-1] == "second", cancelled
+    restarted = [record for record in records if record.getMessage() == "pubsub_listener_restarted"]
+    assert len(restarted) == 1 and "RuntimeError: on_cancel failed" in restarted[0].error  # type: ignore[attr-defined]
