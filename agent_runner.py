@@ -209,6 +209,7 @@ app = Starlette(
     exception_handlers={HTTPException: http_error, StoreUnavailable: store_unavailable, Exception: server_error},
     lifespan=lifespan,
 )
+app.router.redirect_slashes = False  # its redirects take their host from the Host header: /metrics/ is a 404
 app.add_middleware(BearerAuth)
 app.add_middleware(AccessLog)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import re
 import signal
 import time
 import uuid
@@ -136,3 +138,11 @@ def test_pubsub_listener_that_fails_is_logged_and_restarted(redis_server: RedisS
     assert cancelled[-1] == "second", cancelled
     restarted = [record for record in records if record.getMessage() == "pubsub_listener_restarted"]
     assert len(restarted) == 1 and "RuntimeError: on_cancel failed" in restarted[0].error  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("path", ["/metrics/", "/healthz/", "/agents/"])
+def test_no_redirect_is_built_from_the_host_header(server: ServerProcess, path: str) -> None:
+    response = server.client.get(path, headers={"host": "evil.example"})
+    assert response.status_code == 404, response.headers
+    assert "location" not in response.headers
+    assert response.json() == {"detail": "Not Found"}
