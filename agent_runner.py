@@ -9,10 +9,14 @@ their own module.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import html
 import logging.config
 import os
 import sys
+import urllib.parse
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -129,22 +133,35 @@ async def metrics_page(request: Request) -> Response:
 
 OPENAPI_YAML = (HERE / "openapi.yaml").read_bytes()
 
+# /docs loads exactly swagger-ui-dist settings.SWAGGER_UI_VERSION: the browser checks each file's hash
+# (Subresource Integrity), so a file changed at the CDN, or another version, is refused rather than run.
+SWAGGER_UI_CSS_SRI = "sha384-WlYgdmXYOOBWL5apwjDEZwN+U3HmXSSu5R6V5aGxEcf7z+KuRNwBhoxKVN1i3D5I"
+SWAGGER_UI_JS_SRI = "sha384-gjRm0bEPMeTmMh5jT2cHccIwCUZSTd8YC+j0d0sXw0MdGEfScduGpSyF3ZSSLkX9"
+DOCS_SCRIPT = 'window.ui = SwaggerUIBundle({url: "/openapi.yaml", dom_id: "#swagger-ui", validatorUrl: null});'
+DOCS_SCRIPT_HASH = "'sha256-" + base64.b64encode(hashlib.sha256(DOCS_SCRIPT.encode()).digest()).decode() + "'"
+
 DOCS_PAGE = """<!doctype html>
 <html lang="en">
 <head>
   <meta charset="utf-8">
   <title>agent-runner API</title>
-  <link rel="stylesheet" href="{assets}/swagger-ui.css">
+  <link rel="stylesheet" href="{assets}/swagger-ui.css" integrity="{css_sri}" crossorigin="anonymous">
 </head>
 <body>
   <div id="swagger-ui"></div>
-  <script src="{assets}/swagger-ui-bundle.js"></script>
-  <script>
-    window.ui = SwaggerUIBundle({{url: "/openapi.yaml", dom_id: "#swagger-ui"}});
-  </script>
+  <script src="{assets}/swagger-ui-bundle.js" integrity="{js_sri}" crossorigin="anonymous"></script>
+  <script>{script}</script>
 </body>
 </html>
 """
+
+
+def docs_policy(assets: str) -> str:
+    """The Content-Security-Policy of /docs: Swagger UI's two files, its init script, and this service."""
+    source = f"{assets}/" if urllib.parse.urlsplit(assets).netloc else "'self'"
+    return (f"default-src 'none'; script-src {source} {DOCS_SCRIPT_HASH}; style-src {source}; "
+            f"img-src {source} data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+            "frame-ancestors 'none'")
 
 
 async def openapi_spec(request: Request) -> Response:
@@ -152,7 +169,10 @@ async def openapi_spec(request: Request) -> Response:
 
 
 async def docs(request: Request) -> Response:
-    return HTMLResponse(DOCS_PAGE.format(assets=settings.current.docs_assets_url))
+    assets = settings.current.docs_assets_url
+    page = DOCS_PAGE.format(assets=html.escape(assets), css_sri=SWAGGER_UI_CSS_SRI, js_sri=SWAGGER_UI_JS_SRI,
+                            script=DOCS_SCRIPT)
+    return HTMLResponse(page, headers={"Content-Security-Policy": docs_policy(assets)})
 
 
 async def http_error(request: Request, exc: Exception) -> Response:

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
+import functools
+import hashlib
+import http.server
 import json
 import logging
 import os
 import re
+import shutil
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -15,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from conftest import RedisServer, ServerProcess, new_user
+from conftest import HERE, RedisServer, ServerProcess, new_user
+from test_ecosystem import AssetHandler, chromium
 
 
 def strict_json(text: str) -> Any:
@@ -140,9 +149,97 @@ def test_pubsub_listener_that_fails_is_logged_and_restarted(redis_server: RedisS
     assert len(restarted) == 1 and "RuntimeError: on_cancel failed" in restarted[0].error  # type: ignore[attr-defined]
 
 
+SWAGGER_UI = HERE / ".ci" / "cache" / "swagger-ui-dist"  # fetched by .ci/run
+
+
+def swagger_ui_files() -> Path:
+    if not (SWAGGER_UI / "swagger-ui-bundle.js").exists():
+        if os.environ.get("CI"):
+            pytest.fail("swagger-ui-dist is missing in CI: .ci/run must fetch it")
+        pytest.skip("swagger-ui-dist is not available here (bash .ci/run fetches it)")
+    return SWAGGER_UI
+
+
+def sri(data: bytes) -> str:
+    return "sha384-" + base64.b64encode(hashlib.sha384(data).digest()).decode()
+
+
+def test_docs_page_pins_swagger_ui_and_checks_its_hashes(server: ServerProcess) -> None:
+    root = swagger_ui_files()
+    version = json.loads((root / "package.json").read_text())["version"]
+    page = server.client.get("/docs").text
+    cdn = f"https://cdn.jsdelivr.net/npm/swagger-ui-dist@{version}"
+    for tag, name in (("script", "swagger-ui-bundle.js"), ("link", "swagger-ui.css")):
+        element = re.search(rf'<{tag} [^>]*{re.escape(cdn)}/{re.escape(name)}"[^>]*>', page)
+        assert element is not None, f"{name} is not loaded from {cdn}:\n{page}"
+        assert f'integrity="{sri((root / name).read_bytes())}"' in element.group(0)
+        assert 'crossorigin="anonymous"' in element.group(0)
+
+
+def test_docs_page_sends_a_content_security_policy_for_exactly_what_it_loads(server: ServerProcess) -> None:
+    response = server.client.get("/docs")
+    policy = {name: sources for name, *sources in
+              (directive.split() for directive in response.headers["content-security-policy"].split(";"))}
+    inline = re.findall(r"<script>(.*?)</script>", response.text, re.S)
+    assert len(inline) == 1
+    inline_hash = "'sha256-" + base64.b64encode(hashlib.sha256(inline[0].encode()).digest()).decode() + "'"
+    assets = "https://cdn.jsdelivr.net/npm/swagger-ui-dist@"
+    assert policy["default-src"] == ["'none'"]
+    assert policy["connect-src"] == ["'self'"]
+    assert inline_hash in policy["script-src"] and len(policy["script-src"]) == 2
+    assert [source for source in policy["script-src"] if source != inline_hash][0].startswith(assets)
+    assert all(source.startswith(assets) or source in ("'unsafe-inline'", "data:")
+               for name in ("style-src", "img-src") for source in policy[name])
+    assert "'unsafe-eval'" not in response.headers["content-security-policy"]
+
+
 @pytest.mark.parametrize("path", ["/metrics/", "/healthz/", "/agents/"])
 def test_no_redirect_is_built_from_the_host_header(server: ServerProcess, path: str) -> None:
     response = server.client.get(path, headers={"host": "evil.example"})
     assert response.status_code == 404, response.headers
     assert "location" not in response.headers
     assert response.json() == {"detail": "Not Found"}
+
+
+@contextlib.contextmanager
+def serve_assets(root: Path) -> Iterator[str]:
+    """``root`` over HTTP on 127.0.0.1 with CORS, as a CDN serves swagger-ui-dist."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(AssetHandler, directory=str(root)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+
+
+def render_docs(tmp_path: Path, assets: str) -> tuple[int, list[str]]:
+    """/docs in headless Chromium: how many operations it rendered, and the browser console's lines."""
+    server = ServerProcess(tmp_path / "server.log", DOCS_ASSETS_URL=assets)
+    try:
+        result = chromium(f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=1",
+                          "--dump-dom", f"{server.url}/docs")
+    finally:
+        server.stop()
+    operations = len(re.findall(r'class="opblock opblock-\w+[^"]*" id="operations-', result.stdout))
+    return operations, [line for line in result.stderr.splitlines() if ":INFO:CONSOLE" in line]
+
+
+def test_docs_render_under_their_content_security_policy(tmp_path: Path) -> None:
+    spec = yaml.safe_load((HERE / "openapi.yaml").read_text())
+    with serve_assets(swagger_ui_files()) as assets:
+        operations, console = render_docs(tmp_path, assets)
+    assert operations == sum(len(item) for item in spec["paths"].values())
+    assert not [line for line in console if "Content Security Policy" in line or "integrity" in line], console
+
+
+def test_docs_refuse_a_swagger_ui_file_that_does_not_match_its_hash(tmp_path: Path) -> None:
+    tampered = tmp_path / "swagger-ui-dist"
+    tampered.mkdir()
+    for name in ("swagger-ui.css", "swagger-ui-bundle.js"):
+        shutil.copy(swagger_ui_files() / name, tampered / name)
+    with open(tampered / "swagger-ui-bundle.js", "a") as bundle:
+        bundle.write("\n;document.title = 'tampered';\n")
+    with serve_assets(tampered) as assets:
+        operations, console = render_docs(tmp_path, assets)
+    assert operations == 0
+    assert any("integrity" in line and "swagger-ui-bundle.js" in line for line in console), console
