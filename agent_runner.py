@@ -33,6 +33,7 @@ import agents
 import metrics
 import runner
 import settings
+from http_limits import MAX_CONNECTIONS, LimitedHttpToolsProtocol
 from http_json import check_uuid, json_response, parse_limit, parse_run_request, parse_wait, read_json, short
 from logs import flush_stdout_regularly, log, log_hot, logging_config, write_hot_lines
 from middleware import AccessLog, BearerAuth
@@ -305,7 +306,8 @@ def main() -> None:
         log_config=logging_config(settings.current.log_level),
         access_log=False,
         loop="uvloop",
-        http="httptools",
+        http=LimitedHttpToolsProtocol,  # httptools, with a cap on header size and time (http_limits.py)
+        limit_concurrency=MAX_CONNECTIONS,
         lifespan="on",
         timeout_graceful_shutdown=5,
         server_header=False,

@@ -12,8 +12,10 @@ import json
 import logging
 import os
 import re
+import resource
 import shutil
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -21,10 +23,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
 from conftest import HERE, RedisServer, ServerProcess, new_user
+from http_limits import MAX_CONNECTIONS
 from test_ecosystem import AssetHandler, chromium
 
 
@@ -243,3 +247,136 @@ def test_docs_refuse_a_swagger_ui_file_that_does_not_match_its_hash(tmp_path: Pa
         operations, console = render_docs(tmp_path, assets)
     assert operations == 0
     assert any("integrity" in line and "swagger-ui-bundle.js" in line for line in console), console
+
+
+@pytest.fixture(scope="module")
+def plain_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A memory-mode server for limits that sit below the app (the store makes no difference there)."""
+    srv = ServerProcess(tmp_path_factory.mktemp("plain") / "server.log")
+    yield srv
+    srv.stop(signal.SIGKILL)
+
+
+def rss_bytes(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1)) * 1024  # type: ignore[union-attr]
+
+
+def answer_to(head: bytes, port: int, more: bytes = b"", times: int = 0) -> bytes | None:
+    """What the server sends back for ``head`` followed by ``more`` ``times`` times: b"" when it closes
+    the connection first, None when it says nothing within 5 s."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        try:
+            sock.sendall(head)
+            for _ in range(times):
+                sock.sendall(more)
+            return sock.recv(65536)
+        except (BrokenPipeError, ConnectionResetError):
+            return b""
+        except TimeoutError:
+            return None
+
+
+def test_request_headers_over_64_kib_are_refused(plain_server: ServerProcess) -> None:
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"".join(
+        b"X-Pad-%d: %s\r\n" % (i, b"a" * 1000) for i in range(70)) + b"\r\n"
+    answer = answer_to(head, plain_server.port)
+    assert answer is not None and answer.startswith(b"HTTP/1.1 431 "), answer
+    assert answer.endswith(b'\r\n\r\n{"detail":"Request headers are larger than 65536 bytes"}')
+    plain_server.wait_for_event("request_refused", reason="headers_too_large")
+    assert plain_server.client.get("/healthz").status_code == 200
+
+
+def test_headers_over_64_kib_on_a_kept_alive_connection_are_refused(plain_server: ServerProcess) -> None:
+    with httpx.Client(base_url=plain_server.url) as client:
+        assert client.get("/healthz").status_code == 200
+        pad = {f"x-pad-{i}": "a" * 1000 for i in range(70)}
+        assert client.get("/healthz", headers=pad).status_code == 431
+
+
+def test_request_headers_under_the_limit_are_served(plain_server: ServerProcess) -> None:
+    pad = {f"x-pad-{i}": "a" * 1000 for i in range(40)}
+    assert plain_server.client.get("/healthz", headers=pad).status_code == 200
+
+
+def test_a_huge_header_is_not_read_into_memory(plain_server: ServerProcess) -> None:
+    before = rss_bytes(plain_server.proc.pid)
+    answer = answer_to(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Huge: ", plain_server.port,
+                       more=b"a" * (1024 * 1024), times=32)  # 32 MiB in one header value
+    grown = rss_bytes(plain_server.proc.pid) - before
+    assert grown < 16 * 1024 * 1024, f"RSS grew by {grown / 2**20:.0f} MiB"
+    assert answer == b"" or answer is not None and answer.startswith(b"HTTP/1.1 431 "), answer
+    assert plain_server.client.get("/healthz").status_code == 200
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server has closed ``sock`` (a non-blocking socket whose answers, if any, were read)."""
+    try:
+        while data := sock.recv(65536):
+            assert data.startswith(b"HTTP/1.1 200 "), data  # the kept-alive client's first answer
+        return True
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_a_client_that_never_finishes_its_headers_is_dropped_within_about_10_s(plain_server: ServerProcess) -> None:
+    started = time.monotonic()
+    clients = {name: socket.create_connection(("127.0.0.1", plain_server.port))
+               for name in ("silent", "trickling", "kept_alive")}
+    clients["trickling"].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    clients["kept_alive"].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\n")
+    closed: dict[str, float] = {}
+    try:
+        for sock in clients.values():
+            sock.setblocking(False)
+        line = 0
+        while len(closed) < len(clients) and time.monotonic() - started < 15:
+            time.sleep(1)
+            line += 1
+            for name, sock in clients.items():
+                if name in closed:
+                    continue
+                try:
+                    if name != "silent":
+                        sock.send(b"X-Line-%d: 1\r\n" % line)  # one header line a second, forever
+                    if closed_by_server(sock):
+                        closed[name] = time.monotonic() - started
+                except (BrokenPipeError, ConnectionResetError):
+                    closed[name] = time.monotonic() - started
+            assert plain_server.client.get("/healthz").status_code == 200  # others are served meanwhile
+    finally:
+        for sock in clients.values():
+            sock.close()
+    assert set(closed) == set(clients), f"still connected after 15 s; closed: {closed}"
+    assert all(9 <= after <= 12.5 for after in closed.values()), closed
+    plain_server.wait_for_event("request_refused", reason="header_timeout")
+
+
+def test_connections_past_the_limit_are_answered_503(tmp_path: Path) -> None:
+    files = 2 * MAX_CONNECTIONS + 200  # the sockets held here, and the server's ends of them
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < files:
+        pytest.skip(f"needs {files} open files, the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, files), hard))  # the server inherits it
+    srv = ServerProcess(tmp_path / "server.log")
+    held: list[socket.socket] = []
+    try:
+        held = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(MAX_CONNECTIONS)]
+        statuses = []
+        deadline = time.monotonic() + 10
+        while 503 not in statuses and time.monotonic() < deadline:
+            statuses.append(httpx.get(f"{srv.url}/healthz").status_code)
+        assert statuses[-1] == 503, f"no 503 with {MAX_CONNECTIONS} connections open: {statuses[-5:]}"
+        for sock in held:
+            sock.close()
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{srv.url}/healthz").status_code != 200:
+            assert time.monotonic() < deadline, "still 503 after the connections closed"
+            time.sleep(0.05)
+    finally:
+        for sock in held:
+            sock.close()
+        srv.stop(signal.SIGKILL)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
