@@ -42,7 +42,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     431. httptools keeps an incomplete header to itself until its end arrives,
     so a head still growing is measured by the bytes received since it began
     and the connection is closed once they pass the cap: at most one read
-    (uvloop reads up to 256 KiB) is held beyond it.
+    (uvloop reads up to 250 KB at a time) is held beyond it.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

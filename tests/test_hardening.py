@@ -27,8 +27,10 @@ import httpx
 import pytest
 import yaml
 
+import settings
 from conftest import HERE, RedisServer, ServerProcess, new_user
 from http_limits import MAX_CONNECTIONS
+from redis_store import open_redis
 from test_ecosystem import AssetHandler, chromium
 
 
@@ -56,10 +58,10 @@ def test_large_finite_numbers_are_still_accepted(server: ServerProcess) -> None:
     assert run["input"]["n"] == 1.5e308
 
 
-
 def test_completion_fields_named_like_log_record_attributes_keep_the_terminal_line(start_server) -> None:
     srv = start_server(AGENT_MODULES="fixture_agents,fixture_hardening_agents")
-    run = srv.run_to_end("log-record-fields")
+    run = srv.run_to_end("completion-fields", fields={"name": "n", "module": "m", "msg": "x", "message": "hello",
+                                                      "asctime": "t", "decision": "ok"})
     line = srv.wait_for_event("agent_complete", run_id=run["run_id"], timeout=5)
     assert (line["state"], line["decision"]) == ("DONE", "ok")
     assert {key: line[f"field_{key}"] for key in ("name", "module", "msg", "message", "asctime")} == {
@@ -68,7 +70,8 @@ def test_completion_fields_named_like_log_record_attributes_keep_the_terminal_li
 
 def test_completion_fields_cannot_change_the_run_or_its_terminal_line(start_server) -> None:
     srv = start_server(AGENT_MODULES="fixture_agents,fixture_hardening_agents")
-    run_id = srv.start_run("run-line-fields")
+    run_id = srv.start_run("completion-fields", fields={"state": "BOGUS", "error": "not an error", "result": "other",
+                                                        "run_id": "other", "event": "e"})
     run = srv.wait_run(run_id, timeout=5)
     assert (run["state"], run["result"], run["error"]) == ("DONE", "ok", None)
     line = srv.wait_for_event("agent_complete", run_id=run_id, timeout=5)
@@ -114,8 +117,6 @@ def test_undecodable_pubsub_message_does_not_slow_cross_replica_cancel(two_repli
 
 
 def test_pubsub_listener_that_fails_is_logged_and_restarted(redis_server: RedisServer) -> None:
-    from redis_store import open_redis
-
     records: list[logging.LogRecord] = []
     logger = logging.getLogger("agent_runner.test_hardening")
     handler = logging.Handler()
@@ -131,7 +132,7 @@ def test_pubsub_listener_that_fails_is_logged_and_restarted(redis_server: RedisS
         cancelled.append(run_id)
 
     async def scenario() -> None:
-        lock, store = open_redis(redis_server.url, prefix, 30, 100, logger)
+        _, store = open_redis(redis_server.url, prefix, 30, 100, logger)
         store.on_cancel = on_cancel
         await store.start()
         try:
@@ -187,14 +188,10 @@ def test_docs_page_sends_a_content_security_policy_for_exactly_what_it_loads(ser
     inline = re.findall(r"<script>(.*?)</script>", response.text, re.S)
     assert len(inline) == 1
     inline_hash = "'sha256-" + base64.b64encode(hashlib.sha256(inline[0].encode()).digest()).decode() + "'"
-    assets = "https://cdn.jsdelivr.net/npm/swagger-ui-dist@"
-    assert policy["default-src"] == ["'none'"]
-    assert policy["connect-src"] == ["'self'"]
-    assert inline_hash in policy["script-src"] and len(policy["script-src"]) == 2
-    assert [source for source in policy["script-src"] if source != inline_hash][0].startswith(assets)
-    assert all(source.startswith(assets) or source in ("'unsafe-inline'", "data:")
-               for name in ("style-src", "img-src") for source in policy[name])
-    assert "'unsafe-eval'" not in response.headers["content-security-policy"]
+    assets = f"https://cdn.jsdelivr.net/npm/swagger-ui-dist@{settings.SWAGGER_UI_VERSION}/"
+    assert policy == {"default-src": ["'none'"], "script-src": [assets, inline_hash], "style-src": [assets],
+                      "img-src": [assets, "data:"], "connect-src": ["'self'"], "base-uri": ["'none'"],
+                      "form-action": ["'none'"], "frame-ancestors": ["'none'"]}
 
 
 @pytest.mark.parametrize("path", ["/metrics/", "/healthz/", "/agents/"])
@@ -331,26 +328,27 @@ def test_a_client_that_never_finishes_its_headers_is_dropped_within_about_10_s(p
     try:
         for sock in clients.values():
             sock.setblocking(False)
-        line = 0
+        tick = 0
         while len(closed) < len(clients) and time.monotonic() - started < 15:
-            time.sleep(1)
-            line += 1
+            time.sleep(0.25)
+            tick += 1
             for name, sock in clients.items():
                 if name in closed:
                     continue
                 try:
-                    if name != "silent":
-                        sock.send(b"X-Line-%d: 1\r\n" % line)  # one header line a second, forever
+                    if name != "silent" and tick % 4 == 0:
+                        sock.send(b"X-Line-%d: 1\r\n" % tick)  # one header line a second, forever
                     if closed_by_server(sock):
                         closed[name] = time.monotonic() - started
                 except (BrokenPipeError, ConnectionResetError):
                     closed[name] = time.monotonic() - started
-            assert plain_server.client.get("/healthz").status_code == 200  # others are served meanwhile
+            if tick % 4 == 0:
+                assert plain_server.client.get("/healthz").status_code == 200  # others are served meanwhile
     finally:
         for sock in clients.values():
             sock.close()
     assert set(closed) == set(clients), f"still connected after 15 s; closed: {closed}"
-    assert all(9 <= after <= 12.5 for after in closed.values()), closed
+    assert all(9.5 <= after <= 12 for after in closed.values()), closed
     plain_server.wait_for_event("request_refused", reason="header_timeout")
 
 
