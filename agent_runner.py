@@ -33,8 +33,8 @@ import agents
 import metrics
 import runner
 import settings
-from http_limits import MAX_CONNECTIONS, LimitedHttpToolsProtocol
 from http_json import check_uuid, json_response, parse_limit, parse_run_request, parse_wait, read_json, short
+from http_limits import MAX_CONNECTIONS, LimitedHttpToolsProtocol
 from logs import flush_stdout_regularly, log, log_hot, logging_config, write_hot_lines
 from middleware import AccessLog, BearerAuth
 from settings import SETTINGS_TABLE, ConfigError, Settings, load_agent_modules
