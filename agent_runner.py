@@ -47,6 +47,7 @@ HERE = Path(__file__).resolve().parent
 CANCEL_WAIT_SECONDS = 5.0  # how long POST /agents/cancel waits for the agent to stop
 LIST_BODY_BYTES = 8 * 1024 * 1024  # GET /agents/runs returns fewer runs rather than a larger body
 BUSY_BODY = b'{"detail":"An agent is already running, please retry later"}'
+QUEUE_FULL_BODY = b'{"detail":"An agent is already running and the queue is full, please retry later"}'
 
 
 # ---------------------------------------------------------------------------
@@ -54,16 +55,19 @@ BUSY_BODY = b'{"detail":"An agent is already running, please retry later"}'
 
 
 async def post_run(request: Request) -> Response:
-    agent_cls, user_id, agent_input = parse_run_request(await read_json(request))
+    agent_cls, user_id, agent_input, on_busy = parse_run_request(await read_json(request))
     if not runner.accepting_runs:
         raise HTTPException(503, "Shutting down")
-    run = await runner.admit(agent_cls, user_id, agent_input)
-    if run is None:  # the busy path is hot: answered directly, not through the exception handler
+    verdict, run = await runner.admit(agent_cls, user_id, agent_input, on_busy)
+    if verdict in ("busy", "full"):  # the busy path is hot: answered directly, not through the exception handler
         metrics.REJECTED_TOTAL.inc()
         log_hot("run_rejected", f'"agent_type": {json_string(agent_cls.agent_type)}, "user_id": "{user_id}"')
-        return json_response(BUSY_BODY, 409, headers={"Retry-After": str(runner.retry_after())})
-    return json_response({"run_id": run.run_id, "state": run.state}, 202,
-                         headers={"Location": f"/agents/status/{run.run_id}"})
+        return json_response(BUSY_BODY if verdict == "busy" else QUEUE_FULL_BODY, 409,
+                             headers={"Retry-After": str(runner.retry_after())})
+    body: dict[str, Any] = {"run_id": run.run_id, "state": run.state}
+    if on_busy != "reject":
+        body["queue_position"] = run.queue_position
+    return json_response(body, 202, headers={"Location": f"/agents/status/{run.run_id}"})
 
 
 async def find_run(run_id: str) -> Run:
@@ -86,7 +90,9 @@ async def cancel_run(request: Request) -> Response:
     if run.finished:
         raise HTTPException(409, f"Run {run.run_id} already finished ({run.state})")
     log.info("cancel_requested", extra=runner.run_fields(run))
-    if not runner.request_stop(run.run_id):  # another replica runs it
+    if run.queue_position is not None and (waiting := await runner.cancel_waiting(run.run_id)) is not None:
+        return json_response(waiting.json())
+    if not runner.request_stop(run.run_id):  # another replica runs it (or it is just leaving the queue)
         await runner.run_store.request_cancel(run.run_id)
     run = await runner.run_store.wait_finished(run.run_id, CANCEL_WAIT_SECONDS) or run
     return json_response(run.json(), 200 if run.finished else 202)
@@ -204,7 +210,7 @@ async def watch_event_loop(interval: float = 0.25) -> None:
         await asyncio.sleep(interval)
         lag = loop.time() - expected
         if lag > LOOP_LAG_WARNING_SECONDS:
-            active = runner.active_run
+            active = next(iter(runner.active_runs.values()), None)
             log.warning("event_loop_blocked", extra={
                 "lag_ms": round(lag * 1000), **(runner.run_fields(active.run) if active else {}),
                 "hint": "agents must run blocking work in asyncio.to_thread"})
@@ -220,7 +226,8 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     log.info("service_started", extra={
         "version": __version__, "store": store, "agent_types": sorted(agents.registry),
         "agent_sleep_seconds": settings.current.agent_sleep_seconds})
-    background = [asyncio.create_task(flush_stdout_regularly()), asyncio.create_task(watch_event_loop())]
+    background = [asyncio.create_task(flush_stdout_regularly()), asyncio.create_task(watch_event_loop()),
+                  asyncio.create_task(runner.dispatch_forever())]
     try:
         yield
     finally:
@@ -273,7 +280,8 @@ class Server(uvicorn.Server):
         self.loop = asyncio.get_running_loop()
         await super().serve(sockets)
         if runner.agent_code_running():  # recorded, but its code will not stop: only exiting stops it
-            log.error("exit_with_agent_running", extra=runner.run_fields(runner.active_run.run))
+            for active in runner.active_runs.values():
+                log.error("exit_with_agent_running", extra=runner.run_fields(active.run))
             write_hot_lines()
             sys.stdout.flush()
             os._exit(0)

@@ -20,7 +20,8 @@ import settings
 from logs import log
 
 MAX_JSON_DEPTH = 32  # request bodies nested deeper are refused with 400
-REQUEST_FIELDS = ("agent_type", "user_id", "input")
+REQUEST_FIELDS = ("agent_type", "user_id", "input", "on_busy")
+ON_BUSY_VALUES = ("reject", "enqueue", "interrupt")
 UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
@@ -108,8 +109,8 @@ async def read_json(request: Request) -> Any:
     return data
 
 
-def parse_run_request(data: Any) -> tuple[type[agents.BaseAgent], str, dict[str, Any]]:
-    """Validate a POST /agents/run body; returns the agent class, user_id and input."""
+def parse_run_request(data: Any) -> tuple[type[agents.BaseAgent], str, dict[str, Any], str]:
+    """Validate a POST /agents/run body; returns the agent class, user_id, input and on_busy."""
     if not isinstance(data, dict):
         raise HTTPException(400, "Request body must be a JSON object")
     unknown = sorted(set(data) - set(REQUEST_FIELDS))
@@ -127,13 +128,16 @@ def parse_run_request(data: Any) -> tuple[type[agents.BaseAgent], str, dict[str,
     agent_input = data.get("input", {})
     if not isinstance(agent_input, dict):
         raise HTTPException(400, "input must be a JSON object")
+    on_busy = data.get("on_busy", settings.current.on_busy)
+    if on_busy not in ON_BUSY_VALUES:
+        raise HTTPException(400, f"on_busy must be one of {', '.join(ON_BUSY_VALUES)}, got {short(on_busy)}")
     agent_type = data["agent_type"]
     agent_cls = agents.registry.get(agent_type)
     if agent_cls is None:
         supported = ", ".join(sorted(agents.registry))
         log.warning("unsupported_agent_type", extra={"agent_type": agent_type[:200], "user_id": user_id})
         raise HTTPException(400, f"Unsupported agent_type {short(agent_type)}; supported types: {supported}")
-    return agent_cls, user_id, agent_input
+    return agent_cls, user_id, agent_input, on_busy
 
 
 def parse_wait(raw: str | None) -> float | None:

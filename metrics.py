@@ -13,7 +13,11 @@ REJECTED_TOTAL = prometheus_client.Counter(
 RUN_DURATION = prometheus_client.Histogram(
     "agent_runner_run_duration_seconds", "Time from RUNNING to a terminal state.", ["agent_type"],
     buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))
-RUNNING = prometheus_client.Gauge("agent_runner_running", "1 while this process runs an agent, else 0.")
+RUNNING = prometheus_client.Gauge("agent_runner_running", "Runs this process is executing (0 or 1 unless MAX_CONCURRENT_RUNS > 1).")
+QUEUE_DEPTH = prometheus_client.Gauge("agent_runner_queue_depth", "Runs waiting in the queue for a slot.")
+QUEUE_WAIT = prometheus_client.Histogram(
+    "agent_runner_queue_wait_seconds", "Time a queued run waited, from created_at to started_at.",
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800))
 HTTP_REQUESTS_TOTAL = prometheus_client.Counter(
     "agent_runner_http_requests_total", "HTTP requests answered.", ["method", "route", "status"])
 

@@ -23,7 +23,7 @@ from store import LockLost, Page, Run, RunRecordInvalid, StoreUnavailable
 
 
 def open_redis(url: str, prefix: str, lock_ttl_seconds: float, retention: int, retention_bytes: int,
-               log: logging.Logger) -> tuple[RedisRunLock, RedisRunStore]:
+               log: logging.Logger, slots: int = 1) -> tuple[RedisRunLock, RedisRunStore]:
     """The run lock and run store on one client of ``url``."""
     # A blocking pool: a burst of requests waits briefly for a connection instead of failing.
     # Retry once on a dropped connection, so pooled connections left over from before a
@@ -34,7 +34,7 @@ def open_redis(url: str, prefix: str, lock_ttl_seconds: float, retention: int, r
         retry_on_error=[RedisConnectionError, RedisTimeoutError])
     client = Redis(connection_pool=pool)
     health = StoreHealth(log)
-    return (RedisRunLock(client, f"{prefix}:lock", lock_ttl_seconds, health),
+    return (RedisRunLock(client, prefix, slots, lock_ttl_seconds, health),
             RedisRunStore(client, prefix, retention, retention_bytes, health, log))
 
 
@@ -62,30 +62,34 @@ class StoreHealth:
 
 
 class RedisRunLock:
-    """redis-py's Lock (SET NX PX with a token, compare-and-delete release), taken without blocking."""
+    """MAX_CONCURRENT_RUNS slots, each a redis-py Lock (a key holding a token, compare-and-delete release).
 
-    def __init__(self, client: Redis, key: str, ttl_seconds: float, health: StoreHealth) -> None:
+    Slot 0 is ``<prefix>:lock`` (the key of the single lock before slots
+    existed), slot i ``<prefix>:lock:<i>``. Slots are taken only by the
+    store's admit and take scripts, atomically with the queue; this class
+    renews and releases them.
+    """
+
+    def __init__(self, client: Redis, prefix: str, slots: int, ttl_seconds: float, health: StoreHealth) -> None:
         self.client = client
-        self.key = key
+        self.keys = [f"{prefix}:lock"] + [f"{prefix}:lock:{slot}" for slot in range(1, slots)]
         self.ttl_seconds = ttl_seconds
         self.renew_interval: float | None = ttl_seconds / 3
         self.health = health
         self._held: dict[str, RedisLock] = {}
 
-    async def try_acquire(self) -> str | None:
-        lock = self.client.lock(self.key, timeout=self.ttl_seconds, blocking=False, thread_local=False)
-        token = uuid.uuid4().hex
-        async with self.health.guard():
-            acquired = await lock.acquire(blocking=False, token=token)
-            if not acquired:  # a SET whose reply was lost is retried and then fails against our own token
-                acquired = await self.client.get(self.key) == token.encode()
-        if not acquired:
-            return None
+    def adopt(self, token: str, slot: int) -> None:
+        """Remember a slot a script took with ``token``, to renew and release it."""
+        lock = self.client.lock(self.keys[slot], timeout=self.ttl_seconds, blocking=False, thread_local=False)
+        lock.local.token = token.encode()
         self._held[token] = lock
-        return token
+
+    def key_of(self, token: str) -> str:
+        lock = self._held.get(token)
+        return lock.name if lock is not None else self.keys[0]
 
     async def renew(self, token: str) -> None:
-        """Reset the lock's TTL; raises LockLost when it was lost, StoreUnavailable when unreachable."""
+        """Reset the slot's TTL; raises LockLost when it was lost, StoreUnavailable when unreachable."""
         try:
             async with self.health.guard():
                 await self._held[token].reacquire()
@@ -104,6 +108,55 @@ class RedisRunLock:
                 await lock.release()
         except (LockError, StoreUnavailable):
             pass  # lost or unreachable: the key expires by its TTL
+
+
+# Admit a run in one step: on a free slot when nobody waits (the record, its index and its holder written
+# with it), else into the queue when ARGV[4] allows and there is room. A retry whose first reply was lost
+# answers what the first call did. KEYS: queue, run, runs, seq, unfinished, slot 0..n-1.
+# ARGV: json now, json queued, run_id, on_busy, queue_max, token, ttl_ms, n, channel.
+# Returns {1, slot} started, {2, position} queued, {0, 0} busy, {-1, 0} queue full.
+ADMIT_SCRIPT = """
+local n = tonumber(ARGV[8])
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  for i = 1, n do if redis.call('GET', KEYS[5 + i]) == ARGV[6] then return {1, i - 1} end end
+  local pos = redis.call('LPOS', KEYS[1], ARGV[3])
+  if pos then return {2, pos + 1} end
+  return {0, 0}
+end
+local waiting = redis.call('LLEN', KEYS[1])
+if waiting == 0 then
+  for i = 1, n do
+    if redis.call('SET', KEYS[5 + i], ARGV[6], 'NX', 'PX', ARGV[7]) then
+      redis.call('SET', KEYS[2], ARGV[1])
+      redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[4]), ARGV[3])
+      redis.call('HSET', KEYS[5], ARGV[3], ARGV[6])
+      return {1, i - 1}
+    end
+  end
+end
+if ARGV[4] == 'reject' then return {0, 0} end
+if waiting >= tonumber(ARGV[5]) then return {-1, 0} end
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[4]), ARGV[3])
+local position = 1
+if ARGV[4] == 'interrupt' then redis.call('LPUSH', KEYS[1], ARGV[3]) else position = redis.call('RPUSH', KEYS[1], ARGV[3]) end
+redis.call('PUBLISH', ARGV[9], ARGV[3])
+return {2, position}
+"""
+
+# Take the head of the queue and a free slot in one step. KEYS: queue, unfinished, slot 0..n-1.
+# ARGV: token, ttl_ms, n. Returns {run_id, slot} or nil.
+TAKE_SCRIPT = """
+if redis.call('LLEN', KEYS[1]) == 0 then return nil end
+for i = 1, tonumber(ARGV[3]) do
+  if redis.call('SET', KEYS[2 + i], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    local id = redis.call('LPOP', KEYS[1])
+    redis.call('HSET', KEYS[2], id, ARGV[1])
+    return {id, i - 1}
+  end
+end
+return nil
+"""
 
 
 # Store a terminal state: record, indexes, size, cancel flag, lock release (if the token still holds it) and
@@ -162,13 +215,16 @@ class RedisRunStore:
         self.health = health
         self.log = log
         self._invalid_logged: set[str] = set()
-        self.on_cancel: Callable[[str], None] = lambda run_id: None
+        self.on_cancel: Callable[[str, str | None], None] = lambda run_id, by: None
+        self.on_work: Callable[[], None] = lambda: None  # a run was queued or a slot freed, on any replica
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._progress_writes: dict[str, asyncio.Task[None]] = {}
         self._progress_dirty: set[str] = set()
         self._listener: asyncio.Task[None] | None = None
         self._finish = client.register_script(FINISH_SCRIPT)
         self._trim = client.register_script(TRIM_SCRIPT)
+        self._admit = client.register_script(ADMIT_SCRIPT)
+        self._take = client.register_script(TAKE_SCRIPT)
 
     def key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -193,11 +249,11 @@ class RedisRunStore:
         Without it a cross-replica cancel waits for the next lock renewal, so it must not die: a
         message it cannot decode is skipped, and any other failure is logged and it subscribes again.
         """
-        finished, cancel = self.key("finished").encode(), self.key("cancel").encode()
+        finished, cancel, queued = (self.key(name).encode() for name in ("finished", "cancel", "queued"))
         while True:
             try:
                 async with self.client.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(finished, cancel)
+                    await pubsub.subscribe(finished, cancel, queued)
                     self._wake_all()  # anything finished while we were not subscribed
                     async for message in pubsub.listen():
                         try:
@@ -208,8 +264,12 @@ class RedisRunStore:
                             continue
                         if message["channel"] == finished:
                             self._wake(run_id)
+                            self.on_work()
                         elif message["channel"] == cancel:
-                            self.on_cancel(run_id)
+                            run_id, _, by = run_id.partition(" ")
+                            self.on_cancel(run_id, by or None)
+                        elif message["channel"] == queued:
+                            self.on_work()
             except (RedisError, OSError):
                 await asyncio.sleep(0.5)
             except Exception as exc:
@@ -266,7 +326,7 @@ class RedisRunStore:
             finished_count, finished_bytes = await self._finish(
                 keys=[self.key("run", run.run_id), self.key("finished"), self.key("unfinished"),
                       self.key("cancel", run.run_id), self.key("sizes"), self.key("bytes"), self.key("seq"),
-                      self.key("lock")],
+                      release.key_of(token) if release is not None and token else self.key("lock")],
                 args=[run.json(), run.run_id, self.key("finished"), token, run.size])
             if release is not None and token:
                 release.forget(token)
@@ -278,7 +338,21 @@ class RedisRunStore:
         """The run, or None when it is not stored (or its record cannot be read: see ``read``)."""
         async with self.health.guard():
             raw = await self.client.get(self.key("run", run_id))
-        return self.read(run_id, raw)
+        run = self.read(run_id, raw)
+        if run is not None and run.queue_position is not None:
+            await self._place([run])
+        return run
+
+    async def _place(self, runs: list[Run]) -> None:
+        """Fill in the queue positions of waiting runs (stored only as "queued": positions move)."""
+        waiting = [run for run in runs if run.queue_position is not None and run.state == "PENDING"]
+        if not waiting:
+            return
+        async with self.health.guard():
+            queue = [member.decode() for member in await self.client.lrange(self.key("queue"), 0, -1)]
+        positions = {run_id: position for position, run_id in enumerate(queue, 1)}
+        for run in waiting:
+            run.update(queue_position=positions.get(run.run_id))
 
     def read(self, run_id: str, raw: bytes | None, holder: str | None = None) -> Run | None:
         """A stored record as a Run; an unreadable one is logged once (run_record_invalid) and skipped."""
@@ -334,6 +408,7 @@ class RedisRunStore:
                     if run is not None and not (wanted := page.offer(run)):
                         break
                 top = f"({ids[-1][1]}"
+        await self._place(page.runs)
         return page.runs
 
     async def unfinished(self) -> list[Run]:
@@ -345,14 +420,92 @@ class RedisRunStore:
         runs = (self.read(run_id, raw, holder=holders[run_id]) for run_id, raw in zip(holders, records))
         return [run for run in runs if run is not None]
 
-    async def request_cancel(self, run_id: str) -> None:
-        """Ask whichever replica runs ``run_id`` to cancel it (pub/sub, plus a flag its renewal checks)."""
+    async def request_cancel(self, run_id: str, by: str | None = None) -> None:
+        """Ask whichever replica runs ``run_id`` to cancel it (pub/sub, plus a flag its renewal checks);
+        ``by`` is the run that interrupts it."""
         async with self.health.guard():
             async with self.client.pipeline(transaction=True) as pipe:
-                pipe.set(self.key("cancel", run_id), "1", ex=3600)
-                pipe.publish(self.key("cancel"), run_id)
+                pipe.set(self.key("cancel", run_id), by or "-", ex=3600)
+                pipe.publish(self.key("cancel"), f"{run_id} {by}" if by else run_id)
                 await pipe.execute()
 
-    async def cancel_requested(self, run_id: str) -> bool:
+    async def cancel_requested(self, run_id: str) -> tuple[bool, str | None]:
+        """Whether a cancel of ``run_id`` was asked for, and by which interrupting run."""
         async with self.health.guard():
-            return bool(await self.client.exists(self.key("cancel", run_id)))
+            flag = await self.client.get(self.key("cancel", run_id))
+        if flag is None:
+            return False, None
+        return True, None if flag == b"-" else flag.decode(errors="replace")
+
+    # --- the queue -------------------------------------------------------------------------------------------
+
+    async def admit(self, run: Run, lock: RedisRunLock, on_busy: str, queue_max: int) -> str:
+        """As MemoryRunStore.admit, across replicas: one script takes a slot or a place in the queue."""
+        token = uuid.uuid4().hex
+        waiting = Run.from_json(run.json())
+        waiting.update(queue_position=0)  # stored as "queued"; the position is read from the queue
+        async with self.health.guard():
+            outcome, value = await self._admit(
+                keys=[self.key("queue"), self.key("run", run.run_id), self.key("runs"), self.key("seq"),
+                      self.key("unfinished"), *lock.keys],
+                args=[run.json(), waiting.json(), run.run_id, on_busy, queue_max, token,
+                      int(lock.ttl_seconds * 1000), len(lock.keys), self.key("queued")])
+        if outcome == 1:
+            run.holder = token
+            lock.adopt(token, int(value))
+            return "started"
+        if outcome == 2:
+            run.update(queue_position=int(value))
+            return "queued"
+        return "busy" if outcome == 0 else "full"
+
+    async def take(self, lock: RedisRunLock) -> Run | None:
+        """The head of the queue on a free slot, or None; one script, so a run is taken once."""
+        token = uuid.uuid4().hex
+        async with self.health.guard():
+            taken = await self._take(keys=[self.key("queue"), self.key("unfinished"), *lock.keys],
+                                     args=[token, int(lock.ttl_seconds * 1000), len(lock.keys)])
+        if taken is None:
+            return None
+        run_id, slot = taken[0].decode(), int(taken[1])
+        lock.adopt(token, slot)
+        run = await self.get(run_id)
+        if run is None:  # unreadable: give the slot back; the run stays unfinished for orphan recovery
+            await lock.release(token)
+            return None
+        run.holder = token
+        run.update(queue_position=None)
+        return run
+
+    async def dequeue(self, run_id: str) -> Run | None:
+        async with self.health.guard():
+            removed = await self.client.lrem(self.key("queue"), 1, run_id)
+        if not removed:
+            return None
+        run = await self.get(run_id)
+        if run is not None:
+            run.update(queue_position=None)
+        return run
+
+    async def queue_length(self) -> int:
+        async with self.health.guard():
+            return await self.client.llen(self.key("queue"))
+
+    async def waiting(self) -> list[Run]:
+        async with self.health.guard():
+            ids = [member.decode() for member in await self.client.lrange(self.key("queue"), 0, -1)]
+        runs = [await self.get(run_id) for run_id in ids]
+        return [run for run in runs if run is not None]
+
+    async def oldest_running(self) -> str | None:
+        """The earliest admitted run holding a slot, on any replica."""
+        async with self.health.guard():
+            ids = [member.decode() for member in await self.client.hkeys(self.key("unfinished"))]
+            scores = await self.client.zmscore(self.key("runs"), ids) if ids else []
+        held = [(score, run_id) for run_id, score in zip(ids, scores) if score is not None]
+        return min(held)[1] if held else None
+
+    async def live_tokens(self, lock: RedisRunLock) -> set[str]:
+        async with self.health.guard():
+            values = await self.client.mget(lock.keys)
+        return {value.decode() for value in values if value is not None}

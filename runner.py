@@ -2,14 +2,16 @@
 
 Module-level state lives here, in one place: ``run_lock`` and ``run_store``
 (memory, or Redis with REDIS_URL, chosen once by ``open_stores``),
-``active_run`` (what this process executes) and ``accepting_runs``.
-``admit`` is the only code that takes the lock; ``finish_run`` the only code
-that releases it, in the same step that stores the terminal state, and only
-once no code of the agent is still executing: not its coroutine, not the
-executor work it started (``asyncio.to_thread``, ``run_in_executor(None, ...)``).
+``active_runs`` (what this process executes) and ``accepting_runs``.
+The lock has MAX_CONCURRENT_RUNS slots. ``admit`` and ``dispatch`` are the
+only code that takes one (through the store, atomically with the run queue);
+``finish_run`` the only code that releases one, in the same step that stores
+the terminal state, and only once no code of the agent is still executing:
+not its coroutine, not the executor work it started (``asyncio.to_thread``,
+``run_in_executor(None, ...)``).
 
-Read top to bottom: admit, execute_run (supervise, judge, finish_run), lock
-renewal, drain.
+Read top to bottom: admit (or queue), dispatch, execute_run (supervise,
+judge, finish_run), lock renewal, drain.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import time
 import traceback
 import uuid
 from concurrent.futures import Future
+from datetime import datetime
 from typing import Any
 
 import agents
@@ -47,9 +50,10 @@ TERMINAL_LINE_FIELDS = frozenset({"run_id", "agent_type", "user_id", "state", "r
 
 run_lock: Any = MemoryRunLock()  # MemoryRunLock, or RedisRunLock in Redis mode
 run_store: Any = MemoryRunStore(retention=settings.current.run_retention)  # MemoryRunStore or RedisRunStore
-active_run: ActiveRun | None = None  # the run this process is executing
+active_runs: dict[str, ActiveRun] = {}  # the runs this process executes, oldest first
 accepting_runs = True  # False once shutdown has begun
-admitting = 0  # POSTs between taking the lock and starting their run; drain waits for them
+admitting = 0  # POSTs between taking a slot and starting their run; drain waits for them
+work_waiting = asyncio.Event()  # set when a run was queued or a slot freed: dispatch looks at the queue
 
 async def open_stores() -> str:
     """Pick the backend once, at start, and install the executor; returns the backend's name."""
@@ -60,10 +64,13 @@ async def open_stores() -> str:
         from redis_store import open_redis  # redis-py is only imported when it is used
 
         run_lock, run_store = open_redis(config.redis_url, config.redis_prefix, config.lock_ttl_seconds,
-                                         config.run_retention, config.run_retention_bytes, log)
+                                         config.run_retention, config.run_retention_bytes, log,
+                                         slots=config.max_concurrent_runs)
     else:
-        run_lock, run_store = MemoryRunLock(), MemoryRunStore(config.run_retention, config.run_retention_bytes)
+        run_lock = MemoryRunLock(config.max_concurrent_runs)
+        run_store = MemoryRunStore(config.run_retention, config.run_retention_bytes)
     run_store.on_cancel = request_stop
+    run_store.on_work = work_waiting.set
     await run_store.start()
     return "redis" if config.redis_url else "memory"
 
@@ -77,11 +84,12 @@ async def close_stores() -> None:
 class ActiveRun:
     """The run this process is executing, and why it was asked to stop, if it was."""
 
-    def __init__(self, run: Run, agent_cls: type[agents.BaseAgent], agent_input: dict[str, Any]) -> None:
+    def __init__(self, run: Run, agent_cls: type[agents.BaseAgent] | None, agent_input: dict[str, Any]) -> None:
         self.run = run
-        self.agent_cls = agent_cls
+        self.agent_cls = agent_cls  # None: queued by a replica that has an agent type this one lacks
         self.agent_input = agent_input  # the parsed input, for the agent; the run keeps it encoded
-        self.stop_reason: str | None = None  # "cancel", "timeout", "shutdown" or "lock_lost"
+        self.stop_reason: str | None = None  # "cancel", "interrupt", "timeout", "shutdown" or "lock_lost"
+        self.cancelled_by: str | None = None  # with "interrupt": the run that took this one's place
         self.stop_requested = asyncio.Event()
         self.stopping = threading.Event()  # the agent's view of stop_requested, readable from threads
         self.agent_task: asyncio.Task[Any] | None = None
@@ -89,6 +97,7 @@ class ActiveRun:
         self.driver: asyncio.Task[None] | None = None
         self.code_stopped = asyncio.Event()  # set once neither the coroutine nor its executor work runs
         self.started = time.monotonic()
+        self.waited = False  # it waited in the queue before it got its slot
 
     def stop(self, reason: str) -> None:
         """Ask the agent to stop; the first reason given decides the run's terminal state."""
@@ -109,47 +118,111 @@ def run_fields(run: Run) -> dict[str, Any]:
 
 
 def agent_code_running() -> bool:
-    """True while some code of this process's run still executes (its run may already be recorded)."""
-    active = active_run
-    return active is not None and active.driver is not None and not active.code_stopped.is_set()
+    """True while some code of this process's runs still executes (a run may already be recorded)."""
+    return any(active.driver is not None and not active.code_stopped.is_set() for active in active_runs.values())
 
 
-async def admit(agent_cls: type[agents.BaseAgent], user_id: str, agent_input: dict[str, Any]) -> Run | None:
-    """Take the run lock and start the run; None when the lock is held (the caller answers 409)."""
-    global active_run, admitting
+async def admit(agent_cls: type[agents.BaseAgent], user_id: str, agent_input: dict[str, Any],
+                on_busy: str) -> tuple[str, Run]:
+    """Start a run on a free slot, or queue it as ``on_busy`` says; returns the store's verdict and the run.
+
+    "started" and "queued" are accepted (202); "busy" and "full" are refused (409) and leave no run.
+    """
+    global admitting
     admitting += 1  # drain waits for this admission, so a run accepted as shutdown starts gets its grace
     try:
-        token = await run_lock.try_acquire()
-        if token is None:
-            return None
-        run = Run.new(str(uuid.uuid4()), agent_cls.agent_type, user_id, agent_input, holder=token)
-        try:
-            await run_store.add(run)
-        except BaseException:
-            await run_lock.release(token)
-            raise
-        active_run = ActiveRun(run, agent_cls, agent_input)
-        active_run.driver = asyncio.create_task(execute_run(active_run), name=f"run-{run.run_id}")
+        run = Run.new(str(uuid.uuid4()), agent_cls.agent_type, user_id, agent_input, holder=None)
+        verdict = await run_store.admit(run, run_lock, on_busy, settings.current.queue_max)
+        if verdict == "started":
+            start(run, agent_cls, agent_input)
     finally:
         admitting -= 1
-    log.info("run_accepted", extra=run_fields(run))
+    if verdict == "queued":
+        log.info("run_accepted", extra=run_fields(run))
+        log.info("run_queued", extra={**run_fields(run), "queue_position": run.queue_position})
+        metrics.QUEUE_DEPTH.set(await run_store.queue_length())
+        work_waiting.set()
+        if on_busy == "interrupt":
+            await interrupt_oldest(run)
+    elif verdict == "started":
+        log.info("run_accepted", extra=run_fields(run))
+    return verdict, run
+
+
+def start(run: Run, agent_cls: type[agents.BaseAgent] | None, agent_input: dict[str, Any],
+          waited: bool = False) -> ActiveRun:
+    active = active_runs[run.run_id] = ActiveRun(run, agent_cls, agent_input)
+    active.waited = waited
+    active.driver = asyncio.create_task(execute_run(active), name=f"run-{run.run_id}")
+    metrics.RUNNING.set(len(active_runs))
+    return active
+
+
+async def interrupt_oldest(run: Run) -> None:
+    """Stop the oldest running run for ``run``, which waits at the head of the queue for its slot."""
+    local = next(iter(active_runs.values()), None)
+    oldest = local.run.run_id if local is not None and run_lock.renew_interval is None else \
+        await run_store.oldest_running()
+    if oldest is None:  # it ended meanwhile: the slot is free, and dispatch starts the run
+        return
+    log.info("run_interrupting", extra={**run_fields(run), "interrupted_run_id": oldest})
+    if not request_stop(oldest, by=run.run_id):
+        await run_store.request_cancel(oldest, by=run.run_id)
+
+
+async def dispatch_forever() -> None:
+    """Start waiting runs as slots free up, head of the queue first, until shutdown.
+
+    Woken by this process (a run queued, a slot freed) and, in Redis mode, by
+    pub/sub from other replicas, and at least once a second in any case.
+    """
+    while accepting_runs:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(work_waiting.wait(), 1.0)
+        work_waiting.clear()
+        try:
+            while accepting_runs and (run := await run_store.take(run_lock)) is not None:
+                begin_waited_run(run)
+            metrics.QUEUE_DEPTH.set(await run_store.queue_length())
+        except StoreUnavailable:
+            pass  # the next tick tries again
+
+
+def begin_waited_run(run: Run) -> None:
+    agent_input = json.loads(run.input_json)  # written by Run.new: always a JSON object
+    log.info("run_dequeued", extra=run_fields(run))
+    start(run, agents.registry.get(run.agent_type), agent_input, waited=True)
+
+
+async def cancel_waiting(run_id: str) -> Run | None:
+    """Cancel a run still in the queue (CANCELLED at once); None if it no longer waits."""
+    run = await run_store.dequeue(run_id)
+    if run is None:
+        return None
+    run.update(state="CANCELLED", finished_at=utc_now())
+    await run_store.save(run)
+    metrics.QUEUE_DEPTH.set(await run_store.queue_length())
+    metrics.RUNS_TOTAL.labels(run.agent_type, run.state).inc()
+    log.info("run_cancelled", extra={**run_fields(run), "state": run.state, "duration_ms": 0.0})
     return run
 
 
 def retry_after() -> int:
     """Seconds a refused client should wait: what the built-in agents still need, at least 1."""
-    active = active_run
-    elapsed = time.monotonic() - active.started if active else 0.0
+    now = time.monotonic()
+    elapsed = max((now - active.started for active in active_runs.values()), default=0.0)
     return max(1, math.ceil(settings.current.agent_sleep_seconds - elapsed))
 
 
-def request_stop(run_id: str) -> bool:
-    """Cancel ``run_id`` if this process runs it; False when another replica does."""
-    active = active_run
-    if active is not None and active.run.run_id == run_id:
-        active.stop("cancel")
-        return True
-    return False
+def request_stop(run_id: str, by: str | None = None) -> bool:
+    """Cancel (or, with ``by``, interrupt) ``run_id`` if this process runs it; False when another replica does."""
+    active = active_runs.get(run_id)
+    if active is None:
+        return False
+    if by is not None and active.stop_reason is None:
+        active.cancelled_by = by
+    active.stop("interrupt" if by is not None else "cancel")
+    return True
 
 
 async def execute_run(active: ActiveRun) -> None:
@@ -161,6 +234,9 @@ async def execute_run(active: ActiveRun) -> None:
         if not await start_running(active):
             outcome = {"state": "ERROR", "event": "agent_error",
                        "error": "Run store unavailable when the run started"}
+        elif active.agent_cls is None:
+            outcome = {"state": "ERROR", "event": "agent_error",
+                       "error": f"Agent type {run.agent_type!r} is not registered on the replica that took the run"}
         elif active.stop_reason is None:
             agent = active.agent_cls(run.run_id, run.user_id, active.agent_input,
                                      sleep_seconds=settings.current.agent_sleep_seconds,
@@ -197,7 +273,8 @@ async def start_running(active: ActiveRun) -> bool:
             if active.stop_reason is None:
                 run.update(state="RUNNING", started_at=run.started_at or utc_now())
                 await run_store.save(run)
-                metrics.RUNNING.set(1)
+                if active.waited:
+                    metrics.QUEUE_WAIT.observe(seconds_between(run.created_at, run.started_at))
             return True
         except StoreUnavailable as exc:
             if time.monotonic() >= deadline or active.stop_reason is not None:
@@ -211,10 +288,19 @@ def report_progress(run: Run, fraction: float) -> None:
     run_store.note_progress(run)
 
 
+def seconds_between(earlier: str, later: str) -> float:
+    try:
+        return max(0.0, (datetime.fromisoformat(later) - datetime.fromisoformat(earlier)).total_seconds())
+    except ValueError:  # a record from elsewhere with an odd timestamp
+        return 0.0
+
+
 async def recover_orphans(run: Run) -> None:
-    """Mark ERROR the unfinished runs of holders that lost the lock (a replica died); we hold it now."""
-    for orphan in await run_store.unfinished():
-        if orphan.run_id == run.run_id or orphan.holder == run.holder:
+    """Mark ERROR the unfinished runs whose holder no longer holds a slot (a replica died); we hold one now."""
+    orphans = [orphan for orphan in await run_store.unfinished() if orphan.run_id != run.run_id]
+    live = await run_store.live_tokens(run_lock) if orphans else set()
+    for orphan in orphans:
+        if orphan.holder in live:
             continue
         orphan.update(state="ERROR", finished_at=utc_now(),
                       error="Runner lost: the replica running it stopped holding the run lock")
@@ -258,6 +344,8 @@ def judge(active: ActiveRun, agent: agents.BaseAgent | None) -> dict[str, Any]:
     """The terminal state, error and log event for a run whose agent has stopped."""
     if active.stop_reason == "cancel":
         return {"state": "CANCELLED", "event": "run_cancelled"}
+    if active.stop_reason == "interrupt":
+        return {"state": "CANCELLED", "event": "run_cancelled", "cancelled_by": active.cancelled_by}
     if active.stop_reason == "timeout":
         return {"state": "ERROR", "event": "run_timeout",
                 "error": f"Run timed out after {settings.current.run_timeout_seconds:g} seconds"}
@@ -307,7 +395,7 @@ async def finish_run(active: ActiveRun, outcome: dict[str, Any]) -> None:
     event = outcome.pop("event", "agent_error")
     trace = outcome.pop("traceback", None)
     extra_fields = {key: outcome.pop(key) for key in list(outcome)
-                    if key not in ("state", "result_json", "error")}
+                    if key not in ("state", "result_json", "error", "cancelled_by")}
     run.update(finished_at=utc_now(), **outcome)
     await save_finished(run, release)
     if release:
@@ -316,6 +404,8 @@ async def finish_run(active: ActiveRun, outcome: dict[str, Any]) -> None:
     metrics.RUNS_TOTAL.labels(run.agent_type, run.state).inc()
     metrics.RUN_DURATION.labels(run.agent_type).observe(duration)
     fields = {**extra_fields, **run_fields(run), "state": run.state, "duration_ms": round(duration * 1000, 1)}
+    if run.cancelled_by is not None:
+        fields["cancelled_by"] = run.cancelled_by
     if run.error is not None:
         fields["error"] = run.error
     if trace is not None:
@@ -325,10 +415,11 @@ async def finish_run(active: ActiveRun, outcome: dict[str, Any]) -> None:
 
 
 def clear_active(active: ActiveRun) -> None:
-    global active_run
-    if active_run is active:
-        active_run = None
-        metrics.RUNNING.set(0)
+    """The run's slot is free: forget it, and let dispatch look at the queue."""
+    if active_runs.get(active.run.run_id) is active:
+        del active_runs[active.run.run_id]
+        metrics.RUNNING.set(len(active_runs))
+    work_waiting.set()
 
 
 async def save_finished(run: Run, release: bool) -> None:
@@ -384,8 +475,9 @@ async def keep_lock(active: ActiveRun) -> None:
         else:
             renewed_at, failure, lost = time.monotonic(), None, False
             with contextlib.suppress(StoreUnavailable):
-                if await run_store.cancel_requested(active.run.run_id):
-                    active.stop("cancel")
+                asked, by = await run_store.cancel_requested(active.run.run_id)
+                if asked:
+                    request_stop(active.run.run_id, by=by)
         if lost and active.stop_reason != "lock_lost":
             log.error("lock_lost", extra={**run_fields(active.run), "detail": failure})
             active.stop("lock_lost")
@@ -401,27 +493,46 @@ def exit_lock_expired(active: ActiveRun) -> None:
 
 
 async def drain(grace_seconds: float) -> None:
-    """Stop accepting runs; let the active run finish within the grace time, else interrupt it.
+    """Stop accepting runs; let the running runs finish within the grace time, else interrupt them.
 
     An agent that does not stop gets its run recorded as ERROR anyway; its
-    lock is kept until its code stops or the process exits.
+    slot is kept until its code stops or the process exits. Runs waiting in
+    the queue end CANCELLED in memory mode; in Redis mode they stay queued
+    for the other replicas.
     """
     global accepting_runs
     if not accepting_runs:
         return
     accepting_runs = False
+    work_waiting.set()  # dispatch sees accepting_runs and stops taking runs
     deadline = time.monotonic() + grace_seconds
     while admitting and time.monotonic() < deadline:  # a POST between lock and start: it gets the grace too
         await asyncio.sleep(0.01)
-    active = active_run
+    running = list(active_runs.values())
     log.info("shutdown_started", extra={"grace_seconds": grace_seconds,
-                                        "active_run_id": active.run.run_id if active else None})
-    if active is None or active.driver is None:
-        return
-    await asyncio.wait({active.driver}, timeout=max(0.0, deadline - time.monotonic()))
-    if not active.driver.done():
+                                        "active_run_id": running[0].run.run_id if running else None,
+                                        "active_run_ids": [active.run.run_id for active in running]})
+    if run_lock.renew_interval is None:  # memory mode: nobody else will run what waits
+        await cancel_queue("Service shut down before the run started")
+    drivers = {active.driver for active in running if active.driver is not None}
+    if drivers:
+        await asyncio.wait(drivers, timeout=max(0.0, deadline - time.monotonic()))
+    late = [active for active in running if active.driver is not None and not active.driver.done()]
+    for active in late:
         active.stop("shutdown")
-        await asyncio.wait({active.driver}, timeout=STOP_WAIT_SECONDS)
-    if not active.run.finished:  # the agent ignores cancellation: record the outcome before exiting anyway
-        await finish_run(active, {"state": "ERROR", "event": "run_interrupted",
-                                  "error": "Run interrupted by shutdown; the agent did not stop"})
+    if late:
+        await asyncio.wait({active.driver for active in late}, timeout=STOP_WAIT_SECONDS)
+    for active in late:
+        if not active.run.finished:  # the agent ignores cancellation: record the outcome before exiting anyway
+            await finish_run(active, {"state": "ERROR", "event": "run_interrupted",
+                                      "error": "Run interrupted by shutdown; the agent did not stop"})
+
+
+async def cancel_queue(error: str) -> None:
+    for run in await run_store.waiting():
+        if await run_store.dequeue(run.run_id) is not None:
+            run.update(state="CANCELLED", error=error, finished_at=utc_now(), queue_position=None)
+            await run_store.save(run)
+            metrics.RUNS_TOTAL.labels(run.agent_type, run.state).inc()
+            log.warning("run_cancelled", extra={**run_fields(run), "state": run.state, "error": error})
+    metrics.QUEUE_DEPTH.set(0)

@@ -62,6 +62,9 @@ SETTINGS_TABLE = (
     ("REDIS_URL", "", "e.g. redis://host:6379/0; when set, the lock and all run records live in Redis"),
     ("REDIS_PREFIX", "agent-runner", "prefix of every Redis key, so several deployments can share one Redis"),
     ("LOCK_TTL_SECONDS", "30", "the run lock's expiry in Redis; the holder renews it every TTL/3"),
+    ("MAX_CONCURRENT_RUNS", "1", "how many runs may be RUNNING at once (across all replicas in Redis mode)"),
+    ("ON_BUSY", "reject", "what POST /agents/run does when every slot is taken: reject, enqueue or interrupt"),
+    ("QUEUE_MAX", "100", "how many runs may wait in the queue; past it an enqueue is refused with 409"),
 )
 
 
@@ -84,6 +87,9 @@ class Settings:
     redis_url: str | None = field(default=None, repr=False)
     redis_prefix: str = "agent-runner"
     lock_ttl_seconds: float = 30.0
+    max_concurrent_runs: int = 1
+    on_busy: str = "reject"
+    queue_max: int = 100
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -93,6 +99,9 @@ class Settings:
         host = env.get("HOST", cls.host).strip()
         if not host:
             raise ConfigError("HOST", "must not be empty")
+        on_busy = env.get("ON_BUSY", "").strip().lower() or cls.on_busy
+        if on_busy not in ("reject", "enqueue", "interrupt"):
+            raise ConfigError("ON_BUSY", f"must be one of reject, enqueue, interrupt; got {on_busy!r}")
         redis_url = env.get("REDIS_URL", "").strip() or None
         if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError("REDIS_URL", "must start with redis://, rediss:// or unix://")
@@ -117,6 +126,10 @@ class Settings:
             redis_prefix=env.get("REDIS_PREFIX", "").strip() or cls.redis_prefix,
             lock_ttl_seconds=_env_number(env, "LOCK_TTL_SECONDS", cls.lock_ttl_seconds,
                                          integer=False, minimum=0.3),
+            max_concurrent_runs=_env_number(env, "MAX_CONCURRENT_RUNS", cls.max_concurrent_runs, integer=True,
+                                            minimum=1, maximum=64),
+            on_busy=on_busy,
+            queue_max=_env_number(env, "QUEUE_MAX", cls.queue_max, integer=True, minimum=0, maximum=100000),
         )
 
 

@@ -27,7 +27,8 @@ def utc_now() -> str:
 
 RUN_OVERHEAD_BYTES = 600  # a Run object, its dict entry and index slots, beyond its JSON
 PUBLIC_FIELDS = ("run_id", "agent_type", "user_id", "input", "state", "result", "error", "progress",
-                 "created_at", "started_at", "finished_at")
+                 "created_at", "started_at", "finished_at", "queue_position", "cancelled_by")
+ON_BUSY = ("reject", "enqueue", "interrupt")  # what POST /agents/run does when every slot is taken
 
 
 class RunRecordInvalid(ValueError):
@@ -59,6 +60,8 @@ class Run:
     created_at: str = field(default_factory=utc_now)
     started_at: str | None = None
     finished_at: str | None = None
+    queue_position: int | None = None  # 1 = next, while the run waits in the queue
+    cancelled_by: str | None = None  # the run that interrupted this one
     holder: str | None = None  # token of the run lock taken for this run; not shown to clients
     _json: bytes | None = field(default=None, repr=False, compare=False)
 
@@ -86,7 +89,8 @@ class Run:
         if self._json is None:
             head = encode({"run_id": self.run_id, "agent_type": self.agent_type, "user_id": self.user_id})
             tail = encode({"error": self.error, "progress": self.progress, "created_at": self.created_at,
-                           "started_at": self.started_at, "finished_at": self.finished_at})
+                           "started_at": self.started_at, "finished_at": self.finished_at,
+                           "queue_position": self.queue_position, "cancelled_by": self.cancelled_by})
             self._json = b"".join((head[:-1], b',"input":', self.input_json, b',"state":', encode(self.state),
                                    b',"result":', self.result_json, b",", tail[1:]))
         return self._json
@@ -113,6 +117,7 @@ class Run:
 
         progress = data.get("progress")
         input = data.get("input")
+        position = data.get("queue_position")
         try:
             run = cls(
                 run_id=data["run_id"], agent_type=data["agent_type"], user_id=data["user_id"],
@@ -121,10 +126,12 @@ class Run:
                 progress=float(progress) if isinstance(progress, (int, float)) and not isinstance(progress, bool)
                 else None,
                 created_at=text("created_at") or "", started_at=text("started_at"),
-                finished_at=text("finished_at"), holder=holder)
+                finished_at=text("finished_at"), cancelled_by=text("cancelled_by"), holder=holder,
+                queue_position=position if isinstance(position, int) and not isinstance(position, bool) else None)
         except ValueError:  # a non-finite number somewhere
             raise RunRecordInvalid("holds a number JSON cannot carry") from None
-        if tuple(data) == PUBLIC_FIELDS and isinstance(input, dict) and run.progress == progress:
+        if (tuple(data) == PUBLIC_FIELDS and isinstance(input, dict) and run.progress == progress
+                and run.queue_position == position):
             run._json = raw  # served as read: this version wrote it
         return run
 
@@ -156,23 +163,27 @@ class Page:
 
 
 class MemoryRunLock:
-    """The single-run lock of one process: a holder token or nothing. Never waits."""
+    """The run lock of one process: ``slots`` holder tokens at most (MAX_CONCURRENT_RUNS). Never waits."""
 
     renew_interval: float | None = None  # nothing to renew in memory
 
-    def __init__(self) -> None:
-        self._token: str | None = None
+    def __init__(self, slots: int = 1) -> None:
+        self.slots = slots
+        self._tokens: set[str] = set()
+
+    def take(self) -> str | None:
+        """A slot's token if one is free, else None; no await, so it is atomic with what the caller does next."""
+        if len(self._tokens) >= self.slots:
+            return None
+        token = uuid.uuid4().hex
+        self._tokens.add(token)
+        return token
 
     async def try_acquire(self) -> str | None:
-        """Take the lock if it is free and return its token; None when it is held."""
-        if self._token is not None:
-            return None
-        self._token = uuid.uuid4().hex
-        return self._token
+        return self.take()
 
     async def release(self, token: str) -> None:
-        if self._token == token:
-            self._token = None
+        self._tokens.discard(token)
 
     async def renew(self, token: str) -> None:
         pass
@@ -185,10 +196,12 @@ class MemoryRunStore:
         self.retention = retention
         self.retention_bytes = retention_bytes
         self._finished_bytes = 0
-        self.on_cancel: Callable[[str], None] = lambda run_id: None
+        self.on_cancel: Callable[[str, str | None], None] = lambda run_id, by: None
+        self.on_work: Callable[[], None] = lambda: None
         self._runs: dict[str, Run] = {}
         self._finished: deque[str] = deque()  # finished run ids, oldest first
         self._finish_events: dict[str, asyncio.Event] = {}
+        self._queue: deque[Run] = deque()  # waiting runs, next first
 
     async def start(self) -> None:
         pass
@@ -205,15 +218,68 @@ class MemoryRunStore:
     async def unfinished(self) -> list[Run]:
         return []  # one process: no other holder can leave a run behind
 
-    async def request_cancel(self, run_id: str) -> None:
+    async def request_cancel(self, run_id: str, by: str | None = None) -> None:
         pass  # one process: the runner cancels its own run directly
 
-    async def cancel_requested(self, run_id: str) -> bool:
-        return False
+    async def cancel_requested(self, run_id: str) -> tuple[bool, str | None]:
+        return False, None
 
     async def add(self, run: Run) -> None:
+        self._add(run)
+
+    def _add(self, run: Run) -> None:
         self._runs[run.run_id] = run
         self._finish_events[run.run_id] = asyncio.Event()
+
+    async def admit(self, run: Run, lock: MemoryRunLock, on_busy: str, queue_max: int) -> str:
+        """In one step: start ``run`` on a free slot when nobody waits ("started", ``run.holder`` set),
+        else queue it if ``on_busy`` allows and there is room ("queued"), else "busy" or "full"."""
+        if not self._queue and (token := lock.take()) is not None:
+            run.holder = token
+            self._add(run)
+            return "started"
+        if on_busy == "reject":
+            return "busy"
+        if len(self._queue) >= queue_max:
+            return "full"
+        self._add(run)
+        if on_busy == "interrupt":
+            self._queue.appendleft(run)
+        else:
+            self._queue.append(run)
+        self._number_queue()
+        return "queued"
+
+    async def take(self, lock: MemoryRunLock) -> Run | None:
+        """The head of the queue on a free slot (``holder`` set), or None: one step, so never two takers."""
+        if not self._queue or (token := lock.take()) is None:
+            return None
+        run = self._queue.popleft()
+        run.holder = token
+        run.update(queue_position=None)
+        self._number_queue()
+        return run
+
+    async def dequeue(self, run_id: str) -> Run | None:
+        """Take a waiting run out of the queue (to cancel it); None if it no longer waits."""
+        for run in self._queue:
+            if run.run_id == run_id:
+                self._queue.remove(run)
+                run.update(queue_position=None)
+                self._number_queue()
+                return run
+        return None
+
+    async def queue_length(self) -> int:
+        return len(self._queue)
+
+    async def waiting(self) -> list[Run]:
+        return list(self._queue)
+
+    def _number_queue(self) -> None:
+        for position, run in enumerate(self._queue, 1):
+            if run.queue_position != position:
+                run.update(queue_position=position)
 
     async def save(self, run: Run, release: MemoryRunLock | None = None) -> None:
         """Store a change; a terminal state wakes its waiters and may drop the oldest finished run.

@@ -190,7 +190,7 @@ def test_a_post_admitted_as_shutdown_starts_gets_the_grace(redis_servers, redis_
     prefix = f"test-{uuid.uuid4().hex[:8]}"
     try:
         srv = redis_servers(proxy.url, prefix, SHUTDOWN_GRACE_SECONDS="10")
-        proxy.hold(lambda chunk: b"NX" in chunk and b":lock" in chunk, 0.5,
+        proxy.hold(lambda chunk: b":runs" in chunk and b":lock" in chunk, 0.5,  # the admit script
                    lambda: srv.proc.send_signal(signal.SIGTERM))
         response = post(srv, "sleeper", seconds=0.2)
         assert srv.proc.wait(20) == 0

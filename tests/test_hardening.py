@@ -125,7 +125,7 @@ def test_pubsub_listener_that_fails_is_logged_and_restarted(redis_server: RedisS
     prefix = f"test-{uuid.uuid4().hex[:8]}"
     cancelled: list[str] = []
 
-    def on_cancel(run_id: str) -> None:
+    def on_cancel(run_id: str, by: str | None = None) -> None:
         if not cancelled:
             cancelled.append("failed")
             raise RuntimeError("on_cancel failed")
