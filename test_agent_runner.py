@@ -52,7 +52,9 @@ def test_run_states_are_seen_in_order(server: ServerProcess) -> None:
     seen: list[str] = []
     first = server.client.get(f"/agents/status/{run_id}").json()
     assert first["finished_at"] is None and first["result"] is None
+    deadline = time.monotonic() + 10
     while not seen or seen[-1] not in ("DONE", "ERROR"):
+        assert time.monotonic() < deadline, f"run never ended; states seen: {seen}"
         state = server.client.get(f"/agents/status/{run_id}").json()["state"]
         if not seen or seen[-1] != state:
             seen.append(state)

@@ -26,15 +26,22 @@ def raw_post(port: int, body: bytes, *, headers: bytes = b"", send_all: bool = T
     return sock
 
 
-def read_reply(sock: socket.socket) -> tuple[bytes, bytes]:
+def read_reply(sock: socket.socket, timeout: float = 10) -> tuple[bytes, bytes]:
     """The status line and headers, and the body (by Content-Length) of one HTTP/1.1 response."""
+    sock.settimeout(timeout)  # a reply that never comes fails the test instead of hanging it
+
+    def more() -> bytes:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection before its reply was complete"
+        return chunk
+
     data = b""
     while b"\r\n\r\n" not in data:
-        data += sock.recv(65536)
+        data += more()
     head, body = data.split(b"\r\n\r\n", 1)
     length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
     while len(body) < length:
-        body += sock.recv(65536)
+        body += more()
     return head, body
 
 
@@ -66,9 +73,10 @@ def test_never_two_agents_at_once_through_bursts_cancels_timeouts_and_errors(sta
                     run_id = response.json()["run_id"]
                     if rng.random() < 0.3:
                         await client.post(f"/agents/cancel/{run_id}")
+                    deadline = time.monotonic() + 20
                     while (await client.get(f"/agents/status/{run_id}", params={"wait": 10})).json()["state"] \
                             not in TERMINAL:
-                        pass
+                        assert time.monotonic() < deadline, f"run {run_id} did not end in 20 s"
         return accepted
 
     accepted = asyncio.run(scenario())

@@ -80,7 +80,8 @@ class Soak:
             self.accepted.append(run_id)
             if self.rng.random() < 0.15:
                 self.record(await client.post(f"/agents/cancel/{run_id}"))
-            while True:
+            deadline = time.monotonic() + 60  # a run that never ends is left to the final checks
+            while time.monotonic() < deadline:
                 status = self.record(await client.get(f"/agents/status/{run_id}", params={"wait": 10}))
                 if status.status_code != 200 or status.json()["state"] in TERMINAL:
                     break
