@@ -11,9 +11,10 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 import pytest
@@ -157,11 +158,28 @@ class RedisServer:
             client.close()
 
 
+def missing_tool(what: str, install: str) -> NoReturn:
+    """Fail in CI (nothing the suite needs may be skipped there); elsewhere skip, saying what to install."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is missing in CI: .ci/run must provide it ({install})")
+    pytest.skip(f"{what} is missing; to run these tests: {install}")
+
+
 def require_redis_server() -> None:
     if shutil.which("redis-server") is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is missing in CI: .ci/run must install it")
-        pytest.skip("redis-server is not installed (apt-get install redis-server); Redis-mode tests skipped")
+        missing_tool("redis-server", "apt-get install redis-server")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """After the run, one line per group of skipped tests and what to install to run it."""
+    groups: Counter[str] = Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        groups[reason.removeprefix("Skipped: ")] += 1
+    if groups:
+        terminalreporter.section("SKIPPED GROUPS (CI fails instead of skipping)", sep="!", yellow=True, bold=True)
+        for reason, count in groups.most_common():
+            terminalreporter.write_line(f"{count:4d} skipped: {reason}", yellow=True)
 
 
 @pytest.fixture(scope="session")

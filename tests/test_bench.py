@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from conftest import HERE
+from conftest import HERE, missing_tool
 
 
 def test_quick_bench_prints_the_table_and_writes_the_json(tmp_path: Path) -> None:
     if shutil.which("wrk") is None:
-        if os.environ.get("CI"):
-            pytest.fail("wrk is missing in CI: .ci/run must install it")
-        pytest.skip("wrk is not installed (apt-get install wrk); bench.py needs it")
+        missing_tool("wrk", "apt-get install wrk")
     output = tmp_path / "bench-results.json"
     result = subprocess.run([sys.executable, "tools/bench.py", "--quick", "--output", str(output)], cwd=HERE,
                             capture_output=True, text=True, timeout=600)
