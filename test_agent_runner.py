@@ -63,12 +63,12 @@ def test_run_states_are_seen_in_order(server: ServerProcess) -> None:
 
 
 def test_busy_answers_409_with_exact_detail_and_retry_after(server: ServerProcess) -> None:
-    run_id = server.start_run("sleeper", seconds=0.5)
+    run_id = server.start_run("hanging")  # busy until cancelled, however slow the machine
     response = server.client.post("/agents/run", json={"agent_type": "policy-checker", "user_id": new_user()})
     assert response.status_code == 409
     assert response.json() == {"detail": BUSY}
     assert int(response.headers["retry-after"]) >= 1
-    server.wait_run(run_id)
+    assert server.client.post(f"/agents/cancel/{run_id}").json()["state"] == "CANCELLED"
     rejected = server.events("run_rejected")
     assert rejected and rejected[-1]["agent_type"] == "policy-checker"
 
@@ -84,7 +84,8 @@ def test_burst_of_100_concurrent_posts_admits_exactly_one(server: ServerProcess)
     async def burst() -> list[httpx.Response]:
         limits = httpx.Limits(max_connections=100)
         async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=30) as client:
-            body = {"agent_type": "sleeper", "user_id": new_user(), "input": {"seconds": 1}}
+            # The run outlasts the burst however slow the machine: it ends only when cancelled below.
+            body = {"agent_type": "hanging", "user_id": new_user()}
             return await asyncio.gather(*(client.post("/agents/run", json=body) for _ in range(100)))
 
     responses = asyncio.run(burst())
@@ -92,7 +93,8 @@ def test_burst_of_100_concurrent_posts_admits_exactly_one(server: ServerProcess)
     assert codes.count(202) == 1 and codes.count(409) == 99, codes
     accepted = next(r for r in responses if r.status_code == 202)
     assert all(r.json() == {"detail": BUSY} for r in responses if r.status_code == 409)
-    server.wait_run(accepted.json()["run_id"])
+    cancelled = server.client.post(f"/agents/cancel/{accepted.json()['run_id']}")
+    assert cancelled.json()["state"] == "CANCELLED"
 
 
 VALID = {"agent_type": "sleeper", "user_id": "3f2b8a8e-6c1d-4d8e-9a57-0f4c2b1d9e10"}
