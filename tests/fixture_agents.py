@@ -60,6 +60,7 @@ class Stubborn(BaseAgent):
             except asyncio.CancelledError:
                 ignored += 1
                 self.log.info("cancel_ignored", ignored=ignored)
+        self.log.info("stubborn_stopped", ignored=ignored)  # its code has stopped: tests order other lines by it
         return {"ignored_cancels": ignored}
 
 

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import signal
 import threading
 import time
 import uuid
+from datetime import datetime
 
 import httpx
 import pytest
 
 from conftest import ServerProcess, new_user
+from store import MemoryRunStore, Run, utc_now
 
 BUSY = "An agent is already running, please retry later"
 
@@ -44,11 +48,19 @@ def test_cancel_while_running_ends_cancelled_and_frees_the_lock(server: ServerPr
 
 
 def test_cancel_while_pending_or_running_never_runs_two_agents(server: ServerProcess) -> None:
-    # Cancel immediately after 202: the run may still be PENDING.
-    for _ in range(5):
-        run_id = server.start_run("hanging")
+    # Each cancel is followed at once by the next run; the probe agent counts how many execute at once.
+    # A stubborn probe takes 0.2 s to stop after its cancel: a lock freed any earlier would run two.
+    for mode, once_running in [("hang", False), ("stubborn", True), ("hang", True), ("stubborn", False),
+                               ("stubborn", True), ("hang", False)]:
+        run_id = server.start_run("probe", mode=mode, seconds=0)
+        if once_running:
+            server.wait_state(run_id, "RUNNING")  # else cancelled right after the 202, perhaps still PENDING
         response = server.client.post(f"/agents/cancel/{run_id}")
         assert response.status_code == 200 and response.json()["state"] == "CANCELLED"
+    last = server.start_run("probe", mode="ok", seconds=0)
+    assert server.wait_run(last)["state"] == "DONE"
+    # "most" is the highest number of probes this process ever saw executing at once.
+    assert server.wait_for_event("probe_end", run_id=last)["most"] == 1
 
 
 def test_cancel_after_done_is_409_with_the_state(server: ServerProcess) -> None:
@@ -65,22 +77,34 @@ def test_cancel_unknown_is_404_and_malformed_is_400(server: ServerProcess) -> No
     assert server.client.post("/agents/cancel/42").status_code == 400
 
 
-def test_agent_that_swallows_cancellation_keeps_the_lock_until_it_stops(server: ServerProcess) -> None:
+def log_time(line: dict) -> float:
+    return datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
+def test_agent_that_swallows_cancellation_is_cancelled_every_second_and_keeps_the_lock(server: ServerProcess) -> None:
     run_id = server.start_run("stubborn", hold=6.5)
     server.wait_state(run_id, "RUNNING")
-    started = time.monotonic()
     response = server.client.post(f"/agents/cancel/{run_id}")
     # The agent ignores cancellation longer than the cancel endpoint waits: 202, still RUNNING.
     assert response.status_code == 202
     assert response.json()["state"] == "RUNNING"
     busy = server.client.post("/agents/run", json={"agent_type": "sleeper", "user_id": new_user()})
     assert busy.status_code == 409
-    run = server.wait_run(run_id)
-    assert run["state"] == "CANCELLED"
-    assert time.monotonic() - started >= 1.0
-    ignored = server.events("cancel_ignored")
-    assert any(line["run_id"] == run_id for line in ignored)
-    server.wait_run(server.start_run("sleeper", seconds=0))
+    assert server.wait_run(run_id)["state"] == "CANCELLED"
+    next_run = server.start_run("sleeper", seconds=0)
+    server.wait_run(next_run)
+
+    server.wait_for_event("run_accepted", run_id=next_run)
+    lines = server.log_lines()
+
+    # Cancelled at once, then again every second until it stopped 6.5 s later.
+    ignored = [log_time(line) for line in lines if line["event"] == "cancel_ignored" and line["run_id"] == run_id]
+    gaps = [later - earlier for earlier, later in zip(ignored, ignored[1:])]
+    assert len(ignored) >= 6, ignored
+    assert all(0.9 <= gap <= 2.0 for gap in gaps), gaps
+    # The lock was held until the agent's code had stopped: the next run was accepted only after that.
+    events = [(line["event"], line.get("run_id")) for line in lines]
+    assert events.index(("stubborn_stopped", run_id)) < events.index(("run_accepted", next_run))
 
 
 # --- long-poll ---------------------------------------------------------------
@@ -172,14 +196,39 @@ def test_retention_drops_the_oldest_finished_runs(start_server) -> None:
     assert [run["run_id"] for run in srv.client.get("/agents/runs").json()["runs"]] == ids[:1:-1]
 
 
-def test_retention_never_drops_the_running_run(start_server) -> None:
-    srv = start_server(RUN_RETENTION="1")
-    srv.run_to_end("sleeper", seconds=0)
-    running = srv.start_run("hanging")
-    srv.wait_state(running, "RUNNING")
-    assert srv.client.get(f"/agents/status/{running}").json()["state"] == "RUNNING"
-    srv.client.post(f"/agents/cancel/{running}")
-    assert srv.client.get(f"/agents/status/{running}").json()["state"] == "CANCELLED"
+def test_retention_trim_keeps_pending_and_running_runs(backend: dict[str, str]) -> None:
+    # Over HTTP a trim never meets a live run (one run at a time, trimmed when it finishes), so this
+    # drives the store itself: two live runs older than every finished run, then a trim to 1.
+    def new_run() -> Run:
+        return Run(run_id=str(uuid.uuid4()), agent_type="sleeper", user_id=new_user(), input={})
+
+    pending, running, *finished = (new_run() for _ in range(5))
+
+    async def scenario() -> tuple[list[bool], list[str]]:
+        if backend:
+            from redis_store import open_redis
+            _, store = open_redis(backend["REDIS_URL"], f"{backend['REDIS_PREFIX']}-trim", 30, 1,
+                                  logging.getLogger("test"))
+        else:
+            store = MemoryRunStore(retention=1)
+        await store.start()
+        try:
+            await store.add(pending)
+            await store.add(running)
+            running.update(state="RUNNING", started_at=utc_now())
+            await store.save(running)
+            for run in finished:
+                await store.add(run)
+                run.update(state="DONE", finished_at=utc_now())
+                await store.save(run)
+            present = [await store.get(run.run_id) is not None for run in (pending, running, *finished)]
+            return present, [run.run_id for run in await store.list(limit=10)]
+        finally:
+            await store.close()
+
+    present, listed = asyncio.run(scenario())
+    assert present == [True, True, False, False, True]
+    assert listed == [finished[-1].run_id, running.run_id, pending.run_id]
 
 
 # --- progress --------------------------------------------------------------
