@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -262,12 +263,26 @@ def test_openapi_paths_and_methods_equal_the_apps_routes() -> None:
     assert documented == served
 
 
-def test_openapi_documents_every_status_each_path_returns() -> None:
+# Every status each operation answers (401: API_TOKEN; 503: shutting down or the Redis store unreachable).
+STATUSES = {
+    ("GET", "/agents"): {"200", "401"},
+    ("POST", "/agents/run"): {"202", "400", "401", "409", "413", "415", "503"},
+    ("GET", "/agents/status/{run_id}"): {"200", "400", "401", "404", "503"},
+    ("POST", "/agents/cancel/{run_id}"): {"200", "202", "400", "401", "404", "409", "503"},
+    ("GET", "/agents/runs"): {"200", "400", "401", "503"},
+    ("GET", "/healthz"): {"200"},
+    ("GET", "/readyz"): {"200", "503"},
+    ("GET", "/metrics"): {"200"},
+    ("GET", "/openapi.yaml"): {"200"},
+    ("GET", "/docs"): {"200"},
+}
+
+
+def test_openapi_documents_every_status_each_operation_returns() -> None:
     spec = yaml.safe_load((HERE / "openapi.yaml").read_text())
-    post = spec["paths"]["/agents/run"]["post"]["responses"]
-    assert {"202", "400", "401", "409", "413", "415", "503"} <= set(post)
-    status = spec["paths"]["/agents/status/{run_id}"]["get"]["responses"]
-    assert {"200", "400", "401", "404"} <= set(status)
+    documented = {(method.upper(), path): set(operation["responses"])
+                  for path, item in spec["paths"].items() for method, operation in item.items()}
+    assert documented == STATUSES
 
 
 def test_docs_page_loads_swagger_ui_for_the_spec(start_server) -> None:
@@ -314,7 +329,7 @@ def test_run_lines_carry_run_id_agent_type_user_id(server: ServerProcess) -> Non
         assert line["agent_type"] == "sleeper" and line["user_id"] == user
 
 
-@pytest.mark.parametrize(("env", "variable"), [
+BAD_SETTINGS = [
     ({"PORT": "abc"}, "PORT"),
     ({"PORT": "70000"}, "PORT"),
     ({"AGENT_SLEEP_SECONDS": "-1"}, "AGENT_SLEEP_SECONDS"),
@@ -326,11 +341,22 @@ def test_run_lines_carry_run_id_agent_type_user_id(server: ServerProcess) -> Non
     ({"RUN_TIMEOUT_SECONDS": "0"}, "RUN_TIMEOUT_SECONDS"),
     ({"RUN_RETENTION": "many"}, "RUN_RETENTION"),
     ({"SHUTDOWN_GRACE_SECONDS": "-5"}, "SHUTDOWN_GRACE_SECONDS"),
-], ids=lambda value: value if isinstance(value, str) else None)
-def test_bad_setting_stops_start_with_one_json_line_naming_it(env: dict[str, str], variable: str) -> None:
+    ({"HOST": " "}, "HOST"),
+    ({"HOST": "256.1.1.1"}, "HOST"),
+    ({"HOST": "bad host!"}, "HOST"),
+    ({"REDIS_URL": "http://127.0.0.1:6379/0"}, "REDIS_URL"),
+    ({"REDIS_URL": "redis://127.0.0.1:port/0"}, "REDIS_URL"),
+    ({"LOCK_TTL_SECONDS": "0.1"}, "LOCK_TTL_SECONDS"),
+    ({"LOCK_TTL_SECONDS": "soon"}, "LOCK_TTL_SECONDS"),
+]
+
+
+@pytest.mark.parametrize(("env", "variable"), BAD_SETTINGS,
+                         ids=[" ".join(f"{key}={value!r}" for key, value in env.items()) for env, _ in BAD_SETTINGS])
+def test_bad_setting_stops_start_with_exit_2_and_one_json_line_naming_it(env: dict[str, str], variable: str) -> None:
     result = subprocess.run([sys.executable, "agent_runner.py"], cwd=HERE, capture_output=True, text=True,
                             timeout=30, env={**os.environ, "PORT": str(free_port()), "PYTHONPATH": str(TESTS), **env})
-    assert result.returncode != 0
+    assert result.returncode == 2, result.stdout + result.stderr
     lines = [json.loads(text) for text in result.stdout.splitlines()]
     assert len(lines) == 1, result.stdout + result.stderr
     assert lines[0]["event"] == "invalid_configuration" and lines[0]["level"] == "error"
@@ -338,12 +364,22 @@ def test_bad_setting_stops_start_with_one_json_line_naming_it(env: dict[str, str
     assert result.stderr == ""
 
 
+def readme_settings() -> dict[str, str]:
+    """The README's configuration table: variable -> its default as written there."""
+    readme = (HERE / "README.md").read_text()
+    return dict(re.findall(r"^\| `([A-Z_]+)` \| ([^|]+?) \|", readme, re.M))
+
+
 def test_settings_defaults_match_the_readme_table() -> None:
+    table = readme_settings()
     defaults = settings.Settings.from_env({})
-    assert (defaults.host, defaults.port, defaults.log_level) == ("127.0.0.1", 8000, "info")
-    assert (defaults.agent_sleep_seconds, defaults.max_body_bytes, defaults.agent_modules) == (5.0, 65536, ())
-    assert (defaults.run_timeout_seconds, defaults.run_retention, defaults.shutdown_grace_seconds) == (300, 10000, 30)
-    assert defaults.api_token is None
+    assert set(table) == {field.name.upper() for field in dataclasses.fields(defaults)}
+    for name, shown in table.items():
+        value = getattr(defaults, name.lower())
+        if shown in ("(unset)", "(empty)"):
+            assert value in (None, ()), (name, value)
+        else:
+            assert value == type(value)(shown.strip("`")), (name, shown, value)
 
 
 def test_agent_sleep_seconds_zero_is_allowed(start_server) -> None:
@@ -354,13 +390,17 @@ def test_agent_sleep_seconds_zero_is_allowed(start_server) -> None:
 
 
 def test_help_prints_the_configuration_table_and_version_the_version() -> None:
-    help_text = subprocess.run([sys.executable, "agent_runner.py", "--help"], cwd=HERE, capture_output=True,
-                               text=True, timeout=30).stdout
+    shown = subprocess.run([sys.executable, "agent_runner.py", "--help"], cwd=HERE, capture_output=True,
+                           text=True, timeout=30)
     version = subprocess.run([sys.executable, "agent_runner.py", "--version"], cwd=HERE, capture_output=True,
-                             text=True, timeout=30).stdout
-    for name, default, _ in settings.SETTINGS_TABLE:
-        assert name in help_text and default in help_text
-    assert version.strip() == f"agent-runner {agent_runner.__version__}"
+                             text=True, timeout=30)
+    assert shown.returncode == 0 and version.returncode == 0
+    rows = {line.split()[0]: line.split(None, 1)[1] for line in shown.stdout.splitlines()
+            if line.startswith("  ") and line.split()[0].isupper()}
+    assert list(rows) == [name for name, _, _ in settings.SETTINGS_TABLE]
+    for name, default, meaning in settings.SETTINGS_TABLE:
+        assert rows[name] == meaning + (f" (default: {default})" if default else ""), name
+    assert version.stdout.strip() == f"agent-runner {agent_runner.__version__}"
 
 
 def test_every_setting_is_in_the_readme_table_and_env_example_with_its_default() -> None:
