@@ -133,19 +133,27 @@ BAD_INPUT = [
 ]
 
 
+def newest_run_id(server: ServerProcess) -> str | None:
+    runs = server.client.get("/agents/runs", params={"limit": 1}).json()["runs"]
+    return runs[0]["run_id"] if runs else None
+
+
 @pytest.mark.parametrize(("headers", "body", "status", "words"),
                          [case[1:] for case in BAD_INPUT], ids=[case[0] for case in BAD_INPUT])
-def test_bad_input_gets_json_4xx_and_leaves_the_lock_free(
+def test_bad_input_gets_json_4xx_creates_no_run_and_leaves_the_lock_free(
         server: ServerProcess, headers: dict[str, str | None], body: bytes, status: int, words: str) -> None:
+    before = newest_run_id(server)
     sent = {key: value for key, value in {"content-type": "application/json", **headers}.items() if value}
     response = server.client.post("/agents/run", content=body, headers=sent)
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/json"
     assert words in response.json()["detail"]
+    assert newest_run_id(server) == before
     server.wait_run(server.start_run("sleeper", seconds=0))
 
 
 def test_body_over_max_body_bytes_is_413_by_content_length_and_by_streamed_size(server: ServerProcess) -> None:
+    before = newest_run_id(server)
     big = b'{"agent_type": "sleeper", "input": {"pad": "' + b"x" * 70000 + b'"}}'
     response = server.client.post("/agents/run", content=big, headers={"content-type": "application/json"})
     assert response.status_code == 413
@@ -157,6 +165,7 @@ def test_body_over_max_body_bytes_is_413_by_content_length_and_by_streamed_size(
 
     response = server.client.post("/agents/run", content=chunks(), headers={"content-type": "application/json"})
     assert response.status_code == 413
+    assert newest_run_id(server) == before
     server.wait_run(server.start_run("sleeper", seconds=0))
 
 
@@ -169,6 +178,14 @@ def test_unknown_agent_type_names_it_lists_supported_and_logs_a_warning(server: 
         assert agent_type in detail
     line = server.wait_for_event("unsupported_agent_type", agent_type="translator")
     assert line["level"] == "warning"
+
+
+def test_warning_lines_are_written_before_the_answer(server: ServerProcess) -> None:
+    agent_type = f"nope-{uuid.uuid4().hex[:8]}"
+    response = server.client.post("/agents/run", json={"agent_type": agent_type, "user_id": new_user()})
+    assert response.status_code == 400
+    # Read at once, no waiting: info lines may be 0.2 s late, a warning is flushed before the answer goes out.
+    assert [line["agent_type"] for line in server.events("unsupported_agent_type")][-1:] == [agent_type]
 
 
 def test_status_of_malformed_id_is_400_and_of_unknown_id_is_404(server: ServerProcess) -> None:

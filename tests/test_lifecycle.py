@@ -171,6 +171,13 @@ def test_list_is_newest_first_with_filters_and_paging(start_server) -> None:
     assert listed(state="RUNNING") == []
 
 
+def test_list_returns_50_runs_by_default(start_server) -> None:
+    srv = start_server()
+    ids = [srv.run_to_end("sleeper", seconds=0)["run_id"] for _ in range(51)]
+    listed = srv.client.get("/agents/runs").json()["runs"]
+    assert [run["run_id"] for run in listed] == ids[:0:-1]  # the newest 50, newest first
+
+
 @pytest.mark.parametrize(("params", "word"), [
     ({"state": "FINISHED"}, "state"), ({"limit": "0"}, "limit"), ({"limit": "1001"}, "limit"),
     ({"limit": "ten"}, "limit"), ({"limit": "\u00b2"}, "limit"), ({"limit": "\u0663"}, "limit"),
@@ -332,6 +339,15 @@ def test_metrics_count_runs_rejections_durations_and_requests(start_server) -> N
     assert metric(text, "agent_runner_http_requests_total", method="GET",
                   route="/agents/status/{run_id}", status="200") >= 4
     assert "/agents/status/" + running not in text  # the route template, never the raw path
+
+
+def test_metrics_include_the_standard_process_and_python_series(server: ServerProcess) -> None:
+    text = server.client.get("/metrics").text
+    assert metric(text, "process_resident_memory_bytes") > 10e6
+    assert metric(text, "process_cpu_seconds_total") > 0
+    assert metric(text, "process_open_fds") > 0
+    assert metric(text, "python_info", implementation="CPython") == 1
+    assert re.search(r"^python_gc_objects_collected_total\{generation=\"0\"\} \d", text, re.M)
 
 
 # --- readiness and graceful shutdown --------------------------------------
