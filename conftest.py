@@ -41,7 +41,9 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        full_env = {**os.environ, "PORT": str(self.port), "HOST": "127.0.0.1",
+        # stdout buffered as in production (PYTHONUNBUFFERED would hide how info lines are batched)
+        inherited = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+        full_env = {**inherited, "PORT": str(self.port), "HOST": "127.0.0.1",
                     "AGENT_MODULES": "fixture_agents", "AGENT_SLEEP_SECONDS": "0.2", "PYTHONPATH": str(TESTS),
                     **env}
         self._log_file = open(log_path, "wb")

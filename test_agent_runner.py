@@ -65,13 +65,13 @@ def test_run_states_are_seen_in_order(server: ServerProcess) -> None:
 
 def test_busy_answers_409_with_exact_detail_and_retry_after(server: ServerProcess) -> None:
     run_id = server.start_run("hanging")  # busy until cancelled, however slow the machine
-    response = server.client.post("/agents/run", json={"agent_type": "policy-checker", "user_id": new_user()})
+    user = new_user()
+    response = server.client.post("/agents/run", json={"agent_type": "policy-checker", "user_id": user})
     assert response.status_code == 409
     assert response.json() == {"detail": BUSY}
     assert int(response.headers["retry-after"]) >= 1
     assert server.client.post(f"/agents/cancel/{run_id}").json()["state"] == "CANCELLED"
-    rejected = server.events("run_rejected")
-    assert rejected and rejected[-1]["agent_type"] == "policy-checker"
+    assert server.wait_for_event("run_rejected", user_id=user)["agent_type"] == "policy-checker"
 
 
 def test_client_that_sees_done_can_start_the_next_run_at_once(server: ServerProcess) -> None:
@@ -182,10 +182,12 @@ def test_unknown_agent_type_names_it_lists_supported_and_logs_a_warning(server: 
 
 def test_warning_lines_are_written_before_the_answer(server: ServerProcess) -> None:
     agent_type = f"nope-{uuid.uuid4().hex[:8]}"
+    run_id = server.start_run("sleeper", seconds=0)  # info lines just before, which may wait up to 0.2 s
     response = server.client.post("/agents/run", json={"agent_type": agent_type, "user_id": new_user()})
     assert response.status_code == 400
-    # Read at once, no waiting: info lines may be 0.2 s late, a warning is flushed before the answer goes out.
+    # Read at once, no waiting: the warning is flushed before the answer goes out.
     assert [line["agent_type"] for line in server.events("unsupported_agent_type")][-1:] == [agent_type]
+    server.wait_run(run_id)
 
 
 def test_status_of_malformed_id_is_400_and_of_unknown_id_is_404(server: ServerProcess) -> None:
@@ -316,8 +318,11 @@ def test_docs_assets_come_from_a_cdn_by_default(server: ServerProcess) -> None:
 
 
 def test_every_stdout_line_is_json_with_timestamp_level_event(server: ServerProcess) -> None:
-    server.run_to_end("policy-checker")
-    server.client.get("/nowhere")
+    run = server.run_to_end("policy-checker")
+    marker = f"/nowhere-{uuid.uuid4()}"
+    server.client.get(marker)
+    server.wait_for_event("agent_complete", run_id=run["run_id"])
+    server.wait_for_event("http_request", path=marker)
     lines = server.log_path.read_text().splitlines()
     assert len(lines) > 10
     for text in lines:

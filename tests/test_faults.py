@@ -81,7 +81,9 @@ def test_never_two_agents_at_once_through_bursts_cancels_timeouts_and_errors(sta
 
     accepted = asyncio.run(scenario())
     assert accepted >= 40
-    ends = srv.events("probe_end")
+    last = srv.start_run("probe", mode="ok")  # its probe_end line comes after every other one
+    srv.wait_for_event("probe_end", run_id=last)
+    ends = [line for line in srv.events("probe_end") if line["run_id"] != last]
     assert len(ends) >= accepted - 5  # each probe that started logged its end
     assert max(line["most"] for line in ends) == 1
     states = {run["state"] for run in srv.client.get("/agents/runs", params={"limit": 1000}).json()["runs"]}
@@ -212,16 +214,18 @@ def test_redis_killed_mid_run_and_brought_back(tmp_path: Path) -> None:
     redis = RedisServer(tmp_path, persist=True)
     srv = ServerProcess(tmp_path / "server.log", REDIS_URL=redis.url, LOCK_TTL_SECONDS="6")
     try:
-        run_id = srv.start_run("sleeper", seconds=1.5)
+        run_id = srv.start_run("sleeper", seconds=1.5, announce=True)
         srv.wait_state(run_id, "RUNNING")
         redis.stop()
-        time.sleep(2)  # the agent finishes while Redis is away; its terminal state waits for the store
+        # The agent finishes while Redis is away; its terminal state waits for the store.
+        srv.wait_for_event("sleeper_done", run_id=run_id)
         assert srv.client.get(f"/agents/status/{run_id}").status_code == 503
         redis.start()
         run = srv.wait_run(run_id, timeout=20)
-        assert run["state"] in TERMINAL
+        assert run["state"] == "DONE" and run["result"] == {"slept": 1.5, "input": {"seconds": 1.5, "announce": True}}
         assert srv.run_to_end("sleeper", seconds=0)["state"] == "DONE"
-        assert len(srv.events("store_unavailable")) >= 1 and len(srv.events("store_recovered")) >= 1
+        srv.wait_for_event("store_recovered")
+        assert len(srv.events("store_unavailable")) == 1 and len(srv.events("store_recovered")) == 1
     finally:
         srv.stop(signal.SIGKILL)
         redis.stop()

@@ -135,6 +135,7 @@ def test_redis_down_answers_503_then_recovers_by_itself(replicas, own_redis: Red
         assert time.monotonic() < deadline, "did not recover after Redis came back"
         time.sleep(0.1)
     assert a.run_to_end("sleeper", seconds=0)["state"] == "DONE"
+    a.wait_for_event("store_recovered")
     assert len(a.events("store_unavailable")) == 1
     assert len(a.events("store_recovered")) == 1
 
