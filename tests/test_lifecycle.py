@@ -260,8 +260,9 @@ TOKEN = "s3cret-token-value-42"
 
 
 @pytest.fixture(scope="module")
-def token_server(tmp_path_factory) -> ServerProcess:
-    srv = ServerProcess(tmp_path_factory.mktemp("auth") / "server.log", API_TOKEN=TOKEN)
+def token_server(tmp_path_factory, backend: dict[str, str]) -> ServerProcess:
+    own_prefix = {"REDIS_PREFIX": f"test-{uuid.uuid4().hex[:8]}"} if backend else {}  # not the module server's
+    srv = ServerProcess(tmp_path_factory.mktemp("auth") / "server.log", API_TOKEN=TOKEN, **{**backend, **own_prefix})
     yield srv
     srv.stop(signal.SIGKILL)
 
