@@ -229,6 +229,7 @@ class Server(uvicorn.Server):
     async def serve(self, sockets: Any = None) -> None:
         self.loop = asyncio.get_running_loop()
         await super().serve(sockets)
+        await leave_agents_that_ignore_cancellation()
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         if self.draining:  # a second signal: stop now
@@ -245,6 +246,20 @@ class Server(uvicorn.Server):
                 self.should_exit = True
 
         self.drain_task = asyncio.ensure_future(drain_then_exit())
+
+
+async def leave_agents_that_ignore_cancellation(timeout: float = 1.0) -> None:
+    """Exit 0 now if a task (an agent swallowing CancelledError) outlives its cancellation.
+
+    asyncio.run would wait for it forever; its run is recorded and logged by now (drain).
+    """
+    others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in others:
+        task.cancel()
+    if others and (await asyncio.wait(others, timeout=timeout))[1]:
+        write_hot_lines()
+        sys.stdout.flush()
+        os._exit(0)
 
 
 def configure(env: Mapping[str, str] = os.environ) -> None:
