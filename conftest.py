@@ -13,6 +13,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -32,6 +33,11 @@ def free_port() -> int:
 
 def new_user() -> str:
     return str(uuid.uuid4())
+
+
+def log_time(line: dict[str, Any]) -> float:
+    """A log line's timestamp as seconds since the epoch (comparable with time.time())."""
+    return datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00")).timestamp()
 
 
 class ServerProcess:

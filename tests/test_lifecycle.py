@@ -9,13 +9,12 @@ import signal
 import threading
 import time
 import uuid
-from datetime import datetime
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import ServerProcess, new_user
+from conftest import ServerProcess, log_time, new_user
 from store import MemoryRunStore, Run, utc_now
 
 BUSY = "An agent is already running, please retry later"
@@ -76,10 +75,6 @@ def test_cancel_unknown_is_404_and_malformed_is_400(server: ServerProcess) -> No
     response = server.client.post(f"/agents/cancel/{unknown}")
     assert response.status_code == 404 and response.json() == {"detail": f"Run {unknown} not found"}
     assert server.client.post("/agents/cancel/42").status_code == 400
-
-
-def log_time(line: dict) -> float:
-    return datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00")).timestamp()
 
 
 def test_agent_that_swallows_cancellation_is_cancelled_every_second_and_keeps_the_lock(server: ServerProcess) -> None:

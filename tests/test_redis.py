@@ -8,13 +8,12 @@ import signal
 import socket
 import time
 import uuid
-from datetime import datetime
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import RedisServer, ServerProcess, new_user, require_redis_server
+from conftest import RedisServer, ServerProcess, log_time, new_user, require_redis_server
 
 BUSY = "An agent is already running, please retry later"
 
@@ -35,10 +34,6 @@ def persistent_redis(tmp_path: Path):
     server = RedisServer(tmp_path, persist=True)
     yield server
     server.stop()
-
-
-def log_time(line: dict) -> float:
-    return datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00")).timestamp()
 
 
 def post_until_accepted(server: ServerProcess, timeout: float = 10, **input: object) -> str:
