@@ -12,7 +12,7 @@ RUN useradd --create-home --uid 10001 runner
 COPY --from=build /venv /venv
 WORKDIR /app
 COPY agent_runner.py agents.py http_json.py logs.py metrics.py middleware.py runner.py settings.py \
-     store.py redis_store.py openapi.yaml ./
+     store.py redis_store.py yaml_reader.py openapi.yaml ./
 ENV PATH="/venv/bin:$PATH" \
     PYTHONDONTWRITEBYTECODE=1 \
     HOST=0.0.0.0 \

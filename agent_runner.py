@@ -33,12 +33,14 @@ from http_json import check_uuid, json_response, parse_limit, parse_run_request,
 from logs import flush_stdout_regularly, log, log_hot, logging_config, write_hot_lines
 from middleware import AccessLog, BearerAuth
 from settings import SETTINGS_TABLE, ConfigError, Settings, load_agent_modules
-from store import STATES, Run, StoreUnavailable
+from store import STATES, Page, Run, StoreUnavailable
+from yaml_reader import read_yaml
 
 __version__ = "0.1.0"
 
 HERE = Path(__file__).resolve().parent
 CANCEL_WAIT_SECONDS = 5.0  # how long POST /agents/cancel waits for the agent to stop
+LIST_BODY_BYTES = 8 * 1024 * 1024  # GET /agents/runs returns fewer runs rather than a larger body
 BUSY_BODY = b'{"detail":"An agent is already running, please retry later"}'
 
 
@@ -94,13 +96,9 @@ async def list_runs(request: Request) -> Response:
     before = query.get("before")
     if before is not None and await runner.run_store.get(check_uuid(before, "before")) is None:
         raise HTTPException(400, f"before: run {before} not found (it may have been dropped by retention)")
-    runs = await runner.run_store.list(
-        limit=parse_limit(query.get("limit")),
-        state=state,
-        agent_type=query.get("agent_type"),
-        user_id=check_uuid(user_id, "user_id") if user_id is not None else None,
-        before=before.lower() if before else None,
-    )
+    page = Page(parse_limit(query.get("limit")), state=state, agent_type=query.get("agent_type"),
+                user_id=check_uuid(user_id, "user_id") if user_id is not None else None, max_bytes=LIST_BODY_BYTES)
+    runs = await runner.run_store.list(page, before=before.lower() if before else None)
     return json_response(b'{"runs":[' + b",".join(run.json() for run in runs) + b"]}")
 
 
@@ -128,6 +126,7 @@ async def metrics_page(request: Request) -> Response:
 
 
 OPENAPI_YAML = (HERE / "openapi.yaml").read_bytes()
+OPENAPI_DOCUMENT = read_yaml(OPENAPI_YAML.decode())  # served as /openapi.json: one source, two forms
 
 DOCS_PAGE = """<!doctype html>
 <html lang="en">
@@ -149,6 +148,10 @@ DOCS_PAGE = """<!doctype html>
 
 async def openapi_spec(request: Request) -> Response:
     return Response(OPENAPI_YAML, media_type="application/yaml")
+
+
+async def openapi_json(request: Request) -> Response:
+    return json_response(OPENAPI_DOCUMENT)
 
 
 async def docs(request: Request) -> Response:
@@ -201,6 +204,7 @@ routes = [
     Route("/readyz", readyz, methods=["GET"]),
     Route("/metrics", metrics_page, methods=["GET"]),
     Route("/openapi.yaml", openapi_spec, methods=["GET"]),
+    Route("/openapi.json", openapi_json, methods=["GET"]),
     Route("/docs", docs, methods=["GET"]),
 ]
 
@@ -229,7 +233,11 @@ class Server(uvicorn.Server):
     async def serve(self, sockets: Any = None) -> None:
         self.loop = asyncio.get_running_loop()
         await super().serve(sockets)
-        await leave_agents_that_ignore_cancellation()
+        if runner.agent_code_running():  # recorded, but its code will not stop: only exiting stops it
+            log.error("exit_with_agent_running", extra=runner.run_fields(runner.active_run.run))
+            write_hot_lines()
+            sys.stdout.flush()
+            os._exit(0)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         if self.draining:  # a second signal: stop now
@@ -246,20 +254,6 @@ class Server(uvicorn.Server):
                 self.should_exit = True
 
         self.drain_task = asyncio.ensure_future(drain_then_exit())
-
-
-async def leave_agents_that_ignore_cancellation(timeout: float = 1.0) -> None:
-    """Exit 0 now if a task (an agent swallowing CancelledError) outlives its cancellation.
-
-    asyncio.run would wait for it forever; its run is recorded and logged by now (drain).
-    """
-    others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-    for task in others:
-        task.cancel()
-    if others and (await asyncio.wait(others, timeout=timeout))[1]:
-        write_hot_lines()
-        sys.stdout.flush()
-        os._exit(0)
 
 
 def configure(env: Mapping[str, str] = os.environ) -> None:

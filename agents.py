@@ -11,6 +11,7 @@ import abc
 import asyncio
 import logging
 import random
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -47,6 +48,13 @@ class BaseAgent(abc.ABC):
     ``run`` must not block the event loop: wrap blocking or CPU-bound work in
     ``await asyncio.to_thread(...)``. Cancellation (timeout, cancel, shutdown)
     arrives as ``asyncio.CancelledError``; clean up and let it propagate.
+
+    Work in a thread cannot be cancelled: the run keeps the lock, and stays
+    RUNNING, until every ``asyncio.to_thread`` / ``run_in_executor(None, ...)``
+    call the agent started has returned. Such work should check
+    ``self.stopping`` (a ``threading.Event``, set on cancel, timeout, shutdown
+    or lock loss) between steps and return early once it is set.
+    ``set_progress`` and ``self.log`` may be called from those threads too.
     """
 
     agent_type: ClassVar[str]
@@ -60,12 +68,19 @@ class BaseAgent(abc.ABC):
         *,
         sleep_seconds: float = 0.0,
         on_progress: Callable[[float], None] | None = None,
+        stopping: threading.Event | None = None,
     ) -> None:
         self.run_id = run_id
         self.user_id = user_id
         self.input = input
         self.sleep_seconds = sleep_seconds
+        self.stopping = stopping if stopping is not None else threading.Event()
         self._on_progress = on_progress
+        self._loop_thread = threading.get_ident()
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # built outside a loop (a unit test): progress is reported directly
+            self._loop, self._loop_thread = None, -1
         self.log = RunLogger(
             logging.getLogger(f"agents.{self.agent_type}"),
             {"run_id": run_id, "agent_type": self.agent_type, "user_id": user_id},
@@ -75,8 +90,12 @@ class BaseAgent(abc.ABC):
         """Report how far the run is, from 0 to 1; shows as ``progress`` on the run."""
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
             raise ValueError(f"progress must be a number from 0 to 1, got {fraction!r}")
-        if self._on_progress is not None:
+        if self._on_progress is None:
+            return
+        if self._loop is None or threading.get_ident() == self._loop_thread:
             self._on_progress(float(fraction))
+        else:  # called from a worker thread: hand it to the event loop
+            self._loop.call_soon_threadsafe(self._on_progress, float(fraction))
 
     @abc.abstractmethod
     async def run(self) -> Any:

@@ -14,16 +14,15 @@ from collections.abc import AsyncIterator, Callable
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.asyncio.client import Pipeline
 from redis.asyncio.lock import Lock as RedisLock
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import LockError, RedisError, ResponseError
+from redis.exceptions import LockError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from store import LockLost, Run, StoreUnavailable
+from store import LockLost, Page, Run, RunRecordInvalid, StoreUnavailable
 
 
-def open_redis(url: str, prefix: str, lock_ttl_seconds: float, retention: int,
+def open_redis(url: str, prefix: str, lock_ttl_seconds: float, retention: int, retention_bytes: int,
                log: logging.Logger) -> tuple[RedisRunLock, RedisRunStore]:
     """The run lock and run store on one client of ``url``."""
     # A blocking pool: a burst of requests waits briefly for a connection instead of failing.
@@ -36,7 +35,7 @@ def open_redis(url: str, prefix: str, lock_ttl_seconds: float, retention: int,
     client = Redis(connection_pool=pool)
     health = StoreHealth(log)
     return (RedisRunLock(client, f"{prefix}:lock", lock_ttl_seconds, health),
-            RedisRunStore(client, prefix, retention, health))
+            RedisRunStore(client, prefix, retention, retention_bytes, health, log))
 
 
 class StoreHealth:
@@ -50,8 +49,8 @@ class StoreHealth:
     async def guard(self) -> AsyncIterator[None]:
         try:
             yield
-        except (RedisError, OSError) as exc:
-            if isinstance(exc, (LockError, ResponseError)):
+        except (RedisError, OSError) as exc:  # unreachable, or an error reply (READONLY, MISCONF, OOM...)
+            if isinstance(exc, LockError):
                 raise
             if self.healthy:
                 self.healthy = False
@@ -78,6 +77,8 @@ class RedisRunLock:
         token = uuid.uuid4().hex
         async with self.health.guard():
             acquired = await lock.acquire(blocking=False, token=token)
+            if not acquired:  # a SET whose reply was lost is retried and then fails against our own token
+                acquired = await self.client.get(self.key) == token.encode()
         if not acquired:
             return None
         self._held[token] = lock
@@ -91,11 +92,8 @@ class RedisRunLock:
         except LockError as exc:
             raise LockLost(str(exc)) from exc
 
-    async def queue_release(self, pipe: Pipeline, token: str) -> None:
-        """Add the lock's compare-and-delete release to a MULTI pipeline (see RedisRunStore.save)."""
-        lock = self._held.pop(token, None)
-        if lock is not None:
-            await lock.lua_release(keys=[lock.name], args=[lock.local.token], client=pipe)
+    def forget(self, token: str) -> None:
+        self._held.pop(token, None)
 
     async def release(self, token: str) -> None:
         lock = self._held.pop(token, None)
@@ -106,6 +104,41 @@ class RedisRunLock:
                 await lock.release()
         except (LockError, StoreUnavailable):
             pass  # lost or unreachable: the key expires by its TTL
+
+
+# Store a terminal state: record, indexes, size, cancel flag, lock release (if the token still holds it) and
+# the finished message in one step. Safe to run twice: a retry after a lost reply counts the size once.
+# KEYS: run, finished, unfinished, cancel, sizes, bytes, seq, lock. ARGV: json, run_id, channel, token, size.
+FINISH_SCRIPT = """
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[7]), ARGV[2])
+redis.call('HDEL', KEYS[3], ARGV[2])
+redis.call('DEL', KEYS[4])
+if redis.call('HSETNX', KEYS[5], ARGV[2], ARGV[5]) == 1 then redis.call('INCRBY', KEYS[6], ARGV[5]) end
+if ARGV[4] ~= '' and redis.call('GET', KEYS[8]) == ARGV[4] then redis.call('DEL', KEYS[8]) end
+redis.call('PUBLISH', ARGV[3], ARGV[2])
+return {redis.call('ZCARD', KEYS[2]), tonumber(redis.call('GET', KEYS[6]) or '0')}
+"""
+
+# Drop the oldest finished runs while more than ARGV[1] of them, or more than ARGV[2] bytes, are kept
+# (at most 1000 per call). KEYS: finished, runs, sizes, bytes. ARGV: retention, bytes, run key prefix.
+TRIM_SCRIPT = """
+local dropped = 0
+while dropped < 1000 do
+  local count = redis.call('ZCARD', KEYS[1])
+  local total = tonumber(redis.call('GET', KEYS[4]) or '0')
+  if count <= tonumber(ARGV[1]) and total <= tonumber(ARGV[2]) then break end
+  local oldest = redis.call('ZPOPMIN', KEYS[1])
+  if #oldest == 0 then break end
+  local id = oldest[1]
+  redis.call('DECRBY', KEYS[4], tonumber(redis.call('HGET', KEYS[3], id) or '0'))
+  redis.call('HDEL', KEYS[3], id)
+  redis.call('DEL', ARGV[3] .. id)
+  redis.call('ZREM', KEYS[2], id)
+  dropped = dropped + 1
+end
+return dropped
+"""
 
 
 class RedisRunStore:
@@ -120,16 +153,22 @@ class RedisRunStore:
 
     POLL_SECONDS = 1.0  # waiters re-read the run this often in case a pub/sub message was missed
 
-    def __init__(self, client: Redis, prefix: str, retention: int, health: StoreHealth) -> None:
+    def __init__(self, client: Redis, prefix: str, retention: int, retention_bytes: int, health: StoreHealth,
+                 log: logging.Logger) -> None:
         self.client = client
         self.prefix = prefix
         self.retention = retention
+        self.retention_bytes = retention_bytes
         self.health = health
+        self.log = log
+        self._invalid_logged: set[str] = set()
         self.on_cancel: Callable[[str], None] = lambda run_id: None
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._progress_writes: dict[str, asyncio.Task[None]] = {}
         self._progress_dirty: set[str] = set()
         self._listener: asyncio.Task[None] | None = None
+        self._finish = client.register_script(FINISH_SCRIPT)
+        self._trim = client.register_script(TRIM_SCRIPT)
 
     def key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -201,7 +240,7 @@ class RedisRunStore:
 
     async def save(self, run: Run, release: RedisRunLock | None = None) -> None:
         """Store a change; a terminal state also updates the indexes, publishes, trims to retention,
-        and (with ``release``) releases the run lock in the same MULTI transaction."""
+        and (with ``release``) releases the run lock, all in one atomic script that is safe to retry."""
         self._progress_dirty.discard(run.run_id)
         pending = self._progress_writes.get(run.run_id)
         if pending is not None:  # a progress write in flight must land before this one
@@ -210,29 +249,35 @@ class RedisRunStore:
             if not run.finished:
                 await self.client.set(self.key("run", run.run_id), run.json())
                 return
-            seq = await self.client.incr(self.key("seq"))
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.set(self.key("run", run.run_id), run.json())
-                pipe.zadd(self.key("finished"), {run.run_id: seq})
-                pipe.hdel(self.key("unfinished"), run.run_id)
-                pipe.delete(self.key("cancel", run.run_id))
-                pipe.publish(self.key("finished"), run.run_id)
-                if release is not None and run.holder is not None:
-                    await release.queue_release(pipe, run.holder)
-                pipe.zcard(self.key("finished"))
-                finished_count = (await pipe.execute())[-1]
-            if finished_count > self.retention:
-                dropped = [member.decode() for member, _ in
-                           await self.client.zpopmin(self.key("finished"), finished_count - self.retention)]
-                async with self.client.pipeline(transaction=True) as pipe:
-                    pipe.delete(*(self.key("run", run_id) for run_id in dropped))
-                    pipe.zrem(self.key("runs"), *dropped)
-                    await pipe.execute()
+            token = run.holder if release is not None and run.holder is not None else ""
+            finished_count, finished_bytes = await self._finish(
+                keys=[self.key("run", run.run_id), self.key("finished"), self.key("unfinished"),
+                      self.key("cancel", run.run_id), self.key("sizes"), self.key("bytes"), self.key("seq"),
+                      self.key("lock")],
+                args=[run.json(), run.run_id, self.key("finished"), token, run.size])
+            if release is not None and token:
+                release.forget(token)
+            if finished_count > self.retention or finished_bytes > self.retention_bytes:
+                await self._trim(keys=[self.key("finished"), self.key("runs"), self.key("sizes"), self.key("bytes")],
+                                 args=[self.retention, self.retention_bytes, self.key("run", "")])
 
     async def get(self, run_id: str) -> Run | None:
+        """The run, or None when it is not stored (or its record cannot be read: see ``read``)."""
         async with self.health.guard():
             raw = await self.client.get(self.key("run", run_id))
-        return Run.from_json(raw) if raw is not None else None
+        return self.read(run_id, raw)
+
+    def read(self, run_id: str, raw: bytes | None, holder: str | None = None) -> Run | None:
+        """A stored record as a Run; an unreadable one is logged once (run_record_invalid) and skipped."""
+        if raw is None:
+            return None
+        try:
+            return Run.from_json(raw, holder=holder)
+        except RunRecordInvalid as exc:
+            if run_id not in self._invalid_logged and len(self._invalid_logged) < 10000:
+                self._invalid_logged.add(run_id)
+                self.log.error("run_record_invalid", extra={"key": self.key("run", run_id), "detail": str(exc)})
+            return None
 
     async def wait_finished(self, run_id: str, timeout: float) -> Run | None:
         event = asyncio.Event()
@@ -253,9 +298,8 @@ class RedisRunStore:
             if not waiters:
                 del self._waiters[run_id]
 
-    async def list(self, *, limit: int, state: str | None = None, agent_type: str | None = None,
-                   user_id: str | None = None, before: str | None = None) -> list[Run]:
-        runs: list[Run] = []
+    async def list(self, page: Page, before: str | None = None) -> list[Run]:
+        """As MemoryRunStore.list; fetches in small batches so a page of large runs stays small in memory."""
         async with self.health.guard():
             top: float | str = "+inf"
             if before is not None:
@@ -263,24 +307,21 @@ class RedisRunStore:
                 if score is None:
                     return []
                 top = f"({score}"
-            batch = max(limit, 100)
-            while len(runs) < limit:
+            batch = min(max(page.limit, 10), 50)
+            wanted = True
+            while wanted:
                 ids = await self.client.zrevrangebyscore(self.key("runs"), top, "-inf", start=0, num=batch,
                                                          withscores=True)
                 if not ids:
                     break
-                records = await self.client.mget([self.key("run", member.decode()) for member, _ in ids])
-                for raw in records:
-                    if raw is None:
-                        continue
-                    run = Run.from_json(raw)
-                    if ((state is None or run.state == state) and (agent_type is None or run.agent_type == agent_type)
-                            and (user_id is None or run.user_id == user_id)):
-                        runs.append(run)
-                        if len(runs) == limit:
-                            break
+                members = [member.decode() for member, _ in ids]
+                records = await self.client.mget([self.key("run", run_id) for run_id in members])
+                for run_id, raw in zip(members, records):
+                    run = self.read(run_id, raw)
+                    if run is not None and not (wanted := page.offer(run)):
+                        break
                 top = f"({ids[-1][1]}"
-        return runs
+        return page.runs
 
     async def unfinished(self) -> list[Run]:
         """PENDING/RUNNING runs, for orphan recovery by a new lock holder."""
@@ -288,8 +329,8 @@ class RedisRunStore:
             holders = {run_id.decode(): token.decode()
                        for run_id, token in (await self.client.hgetall(self.key("unfinished"))).items()}
             records = await self.client.mget([self.key("run", run_id) for run_id in holders]) if holders else []
-        return [Run.from_json(raw, holder=holders[run_id])
-                for run_id, raw in zip(holders, records) if raw is not None]
+        runs = (self.read(run_id, raw, holder=holders[run_id]) for run_id, raw in zip(holders, records))
+        return [run for run in runs if run is not None]
 
     async def request_cancel(self, run_id: str) -> None:
         """Ask whichever replica runs ``run_id`` to cancel it (pub/sub, plus a flag its renewal checks)."""

@@ -4,7 +4,9 @@ Module-level state lives here, in one place: ``run_lock`` and ``run_store``
 (memory, or Redis with REDIS_URL, chosen once by ``open_stores``),
 ``active_run`` (what this process executes) and ``accepting_runs``.
 ``admit`` is the only code that takes the lock; ``finish_run`` the only code
-that releases it, in the same step that stores the terminal state.
+that releases it, in the same step that stores the terminal state, and only
+once no code of the agent is still executing: not its coroutine, not the
+executor work it started (``asyncio.to_thread``, ``run_in_executor(None, ...)``).
 
 Read top to bottom: admit, execute_run (supervise, judge, finish_run), lock
 renewal, drain.
@@ -13,61 +15,96 @@ renewal, drain.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import json
 import logging
 import math
+import os
+import sys
+import threading
 import time
 import traceback
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import agents
 import metrics
 import settings
-from logs import log
+from logs import log, write_hot_lines
 from store import LockLost, MemoryRunLock, MemoryRunStore, Run, StoreUnavailable, utc_now
 
 MAX_RESULT_BYTES = 1024 * 1024  # a larger agent result ends the run as ERROR
 LOOP_LAG_WARNING_SECONDS = 1.0  # an event loop stalled longer than this is logged (event_loop_blocked)
 CANCEL_RETRY_SECONDS = 1.0  # an agent that swallows CancelledError is cancelled again this often
+STILL_RUNNING_LOG_SECONDS = 10.0  # how often a stopped run whose code goes on is logged (agent_still_running)
 STOP_WAIT_SECONDS = 5.0  # at shutdown, how long an interrupted agent may take to stop
+STORE_RETRY_SECONDS = 0.5  # how often a store write that must land is retried
+LOCK_EXPIRED_EXIT_CODE = 70  # the process exits with this when its lock expired under a running agent
 
 run_lock: Any = MemoryRunLock()  # MemoryRunLock, or RedisRunLock in Redis mode
 run_store: Any = MemoryRunStore(retention=settings.current.run_retention)  # MemoryRunStore or RedisRunStore
 active_run: ActiveRun | None = None  # the run this process is executing
 accepting_runs = True  # False once shutdown has begun
+admitting = 0  # POSTs between taking the lock and starting their run; drain waits for them
+
+# The run whose agent code is executing in this context; the default executor tags work with it.
+current_run: contextvars.ContextVar[ActiveRun | None] = contextvars.ContextVar("current_run", default=None)
+
+
+class RunTrackingExecutor(ThreadPoolExecutor):
+    """The loop's default executor: work submitted from an agent's context is counted as that agent's code.
+
+    ``asyncio.to_thread`` and ``loop.run_in_executor(None, ...)`` both submit
+    here from the calling task's context, so the agent needs to do nothing.
+    """
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future = super().submit(fn, *args, **kwargs)
+        active = current_run.get()
+        if active is not None:
+            active.executor_work.append(future)
+        return future
 
 
 async def open_stores() -> str:
-    """Pick the backend once, at start; returns its name ("memory" or "redis")."""
+    """Pick the backend once, at start, and install the executor; returns the backend's name."""
     global run_lock, run_store
+    asyncio.get_running_loop().set_default_executor(RunTrackingExecutor(thread_name_prefix="agent-work"))
     config = settings.current
     if config.redis_url:
         from redis_store import open_redis  # redis-py is only imported when it is used
 
         run_lock, run_store = open_redis(config.redis_url, config.redis_prefix, config.lock_ttl_seconds,
-                                         config.run_retention, log)
+                                         config.run_retention, config.run_retention_bytes, log)
     else:
-        run_lock, run_store = MemoryRunLock(), MemoryRunStore(config.run_retention)
+        run_lock, run_store = MemoryRunLock(), MemoryRunStore(config.run_retention, config.run_retention_bytes)
     run_store.on_cancel = request_stop
     await run_store.start()
     return "redis" if config.redis_url else "memory"
 
 
 async def close_stores() -> None:
-    await run_store.close()
+    """Close the store, unless agent code still runs: then the lock must go on being renewed until exit."""
+    if not agent_code_running():
+        await run_store.close()
 
 
 class ActiveRun:
     """The run this process is executing, and why it was asked to stop, if it was."""
 
-    def __init__(self, run: Run, agent_cls: type[agents.BaseAgent]) -> None:
+    def __init__(self, run: Run, agent_cls: type[agents.BaseAgent], agent_input: dict[str, Any]) -> None:
         self.run = run
         self.agent_cls = agent_cls
+        self.agent_input = agent_input  # the parsed input, for the agent; the run keeps it encoded
         self.stop_reason: str | None = None  # "cancel", "timeout", "shutdown" or "lock_lost"
         self.stop_requested = asyncio.Event()
+        self.stopping = threading.Event()  # the agent's view of stop_requested, readable from threads
         self.agent_task: asyncio.Task[Any] | None = None
+        self.executor_work: list[Future[Any]] = []  # appended from any thread, pruned on the loop
         self.driver: asyncio.Task[None] | None = None
+        self.code_stopped = asyncio.Event()  # set once neither the coroutine nor its executor work runs
         self.started = time.monotonic()
 
     def stop(self, reason: str) -> None:
@@ -75,29 +112,43 @@ class ActiveRun:
         if self.stop_reason is None:
             self.stop_reason = reason
         self.stop_requested.set()
+        self.stopping.set()
         if self.agent_task is not None:
             self.agent_task.cancel()
+
+    def running_work(self) -> list[Future[Any]]:
+        self.executor_work = [future for future in self.executor_work if not future.done()]
+        return self.executor_work
 
 
 def run_fields(run: Run) -> dict[str, Any]:
     return {"run_id": run.run_id, "agent_type": run.agent_type, "user_id": run.user_id}
 
 
+def agent_code_running() -> bool:
+    """True while some code of this process's run still executes (its run may already be recorded)."""
+    active = active_run
+    return active is not None and active.driver is not None and not active.code_stopped.is_set()
+
+
 async def admit(agent_cls: type[agents.BaseAgent], user_id: str, agent_input: dict[str, Any]) -> Run | None:
     """Take the run lock and start the run; None when the lock is held (the caller answers 409)."""
-    global active_run
-    token = await run_lock.try_acquire()
-    if token is None:
-        return None
-    run = Run(run_id=str(uuid.uuid4()), agent_type=agent_cls.agent_type, user_id=user_id,
-              input=agent_input, holder=token)
+    global active_run, admitting
+    admitting += 1  # drain waits for this admission, so a run accepted as shutdown starts gets its grace
     try:
-        await run_store.add(run)
-    except BaseException:
-        await run_lock.release(token)
-        raise
-    active_run = ActiveRun(run, agent_cls)
-    active_run.driver = asyncio.create_task(execute_run(active_run), name=f"run-{run.run_id}")
+        token = await run_lock.try_acquire()
+        if token is None:
+            return None
+        run = Run.new(str(uuid.uuid4()), agent_cls.agent_type, user_id, agent_input, holder=token)
+        try:
+            await run_store.add(run)
+        except BaseException:
+            await run_lock.release(token)
+            raise
+        active_run = ActiveRun(run, agent_cls, agent_input)
+        active_run.driver = asyncio.create_task(execute_run(active_run), name=f"run-{run.run_id}")
+    finally:
+        admitting -= 1
     log.info("run_accepted", extra=run_fields(run))
     return run
 
@@ -124,26 +175,52 @@ async def execute_run(active: ActiveRun) -> None:
     outcome: dict[str, Any] = {"state": "ERROR", "error": "Run ended without an outcome"}
     keeper = asyncio.create_task(keep_lock(active)) if run_lock.renew_interval else None
     try:
-        await recover_orphans(run)
-        if active.stop_reason is None:
-            run.update(state="RUNNING", started_at=utc_now())
-            await run_store.save(run)
-            metrics.RUNNING.set(1)
-            agent = active.agent_cls(run.run_id, run.user_id, run.input,
+        if not await start_running(active):
+            outcome = {"state": "ERROR", "event": "agent_error",
+                       "error": "Run store unavailable when the run started"}
+        elif active.stop_reason is None:
+            agent = active.agent_cls(run.run_id, run.user_id, active.agent_input,
                                      sleep_seconds=settings.current.agent_sleep_seconds,
-                                     on_progress=lambda fraction: report_progress(run, fraction))
-            active.agent_task = asyncio.create_task(agent.run())
-            await supervise(active, active.agent_task, settings.current.run_timeout_seconds)
+                                     on_progress=lambda fraction: report_progress(run, fraction),
+                                     stopping=active.stopping)
+            active.agent_task = asyncio.create_task(run_agent(active, agent))
+            await supervise(active, settings.current.run_timeout_seconds)
             outcome = judge(active, agent)
         else:
             outcome = judge(active, None)
-    except Exception as exc:  # the store or the agent's constructor failed before the agent ran
+    except Exception as exc:  # the agent's constructor failed before the agent ran
         outcome = {"state": "ERROR", "error": f"{type(exc).__name__}: {exc}",
                    "event": "agent_error", "traceback": traceback.format_exc()}
     finally:
+        if active.agent_task is None or (active.agent_task.done() and not active.running_work()):
+            active.code_stopped.set()  # not when this task itself was cancelled under a running agent
+        await finish_run(active, outcome)
         if keeper is not None:
             keeper.cancel()
-        await finish_run(active, outcome)
+
+
+async def run_agent(active: ActiveRun, agent: agents.BaseAgent) -> Any:
+    current_run.set(active)  # this task's context, copied into executor work it submits
+    return await agent.run()
+
+
+async def start_running(active: ActiveRun) -> bool:
+    """Recover orphans and record RUNNING, retrying a store blip; False if the store stayed away."""
+    run = active.run
+    deadline = time.monotonic() + max(settings.current.lock_ttl_seconds, 5.0)
+    while True:
+        try:
+            await recover_orphans(run)
+            if active.stop_reason is None:
+                run.update(state="RUNNING", started_at=run.started_at or utc_now())
+                await run_store.save(run)
+                metrics.RUNNING.set(1)
+            return True
+        except StoreUnavailable as exc:
+            if time.monotonic() >= deadline or active.stop_reason is not None:
+                log.error("run_start_failed", extra={**run_fields(run), "detail": str(exc)})
+                return False
+            await asyncio.sleep(STORE_RETRY_SECONDS)
 
 
 def report_progress(run: Run, fraction: float) -> None:
@@ -162,48 +239,36 @@ async def recover_orphans(run: Run) -> None:
         log.error("run_orphaned", extra={**run_fields(orphan), "state": "ERROR", "error": orphan.error})
 
 
-async def keep_lock(active: ActiveRun) -> None:
-    """Renew the run lock while the run lasts; stop the run the moment the lock may be lost.
-
-    Unreachable Redis counts as lost once the lock could have expired within
-    the next interval, so another replica can never start while this agent runs.
-    """
-    interval = run_lock.renew_interval
-    assert interval is not None and active.run.holder is not None
-    renewed_at = time.monotonic()
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            await run_lock.renew(active.run.holder)
-            renewed_at = time.monotonic()
-            if await run_store.cancel_requested(active.run.run_id):
-                active.stop("cancel")
-        except LockLost:
-            reason = "the lock was taken over or expired"
-        except StoreUnavailable:
-            if time.monotonic() - renewed_at + interval < settings.current.lock_ttl_seconds:
-                continue
-            reason = "the run store was unreachable for the lock's whole TTL"
-        else:
-            continue
-        log.error("lock_lost", extra={**run_fields(active.run), "detail": reason})
-        active.stop("lock_lost")
-        return
-
-
-async def supervise(active: ActiveRun, agent_task: asyncio.Task[Any], timeout: float) -> None:
-    """Wait for the agent to end, time out, or be stopped; return only once its code has stopped."""
+async def supervise(active: ActiveRun, timeout: float) -> None:
+    """Wait for the agent to end, time out, or be stopped; return only once none of its code runs."""
+    code = asyncio.ensure_future(agent_stopped(active))
     stop_requested = asyncio.ensure_future(active.stop_requested.wait())
     try:
-        await asyncio.wait({agent_task, stop_requested}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        if not agent_task.done() and not active.stop_requested.is_set():
+        await asyncio.wait({code, stop_requested}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if not code.done() and not active.stop_requested.is_set():
             active.stop("timeout")
-        while not agent_task.done():  # an agent may swallow CancelledError: keep asking until it stops
-            await asyncio.wait({agent_task}, timeout=CANCEL_RETRY_SECONDS)
-            if not agent_task.done():
-                agent_task.cancel()
+        waited = 0.0
+        while not code.done():  # an agent may swallow CancelledError or sit in a thread: keep asking
+            await asyncio.wait({code}, timeout=CANCEL_RETRY_SECONDS)
+            waited += CANCEL_RETRY_SECONDS
+            assert active.agent_task is not None
+            if not active.agent_task.done():
+                active.agent_task.cancel()
+            if not code.done() and waited % STILL_RUNNING_LOG_SECONDS < CANCEL_RETRY_SECONDS:
+                log.warning("agent_still_running", extra={
+                    **run_fields(active.run), "stop_reason": active.stop_reason, "waited_s": round(waited),
+                    "threads": len(active.running_work())})
     finally:
         stop_requested.cancel()
+        code.cancel()
+
+
+async def agent_stopped(active: ActiveRun) -> None:
+    """Returns once the agent's coroutine has ended and every piece of executor work it started has returned."""
+    assert active.agent_task is not None
+    await asyncio.wait({active.agent_task})
+    while work := active.running_work():
+        await asyncio.wait([asyncio.wrap_future(future) for future in work])
 
 
 def judge(active: ActiveRun, agent: agents.BaseAgent | None) -> dict[str, Any]:
@@ -227,35 +292,60 @@ def judge(active: ActiveRun, agent: agents.BaseAgent | None) -> dict[str, Any]:
                 "traceback": "".join(traceback.format_exception(exc))}
     result = task.result()
     try:
-        size = len(json.dumps(result, allow_nan=False, separators=(",", ":")))
+        encoded = json.dumps(result, allow_nan=False, separators=(",", ":")).encode()
     except (TypeError, ValueError, RecursionError) as exc:
         return {"state": "ERROR", "event": "agent_error",
                 "error": f"Agent result is not JSON-serialisable: {type(exc).__name__}: {exc}"}
-    if size > MAX_RESULT_BYTES:
+    if len(encoded) > MAX_RESULT_BYTES:
         return {"state": "ERROR", "event": "agent_error",
-                "error": f"Agent result is too large: {size} bytes (limit {MAX_RESULT_BYTES})"}
-    return {"state": "DONE", "event": "agent_complete", "result": result, **agent.completion_fields(result)}
+                "error": f"Agent result is too large: {len(encoded)} bytes (limit {MAX_RESULT_BYTES})"}
+    try:
+        fields = log_safe(agent.completion_fields(result))
+    except Exception as exc:  # a broken completion_fields must not cost the run its outcome
+        fields = {"completion_fields_error": f"{type(exc).__name__}: {exc}"}
+    return {"state": "DONE", "event": "agent_complete", "result_json": encoded, **fields}
+
+
+# Keys a LogRecord owns: passed as extra they raise KeyError and lose the line.
+RESERVED_LOG_KEYS = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+TERMINAL_LINE_KEYS = frozenset({"run_id", "agent_type", "user_id", "state", "duration_ms", "error", "traceback"})
+
+
+def log_safe(fields: Any) -> dict[str, Any]:
+    """An agent's extra log fields with names the log line owns renamed (``name`` -> ``field_name``)."""
+    if not isinstance(fields, dict):
+        return {"completion_fields_error": f"completion_fields must return a dict, got {type(fields).__name__}"}
+    return {(f"field_{key}" if key in RESERVED_LOG_KEYS or key in TERMINAL_LINE_KEYS else str(key)): value
+            for key, value in fields.items()}
 
 
 async def finish_run(active: ActiveRun, outcome: dict[str, Any]) -> None:
-    """Store the terminal state, then release the lock with no await in between that could yield."""
-    global active_run
+    """Store the terminal state and log it; release the lock in the same step once no agent code runs.
+
+    At shutdown an agent that will not stop gets its run recorded while its
+    code goes on (``drain``); the lock is then kept, and renewed, until the
+    agent stops or the process is gone.
+    """
     run = active.run
-    if run.finished:  # already forced to a terminal state at shutdown
+    release = active.code_stopped.is_set()
+    if run.finished:  # recorded already at shutdown; only the lock is left to release
+        if release:
+            await run_lock.release(run.holder)
+            clear_active(active)
         return
     outcome = dict(outcome)
     event = outcome.pop("event", "agent_error")
     trace = outcome.pop("traceback", None)
-    extra_fields = {key: outcome.pop(key) for key in list(outcome) if key not in ("state", "result", "error")}
+    extra_fields = {key: outcome.pop(key) for key in list(outcome)
+                    if key not in ("state", "result_json", "error")}
     run.update(finished_at=utc_now(), **outcome)
-    await save_finished(run)
-    if active_run is active:
-        active_run = None
+    await save_finished(run, release)
+    if release:
+        clear_active(active)
     duration = time.monotonic() - active.started
-    metrics.RUNNING.set(0)
     metrics.RUNS_TOTAL.labels(run.agent_type, run.state).inc()
     metrics.RUN_DURATION.labels(run.agent_type).observe(duration)
-    fields = {**run_fields(run), "state": run.state, "duration_ms": round(duration * 1000, 1), **extra_fields}
+    fields = {**extra_fields, **run_fields(run), "state": run.state, "duration_ms": round(duration * 1000, 1)}
     if run.error is not None:
         fields["error"] = run.error
     if trace is not None:
@@ -264,8 +354,15 @@ async def finish_run(active: ActiveRun, outcome: dict[str, Any]) -> None:
     log.log(level, event, extra=fields)
 
 
-async def save_finished(run: Run) -> None:
-    """Store a terminal state and release the run lock in one step, retrying while the store is unreachable.
+def clear_active(active: ActiveRun) -> None:
+    global active_run
+    if active_run is active:
+        active_run = None
+        metrics.RUNNING.set(0)
+
+
+async def save_finished(run: Run, release: bool) -> None:
+    """Store a terminal state (and release the run lock in the same step), retrying until both land.
 
     If the store never comes back within the lock's TTL, the run stays
     unfinished there and the next lock holder marks it ERROR ("runner lost");
@@ -274,28 +371,84 @@ async def save_finished(run: Run) -> None:
     deadline = time.monotonic() + max(settings.current.lock_ttl_seconds, 5.0)
     while True:
         try:
-            await run_store.save(run, release=run_lock)  # type: ignore[arg-type]
+            await run_store.save(run, release=run_lock if release else None)
             return
         except StoreUnavailable:
             if time.monotonic() >= deadline:
                 log.error("terminal_state_not_stored", extra={**run_fields(run), "state": run.state})
-                await run_lock.release(run.holder)  # type: ignore[arg-type]
+                if release:
+                    await run_lock.release(run.holder)
                 return
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(STORE_RETRY_SECONDS)
+
+
+async def keep_lock(active: ActiveRun) -> None:
+    """Renew the run lock while any code of the agent runs; stop the run the moment the lock may be lost.
+
+    Any failure to renew (Redis unreachable, or answering an error such as
+    READONLY or MISCONF) is retried at once and often; once half the TTL has
+    passed without a renewal the agent is stopped (``lock_lost``), so it has
+    the other half to stop before another replica may take the lock. If its
+    code still runs when the TTL has passed, the process exits: the lock can
+    no longer keep a second agent out, and a process that is gone runs nothing.
+    """
+    interval = run_lock.renew_interval
+    ttl = settings.current.lock_ttl_seconds
+    assert interval is not None and active.run.holder is not None
+    renewed_at = time.monotonic()
+    failure: str | None = None
+    while not active.code_stopped.is_set():
+        await asyncio.sleep(interval if failure is None else min(interval, ttl / 10))
+        if time.monotonic() - renewed_at >= ttl and not active.code_stopped.is_set():
+            exit_lock_expired(active)
+        try:
+            await run_lock.renew(active.run.holder)
+        except LockLost:
+            failure, lost = "the lock was taken over or expired", True
+        except Exception as exc:  # unreachable, or an error reply: either way the lock may expire
+            if failure is None:
+                log.warning("lock_renewal_failed", extra={**run_fields(active.run),
+                                                          "detail": f"{type(exc).__name__}: {exc}"})
+            failure = "the lock could not be renewed for half its TTL"
+            lost = time.monotonic() - renewed_at >= ttl / 2
+        else:
+            renewed_at, failure, lost = time.monotonic(), None, False
+            with contextlib.suppress(StoreUnavailable):
+                if await run_store.cancel_requested(active.run.run_id):
+                    active.stop("cancel")
+        if lost and active.stop_reason != "lock_lost":
+            log.error("lock_lost", extra={**run_fields(active.run), "detail": failure})
+            active.stop("lock_lost")
+
+
+def exit_lock_expired(active: ActiveRun) -> None:
+    """The lock's TTL passed while the agent's code still runs: end the process rather than risk two agents."""
+    log.critical("lock_expired_agent_running", extra={
+        **run_fields(active.run), "detail": "the agent did not stop before its lock expired; exiting"})
+    write_hot_lines()
+    sys.stdout.flush()
+    os._exit(LOCK_EXPIRED_EXIT_CODE)
 
 
 async def drain(grace_seconds: float) -> None:
-    """Stop accepting runs; let the active run finish within the grace time, else interrupt it."""
+    """Stop accepting runs; let the active run finish within the grace time, else interrupt it.
+
+    An agent that does not stop gets its run recorded as ERROR anyway; its
+    lock is kept until its code stops or the process exits.
+    """
     global accepting_runs
     if not accepting_runs:
         return
     accepting_runs = False
+    deadline = time.monotonic() + grace_seconds
+    while admitting and time.monotonic() < deadline:  # a POST between lock and start: it gets the grace too
+        await asyncio.sleep(0.01)
     active = active_run
     log.info("shutdown_started", extra={"grace_seconds": grace_seconds,
                                         "active_run_id": active.run.run_id if active else None})
     if active is None or active.driver is None:
         return
-    await asyncio.wait({active.driver}, timeout=grace_seconds)
+    await asyncio.wait({active.driver}, timeout=max(0.0, deadline - time.monotonic()))
     if not active.driver.done():
         active.stop("shutdown")
         await asyncio.wait({active.driver}, timeout=STOP_WAIT_SECONDS)

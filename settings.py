@@ -69,6 +69,7 @@ SETTINGS_TABLE = (
     ("DOCS_ASSETS_URL", "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5", "where /docs loads Swagger UI's assets from"),
     ("RUN_TIMEOUT_SECONDS", "300", "a run still going after this is stopped and marked ERROR"),
     ("RUN_RETENTION", "10000", "finished runs kept; the oldest finished run is dropped first"),
+    ("RUN_RETENTION_MB", "256", "size of the finished runs kept (their JSON); past it the oldest are dropped first"),
     ("API_TOKEN", "", "when set, every /agents... endpoint needs Authorization: Bearer <token>"),
     ("SHUTDOWN_GRACE_SECONDS", "30", "on SIGTERM/SIGINT, how long a running run may still take"),
     ("REDIS_URL", "", "e.g. redis://host:6379/0; when set, the lock and all run records live in Redis"),
@@ -90,6 +91,7 @@ class Settings:
     docs_assets_url: str = "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5"
     run_timeout_seconds: float = 300.0
     run_retention: int = 10000
+    run_retention_bytes: int = 256 * 1024 * 1024
     api_token: str | None = field(default=None, repr=False)
     shutdown_grace_seconds: float = 30.0
     redis_url: str | None = field(default=None, repr=False)
@@ -128,6 +130,8 @@ class Settings:
             run_timeout_seconds=_env_number(env, "RUN_TIMEOUT_SECONDS", cls.run_timeout_seconds,
                                             integer=False, minimum=0, above_minimum=True),
             run_retention=_env_number(env, "RUN_RETENTION", cls.run_retention, integer=True, minimum=1),
+            run_retention_bytes=round(_env_number(env, "RUN_RETENTION_MB", 256, integer=False, minimum=1)
+                                      * 1024 * 1024),
             api_token=env.get("API_TOKEN") or None,
             shutdown_grace_seconds=_env_number(env, "SHUTDOWN_GRACE_SECONDS", cls.shutdown_grace_seconds,
                                                integer=False, minimum=0),

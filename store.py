@@ -25,16 +25,35 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+RUN_OVERHEAD_BYTES = 600  # a Run object, its dict entry and index slots, beyond its JSON
+PUBLIC_FIELDS = ("run_id", "agent_type", "user_id", "input", "state", "result", "error", "progress",
+                 "created_at", "started_at", "finished_at")
+
+
+class RunRecordInvalid(ValueError):
+    """A stored run record this version cannot read (malformed, or missing what every run has)."""
+
+
+def encode(value: Any) -> bytes:
+    """Compact, strict JSON (no NaN or Infinity), as every body the service writes."""
+    return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+
+
 @dataclass(slots=True)
 class Run:
-    """One run of one agent, as clients see it (plus the lock holder's token)."""
+    """One run of one agent, as clients see it (plus the lock holder's token).
+
+    ``input`` and ``result`` are kept as their encoded JSON, not as object
+    trees: what is kept is what is counted against RUN_RETENTION_MB, and a
+    small body cannot become megabytes of Python objects.
+    """
 
     run_id: str
     agent_type: str
     user_id: str
-    input: dict[str, Any]
+    input_json: bytes = b"{}"
     state: str = "PENDING"
-    result: Any = None
+    result_json: bytes = b"null"
     error: str | None = None
     progress: float | None = None
     created_at: str = field(default_factory=utc_now)
@@ -43,9 +62,18 @@ class Run:
     holder: str | None = None  # token of the run lock taken for this run; not shown to clients
     _json: bytes | None = field(default=None, repr=False, compare=False)
 
+    @classmethod
+    def new(cls, run_id: str, agent_type: str, user_id: str, input: dict[str, Any], holder: str | None) -> Run:
+        return cls(run_id, agent_type, user_id, encode(input), holder=holder)
+
     @property
     def finished(self) -> bool:
         return self.state in TERMINAL_STATES
+
+    @property
+    def size(self) -> int:
+        """Bytes this run costs in a store: its JSON plus a fixed overhead."""
+        return len(self.json()) + RUN_OVERHEAD_BYTES
 
     def update(self, **changes: Any) -> None:
         """Change fields; the cached JSON is rebuilt on the next read."""
@@ -53,23 +81,78 @@ class Run:
             setattr(self, name, value)
         self._json = None
 
-    def public(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "agent_type": self.agent_type, "user_id": self.user_id, "input": self.input,
-                "state": self.state, "result": self.result, "error": self.error, "progress": self.progress,
-                "created_at": self.created_at, "started_at": self.started_at, "finished_at": self.finished_at}
-
     def json(self) -> bytes:
         """The client-facing JSON, serialised once per change rather than per request."""
         if self._json is None:
-            self._json = json.dumps(self.public(), separators=(",", ":")).encode()
+            head = encode({"run_id": self.run_id, "agent_type": self.agent_type, "user_id": self.user_id})
+            tail = encode({"error": self.error, "progress": self.progress, "created_at": self.created_at,
+                           "started_at": self.started_at, "finished_at": self.finished_at})
+            self._json = b"".join((head[:-1], b',"input":', self.input_json, b',"state":', encode(self.state),
+                                   b',"result":', self.result_json, b",", tail[1:]))
         return self._json
 
     @classmethod
     def from_json(cls, raw: bytes, holder: str | None = None) -> Run:
-        """A run read back from its client-facing JSON, which it then serves as it is."""
-        run = cls(**json.loads(raw), holder=holder)
-        run._json = raw
+        """A run read back from its client-facing JSON, tolerantly: a record written by another version
+        (unknown fields, optional ones missing) is read; one without what every run has raises RunRecordInvalid."""
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise RunRecordInvalid("not JSON") from None
+        if not isinstance(data, dict):
+            raise RunRecordInvalid("not a JSON object")
+        for name in ("run_id", "agent_type", "user_id"):
+            if not isinstance(data.get(name), str):
+                raise RunRecordInvalid(f"{name} is missing or not a string")
+        if data.get("state") not in STATES:
+            raise RunRecordInvalid("state is missing or unknown")
+
+        def text(name: str) -> str | None:
+            value = data.get(name)
+            return value if isinstance(value, str) else None
+
+        progress = data.get("progress")
+        input = data.get("input")
+        try:
+            run = cls(
+                run_id=data["run_id"], agent_type=data["agent_type"], user_id=data["user_id"],
+                input_json=encode(input if isinstance(input, dict) else {}), state=data["state"],
+                result_json=encode(data.get("result")), error=text("error"),
+                progress=float(progress) if isinstance(progress, (int, float)) and not isinstance(progress, bool)
+                else None,
+                created_at=text("created_at") or "", started_at=text("started_at"),
+                finished_at=text("finished_at"), holder=holder)
+        except ValueError:  # a non-finite number somewhere
+            raise RunRecordInvalid("holds a number JSON cannot carry") from None
+        if tuple(data) == PUBLIC_FIELDS and isinstance(input, dict) and run.progress == progress:
+            run._json = raw  # served as read: this version wrote it
         return run
+
+
+class Page:
+    """One answer of GET /agents/runs: the runs that match, newest first, up to ``limit`` and ``max_bytes``.
+
+    Stores offer runs in order until ``offer`` answers False. The byte cap
+    keeps at least one run, so paging with ``before`` always moves on.
+    """
+
+    def __init__(self, limit: int, *, state: str | None = None, agent_type: str | None = None,
+                 user_id: str | None = None, max_bytes: int | None = None) -> None:
+        self.limit, self.max_bytes = limit, max_bytes
+        self.state, self.agent_type, self.user_id = state, agent_type, user_id
+        self.runs: list[Run] = []
+        self._bytes = 0
+
+    def offer(self, run: Run) -> bool:
+        """Take ``run`` if it matches the filters; False once the page is full."""
+        if ((self.state is None or run.state == self.state)
+                and (self.agent_type is None or run.agent_type == self.agent_type)
+                and (self.user_id is None or run.user_id == self.user_id)):
+            self._bytes += len(run.json()) + 1
+            if self.max_bytes is not None and self.runs and self._bytes > self.max_bytes:
+                return False
+            self.runs.append(run)
+        return len(self.runs) < self.limit
 
 
 class MemoryRunLock:
@@ -96,10 +179,12 @@ class MemoryRunLock:
 
 
 class MemoryRunStore:
-    """Runs in a dict in creation order; keeps at most ``retention`` finished runs."""
+    """Runs in a dict in creation order; keeps at most ``retention`` finished runs and ``retention_bytes`` of them."""
 
-    def __init__(self, retention: int) -> None:
+    def __init__(self, retention: int, retention_bytes: int = 256 * 1024 * 1024) -> None:
         self.retention = retention
+        self.retention_bytes = retention_bytes
+        self._finished_bytes = 0
         self.on_cancel: Callable[[str], None] = lambda run_id: None
         self._runs: dict[str, Run] = {}
         self._finished: deque[str] = deque()  # finished run ids, oldest first
@@ -143,11 +228,13 @@ class MemoryRunStore:
         if release is not None and run.holder is not None:
             await release.release(run.holder)
         event = self._finish_events.pop(run.run_id, None)
-        if event is not None:
-            event.set()
+        if event is None:
+            return  # finished before: counted once
+        event.set()
         self._finished.append(run.run_id)
-        while len(self._finished) > self.retention:
-            del self._runs[self._finished.popleft()]
+        self._finished_bytes += run.size
+        while len(self._finished) > self.retention or self._finished_bytes > self.retention_bytes:
+            self._finished_bytes -= self._runs.pop(self._finished.popleft()).size
 
     async def get(self, run_id: str) -> Run | None:
         return self._runs.get(run_id)
@@ -162,31 +249,15 @@ class MemoryRunStore:
                 pass
         return self._runs.get(run_id)
 
-    async def list(
-        self,
-        *,
-        limit: int,
-        state: str | None = None,
-        agent_type: str | None = None,
-        user_id: str | None = None,
-        before: str | None = None,
-    ) -> list[Run]:
-        """Runs newest first, filtered; ``before`` starts after that run (it must exist)."""
-        runs: list[Run] = []
+    async def list(self, page: Page, before: str | None = None) -> list[Run]:
+        """Runs newest first, as many as ``page`` takes; ``before`` starts after that run (it must exist)."""
         skipping = before is not None
         for run in reversed(self._runs.values()):
             if skipping:
                 skipping = run.run_id != before
-                continue
-            if (
-                (state is None or run.state == state)
-                and (agent_type is None or run.agent_type == agent_type)
-                and (user_id is None or run.user_id == user_id)
-            ):
-                runs.append(run)
-                if len(runs) == limit:
-                    break
-        return runs
+            elif not page.offer(run):
+                break
+        return page.runs
 
 
 class StoreUnavailable(Exception):

@@ -1,0 +1,85 @@
+"""Agents that record when they really use "the resource": the guarantee tests check these records never overlap.
+
+Each agent appends ``start <run_id> <time>`` and ``end <run_id> <time>`` lines
+to the file ``input.ledger`` from its own code (a coroutine or a worker
+thread), so the test sees what ran, not what the service says ran.
+Load with AGENT_MODULES=fixture_agents,fixture_resource_agents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+from agents import BaseAgent, register
+
+
+def note(ledger: str, what: str, run_id: str) -> None:
+    """One line, appended with O_APPEND in one write, so lines from two processes never interleave."""
+    fd = os.open(ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{what} {run_id} {time.time():.6f} {os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+
+
+def use_resource_blocking(ledger: str, run_id: str, seconds: float, stopping: Any = None) -> str:
+    note(ledger, "start", run_id)
+    try:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if stopping is not None and stopping.is_set():
+                return "stopped early"
+            time.sleep(0.01)
+        return "done"
+    finally:
+        note(ledger, "end", run_id)
+
+
+@register
+class ThreadWorker(BaseAgent):
+    agent_type = "thread-worker"
+    description = "Uses the resource for input.seconds in asyncio.to_thread (or run_in_executor), ignoring stops."
+
+    async def run(self) -> Any:
+        args = (self.input["ledger"], self.run_id, float(self.input.get("seconds", 1.0)))
+        if self.input.get("cooperative"):
+            args = (*args, self.stopping)
+        if self.input.get("executor"):
+            return await asyncio.get_running_loop().run_in_executor(None, use_resource_blocking, *args)
+        return await asyncio.to_thread(use_resource_blocking, *args)
+
+
+@register
+class CoroutineWorker(BaseAgent):
+    agent_type = "coroutine-worker"
+    description = "Uses the resource for input.seconds in its coroutine; input.stubborn: ignores cancellation."
+
+    async def run(self) -> Any:
+        ledger = self.input["ledger"]
+        note(ledger, "start", self.run_id)
+        try:
+            deadline = time.monotonic() + float(self.input.get("seconds", 1.0))
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    await asyncio.sleep(left)
+                except asyncio.CancelledError:
+                    if not self.input.get("stubborn"):
+                        raise
+            return "done"
+        finally:
+            note(ledger, "end", self.run_id)
+
+
+@register
+class ReservedFields(BaseAgent):
+    agent_type = "reserved-fields"
+    description = "Returns completion_fields named like LogRecord attributes (name, msg, module)."
+
+    async def run(self) -> Any:
+        return "ok"
+
+    def completion_fields(self, result: Any) -> dict[str, Any]:
+        return {"name": "mine", "msg": "hello", "module": "x", "decision": result}

@@ -1,0 +1,104 @@
+"""A TCP proxy in front of Redis that can drop or hold what a client sends: connections lost mid-transaction."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from conftest import free_port
+
+
+class RedisProxy:
+    """Forwards 127.0.0.1:<port> to a Redis port. Rules look at each chunk a client sends.
+
+    ``drop(match, times)``: the next ``times`` chunks that ``match`` are not
+    forwarded and their connection is closed (the command never reaches Redis).
+    ``hold(match, seconds, then)``: a matching chunk calls ``then`` and waits
+    ``seconds`` before it is forwarded. ``cut_all()`` closes every open connection.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.dropped = 0
+        self._drops: list[list] = []  # [match, times left]
+        self._holds: list[list] = []  # [match, seconds, then, used]
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._server = socket.create_server(("127.0.0.1", self.port))
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def drop(self, match: Callable[[bytes], bool], times: int) -> None:
+        with self._lock:
+            self._drops.append([match, times])
+
+    def hold(self, match: Callable[[bytes], bool], seconds: float, then: Callable[[], None]) -> None:
+        with self._lock:
+            self._holds.append([match, seconds, then, False])
+
+    def cut_all(self) -> None:
+        with self._lock:
+            conns, self._conns = list(self._conns), set()
+        for conn in conns:
+            self._close(conn)
+
+    def close(self) -> None:
+        self._closed = True
+        self._server.close()
+        self.cut_all()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns.update((client, upstream))
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
+        try:
+            while chunk := source.recv(65536):
+                if from_client and not self._allowed(chunk):
+                    break
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        self._close(source)
+        self._close(sink)
+
+    def _allowed(self, chunk: bytes) -> bool:
+        with self._lock:
+            for rule in self._drops:
+                if rule[1] > 0 and rule[0](chunk):
+                    rule[1] -= 1
+                    self.dropped += 1
+                    return False
+            held = next((rule for rule in self._holds if not rule[3] and rule[0](chunk)), None)
+            if held is not None:
+                held[3] = True
+        if held is not None:
+            held[2]()
+            time.sleep(held[1])
+        return True
+
+    def _close(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._conns.discard(conn)
+        try:
+            conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        conn.close()

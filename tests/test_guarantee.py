@@ -1,0 +1,302 @@
+"""The single-run guarantee under the ways a review found around it (issue 11), each in both modes where it applies.
+
+Agents from fixture_resource_agents write start/end lines to a ledger file
+from their own code; ``uses`` turns it into intervals of real resource use.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import RedisServer, ServerProcess, new_user, require_redis_server
+from redis_proxy import RedisProxy
+
+AGENTS = "fixture_agents,fixture_resource_agents"
+
+
+def uses(ledger: Path) -> dict[str, list[float]]:
+    """run_id -> [start, end] (end missing while the resource is still in use)."""
+    spans: dict[str, list[float]] = {}
+    if ledger.exists():
+        for line in ledger.read_text().splitlines():
+            what, run_id, when, _pid = line.split()
+            spans.setdefault(run_id, []).append(float(when))
+    return spans
+
+
+def wait_until(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def post(srv: ServerProcess, agent_type: str, **input) -> httpx.Response:
+    return srv.client.post("/agents/run", json={"agent_type": agent_type, "user_id": new_user(), "input": input})
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path):
+    require_redis_server()
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_servers(tmp_path: Path):
+    """Factory: server processes in Redis mode on a given Redis URL and prefix, killed after the test."""
+    started: list[ServerProcess] = []
+
+    def start(url: str, prefix: str, **env: str) -> ServerProcess:
+        srv = ServerProcess(tmp_path / f"replica-{len(started)}.log", REDIS_URL=url, REDIS_PREFIX=prefix,
+                            AGENT_MODULES=AGENTS, **env)
+        started.append(srv)
+        return srv
+
+    yield start
+    for srv in started:
+        srv.stop(signal.SIGKILL)
+
+
+# --- 1. executor work outlives cancel and timeout ----------------------------------------------------------------
+
+def test_cancel_keeps_the_lock_until_the_agents_thread_returns(start_server, tmp_path: Path) -> None:
+    srv = start_server(AGENT_MODULES=AGENTS)
+    ledger = tmp_path / "ledger"
+    run_id = post(srv, "thread-worker", ledger=str(ledger), seconds=2).json()["run_id"]
+    wait_until(lambda: run_id in uses(ledger), 10, "the thread to start")
+    answer: dict[str, httpx.Response] = {}
+    cancel = threading.Thread(target=lambda: answer.setdefault("r", srv.client.post(f"/agents/cancel/{run_id}")))
+    cancel.start()
+    refused = 0
+    while len(uses(ledger)[run_id]) < 2:  # the thread still uses the resource
+        response = post(srv, "sleeper", seconds=0)
+        if len(uses(ledger)[run_id]) < 2:
+            assert response.status_code == 409, response.text
+            assert srv.client.get(f"/agents/status/{run_id}").json()["state"] == "RUNNING"
+            refused += 1
+        time.sleep(0.05)
+    cancel.join(15)
+    assert refused >= 5
+    assert answer["r"].status_code == 200 and answer["r"].json()["state"] == "CANCELLED"
+    srv.wait_run(srv.start_run("sleeper", seconds=0))
+
+
+def test_timeout_waits_for_executor_work_before_the_next_run_starts(start_server, tmp_path: Path) -> None:
+    srv = start_server(AGENT_MODULES=AGENTS, RUN_TIMEOUT_SECONDS="0.3")
+    ledger = tmp_path / "ledger"
+    first = post(srv, "thread-worker", ledger=str(ledger), seconds=1.5, executor=True).json()["run_id"]
+    run = srv.wait_run(first)
+    assert run["state"] == "ERROR" and run["error"] == "Run timed out after 0.3 seconds"
+    second = srv.wait_run(post(srv, "thread-worker", ledger=str(ledger), seconds=0.1).json()["run_id"])
+    assert second["state"] == "DONE"
+    spans = uses(ledger)
+    assert spans[second["run_id"]][0] >= spans[first][1], spans  # the second started after the first's thread
+
+
+def test_an_agents_thread_sees_the_stop_through_self_stopping(start_server, tmp_path: Path) -> None:
+    srv = start_server(AGENT_MODULES=AGENTS)
+    ledger = tmp_path / "ledger"
+    run_id = post(srv, "thread-worker", ledger=str(ledger), seconds=60, cooperative=True).json()["run_id"]
+    wait_until(lambda: run_id in uses(ledger), 10, "the thread to start")
+    started = time.monotonic()
+    response = srv.client.post(f"/agents/cancel/{run_id}")
+    assert response.status_code == 200 and response.json()["state"] == "CANCELLED"
+    assert time.monotonic() - started < 3
+    assert len(uses(ledger)[run_id]) == 2
+
+
+# --- 2. error replies while renewing (Redis) ----------------------------------------------------------------------
+
+def test_redis_refusing_writes_stops_the_agent_before_the_lock_expires(redis_servers, own_redis: RedisServer,
+                                                                       tmp_path: Path) -> None:
+    srv = redis_servers(own_redis.url, "refuse", LOCK_TTL_SECONDS="2")
+    ledger = tmp_path / "ledger"
+    run_id = post(srv, "coroutine-worker", ledger=str(ledger), seconds=30).json()["run_id"]
+    srv.wait_state(run_id, "RUNNING")
+    own_redis.command("CONFIG", "SET", "min-replicas-to-write", "1")  # every write: NOREPLICAS
+    refused_at = time.time()
+    try:
+        response = post(srv, "sleeper", seconds=0)
+        assert response.status_code == 503 and response.json() == {"detail": "Run store unavailable"}
+        line = srv.wait_for_event("lock_lost", timeout=5, run_id=run_id)
+        assert line["level"] == "error"
+        wait_until(lambda: len(uses(ledger)[run_id]) == 2, 5, "the agent to stop")
+        assert uses(ledger)[run_id][1] < refused_at + 2  # stopped before the lock could expire
+    finally:
+        own_redis.command("CONFIG", "SET", "min-replicas-to-write", "0")
+    run = srv.wait_run(run_id)
+    assert run["state"] == "ERROR" and run["error"] == "Run stopped: lock lost"
+
+
+# --- 3. shutdown with an agent that ignores cancellation (Redis) ---------------------------------------------------
+
+def test_shutdown_keeps_the_lock_while_a_stubborn_agent_runs(redis_servers, redis_server: RedisServer,
+                                                              tmp_path: Path) -> None:
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    holder = redis_servers(redis_server.url, prefix, LOCK_TTL_SECONDS="1.5", SHUTDOWN_GRACE_SECONDS="0.2")
+    other = redis_servers(redis_server.url, prefix, LOCK_TTL_SECONDS="1.5")
+    ledger = tmp_path / "ledger"
+    run_id = post(holder, "coroutine-worker", ledger=str(ledger), seconds=30, stubborn=True).json()["run_id"]
+    holder.wait_state(run_id, "RUNNING")
+    holder.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 25
+    while True:
+        assert time.monotonic() < deadline, "the other replica never got the lock"
+        alive = holder.proc.poll() is None
+        response = post(other, "sleeper", seconds=0)
+        if response.status_code == 202:
+            assert not alive, "another run was admitted while the stubborn agent's process was alive"
+            break
+        assert response.status_code == 409, response.text
+        time.sleep(0.05)
+    assert holder.proc.wait(5) == 0
+    run = other.wait_run(run_id)
+    assert run["state"] == "ERROR" and run["error"] == "Run interrupted by shutdown; the agent did not stop"
+
+
+# --- 4. a terminal write lost in flight (Redis) --------------------------------------------------------------------
+
+def test_a_lost_terminal_write_is_retried_with_the_lock_release(redis_servers, redis_server: RedisServer) -> None:
+    proxy = RedisProxy(redis_server.port)
+    try:
+        srv = redis_servers(proxy.url, f"test-{uuid.uuid4().hex[:8]}")
+        proxy.drop(lambda chunk: b'"state":"DONE"' in chunk, times=5)
+        run = srv.wait_run(srv.start_run("sleeper", seconds=0.1))
+        assert run["state"] == "DONE" and proxy.dropped == 5
+        response = post(srv, "sleeper", seconds=0)  # seen DONE: the lock must be free at once
+        assert response.status_code == 202, response.text
+        srv.wait_run(response.json()["run_id"])
+    finally:
+        proxy.close()
+
+
+# --- 5. a POST admitted while shutdown starts (Redis, slow acquire) -------------------------------------------------
+
+def test_a_post_admitted_as_shutdown_starts_gets_the_grace(redis_servers, redis_server: RedisServer) -> None:
+    proxy = RedisProxy(redis_server.port)
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    try:
+        srv = redis_servers(proxy.url, prefix, SHUTDOWN_GRACE_SECONDS="10")
+        proxy.hold(lambda chunk: b"NX" in chunk and b":lock" in chunk, 0.5,
+                   lambda: srv.proc.send_signal(signal.SIGTERM))
+        response = post(srv, "sleeper", seconds=0.2)
+        assert srv.proc.wait(20) == 0
+    finally:
+        proxy.close()
+    if response.status_code == 503:
+        return  # refused: nothing was started
+    assert response.status_code == 202, response.text
+    raw = redis_server.command("GET", f"{prefix}:run:{response.json()['run_id']}")
+    assert json.loads(raw)["state"] == "DONE", raw
+
+
+# --- 6. records written by another version (Redis) -----------------------------------------------------------------
+
+def test_records_from_another_version_do_not_break_other_runs(redis_servers, redis_server: RedisServer) -> None:
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    newer, broken = str(uuid.uuid4()), str(uuid.uuid4())
+    record = {"run_id": newer, "agent_type": "sleeper", "user_id": new_user(), "input": {}, "state": "RUNNING",
+              "result": None, "error": None, "progress": None, "created_at": "2026-11-25T00:00:00.000Z",
+              "started_at": None, "finished_at": None, "priority": 7}  # a field this version does not know
+    redis_server.command("SET", f"{prefix}:run:{newer}", json.dumps(record))
+    redis_server.command("SET", f"{prefix}:run:{broken}", b"\xff not json")
+    redis_server.command("ZADD", f"{prefix}:runs", "1", newer, "2", broken)
+    redis_server.command("HSET", f"{prefix}:unfinished", newer, "gone-token", broken, "gone-token")
+    srv = redis_servers(redis_server.url, prefix)
+    run = srv.run_to_end("sleeper", seconds=0)
+    assert run["state"] == "DONE", run
+    for _ in range(2):
+        listed = srv.client.get("/agents/runs")
+        assert listed.status_code == 200
+        ids = [item["run_id"] for item in listed.json()["runs"]]
+        assert newer in ids and broken not in ids
+    orphan = srv.client.get(f"/agents/status/{newer}").json()
+    assert orphan["state"] == "ERROR" and orphan["error"].startswith("Runner lost")
+    assert srv.client.get(f"/agents/status/{broken}").status_code == 404
+    invalid = srv.events("run_record_invalid")
+    assert [line["key"] for line in invalid] == [f"{prefix}:run:{broken}"]
+
+
+# --- 9. a store blip at run start (Redis) ---------------------------------------------------------------------------
+
+def test_a_blip_at_run_start_is_retried_and_never_leaks_addresses(redis_servers, redis_server: RedisServer) -> None:
+    proxy = RedisProxy(redis_server.port)
+    try:
+        srv = redis_servers(proxy.url, f"test-{uuid.uuid4().hex[:8]}")
+        proxy.drop(lambda chunk: b'"state":"RUNNING"' in chunk, times=4)
+        run = srv.run_to_end("sleeper", seconds=0)
+        assert proxy.dropped == 4
+        assert run["state"] == "DONE", run
+    finally:
+        proxy.close()
+
+
+# --- 10. completion_fields named like LogRecord attributes ----------------------------------------------------------
+
+def test_completion_fields_with_reserved_names_keep_the_terminal_line(start_server) -> None:
+    srv = start_server(AGENT_MODULES=AGENTS)
+    run = srv.run_to_end("reserved-fields")
+    assert run["state"] == "DONE"
+    line = srv.wait_for_event("agent_complete", run_id=run["run_id"])
+    assert (line["field_name"], line["field_msg"], line["field_module"]) == ("mine", "hello", "x")
+    assert line["decision"] == "ok"
+
+
+# --- 11. memory bounded by bytes ------------------------------------------------------------------------------------
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+WIDE_INPUT = {"a": [{}] * 20000}  # ~60 KB of JSON, ~1.5 MiB as Python objects
+
+
+def test_memory_of_retained_runs_is_bounded_by_run_retention_mb(tmp_path: Path) -> None:
+    srv = ServerProcess(tmp_path / "server.log", RUN_RETENTION_MB="20")
+    try:
+        for _ in range(5):
+            srv.wait_run(srv.start_run("sleeper", seconds=0, **WIDE_INPUT))
+        before = rss_mb(srv.proc.pid)
+        for _ in range(150):
+            srv.wait_run(srv.start_run("sleeper", seconds=0, **WIDE_INPUT))
+        grown = rss_mb(srv.proc.pid) - before
+        assert grown < 60, f"RSS grew by {grown:.0f} MB"
+    finally:
+        srv.stop(signal.SIGKILL)
+
+
+def test_redis_keeps_no_more_than_run_retention_mb(redis_servers, redis_server: RedisServer) -> None:
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    srv = redis_servers(redis_server.url, prefix, RUN_RETENTION_MB="1")
+    for _ in range(30):
+        srv.wait_run(srv.start_run("sleeper", seconds=0, **WIDE_INPUT))  # ~120 KB each with its result
+    kept = int(redis_server.command("ZCARD", f"{prefix}:finished"))
+    assert 0 < kept <= 9, kept
+    assert int(redis_server.command("GET", f"{prefix}:bytes")) <= 1024 * 1024
+
+
+def test_list_body_stays_under_8_mib_and_pages_on(start_server) -> None:
+    srv = start_server()
+    ids = [srv.run_to_end("huge", bytes=950_000)["run_id"] for _ in range(10)]
+    first = srv.client.get("/agents/runs", params={"limit": 50})
+    assert first.status_code == 200 and len(first.content) <= 8 * 1024 * 1024
+    page = [run["run_id"] for run in first.json()["runs"]]
+    assert 0 < len(page) < 10
+    rest = srv.client.get("/agents/runs", params={"limit": 50, "before": page[-1]}).json()["runs"]
+    assert page + [run["run_id"] for run in rest][:10 - len(page)] == ids[::-1]

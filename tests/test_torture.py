@@ -1,0 +1,173 @@
+"""Torture: two replicas, misbehaving agents and an unlucky operator, and no two real uses of the resource overlap.
+
+Agents write start/end lines from their own code (coroutines and threads, some
+ignoring cancellation) to one ledger. Meanwhile the test cancels runs through
+the other replica, lets runs time out, drops every Redis connection through a
+proxy mid-transaction, makes Redis refuse writes for two seconds, and SIGTERMs
+the replica that holds the lock (starting a new one). At the end every
+accepted run is terminal and the ledger's intervals never overlap; a use
+cut short by its process's end counts until that process was seen gone.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import TERMINAL, RedisServer, ServerProcess, new_user, require_redis_server
+from redis_proxy import RedisProxy
+
+CHAOS_SECONDS = 24
+ENV = {"AGENT_MODULES": "fixture_agents,fixture_resource_agents", "LOCK_TTL_SECONDS": "1.5",
+       "RUN_TIMEOUT_SECONDS": "1", "SHUTDOWN_GRACE_SECONDS": "0.3", "REDIS_PREFIX": "torture"}
+
+
+class Fleet:
+    """The replicas, restarted when one exits; remembers when each process was seen gone."""
+
+    def __init__(self, tmp_path: Path, url: str) -> None:
+        self.tmp_path, self.url = tmp_path, url
+        self.replicas: list[ServerProcess] = []
+        self.all: list[ServerProcess] = []
+        self.gone_at: dict[int, float] = {}  # pid -> time the process had exited
+        self.restarts = 0
+
+    def start(self) -> ServerProcess:
+        srv = ServerProcess(self.tmp_path / f"replica-{len(self.all)}.log", REDIS_URL=self.url, **ENV)
+        self.all.append(srv)
+        self.replicas.append(srv)
+        threading.Thread(target=self._watch, args=(srv,), daemon=True).start()
+        return srv
+
+    def _watch(self, srv: ServerProcess) -> None:
+        srv.proc.wait()
+        self.gone_at[srv.proc.pid] = time.time()
+
+    def live(self) -> list[ServerProcess]:
+        for srv in list(self.replicas):
+            if srv.proc.poll() is not None:
+                self.replicas.remove(srv)
+                self.restarts += 1
+                self.start()
+        return self.replicas
+
+    def stop_all(self) -> None:
+        for srv in self.all:
+            srv.stop(signal.SIGKILL)
+
+
+def random_agent(rng: random.Random, ledger: Path) -> tuple[str, dict]:
+    base = {"ledger": str(ledger), "seconds": round(rng.uniform(0.05, 1.4), 2)}
+    kind = rng.choice(["thread", "thread", "executor", "cooperative", "coroutine", "stubborn"])
+    if kind == "thread":
+        return "thread-worker", base
+    if kind == "executor":
+        return "thread-worker", {**base, "executor": True}
+    if kind == "cooperative":
+        return "thread-worker", {**base, "cooperative": True}
+    return "coroutine-worker", {**base, "stubborn": kind == "stubborn"}
+
+
+def test_no_two_uses_of_the_resource_overlap_under_chaos(tmp_path: Path) -> None:
+    require_redis_server()
+    redis = RedisServer(tmp_path)
+    proxy = RedisProxy(redis.port)
+    fleet = Fleet(tmp_path, proxy.url)
+    ledger = tmp_path / "ledger"
+    rng = random.Random(11)
+    accepted: list[str] = []
+    cancels = ThreadPoolExecutor(4)
+    events = {5.0: "cut", 9.0: "refuse", 11.0: "accept", 14.0: "sigterm", 19.0: "cut", 21.0: "sigterm"}
+    try:
+        fleet.start()
+        fleet.start()
+        started = time.monotonic()
+        while (elapsed := time.monotonic() - started) < CHAOS_SECONDS:
+            for at in [at for at in events if at <= elapsed]:
+                act = events.pop(at)
+                if act == "cut":
+                    proxy.cut_all()
+                elif act == "refuse":
+                    redis.command("CONFIG", "SET", "min-replicas-to-write", "1")
+                elif act == "accept":
+                    redis.command("CONFIG", "SET", "min-replicas-to-write", "0")
+                elif act == "sigterm":  # the replica holding the lock, if any
+                    holder = next((srv for srv in fleet.live() if srv.client.get("/metrics").text.find(
+                        "agent_runner_running 1.0") >= 0), None)
+                    if holder is not None:
+                        holder.proc.send_signal(signal.SIGTERM)
+            replicas = fleet.live()
+            srv = rng.choice(replicas)
+            agent_type, agent_input = random_agent(rng, ledger)
+            try:
+                response = srv.client.post("/agents/run", json={
+                    "agent_type": agent_type, "user_id": new_user(), "input": agent_input}, timeout=10)
+            except httpx.TransportError:
+                continue  # the replica is going away
+            assert response.status_code in (202, 409, 503), response.text
+            if response.status_code == 202:
+                run_id = response.json()["run_id"]
+                accepted.append(run_id)
+                if rng.random() < 0.3:
+                    other = rng.choice(replicas)
+                    cancels.submit(lambda url=other.url, rid=run_id: httpx.post(
+                        f"{url}/agents/cancel/{rid}", timeout=10))
+            time.sleep(rng.uniform(0.02, 0.15))
+        cancels.shutdown(wait=True)
+
+        # Settle: one more run makes the lock holder recover runs orphaned by a replica that went away.
+        srv = fleet.live()[0]
+        deadline = time.monotonic() + 30
+        while True:
+            response = srv.client.post("/agents/run", json={"agent_type": "sleeper", "user_id": new_user(),
+                                                           "input": {"seconds": 0}})
+            if response.status_code == 202:
+                srv.wait_run(response.json()["run_id"])
+                break
+            assert time.monotonic() < deadline, "the lock never became free after the chaos"
+            time.sleep(0.1)
+        states = {}
+        for run_id in accepted:
+            run = srv.wait_run(run_id, timeout=30)
+            assert run["state"] in TERMINAL
+            states[run["state"]] = states.get(run["state"], 0) + 1
+
+        spans = []
+        for run_id, lines in parse_ledger(ledger).items():
+            start, pid = lines["start"]
+            end = lines.get("end", (fleet.gone_at.get(pid), pid))[0]
+            assert end is not None, f"run {run_id} still uses the resource in a live process"
+            spans.append((start, end, run_id))
+        spans.sort()
+        for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+            assert start >= end, f"{second} started {end - start:.3f} s before {first} ended"
+
+        logs = [line for srv in fleet.all for line in srv.log_lines()]
+        seen = {line["event"] for line in logs}
+        assert len(spans) >= 20 and len(accepted) >= 20, (len(spans), len(accepted))
+        assert {"run_cancelled", "run_timeout", "store_unavailable"} <= seen, seen
+        assert "lock_lost" in seen or "lock_renewal_failed" in seen, seen
+        assert fleet.restarts >= 1
+        print(f"torture: {len(accepted)} runs {states}, {len(spans)} uses, {fleet.restarts} restarts")
+    finally:
+        fleet.stop_all()
+        proxy.close()
+        redis.stop()
+
+
+def parse_ledger(ledger: Path) -> dict[str, dict[str, tuple[float, int]]]:
+    runs: dict[str, dict[str, tuple[float, int]]] = {}
+    for line in ledger.read_text().splitlines():
+        what, run_id, when, pid = line.split()
+        runs.setdefault(run_id, {})[what] = (float(when), int(pid))
+    return runs
+
+
+pytestmark = pytest.mark.timeout(120)
