@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from conftest import ServerProcess, log_time, new_user
-from store import MemoryRunStore, Run, utc_now
+from store import MemoryRunStore, Page, Run, utc_now
 
 BUSY = "An agent is already running, please retry later"
 
@@ -203,14 +203,14 @@ def test_retention_trim_keeps_pending_and_running_runs(backend: dict[str, str]) 
     # Over HTTP a trim never meets a live run (one run at a time, trimmed when it finishes), so this
     # drives the store itself: two live runs older than every finished run, then a trim to 1.
     def new_run() -> Run:
-        return Run(run_id=str(uuid.uuid4()), agent_type="sleeper", user_id=new_user(), input={})
+        return Run.new(str(uuid.uuid4()), "sleeper", new_user(), {}, holder=None)
 
     pending, running, *finished = (new_run() for _ in range(5))
 
     async def scenario() -> tuple[list[bool], list[str]]:
         if backend:
             from redis_store import open_redis
-            _, store = open_redis(backend["REDIS_URL"], f"{backend['REDIS_PREFIX']}-trim", 30, 1,
+            _, store = open_redis(backend["REDIS_URL"], f"{backend['REDIS_PREFIX']}-trim", 30, 1, 2**30,
                                   logging.getLogger("test"))
         else:
             store = MemoryRunStore(retention=1)
@@ -225,7 +225,7 @@ def test_retention_trim_keeps_pending_and_running_runs(backend: dict[str, str]) 
                 run.update(state="DONE", finished_at=utc_now())
                 await store.save(run)
             present = [await store.get(run.run_id) is not None for run in (pending, running, *finished)]
-            return present, [run.run_id for run in await store.list(limit=10)]
+            return present, [run.run_id for run in await store.list(Page(10))]
         finally:
             await store.close()
 
@@ -279,7 +279,7 @@ def test_protected_paths_need_the_bearer_token(token_server: ServerProcess, meth
 
 
 def test_open_paths_need_no_token(token_server: ServerProcess) -> None:
-    for path in ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.yaml"):
+    for path in ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.yaml", "/openapi.json"):
         assert httpx.get(token_server.url + path).status_code == 200, path
 
 
