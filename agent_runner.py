@@ -9,10 +9,14 @@ their own module.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import html
 import logging.config
 import os
 import sys
+import urllib.parse
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,7 @@ import metrics
 import runner
 import settings
 from http_json import check_uuid, json_response, parse_limit, parse_run_request, parse_wait, read_json, short
+from http_limits import MAX_CONNECTIONS, LimitedHttpToolsProtocol
 from logs import flush_stdout_regularly, log, log_hot, logging_config, write_hot_lines
 from middleware import AccessLog, BearerAuth
 from settings import SETTINGS_TABLE, ConfigError, Settings, load_agent_modules
@@ -128,22 +133,35 @@ async def metrics_page(request: Request) -> Response:
 OPENAPI_YAML = (HERE / "openapi.yaml").read_bytes()
 OPENAPI_DOCUMENT = read_yaml(OPENAPI_YAML.decode())  # served as /openapi.json: one source, two forms
 
+# /docs loads exactly swagger-ui-dist settings.SWAGGER_UI_VERSION: the browser checks each file's hash
+# (Subresource Integrity), so a file changed at the CDN, or another version, is refused rather than run.
+SWAGGER_UI_CSS_SRI = "sha384-WlYgdmXYOOBWL5apwjDEZwN+U3HmXSSu5R6V5aGxEcf7z+KuRNwBhoxKVN1i3D5I"
+SWAGGER_UI_JS_SRI = "sha384-gjRm0bEPMeTmMh5jT2cHccIwCUZSTd8YC+j0d0sXw0MdGEfScduGpSyF3ZSSLkX9"
+DOCS_SCRIPT = 'window.ui = SwaggerUIBundle({url: "/openapi.yaml", dom_id: "#swagger-ui", validatorUrl: null});'
+DOCS_SCRIPT_HASH = "'sha256-" + base64.b64encode(hashlib.sha256(DOCS_SCRIPT.encode()).digest()).decode() + "'"
+
 DOCS_PAGE = """<!doctype html>
 <html lang="en">
 <head>
   <meta charset="utf-8">
   <title>agent-runner API</title>
-  <link rel="stylesheet" href="{assets}/swagger-ui.css">
+  <link rel="stylesheet" href="{assets}/swagger-ui.css" integrity="{css_sri}" crossorigin="anonymous">
 </head>
 <body>
   <div id="swagger-ui"></div>
-  <script src="{assets}/swagger-ui-bundle.js"></script>
-  <script>
-    window.ui = SwaggerUIBundle({{url: "/openapi.yaml", dom_id: "#swagger-ui"}});
-  </script>
+  <script src="{assets}/swagger-ui-bundle.js" integrity="{js_sri}" crossorigin="anonymous"></script>
+  <script>{script}</script>
 </body>
 </html>
 """
+
+
+def docs_policy(assets: str) -> str:
+    """The Content-Security-Policy of /docs: Swagger UI's two files, its init script, and this service."""
+    source = f"{assets}/" if urllib.parse.urlsplit(assets).netloc else "'self'"
+    return (f"default-src 'none'; script-src {source} {DOCS_SCRIPT_HASH}; style-src {source}; "
+            f"img-src {source} data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+            "frame-ancestors 'none'")
 
 
 async def openapi_spec(request: Request) -> Response:
@@ -155,7 +173,10 @@ async def openapi_json(request: Request) -> Response:
 
 
 async def docs(request: Request) -> Response:
-    return HTMLResponse(DOCS_PAGE.format(assets=settings.current.docs_assets_url))
+    assets = settings.current.docs_assets_url
+    page = DOCS_PAGE.format(assets=html.escape(assets), css_sri=SWAGGER_UI_CSS_SRI, js_sri=SWAGGER_UI_JS_SRI,
+                            script=DOCS_SCRIPT)
+    return HTMLResponse(page, headers={"Content-Security-Policy": docs_policy(assets)})
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -213,6 +234,7 @@ app = Starlette(
     exception_handlers={HTTPException: http_error, StoreUnavailable: store_unavailable, Exception: server_error},
     lifespan=lifespan,
 )
+app.router.redirect_slashes = False  # its redirects take their host from the Host header: /metrics/ is a 404
 app.add_middleware(BearerAuth)
 app.add_middleware(AccessLog)
 
@@ -293,7 +315,8 @@ def main() -> None:
         log_config=logging_config(settings.current.log_level),
         access_log=False,
         loop="uvloop",
-        http="httptools",
+        http=LimitedHttpToolsProtocol,  # httptools, with a cap on header size and time (http_limits.py)
+        limit_concurrency=MAX_CONNECTIONS,
         lifespan="on",
         timeout_graceful_shutdown=5,
         server_header=False,

@@ -25,8 +25,9 @@ UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{
 
 
 def json_response(content: Any, status_code: int = 200, headers: Mapping[str, str] | None = None) -> Response:
-    body = content if isinstance(content, bytes) else json.dumps(content, separators=(",", ":")).encode()
-    return Response(body, status_code=status_code, headers=headers, media_type="application/json")
+    if not isinstance(content, bytes):  # strict JSON: NaN and Infinity raise rather than reach a client
+        content = json.dumps(content, separators=(",", ":"), allow_nan=False).encode()
+    return Response(content, status_code=status_code, headers=headers, media_type="application/json")
 
 
 def short(value: Any) -> str:
@@ -57,6 +58,17 @@ def reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+class NonFiniteNumber(ValueError):
+    """A JSON number too large for a float (1e999): it would be stored as inf and served back as Infinity."""
+
+
+def finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise NonFiniteNumber(text)
+    return value
+
+
 async def read_json(request: Request) -> Any:
     """The request's JSON body, or an HTTPException saying exactly what is wrong with it."""
     media_type, _, params = request.headers.get("content-type", "").partition(";")
@@ -84,9 +96,11 @@ async def read_json(request: Request) -> Any:
     except UnicodeDecodeError:
         raise HTTPException(400, "Request body is not valid UTF-8") from None
     try:
-        data = json.loads(text, parse_constant=reject_constant)
+        data = json.loads(text, parse_constant=reject_constant, parse_float=finite_float)
     except RecursionError:
         raise HTTPException(400, f"Request body is nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except NonFiniteNumber as exc:
+        raise HTTPException(400, f"Request body has a number too large to be finite: {short(str(exc))}") from None
     except ValueError as exc:
         raise HTTPException(400, f"Request body is not valid JSON: {exc}") from None
     if json_depth_exceeds(data, MAX_JSON_DEPTH):

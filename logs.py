@@ -46,6 +46,24 @@ class LogFormatter(JsonFormatter):
             log_data["traceback"] = log_data.pop("exc_info")
 
 
+# Keys ``extra=`` may not use: logging raises KeyError for a LogRecord attribute (the line is lost),
+# and LogFormatter owns or drops the others.
+RESERVED_FIELDS = frozenset({*logging.LogRecord("", 0, "", 0, "", (), None).__dict__, "message", "asctime",
+                             "color_message", "human_message", "exc_info", "timestamp", "level", "event",
+                             "logger", "traceback"})
+
+
+def safe_fields(fields: dict[str, Any], taken: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """``fields`` for ``extra=``, with a reserved key, or one in ``taken``, renamed ``field_<key>``."""
+    safe: dict[str, Any] = {}
+    for key, value in fields.items():
+        name = key
+        while name in RESERVED_FIELDS or name in taken or name in safe or (name != key and name in fields):
+            name = f"field_{name}"
+        safe[name] = value
+    return safe
+
+
 hot_lines: list[str] = []  # per-request lines waiting to be written (see log_hot)
 
 

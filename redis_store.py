@@ -188,20 +188,33 @@ class RedisRunStore:
             await self.client.ping()
 
     async def _listen(self) -> None:
-        """Wake local waiters when any replica finishes a run; pass cancel requests to the runner."""
-        finished, cancel = self.key("finished"), self.key("cancel")
+        """Wake local waiters when any replica finishes a run; pass cancel requests to the runner.
+
+        Without it a cross-replica cancel waits for the next lock renewal, so it must not die: a
+        message it cannot decode is skipped, and any other failure is logged and it subscribes again.
+        """
+        finished, cancel = self.key("finished").encode(), self.key("cancel").encode()
         while True:
             try:
                 async with self.client.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(finished, cancel)
                     self._wake_all()  # anything finished while we were not subscribed
                     async for message in pubsub.listen():
-                        channel, run_id = message["channel"].decode(), message["data"].decode()
-                        if channel == finished:
+                        try:
+                            run_id = message["data"].decode()
+                        except UnicodeDecodeError:
+                            self.health.log.warning("pubsub_message_ignored",
+                                                    extra={"channel": message["channel"].decode(errors="replace")})
+                            continue
+                        if message["channel"] == finished:
                             self._wake(run_id)
-                        elif channel == cancel:
+                        elif message["channel"] == cancel:
                             self.on_cancel(run_id)
             except (RedisError, OSError):
+                await asyncio.sleep(0.5)
+            except Exception as exc:
+                self.health.log.error("pubsub_listener_restarted", exc_info=exc,
+                                      extra={"error": f"{type(exc).__name__}: {exc}"})
                 await asyncio.sleep(0.5)
 
     def _wake(self, run_id: str) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 import agents
 import metrics
 import settings
-from logs import log, write_hot_lines
+from logs import log, safe_fields, write_hot_lines
 from store import LockLost, MemoryRunLock, MemoryRunStore, Run, StoreUnavailable, utc_now
 
 MAX_RESULT_BYTES = 1024 * 1024  # a larger agent result ends the run as ERROR
@@ -42,6 +42,9 @@ STILL_RUNNING_LOG_SECONDS = 10.0  # how often a stopped run whose code goes on i
 STOP_WAIT_SECONDS = 5.0  # at shutdown, how long an interrupted agent may take to stop
 STORE_RETRY_SECONDS = 0.5  # how often a store write that must land is retried
 LOCK_EXPIRED_EXIT_CODE = 70  # the process exits with this when its lock expired under a running agent
+# What finish_run puts on the terminal line itself; an agent's completion_fields with these names are renamed
+TERMINAL_LINE_FIELDS = frozenset({"run_id", "agent_type", "user_id", "state", "result", "result_json", "error",
+                                  "event", "traceback", "duration_ms"})
 
 run_lock: Any = MemoryRunLock()  # MemoryRunLock, or RedisRunLock in Redis mode
 run_store: Any = MemoryRunStore(retention=settings.current.run_retention)  # MemoryRunStore or RedisRunStore
@@ -300,23 +303,10 @@ def judge(active: ActiveRun, agent: agents.BaseAgent | None) -> dict[str, Any]:
         return {"state": "ERROR", "event": "agent_error",
                 "error": f"Agent result is too large: {len(encoded)} bytes (limit {MAX_RESULT_BYTES})"}
     try:
-        fields = log_safe(agent.completion_fields(result))
+        extra = safe_fields(agent.completion_fields(result), taken=TERMINAL_LINE_FIELDS)
     except Exception as exc:  # a broken completion_fields must not cost the run its outcome
-        fields = {"completion_fields_error": f"{type(exc).__name__}: {exc}"}
-    return {"state": "DONE", "event": "agent_complete", "result_json": encoded, **fields}
-
-
-# Keys a LogRecord owns: passed as extra they raise KeyError and lose the line.
-RESERVED_LOG_KEYS = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
-TERMINAL_LINE_KEYS = frozenset({"run_id", "agent_type", "user_id", "state", "duration_ms", "error", "traceback"})
-
-
-def log_safe(fields: Any) -> dict[str, Any]:
-    """An agent's extra log fields with names the log line owns renamed (``name`` -> ``field_name``)."""
-    if not isinstance(fields, dict):
-        return {"completion_fields_error": f"completion_fields must return a dict, got {type(fields).__name__}"}
-    return {(f"field_{key}" if key in RESERVED_LOG_KEYS or key in TERMINAL_LINE_KEYS else str(key)): value
-            for key, value in fields.items()}
+        extra = {"completion_fields_error": f"{type(exc).__name__}: {exc}"}
+    return {"state": "DONE", "event": "agent_complete", "result_json": encoded, **extra}
 
 
 async def finish_run(active: ActiveRun, outcome: dict[str, Any]) -> None:

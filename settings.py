@@ -58,6 +58,9 @@ def _is_host(host: str) -> bool:
     return len(host) <= 253 and bool(HOST_NAME.fullmatch(host)) and not last_label.isdigit()
 
 
+SWAGGER_UI_VERSION = "5.35.0"  # what /docs loads; agent_runner holds the SRI hashes of its files
+DOCS_ASSETS_DEFAULT = f"https://cdn.jsdelivr.net/npm/swagger-ui-dist@{SWAGGER_UI_VERSION}"
+
 # Every environment variable: name, default, meaning. --help, the README and .env.example show this table.
 SETTINGS_TABLE = (
     ("HOST", "127.0.0.1", "bind address (the Dockerfile sets 0.0.0.0)"),
@@ -66,7 +69,8 @@ SETTINGS_TABLE = (
     ("AGENT_SLEEP_SECONDS", "5", "how long the built-in agents work (0 allowed)"),
     ("MAX_BODY_BYTES", "65536", "largest accepted request body"),
     ("AGENT_MODULES", "", "comma-separated importable modules; each is imported at start and registers agents"),
-    ("DOCS_ASSETS_URL", "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5", "where /docs loads Swagger UI's assets from"),
+    ("DOCS_ASSETS_URL", DOCS_ASSETS_DEFAULT,
+     f"where /docs loads Swagger UI's assets from; they must be swagger-ui-dist {SWAGGER_UI_VERSION}'s files"),
     ("RUN_TIMEOUT_SECONDS", "300", "a run still going after this is stopped and marked ERROR"),
     ("RUN_RETENTION", "10000", "finished runs kept; the oldest finished run is dropped first"),
     ("RUN_RETENTION_MB", "256", "size of the finished runs kept (their JSON); past it the oldest are dropped first"),
@@ -88,7 +92,7 @@ class Settings:
     agent_sleep_seconds: float = 5.0
     max_body_bytes: int = 65536
     agent_modules: tuple[str, ...] = ()
-    docs_assets_url: str = "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5"
+    docs_assets_url: str = DOCS_ASSETS_DEFAULT
     run_timeout_seconds: float = 300.0
     run_retention: int = 10000
     run_retention_bytes: int = 256 * 1024 * 1024

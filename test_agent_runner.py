@@ -314,7 +314,7 @@ def test_docs_page_loads_swagger_ui_for_the_spec(start_server) -> None:
 
 
 def test_docs_assets_come_from_a_cdn_by_default(server: ServerProcess) -> None:
-    assert "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js" in server.client.get("/docs").text
+    assert "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5.35.0/swagger-ui-bundle.js" in server.client.get("/docs").text
 
 
 def test_every_stdout_line_is_json_with_timestamp_level_event(server: ServerProcess) -> None:

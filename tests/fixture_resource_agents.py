@@ -71,15 +71,3 @@ class CoroutineWorker(BaseAgent):
             return "done"
         finally:
             note(ledger, "end", self.run_id)
-
-
-@register
-class ReservedFields(BaseAgent):
-    agent_type = "reserved-fields"
-    description = "Returns completion_fields named like LogRecord attributes (name, msg, module)."
-
-    async def run(self) -> Any:
-        return "ok"
-
-    def completion_fields(self, result: Any) -> dict[str, Any]:
-        return {"name": "mine", "msg": "hello", "module": "x", "decision": result}

@@ -47,14 +47,24 @@ def test_workflow_runs_the_tests_on_311_and_312_lints_builds_and_scans() -> None
     assert any("trivy-action" in step.get("uses", "") for step in image_steps)
 
 
+class AssetHandler(http.server.SimpleHTTPRequestHandler):
+    """Static files with CORS, as a CDN serves them: /docs checks their hashes, which needs CORS."""
+
+    def end_headers(self) -> None:
+        self.send_header("Access-Control-Allow-Origin", "*")
+        super().end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
 @pytest.fixture
 def swagger_assets() -> Iterator[str]:
     """swagger-ui-dist served from 127.0.0.1, as DOCS_ASSETS_URL points at it."""
     root = CACHE / "swagger-ui-dist"
     if not (root / "swagger-ui-bundle.js").exists():
         missing_tool("swagger-ui-dist", "bash .ci/run (it fetches swagger-ui-dist@5.35.0 into .ci/cache with npm pack)")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *args: None  # type: ignore[method-assign]
+    handler = functools.partial(AssetHandler, directory=str(root))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"

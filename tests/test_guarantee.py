@@ -244,17 +244,6 @@ def test_a_blip_at_run_start_is_retried_and_never_leaks_addresses(redis_servers,
         proxy.close()
 
 
-# --- 10. completion_fields named like LogRecord attributes ----------------------------------------------------------
-
-def test_completion_fields_with_reserved_names_keep_the_terminal_line(start_server) -> None:
-    srv = start_server(AGENT_MODULES=AGENTS)
-    run = srv.run_to_end("reserved-fields")
-    assert run["state"] == "DONE"
-    line = srv.wait_for_event("agent_complete", run_id=run["run_id"])
-    assert (line["field_name"], line["field_msg"], line["field_module"]) == ("mine", "hello", "x")
-    assert line["decision"] == "ok"
-
-
 # --- 11. memory bounded by bytes ------------------------------------------------------------------------------------
 
 def rss_mb(pid: int) -> float:

@@ -1,0 +1,114 @@
+"""Limits on HTTP connections, enforced in uvicorn's protocol before a request reaches the app (or its auth).
+
+uvicorn's httptools protocol keeps a request's head in memory however large it
+grows and waits for it however slowly it arrives. ``LimitedHttpToolsProtocol``
+refuses a head over ``MAX_HEADER_BYTES`` and drops a connection whose head is
+not complete within ``HEADER_TIMEOUT_SECONDS``; uvicorn's own
+``limit_concurrency`` (``MAX_CONNECTIONS``) answers 503 past that many
+connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from starlette.types import Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from logs import log
+
+MAX_HEADER_BYTES = 64 * 1024  # the request line and headers together
+HEADER_TIMEOUT_SECONDS = 10.0  # from connection (or a kept-alive request's first byte) to the end of the head
+MAX_CONNECTIONS = 2000  # uvicorn's limit_concurrency: open connections, or requests in progress (the suite uses 1000)
+
+TOO_LARGE = json.dumps({"detail": f"Request headers are larger than {MAX_HEADER_BYTES} bytes"},
+                       separators=(",", ":")).encode()
+
+
+async def refuse_headers_too_large(scope: Scope, receive: Receive, send: Send) -> None:
+    """Served instead of the app for a head over the limit: 431, then the connection closes."""
+    await send({"type": "http.response.start", "status": 431, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", b"%d" % len(TOO_LARGE)),
+        (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": TOO_LARGE})
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a cap on the size of a request's head and on the time it may take.
+
+    A head that completes within one read is measured as parsed and answered
+    431. httptools keeps an incomplete header to itself until its end arrives,
+    so a head still growing is measured by the bytes received since it began
+    and the connection is closed once they pass the cap: at most one read
+    (uvloop reads up to 250 KB at a time) is held beyond it.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.head_received: int | None = None  # bytes received since the head began; None between heads
+        self.head_size = 0  # bytes of request line and headers parsed
+        self.head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._begin_head()  # so a client that connects and sends nothing is dropped too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end_head()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.head_received is not None:
+            self.head_received += len(data)
+        super().data_received(data)
+        if self.head_received is not None and self.head_received > MAX_HEADER_BYTES:
+            self._refuse("headers_too_large")
+            self.transport.close()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self.head_received is None:  # the next request on a kept-alive connection
+            self._begin_head()
+
+    def on_url(self, url: bytes) -> None:
+        self.head_size += len(url)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_size += len(name) + len(value) + 4  # ": " and CRLF
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self.head_size <= MAX_HEADER_BYTES:
+            self._end_head()
+            super().on_headers_complete()
+            return
+        self._refuse("headers_too_large")
+        app, self.app = self.app, refuse_headers_too_large
+        try:
+            super().on_headers_complete()
+        finally:
+            self.app = app
+
+    def _begin_head(self) -> None:
+        self.head_received = self.head_size = 0
+        self.head_timer = self.loop.call_later(HEADER_TIMEOUT_SECONDS, self._head_timed_out)
+
+    def _end_head(self) -> None:
+        self.head_received = None
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self.head_timer = None
+        if not self.transport.is_closing():
+            self._refuse("header_timeout")
+            self.transport.close()
+
+    def _refuse(self, reason: str) -> None:
+        self._end_head()
+        client = "%s:%d" % self.client if self.client else None
+        log.warning("request_refused", extra={"reason": reason, "client": client})
