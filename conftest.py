@@ -199,6 +199,24 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of the test's own, for tests that stop and restart it."""
+    require_redis_server()
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def persistent_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of the test's own whose data survives a stop and start (append-only file, fsync always)."""
+    require_redis_server()
+    server = RedisServer(tmp_path, persist=True)
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="module", params=["memory", "redis"])
 def backend(request: pytest.FixtureRequest) -> dict[str, str]:
     """The environment that selects a store backend: every server test runs against both."""

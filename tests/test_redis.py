@@ -13,27 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import RedisServer, ServerProcess, log_time, new_user, require_redis_server
+from conftest import RedisServer, ServerProcess, log_time, new_user
 
 BUSY = "An agent is already running, please retry later"
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path):
-    """A Redis of the test's own, for tests that stop and restart it."""
-    require_redis_server()
-    server = RedisServer(tmp_path)
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def persistent_redis(tmp_path: Path):
-    """A Redis of the test's own whose data survives a stop and start (append-only file, fsync always)."""
-    require_redis_server()
-    server = RedisServer(tmp_path, persist=True)
-    yield server
-    server.stop()
 
 
 def post_until_accepted(server: ServerProcess, timeout: float = 10, **input: object) -> str:
