@@ -193,6 +193,23 @@ async def server_error(request: Request, exc: Exception) -> Response:
     return json_response({"detail": "Internal server error"}, 500)
 
 
+LOOP_LAG_WARNING_SECONDS = 1.0  # an event loop stalled longer than this is logged (event_loop_blocked)
+
+
+async def watch_event_loop(interval: float = 0.25) -> None:
+    """Warn when something (usually an agent doing blocking work) stalls the event loop."""
+    loop = asyncio.get_running_loop()
+    while True:
+        expected = loop.time() + interval
+        await asyncio.sleep(interval)
+        lag = loop.time() - expected
+        if lag > LOOP_LAG_WARNING_SECONDS:
+            active = runner.active_run
+            log.warning("event_loop_blocked", extra={
+                "lag_ms": round(lag * 1000), **(runner.run_fields(active.run) if active else {}),
+                "hint": "agents must run blocking work in asyncio.to_thread"})
+
+
 # ---------------------------------------------------------------------------
 # Routes and app.
 
@@ -203,7 +220,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     log.info("service_started", extra={
         "version": __version__, "store": store, "agent_types": sorted(agents.registry),
         "agent_sleep_seconds": settings.current.agent_sleep_seconds})
-    background = [asyncio.create_task(flush_stdout_regularly()), asyncio.create_task(runner.watch_event_loop())]
+    background = [asyncio.create_task(flush_stdout_regularly()), asyncio.create_task(watch_event_loop())]
     try:
         yield
     finally:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import json
 import logging
 import math
@@ -26,17 +25,17 @@ import threading
 import time
 import traceback
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
 import agents
 import metrics
 import settings
+from agent_work import RunTrackingExecutor, current_run
 from logs import log, safe_fields, write_hot_lines
 from store import LockLost, MemoryRunLock, MemoryRunStore, Run, StoreUnavailable, utc_now
 
 MAX_RESULT_BYTES = 1024 * 1024  # a larger agent result ends the run as ERROR
-LOOP_LAG_WARNING_SECONDS = 1.0  # an event loop stalled longer than this is logged (event_loop_blocked)
 CANCEL_RETRY_SECONDS = 1.0  # an agent that swallows CancelledError is cancelled again this often
 STILL_RUNNING_LOG_SECONDS = 10.0  # how often a stopped run whose code goes on is logged (agent_still_running)
 STOP_WAIT_SECONDS = 5.0  # at shutdown, how long an interrupted agent may take to stop
@@ -51,25 +50,6 @@ run_store: Any = MemoryRunStore(retention=settings.current.run_retention)  # Mem
 active_run: ActiveRun | None = None  # the run this process is executing
 accepting_runs = True  # False once shutdown has begun
 admitting = 0  # POSTs between taking the lock and starting their run; drain waits for them
-
-# The run whose agent code is executing in this context; the default executor tags work with it.
-current_run: contextvars.ContextVar[ActiveRun | None] = contextvars.ContextVar("current_run", default=None)
-
-
-class RunTrackingExecutor(ThreadPoolExecutor):
-    """The loop's default executor: work submitted from an agent's context is counted as that agent's code.
-
-    ``asyncio.to_thread`` and ``loop.run_in_executor(None, ...)`` both submit
-    here from the calling task's context, so the agent needs to do nothing.
-    """
-
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
-        future = super().submit(fn, *args, **kwargs)
-        active = current_run.get()
-        if active is not None:
-            active.executor_work.append(future)
-        return future
-
 
 async def open_stores() -> str:
     """Pick the backend once, at start, and install the executor; returns the backend's name."""
@@ -445,17 +425,3 @@ async def drain(grace_seconds: float) -> None:
     if not active.run.finished:  # the agent ignores cancellation: record the outcome before exiting anyway
         await finish_run(active, {"state": "ERROR", "event": "run_interrupted",
                                   "error": "Run interrupted by shutdown; the agent did not stop"})
-
-
-async def watch_event_loop(interval: float = 0.25) -> None:
-    """Warn when something (usually an agent doing blocking work) stalls the event loop."""
-    loop = asyncio.get_running_loop()
-    while True:
-        expected = loop.time() + interval
-        await asyncio.sleep(interval)
-        lag = loop.time() - expected
-        if lag > LOOP_LAG_WARNING_SECONDS:
-            active = active_run
-            log.warning("event_loop_blocked", extra={
-                "lag_ms": round(lag * 1000), **(run_fields(active.run) if active else {}),
-                "hint": "agents must run blocking work in asyncio.to_thread"})

@@ -131,7 +131,7 @@ def test_pubsub_listener_that_fails_is_logged_and_restarted(redis_server: RedisS
         cancelled.append(run_id)
 
     async def scenario() -> None:
-        _, store = open_redis(redis_server.url, prefix, 30, 100, 2**30, logger)
+        _, store = open_redis(redis_server.url, prefix, 30, 100, 256 * 1024 * 1024, logger)
         store.on_cancel = on_cancel
         await store.start()
         try:
