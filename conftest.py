@@ -11,9 +11,11 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 import pytest
@@ -33,6 +35,11 @@ def new_user() -> str:
     return str(uuid.uuid4())
 
 
+def log_time(line: dict[str, Any]) -> float:
+    """A log line's timestamp as seconds since the epoch (comparable with time.time())."""
+    return datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00")).timestamp()
+
+
 class ServerProcess:
     """``python agent_runner.py`` on a free port, with its stdout kept in a file."""
 
@@ -40,7 +47,9 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        full_env = {**os.environ, "PORT": str(self.port), "HOST": "127.0.0.1",
+        # stdout buffered as in production (PYTHONUNBUFFERED would hide how info lines are batched)
+        inherited = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+        full_env = {**inherited, "PORT": str(self.port), "HOST": "127.0.0.1",
                     "AGENT_MODULES": "fixture_agents", "AGENT_SLEEP_SECONDS": "0.2", "PYTHONPATH": str(TESTS),
                     **env}
         self._log_file = open(log_path, "wb")
@@ -157,11 +166,28 @@ class RedisServer:
             client.close()
 
 
+def missing_tool(what: str, install: str) -> NoReturn:
+    """Fail in CI (nothing the suite needs may be skipped there); elsewhere skip, saying what to install."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is missing in CI: .ci/run must provide it ({install})")
+    pytest.skip(f"{what} is missing; to run these tests: {install}")
+
+
 def require_redis_server() -> None:
     if shutil.which("redis-server") is None:
-        if os.environ.get("CI"):
-            pytest.fail("redis-server is missing in CI: .ci/run must install it")
-        pytest.skip("redis-server is not installed (apt-get install redis-server); Redis-mode tests skipped")
+        missing_tool("redis-server", "apt-get install redis-server")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """After the run, one line per group of skipped tests and what to install to run it."""
+    groups: Counter[str] = Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        groups[reason.removeprefix("Skipped: ")] += 1
+    if groups:
+        terminalreporter.section("SKIPPED GROUPS (CI fails instead of skipping)", sep="!", yellow=True, bold=True)
+        for reason, count in groups.most_common():
+            terminalreporter.write_line(f"{count:4d} skipped: {reason}", yellow=True)
 
 
 @pytest.fixture(scope="session")
@@ -169,6 +195,24 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     """One Redis for the session; each server process gets its own key prefix in it."""
     require_redis_server()
     server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of the test's own, for tests that stop and restart it."""
+    require_redis_server()
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def persistent_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of the test's own whose data survives a stop and start (append-only file, fsync always)."""
+    require_redis_server()
+    server = RedisServer(tmp_path, persist=True)
     yield server
     server.stop()
 

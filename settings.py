@@ -7,8 +7,10 @@ replaces it at start, nothing else does.
 from __future__ import annotations
 
 import importlib
+import ipaddress
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +41,21 @@ def _env_number(env: Mapping[str, str], name: str, default: float, *, integer: b
             bound += f" and <= {maximum:g}"
         raise ConfigError(name, f"must be {bound}, got {raw!r}")
     return value
+
+
+HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
+def _is_host(host: str) -> bool:
+    """An IP address, or a syntactically valid host name (checked here, not resolved)."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    # "256.1.1.1" is neither an address nor a name: a name's last label is never all digits.
+    last_label = host.rstrip(".").rsplit(".", 1)[-1]
+    return len(host) <= 253 and bool(HOST_NAME.fullmatch(host)) and not last_label.isdigit()
 
 
 SWAGGER_UI_VERSION = "5.35.0"  # what /docs loads; agent_runner holds the SRI hashes of its files
@@ -99,12 +116,21 @@ class Settings:
         host = env.get("HOST", cls.host).strip()
         if not host:
             raise ConfigError("HOST", "must not be empty")
+        if not _is_host(host):
+            raise ConfigError("HOST", f"must be an IP address or a host name, got {host!r}")
         on_busy = env.get("ON_BUSY", "").strip().lower() or cls.on_busy
         if on_busy not in ("reject", "enqueue", "interrupt"):
             raise ConfigError("ON_BUSY", f"must be one of reject, enqueue, interrupt; got {on_busy!r}")
         redis_url = env.get("REDIS_URL", "").strip() or None
         if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError("REDIS_URL", "must start with redis://, rediss:// or unix://")
+        if redis_url is not None:
+            from redis.asyncio.connection import parse_url  # what open_redis uses; redis-py only with REDIS_URL
+
+            try:
+                parse_url(redis_url)
+            except ValueError as exc:
+                raise ConfigError("REDIS_URL", str(exc)) from None
         return cls(
             host=host,
             port=_env_number(env, "PORT", cls.port, integer=True, minimum=1, maximum=65535),

@@ -53,7 +53,9 @@ def test_run_states_are_seen_in_order(server: ServerProcess) -> None:
     seen: list[str] = []
     first = server.client.get(f"/agents/status/{run_id}").json()
     assert first["finished_at"] is None and first["result"] is None
+    deadline = time.monotonic() + 10
     while not seen or seen[-1] not in ("DONE", "ERROR"):
+        assert time.monotonic() < deadline, f"run never ended; states seen: {seen}"
         state = server.client.get(f"/agents/status/{run_id}").json()["state"]
         if not seen or seen[-1] != state:
             seen.append(state)
@@ -62,14 +64,14 @@ def test_run_states_are_seen_in_order(server: ServerProcess) -> None:
 
 
 def test_busy_answers_409_with_exact_detail_and_retry_after(server: ServerProcess) -> None:
-    run_id = server.start_run("sleeper", seconds=0.5)
-    response = server.client.post("/agents/run", json={"agent_type": "policy-checker", "user_id": new_user()})
+    run_id = server.start_run("hanging")  # busy until cancelled, however slow the machine
+    user = new_user()
+    response = server.client.post("/agents/run", json={"agent_type": "policy-checker", "user_id": user})
     assert response.status_code == 409
     assert response.json() == {"detail": BUSY}
     assert int(response.headers["retry-after"]) >= 1
-    server.wait_run(run_id)
-    rejected = server.events("run_rejected")
-    assert rejected and rejected[-1]["agent_type"] == "policy-checker"
+    assert server.client.post(f"/agents/cancel/{run_id}").json()["state"] == "CANCELLED"
+    assert server.wait_for_event("run_rejected", user_id=user)["agent_type"] == "policy-checker"
 
 
 def test_client_that_sees_done_can_start_the_next_run_at_once(server: ServerProcess) -> None:
@@ -83,7 +85,8 @@ def test_burst_of_100_concurrent_posts_admits_exactly_one(server: ServerProcess)
     async def burst() -> list[httpx.Response]:
         limits = httpx.Limits(max_connections=100)
         async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=30) as client:
-            body = {"agent_type": "sleeper", "user_id": new_user(), "input": {"seconds": 1}}
+            # The run outlasts the burst however slow the machine: it ends only when cancelled below.
+            body = {"agent_type": "hanging", "user_id": new_user()}
             return await asyncio.gather(*(client.post("/agents/run", json=body) for _ in range(100)))
 
     responses = asyncio.run(burst())
@@ -91,7 +94,8 @@ def test_burst_of_100_concurrent_posts_admits_exactly_one(server: ServerProcess)
     assert codes.count(202) == 1 and codes.count(409) == 99, codes
     accepted = next(r for r in responses if r.status_code == 202)
     assert all(r.json() == {"detail": BUSY} for r in responses if r.status_code == 409)
-    server.wait_run(accepted.json()["run_id"])
+    cancelled = server.client.post(f"/agents/cancel/{accepted.json()['run_id']}")
+    assert cancelled.json()["state"] == "CANCELLED"
 
 
 VALID = {"agent_type": "sleeper", "user_id": "3f2b8a8e-6c1d-4d8e-9a57-0f4c2b1d9e10"}
@@ -129,19 +133,27 @@ BAD_INPUT = [
 ]
 
 
+def newest_run_id(server: ServerProcess) -> str | None:
+    runs = server.client.get("/agents/runs", params={"limit": 1}).json()["runs"]
+    return runs[0]["run_id"] if runs else None
+
+
 @pytest.mark.parametrize(("headers", "body", "status", "words"),
                          [case[1:] for case in BAD_INPUT], ids=[case[0] for case in BAD_INPUT])
-def test_bad_input_gets_json_4xx_and_leaves_the_lock_free(
+def test_bad_input_gets_json_4xx_creates_no_run_and_leaves_the_lock_free(
         server: ServerProcess, headers: dict[str, str | None], body: bytes, status: int, words: str) -> None:
+    before = newest_run_id(server)
     sent = {key: value for key, value in {"content-type": "application/json", **headers}.items() if value}
     response = server.client.post("/agents/run", content=body, headers=sent)
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/json"
     assert words in response.json()["detail"]
+    assert newest_run_id(server) == before
     server.wait_run(server.start_run("sleeper", seconds=0))
 
 
 def test_body_over_max_body_bytes_is_413_by_content_length_and_by_streamed_size(server: ServerProcess) -> None:
+    before = newest_run_id(server)
     big = b'{"agent_type": "sleeper", "input": {"pad": "' + b"x" * 70000 + b'"}}'
     response = server.client.post("/agents/run", content=big, headers={"content-type": "application/json"})
     assert response.status_code == 413
@@ -153,6 +165,7 @@ def test_body_over_max_body_bytes_is_413_by_content_length_and_by_streamed_size(
 
     response = server.client.post("/agents/run", content=chunks(), headers={"content-type": "application/json"})
     assert response.status_code == 413
+    assert newest_run_id(server) == before
     server.wait_run(server.start_run("sleeper", seconds=0))
 
 
@@ -165,6 +178,16 @@ def test_unknown_agent_type_names_it_lists_supported_and_logs_a_warning(server: 
         assert agent_type in detail
     line = server.wait_for_event("unsupported_agent_type", agent_type="translator")
     assert line["level"] == "warning"
+
+
+def test_warning_lines_are_written_before_the_answer(server: ServerProcess) -> None:
+    agent_type = f"nope-{uuid.uuid4().hex[:8]}"
+    run_id = server.start_run("sleeper", seconds=0)  # info lines just before, which may wait up to 0.2 s
+    response = server.client.post("/agents/run", json={"agent_type": agent_type, "user_id": new_user()})
+    assert response.status_code == 400
+    # Read at once, no waiting: the warning is flushed before the answer goes out.
+    assert [line["agent_type"] for line in server.events("unsupported_agent_type")][-1:] == [agent_type]
+    server.wait_run(run_id)
 
 
 def test_status_of_malformed_id_is_400_and_of_unknown_id_is_404(server: ServerProcess) -> None:
@@ -259,12 +282,27 @@ def test_openapi_paths_and_methods_equal_the_apps_routes() -> None:
     assert documented == served
 
 
-def test_openapi_documents_every_status_each_path_returns() -> None:
+# Every status each operation answers (401: API_TOKEN; 503: shutting down or the Redis store unreachable).
+STATUSES = {
+    ("GET", "/agents"): {"200", "401"},
+    ("POST", "/agents/run"): {"202", "400", "401", "409", "413", "415", "503"},
+    ("GET", "/agents/status/{run_id}"): {"200", "400", "401", "404", "503"},
+    ("POST", "/agents/cancel/{run_id}"): {"200", "202", "400", "401", "404", "409", "503"},
+    ("GET", "/agents/runs"): {"200", "400", "401", "503"},
+    ("GET", "/healthz"): {"200"},
+    ("GET", "/readyz"): {"200", "503"},
+    ("GET", "/metrics"): {"200"},
+    ("GET", "/openapi.yaml"): {"200"},
+    ("GET", "/openapi.json"): {"200"},
+    ("GET", "/docs"): {"200"},
+}
+
+
+def test_openapi_documents_every_status_each_operation_returns() -> None:
     spec = yaml.safe_load((HERE / "openapi.yaml").read_text())
-    post = spec["paths"]["/agents/run"]["post"]["responses"]
-    assert {"202", "400", "401", "409", "413", "415", "503"} <= set(post)
-    status = spec["paths"]["/agents/status/{run_id}"]["get"]["responses"]
-    assert {"200", "400", "401", "404"} <= set(status)
+    documented = {(method.upper(), path): set(operation["responses"])
+                  for path, item in spec["paths"].items() for method, operation in item.items()}
+    assert documented == STATUSES
 
 
 def test_docs_page_loads_swagger_ui_for_the_spec(start_server) -> None:
@@ -281,8 +319,11 @@ def test_docs_assets_come_from_a_cdn_by_default(server: ServerProcess) -> None:
 
 
 def test_every_stdout_line_is_json_with_timestamp_level_event(server: ServerProcess) -> None:
-    server.run_to_end("policy-checker")
-    server.client.get("/nowhere")
+    run = server.run_to_end("policy-checker")
+    marker = f"/nowhere-{uuid.uuid4()}"
+    server.client.get(marker)
+    server.wait_for_event("agent_complete", run_id=run["run_id"])
+    server.wait_for_event("http_request", path=marker)
     lines = server.log_path.read_text().splitlines()
     assert len(lines) > 10
     for text in lines:
@@ -311,7 +352,7 @@ def test_run_lines_carry_run_id_agent_type_user_id(server: ServerProcess) -> Non
         assert line["agent_type"] == "sleeper" and line["user_id"] == user
 
 
-@pytest.mark.parametrize(("env", "variable"), [
+BAD_SETTINGS = [
     ({"PORT": "abc"}, "PORT"),
     ({"PORT": "70000"}, "PORT"),
     ({"AGENT_SLEEP_SECONDS": "-1"}, "AGENT_SLEEP_SECONDS"),
@@ -323,11 +364,22 @@ def test_run_lines_carry_run_id_agent_type_user_id(server: ServerProcess) -> Non
     ({"RUN_TIMEOUT_SECONDS": "0"}, "RUN_TIMEOUT_SECONDS"),
     ({"RUN_RETENTION": "many"}, "RUN_RETENTION"),
     ({"SHUTDOWN_GRACE_SECONDS": "-5"}, "SHUTDOWN_GRACE_SECONDS"),
-], ids=lambda value: value if isinstance(value, str) else None)
-def test_bad_setting_stops_start_with_one_json_line_naming_it(env: dict[str, str], variable: str) -> None:
+    ({"HOST": " "}, "HOST"),
+    ({"HOST": "256.1.1.1"}, "HOST"),
+    ({"HOST": "bad host!"}, "HOST"),
+    ({"REDIS_URL": "http://127.0.0.1:6379/0"}, "REDIS_URL"),
+    ({"REDIS_URL": "redis://127.0.0.1:port/0"}, "REDIS_URL"),
+    ({"LOCK_TTL_SECONDS": "0.1"}, "LOCK_TTL_SECONDS"),
+    ({"LOCK_TTL_SECONDS": "soon"}, "LOCK_TTL_SECONDS"),
+]
+
+
+@pytest.mark.parametrize(("env", "variable"), BAD_SETTINGS,
+                         ids=[" ".join(f"{key}={value!r}" for key, value in env.items()) for env, _ in BAD_SETTINGS])
+def test_bad_setting_stops_start_with_exit_2_and_one_json_line_naming_it(env: dict[str, str], variable: str) -> None:
     result = subprocess.run([sys.executable, "agent_runner.py"], cwd=HERE, capture_output=True, text=True,
                             timeout=30, env={**os.environ, "PORT": str(free_port()), "PYTHONPATH": str(TESTS), **env})
-    assert result.returncode != 0
+    assert result.returncode == 2, result.stdout + result.stderr
     lines = [json.loads(text) for text in result.stdout.splitlines()]
     assert len(lines) == 1, result.stdout + result.stderr
     assert lines[0]["event"] == "invalid_configuration" and lines[0]["level"] == "error"
@@ -335,12 +387,22 @@ def test_bad_setting_stops_start_with_one_json_line_naming_it(env: dict[str, str
     assert result.stderr == ""
 
 
+def readme_settings() -> dict[str, str]:
+    """The README's configuration table: variable -> its default as written there."""
+    readme = (HERE / "README.md").read_text()
+    return dict(re.findall(r"^\| `([A-Z_]+)` \| ([^|]+?) \|", readme, re.M))
+
+
 def test_settings_defaults_match_the_readme_table() -> None:
+    table = readme_settings()
+    assert set(table) == {name for name, _, _ in settings.SETTINGS_TABLE}
     defaults = settings.Settings.from_env({})
-    assert (defaults.host, defaults.port, defaults.log_level) == ("127.0.0.1", 8000, "info")
-    assert (defaults.agent_sleep_seconds, defaults.max_body_bytes, defaults.agent_modules) == (5.0, 65536, ())
-    assert (defaults.run_timeout_seconds, defaults.run_retention, defaults.shutdown_grace_seconds) == (300, 10000, 30)
-    assert defaults.api_token is None
+    for name, shown in table.items():
+        # Setting a variable to the README's default (or to nothing, where it has none) changes nothing.
+        given = "" if shown in ("(unset)", "(empty)") else shown.strip("`")
+        assert settings.Settings.from_env({name: given}) == defaults, (name, shown)
+    # ...and the README's defaults are not all ignored: a different value does change something.
+    assert settings.Settings.from_env({"PORT": "8001"}) != defaults
 
 
 def test_agent_sleep_seconds_zero_is_allowed(start_server) -> None:
@@ -351,13 +413,17 @@ def test_agent_sleep_seconds_zero_is_allowed(start_server) -> None:
 
 
 def test_help_prints_the_configuration_table_and_version_the_version() -> None:
-    help_text = subprocess.run([sys.executable, "agent_runner.py", "--help"], cwd=HERE, capture_output=True,
-                               text=True, timeout=30).stdout
+    shown = subprocess.run([sys.executable, "agent_runner.py", "--help"], cwd=HERE, capture_output=True,
+                           text=True, timeout=30)
     version = subprocess.run([sys.executable, "agent_runner.py", "--version"], cwd=HERE, capture_output=True,
-                             text=True, timeout=30).stdout
-    for name, default, _ in settings.SETTINGS_TABLE:
-        assert name in help_text and default in help_text
-    assert version.strip() == f"agent-runner {agent_runner.__version__}"
+                             text=True, timeout=30)
+    assert shown.returncode == 0 and version.returncode == 0
+    rows = {line.split()[0]: line.split(None, 1)[1] for line in shown.stdout.splitlines()
+            if line.startswith("  ") and line.split()[0].isupper()}
+    assert list(rows) == [name for name, _, _ in settings.SETTINGS_TABLE]
+    for name, default, meaning in settings.SETTINGS_TABLE:
+        assert rows[name] == meaning + (f" (default: {default})" if default else ""), name
+    assert version.stdout.strip() == f"agent-runner {agent_runner.__version__}"
 
 
 def test_every_setting_is_in_the_readme_table_and_env_example_with_its_default() -> None:

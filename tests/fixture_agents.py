@@ -16,7 +16,8 @@ from agents import BaseAgent, register
 @register
 class Sleeper(BaseAgent):
     agent_type = "sleeper"
-    description = "Sleeps input.seconds (default AGENT_SLEEP_SECONDS), reporting progress 0.5 halfway."
+    description = ("Sleeps input.seconds (default AGENT_SLEEP_SECONDS), reporting progress 0.5 halfway; "
+                   "logs sleeper_done when input.announce is true.")
 
     async def run(self) -> Any:
         seconds = float(self.input.get("seconds", self.sleep_seconds))
@@ -25,6 +26,8 @@ class Sleeper(BaseAgent):
         self.set_progress(0.5)
         await asyncio.sleep(seconds / 2)
         self.set_progress(1.0)
+        if self.input.get("announce"):  # for tests that must know the agent ended while its store is away
+            self.log.info("sleeper_done")
         return {"slept": seconds, "input": self.input}
 
 
@@ -60,6 +63,7 @@ class Stubborn(BaseAgent):
             except asyncio.CancelledError:
                 ignored += 1
                 self.log.info("cancel_ignored", ignored=ignored)
+        self.log.info("stubborn_stopped", ignored=ignored)  # its code has stopped: tests order other lines by it
         return {"ignored_cancels": ignored}
 
 

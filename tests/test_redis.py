@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -12,18 +13,20 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import RedisServer, ServerProcess, new_user, require_redis_server
+from conftest import RedisServer, ServerProcess, log_time, new_user
 
 BUSY = "An agent is already running, please retry later"
 
 
-@pytest.fixture
-def own_redis(tmp_path: Path):
-    """A Redis of the test's own, for tests that stop and restart it."""
-    require_redis_server()
-    server = RedisServer(tmp_path)
-    yield server
-    server.stop()
+def post_until_accepted(server: ServerProcess, timeout: float = 10, **input: object) -> str:
+    """POST a sleeper run until it is accepted; only 503 (Redis just back) and 409 may come first."""
+    deadline = time.monotonic() + timeout
+    body = {"agent_type": "sleeper", "user_id": new_user(), "input": input}
+    while (response := server.client.post("/agents/run", json=body)).status_code != 202:
+        assert response.status_code in (409, 503), response.text
+        assert time.monotonic() < deadline, f"no 202 in {timeout} s: {response.status_code} {response.text}"
+        time.sleep(0.1)
+    return response.json()["run_id"]
 
 
 @pytest.fixture
@@ -48,7 +51,8 @@ def test_burst_across_two_replicas_admits_exactly_one(replicas) -> None:
     a, b = replicas(2)
 
     async def burst() -> list[httpx.Response]:
-        body = {"agent_type": "sleeper", "user_id": new_user(), "input": {"seconds": 1.5}}
+        # The run outlasts the burst however slow the machine: it ends only when cancelled below.
+        body = {"agent_type": "hanging", "user_id": new_user()}
         limits = httpx.Limits(max_connections=100)
         async with httpx.AsyncClient(limits=limits, timeout=30) as client:
             return await asyncio.gather(*(client.post(f"{(a, b)[i % 2].url}/agents/run", json=body)
@@ -59,7 +63,7 @@ def test_burst_across_two_replicas_admits_exactly_one(replicas) -> None:
     assert codes.count(202) == 1 and codes.count(409) == 99, sorted(codes)
     assert all(r.json() == {"detail": BUSY} for r in responses if r.status_code == 409)
     run_id = next(r for r in responses if r.status_code == 202).json()["run_id"]
-    assert a.wait_run(run_id)["state"] == "DONE"
+    assert b.client.post(f"/agents/cancel/{run_id}").json()["state"] == "CANCELLED"
 
 
 def test_status_list_and_wait_work_on_any_replica(replicas) -> None:
@@ -134,6 +138,7 @@ def test_redis_down_answers_503_then_recovers_by_itself(replicas, own_redis: Red
         assert time.monotonic() < deadline, "did not recover after Redis came back"
         time.sleep(0.1)
     assert a.run_to_end("sleeper", seconds=0)["state"] == "DONE"
+    a.wait_for_event("store_recovered")
     assert len(a.events("store_unavailable")) == 1
     assert len(a.events("store_recovered")) == 1
 
@@ -175,7 +180,75 @@ def test_two_replicas_never_run_two_agents_at_once(replicas, redis_server: Redis
             return sum(counts)
 
     accepted = asyncio.run(main())
-    time.sleep(0.5)
     assert accepted >= 20, accepted
+    deadline = time.monotonic() + 10  # the last runs may still be ending
+    while int(redis_server.command("GET", f"{key}:current")) != 0:
+        assert time.monotonic() < deadline, "an agent never ended"
+        time.sleep(0.05)
     assert int(redis_server.command("GET", f"{key}:max")) == 1
-    assert int(redis_server.command("GET", f"{key}:current")) == 0
+
+
+def stop_redis_and_read_lock_expiry(redis: RedisServer, lock_key: str) -> float:
+    """Shut Redis down, reading the lock's TTL last; returns when (wall clock) the lock would have expired.
+
+    Writes are paused first, so no renewal can land between the reading and the shutdown.
+    """
+    def command(sock: socket.socket, text: str) -> bytes:
+        sock.sendall(text.encode() + b"\r\n")
+        return sock.recv(64)
+
+    with socket.create_connection(("127.0.0.1", redis.port), timeout=5) as sock:
+        assert command(sock, "CLIENT PAUSE 10000 WRITE") == b"+OK\r\n"
+        reply = command(sock, f"PTTL {lock_key}")
+        read_at = time.time()
+        command(sock, "SHUTDOWN NOSAVE")
+    assert redis.proc is not None and redis.proc.wait(10) == 0
+    assert reply.startswith(b":") and int(reply[1:-2]) > 0, reply
+    return read_at + int(reply[1:-2]) / 1000
+
+
+def test_redis_unreachable_stops_the_agent_before_its_lock_can_expire(replicas, persistent_redis) -> None:
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    (a,) = replicas(1, redis=persistent_redis, prefix=prefix, LOCK_TTL_SECONDS="3")
+    run_id = a.start_run("probe", mode="hang")
+    a.wait_state(run_id, "RUNNING")
+    expires_at = stop_redis_and_read_lock_expiry(persistent_redis, f"{prefix}:lock")
+    lost = a.wait_for_event("lock_lost", run_id=run_id)
+    assert lost["level"] == "error" and lost["detail"]
+    stopped = a.wait_for_event("probe_end", run_id=run_id)  # the agent's code has ended, Redis still away
+    assert log_time(stopped) < expires_at, "the agent still ran when another replica could take the lock"
+    persistent_redis.start()
+    run = a.wait_run(run_id)
+    assert run["state"] == "ERROR" and run["error"] == "Run stopped: lock lost"
+
+
+def test_a_run_whose_terminal_state_was_never_stored_is_marked_runner_lost(replicas, persistent_redis) -> None:
+    (a,) = replicas(1, redis=persistent_redis, LOCK_TTL_SECONDS="4")
+    run_id = a.start_run("sleeper", seconds=1, announce=True)
+    a.wait_state(run_id, "RUNNING")
+    persistent_redis.stop()
+    a.wait_for_event("sleeper_done", run_id=run_id)  # DONE, but the store is away for longer than the lock's TTL
+    line = a.wait_for_event("terminal_state_not_stored", run_id=run_id, timeout=15)
+    assert line["level"] == "error" and line["state"] == "DONE"
+    persistent_redis.start()
+    assert a.client.get(f"/agents/status/{run_id}", timeout=10).json()["state"] == "RUNNING"  # as last stored
+    next_run = post_until_accepted(a, seconds=0)  # its holder finds the unfinished run of a lost runner
+    assert a.wait_run(next_run)["state"] == "DONE"
+    lost = a.client.get(f"/agents/status/{run_id}").json()
+    assert lost["state"] == "ERROR" and lost["error"].startswith("Runner lost"), lost
+    assert a.wait_for_event("run_orphaned", run_id=run_id)["level"] == "error"
+
+
+def test_cancel_reaches_the_holder_through_the_flag_checked_at_renewal_without_pubsub(replicas, own_redis) -> None:
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    a, b = replicas(2, redis=own_redis, prefix=prefix, LOCK_TTL_SECONDS="1.5")
+    run_id = a.start_run("hanging")
+    a.wait_state(run_id, "RUNNING")
+    # Pub/sub off: no client may subscribe any more, and the replicas' listeners are disconnected.
+    own_redis.command("ACL", "SETUSER", "default", "-subscribe", "-psubscribe")
+    own_redis.command("CLIENT", "KILL", "TYPE", "pubsub")
+    assert own_redis.command("PUBSUB", "NUMSUB", f"{prefix}:cancel")[1] == 0
+    response = b.client.post(f"/agents/cancel/{run_id}")
+    assert response.status_code == 200 and response.json()["state"] == "CANCELLED", response.text
+    assert a.wait_for_event("run_cancelled", run_id=run_id)
+    assert own_redis.command("PUBSUB", "NUMSUB", f"{prefix}:cancel")[1] == 0  # it came through the flag
