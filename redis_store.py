@@ -144,6 +144,27 @@ redis.call('PUBLISH', ARGV[9], ARGV[3])
 return {2, position}
 """
 
+# Claim the unfinished runs whose holder token no longer holds any slot (their replica died or lost its
+# lock): they leave the unfinished index here, in one step, so no live run is taken for one and no orphan
+# is claimed twice. KEYS: unfinished, slot 0..n-1. Returns {run_id, token, ...}.
+ORPHANS_SCRIPT = """
+local live = {}
+for i = 2, #KEYS do
+  local token = redis.call('GET', KEYS[i])
+  if token then live[token] = true end
+end
+local entries = redis.call('HGETALL', KEYS[1])
+local orphans = {}
+for i = 1, #entries, 2 do
+  if not live[entries[i + 1]] then
+    redis.call('HDEL', KEYS[1], entries[i])
+    table.insert(orphans, entries[i])
+    table.insert(orphans, entries[i + 1])
+  end
+end
+return orphans
+"""
+
 # Take the head of the queue and a free slot in one step. KEYS: queue, unfinished, slot 0..n-1.
 # ARGV: token, ttl_ms, n. Returns {run_id, slot} or nil.
 TAKE_SCRIPT = """
@@ -225,6 +246,7 @@ class RedisRunStore:
         self._trim = client.register_script(TRIM_SCRIPT)
         self._admit = client.register_script(ADMIT_SCRIPT)
         self._take = client.register_script(TAKE_SCRIPT)
+        self._orphans = client.register_script(ORPHANS_SCRIPT)
 
     def key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -411,15 +433,6 @@ class RedisRunStore:
         await self._place(page.runs)
         return page.runs
 
-    async def unfinished(self) -> list[Run]:
-        """PENDING/RUNNING runs, for orphan recovery by a new lock holder."""
-        async with self.health.guard():
-            holders = {run_id.decode(): token.decode()
-                       for run_id, token in (await self.client.hgetall(self.key("unfinished"))).items()}
-            records = await self.client.mget([self.key("run", run_id) for run_id in holders]) if holders else []
-        runs = (self.read(run_id, raw, holder=holders[run_id]) for run_id, raw in zip(holders, records))
-        return [run for run in runs if run is not None]
-
     async def request_cancel(self, run_id: str, by: str | None = None) -> None:
         """Ask whichever replica runs ``run_id`` to cancel it (pub/sub, plus a flag its renewal checks);
         ``by`` is the run that interrupts it."""
@@ -505,7 +518,11 @@ class RedisRunStore:
         held = [(score, run_id) for run_id, score in zip(ids, scores) if score is not None]
         return min(held)[1] if held else None
 
-    async def live_tokens(self, lock: RedisRunLock) -> set[str]:
+    async def claim_orphans(self, lock: RedisRunLock) -> list[Run]:
+        """Unfinished runs whose holder holds no slot any more, taken out of the unfinished index atomically."""
         async with self.health.guard():
-            values = await self.client.mget(lock.keys)
-        return {value.decode() for value in values if value is not None}
+            flat = await self._orphans(keys=[self.key("unfinished"), *lock.keys])
+            pairs = [(flat[i].decode(), flat[i + 1].decode()) for i in range(0, len(flat), 2)]
+            raws = await self.client.mget([self.key("run", run_id) for run_id, _ in pairs]) if pairs else []
+        runs = [self.read(run_id, raw, holder=token) for (run_id, token), raw in zip(pairs, raws)]
+        return [run for run in runs if run is not None and not run.finished]

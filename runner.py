@@ -297,12 +297,8 @@ def seconds_between(earlier: str, later: str) -> float:
 
 async def recover_orphans(run: Run) -> None:
     """Mark ERROR the unfinished runs whose holder no longer holds a slot (a replica died); we hold one now."""
-    orphans = [orphan for orphan in await run_store.unfinished() if orphan.run_id != run.run_id]
-    live = await run_store.live_tokens(run_lock) if orphans else set()
-    for orphan in orphans:
-        if orphan.holder in live:
-            continue
-        orphan.update(state="ERROR", finished_at=utc_now(),
+    for orphan in await run_store.claim_orphans(run_lock):
+        orphan.update(state="ERROR", finished_at=utc_now(), queue_position=None,
                       error="Runner lost: the replica running it stopped holding the run lock")
         await run_store.save(orphan)
         log.error("run_orphaned", extra={**run_fields(orphan), "state": "ERROR", "error": orphan.error})

@@ -81,14 +81,21 @@ class RedisProxy:
 
     def _allowed(self, chunk: bytes) -> bool:
         with self._lock:
-            for rule in self._drops:
-                if rule[1] > 0 and rule[0](chunk):
-                    rule[1] -= 1
-                    self.dropped += 1
-                    return False
-            held = next((rule for rule in self._holds if not rule[3] and rule[0](chunk)), None)
-            if held is not None:
-                held[3] = True
+            drops, holds = list(self._drops), list(self._holds)
+        for rule in drops:  # matchers run outside the lock: one may itself talk to Redis through this proxy
+            if rule[1] > 0 and rule[0](chunk):
+                with self._lock:
+                    if rule[1] > 0:
+                        rule[1] -= 1
+                        self.dropped += 1
+                        return False
+        held = None
+        for rule in holds:
+            if not rule[3] and rule[0](chunk):
+                with self._lock:
+                    if not rule[3]:
+                        rule[3], held = True, rule
+                        break
         if held is not None:
             held[2]()
             time.sleep(held[1])
