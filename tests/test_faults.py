@@ -83,11 +83,16 @@ def test_never_two_agents_at_once_through_bursts_cancels_timeouts_and_errors(sta
     assert accepted >= 40
     last = srv.start_run("probe", mode="ok")  # its probe_end line comes after every other one
     srv.wait_for_event("probe_end", run_id=last)
-    ends = [line for line in srv.events("probe_end") if line["run_id"] != last]
-    assert len(ends) >= accepted - 5  # each probe that started logged its end
-    assert max(line["most"] for line in ends) == 1
-    states = {run["state"] for run in srv.client.get("/agents/runs", params={"limit": 1000}).json()["runs"]}
-    assert {"DONE", "ERROR", "CANCELLED"} <= states
+    ends = {line["run_id"]: line for line in srv.events("probe_end") if line["run_id"] != last}
+    runs = [run for run in srv.client.get("/agents/runs", params={"limit": 1000}).json()["runs"]
+            if run["run_id"] != last]
+    # A run that returned, raised or returned garbage certainly executed its probe, which logged its end
+    # (a run cancelled or timed out may have been stopped before its probe began).
+    executed = {run["run_id"] for run in runs if run["state"] == "DONE" or (run["error"] or "").startswith(
+        ("RuntimeError: probe failure", "Agent result is not JSON-serialisable"))}
+    assert len(executed) >= 10 and executed <= set(ends)
+    assert max(line["most"] for line in ends.values()) == 1
+    assert {"DONE", "ERROR", "CANCELLED"} <= {run["state"] for run in runs}
 
 
 # --- agent misbehaviour ----------------------------------------------------

@@ -264,7 +264,12 @@ def answer_to(head: bytes, port: int, more: bytes = b"", times: int = 0) -> byte
             sock.sendall(head)
             for _ in range(times):
                 sock.sendall(more)
-            return sock.recv(65536)
+            answer = sock.recv(65536)
+            sock.settimeout(1)
+            with contextlib.suppress(TimeoutError, ConnectionResetError):  # the rest of a reply sent in pieces
+                while answer and (chunk := sock.recv(65536)):
+                    answer += chunk
+            return answer
         except (BrokenPipeError, ConnectionResetError):
             return b""
         except TimeoutError:
