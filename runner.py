@@ -275,6 +275,9 @@ async def start_running(active: ActiveRun) -> bool:
                 await run_store.save(run)
                 if active.waited:
                     metrics.QUEUE_WAIT.observe(seconds_between(run.created_at, run.started_at))
+                    asked, by = await run_store.cancel_requested(run.run_id)  # sent while it changed hands
+                    if asked:
+                        request_stop(run.run_id, by=by)
             return True
         except StoreUnavailable as exc:
             if time.monotonic() >= deadline or active.stop_reason is not None:
