@@ -29,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
+import admission
 import agents
 import metrics
 import runner
@@ -56,14 +57,14 @@ QUEUE_FULL_BODY = b'{"detail":"An agent is already running and the queue is full
 
 async def post_run(request: Request) -> Response:
     agent_cls, user_id, agent_input, on_busy = parse_run_request(await read_json(request))
-    if not runner.accepting_runs:
+    if not admission.accepting_runs:
         raise HTTPException(503, "Shutting down")
-    verdict, run = await runner.admit(agent_cls, user_id, agent_input, on_busy)
+    verdict, run = await admission.admit(agent_cls, user_id, agent_input, on_busy)
     if verdict in ("busy", "full"):  # the busy path is hot: answered directly, not through the exception handler
         metrics.REJECTED_TOTAL.inc()
         log_hot("run_rejected", f'"agent_type": {json_string(agent_cls.agent_type)}, "user_id": "{user_id}"')
         return json_response(BUSY_BODY if verdict == "busy" else QUEUE_FULL_BODY, 409,
-                             headers={"Retry-After": str(runner.retry_after())})
+                             headers={"Retry-After": str(admission.retry_after())})
     body: dict[str, Any] = {"run_id": run.run_id, "state": run.state}
     if on_busy != "reject":
         body["queue_position"] = run.queue_position
@@ -90,7 +91,7 @@ async def cancel_run(request: Request) -> Response:
     if run.finished:
         raise HTTPException(409, f"Run {run.run_id} already finished ({run.state})")
     log.info("cancel_requested", extra=runner.run_fields(run))
-    if run.queue_position is not None and (waiting := await runner.cancel_waiting(run.run_id)) is not None:
+    if run.queue_position is not None and (waiting := await admission.cancel_waiting(run.run_id)) is not None:
         return json_response(waiting.json())
     if not runner.request_stop(run.run_id):  # another replica runs it (or it is just leaving the queue)
         await runner.run_store.request_cancel(run.run_id)
@@ -125,7 +126,7 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    if not runner.accepting_runs:
+    if not admission.accepting_runs:
         raise HTTPException(503, "Shutting down")
     await runner.run_store.check()
     return json_response({"status": "ready"})
@@ -227,11 +228,11 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         "version": __version__, "store": store, "agent_types": sorted(agents.registry),
         "agent_sleep_seconds": settings.current.agent_sleep_seconds})
     background = [asyncio.create_task(flush_stdout_regularly()), asyncio.create_task(watch_event_loop()),
-                  asyncio.create_task(runner.dispatch_forever())]
+                  asyncio.create_task(admission.dispatch_forever())]
     try:
         yield
     finally:
-        await runner.drain(settings.current.shutdown_grace_seconds)
+        await admission.drain(settings.current.shutdown_grace_seconds)
         await runner.close_stores()
         for task in background:
             task.cancel()
@@ -296,7 +297,7 @@ class Server(uvicorn.Server):
     def _start_drain(self) -> None:
         async def drain_then_exit() -> None:
             try:
-                await runner.drain(settings.current.shutdown_grace_seconds)
+                await admission.drain(settings.current.shutdown_grace_seconds)
             finally:
                 self.should_exit = True
 

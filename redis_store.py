@@ -19,6 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import LockError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from redis_scripts import ADMIT_SCRIPT, FINISH_SCRIPT, ORPHANS_SCRIPT, TAKE_SCRIPT, TRIM_SCRIPT
 from store import LockLost, Page, Run, RunRecordInvalid, StoreUnavailable
 
 
@@ -108,111 +109,6 @@ class RedisRunLock:
                 await lock.release()
         except (LockError, StoreUnavailable):
             pass  # lost or unreachable: the key expires by its TTL
-
-
-# Admit a run in one step: on a free slot when nobody waits (the record, its index and its holder written
-# with it), else into the queue when ARGV[4] allows and there is room. A retry whose first reply was lost
-# answers what the first call did. KEYS: queue, run, runs, seq, unfinished, slot 0..n-1.
-# ARGV: json now, json queued, run_id, on_busy, queue_max, token, ttl_ms, n, channel.
-# Returns {1, slot} started, {2, position} queued, {0, 0} busy, {-1, 0} queue full.
-ADMIT_SCRIPT = """
-local n = tonumber(ARGV[8])
-if redis.call('EXISTS', KEYS[2]) == 1 then
-  for i = 1, n do if redis.call('GET', KEYS[5 + i]) == ARGV[6] then return {1, i - 1} end end
-  local pos = redis.call('LPOS', KEYS[1], ARGV[3])
-  if pos then return {2, pos + 1} end
-  return {0, 0}
-end
-local waiting = redis.call('LLEN', KEYS[1])
-if waiting == 0 then
-  for i = 1, n do
-    if redis.call('SET', KEYS[5 + i], ARGV[6], 'NX', 'PX', ARGV[7]) then
-      redis.call('SET', KEYS[2], ARGV[1])
-      redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[4]), ARGV[3])
-      redis.call('HSET', KEYS[5], ARGV[3], ARGV[6])
-      return {1, i - 1}
-    end
-  end
-end
-if ARGV[4] == 'reject' then return {0, 0} end
-if waiting >= tonumber(ARGV[5]) then return {-1, 0} end
-redis.call('SET', KEYS[2], ARGV[2])
-redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[4]), ARGV[3])
-local position = 1
-if ARGV[4] == 'interrupt' then redis.call('LPUSH', KEYS[1], ARGV[3]) else position = redis.call('RPUSH', KEYS[1], ARGV[3]) end
-redis.call('PUBLISH', ARGV[9], ARGV[3])
-return {2, position}
-"""
-
-# Claim the unfinished runs whose holder token no longer holds any slot (their replica died or lost its
-# lock): they leave the unfinished index here, in one step, so no live run is taken for one and no orphan
-# is claimed twice. KEYS: unfinished, slot 0..n-1. Returns {run_id, token, ...}.
-ORPHANS_SCRIPT = """
-local live = {}
-for i = 2, #KEYS do
-  local token = redis.call('GET', KEYS[i])
-  if token then live[token] = true end
-end
-local entries = redis.call('HGETALL', KEYS[1])
-local orphans = {}
-for i = 1, #entries, 2 do
-  if not live[entries[i + 1]] then
-    redis.call('HDEL', KEYS[1], entries[i])
-    table.insert(orphans, entries[i])
-    table.insert(orphans, entries[i + 1])
-  end
-end
-return orphans
-"""
-
-# Take the head of the queue and a free slot in one step. KEYS: queue, unfinished, slot 0..n-1.
-# ARGV: token, ttl_ms, n. Returns {run_id, slot} or nil.
-TAKE_SCRIPT = """
-if redis.call('LLEN', KEYS[1]) == 0 then return nil end
-for i = 1, tonumber(ARGV[3]) do
-  if redis.call('SET', KEYS[2 + i], ARGV[1], 'NX', 'PX', ARGV[2]) then
-    local id = redis.call('LPOP', KEYS[1])
-    redis.call('HSET', KEYS[2], id, ARGV[1])
-    return {id, i - 1}
-  end
-end
-return nil
-"""
-
-
-# Store a terminal state: record, indexes, size, cancel flag, lock release (if the token still holds it) and
-# the finished message in one step. Safe to run twice: a retry after a lost reply counts the size once.
-# KEYS: run, finished, unfinished, cancel, sizes, bytes, seq, lock. ARGV: json, run_id, channel, token, size.
-FINISH_SCRIPT = """
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[7]), ARGV[2])
-redis.call('HDEL', KEYS[3], ARGV[2])
-redis.call('DEL', KEYS[4])
-if redis.call('HSETNX', KEYS[5], ARGV[2], ARGV[5]) == 1 then redis.call('INCRBY', KEYS[6], ARGV[5]) end
-if ARGV[4] ~= '' and redis.call('GET', KEYS[8]) == ARGV[4] then redis.call('DEL', KEYS[8]) end
-redis.call('PUBLISH', ARGV[3], ARGV[2])
-return {redis.call('ZCARD', KEYS[2]), tonumber(redis.call('GET', KEYS[6]) or '0')}
-"""
-
-# Drop the oldest finished runs while more than ARGV[1] of them, or more than ARGV[2] bytes, are kept
-# (at most 1000 per call). KEYS: finished, runs, sizes, bytes. ARGV: retention, bytes, run key prefix.
-TRIM_SCRIPT = """
-local dropped = 0
-while dropped < 1000 do
-  local count = redis.call('ZCARD', KEYS[1])
-  local total = tonumber(redis.call('GET', KEYS[4]) or '0')
-  if count <= tonumber(ARGV[1]) and total <= tonumber(ARGV[2]) then break end
-  local oldest = redis.call('ZPOPMIN', KEYS[1])
-  if #oldest == 0 then break end
-  local id = oldest[1]
-  redis.call('DECRBY', KEYS[4], tonumber(redis.call('HGET', KEYS[3], id) or '0'))
-  redis.call('HDEL', KEYS[3], id)
-  redis.call('DEL', ARGV[3] .. id)
-  redis.call('ZREM', KEYS[2], id)
-  dropped = dropped + 1
-end
-return dropped
-"""
 
 
 class RedisRunStore:

@@ -2,16 +2,16 @@
 
 Module-level state lives here, in one place: ``run_lock`` and ``run_store``
 (memory, or Redis with REDIS_URL, chosen once by ``open_stores``),
-``active_runs`` (what this process executes) and ``accepting_runs``.
-The lock has MAX_CONCURRENT_RUNS slots. ``admit`` and ``dispatch`` are the
-only code that takes one (through the store, atomically with the run queue);
-``finish_run`` the only code that releases one, in the same step that stores
+``active_runs`` (what this process executes) and ``work_waiting``.
+The lock has MAX_CONCURRENT_RUNS slots. admission.py takes them (through
+the store, atomically with the run queue) and hands the run to ``start``;
+``finish_run`` is the only code that releases one, in the same step that stores
 the terminal state, and only once no code of the agent is still executing:
 not its coroutine, not the executor work it started (``asyncio.to_thread``,
 ``run_in_executor(None, ...)``).
 
-Read top to bottom: admit (or queue), dispatch, execute_run (supervise,
-judge, finish_run), lock renewal, drain.
+Read top to bottom: start, execute_run (supervise, judge, finish_run), lock
+renewal.
 """
 
 from __future__ import annotations
@@ -20,13 +20,11 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import os
 import sys
 import threading
 import time
 import traceback
-import uuid
 from concurrent.futures import Future
 from datetime import datetime
 from typing import Any
@@ -51,8 +49,6 @@ TERMINAL_LINE_FIELDS = frozenset({"run_id", "agent_type", "user_id", "state", "r
 run_lock: Any = MemoryRunLock()  # MemoryRunLock, or RedisRunLock in Redis mode
 run_store: Any = MemoryRunStore(retention=settings.current.run_retention)  # MemoryRunStore or RedisRunStore
 active_runs: dict[str, ActiveRun] = {}  # the runs this process executes, oldest first
-accepting_runs = True  # False once shutdown has begun
-admitting = 0  # POSTs between taking a slot and starting their run; drain waits for them
 work_waiting = asyncio.Event()  # set when a run was queued or a slot freed: dispatch looks at the queue
 
 async def open_stores() -> str:
@@ -122,33 +118,6 @@ def agent_code_running() -> bool:
     return any(active.driver is not None and not active.code_stopped.is_set() for active in active_runs.values())
 
 
-async def admit(agent_cls: type[agents.BaseAgent], user_id: str, agent_input: dict[str, Any],
-                on_busy: str) -> tuple[str, Run]:
-    """Start a run on a free slot, or queue it as ``on_busy`` says; returns the store's verdict and the run.
-
-    "started" and "queued" are accepted (202); "busy" and "full" are refused (409) and leave no run.
-    """
-    global admitting
-    admitting += 1  # drain waits for this admission, so a run accepted as shutdown starts gets its grace
-    try:
-        run = Run.new(str(uuid.uuid4()), agent_cls.agent_type, user_id, agent_input, holder=None)
-        verdict = await run_store.admit(run, run_lock, on_busy, settings.current.queue_max)
-        if verdict == "started":
-            start(run, agent_cls, agent_input)
-    finally:
-        admitting -= 1
-    if verdict == "queued":
-        log.info("run_accepted", extra=run_fields(run))
-        log.info("run_queued", extra={**run_fields(run), "queue_position": run.queue_position})
-        metrics.QUEUE_DEPTH.set(await run_store.queue_length())
-        work_waiting.set()
-        if on_busy == "interrupt":
-            await interrupt_oldest(run)
-    elif verdict == "started":
-        log.info("run_accepted", extra=run_fields(run))
-    return verdict, run
-
-
 def start(run: Run, agent_cls: type[agents.BaseAgent] | None, agent_input: dict[str, Any],
           waited: bool = False) -> ActiveRun:
     active = active_runs[run.run_id] = ActiveRun(run, agent_cls, agent_input)
@@ -156,62 +125,6 @@ def start(run: Run, agent_cls: type[agents.BaseAgent] | None, agent_input: dict[
     active.driver = asyncio.create_task(execute_run(active), name=f"run-{run.run_id}")
     metrics.RUNNING.set(len(active_runs))
     return active
-
-
-async def interrupt_oldest(run: Run) -> None:
-    """Stop the oldest running run for ``run``, which waits at the head of the queue for its slot."""
-    local = next(iter(active_runs.values()), None)
-    oldest = local.run.run_id if local is not None and run_lock.renew_interval is None else \
-        await run_store.oldest_running()
-    if oldest is None:  # it ended meanwhile: the slot is free, and dispatch starts the run
-        return
-    log.info("run_interrupting", extra={**run_fields(run), "interrupted_run_id": oldest})
-    if not request_stop(oldest, by=run.run_id):
-        await run_store.request_cancel(oldest, by=run.run_id)
-
-
-async def dispatch_forever() -> None:
-    """Start waiting runs as slots free up, head of the queue first, until shutdown.
-
-    Woken by this process (a run queued, a slot freed) and, in Redis mode, by
-    pub/sub from other replicas, and at least once a second in any case.
-    """
-    while accepting_runs:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(work_waiting.wait(), 1.0)
-        work_waiting.clear()
-        try:
-            while accepting_runs and (run := await run_store.take(run_lock)) is not None:
-                begin_waited_run(run)
-            metrics.QUEUE_DEPTH.set(await run_store.queue_length())
-        except StoreUnavailable:
-            pass  # the next tick tries again
-
-
-def begin_waited_run(run: Run) -> None:
-    agent_input = json.loads(run.input_json)  # written by Run.new: always a JSON object
-    log.info("run_dequeued", extra=run_fields(run))
-    start(run, agents.registry.get(run.agent_type), agent_input, waited=True)
-
-
-async def cancel_waiting(run_id: str) -> Run | None:
-    """Cancel a run still in the queue (CANCELLED at once); None if it no longer waits."""
-    run = await run_store.dequeue(run_id)
-    if run is None:
-        return None
-    run.update(state="CANCELLED", finished_at=utc_now())
-    await run_store.save(run)
-    metrics.QUEUE_DEPTH.set(await run_store.queue_length())
-    metrics.RUNS_TOTAL.labels(run.agent_type, run.state).inc()
-    log.info("run_cancelled", extra={**run_fields(run), "state": run.state, "duration_ms": 0.0})
-    return run
-
-
-def retry_after() -> int:
-    """Seconds a refused client should wait: what the built-in agents still need, at least 1."""
-    now = time.monotonic()
-    elapsed = max((now - active.started for active in active_runs.values()), default=0.0)
-    return max(1, math.ceil(settings.current.agent_sleep_seconds - elapsed))
 
 
 def request_stop(run_id: str, by: str | None = None) -> bool:
@@ -489,49 +402,3 @@ def exit_lock_expired(active: ActiveRun) -> None:
     write_hot_lines()
     sys.stdout.flush()
     os._exit(LOCK_EXPIRED_EXIT_CODE)
-
-
-async def drain(grace_seconds: float) -> None:
-    """Stop accepting runs; let the running runs finish within the grace time, else interrupt them.
-
-    An agent that does not stop gets its run recorded as ERROR anyway; its
-    slot is kept until its code stops or the process exits. Runs waiting in
-    the queue end CANCELLED in memory mode; in Redis mode they stay queued
-    for the other replicas.
-    """
-    global accepting_runs
-    if not accepting_runs:
-        return
-    accepting_runs = False
-    work_waiting.set()  # dispatch sees accepting_runs and stops taking runs
-    deadline = time.monotonic() + grace_seconds
-    while admitting and time.monotonic() < deadline:  # a POST between lock and start: it gets the grace too
-        await asyncio.sleep(0.01)
-    running = list(active_runs.values())
-    log.info("shutdown_started", extra={"grace_seconds": grace_seconds,
-                                        "active_run_id": running[0].run.run_id if running else None,
-                                        "active_run_ids": [active.run.run_id for active in running]})
-    if run_lock.renew_interval is None:  # memory mode: nobody else will run what waits
-        await cancel_queue("Service shut down before the run started")
-    drivers = {active.driver for active in running if active.driver is not None}
-    if drivers:
-        await asyncio.wait(drivers, timeout=max(0.0, deadline - time.monotonic()))
-    late = [active for active in running if active.driver is not None and not active.driver.done()]
-    for active in late:
-        active.stop("shutdown")
-    if late:
-        await asyncio.wait({active.driver for active in late}, timeout=STOP_WAIT_SECONDS)
-    for active in late:
-        if not active.run.finished:  # the agent ignores cancellation: record the outcome before exiting anyway
-            await finish_run(active, {"state": "ERROR", "event": "run_interrupted",
-                                      "error": "Run interrupted by shutdown; the agent did not stop"})
-
-
-async def cancel_queue(error: str) -> None:
-    for run in await run_store.waiting():
-        if await run_store.dequeue(run.run_id) is not None:
-            run.update(state="CANCELLED", error=error, finished_at=utc_now(), queue_position=None)
-            await run_store.save(run)
-            metrics.RUNS_TOTAL.labels(run.agent_type, run.state).inc()
-            log.warning("run_cancelled", extra={**run_fields(run), "state": run.state, "error": error})
-    metrics.QUEUE_DEPTH.set(0)
