@@ -55,13 +55,20 @@ def rss_mb(pid: int) -> float:
 
 
 class Soak:
-    def __init__(self, url: str, seconds: float, seed: int) -> None:
+    def __init__(self, url: str, seconds: float, seed: int, min_runs: int = 0) -> None:
         self.url = url
         self.deadline = time.monotonic() + seconds
+        self.min_runs = min_runs
+        self.hard_deadline = self.deadline + 2 * seconds + 30  # a busy machine may need longer for min_runs
         self.rng = random.Random(seed)
         self.accepted: list[str] = []
         self.codes: Counter[int] = Counter()
         self.server_errors: list[str] = []
+
+    def going(self) -> bool:
+        """Until the time is up and at least min_runs were accepted (within a hard deadline)."""
+        now = time.monotonic()
+        return now < self.deadline or (len(self.accepted) < self.min_runs and now < self.hard_deadline)
 
     def record(self, response: httpx.Response) -> httpx.Response:
         self.codes[response.status_code] += 1
@@ -75,7 +82,7 @@ class Soak:
                 "input": {"mode": self.rng.choice(MODES), "seconds": self.rng.choice([0, 0.005, 0.02])}}
 
     async def runner(self, client: httpx.AsyncClient) -> None:
-        while time.monotonic() < self.deadline:
+        while self.going():
             response = self.record(await client.post("/agents/run", json=self.body()))
             if response.status_code != 202:
                 await asyncio.sleep(0.005)
@@ -91,7 +98,7 @@ class Soak:
                     break
 
     async def burster(self, client: httpx.AsyncClient) -> None:
-        while time.monotonic() < self.deadline:
+        while self.going():
             await asyncio.sleep(self.rng.uniform(0.5, 2))
             responses = await asyncio.gather(*(client.post("/agents/run", json=self.body()) for _ in range(20)))
             for response in responses:
@@ -100,7 +107,7 @@ class Soak:
                     self.accepted.append(response.json()["run_id"])
 
     async def poller(self, client: httpx.AsyncClient) -> None:
-        while time.monotonic() < self.deadline:
+        while self.going():
             if self.accepted and self.rng.random() < 0.8:
                 self.record(await client.get(f"/agents/status/{self.rng.choice(self.accepted[-50:])}"))
             else:
@@ -134,6 +141,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--min-runs", type=int, default=0,
+                        help="go on past --minutes until this many runs were accepted (a slow machine)")
     parser.add_argument("--retention", type=int, default=2000, help="the server's RUN_RETENTION (default 2000)")
     parser.add_argument("--redis-url", default=None, help="run the server in Redis mode against this Redis")
     parser.add_argument("--json", default=None, help="also write the summary to this file")
@@ -156,7 +165,7 @@ def main() -> int:
             except httpx.TransportError:
                 time.sleep(0.05)
         seconds = opts.minutes * 60
-        soak = Soak(url, seconds, opts.seed)
+        soak = Soak(url, seconds, opts.seed, opts.min_runs)
         started = time.monotonic()
 
         samples: list[dict[str, float]] = []
