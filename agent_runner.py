@@ -309,11 +309,16 @@ def configure(env: Mapping[str, str] = os.environ) -> None:
     logging.config.dictConfig(logging_config("info"))
     try:
         settings.current = Settings.from_env(env)
-        logging.config.dictConfig(logging_config(settings.current.log_level))
+        logging.config.dictConfig(process_logging_config())
         load_agent_modules(settings.current.agent_modules)
     except ConfigError as exc:
         log.error("invalid_configuration", extra={"variable": exc.variable, "detail": exc.detail})
         sys.exit(2)
+
+
+def process_logging_config() -> dict[str, Any]:
+    config = settings.current
+    return logging_config(config.log_level, config.log_format, colour=not config.no_color)
 
 
 def parse_args(argv: list[str]) -> None:
@@ -338,7 +343,7 @@ def main() -> None:
         app,
         host=settings.current.host,
         port=settings.current.port,
-        log_config=logging_config(settings.current.log_level),
+        log_config=process_logging_config(),
         access_log=False,
         loop="uvloop",
         http=LimitedHttpToolsProtocol,  # httptools, with a cap on header size and time (http_limits.py)
