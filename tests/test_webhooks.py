@@ -1,0 +1,267 @@
+"""Webhooks: a run with a ``webhook`` URL is POSTed there, signed, at least once, when it ends."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import HERE, ServerProcess, new_user
+
+SECRET = "test-secret-" + uuid.uuid4().hex
+HOOKS = {"WEBHOOK_SECRET": SECRET, "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1,localhost", "WEBHOOK_BACKOFF_SECONDS": "0.2"}
+
+
+def readme_verifier() -> Any:
+    """The README's verification snippet, run as written: a receiver's check of the signature."""
+    section = (HERE / "README.md").read_text().split("\n## Webhooks\n", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code, "the README's Webhooks section has no Python snippet"
+    scope: dict[str, Any] = {}
+    exec(code.group(1), scope)
+    return scope["verify"]
+
+
+class Receiver:
+    """An HTTP server on 127.0.0.1 that answers POSTs with the statuses it is given, in order (then 200).
+
+    "hang" holds the request unanswered until ``release`` is set (or 30 s pass).
+    """
+
+    def __init__(self, *answers: int | str, location: str = "") -> None:
+        self.answers = list(answers)
+        self.requests: list[dict[str, Any]] = []
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                with receiver.lock:
+                    answer = receiver.answers.pop(0) if receiver.answers else 200
+                    receiver.requests.append({"headers": dict(self.headers), "body": body, "answer": answer,
+                                              "path": self.path, "at": time.monotonic()})
+                if answer == "hang":
+                    receiver.release.wait(30)
+                    return
+                self.send_response(int(answer))
+                if location:
+                    self.send_header("Location", location)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook?source=test"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_requests(self, count: int, timeout: float = 20) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if len(self.requests) >= count:
+                    return list(self.requests)
+            time.sleep(0.02)
+        raise AssertionError(f"{len(self.requests)} requests, expected {count}")
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver_factory() -> Any:
+    made: list[Receiver] = []
+
+    def make(*answers: int | str, location: str = "") -> Receiver:
+        made.append(Receiver(*answers, location=location))
+        return made[-1]
+
+    yield make
+    for receiver in made:
+        receiver.close()
+
+
+def post_run(server: ServerProcess, webhook: Any, **fields: Any) -> Any:
+    return server.client.post("/agents/run", json={"agent_type": "sleeper", "user_id": new_user(),
+                                                   "input": {"seconds": 0.05}, "webhook": webhook, **fields})
+
+
+def start_hooked_run(server: ServerProcess, webhook: str, **fields: Any) -> str:
+    response = post_run(server, webhook, **fields)
+    assert response.status_code == 202, response.text
+    return response.json()["run_id"]
+
+
+def test_a_finished_run_is_posted_signed_to_its_webhook(start_server, receiver_factory) -> None:
+    receiver = receiver_factory()
+    server = start_server(**HOOKS)
+    run_id = start_hooked_run(server, receiver.url)
+    run = server.wait_run(run_id)
+    assert run["state"] == "DONE" and run["webhook"] == receiver.url
+    request = receiver.wait_requests(1)[0]
+    assert request["path"] == "/hook?source=test"
+    assert request["headers"]["Content-Type"] == "application/json"
+    assert json.loads(request["body"]) == run  # the run object at its terminal state
+    verify = readme_verifier()
+    header = request["headers"]["Agent-Runner-Signature"]
+    assert re.fullmatch(r"t=\d+,v1=[0-9a-f]{64}", header)
+    assert verify(SECRET, header, request["body"])
+    assert not verify(SECRET, header, request["body"] + b" ")  # a changed body fails
+    assert not verify("another-secret-of-some-length", header, request["body"])
+    old = int(time.time()) - 301
+    import hashlib
+    import hmac
+    replayed = f"t={old},v1=" + hmac.new(SECRET.encode(), f"{old}.".encode() + request["body"],
+                                         hashlib.sha256).hexdigest()
+    assert not verify(SECRET, replayed, request["body"])  # a correct signature older than 5 minutes fails
+    line = server.wait_for_event("webhook_delivered", run_id=run_id)
+    assert line["attempt"] == 1 and line["status"] == 200
+    assert SECRET not in server.log_path.read_text()
+    assert 'agent_runner_webhook_attempts_total{outcome="delivered"} 1.0' in server.client.get("/metrics").text
+
+
+def test_a_receiver_failing_twice_then_succeeding_gets_exactly_one_success(start_server, receiver_factory) -> None:
+    receiver = receiver_factory(500, 503)
+    server = start_server(**HOOKS)
+    run_id = start_hooked_run(server, receiver.url)
+    requests = receiver.wait_requests(3)
+    assert [request["answer"] for request in requests] == [500, 503, 200]
+    assert requests[2]["at"] - requests[1]["at"] >= 0.35  # backoff doubles: 0.2 s, then 0.4 s
+    delivered = server.wait_for_event("webhook_delivered", run_id=run_id)
+    assert delivered["attempt"] == 3 and delivered["status"] == 200
+    failed = [line for line in server.events("webhook_failed") if line["run_id"] == run_id]
+    assert [(line["attempt"], line["status"], line["final"]) for line in failed] == [(1, 500, False), (2, 503, False)]
+    time.sleep(1.0)  # longer than the next backoff would be: nothing more is sent
+    assert len(receiver.requests) == 3
+    assert len({request["body"] for request in requests}) == 1  # the same body, signed afresh each time
+
+
+@pytest.mark.parametrize("status", [400, 404, 410])
+def test_a_4xx_ends_the_delivery_after_one_attempt(start_server, receiver_factory, status: int) -> None:
+    receiver = receiver_factory(status)
+    server = start_server(**HOOKS)
+    run_id = start_hooked_run(server, receiver.url)
+    failed = server.wait_for_event("webhook_failed", run_id=run_id)
+    assert failed["attempt"] == 1 and failed["status"] == status and failed["final"] is True
+    assert failed["level"] == "error"
+    time.sleep(1.0)
+    assert len(receiver.requests) == 1
+    assert "agent_runner_webhooks_undelivered_total 1.0" in server.client.get("/metrics").text
+
+
+@pytest.mark.parametrize("status", [408, 429])
+def test_408_and_429_are_retried(start_server, receiver_factory, status: int) -> None:
+    receiver = receiver_factory(status)
+    server = start_server(**HOOKS)
+    run_id = start_hooked_run(server, receiver.url)
+    assert server.wait_for_event("webhook_delivered", run_id=run_id)["attempt"] == 2
+    assert [request["answer"] for request in receiver.requests] == [status, 200]
+
+
+def test_a_redirect_is_not_followed(start_server, receiver_factory) -> None:
+    target = receiver_factory()
+    receiver = receiver_factory(302, location=target.url)
+    server = start_server(**HOOKS)
+    run_id = start_hooked_run(server, receiver.url)
+    failed = server.wait_for_event("webhook_failed", run_id=run_id)
+    assert failed["status"] == 302 and failed["final"] is True and "redirect" in failed["detail"]
+    time.sleep(0.5)
+    assert len(receiver.requests) == 1 and target.requests == []
+
+
+def test_an_unreachable_receiver_is_retried_then_given_up(start_server, receiver_factory) -> None:
+    receiver = receiver_factory()
+    dead_url = receiver.url
+    receiver.close()  # nothing listens there now: connection refused, every attempt
+    server = start_server(**{**HOOKS, "WEBHOOK_BACKOFF_SECONDS": "0.05"})
+    run_id = start_hooked_run(server, dead_url)
+    last = server.wait_for_event("webhook_failed", run_id=run_id, attempt=6)
+    assert last["final"] is True and last["status"] is None and "Error" in last["detail"]
+    failed = [line for line in server.events("webhook_failed") if line["run_id"] == run_id]
+    assert [line["attempt"] for line in failed] == [1, 2, 3, 4, 5, 6]
+    assert [line.get("retry_in_s") for line in failed] == [0.05, 0.1, 0.2, 0.4, 0.8, None]
+
+
+REFUSED = [
+    ("http://hooks.example.com/x", "not in WEBHOOK_ALLOWED_HOSTS"),
+    ("ftp://127.0.0.1/x", "http:// or https://"),
+    ("127.0.0.1/x", "http:// or https://"),
+    ("http://user:pw@127.0.0.1/x", "credentials"),
+    ("http://127.0.0.1/a b", "without spaces"),
+    ("http://127.0.0.1/\r\nX-Injected: 1", "without spaces"),
+    ("http://127.0.0.1:99999/x", "not a valid URL"),
+    ("http:///x", "has no host"),
+    (42, "must be a string"),
+]
+
+
+@pytest.mark.parametrize(("webhook", "detail"), REFUSED, ids=[str(url)[:30] for url, _ in REFUSED])
+def test_a_refused_webhook_is_a_400_and_starts_nothing(start_server, webhook: Any, detail: str) -> None:
+    server = start_server(**HOOKS)
+    response = post_run(server, webhook)
+    assert response.status_code == 400 and detail in response.json()["detail"], response.text
+    assert server.client.get("/agents/runs").json()["runs"] == []
+
+
+def test_webhooks_are_refused_without_a_secret(start_server) -> None:
+    server = start_server(WEBHOOK_ALLOWED_HOSTS="127.0.0.1")
+    response = post_run(server, "http://127.0.0.1:9/hook")
+    assert response.status_code == 400 and "WEBHOOK_SECRET" in response.json()["detail"]
+    assert post_run(server, None).status_code == 202  # null is no webhook
+
+
+@pytest.mark.parametrize("webhook", [
+    "http://10.1.2.3/hook", "http://192.168.0.1/hook", "http://169.254.169.254/latest/meta-data",
+    "http://100.100.100.200/", "http://[::1]:8080/hook", "http://[::ffff:127.0.0.1]/hook", "http://0.0.0.0/",
+    "http://localhost:9/hook",  # a name that resolves to loopback: refused after the DNS lookup
+])
+def test_a_private_address_without_the_host_listed_by_name_is_a_400(start_server, webhook: str) -> None:
+    server = start_server(WEBHOOK_SECRET=SECRET, WEBHOOK_ALLOWED_HOSTS="*")
+    response = post_run(server, webhook)
+    assert response.status_code == 400, response.text
+    assert "loopback, private, link-local or metadata" in response.json()["detail"]
+
+
+def test_a_host_that_does_not_resolve_is_a_400(start_server) -> None:
+    server = start_server(WEBHOOK_SECRET=SECRET, WEBHOOK_ALLOWED_HOSTS="*.invalid")
+    response = post_run(server, "http://no-such-host.invalid/hook")
+    assert response.status_code == 400 and "does not resolve" in response.json()["detail"]
+
+
+def test_the_run_never_waits_on_its_delivery(start_server, receiver_factory) -> None:
+    receiver = receiver_factory("hang")
+    server = start_server(**{**HOOKS, "WEBHOOK_TIMEOUT_SECONDS": "3"})
+    run_id = start_hooked_run(server, receiver.url)
+    receiver.wait_requests(1)  # the receiver holds the delivery unanswered...
+    started = time.monotonic()
+    assert server.wait_run(run_id)["state"] == "DONE"  # ...and the run is DONE regardless
+    assert time.monotonic() - started < 1
+    assert server.client.post("/agents/run", json={"agent_type": "sleeper", "user_id": new_user()}).status_code == 202
+    failed = server.wait_for_event("webhook_failed", run_id=run_id)
+    assert "timed out after 3 s" in failed["detail"] and failed["final"] is False
+
+
+def test_memory_mode_shutdown_makes_one_last_attempt(tmp_path: Path, receiver_factory) -> None:
+    receiver = receiver_factory(500)
+    server = ServerProcess(tmp_path / "server.log", **{**HOOKS, "WEBHOOK_BACKOFF_SECONDS": "60"})
+    run_id = start_hooked_run(server, receiver.url)
+    server.wait_for_event("webhook_failed", run_id=run_id, attempt=1)
+    assert server.stop(signal.SIGTERM) == 0
+    assert [request["answer"] for request in receiver.requests] == [500, 200]
+    lines = [json.loads(line) for line in server.log_path.read_text().splitlines()]
+    delivered = [line for line in lines if line["event"] == "webhook_delivered"]
+    assert delivered and delivered[0]["attempt"] == 2
