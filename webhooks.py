@@ -34,6 +34,7 @@ MAX_ATTEMPTS = 6
 MAX_PARALLEL = 16  # attempts in flight at once per process; a slow receiver holds one for the timeout at most
 POLL_SECONDS = 1.0  # the queue is looked at this often at least (Redis: other replicas' deliveries, leases)
 REPORT_RETRY_SECONDS = 0.5
+MAX_OWED = 10000  # memory mode: deliveries owed at once; past it a new one is logged as failed and dropped
 
 
 def signature(secret: str, timestamp: int, body: bytes) -> str:
@@ -69,6 +70,11 @@ class MemoryDeliveries:
 
     def owe(self, run: Run) -> None:
         assert run.webhook is not None
+        if len(self._due) >= MAX_OWED:  # memory stays bounded when a receiver is down under a flood of runs
+            metrics.WEBHOOKS_UNDELIVERED.inc()
+            log.error("webhook_failed", extra={"run_id": run.run_id, "attempt": 0, "status": None, "final": True,
+                                               "detail": f"{MAX_OWED} deliveries are owed already"})
+            return
         heapq.heappush(self._due, (time.monotonic(), next(self._order), Delivery(run.run_id, run.webhook, run.json())))
         self.on_owed()
 
@@ -113,6 +119,9 @@ class Deliverer:
                 delivery, wait = await self.queue.claim()
             except StoreUnavailable:
                 delivery, wait = None, POLL_SECONDS
+            except Exception as exc:  # a reply it cannot read, say: logged, and it goes on (it must not die)
+                log.error("webhook_deliverer_error", exc_info=exc, extra={"error": f"{type(exc).__name__}: {exc}"})
+                delivery, wait = None, POLL_SECONDS
             if delivery is None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), max(0.01, min(wait, POLL_SECONDS)))
@@ -144,7 +153,7 @@ class Deliverer:
             detail, final = f"refused: {exc}", True
         except TimeoutError:
             detail = f"timed out after {config.webhook_timeout_seconds:g} s"
-        except OSError as exc:
+        except Exception as exc:  # OSError (network, TLS, a malformed answer), or anything unforeseen: retried
             detail = f"{type(exc).__name__}: {exc}"
         duration_ms = round((time.monotonic() - started) * 1000, 1)
         if status is not None and 200 <= status < 300:
