@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
+import ssl
+import subprocess
 import threading
 import time
 import uuid
@@ -14,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from conftest import HERE, ServerProcess, new_user
+from conftest import HERE, ServerProcess, missing_tool, new_user
 
 SECRET = "test-secret-" + uuid.uuid4().hex
 HOOKS = {"WEBHOOK_SECRET": SECRET, "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1,localhost", "WEBHOOK_BACKOFF_SECONDS": "0.2"}
@@ -36,7 +39,7 @@ class Receiver:
     "hang" holds the request unanswered until ``release`` is set (or 30 s pass).
     """
 
-    def __init__(self, *answers: int | str, location: str = "") -> None:
+    def __init__(self, *answers: int | str, location: str = "", tls: tuple[Path, Path] | None = None) -> None:
         self.answers = list(answers)
         self.requests: list[dict[str, Any]] = []
         self.release = threading.Event()
@@ -65,6 +68,11 @@ class Receiver:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook?source=test"
+        if tls is not None:  # https on https://localhost:<port>, with the given certificate and key
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            self.url = f"https://localhost:{self.server.server_address[1]}/hook?source=test"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def wait_requests(self, count: int, timeout: float = 20) -> list[dict[str, Any]]:
@@ -86,8 +94,8 @@ class Receiver:
 def receiver_factory() -> Any:
     made: list[Receiver] = []
 
-    def make(*answers: int | str, location: str = "") -> Receiver:
-        made.append(Receiver(*answers, location=location))
+    def make(*answers: int | str, location: str = "", tls: tuple[Path, Path] | None = None) -> Receiver:
+        made.append(Receiver(*answers, location=location, tls=tls))
         return made[-1]
 
     yield make
@@ -265,3 +273,31 @@ def test_memory_mode_shutdown_makes_one_last_attempt(tmp_path: Path, receiver_fa
     lines = [json.loads(line) for line in server.log_path.read_text().splitlines()]
     delivered = [line for line in lines if line["event"] == "webhook_delivered"]
     assert delivered and delivered[0]["attempt"] == 2
+
+
+@pytest.fixture
+def localhost_certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost and its key (openssl), trusted by no system store."""
+    if shutil.which("openssl") is None:
+        missing_tool("openssl", "apt-get install openssl")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def test_https_checks_the_certificate_and_the_host_name(start_server, receiver_factory,
+                                                        localhost_certificate: tuple[Path, Path]) -> None:
+    receiver = receiver_factory(tls=localhost_certificate)
+    untrusting = start_server(**HOOKS)
+    run_id = start_hooked_run(untrusting, receiver.url)
+    failed = untrusting.wait_for_event("webhook_failed", run_id=run_id)
+    assert "CERTIFICATE_VERIFY_FAILED" in failed["detail"] and failed["final"] is False
+    assert receiver.requests == []  # nothing sent to a server whose certificate is not trusted
+    trusting = start_server(**HOOKS, SSL_CERT_FILE=str(localhost_certificate[0]))  # OpenSSL's own variable
+    run_id = start_hooked_run(trusting, receiver.url)
+    assert trusting.wait_for_event("webhook_delivered", run_id=run_id)["attempt"] == 1
+    request = receiver.wait_requests(1)[0]
+    assert readme_verifier()(SECRET, request["headers"]["Agent-Runner-Signature"], request["body"])
+    assert request["headers"]["Host"] == f"localhost:{receiver.server.server_address[1]}"
