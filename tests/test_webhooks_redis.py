@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 import uuid
@@ -9,9 +10,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import redis
+
+from redis_scripts import CLAIM_WEBHOOK_SCRIPT, REPORT_WEBHOOK_SCRIPT
 
 from conftest import RedisServer, ServerProcess, new_user
-from test_webhooks import HOOKS, Receiver, readme_verifier, SECRET
+from test_webhooks import HOOKS, SECRET, Receiver, readme_verifier
 
 
 @pytest.fixture
@@ -104,7 +108,6 @@ def test_two_live_replicas_never_both_send_a_delivery(replica, receiver_factory)
     time.sleep(1.0)  # past any backoff: a second sender would have sent by now
     delivered = [line for server in (a, b) for line in server.events("webhook_delivered")]
     assert sorted(line["run_id"] for line in delivered) == sorted(run_ids)
-    import json
     successes = Counter(json.loads(request["body"])["run_id"] for request in receiver.requests
                         if request["answer"] == 200)
     assert successes == Counter(run_ids)  # exactly one success per run
@@ -112,3 +115,53 @@ def test_two_live_replicas_never_both_send_a_delivery(replica, receiver_factory)
     failed = [line for server in (a, b) for line in server.events("webhook_failed")]
     assert len(receiver.requests) == len(run_ids) + len(failed) == sum(attempts.values())
     assert {line["attempt"] for line in delivered} >= {1}
+
+
+def test_the_claim_and_report_scripts_lease_count_and_give_up(redis_server: RedisServer) -> None:
+    client = redis.Redis.from_url(redis_server.url)
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    zset, key = f"{prefix}:webhooks", f"{prefix}:webhook:"
+    claim, report = client.register_script(CLAIM_WEBHOOK_SCRIPT), client.register_script(REPORT_WEBHOOK_SCRIPT)
+    try:
+        assert claim(keys=[zset], args=[5000, "t1", key, 6]) == [0, -1]  # nothing owed
+        client.hset(key + "run-a", mapping={"url": "http://x/", "body": b"{}", "attempt": 0})
+        client.zadd(zset, {"run-a": 0})
+        assert claim(keys=[zset], args=[5000, "t1", key, 6]) == [1, b"run-a", 1, b"http://x/", b"{}"]
+        waiting = claim(keys=[zset], args=[5000, "t2", key, 6])  # leased: not due for another replica
+        assert waiting[0] == 0 and 4000 < waiting[1] <= 5000
+        assert report(keys=[zset, key + "run-a"], args=["t2", "done", "run-a"]) == 0  # not t2's lease
+        assert client.exists(key + "run-a") == 1
+        assert report(keys=[zset, key + "run-a"], args=["t1", 0, "run-a"]) == 1  # due again at once
+        assert claim(keys=[zset], args=[5000, "t3", key, 6])[:3] == [1, b"run-a", 2]
+        assert report(keys=[zset, key + "run-a"], args=["t3", "done", "run-a"]) == 1
+        assert client.exists(key + "run-a") == 0 and client.zcard(zset) == 0
+        # every attempt made (the last claimer died): given up, and forgotten
+        client.hset(key + "run-b", mapping={"url": "http://x/", "body": b"{}", "attempt": 6})
+        client.zadd(zset, {"run-b": 0})
+        assert claim(keys=[zset], args=[5000, "t4", key, 6]) == [2, b"run-b", 6]
+        assert client.exists(key + "run-b") == 0 and client.zcard(zset) == 0
+        client.zadd(zset, {"run-c": 0})  # a due entry without its record: dropped
+        assert claim(keys=[zset], args=[5000, "t5", key, 6]) == [0, 0] and client.zcard(zset) == 0
+    finally:
+        client.close()
+
+
+def test_a_delivery_owed_across_a_redis_restart_is_still_delivered(tmp_path: Path, persistent_redis: RedisServer,
+                                                                   receiver_factory) -> None:
+    receiver = receiver_factory(500)
+    server = ServerProcess(tmp_path / "server.log", REDIS_URL=persistent_redis.url, **{
+        **HOOKS, "WEBHOOK_BACKOFF_SECONDS": "1.5"})
+    try:
+        run_id = hooked_run(server, receiver.url)
+        server.wait_for_event("webhook_failed", run_id=run_id, attempt=1)
+        failed_at = time.monotonic()
+        persistent_redis.stop()  # down while attempt 2 falls due
+        server.wait_for_event("store_unavailable")  # the deliverer found it gone...
+        time.sleep(max(0.0, failed_at + 1.6 - time.monotonic()))  # ...and stays down past the due time
+        persistent_redis.start()
+        delivered = server.wait_for_event("webhook_delivered", run_id=run_id, timeout=20)
+        assert delivered["attempt"] == 2
+        assert [request["answer"] for request in receiver.requests] == [500, 200]
+        assert server.client.get("/healthz").status_code == 200
+    finally:
+        server.stop(signal.SIGKILL)
