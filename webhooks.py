@@ -188,6 +188,7 @@ class Deliverer:
         while True:
             try:
                 await self.queue.report(delivery, retry_in)
+                self.wake.set()  # the loop may be waiting out a poll: let it see the new due time
                 return
             except StoreUnavailable:
                 if time.monotonic() >= deadline:

@@ -149,6 +149,7 @@ def test_a_receiver_failing_twice_then_succeeding_gets_exactly_one_success(start
     requests = receiver.wait_requests(3)
     assert [request["answer"] for request in requests] == [500, 503, 200]
     assert requests[2]["at"] - requests[1]["at"] >= 0.35  # backoff doubles: 0.2 s, then 0.4 s
+    assert requests[1]["at"] - requests[0]["at"] < 0.9  # and is kept to, not rounded up to a poll
     delivered = server.wait_for_event("webhook_delivered", run_id=run_id)
     assert delivered["attempt"] == 3 and delivered["status"] == 200
     failed = [line for line in server.events("webhook_failed") if line["run_id"] == run_id]
