@@ -12,6 +12,7 @@ after MAX_ATTEMPTS.
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -39,6 +40,7 @@ class RedisDeliveries:
     async def claim(self) -> tuple[Delivery | None, float]:
         """The next due delivery, leased to this replica with its attempt counted; or None and the wait."""
         token = uuid.uuid4().hex
+        claimed_at = time.monotonic()
         async with self.store.health.guard():
             reply = await self._claim(keys=[self.store.key("webhooks")],
                                       args=[int(lease_seconds() * 1000), token, self.store.key("webhook", ""),
@@ -49,7 +51,8 @@ class RedisDeliveries:
         run_id = reply[1].decode()
         if reply[0] == 2:
             return Delivery(run_id, "", b"", attempt=int(reply[2]), exhausted=True), 0.0
-        return Delivery(run_id, reply[3].decode(), reply[4], attempt=int(reply[2]), lease=token), 0.0
+        return Delivery(run_id, reply[3].decode(), reply[4], attempt=int(reply[2]), lease=token,
+                        send_by=claimed_at + lease_seconds() - 1), 0.0
 
     async def report(self, delivery: Delivery, retry_in: float | None) -> None:
         async with self.store.health.guard():

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import math
 import re
 import socket
 import ssl
+import time
 import urllib.parse
 from dataclasses import dataclass
 
@@ -129,10 +131,12 @@ def tls_context() -> ssl.SSLContext:
     return _tls
 
 
-async def post(target: Target, addresses: list[str], body: bytes, headers: dict[str, str]) -> int:
+async def post(target: Target, addresses: list[str], body: bytes, headers: dict[str, str],
+               send_by: float = math.inf) -> int:
     """POST ``body`` to the first of ``addresses`` that connects; returns the response's status code.
 
-    Raises OSError (connection, TLS, a malformed answer); the caller bounds the time.
+    Raises OSError (connection, TLS, a malformed answer); the caller bounds the time. Nothing is sent
+    after ``send_by`` (time.monotonic()): a claim on the delivery may have passed to another replica.
     """
     head = "".join(f"{name}: {value}\r\n" for name, value in {
         "Host": target.host_header, "User-Agent": "agent-runner-webhook", "Content-Type": "application/json",
@@ -148,6 +152,8 @@ async def post(target: Target, addresses: list[str], body: bytes, headers: dict[
             error = exc
             continue
         try:
+            if time.monotonic() > send_by:  # the event loop stalled past the lease: another replica may send it
+                raise OSError("the claim on the delivery ran out before it was sent")
             writer.write(request)
             await writer.drain()
             line = await reader.readline()

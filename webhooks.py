@@ -20,6 +20,7 @@ import heapq
 import hmac
 import itertools
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,7 @@ class Delivery:
     body: bytes
     attempt: int = 0
     lease: str | None = None  # Redis: the claim's token; the outcome is recorded only while it holds
+    send_by: float = math.inf  # Redis: time.monotonic() past which the lease may have passed to another replica
     exhausted: bool = False  # Redis: every attempt was made (the last claimer died mid-attempt)
 
 
@@ -148,7 +150,8 @@ class Deliverer:
                 target = check_url(delivery.url, config.webhook_allowed_hosts)
                 addresses = await resolve(target, config.webhook_timeout_seconds)
                 header = signature(config.webhook_secret or "", int(time.time()), delivery.body)
-                status = await post(target, addresses, delivery.body, {"Agent-Runner-Signature": header})
+                status = await post(target, addresses, delivery.body, {"Agent-Runner-Signature": header},
+                                    send_by=delivery.send_by)
         except WebhookRefused as exc:  # the settings or the DNS changed since the run was accepted
             detail, final = f"refused: {exc}", True
         except TimeoutError:

@@ -302,3 +302,16 @@ def test_https_checks_the_certificate_and_the_host_name(start_server, receiver_f
     request = receiver.wait_requests(1)[0]
     assert readme_verifier()(SECRET, request["headers"]["Agent-Runner-Signature"], request["body"])
     assert request["headers"]["Host"] == f"localhost:{receiver.server.server_address[1]}"
+
+
+def test_nothing_is_sent_once_the_claim_on_a_delivery_ran_out(receiver_factory) -> None:
+    import asyncio
+
+    from webhook_http import check_url, post
+
+    receiver = receiver_factory()
+    target = check_url(receiver.url, ("127.0.0.1",))
+    with pytest.raises(OSError, match="ran out"):  # an event loop stalled past the lease: another replica sends it
+        asyncio.run(post(target, ["127.0.0.1"], b"{}", {}, send_by=time.monotonic() - 1))
+    assert asyncio.run(post(target, ["127.0.0.1"], b"{}", {}, send_by=time.monotonic() + 5)) == 200
+    assert len(receiver.requests) == 1
