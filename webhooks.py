@@ -110,6 +110,7 @@ class Deliverer:
         queue.on_owed = self.wake.set
         self.in_flight: set[asyncio.Task[None]] = set()
         self.task: asyncio.Task[None] | None = None
+        self.stopping = False  # memory mode: an attempt that fails now is the last (nobody is left to retry)
 
     def start(self) -> None:
         self.task = asyncio.create_task(self.deliver_forever(), name="webhook-deliverer")
@@ -143,7 +144,7 @@ class Deliverer:
         config = settings.current
         status: int | None = None
         detail: str | None = None
-        final = last or delivery.attempt >= MAX_ATTEMPTS
+        final = delivery.attempt >= MAX_ATTEMPTS
         started = time.monotonic()
         try:
             async with asyncio.timeout(config.webhook_timeout_seconds):
@@ -169,8 +170,10 @@ class Deliverer:
             detail, final = "redirects are not followed", True
         elif status is not None and 400 <= status < 500 and status not in (408, 429):
             detail, final = "the receiver refused it (4xx)", True
-        if last:
-            detail = f"{detail + '; ' if detail else ''}the service shut down (memory mode keeps no queue)"
+        elif status is not None:
+            detail = f"the receiver answered {status}"
+        if not final and (last or (self.stopping and isinstance(self.queue, MemoryDeliveries))):
+            detail, final = f"{detail}; the service shut down (memory mode keeps no queue)", True
         self.log_failed(delivery, status, detail, final, duration_ms)
         await self.report(delivery, None if final else backoff_seconds(delivery.attempt))
 
@@ -206,6 +209,7 @@ class Deliverer:
         ``webhook_failed`` with ``final`` true. Redis mode: what is owed stays
         in Redis for the other replicas.
         """
+        self.stopping = True
         if self.task is not None:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

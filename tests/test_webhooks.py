@@ -218,9 +218,27 @@ REFUSED = [
 ]
 
 
+@pytest.fixture(scope="module")
+def hooked_server(tmp_path_factory: pytest.TempPathFactory, backend: dict[str, str]) -> Any:
+    """One server with webhooks on, shared by the tests that only POST refused webhooks (no run starts)."""
+    server = ServerProcess(tmp_path_factory.mktemp("hooks") / "server.log", **backend, **HOOKS)
+    yield server
+    server.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def any_host_server(tmp_path_factory: pytest.TempPathFactory, backend: dict[str, str]) -> Any:
+    """One server whose WEBHOOK_ALLOWED_HOSTS is * (any host, but no private address unless listed by name)."""
+    server = ServerProcess(tmp_path_factory.mktemp("any-host") / "server.log", **backend,
+                           WEBHOOK_SECRET=SECRET, WEBHOOK_ALLOWED_HOSTS="*")
+    yield server
+    server.stop(signal.SIGKILL)
+
+
 @pytest.mark.parametrize(("webhook", "detail"), REFUSED, ids=[str(url)[:30] for url, _ in REFUSED])
-def test_a_refused_webhook_is_a_400_and_starts_nothing(start_server, webhook: Any, detail: str) -> None:
-    server = start_server(**HOOKS)
+def test_a_refused_webhook_is_a_400_and_starts_nothing(hooked_server: ServerProcess, webhook: Any,
+                                                       detail: str) -> None:
+    server = hooked_server
     response = post_run(server, webhook)
     assert response.status_code == 400 and detail in response.json()["detail"], response.text
     assert server.client.get("/agents/runs").json()["runs"] == []
@@ -238,11 +256,12 @@ def test_webhooks_are_refused_without_a_secret(start_server) -> None:
     "http://100.100.100.200/", "http://[::1]:8080/hook", "http://[::ffff:127.0.0.1]/hook", "http://0.0.0.0/",
     "http://localhost:9/hook",  # a name that resolves to loopback: refused after the DNS lookup
 ])
-def test_a_private_address_without_the_host_listed_by_name_is_a_400(start_server, webhook: str) -> None:
-    server = start_server(WEBHOOK_SECRET=SECRET, WEBHOOK_ALLOWED_HOSTS="*")
-    response = post_run(server, webhook)
+def test_a_private_address_without_the_host_listed_by_name_is_a_400(any_host_server: ServerProcess,
+                                                                    webhook: str) -> None:
+    response = post_run(any_host_server, webhook)
     assert response.status_code == 400, response.text
     assert "loopback, private, link-local or metadata" in response.json()["detail"]
+    assert any_host_server.client.get("/agents/runs").json()["runs"] == []
 
 
 def test_a_host_that_does_not_resolve_is_a_400(start_server) -> None:
