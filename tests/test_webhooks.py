@@ -334,3 +334,17 @@ def test_nothing_is_sent_once_the_claim_on_a_delivery_ran_out(receiver_factory) 
         asyncio.run(post(target, ["127.0.0.1"], b"{}", {}, send_by=time.monotonic() - 1))
     assert asyncio.run(post(target, ["127.0.0.1"], b"{}", {}, send_by=time.monotonic() + 5)) == 200
     assert len(receiver.requests) == 1
+
+
+def test_a_run_record_keeps_its_webhook_and_an_older_record_reads_as_none() -> None:
+    from store import Run
+
+    run = Run.new(str(uuid.uuid4()), "sleeper", new_user(), {"a": 1}, holder=None, webhook="https://h.example/x")
+    again = Run.from_json(run.json())
+    assert again.webhook == "https://h.example/x" and again.json() == run.json()
+    older = json.loads(run.json())
+    del older["webhook"]  # written by a version without webhooks
+    read = Run.from_json(json.dumps(older).encode())
+    assert read.webhook is None and json.loads(read.json())["webhook"] is None
+    older["webhook"] = 42  # garbage in a field: read as none rather than refused
+    assert Run.from_json(json.dumps(older).encode()).webhook is None
