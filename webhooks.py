@@ -35,7 +35,8 @@ MAX_ATTEMPTS = 6
 MAX_PARALLEL = 16  # attempts in flight at once per process; a slow receiver holds one for the timeout at most
 POLL_SECONDS = 1.0  # the queue is looked at this often at least (Redis: other replicas' deliveries, leases)
 REPORT_RETRY_SECONDS = 0.5
-MAX_OWED = 10000  # memory mode: deliveries owed at once; past it a new one is logged as failed and dropped
+MAX_OWED = 10000  # memory mode: deliveries owed at once, and their bodies' bytes; past either, a new one is
+MAX_OWED_BYTES = 64 * 1024 * 1024  # logged as failed and dropped (a receiver down under a flood of runs)
 
 
 def signature(secret: str, timestamp: int, body: bytes) -> str:
@@ -67,18 +68,25 @@ class MemoryDeliveries:
 
     def __init__(self) -> None:
         self._due: list[tuple[float, int, Delivery]] = []
+        self._bytes = 0
         self._order = itertools.count()
         self.on_owed = lambda: None
 
     def owe(self, run: Run) -> None:
         assert run.webhook is not None
-        if len(self._due) >= MAX_OWED:  # memory stays bounded when a receiver is down under a flood of runs
+        body = run.json()
+        if len(self._due) >= MAX_OWED or self._bytes + len(body) > MAX_OWED_BYTES:  # memory stays bounded
             metrics.WEBHOOKS_UNDELIVERED.inc()
-            log.error("webhook_failed", extra={"run_id": run.run_id, "attempt": 0, "status": None, "final": True,
-                                               "detail": f"{MAX_OWED} deliveries are owed already"})
+            log.error("webhook_failed", extra={
+                "run_id": run.run_id, "attempt": 0, "status": None, "final": True,
+                "detail": f"too many deliveries owed already ({len(self._due)}, {self._bytes} bytes)"})
             return
-        heapq.heappush(self._due, (time.monotonic(), next(self._order), Delivery(run.run_id, run.webhook, run.json())))
+        self._push(time.monotonic(), Delivery(run.run_id, run.webhook, body))
         self.on_owed()
+
+    def _push(self, due: float, delivery: Delivery) -> None:
+        heapq.heappush(self._due, (due, next(self._order), delivery))
+        self._bytes += len(delivery.body)
 
     async def claim(self) -> tuple[Delivery | None, float]:
         """The next due delivery (its attempt counted), or None and how long until one is due."""
@@ -88,16 +96,18 @@ class MemoryDeliveries:
         if self._due[0][0] > now:
             return None, self._due[0][0] - now
         delivery = heapq.heappop(self._due)[2]
+        self._bytes -= len(delivery.body)
         delivery.attempt += 1
         return delivery, 0.0
 
     async def report(self, delivery: Delivery, retry_in: float | None) -> None:
         if retry_in is not None:
-            heapq.heappush(self._due, (time.monotonic() + retry_in, next(self._order), delivery))
+            self._push(time.monotonic() + retry_in, delivery)
 
     def take_all(self) -> list[Delivery]:
         owed = [entry[2] for entry in sorted(self._due)]
         self._due.clear()
+        self._bytes = 0
         return owed
 
 

@@ -348,3 +348,24 @@ def test_a_run_record_keeps_its_webhook_and_an_older_record_reads_as_none() -> N
     assert read.webhook is None and json.loads(read.json())["webhook"] is None
     older["webhook"] = 42  # garbage in a field: read as none rather than refused
     assert Run.from_json(json.dumps(older).encode()).webhook is None
+
+
+def test_memory_mode_owes_a_bounded_number_of_deliveries(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    import webhooks
+    from store import Run
+
+    monkeypatch.setattr(webhooks, "MAX_OWED", 2)
+    queue = webhooks.MemoryDeliveries()
+    runs = [Run.new(str(uuid.uuid4()), "sleeper", new_user(), {}, holder=None, webhook="http://h/") for _ in range(3)]
+    for run in runs:
+        queue.owe(run)
+    first, _ = asyncio.run(queue.claim())
+    second, _ = asyncio.run(queue.claim())
+    nothing, wait = asyncio.run(queue.claim())
+    assert first is not None and second is not None and nothing is None and wait > 0
+    assert [first.run_id, second.run_id] == [runs[0].run_id, runs[1].run_id]  # the third was dropped
+    assert first.attempt == 1 and first.body == runs[0].json()
+    asyncio.run(queue.report(first, 0.0))  # a retry takes its place again
+    assert asyncio.run(queue.claim())[0] is first and first.attempt == 2
