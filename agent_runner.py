@@ -34,7 +34,9 @@ import agents
 import metrics
 import runner
 import settings
-from http_json import check_uuid, json_response, parse_limit, parse_run_request, parse_wait, read_json, short
+import webhooks
+from http_json import (check_uuid, check_webhook_resolves, json_response, parse_limit, parse_run_request, parse_wait,
+                       read_json, short)
 from http_limits import MAX_CONNECTIONS, LimitedHttpToolsProtocol
 from logs import flush_stdout_regularly, log, log_hot, logging_config, write_hot_lines
 from middleware import AccessLog, BearerAuth
@@ -56,10 +58,12 @@ QUEUE_FULL_BODY = b'{"detail":"An agent is already running and the queue is full
 
 
 async def post_run(request: Request) -> Response:
-    agent_cls, user_id, agent_input, on_busy = parse_run_request(await read_json(request))
+    agent_cls, user_id, agent_input, on_busy, webhook = parse_run_request(await read_json(request))
     if not admission.accepting_runs:
         raise HTTPException(503, "Shutting down")
-    verdict, run = await admission.admit(agent_cls, user_id, agent_input, on_busy)
+    if webhook is not None:
+        await check_webhook_resolves(webhook)
+    verdict, run = await admission.admit(agent_cls, user_id, agent_input, on_busy, webhook)
     if verdict in ("busy", "full"):  # the busy path is hot: answered directly, not through the exception handler
         metrics.REJECTED_TOTAL.inc()
         log_hot("run_rejected", f'"agent_type": {json_string(agent_cls.agent_type)}, "user_id": "{user_id}"')
@@ -224,6 +228,7 @@ async def watch_event_loop(interval: float = 0.25) -> None:
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     store = await runner.open_stores()
+    webhooks.start_delivering(runner.run_store)
     log.info("service_started", extra={
         "version": __version__, "store": store, "agent_types": sorted(agents.registry),
         "agent_sleep_seconds": settings.current.agent_sleep_seconds})
@@ -233,6 +238,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
     finally:
         await admission.drain(settings.current.shutdown_grace_seconds)
+        await webhooks.stop_delivering()
         await runner.close_stores()
         for task in background:
             task.cancel()
@@ -309,11 +315,16 @@ def configure(env: Mapping[str, str] = os.environ) -> None:
     logging.config.dictConfig(logging_config("info"))
     try:
         settings.current = Settings.from_env(env)
-        logging.config.dictConfig(logging_config(settings.current.log_level))
+        logging.config.dictConfig(process_logging_config())
         load_agent_modules(settings.current.agent_modules)
     except ConfigError as exc:
         log.error("invalid_configuration", extra={"variable": exc.variable, "detail": exc.detail})
         sys.exit(2)
+
+
+def process_logging_config() -> dict[str, Any]:
+    config = settings.current
+    return logging_config(config.log_level, config.log_format, colour=not config.no_color)
 
 
 def parse_args(argv: list[str]) -> None:
@@ -338,7 +349,7 @@ def main() -> None:
         app,
         host=settings.current.host,
         port=settings.current.port,
-        log_config=logging_config(settings.current.log_level),
+        log_config=process_logging_config(),
         access_log=False,
         loop="uvloop",
         http=LimitedHttpToolsProtocol,  # httptools, with a cap on header size and time (http_limits.py)

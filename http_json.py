@@ -18,9 +18,10 @@ from starlette.responses import Response
 import agents
 import settings
 from logs import log
+from webhook_http import WebhookRefused, check_url, resolve
 
 MAX_JSON_DEPTH = 32  # request bodies nested deeper are refused with 400
-REQUEST_FIELDS = ("agent_type", "user_id", "input", "on_busy")
+REQUEST_FIELDS = ("agent_type", "user_id", "input", "on_busy", "webhook")
 ON_BUSY_VALUES = ("reject", "enqueue", "interrupt")
 UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
@@ -109,8 +110,11 @@ async def read_json(request: Request) -> Any:
     return data
 
 
-def parse_run_request(data: Any) -> tuple[type[agents.BaseAgent], str, dict[str, Any], str]:
-    """Validate a POST /agents/run body; returns the agent class, user_id, input and on_busy."""
+def parse_run_request(data: Any) -> tuple[type[agents.BaseAgent], str, dict[str, Any], str, str | None]:
+    """Validate a POST /agents/run body; returns the agent class, user_id, input, on_busy and webhook.
+
+    The webhook URL is checked here without I/O; ``check_webhook_resolves`` checks where it points.
+    """
     if not isinstance(data, dict):
         raise HTTPException(400, "Request body must be a JSON object")
     unknown = sorted(set(data) - set(REQUEST_FIELDS))
@@ -131,13 +135,32 @@ def parse_run_request(data: Any) -> tuple[type[agents.BaseAgent], str, dict[str,
     on_busy = data.get("on_busy", settings.current.on_busy)
     if on_busy not in ON_BUSY_VALUES:
         raise HTTPException(400, f"on_busy must be one of {', '.join(ON_BUSY_VALUES)}, got {short(on_busy)}")
+    webhook = data.get("webhook")
+    if webhook is not None:
+        if not isinstance(webhook, str):
+            raise HTTPException(400, "webhook must be a string: an http:// or https:// URL")
+        if not settings.current.webhook_secret:
+            raise HTTPException(400, "webhook: webhooks are off on this service (WEBHOOK_SECRET is not set)")
+        try:
+            check_url(webhook, settings.current.webhook_allowed_hosts)
+        except WebhookRefused as exc:
+            raise HTTPException(400, f"webhook {exc}") from None
     agent_type = data["agent_type"]
     agent_cls = agents.registry.get(agent_type)
     if agent_cls is None:
         supported = ", ".join(sorted(agents.registry))
         log.warning("unsupported_agent_type", extra={"agent_type": agent_type[:200], "user_id": user_id})
         raise HTTPException(400, f"Unsupported agent_type {short(agent_type)}; supported types: {supported}")
-    return agent_cls, user_id, agent_input, on_busy
+    return agent_cls, user_id, agent_input, on_busy, webhook
+
+
+async def check_webhook_resolves(webhook: str) -> None:
+    """400 unless the webhook's host resolves, and only to addresses it may call (checked again at delivery)."""
+    config = settings.current
+    try:
+        await resolve(check_url(webhook, config.webhook_allowed_hosts), config.webhook_timeout_seconds)
+    except WebhookRefused as exc:
+        raise HTTPException(400, f"webhook {exc}") from None
 
 
 def parse_wait(raw: str | None) -> float | None:

@@ -1,18 +1,23 @@
-"""Logging: one JSON object per line on stdout, uvicorn's lines included.
+"""Logging: one JSON object per line on stdout, uvicorn's lines included (or, for a terminal, readable lines).
 
 ``log`` is the service's logger. Per-request lines (http_request,
-run_rejected) skip the logging machinery through ``log_hot``.
+run_rejected) skip the logging machinery through ``log_hot``. LOG_FORMAT
+picks JSON or console lines (console_logs.py); both carry the same events
+and fields.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
 import time
 from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
+
+import console_logs
 
 OWN_LOGGERS = ("agent_runner", "agents")
 
@@ -44,6 +49,17 @@ class LogFormatter(JsonFormatter):
             log_data["message"] = log_data.pop("human_message")
         if "exc_info" in log_data:
             log_data["traceback"] = log_data.pop("exc_info")
+
+
+class ConsoleFormatter(LogFormatter):
+    """LogFormatter's object, the same fields, rendered as a readable line (console_logs.render)."""
+
+    def __init__(self, colour: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.colour = colour
+
+    def serialize_log_record(self, log_data: dict[str, Any]) -> str:
+        return console_logs.render(log_data, self.colour).rstrip("\n")
 
 
 # Keys ``extra=`` may not use: logging raises KeyError for a LogRecord attribute (the line is lost),
@@ -105,13 +121,30 @@ class StdoutHandler(logging.StreamHandler):
         self._flushed_at = now
 
 
-def logging_config(level: str) -> dict[str, Any]:
-    """The dictConfig for the whole process, also handed to uvicorn."""
+console_colour: bool | None = None  # None: JSON lines; else console lines, coloured or not (see logging_config)
+
+
+def console_wanted(log_format: str) -> bool:
+    """LOG_FORMAT=console, or auto with stdout a terminal."""
+    if log_format == "auto":
+        isatty = getattr(sys.stdout, "isatty", None)
+        return bool(isatty and isatty())
+    return log_format == "console"
+
+
+def logging_config(level: str, log_format: str = "auto", colour: bool = True) -> dict[str, Any]:
+    """The dictConfig for the whole process, also handed to uvicorn; sets the format of log_hot's lines too.
+
+    ``log_format`` is json, console or auto (console when stdout is a terminal).
+    """
+    global console_colour
+    console_colour = colour if console_wanted(log_format) else None
+    formatter = {"()": LogFormatter} if console_colour is None else {"()": ConsoleFormatter, "colour": colour}
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {"json": {"()": LogFormatter}},
-        "handlers": {"stdout": {"()": StdoutHandler, "formatter": "json"}},
+        "formatters": {"line": formatter},
+        "handlers": {"stdout": {"()": StdoutHandler, "formatter": "line"}},
         "root": {"handlers": ["stdout"], "level": level.upper()},
         "loggers": {
             name: {"handlers": [], "propagate": True, "level": level.upper()}
@@ -142,8 +175,11 @@ def log_hot(event: str, fields: str) -> None:
     any other line, at most 0.2 s late.
     """
     if log.isEnabledFor(logging.INFO):
-        hot_lines.append(f'{{"timestamp": "{log_timestamp(time.time())}", "level": "info", "event": "{event}", '
-                         f'{fields}}}\n')
+        line = (f'{{"timestamp": "{log_timestamp(time.time())}", "level": "info", "event": "{event}", '
+                f'{fields}}}')
+        if console_colour is not None:  # a person reads these: the same object, rendered (not the hot path then)
+            line = console_logs.render(json.loads(line), console_colour).rstrip("\n")
+        hot_lines.append(line + "\n")
         if len(hot_lines) >= 512:
             write_hot_lines()
 

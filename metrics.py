@@ -18,6 +18,12 @@ QUEUE_DEPTH = prometheus_client.Gauge("agent_runner_queue_depth", "Runs waiting 
 QUEUE_WAIT = prometheus_client.Histogram(
     "agent_runner_queue_wait_seconds", "Time a queued run waited, from created_at to started_at.",
     buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800))
+WEBHOOK_ATTEMPTS = prometheus_client.Counter(
+    "agent_runner_webhook_attempts_total", "Webhook delivery attempts, by outcome (delivered or failed).",
+    ["outcome"])
+WEBHOOKS_UNDELIVERED = prometheus_client.Counter(
+    "agent_runner_webhooks_undelivered_total",
+    "Webhook deliveries given up without a 2xx (attempts used up, refused, redirected, or lost at shutdown).")
 HTTP_REQUESTS_TOTAL = prometheus_client.Counter(
     "agent_runner_http_requests_total", "HTTP requests answered.", ["method", "route", "status"])
 

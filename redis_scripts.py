@@ -74,15 +74,24 @@ return nil
 """
 
 
-# Store a terminal state: record, indexes, size, cancel flag, lock release (if the token still holds it) and
-# the finished message in one step. Safe to run twice: a retry after a lost reply counts the size once.
-# KEYS: run, finished, unfinished, cancel, sizes, bytes, seq, lock. ARGV: json, run_id, channel, token, size.
+# Store a terminal state: record, indexes, size, cancel flag, lock release (if the token still holds it),
+# the webhook delivery it owes (ARGV[6], the URL, or '') and the finished message in one step. Safe to run
+# twice: a retry after a lost reply counts the size once and owes the delivery once.
+# KEYS: run, finished, unfinished, cancel, sizes, bytes, seq, lock, webhooks, webhook.
+# ARGV: json, run_id, channel, token, size, webhook url.
 FINISH_SCRIPT = """
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[7]), ARGV[2])
 redis.call('HDEL', KEYS[3], ARGV[2])
 redis.call('DEL', KEYS[4])
-if redis.call('HSETNX', KEYS[5], ARGV[2], ARGV[5]) == 1 then redis.call('INCRBY', KEYS[6], ARGV[5]) end
+if redis.call('HSETNX', KEYS[5], ARGV[2], ARGV[5]) == 1 then
+  redis.call('INCRBY', KEYS[6], ARGV[5])
+  if ARGV[6] ~= '' then
+    local now = redis.call('TIME')
+    redis.call('HSET', KEYS[10], 'url', ARGV[6], 'body', ARGV[1], 'attempt', 0)
+    redis.call('ZADD', KEYS[9], now[1] * 1000 + math.floor(now[2] / 1000), ARGV[2])
+  end
+end
 if ARGV[4] ~= '' and redis.call('GET', KEYS[8]) == ARGV[4] then redis.call('DEL', KEYS[8]) end
 redis.call('PUBLISH', ARGV[3], ARGV[2])
 return {redis.call('ZCARD', KEYS[2]), tonumber(redis.call('GET', KEYS[6]) or '0')}
@@ -106,4 +115,54 @@ while dropped < 1000 do
   dropped = dropped + 1
 end
 return dropped
+"""
+
+
+# Webhook deliveries (webhooks.py): ``webhooks`` is a zset of run ids by due time (ms, Redis's clock, so
+# replicas' clocks never matter), ``webhook:<id>`` a hash (url, body, attempt, lease). Claiming a due
+# delivery moves its due time past the lease, so no other replica sees it due while the claimer's attempt
+# can last; a claimer that dies leaves it due again once the lease ends.
+# KEYS: webhooks. ARGV: lease_ms, lease token, webhook key prefix, max attempts.
+# Returns {1, id, attempt, url, body} claimed, {2, id, attempts} given up (the last claimer died mid-attempt),
+# {0, ms until the next is due or -1} nothing due.
+CLAIM_WEBHOOK_SCRIPT = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1)
+if #due == 0 then
+  local next = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  if #next == 0 then return {0, -1} end
+  return {0, tonumber(next[2]) - now}
+end
+local id = due[1]
+local key = ARGV[3] .. id
+local made = tonumber(redis.call('HGET', key, 'attempt') or '-1')
+if made < 0 then
+  redis.call('ZREM', KEYS[1], id)
+  return {0, 0}
+end
+if made >= tonumber(ARGV[4]) then
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('DEL', key)
+  return {2, id, made}
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), id)
+redis.call('HSET', key, 'attempt', made + 1, 'lease', ARGV[2])
+return {1, id, made + 1, redis.call('HGET', key, 'url'), redis.call('HGET', key, 'body')}
+"""
+
+# Record an attempt's outcome, only while the lease is still the caller's: ARGV[2] 'done' ends the delivery,
+# else it is due again in ARGV[2] ms. KEYS: webhooks, webhook. ARGV: lease token, 'done' or delay_ms, run_id.
+# Returns 1, or 0 when the lease had passed to another replica (the outcome is theirs to record).
+REPORT_WEBHOOK_SCRIPT = """
+if redis.call('HGET', KEYS[2], 'lease') ~= ARGV[1] then return 0 end
+if ARGV[2] == 'done' then
+  redis.call('DEL', KEYS[2])
+  redis.call('ZREM', KEYS[1], ARGV[3])
+  return 1
+end
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[1], t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[2]), ARGV[3])
+redis.call('HDEL', KEYS[2], 'lease')
+return 1
 """

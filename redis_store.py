@@ -134,6 +134,7 @@ class RedisRunStore:
         self._invalid_logged: set[str] = set()
         self.on_cancel: Callable[[str, str | None], None] = lambda run_id, by: None
         self.on_work: Callable[[], None] = lambda: None  # a run was queued or a slot freed, on any replica
+        self.on_finished: Callable[[Run], None] = lambda run: None  # a run with a webhook was stored terminal
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._progress_writes: dict[str, asyncio.Task[None]] = {}
         self._progress_dirty: set[str] = set()
@@ -244,10 +245,13 @@ class RedisRunStore:
             finished_count, finished_bytes = await self._finish(
                 keys=[self.key("run", run.run_id), self.key("finished"), self.key("unfinished"),
                       self.key("cancel", run.run_id), self.key("sizes"), self.key("bytes"), self.key("seq"),
-                      release.key_of(token) if release is not None and token else self.key("lock")],
-                args=[run.json(), run.run_id, self.key("finished"), token, run.size])
+                      release.key_of(token) if release is not None and token else self.key("lock"),
+                      self.key("webhooks"), self.key("webhook", run.run_id)],
+                args=[run.json(), run.run_id, self.key("finished"), token, run.size, run.webhook or ""])
             if release is not None and token:
                 release.forget(token)
+            if run.webhook is not None:
+                self.on_finished(run)  # owed in Redis already; this only wakes the local deliverer
             if finished_count > self.retention or finished_bytes > self.retention_bytes:
                 await self._trim(keys=[self.key("finished"), self.key("runs"), self.key("sizes"), self.key("bytes")],
                                  args=[self.retention, self.retention_bytes, self.key("run", "")])

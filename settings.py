@@ -82,7 +82,34 @@ SETTINGS_TABLE = (
     ("MAX_CONCURRENT_RUNS", "1", "how many runs may be RUNNING at once (across all replicas in Redis mode)"),
     ("ON_BUSY", "reject", "what POST /agents/run does when every slot is taken: reject, enqueue or interrupt"),
     ("QUEUE_MAX", "100", "how many runs may wait in the queue; past it an enqueue is refused with 409"),
+    ("LOG_FORMAT", "auto", "json, console (one readable line per event) or auto (console when stdout is a terminal)"),
+    ("NO_COLOR", "", "when set (not empty), console log lines have no colours"),
+    ("WEBHOOK_SECRET", "", "signs webhook deliveries (HMAC-SHA256, 16+ characters); webhooks are refused while unset"),
+    ("WEBHOOK_ALLOWED_HOSTS", "",
+     "comma-separated hosts webhooks may call (required with WEBHOOK_SECRET): a name, *.domain, or * for any"),
+    ("WEBHOOK_BACKOFF_SECONDS", "10", "wait before a webhook's 2nd attempt; it doubles for each next (6 at most)"),
+    ("WEBHOOK_TIMEOUT_SECONDS", "5", "one webhook attempt (resolve, connect, send, status line) gives up after this"),
 )
+
+LOG_FORMATS = ("auto", "json", "console")
+WEBHOOK_SECRET_MIN_CHARS = 16
+
+
+def _allowed_hosts(raw: str) -> tuple[str, ...]:
+    """WEBHOOK_ALLOWED_HOSTS as lower-case entries: host names or addresses, ``*.domain`` or ``*``."""
+    hosts = []
+    for entry in raw.split(","):
+        host = entry.strip().lower().rstrip(".")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not host:
+            continue
+        name = host[2:] if host.startswith("*.") else host
+        if host != "*" and not _is_host(name):
+            raise ConfigError("WEBHOOK_ALLOWED_HOSTS",
+                              f"each entry must be a host name, an address, *.domain or *; got {entry.strip()!r}")
+        hosts.append(host)
+    return tuple(hosts)
 
 
 @dataclass(frozen=True)
@@ -107,6 +134,12 @@ class Settings:
     max_concurrent_runs: int = 1
     on_busy: str = "reject"
     queue_max: int = 100
+    log_format: str = "auto"
+    no_color: bool = False
+    webhook_secret: str | None = field(default=None, repr=False)
+    webhook_allowed_hosts: tuple[str, ...] = ()
+    webhook_backoff_seconds: float = 10.0
+    webhook_timeout_seconds: float = 5.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -121,6 +154,15 @@ class Settings:
         on_busy = env.get("ON_BUSY", "").strip().lower() or cls.on_busy
         if on_busy not in ("reject", "enqueue", "interrupt"):
             raise ConfigError("ON_BUSY", f"must be one of reject, enqueue, interrupt; got {on_busy!r}")
+        log_format = env.get("LOG_FORMAT", "").strip().lower() or cls.log_format
+        if log_format not in LOG_FORMATS:
+            raise ConfigError("LOG_FORMAT", f"must be one of {', '.join(LOG_FORMATS)}; got {log_format!r}")
+        webhook_secret = env.get("WEBHOOK_SECRET") or None
+        if webhook_secret is not None and len(webhook_secret) < WEBHOOK_SECRET_MIN_CHARS:
+            raise ConfigError("WEBHOOK_SECRET", f"must be at least {WEBHOOK_SECRET_MIN_CHARS} characters long")
+        allowed_hosts = _allowed_hosts(env.get("WEBHOOK_ALLOWED_HOSTS", ""))
+        if webhook_secret is not None and not allowed_hosts:
+            raise ConfigError("WEBHOOK_ALLOWED_HOSTS", "is required when WEBHOOK_SECRET is set (webhooks are on)")
         redis_url = env.get("REDIS_URL", "").strip() or None
         if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError("REDIS_URL", "must start with redis://, rediss:// or unix://")
@@ -156,6 +198,14 @@ class Settings:
                                             minimum=1, maximum=64),
             on_busy=on_busy,
             queue_max=_env_number(env, "QUEUE_MAX", cls.queue_max, integer=True, minimum=0, maximum=100000),
+            log_format=log_format,
+            no_color=bool(env.get("NO_COLOR")),
+            webhook_secret=webhook_secret,
+            webhook_allowed_hosts=allowed_hosts,
+            webhook_backoff_seconds=_env_number(env, "WEBHOOK_BACKOFF_SECONDS", cls.webhook_backoff_seconds,
+                                                integer=False, minimum=0, above_minimum=True, maximum=3600),
+            webhook_timeout_seconds=_env_number(env, "WEBHOOK_TIMEOUT_SECONDS", cls.webhook_timeout_seconds,
+                                                integer=False, minimum=0, above_minimum=True, maximum=60),
         )
 
 

@@ -27,7 +27,7 @@ def utc_now() -> str:
 
 RUN_OVERHEAD_BYTES = 600  # a Run object, its dict entry and index slots, beyond its JSON
 PUBLIC_FIELDS = ("run_id", "agent_type", "user_id", "input", "state", "result", "error", "progress",
-                 "created_at", "started_at", "finished_at", "queue_position", "cancelled_by")
+                 "created_at", "started_at", "finished_at", "queue_position", "cancelled_by", "webhook")
 ON_BUSY = ("reject", "enqueue", "interrupt")  # what POST /agents/run does when every slot is taken
 
 
@@ -62,12 +62,14 @@ class Run:
     finished_at: str | None = None
     queue_position: int | None = None  # 1 = next, while the run waits in the queue
     cancelled_by: str | None = None  # the run that interrupted this one
+    webhook: str | None = None  # POSTed the run once it is terminal (webhooks.py)
     holder: str | None = None  # token of the run lock taken for this run; not shown to clients
     _json: bytes | None = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def new(cls, run_id: str, agent_type: str, user_id: str, input: dict[str, Any], holder: str | None) -> Run:
-        return cls(run_id, agent_type, user_id, encode(input), holder=holder)
+    def new(cls, run_id: str, agent_type: str, user_id: str, input: dict[str, Any], holder: str | None,
+            webhook: str | None = None) -> Run:
+        return cls(run_id, agent_type, user_id, encode(input), holder=holder, webhook=webhook)
 
     @property
     def finished(self) -> bool:
@@ -90,7 +92,8 @@ class Run:
             head = encode({"run_id": self.run_id, "agent_type": self.agent_type, "user_id": self.user_id})
             tail = encode({"error": self.error, "progress": self.progress, "created_at": self.created_at,
                            "started_at": self.started_at, "finished_at": self.finished_at,
-                           "queue_position": self.queue_position, "cancelled_by": self.cancelled_by})
+                           "queue_position": self.queue_position, "cancelled_by": self.cancelled_by,
+                           "webhook": self.webhook})
             self._json = b"".join((head[:-1], b',"input":', self.input_json, b',"state":', encode(self.state),
                                    b',"result":', self.result_json, b",", tail[1:]))
         return self._json
@@ -126,7 +129,8 @@ class Run:
                 progress=float(progress) if isinstance(progress, (int, float)) and not isinstance(progress, bool)
                 else None,
                 created_at=text("created_at") or "", started_at=text("started_at"),
-                finished_at=text("finished_at"), cancelled_by=text("cancelled_by"), holder=holder,
+                finished_at=text("finished_at"), cancelled_by=text("cancelled_by"), webhook=text("webhook"),
+                holder=holder,
                 queue_position=position if isinstance(position, int) and not isinstance(position, bool) else None)
         except ValueError:  # a non-finite number somewhere
             raise RunRecordInvalid("holds a number JSON cannot carry") from None
@@ -198,6 +202,7 @@ class MemoryRunStore:
         self._finished_bytes = 0
         self.on_cancel: Callable[[str, str | None], None] = lambda run_id, by: None
         self.on_work: Callable[[], None] = lambda: None
+        self.on_finished: Callable[[Run], None] = lambda run: None  # first terminal save of a run with a webhook
         self._runs: dict[str, Run] = {}
         self._finished: deque[str] = deque()  # finished run ids, oldest first
         self._finish_events: dict[str, asyncio.Event] = {}
@@ -297,6 +302,8 @@ class MemoryRunStore:
         if event is None:
             return  # finished before: counted once
         event.set()
+        if run.webhook is not None:
+            self.on_finished(run)  # in the same step as the terminal state: the delivery is owed from here
         self._finished.append(run.run_id)
         self._finished_bytes += run.size
         while len(self._finished) > self.retention or self._finished_bytes > self.retention_bytes:

@@ -38,8 +38,8 @@ def test_run_object_has_every_field_and_timestamps_in_rfc3339(server: ServerProc
     user = new_user()
     run = server.wait_run(server.start_run("sleeper", user_id=user, seconds=0.05, note="hi"))
     assert set(run) == {"run_id", "agent_type", "user_id", "input", "state", "result", "error", "progress",
-                        "created_at", "started_at", "finished_at", "queue_position", "cancelled_by"}
-    assert run["queue_position"] is None and run["cancelled_by"] is None
+                        "created_at", "started_at", "finished_at", "queue_position", "cancelled_by", "webhook"}
+    assert run["queue_position"] is None and run["cancelled_by"] is None and run["webhook"] is None
     assert run["state"] == "DONE" and run["user_id"] == user and run["error"] is None
     assert run["input"] == {"seconds": 0.05, "note": "hi"}
     assert run["result"] == {"slept": 0.05, "input": {"seconds": 0.05, "note": "hi"}}
@@ -371,6 +371,12 @@ BAD_SETTINGS = [
     ({"REDIS_URL": "redis://127.0.0.1:port/0"}, "REDIS_URL"),
     ({"LOCK_TTL_SECONDS": "0.1"}, "LOCK_TTL_SECONDS"),
     ({"LOCK_TTL_SECONDS": "soon"}, "LOCK_TTL_SECONDS"),
+    ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+    ({"WEBHOOK_SECRET": "short"}, "WEBHOOK_SECRET"),
+    ({"WEBHOOK_SECRET": "s" * 32}, "WEBHOOK_ALLOWED_HOSTS"),
+    ({"WEBHOOK_SECRET": "s" * 32, "WEBHOOK_ALLOWED_HOSTS": "hooks.example.com,bad host"}, "WEBHOOK_ALLOWED_HOSTS"),
+    ({"WEBHOOK_BACKOFF_SECONDS": "0"}, "WEBHOOK_BACKOFF_SECONDS"),
+    ({"WEBHOOK_TIMEOUT_SECONDS": "61"}, "WEBHOOK_TIMEOUT_SECONDS"),
 ]
 
 

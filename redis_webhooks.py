@@ -1,0 +1,61 @@
+"""Redis mode's webhook delivery queue, shared by every replica (imported only with REDIS_URL and webhooks on).
+
+The FINISH script owes a delivery in the same step as the terminal state:
+``<prefix>:webhook:<run_id>`` (url, body, attempt) and ``<prefix>:webhooks``
+(run ids by due time). A replica claims a due delivery with a lease (the
+CLAIM script moves its due time past the lease and counts the attempt), so
+two live replicas never send it at once; if the claimer dies, the delivery
+is due again when the lease ends, and any replica picks it up. The attempt
+count lives in Redis, so a delivery whose claimers keep dying still stops
+after MAX_ATTEMPTS.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import settings
+from redis_scripts import CLAIM_WEBHOOK_SCRIPT, REPORT_WEBHOOK_SCRIPT
+from store import Run
+from webhooks import MAX_ATTEMPTS, POLL_SECONDS, Delivery
+
+
+def lease_seconds() -> float:
+    """Longer than an attempt can last (it is cut at the timeout), with room for a slow event loop."""
+    return 2 * settings.current.webhook_timeout_seconds + 5
+
+
+class RedisDeliveries:
+    def __init__(self, run_store: Any) -> None:
+        self.store = run_store
+        self.on_owed = lambda: None
+        self._claim = run_store.client.register_script(CLAIM_WEBHOOK_SCRIPT)
+        self._report = run_store.client.register_script(REPORT_WEBHOOK_SCRIPT)
+
+    def owe(self, run: Run) -> None:
+        self.on_owed()  # the FINISH script stored it; look at the queue now
+
+    async def claim(self) -> tuple[Delivery | None, float]:
+        """The next due delivery, leased to this replica with its attempt counted; or None and the wait."""
+        token = uuid.uuid4().hex
+        claimed_at = time.monotonic()
+        async with self.store.health.guard():
+            reply = await self._claim(keys=[self.store.key("webhooks")],
+                                      args=[int(lease_seconds() * 1000), token, self.store.key("webhook", ""),
+                                            MAX_ATTEMPTS])
+        if reply[0] == 0:
+            wait = reply[1] / 1000 if reply[1] >= 0 else POLL_SECONDS
+            return None, wait
+        run_id = reply[1].decode()
+        if reply[0] == 2:
+            return Delivery(run_id, "", b"", attempt=int(reply[2]), exhausted=True), 0.0
+        return Delivery(run_id, reply[3].decode(), reply[4], attempt=int(reply[2]), lease=token,
+                        send_by=claimed_at + lease_seconds() - 1), 0.0
+
+    async def report(self, delivery: Delivery, retry_in: float | None) -> None:
+        async with self.store.health.guard():
+            await self._report(keys=[self.store.key("webhooks"), self.store.key("webhook", delivery.run_id)],
+                               args=[delivery.lease or "", "done" if retry_in is None else int(retry_in * 1000),
+                                     delivery.run_id])

@@ -1,0 +1,167 @@
+"""Webhooks across replicas (Redis mode): an owed delivery survives its replica, and is never sent by two."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import redis
+
+from redis_scripts import CLAIM_WEBHOOK_SCRIPT, REPORT_WEBHOOK_SCRIPT
+
+from conftest import RedisServer, ServerProcess, new_user
+from test_webhooks import HOOKS, SECRET, Receiver, readme_verifier
+
+
+@pytest.fixture
+def replica(tmp_path: Path, redis_server: RedisServer):
+    """Factory: replica(prefix, **env) -> a server on the shared Redis under ``prefix``."""
+    started: list[ServerProcess] = []
+
+    def start(prefix: str, **env: str) -> ServerProcess:
+        server = ServerProcess(tmp_path / f"replica-{len(started)}.log", REDIS_URL=redis_server.url,
+                               REDIS_PREFIX=prefix, **{**HOOKS, **env})
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def receiver_factory():
+    made: list[Receiver] = []
+
+    def make(*answers: int | str) -> Receiver:
+        made.append(Receiver(*answers))
+        return made[-1]
+
+    yield make
+    for receiver in made:
+        receiver.close()
+
+
+def hooked_run(server: ServerProcess, url: str, **fields: object) -> str:
+    response = server.client.post("/agents/run", json={"agent_type": "sleeper", "user_id": new_user(),
+                                                       "input": {"seconds": 0.05}, "webhook": url, **fields})
+    assert response.status_code == 202, response.text
+    return response.json()["run_id"]
+
+
+def test_a_replica_killed_during_the_backoff_leaves_the_delivery_to_another(replica, receiver_factory,
+                                                                             redis_server: RedisServer) -> None:
+    receiver = receiver_factory(500)
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    a = replica(prefix, WEBHOOK_BACKOFF_SECONDS="3")
+    run_id = hooked_run(a, receiver.url)
+    a.wait_for_event("webhook_failed", run_id=run_id, attempt=1)
+    a.stop(signal.SIGKILL)  # it owed attempt 2 in 3 s
+    assert redis_server.command("ZSCORE", f"{prefix}:webhooks", run_id) is not None
+    b = replica(prefix, WEBHOOK_BACKOFF_SECONDS="3")
+    delivered = b.wait_for_event("webhook_delivered", run_id=run_id, timeout=15)
+    assert delivered["attempt"] == 2 and delivered["status"] == 200
+    assert [request["answer"] for request in receiver.requests] == [500, 200]
+    assert readme_verifier()(SECRET, receiver.requests[1]["headers"]["Agent-Runner-Signature"],
+                             receiver.requests[1]["body"])
+    time.sleep(0.5)
+    assert redis_server.command("EXISTS", f"{prefix}:webhook:{run_id}") == 0  # done: nothing left owed
+    assert redis_server.command("ZCARD", f"{prefix}:webhooks") == 0
+
+
+def test_a_replica_killed_mid_attempt_leaves_it_to_another_once_the_lease_ends(replica, receiver_factory) -> None:
+    receiver = receiver_factory("hang")
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    a = replica(prefix, WEBHOOK_TIMEOUT_SECONDS="1")  # lease: 2 x 1 + 5 = 7 s
+    b = replica(prefix, WEBHOOK_TIMEOUT_SECONDS="1")
+    run_id = hooked_run(a, receiver.url)
+    first = receiver.wait_requests(1)[0]
+    a.stop(signal.SIGKILL)
+    b.stop(signal.SIGKILL)  # whichever of the two took it is gone mid-attempt
+    c = replica(prefix, WEBHOOK_TIMEOUT_SECONDS="1")
+    delivered = c.wait_for_event("webhook_delivered", run_id=run_id, timeout=20)
+    assert delivered["attempt"] == 2
+    second = receiver.requests[1]
+    assert second["answer"] == 200 and second["body"] == first["body"]
+    assert second["at"] - first["at"] >= 6.5  # not before the lease of the dead replica ended
+
+
+def test_two_live_replicas_never_both_send_a_delivery(replica, receiver_factory) -> None:
+    receiver = receiver_factory(*([500] * 6))  # some retries in the mix, taken by either replica
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    a = replica(prefix, WEBHOOK_BACKOFF_SECONDS="0.1")
+    b = replica(prefix, WEBHOOK_BACKOFF_SECONDS="0.1")
+    run_ids = [hooked_run((a, b)[i % 2], receiver.url, on_busy="enqueue") for i in range(12)]
+    for run_id in run_ids:
+        a.wait_run(run_id)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        delivered = [line for server in (a, b) for line in server.events("webhook_delivered")]
+        if len(delivered) >= len(run_ids):
+            break
+        time.sleep(0.1)
+    time.sleep(1.0)  # past any backoff: a second sender would have sent by now
+    delivered = [line for server in (a, b) for line in server.events("webhook_delivered")]
+    assert sorted(line["run_id"] for line in delivered) == sorted(run_ids)
+    successes = Counter(json.loads(request["body"])["run_id"] for request in receiver.requests
+                        if request["answer"] == 200)
+    assert successes == Counter(run_ids)  # exactly one success per run
+    attempts = Counter((json.loads(request["body"])["run_id"]) for request in receiver.requests)
+    failed = [line for server in (a, b) for line in server.events("webhook_failed")]
+    assert len(receiver.requests) == len(run_ids) + len(failed) == sum(attempts.values())
+    assert {line["attempt"] for line in delivered} >= {1}
+
+
+def test_the_claim_and_report_scripts_lease_count_and_give_up(redis_server: RedisServer) -> None:
+    client = redis.Redis.from_url(redis_server.url)
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    zset, key = f"{prefix}:webhooks", f"{prefix}:webhook:"
+    claim, report = client.register_script(CLAIM_WEBHOOK_SCRIPT), client.register_script(REPORT_WEBHOOK_SCRIPT)
+    try:
+        assert claim(keys=[zset], args=[5000, "t1", key, 6]) == [0, -1]  # nothing owed
+        client.hset(key + "run-a", mapping={"url": "http://x/", "body": b"{}", "attempt": 0})
+        client.zadd(zset, {"run-a": 0})
+        assert claim(keys=[zset], args=[5000, "t1", key, 6]) == [1, b"run-a", 1, b"http://x/", b"{}"]
+        waiting = claim(keys=[zset], args=[5000, "t2", key, 6])  # leased: not due for another replica
+        assert waiting[0] == 0 and 4000 < waiting[1] <= 5000
+        assert report(keys=[zset, key + "run-a"], args=["t2", "done", "run-a"]) == 0  # not t2's lease
+        assert client.exists(key + "run-a") == 1
+        assert report(keys=[zset, key + "run-a"], args=["t1", 0, "run-a"]) == 1  # due again at once
+        assert claim(keys=[zset], args=[5000, "t3", key, 6])[:3] == [1, b"run-a", 2]
+        assert report(keys=[zset, key + "run-a"], args=["t3", "done", "run-a"]) == 1
+        assert client.exists(key + "run-a") == 0 and client.zcard(zset) == 0
+        # every attempt made (the last claimer died): given up, and forgotten
+        client.hset(key + "run-b", mapping={"url": "http://x/", "body": b"{}", "attempt": 6})
+        client.zadd(zset, {"run-b": 0})
+        assert claim(keys=[zset], args=[5000, "t4", key, 6]) == [2, b"run-b", 6]
+        assert client.exists(key + "run-b") == 0 and client.zcard(zset) == 0
+        client.zadd(zset, {"run-c": 0})  # a due entry without its record: dropped
+        assert claim(keys=[zset], args=[5000, "t5", key, 6]) == [0, 0] and client.zcard(zset) == 0
+    finally:
+        client.close()
+
+
+def test_a_delivery_owed_across_a_redis_restart_is_still_delivered(tmp_path: Path, persistent_redis: RedisServer,
+                                                                   receiver_factory) -> None:
+    receiver = receiver_factory(500)
+    server = ServerProcess(tmp_path / "server.log", REDIS_URL=persistent_redis.url, **{
+        **HOOKS, "WEBHOOK_BACKOFF_SECONDS": "1.5"})
+    try:
+        run_id = hooked_run(server, receiver.url)
+        server.wait_for_event("webhook_failed", run_id=run_id, attempt=1)
+        failed_at = time.monotonic()
+        persistent_redis.stop()  # down while attempt 2 falls due
+        server.wait_for_event("store_unavailable")  # the deliverer found it gone...
+        time.sleep(max(0.0, failed_at + 1.6 - time.monotonic()))  # ...and stays down past the due time
+        persistent_redis.start()
+        delivered = server.wait_for_event("webhook_delivered", run_id=run_id, timeout=20)
+        assert delivered["attempt"] == 2
+        assert [request["answer"] for request in receiver.requests] == [500, 200]
+        assert server.client.get("/healthz").status_code == 200
+    finally:
+        server.stop(signal.SIGKILL)

@@ -1,0 +1,262 @@
+"""Webhooks: when a run with a ``webhook`` URL reaches a terminal state, POST the run object there, signed.
+
+The delivery is owed from the moment the terminal state is stored: the
+store hands it to a delivery queue in the same step (memory: ``owe`` below,
+called by MemoryRunStore.save; Redis: the FINISH script writes it next to
+the record, see redis_webhooks.py). The ``Deliverer`` takes due deliveries
+from the queue and makes at most ``MAX_ATTEMPTS`` attempts, backing off
+exponentially; the run's state never waits on any of this.
+
+Signature: ``Agent-Runner-Signature: t=<unix time>,v1=<hex HMAC-SHA256 of
+"<t>.<body>" with WEBHOOK_SECRET>``, made afresh for each attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import heapq
+import hmac
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import metrics
+import settings
+from logs import log
+from store import Run, StoreUnavailable
+from webhook_http import WebhookRefused, check_url, post, resolve
+
+MAX_ATTEMPTS = 6
+MAX_PARALLEL = 16  # attempts in flight at once per process; a slow receiver holds one for the timeout at most
+POLL_SECONDS = 1.0  # the queue is looked at this often at least (Redis: other replicas' deliveries, leases)
+REPORT_RETRY_SECONDS = 0.5
+MAX_OWED = 10000  # memory mode: deliveries owed at once, and their bodies' bytes; past either, a new one is
+MAX_OWED_BYTES = 64 * 1024 * 1024  # logged as failed and dropped (a receiver down under a flood of runs)
+
+
+def signature(secret: str, timestamp: int, body: bytes) -> str:
+    """The Agent-Runner-Signature header value for ``body`` sent at ``timestamp``."""
+    digest = hmac.new(secret.encode(), str(timestamp).encode() + b"." + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={digest}"
+
+
+def backoff_seconds(attempt: int) -> float:
+    """The wait after failed attempt ``attempt`` (1-based): base, 2 base, 4 base... (10 s base: ~5 min in all)."""
+    return settings.current.webhook_backoff_seconds * 2 ** (attempt - 1)
+
+
+@dataclass
+class Delivery:
+    """One owed delivery: the run's JSON at its terminal state, to ``url``; ``attempt`` counts attempts made."""
+
+    run_id: str
+    url: str
+    body: bytes
+    attempt: int = 0
+    lease: str | None = None  # Redis: the claim's token; the outcome is recorded only while it holds
+    send_by: float = math.inf  # Redis: time.monotonic() past which the lease may have passed to another replica
+    exhausted: bool = False  # Redis: every attempt was made (the last claimer died mid-attempt)
+
+
+class MemoryDeliveries:
+    """Memory mode's queue: owed deliveries by due time, in this process (lost with it; see Deliverer.stop)."""
+
+    def __init__(self) -> None:
+        self._due: list[tuple[float, int, Delivery]] = []
+        self._bytes = 0
+        self._order = itertools.count()
+        self.on_owed = lambda: None
+
+    def owe(self, run: Run) -> None:
+        assert run.webhook is not None
+        body = run.json()
+        if len(self._due) >= MAX_OWED or self._bytes + len(body) > MAX_OWED_BYTES:  # memory stays bounded
+            metrics.WEBHOOKS_UNDELIVERED.inc()
+            log.error("webhook_failed", extra={
+                "run_id": run.run_id, "attempt": 0, "status": None, "final": True,
+                "detail": f"too many deliveries owed already ({len(self._due)}, {self._bytes} bytes)"})
+            return
+        self._push(time.monotonic(), Delivery(run.run_id, run.webhook, body))
+        self.on_owed()
+
+    def _push(self, due: float, delivery: Delivery) -> None:
+        heapq.heappush(self._due, (due, next(self._order), delivery))
+        self._bytes += len(delivery.body)
+
+    async def claim(self) -> tuple[Delivery | None, float]:
+        """The next due delivery (its attempt counted), or None and how long until one is due."""
+        now = time.monotonic()
+        if not self._due:
+            return None, POLL_SECONDS
+        if self._due[0][0] > now:
+            return None, self._due[0][0] - now
+        delivery = heapq.heappop(self._due)[2]
+        self._bytes -= len(delivery.body)
+        delivery.attempt += 1
+        return delivery, 0.0
+
+    async def report(self, delivery: Delivery, retry_in: float | None) -> None:
+        if retry_in is not None:
+            self._push(time.monotonic() + retry_in, delivery)
+
+    def take_all(self) -> list[Delivery]:
+        owed = [entry[2] for entry in sorted(self._due)]
+        self._due.clear()
+        self._bytes = 0
+        return owed
+
+
+class Deliverer:
+    """Takes due deliveries from a queue and attempts them, up to MAX_PARALLEL at once."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+        self.wake = asyncio.Event()
+        queue.on_owed = self.wake.set
+        self.in_flight: set[asyncio.Task[None]] = set()
+        self.task: asyncio.Task[None] | None = None
+        self.stopping = False  # memory mode: an attempt that fails now is the last (nobody is left to retry)
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.deliver_forever(), name="webhook-deliverer")
+
+    async def deliver_forever(self) -> None:
+        while True:
+            self.wake.clear()  # before claiming: a delivery owed meanwhile sets it again
+            try:
+                delivery, wait = await self.queue.claim()
+            except StoreUnavailable:
+                delivery, wait = None, POLL_SECONDS
+            except Exception as exc:  # a reply it cannot read, say: logged, and it goes on (it must not die)
+                log.error("webhook_deliverer_error", exc_info=exc, extra={"error": f"{type(exc).__name__}: {exc}"})
+                delivery, wait = None, POLL_SECONDS
+            if delivery is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), max(0.01, min(wait, POLL_SECONDS)))
+                continue
+            if delivery.exhausted:
+                self.log_failed(delivery, None, "every attempt was made (the replica making the last one stopped)",
+                                final=True)
+                continue
+            task = asyncio.create_task(self.attempt(delivery))
+            self.in_flight.add(task)
+            task.add_done_callback(self.in_flight.discard)
+            if len(self.in_flight) >= MAX_PARALLEL:
+                await asyncio.wait(self.in_flight, return_when=asyncio.FIRST_COMPLETED)
+
+    async def attempt(self, delivery: Delivery, last: bool = False) -> None:
+        """One attempt: check the URL and its addresses again, POST, then record delivered, retry or give up."""
+        config = settings.current
+        status: int | None = None
+        detail: str | None = None
+        final = delivery.attempt >= MAX_ATTEMPTS
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(config.webhook_timeout_seconds):
+                target = check_url(delivery.url, config.webhook_allowed_hosts)
+                addresses = await resolve(target, config.webhook_timeout_seconds)
+                header = signature(config.webhook_secret or "", int(time.time()), delivery.body)
+                status = await post(target, addresses, delivery.body, {"Agent-Runner-Signature": header},
+                                    send_by=delivery.send_by)
+        except WebhookRefused as exc:  # the settings or the DNS changed since the run was accepted
+            detail, final = f"refused: {exc}", True
+        except TimeoutError:
+            detail = f"timed out after {config.webhook_timeout_seconds:g} s"
+        except Exception as exc:  # OSError (network, TLS, a malformed answer), or anything unforeseen: retried
+            detail = f"{type(exc).__name__}: {exc}"
+        duration_ms = round((time.monotonic() - started) * 1000, 1)
+        if status is not None and 200 <= status < 300:
+            metrics.WEBHOOK_ATTEMPTS.labels("delivered").inc()
+            log.info("webhook_delivered", extra={"run_id": delivery.run_id, "attempt": delivery.attempt,
+                                                 "status": status, "duration_ms": duration_ms})
+            await self.report(delivery, None)
+            return
+        if status is not None and 300 <= status < 400:
+            detail, final = "redirects are not followed", True
+        elif status is not None and 400 <= status < 500 and status not in (408, 429):
+            detail, final = "the receiver refused it (4xx)", True
+        elif status is not None:
+            detail = f"the receiver answered {status}"
+        if not final and (last or (self.stopping and isinstance(self.queue, MemoryDeliveries))):
+            detail, final = f"{detail}; the service shut down (memory mode keeps no queue)", True
+        self.log_failed(delivery, status, detail, final, duration_ms)
+        await self.report(delivery, None if final else backoff_seconds(delivery.attempt))
+
+    def log_failed(self, delivery: Delivery, status: int | None, detail: str | None, final: bool,
+                   duration_ms: float | None = None) -> None:
+        metrics.WEBHOOK_ATTEMPTS.labels("failed").inc()
+        fields: dict[str, Any] = {"run_id": delivery.run_id, "attempt": delivery.attempt, "status": status,
+                                  "detail": detail, "final": final, "duration_ms": duration_ms}
+        if final:
+            metrics.WEBHOOKS_UNDELIVERED.inc()
+        else:
+            fields["retry_in_s"] = backoff_seconds(delivery.attempt)
+        log.log(logging.ERROR if final else logging.WARNING, "webhook_failed", extra=fields)
+
+    async def report(self, delivery: Delivery, retry_in: float | None) -> None:
+        """Record an outcome; if the store stays away, the lease ends and another attempt follows (at least once)."""
+        deadline = time.monotonic() + settings.current.webhook_timeout_seconds
+        while True:
+            try:
+                await self.queue.report(delivery, retry_in)
+                self.wake.set()  # the loop may be waiting out a poll: let it see the new due time
+                return
+            except StoreUnavailable:
+                if time.monotonic() >= deadline:
+                    return
+                await asyncio.sleep(REPORT_RETRY_SECONDS)
+
+    async def stop(self) -> None:
+        """Stop taking deliveries and let the attempts in flight end (they are bounded by the timeout).
+
+        Memory mode: every delivery still owed gets one last attempt now, in
+        parallel, within WEBHOOK_TIMEOUT_SECONDS; one that fails is logged
+        ``webhook_failed`` with ``final`` true. Redis mode: what is owed stays
+        in Redis for the other replicas.
+        """
+        self.stopping = True
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        if isinstance(self.queue, MemoryDeliveries):
+            for delivery in self.queue.take_all():
+                delivery.attempt += 1
+                task = asyncio.create_task(self.attempt(delivery, last=True))
+                self.in_flight.add(task)
+                task.add_done_callback(self.in_flight.discard)
+        if self.in_flight:
+            await asyncio.wait(set(self.in_flight), timeout=settings.current.webhook_timeout_seconds + 1)
+        for task in list(self.in_flight):
+            task.cancel()
+
+
+deliverer: Deliverer | None = None  # set by start_delivering while webhooks are on
+
+
+def start_delivering(run_store: Any) -> None:
+    """With WEBHOOK_SECRET set: the queue for the store's mode, wired to the store, and the deliverer started."""
+    global deliverer
+    if not settings.current.webhook_secret:
+        return
+    if hasattr(run_store, "client"):  # Redis mode
+        from redis_webhooks import RedisDeliveries
+
+        queue: Any = RedisDeliveries(run_store)
+    else:
+        queue = MemoryDeliveries()
+    run_store.on_finished = queue.owe
+    deliverer = Deliverer(queue)
+    deliverer.start()
+
+
+async def stop_delivering() -> None:
+    global deliverer
+    if deliverer is not None:
+        await deliverer.stop()
+        deliverer = None
