@@ -22,6 +22,7 @@ from logs import log
 MAX_JSON_DEPTH = 32  # request bodies nested deeper are refused with 400
 REQUEST_FIELDS = ("agent_type", "user_id", "input", "on_busy")
 ON_BUSY_VALUES = ("reject", "enqueue", "interrupt")
+IDEMPOTENCY_KEY_RE = re.compile(r"[\x20-\x7e]{1,255}")  # printable ASCII
 UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
@@ -138,6 +139,16 @@ def parse_run_request(data: Any) -> tuple[type[agents.BaseAgent], str, dict[str,
         log.warning("unsupported_agent_type", extra={"agent_type": agent_type[:200], "user_id": user_id})
         raise HTTPException(400, f"Unsupported agent_type {short(agent_type)}; supported types: {supported}")
     return agent_cls, user_id, agent_input, on_busy
+
+
+def check_idempotency_key(values: list[str]) -> str:
+    """The one Idempotency-Key header's value: 1 to 255 printable ASCII characters."""
+    if len(values) != 1:
+        raise HTTPException(400, f"Send one Idempotency-Key header, not {len(values)}")
+    if not IDEMPOTENCY_KEY_RE.fullmatch(values[0]):
+        raise HTTPException(400, "Idempotency-Key must be 1 to 255 printable ASCII characters, "
+                                 f"got {short(values[0])}")
+    return values[0]
 
 
 def parse_wait(raw: str | None) -> float | None:

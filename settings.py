@@ -82,6 +82,8 @@ SETTINGS_TABLE = (
     ("MAX_CONCURRENT_RUNS", "1", "how many runs may be RUNNING at once (across all replicas in Redis mode)"),
     ("ON_BUSY", "reject", "what POST /agents/run does when every slot is taken: reject, enqueue or interrupt"),
     ("QUEUE_MAX", "100", "how many runs may wait in the queue; past it an enqueue is refused with 409"),
+    ("IDEMPOTENCY_TTL_SECONDS", "86400",
+     "how long an Idempotency-Key of an accepted POST /agents/run is remembered (replayed to retries)"),
 )
 
 
@@ -107,6 +109,7 @@ class Settings:
     max_concurrent_runs: int = 1
     on_busy: str = "reject"
     queue_max: int = 100
+    idempotency_ttl_seconds: float = 86400.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -156,6 +159,8 @@ class Settings:
                                             minimum=1, maximum=64),
             on_busy=on_busy,
             queue_max=_env_number(env, "QUEUE_MAX", cls.queue_max, integer=True, minimum=0, maximum=100000),
+            idempotency_ttl_seconds=_env_number(env, "IDEMPOTENCY_TTL_SECONDS", cls.idempotency_ttl_seconds,
+                                                integer=False, minimum=1, maximum=30 * 86400),
         )
 
 
