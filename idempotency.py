@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 # A pending key older than this whose run does not exist was left by a replica that died before admitting
-# its run: the next request with the key takes it over. Far above the longest an admission can take.
+# its run: the next request with the key takes it over. Far above the longest an admission can take; a
+# pending key lives at least this long even with a shorter TTL, so a slow admission is never raced.
 STALE_PENDING_SECONDS = 60.0
 
 
@@ -77,7 +78,7 @@ class MemoryIdempotencyKeys:
             return Claim("accepted" if entry.fingerprint == fingerprint else "mismatch", entry.run_id)
         entry = self._pending.get(key)
         if entry is None or entry.expires <= now:
-            self._pending[key] = Entry(fingerprint, run_id, now + self.ttl_seconds)
+            self._pending[key] = Entry(fingerprint, run_id, now + max(self.ttl_seconds, STALE_PENDING_SECONDS))
             return Claim("new", run_id)
         return Claim("pending" if entry.fingerprint == fingerprint else "mismatch", entry.run_id)
 
@@ -96,9 +97,9 @@ class MemoryIdempotencyKeys:
             del self._pending[key]
 
 
-# Claim a key. KEYS: the key's hash. ARGV: fingerprint, run_id, ttl_ms, stale_ms, run key prefix.
-# A pending entry whose run does not exist and that is older than stale_ms is taken over. Safe to retry
-# after a lost reply: an entry already holding ARGV[2] is this request's own claim.
+# Claim a key. KEYS: the key's hash. ARGV: fingerprint, run_id, pending_ms (how long a pending claim lives),
+# stale_ms, run key prefix. A pending entry whose run does not exist and that is older than stale_ms is taken
+# over. Safe to retry after a lost reply: an entry already holding ARGV[2] is this request's own claim.
 CLAIM_SCRIPT = """
 local entry = redis.call('HMGET', KEYS[1], 'fingerprint', 'run_id', 'state')
 if entry[1] and entry[2] ~= ARGV[2] then
@@ -141,6 +142,7 @@ class RedisIdempotencyKeys:
         self.run_prefix = run_prefix  # "<REDIS_PREFIX>:run:", to see whether a pending key's run was admitted
         self.health = health
         self.ttl_ms = max(1, round(ttl_seconds * 1000))
+        self.pending_ms = max(self.ttl_ms, round(STALE_PENDING_SECONDS * 1000))
         self._claim = client.register_script(CLAIM_SCRIPT)
         self._accept = client.register_script(ACCEPT_SCRIPT)
         self._release = client.register_script(RELEASE_SCRIPT)
@@ -149,7 +151,7 @@ class RedisIdempotencyKeys:
         async with self.health.guard():
             outcome, holder = await self._claim(
                 keys=[self.prefix + key],
-                args=[fingerprint, run_id, self.ttl_ms, round(STALE_PENDING_SECONDS * 1000), self.run_prefix])
+                args=[fingerprint, run_id, self.pending_ms, round(STALE_PENDING_SECONDS * 1000), self.run_prefix])
         return Claim(outcome.decode(), holder.decode())
 
     async def accept(self, key: str, fingerprint: str, run_id: str) -> None:

@@ -182,6 +182,25 @@ def test_a_replay_of_an_enqueued_run_answers_its_current_queue_position(start_se
     assert [run["run_id"] for run in runs_of(srv, user)] == [run_id]
 
 
+def test_while_shutting_down_a_replay_is_answered_and_a_new_key_is_503_and_not_remembered(start_server) -> None:
+    srv = start_server(SHUTDOWN_GRACE_SECONDS="20")
+    user, key = new_user(), new_key()
+    run_id = post(srv, key, user, "hanging").json()["run_id"]
+    srv.wait_state(run_id, "RUNNING")
+    srv.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while srv.client.get("/readyz").status_code != 503:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    replay = post(srv, key, user, "hanging")
+    assert replay.status_code == 202 and replay.json()["run_id"] == run_id
+    assert replay.headers["idempotent-replayed"] == "true"
+    other, other_user = new_key(), new_user()
+    for _ in range(2):  # the second answer is 503 again, not 409 "still being processed": nothing was kept
+        refused = post(srv, other, other_user, seconds=0)
+        assert refused.status_code == 503 and refused.json() == {"detail": "Shutting down"}
+
+
 @pytest.mark.parametrize("value, why", [
     ("", "empty"), ("k" * 256, "256 characters"), ("caf\u00e9", "not ASCII"), ("a\tb", "a tab"),
 ])
@@ -272,23 +291,7 @@ def test_idempotency_ttl_seconds_is_validated_at_start(tmp_path: Path) -> None:
             ServerProcess(tmp_path / f"bad-{value}.log", IDEMPOTENCY_TTL_SECONDS=value)
 
 
-# --- Redis only: replicas, and Redis failing around a keyed request ----------------------------------------------
-
-@pytest.fixture
-def replicas(tmp_path: Path, redis_server: RedisServer):
-    started: list[ServerProcess] = []
-
-    def start(count: int, url: str = redis_server.url, **env: str) -> list[ServerProcess]:
-        prefix = f"test-{uuid.uuid4().hex[:8]}"
-        new = [ServerProcess(tmp_path / f"replica-{len(started) + i}.log", REDIS_URL=url, REDIS_PREFIX=prefix,
-                             **env) for i in range(count)]
-        started.extend(new)
-        return new
-
-    yield start
-    for srv in started:
-        srv.stop(signal.SIGKILL)
-
+# --- Redis only: replicas (the replicas fixture is in conftest.py), and Redis failing around a keyed request --
 
 def test_a_retry_through_the_other_replica_replays_the_same_run(replicas) -> None:
     first, second = replicas(2)
@@ -360,3 +363,22 @@ def test_a_run_admitted_whose_key_was_not_stored_is_replayed_not_run_twice(
     finally:
         srv.stop(signal.SIGKILL)
         proxy.close()
+
+
+def test_redis_stopped_is_503_for_a_keyed_request_and_a_retry_after_it_is_back_starts_the_run(
+        tmp_path: Path, own_redis: RedisServer) -> None:
+    srv = ServerProcess(tmp_path / "server.log", REDIS_URL=own_redis.url, REDIS_PREFIX="test-idem")
+    try:
+        user, key = new_user(), new_key()
+        own_redis.stop()
+        down = post(srv, key, user, seconds=0)
+        assert down.status_code == 503 and down.json() == {"detail": "Run store unavailable"}
+        own_redis.start()
+        deadline = time.monotonic() + 15
+        while (retried := post(srv, key, user, seconds=0)).status_code == 503:
+            assert time.monotonic() < deadline, retried.text
+            time.sleep(0.1)
+        assert retried.status_code == 202 and "idempotent-replayed" not in retried.headers, retried.text
+        assert srv.wait_run(retried.json()["run_id"])["state"] == "DONE"
+    finally:
+        srv.stop(signal.SIGKILL)
