@@ -49,7 +49,8 @@ TERMINAL_LINE_FIELDS = frozenset({"run_id", "agent_type", "user_id", "state", "r
 
 run_lock: Any = MemoryRunLock()  # MemoryRunLock, or RedisRunLock in Redis mode
 run_store: Any = MemoryRunStore(retention=settings.current.run_retention)  # MemoryRunStore or RedisRunStore
-idempotency_keys: Any = MemoryIdempotencyKeys(86400, settings.current.run_retention)  # or RedisIdempotencyKeys
+# MemoryIdempotencyKeys or RedisIdempotencyKeys: the Idempotency-Keys of POST /agents/run
+idempotency_keys: Any = MemoryIdempotencyKeys(settings.current.idempotency_ttl_seconds, settings.current.run_retention)
 active_runs: dict[str, ActiveRun] = {}  # the runs this process executes, oldest first
 work_waiting = asyncio.Event()  # set when a run was queued or a slot freed: dispatch looks at the queue
 

@@ -271,7 +271,8 @@ def test_a_client_that_vanished_gets_its_run_on_retry_and_a_refused_one_a_fresh_
     assert retried.status_code == 202 and "idempotent-replayed" not in retried.headers
 
 
-def test_keys_are_bounded_by_run_retention_in_memory_and_by_the_ttl_in_redis(start_server, backend: dict[str, str]) -> None:
+def test_keys_are_bounded_by_run_retention_in_memory_and_by_the_ttl_in_redis(
+        start_server, backend: dict[str, str]) -> None:
     srv = start_server(RUN_RETENTION="2")
     user, keys = new_user(), [new_key() for _ in range(3)]
     first = [srv.wait_run(post(srv, key, user, seconds=0).json()["run_id"])["run_id"] for key in keys]
