@@ -12,8 +12,9 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
-from conftest import RedisServer, ServerProcess, new_user
+from conftest import HERE, RedisServer, ServerProcess, new_user
 from redis_proxy import RedisProxy
 
 BUSY = "An agent is already running, please retry later"
@@ -284,6 +285,15 @@ def test_keys_are_bounded_by_run_retention_in_memory_and_by_the_ttl_in_redis(
     else:  # the oldest key was dropped to keep two: the request is new again
         assert oldest.json()["run_id"] not in first and "idempotent-replayed" not in oldest.headers
         srv.wait_run(oldest.json()["run_id"])
+
+
+def test_openapi_documents_the_header_the_422_and_the_replay_header() -> None:
+    operation = yaml.safe_load((HERE / "openapi.yaml").read_text())["paths"]["/agents/run"]["post"]
+    (header,) = [p for p in operation["parameters"] if p["name"] == "Idempotency-Key"]
+    assert header["in"] == "header" and header["required"] is False
+    assert header["schema"] == {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"}
+    assert "422" in operation["responses"]
+    assert operation["responses"]["202"]["headers"]["Idempotent-Replayed"]["schema"]["enum"] == ["true"]
 
 
 def test_idempotency_ttl_seconds_is_validated_at_start(tmp_path: Path) -> None:
