@@ -16,6 +16,7 @@ import uuid
 from typing import Any
 
 import agents
+import idempotency
 import metrics
 import runner
 import settings
@@ -28,7 +29,7 @@ admitting = 0
 
 
 async def admit(agent_cls: type[agents.BaseAgent], user_id: str, agent_input: dict[str, Any],
-                on_busy: str, webhook: str | None = None) -> tuple[str, Run]:
+                on_busy: str, webhook: str | None = None, run_id: str | None = None) -> tuple[str, Run]:
     """Start a run on a free slot, or queue it as ``on_busy`` says; returns the store's verdict and the run.
 
     "started" and "queued" are accepted (202); "busy" and "full" are refused (409) and leave no run.
@@ -36,7 +37,8 @@ async def admit(agent_cls: type[agents.BaseAgent], user_id: str, agent_input: di
     global admitting
     admitting += 1  # drain waits for this admission, so a run accepted as shutdown starts gets its grace
     try:
-        run = Run.new(str(uuid.uuid4()), agent_cls.agent_type, user_id, agent_input, holder=None, webhook=webhook)
+        run = Run.new(run_id or str(uuid.uuid4()), agent_cls.agent_type, user_id, agent_input, holder=None,
+                      webhook=webhook)
         verdict = await runner.run_store.admit(run, runner.run_lock, on_busy, settings.current.queue_max)
         if verdict == "started":
             start(run, agent_cls, agent_input)
@@ -52,6 +54,57 @@ async def admit(agent_cls: type[agents.BaseAgent], user_id: str, agent_input: di
     elif verdict == "started":
         log.info("run_accepted", extra=run_fields(run))
     return verdict, run
+
+
+async def admit_once(key: str, agent_cls: type[agents.BaseAgent], user_id: str, agent_input: dict[str, Any],
+                     on_busy: str, webhook: str | None = None) -> tuple[str, str, int | None]:
+    """``admit`` for a request with an Idempotency-Key: one run per key, however the request is retried.
+
+    Returns the verdict, the run id and the run's queue position. Verdicts: those of ``admit`` ("busy" and
+    "full" give the key back), "replayed" (an earlier request with the key was admitted: its run),
+    "pending" (an earlier request with the key is still being decided), "mismatch" (the key came with a
+    different request) and "closed" (shutting down; the key is given back).
+    """
+    keys = runner.idempotency_keys
+    fingerprint = idempotency.fingerprint(agent_cls.agent_type, user_id, agent_input, on_busy, webhook)
+    run_id = str(uuid.uuid4())
+    try:
+        claim = await keys.claim(key, fingerprint, run_id)
+    except BaseException:  # the claim may have been stored before its reply was lost
+        await asyncio.shield(settle_key(key, fingerprint, run_id, "failed"))
+        raise
+    if claim.outcome == "mismatch":
+        return "mismatch", claim.run_id, None
+    if claim.outcome != "new":
+        run = await runner.run_store.get(claim.run_id)  # a pending key whose run exists was admitted
+        if claim.outcome == "pending" and run is None:
+            return "pending", claim.run_id, None
+        return "replayed", claim.run_id, run.queue_position if run is not None else None
+    verdict: str | None = None
+    try:
+        if not accepting_runs:
+            verdict = "closed"
+            return verdict, claim.run_id, None
+        verdict, run = await admit(agent_cls, user_id, agent_input, on_busy, webhook, run_id=claim.run_id)
+        return verdict, run.run_id, run.queue_position
+    finally:  # before the answer, on every path: a client disconnect or an error included
+        await asyncio.shield(settle_key(key, fingerprint, claim.run_id, verdict))
+
+
+async def settle_key(key: str, fingerprint: str, run_id: str, verdict: str | None) -> None:
+    """Keep the key when its run was admitted, give it back when it was refused; after an error, ask the store.
+
+    A store that fails here leaves the key pending: a retry then finds the run if it was admitted, and takes
+    the key over once it is stale if it was not.
+    """
+    keys = runner.idempotency_keys
+    with contextlib.suppress(StoreUnavailable):
+        if verdict is None:  # admit raised or was cancelled: its run may or may not have been stored
+            verdict = "started" if await runner.run_store.get(run_id) is not None else "failed"
+        if verdict in ("started", "queued"):
+            await keys.accept(key, fingerprint, run_id)
+        else:
+            await keys.release(key, run_id)
 
 
 async def interrupt_oldest(run: Run) -> None:

@@ -35,8 +35,8 @@ import metrics
 import runner
 import settings
 import webhooks
-from http_json import (check_uuid, check_webhook_resolves, json_response, parse_limit, parse_run_request, parse_wait,
-                       read_json, short)
+from http_json import (check_idempotency_key, check_uuid, check_webhook_resolves, json_response, parse_limit,
+                       parse_run_request, parse_wait, read_json, short)
 from http_limits import MAX_CONNECTIONS, LimitedHttpToolsProtocol
 from logs import flush_stdout_regularly, log, log_hot, logging_config, write_hot_lines
 from middleware import AccessLog, BearerAuth
@@ -59,20 +59,56 @@ QUEUE_FULL_BODY = b'{"detail":"An agent is already running and the queue is full
 
 async def post_run(request: Request) -> Response:
     agent_cls, user_id, agent_input, on_busy, webhook = parse_run_request(await read_json(request))
-    if not admission.accepting_runs:
-        raise HTTPException(503, "Shutting down")
     if webhook is not None:
         await check_webhook_resolves(webhook)
+    if request.headers.get("idempotency-key") is not None:  # without one, this lookup is all a key costs
+        return await post_run_once(request, agent_cls, user_id, agent_input, on_busy, webhook)
+    if not admission.accepting_runs:
+        raise HTTPException(503, "Shutting down")
     verdict, run = await admission.admit(agent_cls, user_id, agent_input, on_busy, webhook)
-    if verdict in ("busy", "full"):  # the busy path is hot: answered directly, not through the exception handler
-        metrics.REJECTED_TOTAL.inc()
-        log_hot("run_rejected", f'"agent_type": {json_string(agent_cls.agent_type)}, "user_id": "{user_id}"')
-        return json_response(BUSY_BODY if verdict == "busy" else QUEUE_FULL_BODY, 409,
-                             headers={"Retry-After": str(admission.retry_after())})
-    body: dict[str, Any] = {"run_id": run.run_id, "state": run.state}
+    if verdict in ("busy", "full"):
+        return refuse_run(verdict, agent_cls, user_id)
+    return accept_run(run.run_id, on_busy, run.queue_position)
+
+
+async def post_run_once(request: Request, agent_cls: type[agents.BaseAgent], user_id: str,
+                        agent_input: dict[str, Any], on_busy: str, webhook: str | None) -> Response:
+    """POST /agents/run with an Idempotency-Key: a retry gets the first accepted request's answer, not a run."""
+    key = check_idempotency_key(request.headers.getlist("idempotency-key"))
+    verdict, run_id, queue_position = await admission.admit_once(key, agent_cls, user_id, agent_input, on_busy,
+                                                                   webhook)
+    if verdict == "mismatch":
+        raise HTTPException(422, f"Idempotency-Key {short(key)} was used with a different request")
+    if verdict == "pending":
+        raise HTTPException(409, "The first request with this key is still being processed, please retry later",
+                            headers={"Retry-After": "1"})
+    if verdict == "closed":
+        raise HTTPException(503, "Shutting down")
+    if verdict in ("busy", "full"):
+        return refuse_run(verdict, agent_cls, user_id)
+    if verdict == "replayed":
+        log.info("run_replayed", extra={"run_id": run_id, "agent_type": agent_cls.agent_type, "user_id": user_id,
+                                        "key": key})
+    return accept_run(run_id, on_busy, queue_position, replayed=verdict == "replayed")
+
+
+def refuse_run(verdict: str, agent_cls: type[agents.BaseAgent], user_id: str) -> Response:
+    """409: every slot taken, or the queue full. The busy path is hot: answered here, not by the exception handler."""
+    metrics.REJECTED_TOTAL.inc()
+    log_hot("run_rejected", f'"agent_type": {json_string(agent_cls.agent_type)}, "user_id": "{user_id}"')
+    return json_response(BUSY_BODY if verdict == "busy" else QUEUE_FULL_BODY, 409,
+                         headers={"Retry-After": str(admission.retry_after())})
+
+
+def accept_run(run_id: str, on_busy: str, queue_position: int | None, replayed: bool = False) -> Response:
+    """202 with the run's id (and its place in the queue when the request may queue); a replay says so."""
+    body: dict[str, Any] = {"run_id": run_id, "state": "PENDING"}
     if on_busy != "reject":
-        body["queue_position"] = run.queue_position
-    return json_response(body, 202, headers={"Location": f"/agents/status/{run.run_id}"})
+        body["queue_position"] = queue_position
+    headers = {"Location": f"/agents/status/{run_id}"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return json_response(body, 202, headers=headers)
 
 
 async def find_run(run_id: str) -> Run:

@@ -242,6 +242,24 @@ def start_server(tmp_path: Path, backend: dict[str, str]) -> Iterator[Any]:
         server.stop(signal.SIGKILL)
 
 
+@pytest.fixture
+def replicas(tmp_path: Path, redis_server: RedisServer):
+    """Factory: replicas(n, **env) -> n server processes sharing one Redis prefix."""
+    started: list[ServerProcess] = []
+
+    def start(count: int = 2, redis: RedisServer = redis_server, prefix: str | None = None,
+              **env: str) -> list[ServerProcess]:
+        prefix = prefix or f"test-{uuid.uuid4().hex[:8]}"
+        new = [ServerProcess(tmp_path / f"replica-{len(started) + i}.log", REDIS_URL=redis.url,
+                             REDIS_PREFIX=prefix, **env) for i in range(count)]
+        started.extend(new)
+        return new
+
+    yield start
+    for server in started:
+        server.stop(signal.SIGKILL)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, backend: dict[str, str]) -> Iterator[ServerProcess]:
     """One server shared by a module's tests; each test leaves it idle."""

@@ -23,6 +23,7 @@ from webhook_http import WebhookRefused, check_url, resolve
 MAX_JSON_DEPTH = 32  # request bodies nested deeper are refused with 400
 REQUEST_FIELDS = ("agent_type", "user_id", "input", "on_busy", "webhook")
 ON_BUSY_VALUES = ("reject", "enqueue", "interrupt")
+IDEMPOTENCY_KEY_RE = re.compile(r"[\x20-\x7e]{1,255}")  # printable ASCII
 UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
@@ -161,6 +162,16 @@ async def check_webhook_resolves(webhook: str) -> None:
         await resolve(check_url(webhook, config.webhook_allowed_hosts), config.webhook_timeout_seconds)
     except WebhookRefused as exc:
         raise HTTPException(400, f"webhook {exc}") from None
+
+
+def check_idempotency_key(values: list[str]) -> str:
+    """The one Idempotency-Key header's value: 1 to 255 printable ASCII characters."""
+    if len(values) != 1:
+        raise HTTPException(400, f"Send one Idempotency-Key header, not {len(values)}")
+    if not IDEMPOTENCY_KEY_RE.fullmatch(values[0]):
+        raise HTTPException(400, "Idempotency-Key must be 1 to 255 printable ASCII characters, "
+                                 f"got {short(values[0])}")
+    return values[0]
 
 
 def parse_wait(raw: str | None) -> float | None:

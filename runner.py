@@ -1,7 +1,7 @@
 """One run, from PENDING to exactly one terminal state, and the run lock and store it uses.
 
-Module-level state lives here, in one place: ``run_lock`` and ``run_store``
-(memory, or Redis with REDIS_URL, chosen once by ``open_stores``),
+Module-level state lives here, in one place: ``run_lock``, ``run_store`` and
+``idempotency_keys`` (memory, or Redis with REDIS_URL, chosen once by ``open_stores``),
 ``active_runs`` (what this process executes) and ``work_waiting``.
 The lock has MAX_CONCURRENT_RUNS slots. admission.py takes them (through
 the store, atomically with the run queue) and hands the run to ``start``;
@@ -33,6 +33,7 @@ import agents
 import metrics
 import settings
 from agent_work import RunTrackingExecutor, current_run
+from idempotency import MemoryIdempotencyKeys, RedisIdempotencyKeys
 from logs import log, safe_fields, write_hot_lines
 from store import LockLost, MemoryRunLock, MemoryRunStore, Run, StoreUnavailable, utc_now
 
@@ -48,12 +49,14 @@ TERMINAL_LINE_FIELDS = frozenset({"run_id", "agent_type", "user_id", "state", "r
 
 run_lock: Any = MemoryRunLock()  # MemoryRunLock, or RedisRunLock in Redis mode
 run_store: Any = MemoryRunStore(retention=settings.current.run_retention)  # MemoryRunStore or RedisRunStore
+# MemoryIdempotencyKeys or RedisIdempotencyKeys: the Idempotency-Keys of POST /agents/run
+idempotency_keys: Any = MemoryIdempotencyKeys(settings.current.idempotency_ttl_seconds, settings.current.run_retention)
 active_runs: dict[str, ActiveRun] = {}  # the runs this process executes, oldest first
 work_waiting = asyncio.Event()  # set when a run was queued or a slot freed: dispatch looks at the queue
 
 async def open_stores() -> str:
     """Pick the backend once, at start, and install the executor; returns the backend's name."""
-    global run_lock, run_store
+    global run_lock, run_store, idempotency_keys
     asyncio.get_running_loop().set_default_executor(RunTrackingExecutor(thread_name_prefix="agent-work"))
     config = settings.current
     if config.redis_url:
@@ -62,9 +65,13 @@ async def open_stores() -> str:
         run_lock, run_store = open_redis(config.redis_url, config.redis_prefix, config.lock_ttl_seconds,
                                          config.run_retention, config.run_retention_bytes, log,
                                          slots=config.max_concurrent_runs)
+        idempotency_keys = RedisIdempotencyKeys(run_store.client, run_store.key("idempotency", ""),
+                                                run_store.key("run", ""), run_store.health,
+                                                config.idempotency_ttl_seconds)
     else:
         run_lock = MemoryRunLock(config.max_concurrent_runs)
         run_store = MemoryRunStore(config.run_retention, config.run_retention_bytes)
+        idempotency_keys = MemoryIdempotencyKeys(config.idempotency_ttl_seconds, config.run_retention)
     run_store.on_cancel = request_stop
     run_store.on_work = work_waiting.set
     await run_store.start()

@@ -89,6 +89,8 @@ SETTINGS_TABLE = (
      "comma-separated hosts webhooks may call (required with WEBHOOK_SECRET): a name, *.domain, or * for any"),
     ("WEBHOOK_BACKOFF_SECONDS", "10", "wait before a webhook's 2nd attempt; it doubles for each next (6 at most)"),
     ("WEBHOOK_TIMEOUT_SECONDS", "5", "one webhook attempt (resolve, connect, send, status line) gives up after this"),
+    ("IDEMPOTENCY_TTL_SECONDS", "86400",
+     "how long an Idempotency-Key of an accepted POST /agents/run is remembered (replayed to retries)"),
 )
 
 LOG_FORMATS = ("auto", "json", "console")
@@ -140,6 +142,7 @@ class Settings:
     webhook_allowed_hosts: tuple[str, ...] = ()
     webhook_backoff_seconds: float = 10.0
     webhook_timeout_seconds: float = 5.0
+    idempotency_ttl_seconds: float = 86400.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -206,6 +209,8 @@ class Settings:
                                                 integer=False, minimum=0, above_minimum=True, maximum=3600),
             webhook_timeout_seconds=_env_number(env, "WEBHOOK_TIMEOUT_SECONDS", cls.webhook_timeout_seconds,
                                                 integer=False, minimum=0, above_minimum=True, maximum=60),
+            idempotency_ttl_seconds=_env_number(env, "IDEMPOTENCY_TTL_SECONDS", cls.idempotency_ttl_seconds,
+                                                integer=False, minimum=1, maximum=30 * 86400),
         )
 
 

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import random
-import signal
 import socket
 import time
 import uuid
-from pathlib import Path
 
 import httpx
-import pytest
 
 from conftest import RedisServer, ServerProcess, log_time, new_user
 
@@ -27,24 +24,6 @@ def post_until_accepted(server: ServerProcess, timeout: float = 10, **input: obj
         assert time.monotonic() < deadline, f"no 202 in {timeout} s: {response.status_code} {response.text}"
         time.sleep(0.1)
     return response.json()["run_id"]
-
-
-@pytest.fixture
-def replicas(tmp_path: Path, redis_server: RedisServer):
-    """Factory: replicas(n, **env) -> n server processes sharing one Redis prefix."""
-    started: list[ServerProcess] = []
-
-    def start(count: int = 2, redis: RedisServer = redis_server, prefix: str | None = None,
-              **env: str) -> list[ServerProcess]:
-        prefix = prefix or f"test-{uuid.uuid4().hex[:8]}"
-        new = [ServerProcess(tmp_path / f"replica-{len(started) + i}.log", REDIS_URL=redis.url,
-                             REDIS_PREFIX=prefix, **env) for i in range(count)]
-        started.extend(new)
-        return new
-
-    yield start
-    for server in started:
-        server.stop(signal.SIGKILL)
 
 
 def test_burst_across_two_replicas_admits_exactly_one(replicas) -> None:
