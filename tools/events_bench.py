@@ -100,7 +100,7 @@ async def measure(args: argparse.Namespace) -> dict[str, float]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "AGENT_SLEEP_SECONDS": "0", "ON_BUSY": "enqueue",
-           "QUEUE_MAX": "1000", "AGENT_MODULES": ""}
+           "QUEUE_MAX": "1000", "AGENT_MODULES": "", "MAX_CONCURRENT_RUNS": str(args.slots)}
     if args.redis_url:
         env.update(REDIS_URL=args.redis_url, REDIS_PREFIX=f"bench-{uuid.uuid4().hex[:8]}")
     log = tempfile.NamedTemporaryFile(prefix="events-bench-", suffix=".log", delete=False)
@@ -117,7 +117,9 @@ async def measure(args: argparse.Namespace) -> dict[str, float]:
             if time.monotonic() > deadline or server.poll() is not None:
                 raise RuntimeError(f"server did not start; see {log.name}")
             await asyncio.sleep(0.05)
-        await drive(url, args.seconds, args.drivers)  # warm-up, and the RSS without clients
+        warm_started = time.monotonic()
+        warm = await drive(url, args.seconds, args.drivers)  # the same load without clients, and the RSS then
+        runs_per_second_alone = len(warm) / (time.monotonic() - warm_started)
         rss_before = rss_mb(server.pid)
         clients = [StreamClient() for _ in range(args.clients)]
         for client in clients:
@@ -140,6 +142,7 @@ async def measure(args: argparse.Namespace) -> dict[str, float]:
         return {
             "clients": args.clients, "seconds": round(elapsed, 1), "runs": len(accepted),
             "runs_per_second": round(len(accepted) / elapsed, 1),
+            "runs_per_second_without_clients": round(runs_per_second_alone, 1),
             "events_per_second": round(min(received) / elapsed, 1),  # each one went to every client
             "deliveries_per_second": round(sum(received) / elapsed),
             "clients_with_every_run": complete,
@@ -160,6 +163,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--drivers", type=int, default=4, help="concurrent clients keeping the queue fed")
+    parser.add_argument("--slots", type=int, default=1, help="MAX_CONCURRENT_RUNS")
     parser.add_argument("--redis-url")
     args = parser.parse_args()
     print(json.dumps(asyncio.run(measure(args)), indent=2))
