@@ -30,6 +30,11 @@ class EventStream:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         client = self.client
+        if scope["method"] == "HEAD":  # the headers only, not a stream that never ends
+            self.events.unsubscribe(client)
+            await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
         watcher = asyncio.ensure_future(self._watch_disconnect(receive))
         try:
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
