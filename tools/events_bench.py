@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -27,6 +28,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -84,7 +86,28 @@ async def drive(url: str, seconds: float, drivers: int) -> list[str]:
     return accepted
 
 
-async def measure(args: argparse.Namespace) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_clients(port: int, count: int, ready: Any, stop: Any, results: Any) -> None:
+    """In a process of their own (so reading frames does not slow the drivers): ``count`` stream clients."""
+    async def main() -> None:
+        clients = [StreamClient() for _ in range(count)]
+        for client in clients:
+            client.task = asyncio.create_task(client.run(port))
+        await asyncio.sleep(1.0)
+        ready.set()
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        results.put([(client.frames, sorted(client.terminal)) for client in clients])
+
+    asyncio.run(main())
+
+
+async def measure(args: argparse.Namespace) -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "AGENT_SLEEP_SECONDS": "0", "ON_BUSY": "enqueue",
@@ -105,35 +128,40 @@ async def measure(args: argparse.Namespace) -> dict[str, float]:
             if time.monotonic() > deadline or server.poll() is not None:
                 raise RuntimeError(f"server did not start; see {log.name}")
             await asyncio.sleep(0.05)
-        warm_started = time.monotonic()
-        warm = await drive(url, args.seconds, args.drivers)  # the same load without clients, and the RSS then
-        runs_per_second_alone = len(warm) / (time.monotonic() - warm_started)
+        await drive(url, 2.0, args.drivers)  # warm-up
+        started, cpu = time.monotonic(), cpu_seconds(server.pid)
+        alone = await drive(url, args.seconds, args.drivers)  # the same load without clients
+        alone_seconds, alone_cpu = time.monotonic() - started, cpu_seconds(server.pid) - cpu
         rss_before = rss_mb(server.pid)
-        clients = [StreamClient() for _ in range(args.clients)]
-        for client in clients:
-            client.task = asyncio.create_task(client.run(port))
-        await asyncio.sleep(1.0)
+        context = multiprocessing.get_context("spawn")
+        ready, stop, results = context.Event(), context.Event(), context.Queue()
+        readers = context.Process(target=run_clients, args=(port, args.clients, ready, stop, results))
+        readers.start()
+        if not ready.wait(30):
+            raise RuntimeError("the stream clients did not connect")
         rss_idle_clients = rss_mb(server.pid)
-        started = time.monotonic()
-        frames_before = [client.frames for client in clients]
+        started, cpu = time.monotonic(), cpu_seconds(server.pid)
         accepted = await drive(url, args.seconds, args.drivers)
+        elapsed, loaded_cpu = time.monotonic() - started, cpu_seconds(server.pid) - cpu
         rss_after = rss_mb(server.pid)
-        elapsed = time.monotonic() - started
-        settle = time.monotonic() + 10
-        while time.monotonic() < settle and not all(set(accepted) <= client.terminal for client in clients):
-            await asyncio.sleep(0.05)
-        received = [client.frames - before for client, before in zip(clients, frames_before)]
-        complete = sum(set(accepted) <= client.terminal for client in clients)
-        for client in clients:
-            assert client.task is not None
-            client.task.cancel()
+        await asyncio.sleep(2.0)  # the last frames reach the clients
+        stop.set()
+        counts = results.get(timeout=30)
+        readers.join(10)
+        received = [frames for frames, _ in counts]
+        complete = sum(set(accepted) <= set(terminal) for _, terminal in counts)
+        events = min(received)  # run events published while the clients were connected (each went to all)
         return {
-            "clients": args.clients, "seconds": round(elapsed, 1), "runs": len(accepted),
-            "runs_per_second": round(len(accepted) / elapsed, 1),
-            "runs_per_second_without_clients": round(runs_per_second_alone, 1),
-            "events_per_second": round(min(received) / elapsed, 1),  # each one went to every client
+            "clients": args.clients, "seconds": round(elapsed, 1), "load_average": os.getloadavg()[0],
+            "runs": len(accepted), "runs_per_second": round(len(accepted) / elapsed, 1),
+            "runs_per_second_without_clients": round(len(alone) / alone_seconds, 1),
+            "events_per_second": round(events / elapsed, 1),
             "deliveries_per_second": round(sum(received) / elapsed),
             "clients_with_every_run": complete,
+            "server_cpu_ms_per_run_without_clients": round(alone_cpu * 1000 / max(1, len(alone)), 2),
+            "server_cpu_ms_per_run_with_clients": round(loaded_cpu * 1000 / max(1, len(accepted)), 2),
+            "server_cpu_us_per_delivery": round((loaded_cpu - alone_cpu * len(accepted) / max(1, len(alone)))
+                                                * 1e6 / max(1, sum(received)), 1),
             "rss_mb_no_clients": round(rss_before, 1), "rss_mb_clients_idle": round(rss_idle_clients, 1),
             "rss_mb_clients_under_load": round(rss_after, 1),
             "footprint_mb": round(rss_after - rss_before, 1),
