@@ -189,6 +189,7 @@ def test_the_stream_of_all_runs_has_every_runs_changes_and_no_log_lines(start_se
     srv.wait_run(second)
     reader.wait_for(lambda r: [d["state"] for d in run_frames(r) if d["run_id"] == second][-1:] == ["ERROR"])
     assert not reader.ended.is_set()  # it never ends by itself
+    assert "agent_runner_event_streams 1.0" in srv.client.get("/metrics").text
     assert {event for event, _, _ in reader.frames} == {"run"}
     for run_id, end in ((first, "DONE"), (second, "ERROR")):
         states = [data["state"] for data in run_frames(reader) if data["run_id"] == run_id]
@@ -239,6 +240,20 @@ def test_logs_are_dropped_with_their_run(start_server: Any) -> None:
     assert srv.client.get(f"/agents/status/{old}").status_code == 404
 
 
+def test_log_lines_count_in_run_retention_mb(start_server: Any) -> None:
+    srv = start_server(AGENT_MODULES=AGENTS, RUN_RETENTION_MB="1")
+    runs = []
+    for _ in range(8):  # each run's JSON is tiny, its 12 log lines about 240 KB
+        runs.append(post(srv, "chatty", lines=12, pad=20000))
+        srv.wait_run(runs[-1])
+    deadline = time.monotonic() + 5
+    while srv.client.get(f"/agents/status/{runs[0]}").status_code != 404:
+        assert time.monotonic() < deadline, "runs whose logs exceed RUN_RETENTION_MB were all kept"
+        time.sleep(0.02)
+    assert srv.client.get(f"/agents/logs/{runs[0]}").status_code == 404
+    assert len(srv.client.get(f"/agents/logs/{runs[-1]}").json()["lines"]) == 13
+
+
 def test_a_client_that_never_reads_delays_neither_the_runs_nor_other_clients(events_server) -> None:
     srv = events_server
     stuck = socket.socket()
@@ -257,6 +272,7 @@ def test_a_client_that_never_reads_delays_neither_the_runs_nor_other_clients(eve
     assert done == set(run_ids)  # the client that keeps up lost nothing
     dropped = srv.wait_for_event("event_stream_dropped", timeout=10)
     assert dropped["reason"] == "slow"
+    assert "agent_runner_event_streams_dropped_total 1.0" in srv.client.get("/metrics").text
     assert not good.ended.is_set()  # the reader that keeps up stays connected
     stuck.settimeout(5)
     with pytest.raises((ConnectionResetError, TimeoutError, OSError)):  # its connection is closed
