@@ -163,6 +163,8 @@ def test_unknown_run_is_404_like_status_and_bad_ids_400(events_server) -> None:
         assert response.json() == srv.client.get(f"/agents/status/{missing}").json()
     assert srv.client.get("/agents/events/not-a-uuid").status_code == 400
     assert srv.client.get("/agents/logs/not-a-uuid").status_code == 400
+    head = srv.client.head("/agents/events", timeout=5)  # the headers, not a stream that never ends
+    assert head.status_code == 200 and head.headers["content-type"] == "text/event-stream"
 
 
 def test_streams_and_logs_need_the_token(start_server: Any) -> None:
