@@ -31,10 +31,12 @@ from starlette.routing import Route
 
 import admission
 import agents
+import events
 import metrics
 import runner
 import settings
 import webhooks
+from event_stream import all_events, run_events, run_logs
 from http_json import (check_idempotency_key, check_uuid, check_webhook_resolves, json_response, parse_limit,
                        parse_run_request, parse_wait, read_json, short)
 from http_limits import MAX_CONNECTIONS, LimitedHttpToolsProtocol
@@ -131,7 +133,8 @@ async def cancel_run(request: Request) -> Response:
     if run.finished:
         raise HTTPException(409, f"Run {run.run_id} already finished ({run.state})")
     log.info("cancel_requested", extra=runner.run_fields(run))
-    if run.queue_position is not None and (waiting := await admission.cancel_waiting(run.run_id)) is not None:
+    if run.queue_position is not None and \
+            (waiting := await admission.cancel_waiting(run.run_id, run.queue_position)) is not None:
         return json_response(waiting.json())
     if not runner.request_stop(run.run_id):  # another replica runs it (or it is just leaving the queue)
         await runner.run_store.request_cancel(run.run_id)
@@ -275,7 +278,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     finally:
         await admission.drain(settings.current.shutdown_grace_seconds)
         await webhooks.stop_delivering()
-        await runner.close_stores()
+        await runner.close_stores()  # ends the event streams first
         for task in background:
             task.cancel()
         write_hot_lines()
@@ -288,6 +291,9 @@ routes = [
     Route("/agents/status/{run_id}", get_status, methods=["GET"]),
     Route("/agents/cancel/{run_id}", cancel_run, methods=["POST"]),
     Route("/agents/runs", list_runs, methods=["GET"]),
+    Route("/agents/events", all_events, methods=["GET"]),
+    Route("/agents/events/{run_id}", run_events, methods=["GET"]),
+    Route("/agents/logs/{run_id}", run_logs, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/metrics", metrics_page, methods=["GET"]),
@@ -340,6 +346,7 @@ class Server(uvicorn.Server):
         async def drain_then_exit() -> None:
             try:
                 await admission.drain(settings.current.shutdown_grace_seconds)
+                await events.hub.close()  # the streams end (after the frames of runs that ended in the grace)
             finally:
                 self.should_exit = True
 

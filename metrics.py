@@ -24,6 +24,9 @@ WEBHOOK_ATTEMPTS = prometheus_client.Counter(
 WEBHOOKS_UNDELIVERED = prometheus_client.Counter(
     "agent_runner_webhooks_undelivered_total",
     "Webhook deliveries given up without a 2xx (attempts used up, refused, redirected, or lost at shutdown).")
+EVENT_STREAMS = prometheus_client.Gauge("agent_runner_event_streams", "Event streams (SSE) open on this process.")
+EVENT_STREAMS_DROPPED = prometheus_client.Counter(
+    "agent_runner_event_streams_dropped_total", "Event streams closed because the client fell too far behind.")
 HTTP_REQUESTS_TOTAL = prometheus_client.Counter(
     "agent_runner_http_requests_total", "HTTP requests answered.", ["method", "route", "status"])
 

@@ -91,6 +91,7 @@ SETTINGS_TABLE = (
     ("WEBHOOK_TIMEOUT_SECONDS", "5", "one webhook attempt (resolve, connect, send, status line) gives up after this"),
     ("IDEMPOTENCY_TTL_SECONDS", "86400",
      "how long an Idempotency-Key of an accepted POST /agents/run is remembered (replayed to retries)"),
+    ("EVENTS_KEEPALIVE_SECONDS", "15", "an idle event stream gets a keep-alive comment this often"),
 )
 
 LOG_FORMATS = ("auto", "json", "console")
@@ -143,6 +144,7 @@ class Settings:
     webhook_backoff_seconds: float = 10.0
     webhook_timeout_seconds: float = 5.0
     idempotency_ttl_seconds: float = 86400.0
+    events_keepalive_seconds: float = 15.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -211,6 +213,8 @@ class Settings:
                                                 integer=False, minimum=0, above_minimum=True, maximum=60),
             idempotency_ttl_seconds=_env_number(env, "IDEMPOTENCY_TTL_SECONDS", cls.idempotency_ttl_seconds,
                                                 integer=False, minimum=1, maximum=30 * 86400),
+            events_keepalive_seconds=_env_number(env, "EVENTS_KEEPALIVE_SECONDS", cls.events_keepalive_seconds,
+                                                 integer=False, minimum=0.05, maximum=3600),
         )
 
 
