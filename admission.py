@@ -16,6 +16,7 @@ import uuid
 from typing import Any
 
 import agents
+import events
 import metrics
 import runner
 import settings
@@ -38,6 +39,8 @@ async def admit(agent_cls: type[agents.BaseAgent], user_id: str, agent_input: di
     try:
         run = Run.new(str(uuid.uuid4()), agent_cls.agent_type, user_id, agent_input, holder=None)
         verdict = await runner.run_store.admit(run, runner.run_lock, on_busy, settings.current.queue_max)
+        if verdict in ("started", "queued"):
+            events.hub.publish_run(run)  # accepted
         if verdict == "started":
             start(run, agent_cls, agent_input)
     finally:
@@ -48,6 +51,7 @@ async def admit(agent_cls: type[agents.BaseAgent], user_id: str, agent_input: di
         metrics.QUEUE_DEPTH.set(await runner.run_store.queue_length())
         work_waiting.set()
         if on_busy == "interrupt":
+            await publish_queue(from_position=2)  # the run went to the head: every other one moved back
             await interrupt_oldest(run)
     elif verdict == "started":
         log.info("run_accepted", extra=run_fields(run))
@@ -77,8 +81,12 @@ async def dispatch_forever() -> None:
             await asyncio.wait_for(work_waiting.wait(), 1.0)
         work_waiting.clear()
         try:
+            taken = 0
             while accepting_runs and (run := await runner.run_store.take(runner.run_lock)) is not None:
                 begin_waited_run(run)
+                taken += 1
+            if taken:
+                await publish_queue(from_position=1)
             metrics.QUEUE_DEPTH.set(await runner.run_store.queue_length())
         except StoreUnavailable:
             pass  # the next tick tries again
@@ -90,13 +98,23 @@ def begin_waited_run(run: Run) -> None:
     start(run, agents.registry.get(run.agent_type), agent_input, waited=True)
 
 
-async def cancel_waiting(run_id: str) -> Run | None:
-    """Cancel a run still in the queue (CANCELLED at once); None if it no longer waits."""
+async def publish_queue(from_position: int) -> None:
+    """The queue moved: a run frame for each waiting run from ``from_position`` on (best effort)."""
+    with contextlib.suppress(StoreUnavailable):
+        for run in await runner.run_store.waiting():
+            if run.queue_position is not None and run.queue_position >= from_position:
+                events.hub.publish_run(run)
+
+
+async def cancel_waiting(run_id: str, position: int = 1) -> Run | None:
+    """Cancel a run still in the queue at ``position`` (CANCELLED at once); None if it no longer waits."""
     run = await runner.run_store.dequeue(run_id)
     if run is None:
         return None
     run.update(state="CANCELLED", finished_at=utc_now())
     await runner.run_store.save(run)
+    events.hub.publish_run(run)
+    await publish_queue(from_position=position)
     metrics.QUEUE_DEPTH.set(await runner.run_store.queue_length())
     metrics.RUNS_TOTAL.labels(run.agent_type, run.state).inc()
     log.info("run_cancelled", extra={**run_fields(run), "state": run.state, "duration_ms": 0.0})
@@ -151,6 +169,7 @@ async def cancel_queue(error: str) -> None:
         if await runner.run_store.dequeue(run.run_id) is not None:
             run.update(state="CANCELLED", error=error, finished_at=utc_now(), queue_position=None)
             await runner.run_store.save(run)
+            events.hub.publish_run(run)
             metrics.RUNS_TOTAL.labels(run.agent_type, run.state).inc()
             log.warning("run_cancelled", extra={**run_fields(run), "state": run.state, "error": error})
     metrics.QUEUE_DEPTH.set(0)

@@ -83,6 +83,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         if self.head_size <= MAX_HEADER_BYTES:
             self._end_head()
+            self.scope["agent_runner.abort"] = self.transport.abort  # an event stream drops a client that lags
             super().on_headers_complete()
             return
         self._refuse("headers_too_large")

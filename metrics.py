@@ -18,6 +18,9 @@ QUEUE_DEPTH = prometheus_client.Gauge("agent_runner_queue_depth", "Runs waiting 
 QUEUE_WAIT = prometheus_client.Histogram(
     "agent_runner_queue_wait_seconds", "Time a queued run waited, from created_at to started_at.",
     buckets=(0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800))
+EVENT_STREAMS = prometheus_client.Gauge("agent_runner_event_streams", "Event streams (SSE) open on this process.")
+EVENT_STREAMS_DROPPED = prometheus_client.Counter(
+    "agent_runner_event_streams_dropped_total", "Event streams closed because the client fell too far behind.")
 HTTP_REQUESTS_TOTAL = prometheus_client.Counter(
     "agent_runner_http_requests_total", "HTTP requests answered.", ["method", "route", "status"])
 

@@ -76,20 +76,24 @@ return nil
 
 # Store a terminal state: record, indexes, size, cancel flag, lock release (if the token still holds it) and
 # the finished message in one step. Safe to run twice: a retry after a lost reply counts the size once.
-# KEYS: run, finished, unfinished, cancel, sizes, bytes, seq, lock. ARGV: json, run_id, channel, token, size.
+# The size counted is the run's plus its log lines' (logbytes).
+# KEYS: run, finished, unfinished, cancel, sizes, bytes, seq, lock, logbytes. ARGV: json, run_id, channel, token, size.
 FINISH_SCRIPT = """
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[7]), ARGV[2])
 redis.call('HDEL', KEYS[3], ARGV[2])
 redis.call('DEL', KEYS[4])
-if redis.call('HSETNX', KEYS[5], ARGV[2], ARGV[5]) == 1 then redis.call('INCRBY', KEYS[6], ARGV[5]) end
+local size = tonumber(ARGV[5]) + tonumber(redis.call('HGET', KEYS[9], ARGV[2]) or '0')
+if redis.call('HSETNX', KEYS[5], ARGV[2], size) == 1 then redis.call('INCRBY', KEYS[6], size) end
 if ARGV[4] ~= '' and redis.call('GET', KEYS[8]) == ARGV[4] then redis.call('DEL', KEYS[8]) end
 redis.call('PUBLISH', ARGV[3], ARGV[2])
 return {redis.call('ZCARD', KEYS[2]), tonumber(redis.call('GET', KEYS[6]) or '0')}
 """
 
 # Drop the oldest finished runs while more than ARGV[1] of them, or more than ARGV[2] bytes, are kept
-# (at most 1000 per call). KEYS: finished, runs, sizes, bytes. ARGV: retention, bytes, run key prefix.
+# (at most 1000 per call), with their log lines and event backlog.
+# KEYS: finished, runs, sizes, bytes, logbytes. ARGV: retention, bytes, run key prefix, log key prefix,
+# run events key prefix.
 TRIM_SCRIPT = """
 local dropped = 0
 while dropped < 1000 do
@@ -101,9 +105,61 @@ while dropped < 1000 do
   local id = oldest[1]
   redis.call('DECRBY', KEYS[4], tonumber(redis.call('HGET', KEYS[3], id) or '0'))
   redis.call('HDEL', KEYS[3], id)
-  redis.call('DEL', ARGV[3] .. id)
+  redis.call('DEL', ARGV[3] .. id, ARGV[4] .. id, ARGV[5] .. id, ARGV[5] .. id .. ':bytes')
+  redis.call('HDEL', KEYS[5], id)
   redis.call('ZREM', KEYS[2], id)
   dropped = dropped + 1
 end
 return dropped
+"""
+
+# Keep one line an agent logged for its run (if the run is still stored): at most ARGV[3] lines and ARGV[4]
+# bytes per run, the oldest dropped first; a finished run's counted size follows.
+# KEYS: log, logbytes, sizes, bytes, run. ARGV: line, run_id, max_lines, max_bytes.
+LOG_SCRIPT = """
+if redis.call('EXISTS', KEYS[5]) == 0 then return 0 end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+local delta = #ARGV[1]
+local total = redis.call('HINCRBY', KEYS[2], ARGV[2], delta)
+while redis.call('LLEN', KEYS[1]) > tonumber(ARGV[3]) or total > tonumber(ARGV[4]) do
+  local old = redis.call('LPOP', KEYS[1])
+  if not old then break end
+  total = redis.call('HINCRBY', KEYS[2], ARGV[2], -#old)
+  delta = delta - #old
+end
+if delta ~= 0 and redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then
+  redis.call('HINCRBY', KEYS[3], ARGV[2], delta)
+  redis.call('INCRBY', KEYS[4], delta)
+end
+return 1
+"""
+
+# Append one event to the stream of all events (the id is made here), to its run's stream and, for a run
+# event, to the stream of run events, under the same id; each stream is capped by entries and by bytes
+# (a companion key <stream>:bytes), the oldest dropped first. The run's stream expires ARGV[11] s after
+# its last event (and goes with the run at retention).
+# KEYS: all, runs, run. ARGV: kind, run_id, state, data, all n, all bytes, runs n, runs bytes, run n,
+# run bytes, run ttl. Returns the id.
+EVENT_SCRIPT = """
+local function add(key, id, n, b)
+  local added = redis.pcall('XADD', key, id, 'k', ARGV[1], 'r', ARGV[2], 's', ARGV[3], 'd', ARGV[4])
+  if type(added) == 'table' and added.err then return nil end
+  local bytes_key = key .. ':bytes'
+  local size = redis.call('INCRBY', bytes_key, #ARGV[4])
+  local len = redis.call('XLEN', key)
+  while len > 1 and (len > tonumber(n) or size > tonumber(b)) do
+    local oldest = redis.call('XRANGE', key, '-', '+', 'COUNT', 1)[1]
+    redis.call('XDEL', key, oldest[1])
+    size = redis.call('INCRBY', bytes_key, -#oldest[2][8])
+    len = len - 1
+  end
+  return added
+end
+local id = add(KEYS[1], '*', ARGV[5], ARGV[6])
+if not id then return nil end
+if ARGV[1] == 'run' then add(KEYS[2], id, ARGV[7], ARGV[8]) end
+add(KEYS[3], id, ARGV[9], ARGV[10])
+redis.call('EXPIRE', KEYS[3], ARGV[11])
+redis.call('EXPIRE', KEYS[3] .. ':bytes', ARGV[11])
+return id
 """

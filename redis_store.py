@@ -244,13 +244,16 @@ class RedisRunStore:
             finished_count, finished_bytes = await self._finish(
                 keys=[self.key("run", run.run_id), self.key("finished"), self.key("unfinished"),
                       self.key("cancel", run.run_id), self.key("sizes"), self.key("bytes"), self.key("seq"),
-                      release.key_of(token) if release is not None and token else self.key("lock")],
+                      release.key_of(token) if release is not None and token else self.key("lock"),
+                      self.key("logbytes")],
                 args=[run.json(), run.run_id, self.key("finished"), token, run.size])
             if release is not None and token:
                 release.forget(token)
             if finished_count > self.retention or finished_bytes > self.retention_bytes:
-                await self._trim(keys=[self.key("finished"), self.key("runs"), self.key("sizes"), self.key("bytes")],
-                                 args=[self.retention, self.retention_bytes, self.key("run", "")])
+                await self._trim(keys=[self.key("finished"), self.key("runs"), self.key("sizes"), self.key("bytes"),
+                                       self.key("logbytes")],
+                                 args=[self.retention, self.retention_bytes, self.key("run", ""), self.key("log", ""),
+                                       self.key("events", "run", "")])
 
     async def get(self, run_id: str) -> Run | None:
         """The run, or None when it is not stored (or its record cannot be read: see ``read``)."""
@@ -401,10 +404,26 @@ class RedisRunStore:
             return await self.client.llen(self.key("queue"))
 
     async def waiting(self) -> list[Run]:
+        """The waiting runs, next first, with their queue positions (two round trips)."""
         async with self.health.guard():
             ids = [member.decode() for member in await self.client.lrange(self.key("queue"), 0, -1)]
-        runs = [await self.get(run_id) for run_id in ids]
-        return [run for run in runs if run is not None]
+            raws = await self.client.mget([self.key("run", run_id) for run_id in ids]) if ids else []
+        runs = []
+        for position, (run_id, raw) in enumerate(zip(ids, raws), 1):
+            run = self.read(run_id, raw)
+            if run is not None:
+                run.update(queue_position=position)
+                runs.append(run)
+        return runs
+
+    async def logs(self, run_id: str) -> list[bytes] | None:
+        """The lines the run's agent logged, oldest first; None when the run is not stored."""
+        async with self.health.guard():
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.exists(self.key("run", run_id))
+                pipe.lrange(self.key("log", run_id), 0, -1)
+                exists, lines = await pipe.execute()
+        return lines if exists else None
 
     async def oldest_running(self) -> str | None:
         """The earliest admitted run holding a slot, on any replica."""

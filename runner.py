@@ -30,6 +30,7 @@ from datetime import datetime
 from typing import Any
 
 import agents
+import events
 import metrics
 import settings
 from agent_work import RunTrackingExecutor, current_run
@@ -68,11 +69,23 @@ async def open_stores() -> str:
     run_store.on_cancel = request_stop
     run_store.on_work = work_waiting.set
     await run_store.start()
+    redis_events = None
+    if config.redis_url:
+        from redis_events import RedisEvents
+
+        redis_events = RedisEvents(run_store.client, config.redis_url, config.redis_prefix, events.hub, log)
+    events.hub.start(config.events_keepalive_seconds, redis=redis_events, on_log=run_store.append_log
+                     if redis_events is None else None)
+    if redis_events is not None:
+        await redis_events.start()
+    events.capture_agent_logs()
     return "redis" if config.redis_url else "memory"
 
 
 async def close_stores() -> None:
-    """Close the store, unless agent code still runs: then the lock must go on being renewed until exit."""
+    """End the event streams; close the store, unless agent code still runs: then the lock must go on
+    being renewed until exit."""
+    await events.hub.stop()
     if not agent_code_running():
         await run_store.close()
 
@@ -186,6 +199,7 @@ async def start_running(active: ActiveRun) -> bool:
             if active.stop_reason is None:
                 run.update(state="RUNNING", started_at=run.started_at or utc_now())
                 await run_store.save(run)
+                events.hub.publish_run(run)
                 if active.waited:
                     metrics.QUEUE_WAIT.observe(seconds_between(run.created_at, run.started_at))
                     asked, by = await run_store.cancel_requested(run.run_id)  # sent while it changed hands
@@ -202,6 +216,7 @@ async def start_running(active: ActiveRun) -> bool:
 def report_progress(run: Run, fraction: float) -> None:
     run.update(progress=fraction)
     run_store.note_progress(run)
+    events.hub.publish_progress(run)
 
 
 def seconds_between(earlier: str, later: str) -> float:
@@ -217,6 +232,7 @@ async def recover_orphans(run: Run) -> None:
         orphan.update(state="ERROR", finished_at=utc_now(), queue_position=None,
                       error="Runner lost: the replica running it stopped holding the run lock")
         await run_store.save(orphan)
+        events.hub.publish_run(orphan)
         log.error("run_orphaned", extra={**run_fields(orphan), "state": "ERROR", "error": orphan.error})
 
 
@@ -309,7 +325,8 @@ async def finish_run(active: ActiveRun, outcome: dict[str, Any]) -> None:
     extra_fields = {key: outcome.pop(key) for key in list(outcome)
                     if key not in ("state", "result_json", "error", "cancelled_by")}
     run.update(finished_at=utc_now(), **outcome)
-    await save_finished(run, release)
+    if await save_finished(run, release):
+        events.hub.publish_run(run)
     if release:
         clear_active(active)
     duration = time.monotonic() - active.started
@@ -334,24 +351,24 @@ def clear_active(active: ActiveRun) -> None:
     work_waiting.set()
 
 
-async def save_finished(run: Run, release: bool) -> None:
+async def save_finished(run: Run, release: bool) -> bool:
     """Store a terminal state (and release the run lock in the same step), retrying until both land.
 
     If the store never comes back within the lock's TTL, the run stays
     unfinished there and the next lock holder marks it ERROR ("runner lost");
-    the terminal log line is written anyway.
+    the terminal log line is written anyway. Returns whether it was stored.
     """
     deadline = time.monotonic() + max(settings.current.lock_ttl_seconds, 5.0)
     while True:
         try:
             await run_store.save(run, release=run_lock if release else None)
-            return
+            return True
         except StoreUnavailable:
             if time.monotonic() >= deadline:
                 log.error("terminal_state_not_stored", extra={**run_fields(run), "state": run.state})
                 if release:
                     await run_lock.release(run.holder)
-                return
+                return False
             await asyncio.sleep(STORE_RETRY_SECONDS)
 
 

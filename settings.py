@@ -82,6 +82,7 @@ SETTINGS_TABLE = (
     ("MAX_CONCURRENT_RUNS", "1", "how many runs may be RUNNING at once (across all replicas in Redis mode)"),
     ("ON_BUSY", "reject", "what POST /agents/run does when every slot is taken: reject, enqueue or interrupt"),
     ("QUEUE_MAX", "100", "how many runs may wait in the queue; past it an enqueue is refused with 409"),
+    ("EVENTS_KEEPALIVE_SECONDS", "15", "an idle event stream gets a keep-alive comment this often"),
 )
 
 
@@ -107,6 +108,7 @@ class Settings:
     max_concurrent_runs: int = 1
     on_busy: str = "reject"
     queue_max: int = 100
+    events_keepalive_seconds: float = 15.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -156,6 +158,8 @@ class Settings:
                                             minimum=1, maximum=64),
             on_busy=on_busy,
             queue_max=_env_number(env, "QUEUE_MAX", cls.queue_max, integer=True, minimum=0, maximum=100000),
+            events_keepalive_seconds=_env_number(env, "EVENTS_KEEPALIVE_SECONDS", cls.events_keepalive_seconds,
+                                                 integer=False, minimum=0.05, maximum=3600),
         )
 
 

@@ -26,6 +26,9 @@ def utc_now() -> str:
 
 
 RUN_OVERHEAD_BYTES = 600  # a Run object, its dict entry and index slots, beyond its JSON
+LOG_LINES_MAX = 500  # log lines kept per run (the newest), and at most LOG_BYTES_MAX of them
+LOG_BYTES_MAX = 256 * 1024
+LOG_LINE_OVERHEAD_BYTES = 48  # a bytes object and its deque slot, beyond the line
 PUBLIC_FIELDS = ("run_id", "agent_type", "user_id", "input", "state", "result", "error", "progress",
                  "created_at", "started_at", "finished_at", "queue_position", "cancelled_by")
 ON_BUSY = ("reject", "enqueue", "interrupt")  # what POST /agents/run does when every slot is taken
@@ -162,6 +165,26 @@ class Page:
         return len(self.runs) < self.limit
 
 
+class RunLog:
+    """The newest lines a run's agent logged (its stdout JSON lines), within LOG_LINES_MAX and LOG_BYTES_MAX."""
+
+    __slots__ = ("lines", "bytes")
+
+    def __init__(self) -> None:
+        self.lines: deque[bytes] = deque()
+        self.bytes = 0  # what the lines cost in memory, counted in the retention budget
+
+    def append(self, line: bytes) -> int:
+        """Keep ``line``, dropping the oldest past the bounds; returns the change in bytes."""
+        before = self.bytes
+        self.lines.append(line)
+        self.bytes += len(line) + LOG_LINE_OVERHEAD_BYTES
+        while self.lines and (len(self.lines) > LOG_LINES_MAX
+                              or self.bytes - LOG_LINE_OVERHEAD_BYTES * len(self.lines) > LOG_BYTES_MAX):
+            self.bytes -= len(self.lines.popleft()) + LOG_LINE_OVERHEAD_BYTES
+        return self.bytes - before
+
+
 class MemoryRunLock:
     """The run lock of one process: ``slots`` holder tokens at most (MAX_CONCURRENT_RUNS). Never waits."""
 
@@ -202,6 +225,7 @@ class MemoryRunStore:
         self._finished: deque[str] = deque()  # finished run ids, oldest first
         self._finish_events: dict[str, asyncio.Event] = {}
         self._queue: deque[Run] = deque()  # waiting runs, next first
+        self._logs: dict[str, RunLog] = {}
 
     async def start(self) -> None:
         pass
@@ -298,9 +322,35 @@ class MemoryRunStore:
             return  # finished before: counted once
         event.set()
         self._finished.append(run.run_id)
-        self._finished_bytes += run.size
+        log = self._logs.get(run.run_id)
+        self._finished_bytes += run.size + (log.bytes if log is not None else 0)
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop the oldest finished runs, with their logs, while more are kept than retention allows."""
         while len(self._finished) > self.retention or self._finished_bytes > self.retention_bytes:
-            self._finished_bytes -= self._runs.pop(self._finished.popleft()).size
+            run_id = self._finished.popleft()
+            log = self._logs.pop(run_id, None)
+            self._finished_bytes -= self._runs.pop(run_id).size + (log.bytes if log is not None else 0)
+
+    def append_log(self, run_id: str, line: bytes) -> None:
+        """Keep a line the run's agent logged; a finished run's counted size grows with it."""
+        if run_id not in self._runs:
+            return  # dropped already (or never stored)
+        log = self._logs.get(run_id)
+        if log is None:
+            log = self._logs[run_id] = RunLog()
+        change = log.append(line)
+        if run_id not in self._finish_events and self._runs[run_id].finished:  # counted in _finished_bytes
+            self._finished_bytes += change
+            self._trim()
+
+    async def logs(self, run_id: str) -> list[bytes] | None:
+        """The lines the run's agent logged, oldest first; None when the run is not stored."""
+        if run_id not in self._runs:
+            return None
+        log = self._logs.get(run_id)
+        return list(log.lines) if log is not None else []
 
     async def get(self, run_id: str) -> Run | None:
         return self._runs.get(run_id)

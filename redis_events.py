@@ -1,0 +1,234 @@
+"""Redis mode of the event hub: run events through Redis Streams, so every replica streams every run.
+
+Keys: ``<prefix>:events`` (every event of every run, the stream each
+replica's reader follows), ``<prefix>:events:runs`` (run events only: the
+backlog of GET /agents/events) and ``<prefix>:events:run:<id>`` (one run's
+events: its backlog, expiring RUN_STREAM_TTL_SECONDS after its last event and
+dropped with the run). One script appends an event to all three under the
+same id, so an id means the same event everywhere. Each stream is capped by
+entries and bytes. A run's log lines are kept in ``<prefix>:log:<id>``.
+
+Publishing never waits: events queue in this process and one writer task
+sends them in batches. One reader task per replica follows ``<prefix>:events``
+with a blocking XREAD on its own connection and hands each event to the hub,
+which fans it out to the local clients. Events are best effort: when Redis
+fails, events are dropped (logged once), the local streams end cleanly, and
+the runs go on; the run store stays the truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from events import (GLOBAL_BACKLOG_BYTES, GLOBAL_BACKLOG_FRAMES, RUN_BACKLOG_BYTES, RUN_BACKLOG_FRAMES, EventHub,
+                    Frame)
+from redis_scripts import EVENT_SCRIPT, LOG_SCRIPT
+from store import StoreUnavailable
+
+ALL_EVENTS_MAX = 10000  # entries of <prefix>:events: what a reader that lost Redis for a moment can catch up on
+ALL_EVENTS_BYTES = 16 * 1024 * 1024
+RUN_STREAM_TTL_SECONDS = 600  # a run's event backlog expires this long after its last event
+LOG_LINES_MAX = 500  # per run, kept with it and counted in its retention size
+LOG_BYTES_MAX = 256 * 1024
+SEND_QUEUE_MAX = 10000  # events waiting for the writer; past it new ones are dropped
+BATCH = 200  # events per pipeline
+READ_BLOCK_MS = 2000
+RETRY_SECONDS = 0.5
+
+
+class RedisEvents:
+    """The writer and reader tasks of one replica, and the backlog reads a new client needs."""
+
+    def __init__(self, client: Redis, url: str, prefix: str, events: EventHub, log: logging.Logger) -> None:
+        self.client = client  # the store's pooled client, for writes and backlog reads
+        self.reader_client = Redis.from_url(url, socket_timeout=READ_BLOCK_MS / 1000 + 3, socket_connect_timeout=2)
+        self.prefix = prefix
+        self.events = events
+        self.log = log
+        self.available = False  # the reader follows Redis; while False new streams are refused (503)
+        self._outbox: deque[tuple[str, str, str, bytes]] = deque()
+        self._outbox_ready = asyncio.Event()
+        self._writing = False
+        self._last_written: tuple[int, int] = (0, 0)
+        self._last_read: tuple[int, int] = (0, 0)
+        self._write_failed = False
+        self._dropped = 0
+        self._event = client.register_script(EVENT_SCRIPT)
+        self._log_line = client.register_script(LOG_SCRIPT)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._write_forever(), name="events-writer"),
+                       asyncio.create_task(self._read_forever(), name="events-reader")]
+        deadline = time.monotonic() + 2.0  # streams opened right after start find the reader following
+        while not self.available and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        with contextlib.suppress(Exception):
+            await self.reader_client.aclose()
+
+    # --- writing -------------------------------------------------------------------------------------------
+
+    def send(self, kind: str, run_id: str, state: str, data: bytes) -> None:
+        if len(self._outbox) >= SEND_QUEUE_MAX:
+            self._dropped += 1
+            if self._dropped == 1:
+                self.log.warning("events_dropped", extra={"detail": "too many events waiting for Redis"})
+            return
+        self._outbox.append((kind, run_id, state, data))
+        self._outbox_ready.set()
+
+    async def _write_forever(self) -> None:
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            while self._outbox:
+                batch = [self._outbox.popleft() for _ in range(min(BATCH, len(self._outbox)))]
+                self._writing = True
+                try:
+                    await self._write(batch)
+                finally:
+                    self._writing = False
+
+    async def _write(self, batch: list[tuple[str, str, str, bytes]]) -> None:
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for kind, run_id, state, data in batch:
+                    if kind == "log":
+                        await self._log_line(keys=[self.key("log", run_id), self.key("logbytes"), self.key("sizes"),
+                                                   self.key("bytes"), self.key("run", run_id)],
+                                             args=[data, run_id, LOG_LINES_MAX, LOG_BYTES_MAX], client=pipe)
+                    await self._event(
+                        keys=[self.key("events"), self.key("events", "runs"), self.key("events", "run", run_id)],
+                        args=[kind, run_id, state, data, ALL_EVENTS_MAX, ALL_EVENTS_BYTES, GLOBAL_BACKLOG_FRAMES,
+                              GLOBAL_BACKLOG_BYTES, RUN_BACKLOG_FRAMES, RUN_BACKLOG_BYTES, RUN_STREAM_TTL_SECONDS],
+                        client=pipe)
+                replies = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as exc:
+            self._failed(exc, len(batch))
+            return
+        errors = [reply for reply in replies if isinstance(reply, Exception)]
+        if errors:
+            self._failed(errors[0], len(errors))
+        elif self._write_failed:
+            self._write_failed = False
+            self.log.info("events_recovered")
+        for reply in replies:
+            if isinstance(reply, bytes):
+                key = _key(reply)
+                if key > self._last_written:
+                    self._last_written = key
+
+    def _failed(self, exc: BaseException, count: int) -> None:
+        if not self._write_failed:
+            self._write_failed = True
+            self.log.warning("events_unavailable", extra={"error": f"{type(exc).__name__}: {exc}",
+                                                          "events_lost": count})
+
+    async def flush(self, timeout: float) -> None:
+        """Wait (up to ``timeout``) until what was published is in Redis and back through the reader."""
+        deadline = time.monotonic() + timeout
+        while (self._outbox or self._writing or self._last_read < self._last_written) and \
+                time.monotonic() < deadline and self.available:
+            await asyncio.sleep(0.01)
+
+    # --- reading -------------------------------------------------------------------------------------------
+
+    async def _read_forever(self) -> None:
+        stream = self.key("events")
+        last: bytes | None = None
+        while True:
+            try:
+                if last is None:  # start at the end: what happened before is in the backlogs
+                    newest = await self.reader_client.xrevrange(stream, count=1)
+                    last = newest[0][0] if newest else b"0-0"
+                self._set_available(True)
+                replies = await self.reader_client.xread({stream: last}, count=1000, block=READ_BLOCK_MS)
+                for _, entries in replies or ():
+                    for entry_id, fields in entries:
+                        last = entry_id
+                        frame = _frame(entry_id, fields)
+                        self._last_read = _key(entry_id)
+                        if frame is not None:
+                            self.events.deliver(frame)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis gone or erroring: end the local streams cleanly, then retry
+                if self.available:
+                    self.log.warning("events_reader_lost", extra={"error": f"{type(exc).__name__}: {exc}"})
+                self._set_available(False)
+                await asyncio.sleep(RETRY_SECONDS)
+
+    def _set_available(self, available: bool) -> None:
+        if available == self.available:
+            return
+        self.available = available
+        if not available:
+            self.events.end_all("unavailable")
+
+    # --- what a new client gets first ----------------------------------------------------------------------
+
+    async def first_run_frames(self, run_id: str, after: tuple[int, int] | None,
+                               read_run: Callable[[str], Any]) -> list[Frame] | None:
+        """As EventHub.first_run_frames; reading the newest id before the run keeps the two consistent:
+        an event up to that id is reflected in the run read after it, any later one arrives live."""
+        stream = self.key("events", "run", run_id)
+        if after is not None:
+            wanted = f"{after[0]}-{after[1]}"
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.xrange(stream, wanted, wanted)
+                pipe.xrange(stream, f"({wanted}", "+", count=RUN_BACKLOG_FRAMES)
+                found, entries = await _guarded(pipe.execute())
+            if found and await read_run(run_id) is not None:
+                return [frame for entry_id, fields in entries if (frame := _frame(entry_id, fields)) is not None]
+        newest = await _guarded(self.client.xrevrange(stream, count=1))
+        last_id = newest[0][0].decode() if newest else "0-0"
+        run = await read_run(run_id)
+        return None if run is None else [Frame(last_id, "run", run_id, run.state, run.json())]
+
+    async def global_after(self, after: tuple[int, int]) -> list[Frame]:
+        entries = await _guarded(self.client.xrange(self.key("events", "runs"), f"({after[0]}-{after[1]}", "+",
+                                                    count=GLOBAL_BACKLOG_FRAMES))
+        return [frame for entry_id, fields in entries if (frame := _frame(entry_id, fields)) is not None]
+
+
+async def _guarded(awaitable: Any) -> Any:
+    """A backlog read; Redis failing is the run store failing (503)."""
+    try:
+        return await awaitable
+    except (RedisError, OSError) as exc:
+        raise StoreUnavailable(str(exc)) from exc
+
+
+def _key(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
+
+
+def _frame(entry_id: bytes, fields: dict[bytes, bytes]) -> Frame | None:
+    """An entry as a frame; None for one this version cannot read (written by something else)."""
+    try:
+        kind = fields[b"k"].decode()
+        if kind not in ("run", "log") or b"\n" in fields[b"d"] or b"\r" in fields[b"d"]:
+            return None  # a line break would end the SSE frame early
+        return Frame(entry_id.decode(), kind, fields[b"r"].decode(), fields.get(b"s", b"").decode(), fields[b"d"])
+    except (KeyError, UnicodeDecodeError):
+        return None
