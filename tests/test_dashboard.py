@@ -167,6 +167,8 @@ def test_history_filters_and_a_runs_live_log_tail(tmp_path: Path, tab: Tab) -> N
         expect(tab.page.locator("#detail-title")).to_be_focused()
         log = tab.page.locator("#log li")
         expect(log.filter(has_text="chatty_step n=5")).to_have_count(1, timeout=WAIT_MS)  # from the stream
+        queued = start(srv, "sleeper", on_busy="enqueue", input={"seconds": 0.2})
+        expect(tab.page.locator(f'#waiting li[data-run-id="{queued}"]')).to_contain_text("#1", timeout=WAIT_MS)
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         tab.page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
         expect(tab.page.locator("#detail-state")).to_have_text("DONE", timeout=WAIT_MS)
@@ -174,6 +176,7 @@ def test_history_filters_and_a_runs_live_log_tail(tmp_path: Path, tab: Tab) -> N
         assert [re.search(r"n=(\d+)", line).group(1) for line in steps] == [str(n) for n in range(1, 9)], steps
         assert "note=<b>reading</b>" in steps[0]  # shown as text, never parsed as HTML
         assert tab.page.locator("#log b, #runs offline").count() == 0
+        expect(tab.row(queued)).to_have_attribute("data-state", "DONE", timeout=WAIT_MS)
         tab.page.get_by_role("button", name="Close").click()
         expect(tab.page.locator("#detail")).to_be_hidden()
         tab.expect_no_reload_and_no_errors()
