@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.server
+import json
 import re
 import shutil
 import signal
+import socket
+import threading
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 
+import dashboard
 from conftest import HERE, ServerProcess, missing_tool, new_user
 
 TOKEN = "dashboard-test-token"
@@ -252,3 +259,94 @@ def test_the_page_shows_a_dropped_connection_and_recovers_when_the_server_comes_
     assert "last-event-id" not in streams[0]
     assert all(headers.get("last-event-id") for headers in streams[1:]), streams
     assert len(streams) >= 2
+
+
+class FakeService(http.server.BaseHTTPRequestHandler):
+    """The page's own file, an empty history, and an event stream written in awkward pieces (class attributes:
+    ``pieces`` for the first stream, ``stream_headers`` records each stream request's headers)."""
+
+    protocol_version = "HTTP/1.0"  # the stream's body ends when the connection closes
+    pieces: list[bytes] = []
+    stream_headers: list[dict[str, str]] = []
+
+    def do_GET(self) -> None:
+        if self.path == "/":
+            self.answer(200, "text/html; charset=utf-8", (HERE / "dashboard.html").read_bytes(), dashboard.HEADERS)
+        elif self.path == "/agents":
+            self.answer(200, "application/json", b'{"agents": [{"agent_type": "sleeper", "description": ""}]}')
+        elif self.path.startswith("/agents/runs?"):
+            self.answer(200, "application/json", b'{"runs": []}')
+        elif self.path == "/agents/events":
+            self.stream()
+        else:
+            self.answer(404, "application/json", b'{"detail": "Not Found"}')
+
+    def answer(self, status: int, media_type: str, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", media_type)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def stream(self) -> None:
+        first = not FakeService.stream_headers
+        FakeService.stream_headers.append({name.lower(): value for name, value in self.headers.items()})
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        self.wfile.flush()
+        for piece in FakeService.pieces if first else []:
+            self.wfile.write(piece)
+            self.wfile.flush()
+            time.sleep(0.03)  # each piece arrives as its own read
+        if not first:
+            time.sleep(30)  # the second connection stays open: the page is live again
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def fake_run(run_id: str, agent_type: str, state: str, progress: float | None) -> bytes:
+    return json.dumps({"run_id": run_id, "agent_type": agent_type, "user_id": new_user(), "input": {},
+                       "state": state, "result": "ok" if state == "DONE" else None, "error": None,
+                       "progress": progress, "created_at": "2026-11-27T10:00:00.000Z",
+                       "started_at": "2026-11-27T10:00:00.500Z",
+                       "finished_at": "2026-11-27T10:00:02.000Z" if state == "DONE" else None,
+                       "queue_position": None, "cancelled_by": None}, ensure_ascii=False).encode()
+
+
+def test_the_pages_stream_reader_takes_frames_split_anywhere_and_resumes_from_the_last_id(tab: Tab) -> None:
+    from playwright.sync_api import expect
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    running, done = fake_run(first, "sleeper", "RUNNING", 0.25), fake_run(first, "sleeper", "DONE", 1.0)
+    other = fake_run(second, "ünïcode-agent", "RUNNING", 0.75)
+    split = other.index("ü".encode()) + 1  # inside a two-byte UTF-8 character
+    line = other.index(b'"user_id"')  # the JSON goes on in a second data line from here
+    FakeService.stream_headers = []
+    FakeService.pieces = [
+        b": keep-alive\r\n\r", b"\nretry: 100\r\nid: 7-1\r\nev", b"ent: run\r\nda", b"ta: " + running + b"\r",
+        b"\n\r\n",  # CRLF line ends, the CR and LF of one end in two reads
+        b"id: 7-2\revent: run\rdata: " + done + b"\r\r",  # CR line ends
+        b"event: run\ndata: " + other[:split], other[split:line] + b"\ndata:",  # one JSON over two data lines
+        b" " + other[line:] + b"\n\n",
+        b"id: 7-3\nevent: run\ndata: {not json}\n\n",  # ignored, but its id counts
+        b"event: ping\ndata: {}\n\n", b"data: " + running + b"\n\n",  # other event types are ignored
+        b"id: 7-4\nevent: run\ndata: " + fake_run(first, "sleeper", "RUNNING", 0.5)[:40],  # cut off: never seen
+    ]
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeService)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        tab.open(f"http://127.0.0.1:{httpd.server_address[1]}")
+        expect(tab.row(first)).to_have_attribute("data-state", "DONE", timeout=WAIT_MS)
+        expect(tab.row(first).locator(".outcome")).to_have_text("ok")
+        expect(tab.row(second)).to_contain_text("ünïcode-agent")
+        expect(tab.page.locator(f'#running li[data-run-id="{second}"] .progress-text')).to_have_text("75 % done")
+        tab.expect_status("live", "Live")  # after the first stream ended, on the second
+        expect(tab.row(first)).to_have_attribute("data-state", "DONE")
+        tab.expect_no_reload_and_no_errors()
+    finally:
+        httpd.shutdown()
+    assert [headers.get("last-event-id") for headers in FakeService.stream_headers[:2]] == [None, "7-3"]
