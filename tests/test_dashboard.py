@@ -121,8 +121,9 @@ def test_a_run_started_over_http_appears_waits_runs_shows_progress_and_ends_done
     from playwright.sync_api import expect
     srv = start_server(AGENT_MODULES=AGENTS)
     tab.open(srv.url).expect_status("live", "Live")
-    first = start(srv, "sleeper", input={"seconds": 1.5})
-    second = start(srv, "chatty", on_busy="enqueue", input={"steps": 4, "interval": 0.6})
+    # Each state lasts longer than the 1 s between two of expect()'s late retries, so none can slip by unseen.
+    first = start(srv, "sleeper", input={"seconds": 2})
+    second = start(srv, "chatty", on_busy="enqueue", input={"steps": 2, "interval": 1.5})
 
     waiting = tab.page.locator(f'#waiting li[data-run-id="{second}"]')
     expect(waiting).to_contain_text("#1", timeout=WAIT_MS)
@@ -137,7 +138,7 @@ def test_a_run_started_over_http_appears_waits_runs_shows_progress_and_ends_done
 
     expect(tab.row(second)).to_have_attribute("data-state", "DONE", timeout=WAIT_MS)
     expect(running).to_have_count(0)
-    expect(tab.row(second).locator(".outcome")).to_have_text('{"steps":4}')
+    expect(tab.row(second).locator(".outcome")).to_have_text('{"steps":2}')
     expect(tab.row(second).locator("td").nth(4)).to_have_text(re.compile(r"^\d(\.\d)? s$"))  # duration
     expect(tab.row(first)).to_have_attribute("data-state", "DONE")
     expect(tab.page.locator("#running-empty")).to_be_visible()
@@ -202,6 +203,9 @@ def test_with_api_token_the_page_asks_for_the_token_and_keeps_it_for_the_tab_onl
         form = tab.page.locator("#token-form")
         expect(form).to_be_visible()
         expect(tab.page.locator("#board")).to_be_hidden()
+        tab.page.get_by_label("API token").fill("tökén")  # fetch() would throw on it: said, not retried forever
+        tab.page.get_by_role("button", name="Connect").click()
+        expect(tab.page.locator("#token-error")).to_have_text("A token is printable ASCII characters only.")
         tab.page.get_by_label("API token").fill("wrong")
         tab.page.get_by_role("button", name="Connect").click()
         expect(tab.page.locator("#token-error")).to_have_text("The service refused that token.", timeout=WAIT_MS)
