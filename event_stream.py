@@ -14,7 +14,7 @@ from starlette.types import Receive, Scope, Send
 
 from events import EventHub, Frame, Subscriber
 
-HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-store"),
+HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-store"),
            (b"x-accel-buffering", b"no")]  # proxies such as nginx would otherwise hold frames back
 KEEPALIVE = b": keep-alive\n\n"
 ABORT_SCOPE_KEY = "agent_runner.abort"  # set by http_limits.LimitedHttpToolsProtocol: closes the connection

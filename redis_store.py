@@ -117,7 +117,8 @@ class RedisRunStore:
     Keys: ``runs`` (zset of all run ids by creation sequence), ``finished``
     (zset of finished run ids by finish sequence), ``unfinished`` (hash of
     PENDING/RUNNING run ids to the token of the lock each was started under),
-    ``seq`` (counter), ``cancel:<id>`` (a cancel request). Channels:
+    ``seq`` (counter), ``cancel:<id>`` (a cancel request), ``log:<id>`` (the lines its agent logged;
+    ``logbytes`` holds each run's total, counted in its size once it finishes). Channels:
     ``finished`` and ``cancel`` carry run ids.
     """
 

@@ -1,0 +1,26 @@
+"""Agents for the event stream tests (AGENT_MODULES=fixture_agents,fixture_event_agents)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from agents import BaseAgent, register
+
+
+@register
+class Chatty(BaseAgent):
+    agent_type = "chatty"
+    description = ("After input.delay seconds, logs input.lines lines (line_loop, n=i, each padded with input.pad characters), then one from "
+                   "a worker thread (line_thread), sleeping input.seconds between lines.")
+
+    async def run(self) -> Any:
+        pad = "x" * int(self.input.get("pad", 0))
+        pause = float(self.input.get("seconds", 0))
+        await asyncio.sleep(float(self.input.get("delay", 0)))
+        for n in range(int(self.input.get("lines", 3))):
+            self.log.info("line_loop", n=n, pad=pad)
+            self.set_progress(min(1.0, (n + 1) / max(1, int(self.input.get("lines", 3)))))
+            await asyncio.sleep(pause)
+        await asyncio.to_thread(self.log.info, "line_thread", from_thread=True)
+        return {"lines": int(self.input.get("lines", 3))}

@@ -1,0 +1,337 @@
+"""Event streams (GET /agents/events, /agents/events/{run_id}) and per-run logs (GET /agents/logs/{run_id}),
+in memory and Redis mode."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import RedisServer, ServerProcess, new_user
+
+AGENTS = "fixture_agents,fixture_event_agents"
+TERMINAL = {"DONE", "ERROR", "CANCELLED"}
+STATE_ORDER = {"PENDING": 0, "RUNNING": 1, "DONE": 2, "ERROR": 2, "CANCELLED": 2}
+
+
+class SSEReader:
+    """Reads one event stream in a thread; ``items`` gets ("comment", text) and (event, id, data) as they come."""
+
+    def __init__(self, url: str, headers: dict[str, str] | None = None) -> None:
+        self.url, self.headers = url, headers or {}
+        self.items: list[tuple[Any, ...]] = []
+        self.status: int | None = None
+        self.ended = threading.Event()  # the server ended the response (cleanly: ``clean``)
+        self.clean = False
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        try:
+            with httpx.stream("GET", self.url, headers=self.headers, timeout=httpx.Timeout(30, read=30)) as response:
+                self.status = response.status_code
+                fields: dict[str, str] = {}
+                for line in response.iter_lines():
+                    if self._stop.is_set():
+                        return
+                    if line.startswith(":"):
+                        self.items.append(("comment", line[1:].strip()))
+                    elif line == "":
+                        if fields:
+                            self.items.append((fields.get("event"), fields.get("id"), json.loads(fields["data"])))
+                            fields = {}
+                    else:
+                        name, _, value = line.partition(": ")
+                        fields[name] = value
+                self.clean = True
+        except BaseException as exc:  # noqa: BLE001 - recorded for the test to look at
+            self.error = exc
+        finally:
+            self.ended.set()
+
+    @property
+    def frames(self) -> list[tuple[str, str, dict[str, Any]]]:
+        return [item for item in self.items if item[0] != "comment"]
+
+    def wait_for(self, predicate: Any, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self):
+                return
+            time.sleep(0.01)
+        raise AssertionError(f"stream {self.url} never got there; items: {self.items[-5:]}, error {self.error}")
+
+    def wait_started(self, timeout: float = 10) -> None:
+        self.wait_for(lambda reader: reader.status is not None or reader.ended.is_set(), timeout)
+
+    def wait_ended(self, timeout: float = 15) -> None:
+        assert self.ended.wait(timeout), f"stream {self.url} did not end; items: {self.items[-3:]}"
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def run_frames(reader: SSEReader) -> list[dict[str, Any]]:
+    return [data for event, _, data in reader.frames if event == "run"]
+
+
+def key(event_id: str) -> tuple[int, int]:
+    ms, seq = event_id.split("-")
+    return int(ms), int(seq)
+
+
+def post(srv: ServerProcess, agent_type: str, **input: Any) -> str:
+    return srv.start_run(agent_type, **input)
+
+
+@pytest.fixture
+def events_server(start_server: Any) -> ServerProcess:
+    return start_server(AGENT_MODULES=AGENTS)
+
+
+def test_run_stream_sends_the_run_then_each_change_and_ends_after_the_terminal_frame(events_server) -> None:
+    srv = events_server
+    run_id = post(srv, "sleeper", seconds=0.6)
+    reader = SSEReader(f"{srv.url}/agents/events/{run_id}")
+    reader.wait_ended()
+    assert reader.status == 200 and reader.clean, reader.error
+    runs = run_frames(reader)
+    assert runs[0]["run_id"] == run_id and runs[0]["state"] in ("PENDING", "RUNNING")
+    assert runs[-1]["state"] == "DONE" and runs[-1]["result"]["slept"] == 0.6
+    assert [run["state"] in TERMINAL for run in runs] == [False] * (len(runs) - 1) + [True]  # one terminal, last
+    assert [STATE_ORDER[run["state"]] for run in runs] == sorted(STATE_ORDER[run["state"]] for run in runs)
+    assert 0.5 in [run["progress"] for run in runs]  # a progress change is a frame
+    ids = [key(event_id) for _, event_id, _ in reader.frames]
+    assert ids == sorted(ids) and len(set(ids[1:])) == len(ids) - 1
+    assert runs[-1] == srv.client.get(f"/agents/status/{run_id}").json()  # exactly the status object
+
+
+def test_log_frames_carry_the_agents_lines_including_one_from_a_thread(events_server) -> None:
+    srv = events_server
+    run_id = post(srv, "chatty", lines=3, seconds=0.1, delay=0.5)  # the stream is open before the first line
+    reader = SSEReader(f"{srv.url}/agents/events/{run_id}")
+    reader.wait_ended()
+    logs = [data for event, _, data in reader.frames if event == "log"]
+    assert [line["event"] for line in logs] == ["line_loop"] * 3 + ["line_thread"]
+    assert [line.get("n") for line in logs[:3]] == [0, 1, 2]
+    assert logs[-1]["from_thread"] is True and all(line["run_id"] == run_id for line in logs)
+    srv.wait_for_event("line_thread", run_id=run_id)  # stdout is flushed within 0.2 s
+    stdout = [line for line in srv.log_lines() if line.get("run_id") == run_id and line["event"].startswith("line_")]
+    assert logs == stdout  # the same JSON objects as on stdout
+    kinds = [event for event, _, _ in reader.frames]
+    assert kinds[-1] == "run" and kinds.index("log") < len(kinds) - 1  # the lines come before the end
+    assert srv.client.get(f"/agents/logs/{run_id}").json() == {"run_id": run_id, "lines": logs}
+
+
+def test_last_event_id_replays_what_was_missed_then_continues(events_server) -> None:
+    srv = events_server
+    run_id = post(srv, "chatty", lines=6, seconds=0.15, delay=0.5)
+    first = SSEReader(f"{srv.url}/agents/events/{run_id}")
+    first.wait_for(lambda reader: len([f for f in reader.frames if f[0] == "log"]) >= 2)
+    first.close()  # gone after two lines; the run goes on
+    seen = first.frames
+    cut = seen[-1][1]
+    resumed = SSEReader(f"{srv.url}/agents/events/{run_id}", {"Last-Event-ID": cut})
+    resumed.wait_ended()
+    whole = SSEReader(f"{srv.url}/agents/events/{run_id}", {"Last-Event-ID": seen[0][1]})
+    whole.wait_ended()
+    assert resumed.frames[0][1] != cut and key(resumed.frames[0][1]) > key(cut)
+    assert [f for f in whole.frames if key(f[1]) > key(cut)] == resumed.frames  # exactly what came after the cut
+    logs = [data["n"] for event, _, data in seen + resumed.frames if event == "log" and "n" in data]
+    assert logs == list(range(6))  # nothing lost, nothing twice
+    assert run_frames(resumed)[-1]["state"] == "DONE"
+    unknown = SSEReader(f"{srv.url}/agents/events/{run_id}", {"Last-Event-ID": "garbage"})
+    unknown.wait_ended()
+    assert [data["state"] for event, _, data in unknown.frames] == ["DONE"]  # the run as it stands, then the end
+
+
+def test_unknown_run_is_404_like_status_and_bad_ids_400(events_server) -> None:
+    srv = events_server
+    missing = str(uuid.uuid4())
+    for path in (f"/agents/events/{missing}", f"/agents/logs/{missing}"):
+        response = srv.client.get(path)
+        assert response.status_code == 404
+        assert response.json() == srv.client.get(f"/agents/status/{missing}").json()
+    assert srv.client.get("/agents/events/not-a-uuid").status_code == 400
+    assert srv.client.get("/agents/logs/not-a-uuid").status_code == 400
+
+
+def test_streams_and_logs_need_the_token(start_server: Any) -> None:
+    srv = start_server(AGENT_MODULES=AGENTS, API_TOKEN="s3cret")
+    run_id = str(uuid.uuid4())
+    for path in ("/agents/events", f"/agents/events/{run_id}", f"/agents/logs/{run_id}"):
+        response = srv.client.get(path)
+        assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer", path
+        assert response.json() == {"detail": "Missing or invalid bearer token"}
+    auth = {"Authorization": "Bearer s3cret"}
+    reader = SSEReader(f"{srv.url}/agents/events", auth)
+    reader.wait_started()
+    assert reader.status == 200
+    reader.close()
+
+
+def test_the_stream_of_all_runs_has_every_runs_changes_and_no_log_lines(start_server: Any) -> None:
+    srv = start_server(AGENT_MODULES=AGENTS, EVENTS_KEEPALIVE_SECONDS="0.2")
+    reader = SSEReader(f"{srv.url}/agents/events")
+    reader.wait_for(lambda r: ("comment", "keep-alive") in r.items, timeout=5)  # keep-alive while idle
+    first = post(srv, "chatty", lines=2)
+    srv.wait_run(first)
+    second = post(srv, "failing", message="no")
+    srv.wait_run(second)
+    reader.wait_for(lambda r: [d["state"] for d in run_frames(r) if d["run_id"] == second][-1:] == ["ERROR"])
+    assert not reader.ended.is_set()  # it never ends by itself
+    assert {event for event, _, _ in reader.frames} == {"run"}
+    for run_id, end in ((first, "DONE"), (second, "ERROR")):
+        states = [data["state"] for data in run_frames(reader) if data["run_id"] == run_id]
+        assert states[0] == "PENDING" and "RUNNING" in states and states[-1] == end
+    ids = [key(event_id) for _, event_id, _ in reader.frames]
+    assert ids == sorted(ids)
+    resumed = SSEReader(f"{srv.url}/agents/events", {"Last-Event-ID": reader.frames[1][1]})
+    resumed.wait_for(lambda r: len(r.frames) >= len(reader.frames) - 2)
+    assert resumed.frames == reader.frames[2:]
+    reader.close()
+    resumed.close()
+
+
+def test_keep_alive_comments_on_an_idle_run_stream(start_server: Any) -> None:
+    srv = start_server(AGENT_MODULES=AGENTS, EVENTS_KEEPALIVE_SECONDS="0.2")
+    run_id = post(srv, "hanging")
+    reader = SSEReader(f"{srv.url}/agents/events/{run_id}")
+    reader.wait_for(lambda r: r.items.count(("comment", "keep-alive")) >= 2, timeout=5)
+    srv.client.post(f"/agents/cancel/{run_id}")
+    reader.wait_ended()
+    assert run_frames(reader)[-1]["state"] == "CANCELLED"
+
+
+def test_logs_keep_the_newest_500_lines_and_at_most_256_kb(events_server) -> None:
+    srv = events_server
+    many = post(srv, "chatty", lines=620)
+    srv.wait_run(many)
+    lines = srv.client.get(f"/agents/logs/{many}").json()["lines"]
+    assert len(lines) == 500 and lines[-1]["event"] == "line_thread"
+    assert [line["n"] for line in lines[:-1]] == list(range(121, 620))  # the oldest went first
+    big = post(srv, "chatty", lines=40, pad=20000)
+    srv.wait_run(big)
+    lines = srv.client.get(f"/agents/logs/{big}").json()["lines"]
+    size = sum(len(json.dumps(line)) for line in lines)
+    assert size <= 256 * 1024 and len(lines) >= 10 and lines[-1]["event"] == "line_thread"
+
+
+def test_logs_are_dropped_with_their_run(start_server: Any) -> None:
+    srv = start_server(AGENT_MODULES=AGENTS, RUN_RETENTION="1")
+    old = post(srv, "chatty", lines=2)
+    srv.wait_run(old)
+    assert len(srv.client.get(f"/agents/logs/{old}").json()["lines"]) == 3
+    srv.wait_run(post(srv, "chatty", lines=1))
+    assert srv.client.get(f"/agents/logs/{old}").status_code == 404
+
+
+def test_a_client_that_never_reads_delays_neither_the_runs_nor_other_clients(events_server) -> None:
+    srv = events_server
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+    stuck.connect(("127.0.0.1", srv.port))
+    stuck.sendall(b"GET /agents/events HTTP/1.1\r\nHost: x\r\n\r\n")  # and never reads a byte
+    good = SSEReader(f"{srv.url}/agents/events")
+    good.wait_started()
+    started = time.monotonic()
+    pad = "y" * 60000  # each run frame carries its input: about 60 KB a frame
+    run_ids = [srv.run_to_end("sleeper", seconds=0, pad=pad)["run_id"] for _ in range(80)]
+    elapsed = time.monotonic() - started
+    good.wait_for(lambda r: any(d["run_id"] == run_ids[-1] and d["state"] == "DONE" for d in run_frames(r)))
+    assert elapsed < 30, elapsed
+    done = {d["run_id"] for d in run_frames(good) if d["state"] == "DONE"}
+    assert done == set(run_ids)  # the client that keeps up lost nothing
+    dropped = srv.wait_for_event("event_stream_dropped", timeout=10)
+    assert dropped["reason"] == "slow"
+    assert not good.ended.is_set()  # the reader that keeps up stays connected
+    stuck.settimeout(5)
+    with pytest.raises((ConnectionResetError, TimeoutError, OSError)):  # its connection is closed
+        while stuck.recv(1 << 20):
+            pass
+        raise ConnectionResetError("closed")
+    stuck.close()
+    good.close()
+
+
+def test_shutdown_ends_the_streams_after_the_terminal_frame_of_a_run_ending_in_the_grace(start_server: Any) -> None:
+    srv = start_server(AGENT_MODULES=AGENTS, SHUTDOWN_GRACE_SECONDS="10")
+    run_id = post(srv, "sleeper", seconds=1.0)
+    everything = SSEReader(f"{srv.url}/agents/events")
+    one = SSEReader(f"{srv.url}/agents/events/{run_id}")
+    one.wait_for(lambda r: len(r.frames) >= 1)
+    everything.wait_started()
+    srv.wait_state(run_id, "RUNNING")
+    srv.proc.send_signal(signal.SIGTERM)
+    one.wait_ended()
+    everything.wait_ended()
+    assert one.clean and everything.clean  # a clean end, not a cut connection
+    assert run_frames(one)[-1]["state"] == "DONE"
+    assert [d["state"] for d in run_frames(everything) if d["run_id"] == run_id][-1] == "DONE"
+    assert srv.proc.wait(15) == 0
+
+
+# --- Redis only ----------------------------------------------------------------------------------------------
+
+
+def test_a_client_of_one_replica_sees_every_event_of_a_run_another_replica_executes(
+        tmp_path: Any, redis_server: RedisServer) -> None:
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    env = {"REDIS_URL": redis_server.url, "REDIS_PREFIX": prefix, "AGENT_MODULES": AGENTS}
+    a = ServerProcess(tmp_path / "a.log", **env)
+    b = ServerProcess(tmp_path / "b.log", **env)
+    try:
+        everything = SSEReader(f"{b.url}/agents/events")
+        everything.wait_started()
+        run_id = a.start_run("chatty", new_user(), lines=3, seconds=0.1, delay=1.0)
+        on_b = SSEReader(f"{b.url}/agents/events/{run_id}")
+        on_a = SSEReader(f"{a.url}/agents/events/{run_id}")
+        on_b.wait_ended()
+        on_a.wait_ended()
+        assert run_frames(on_b)[-1]["state"] == "DONE", on_b.items
+        assert [f for f in on_b.frames if f[0] == "log"] == [f for f in on_a.frames if f[0] == "log"]
+        assert len([f for f in on_b.frames if f[0] == "log"]) == 4, on_b.items
+        everything.wait_for(lambda r: [d["state"] for d in run_frames(r) if d["run_id"] == run_id][-1:] == ["DONE"])
+        assert [d["state"] for d in run_frames(everything)][0] == "PENDING"
+        assert b.client.get(f"/agents/logs/{run_id}").json() == a.client.get(f"/agents/logs/{run_id}").json()
+        resumed = SSEReader(f"{b.url}/agents/events/{run_id}", {"Last-Event-ID": on_a.frames[1][1]})
+        resumed.wait_ended()
+        assert resumed.frames == on_a.frames[2:]  # the same ids on every replica
+        everything.close()
+    finally:
+        a.stop(signal.SIGKILL)
+        b.stop(signal.SIGKILL)
+
+
+def test_a_stream_ends_cleanly_when_its_replica_loses_redis_and_the_run_goes_on(
+        tmp_path: Any, persistent_redis: RedisServer) -> None:
+    own_redis = persistent_redis
+    srv = ServerProcess(tmp_path / "server.log", REDIS_URL=own_redis.url, AGENT_MODULES=AGENTS,
+                        LOCK_TTL_SECONDS="30")
+    try:
+        run_id = srv.start_run("chatty", new_user(), lines=30, seconds=0.1)
+        everything = SSEReader(f"{srv.url}/agents/events")
+        one = SSEReader(f"{srv.url}/agents/events/{run_id}")
+        one.wait_for(lambda r: len(r.frames) >= 2)
+        own_redis.stop()
+        one.wait_ended(timeout=10)
+        everything.wait_ended(timeout=10)
+        assert one.clean and everything.clean
+        assert srv.client.get("/agents/events").status_code == 503  # not a stream that never says anything
+        own_redis.start()
+        assert srv.wait_run(run_id, timeout=30)["state"] in ("DONE", "ERROR")
+        again = SSEReader(f"{srv.url}/agents/events/{run_id}")
+        again.wait_ended()
+        assert run_frames(again)[-1]["state"] in TERMINAL
+    finally:
+        srv.stop(signal.SIGKILL)
+
