@@ -272,6 +272,7 @@ class FakeService(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"  # the stream's body ends when the connection closes
     pieces: list[bytes] = []
     stream_headers: list[dict[str, str]] = []
+    reconnected = threading.Event()  # set by the second stream request
 
     def do_GET(self) -> None:
         if self.path == "/":
@@ -306,6 +307,7 @@ class FakeService(http.server.BaseHTTPRequestHandler):
             self.wfile.flush()
             time.sleep(0.03)  # each piece arrives as its own read
         if not first:
+            FakeService.reconnected.set()
             time.sleep(30)  # the second connection stays open: the page is live again
 
     def log_message(self, *args: object) -> None:
@@ -329,6 +331,7 @@ def test_the_pages_stream_reader_takes_frames_split_anywhere_and_resumes_from_th
     split = other.index("ü".encode()) + 1  # inside a two-byte UTF-8 character
     line = other.index(b'"user_id"')  # the JSON goes on in a second data line from here
     FakeService.stream_headers = []
+    FakeService.reconnected.clear()
     FakeService.pieces = [
         b": keep-alive\r\n\r", b"\nretry: 100\r\nid: 7-1\r\nev", b"ent: run\r\nda", b"ta: " + running + b"\r",
         b"\n\r\n",  # CRLF line ends, the CR and LF of one end in two reads
@@ -348,7 +351,8 @@ def test_the_pages_stream_reader_takes_frames_split_anywhere_and_resumes_from_th
         expect(tab.row(first).locator(".outcome")).to_have_text("ok")
         expect(tab.row(second)).to_contain_text("ünïcode-agent")
         expect(tab.page.locator(f'#running li[data-run-id="{second}"] .progress-text')).to_have_text("75 % done")
-        tab.expect_status("live", "Live")  # after the first stream ended, on the second
+        assert FakeService.reconnected.wait(WAIT_MS / 1000), "the page did not reconnect after the stream ended"
+        tab.expect_status("live", "Live")
         expect(tab.row(first)).to_have_attribute("data-state", "DONE")
         tab.expect_no_reload_and_no_errors()
     finally:
