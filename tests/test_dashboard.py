@@ -7,6 +7,7 @@ browser here). Every page is checked for script errors and Content-Security-Poli
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import http.server
 import json
@@ -273,6 +274,8 @@ class FakeService(http.server.BaseHTTPRequestHandler):
     pieces: list[bytes] = []
     stream_headers: list[dict[str, str]] = []
     reconnected = threading.Event()  # set by the second stream request
+    history: list[bytes] = []  # GET /agents/runs
+    refuse_streams = False
 
     def do_GET(self) -> None:
         if self.path == "/":
@@ -280,7 +283,9 @@ class FakeService(http.server.BaseHTTPRequestHandler):
         elif self.path == "/agents":
             self.answer(200, "application/json", b'{"agents": [{"agent_type": "sleeper", "description": ""}]}')
         elif self.path.startswith("/agents/runs?"):
-            self.answer(200, "application/json", b'{"runs": []}')
+            self.answer(200, "application/json", b'{"runs": [' + b",".join(FakeService.history) + b"]}")
+        elif self.path == "/agents/events" and FakeService.refuse_streams:
+            self.answer(503, "application/json", b'{"detail": "Too many event streams"}')
         elif self.path == "/agents/events":
             self.stream()
         else:
@@ -330,7 +335,7 @@ def test_the_pages_stream_reader_takes_frames_split_anywhere_and_resumes_from_th
     other = fake_run(second, "ünïcode-agent", "RUNNING", 0.75)
     split = other.index("ü".encode()) + 1  # inside a two-byte UTF-8 character
     line = other.index(b'"user_id"')  # the JSON goes on in a second data line from here
-    FakeService.stream_headers = []
+    FakeService.stream_headers, FakeService.history, FakeService.refuse_streams = [], [], False
     FakeService.reconnected.clear()
     FakeService.pieces = [
         b": keep-alive\r\n\r", b"\nretry: 100\r\nid: 7-1\r\nev", b"ent: run\r\nda", b"ta: " + running + b"\r",
@@ -342,11 +347,8 @@ def test_the_pages_stream_reader_takes_frames_split_anywhere_and_resumes_from_th
         b"event: ping\ndata: {}\n\n", b"data: " + running + b"\n\n",  # other event types are ignored
         b"id: 7-4\nevent: run\ndata: " + fake_run(first, "sleeper", "RUNNING", 0.5)[:40],  # cut off: never seen
     ]
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeService)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        tab.open(f"http://127.0.0.1:{httpd.server_address[1]}")
+    with fake_service() as url:
+        tab.open(url)
         expect(tab.row(first)).to_have_attribute("data-state", "DONE", timeout=WAIT_MS)
         expect(tab.row(first).locator(".outcome")).to_have_text("ok")
         expect(tab.row(second)).to_contain_text("ünïcode-agent")
@@ -355,6 +357,26 @@ def test_the_pages_stream_reader_takes_frames_split_anywhere_and_resumes_from_th
         tab.expect_status("live", "Live")
         expect(tab.row(first)).to_have_attribute("data-state", "DONE")
         tab.expect_no_reload_and_no_errors()
+    assert [headers.get("last-event-id") for headers in FakeService.stream_headers[:2]] == [None, "7-3"]
+
+
+def test_a_refused_stream_shows_as_lost_and_the_history_still_shows(tab: Tab) -> None:
+    from playwright.sync_api import expect
+    run_id = str(uuid.uuid4())
+    FakeService.history, FakeService.refuse_streams = [fake_run(run_id, "sleeper", "DONE", 1.0)], True
+    with fake_service() as url:
+        tab.open(url).expect_status("lost", "reconnecting…")
+        expect(tab.row(run_id)).to_have_attribute("data-state", "DONE", timeout=WAIT_MS)
+        expect(tab.page.locator("#lost-banner")).to_be_visible()
+        tab.expect_no_reload_and_no_errors()
+
+
+@contextlib.contextmanager
+def fake_service() -> Iterator[str]:
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeService)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
     finally:
         httpd.shutdown()
-    assert [headers.get("last-event-id") for headers in FakeService.stream_headers[:2]] == [None, "7-3"]
