@@ -129,6 +129,7 @@ def test_a_run_started_over_http_appears_waits_runs_shows_progress_and_ends_done
     waiting = tab.page.locator(f'#waiting li[data-run-id="{second}"]')
     expect(waiting).to_contain_text("#1", timeout=WAIT_MS)
     expect(tab.row(second)).to_have_attribute("data-state", "PENDING")
+    tab.row(second).get_by_role("button").focus()  # a keyboard user on the row, which is redrawn at each change
     running = tab.page.locator(f'#running li[data-run-id="{second}"]')
     expect(running).to_be_visible(timeout=WAIT_MS)
     expect(tab.row(second)).to_have_attribute("data-state", "RUNNING")
@@ -143,6 +144,7 @@ def test_a_run_started_over_http_appears_waits_runs_shows_progress_and_ends_done
     expect(tab.row(second).locator("td").nth(4)).to_have_text(re.compile(r"^\d(\.\d)? s$"))  # duration
     expect(tab.row(first)).to_have_attribute("data-state", "DONE")
     expect(tab.page.locator("#running-empty")).to_be_visible()
+    expect(tab.row(second).get_by_role("button")).to_be_focused()
     tab.expect_no_reload_and_no_errors()
 
 
