@@ -36,7 +36,7 @@ import events
 import metrics
 import runner
 import settings
-from event_stream import ABORT_SCOPE_KEY, EventStream
+from event_stream import all_events, run_events, run_logs
 from http_json import check_uuid, json_response, parse_limit, parse_run_request, parse_wait, read_json, short
 from http_limits import MAX_CONNECTIONS, LimitedHttpToolsProtocol
 from logs import flush_stdout_regularly, log, log_hot, logging_config, write_hot_lines
@@ -116,52 +116,6 @@ async def list_runs(request: Request) -> Response:
                 user_id=check_uuid(user_id, "user_id") if user_id is not None else None, max_bytes=LIST_BODY_BYTES)
     runs = await runner.run_store.list(page, before=before.lower() if before else None)
     return json_response(b'{"runs":[' + b",".join(run.json() for run in runs) + b"]}")
-
-
-def open_stream(request: Request, run_id: str | None) -> events.Subscriber:
-    """A new stream client, registered before its first frames are read so it misses nothing in between."""
-    if not events.hub.available():
-        raise HTTPException(503, "Shutting down" if events.hub.closed else "Run store unavailable",
-                            headers={"Retry-After": "1"})
-    if events.hub.streams >= events.MAX_STREAMS:
-        raise HTTPException(503, "Too many event streams", headers={"Retry-After": "5"})
-    return events.hub.subscribe(run_id, request.scope.get(ABORT_SCOPE_KEY))
-
-
-async def run_events(request: Request) -> Response | EventStream:
-    """GET /agents/events/{run_id}: the run now, then each change and log line; ends after the terminal frame."""
-    run_id = check_uuid(request.path_params["run_id"], "run_id")
-    client = open_stream(request, run_id)
-    try:
-        first = await events.hub.first_run_frames(run_id, events.parse_event_id(request.headers.get("last-event-id")),
-                                                  runner.run_store.get)
-    except BaseException:
-        events.hub.unsubscribe(client)
-        raise
-    if first is None:
-        events.hub.unsubscribe(client)
-        raise HTTPException(404, f"Run {request.path_params['run_id']} not found")
-    return EventStream(events.hub, client, first)
-
-
-async def all_events(request: Request) -> EventStream:
-    """GET /agents/events: every run's changes (no log lines), for dashboards; never ends by itself."""
-    client = open_stream(request, None)
-    try:
-        first = await events.hub.first_global_frames(events.parse_event_id(request.headers.get("last-event-id")))
-    except BaseException:
-        events.hub.unsubscribe(client)
-        raise
-    return EventStream(events.hub, client, first)
-
-
-async def run_logs(request: Request) -> Response:
-    """GET /agents/logs/{run_id}: the lines its agent logged (the newest 500 / 256 KB), oldest first."""
-    run_id = check_uuid(request.path_params["run_id"], "run_id")
-    lines = await runner.run_store.logs(run_id)
-    if lines is None:
-        raise HTTPException(404, f"Run {request.path_params['run_id']} not found")
-    return json_response(b'{"run_id":"' + run_id.encode() + b'","lines":[' + b",".join(lines) + b"]}")
 
 
 async def list_agents(request: Request) -> Response:

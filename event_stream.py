@@ -1,8 +1,9 @@
-"""The Server-Sent Events response: one client's frames written as they come, with keep-alive comments.
+"""The event endpoints: GET /agents/events, /agents/events/{run_id} (Server-Sent Events) and
+/agents/logs/{run_id}, and the response that writes one client's frames as they come.
 
-A pure ASGI response (Starlette's StreamingResponse would not notice a client
-that went away under ASGI spec 2.4, and cannot be stopped while a send waits
-on a client that does not read).
+``EventStream`` is a pure ASGI response: Starlette's StreamingResponse would
+not notice a client that went away under ASGI spec 2.4, and cannot be stopped
+while a send waits on a client that does not read.
 """
 
 from __future__ import annotations
@@ -10,13 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+import events
+import runner
 from events import EventHub, Frame, Subscriber
+from http_json import check_uuid, json_response
 
 HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-store"),
            (b"x-accel-buffering", b"no")]  # proxies such as nginx would otherwise hold frames back
 KEEPALIVE = b": keep-alive\n\n"
+COALESCE_SECONDS = 0.01  # a woken stream waits this long for more frames: one write (one syscall) for a burst
 ABORT_SCOPE_KEY = "agent_runner.abort"  # set by http_limits.LimitedHttpToolsProtocol: closes the connection
 
 
@@ -30,6 +38,11 @@ class EventStream:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         client = self.client
+        if scope["method"] == "HEAD":  # the headers only, not a stream that never ends
+            self.events.unsubscribe(client)
+            await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
         watcher = asyncio.ensure_future(self._watch_disconnect(receive))
         try:
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
@@ -45,6 +58,8 @@ class EventStream:
                             await client.wake.wait()
                     except TimeoutError:
                         await send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
+                        continue
+                    await asyncio.sleep(COALESCE_SECONDS)  # the frames that follow at once go in the same write
                 done = await self._write(send, client.take(), check=True)
             if client.ended not in ("slow", "disconnected"):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -74,3 +89,49 @@ class EventStream:
             while (await receive())["type"] != "http.disconnect":
                 pass
         self.events.unsubscribe(self.client, "disconnected")
+
+
+def open_stream(request: Request, run_id: str | None) -> events.Subscriber:
+    """A new stream client, registered before its first frames are read so it misses nothing in between."""
+    if not events.hub.available():
+        raise HTTPException(503, "Shutting down" if events.hub.closed else "Run store unavailable",
+                            headers={"Retry-After": "1"})
+    if events.hub.streams >= events.MAX_STREAMS:
+        raise HTTPException(503, "Too many event streams", headers={"Retry-After": "5"})
+    return events.hub.subscribe(run_id, request.scope.get(ABORT_SCOPE_KEY))
+
+
+async def run_events(request: Request) -> Response | EventStream:
+    """GET /agents/events/{run_id}: the run now, then each change and log line; ends after the terminal frame."""
+    run_id = check_uuid(request.path_params["run_id"], "run_id")
+    client = open_stream(request, run_id)
+    try:
+        first = await events.hub.first_run_frames(run_id, events.parse_event_id(request.headers.get("last-event-id")),
+                                                  runner.run_store.get)
+    except BaseException:
+        events.hub.unsubscribe(client)
+        raise
+    if first is None:
+        events.hub.unsubscribe(client)
+        raise HTTPException(404, f"Run {request.path_params['run_id']} not found")
+    return EventStream(events.hub, client, first)
+
+
+async def all_events(request: Request) -> EventStream:
+    """GET /agents/events: every run's changes (no log lines), for dashboards; never ends by itself."""
+    client = open_stream(request, None)
+    try:
+        first = await events.hub.first_global_frames(events.parse_event_id(request.headers.get("last-event-id")))
+    except BaseException:
+        events.hub.unsubscribe(client)
+        raise
+    return EventStream(events.hub, client, first)
+
+
+async def run_logs(request: Request) -> Response:
+    """GET /agents/logs/{run_id}: the lines its agent logged (the newest 500 / 256 KB), oldest first."""
+    run_id = check_uuid(request.path_params["run_id"], "run_id")
+    lines = await runner.run_store.logs(run_id)
+    if lines is None:
+        raise HTTPException(404, f"Run {request.path_params['run_id']} not found")
+    return json_response(b'{"run_id":"' + run_id.encode() + b'","lines":[' + b",".join(lines) + b"]}")

@@ -33,9 +33,10 @@ CLIENT_MAX_FRAMES = 1000  # frames a client may have waiting before it is droppe
 CLIENT_MAX_BYTES = 4 * 1024 * 1024  # bytes of frames a client may have waiting (one frame always fits)
 RUN_BACKLOG_FRAMES = 200  # frames kept per run for Last-Event-ID (memory mode; Redis keeps the same)
 RUN_BACKLOG_BYTES = 1024 * 1024
-RUN_BACKLOGS_BYTES = 32 * 1024 * 1024  # all runs' backlogs together (memory mode): least recent dropped first
+RUN_BACKLOGS_BYTES = 8 * 1024 * 1024  # all runs' backlogs together (memory mode): least recent dropped first
+FINISHED_BACKLOGS = 50  # finished runs whose backlog is kept (memory mode); an older one resumes from its end
 GLOBAL_BACKLOG_FRAMES = 1000  # frames of GET /agents/events kept for Last-Event-ID
-GLOBAL_BACKLOG_BYTES = 8 * 1024 * 1024
+GLOBAL_BACKLOG_BYTES = 4 * 1024 * 1024
 MAX_STREAMS = 1000  # open event streams per process; past it 503, so streams never take every connection
 LOG_LINE_MAX_BYTES = 64 * 1024  # a longer self.log line is replaced by a short line saying its size
 PROGRESS_INTERVAL = 0.05  # progress frames of one run are coalesced to at most one per interval
@@ -52,7 +53,7 @@ def parse_event_id(raw: str | None) -> tuple[int, int] | None:
 class Frame:
     """One event as it goes on the wire, encoded once and shared by every client that receives it."""
 
-    __slots__ = ("id", "key", "kind", "run_id", "terminal", "data", "wire")
+    __slots__ = ("id", "key", "kind", "run_id", "terminal", "wire")
 
     def __init__(self, event_id: str, kind: str, run_id: str, state: str, data: bytes) -> None:
         self.id = event_id
@@ -60,7 +61,6 @@ class Frame:
         self.kind = kind  # "run" or "log"
         self.run_id = run_id
         self.terminal = kind == "run" and state in ("DONE", "ERROR", "CANCELLED")
-        self.data = data
         self.wire = b"id: %s\nevent: %s\ndata: %s\n\n" % (event_id.encode(), kind.encode(), data)
 
 
@@ -122,6 +122,7 @@ class EventHub:
         self._all_clients: set[Subscriber] = set()
         self._backlogs: OrderedDict[str, Backlog] = OrderedDict()  # memory mode, least recently used first
         self._backlogs_bytes = 0
+        self._finished_backlogs: deque[str] = deque()  # runs whose backlog ends with their terminal frame
         self._global = Backlog(GLOBAL_BACKLOG_FRAMES, GLOBAL_BACKLOG_BYTES)
         self._epoch = int(time.time() * 1000)  # ids of a restarted process are larger than the last one's
         self._seq = 0
@@ -201,6 +202,11 @@ class EventHub:
         else:
             self._backlogs.move_to_end(run_id)
         self._backlogs_bytes += backlog.add(frame)
+        if frame.terminal:
+            self._finished_backlogs.append(run_id)
+            while len(self._finished_backlogs) > FINISHED_BACKLOGS:
+                dropped = self._backlogs.pop(self._finished_backlogs.popleft(), None)
+                self._backlogs_bytes -= dropped.bytes if dropped is not None else 0
         while self._backlogs_bytes > RUN_BACKLOGS_BYTES and len(self._backlogs) > 1:
             self._backlogs_bytes -= self._backlogs.popitem(last=False)[1].bytes
         if kind == "run":

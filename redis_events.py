@@ -160,6 +160,8 @@ class RedisEvents:
                 if last is None:  # start at the end: what happened before is in the backlogs
                     newest = await self.reader_client.xrevrange(stream, count=1)
                     last = newest[0][0] if newest else b"0-0"
+                elif not self.available:
+                    await self.reader_client.ping()
                 self._set_available(True)
                 replies = await self.reader_client.xread({stream: last}, count=1000, block=READ_BLOCK_MS)
                 for _, entries in replies or ():

@@ -69,15 +69,14 @@ async def open_stores() -> str:
     run_store.on_cancel = request_stop
     run_store.on_work = work_waiting.set
     await run_store.start()
-    redis_events = None
     if config.redis_url:
         from redis_events import RedisEvents
 
         redis_events = RedisEvents(run_store.client, config.redis_url, config.redis_prefix, events.hub, log)
-    events.hub.start(config.events_keepalive_seconds, redis=redis_events, on_log=run_store.append_log
-                     if redis_events is None else None)
-    if redis_events is not None:
+        events.hub.start(config.events_keepalive_seconds, redis=redis_events)
         await redis_events.start()
+    else:
+        events.hub.start(config.events_keepalive_seconds, on_log=run_store.append_log)
     events.capture_agent_logs()
     return "redis" if config.redis_url else "memory"
 

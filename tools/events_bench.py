@@ -19,32 +19,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 
+from soak import free_port, rss_mb  # tools/ is on the path when this file runs as a script
+
 HERE = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
 
 
 class StreamClient:
@@ -96,11 +86,32 @@ async def drive(url: str, seconds: float, drivers: int) -> list[str]:
     return accepted
 
 
-async def measure(args: argparse.Namespace) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_clients(port: int, count: int, ready: Any, stop: Any, results: Any) -> None:
+    """In a process of their own (so reading frames does not slow the drivers): ``count`` stream clients."""
+    async def main() -> None:
+        clients = [StreamClient() for _ in range(count)]
+        for client in clients:
+            client.task = asyncio.create_task(client.run(port))
+        await asyncio.sleep(1.0)
+        ready.set()
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        results.put([(client.frames, sorted(client.terminal)) for client in clients])
+
+    asyncio.run(main())
+
+
+async def measure(args: argparse.Namespace) -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "AGENT_SLEEP_SECONDS": "0", "ON_BUSY": "enqueue",
-           "QUEUE_MAX": "1000", "AGENT_MODULES": ""}
+           "QUEUE_MAX": "1000", "AGENT_MODULES": "", "MAX_CONCURRENT_RUNS": str(args.slots)}
     if args.redis_url:
         env.update(REDIS_URL=args.redis_url, REDIS_PREFIX=f"bench-{uuid.uuid4().hex[:8]}")
     log = tempfile.NamedTemporaryFile(prefix="events-bench-", suffix=".log", delete=False)
@@ -117,32 +128,40 @@ async def measure(args: argparse.Namespace) -> dict[str, float]:
             if time.monotonic() > deadline or server.poll() is not None:
                 raise RuntimeError(f"server did not start; see {log.name}")
             await asyncio.sleep(0.05)
-        await drive(url, args.seconds, args.drivers)  # warm-up, and the RSS without clients
+        await drive(url, 2.0, args.drivers)  # warm-up
+        started, cpu = time.monotonic(), cpu_seconds(server.pid)
+        alone = await drive(url, args.seconds, args.drivers)  # the same load without clients
+        alone_seconds, alone_cpu = time.monotonic() - started, cpu_seconds(server.pid) - cpu
         rss_before = rss_mb(server.pid)
-        clients = [StreamClient() for _ in range(args.clients)]
-        for client in clients:
-            client.task = asyncio.create_task(client.run(port))
-        await asyncio.sleep(1.0)
+        context = multiprocessing.get_context("spawn")
+        ready, stop, results = context.Event(), context.Event(), context.Queue()
+        readers = context.Process(target=run_clients, args=(port, args.clients, ready, stop, results))
+        readers.start()
+        if not ready.wait(30):
+            raise RuntimeError("the stream clients did not connect")
         rss_idle_clients = rss_mb(server.pid)
-        started = time.monotonic()
-        frames_before = [client.frames for client in clients]
+        started, cpu = time.monotonic(), cpu_seconds(server.pid)
         accepted = await drive(url, args.seconds, args.drivers)
+        elapsed, loaded_cpu = time.monotonic() - started, cpu_seconds(server.pid) - cpu
         rss_after = rss_mb(server.pid)
-        elapsed = time.monotonic() - started
-        settle = time.monotonic() + 10
-        while time.monotonic() < settle and not all(set(accepted) <= client.terminal for client in clients):
-            await asyncio.sleep(0.05)
-        received = [client.frames - before for client, before in zip(clients, frames_before)]
-        complete = sum(set(accepted) <= client.terminal for client in clients)
-        for client in clients:
-            assert client.task is not None
-            client.task.cancel()
+        await asyncio.sleep(2.0)  # the last frames reach the clients
+        stop.set()
+        counts = results.get(timeout=30)
+        readers.join(10)
+        received = [frames for frames, _ in counts]
+        complete = sum(set(accepted) <= set(terminal) for _, terminal in counts)
+        events = min(received)  # run events published while the clients were connected (each went to all)
         return {
-            "clients": args.clients, "seconds": round(elapsed, 1), "runs": len(accepted),
-            "runs_per_second": round(len(accepted) / elapsed, 1),
-            "events_per_second": round(min(received) / elapsed, 1),  # each one went to every client
+            "clients": args.clients, "seconds": round(elapsed, 1), "load_average": os.getloadavg()[0],
+            "runs": len(accepted), "runs_per_second": round(len(accepted) / elapsed, 1),
+            "runs_per_second_without_clients": round(len(alone) / alone_seconds, 1),
+            "events_per_second": round(events / elapsed, 1),
             "deliveries_per_second": round(sum(received) / elapsed),
             "clients_with_every_run": complete,
+            "server_cpu_ms_per_run_without_clients": round(alone_cpu * 1000 / max(1, len(alone)), 2),
+            "server_cpu_ms_per_run_with_clients": round(loaded_cpu * 1000 / max(1, len(accepted)), 2),
+            "server_cpu_us_per_delivery": round((loaded_cpu - alone_cpu * len(accepted) / max(1, len(alone)))
+                                                * 1e6 / max(1, sum(received)), 1),
             "rss_mb_no_clients": round(rss_before, 1), "rss_mb_clients_idle": round(rss_idle_clients, 1),
             "rss_mb_clients_under_load": round(rss_after, 1),
             "footprint_mb": round(rss_after - rss_before, 1),
@@ -160,6 +179,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--drivers", type=int, default=4, help="concurrent clients keeping the queue fed")
+    parser.add_argument("--slots", type=int, default=1, help="MAX_CONCURRENT_RUNS")
     parser.add_argument("--redis-url")
     args = parser.parse_args()
     print(json.dumps(asyncio.run(measure(args)), indent=2))
