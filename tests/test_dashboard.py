@@ -148,51 +148,81 @@ def test_a_run_started_over_http_appears_waits_runs_shows_progress_and_ends_done
     tab.expect_no_reload_and_no_errors()
 
 
-def test_history_filters_and_a_runs_live_log_tail(tmp_path: Path, tab: Tab) -> None:
-    from playwright.sync_api import expect
+@pytest.fixture
+def memory_server(tmp_path: Path) -> Iterator[ServerProcess]:
     srv = ServerProcess(tmp_path / "server.log", AGENT_MODULES=AGENTS)
-    try:
-        done = srv.run_to_end("sleeper", seconds=0)["run_id"]
-        failed = srv.run_to_end("failing", message="scanner <offline>")["run_id"]
-        cancelled = start(srv, "hanging")
-        srv.wait_state(cancelled, "RUNNING")
-        assert srv.client.post(f"/agents/cancel/{cancelled}").json()["state"] == "CANCELLED"
-        tab.open(srv.url).expect_status("live", "Live")
-        for run_id, state in ((done, "DONE"), (failed, "ERROR"), (cancelled, "CANCELLED")):  # from GET /agents/runs
-            expect(tab.row(run_id)).to_have_attribute("data-state", state, timeout=WAIT_MS)
-        expect(tab.row(failed).locator(".outcome")).to_have_text("ValueError: scanner <offline>")  # text, not HTML
+    yield srv
+    srv.stop(signal.SIGKILL)
 
-        tab.page.select_option("#filter-state", "ERROR")
-        expect(tab.page.locator("#runs tr")).to_have_count(1)
-        expect(tab.row(failed)).to_be_visible()
-        tab.page.select_option("#filter-state", "")
-        tab.page.select_option("#filter-agent", "sleeper")
-        expect(tab.page.locator("#runs tr")).to_have_count(1)
-        expect(tab.row(done)).to_be_visible()
-        tab.page.select_option("#filter-agent", "")
 
-        chatty = start(srv, "chatty", input={"steps": 8, "interval": 0.4, "note": "<b>reading</b>"})
-        srv.wait_for_event("chatty_step", n=3, run_id=chatty)  # lines 1-3 come from GET /agents/logs
-        tab.row(chatty).get_by_role("button").click()
-        expect(tab.page.locator("#detail-title")).to_have_text(f"Run {chatty}")
-        expect(tab.page.locator("#detail-title")).to_be_focused()
-        log = tab.page.locator("#log li")
-        expect(log.filter(has_text="chatty_step n=5")).to_have_count(1, timeout=WAIT_MS)  # from the stream
-        queued = start(srv, "sleeper", on_busy="enqueue", input={"seconds": 0.2})
-        expect(tab.page.locator(f'#waiting li[data-run-id="{queued}"]')).to_contain_text("#1", timeout=WAIT_MS)
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        tab.page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
-        expect(tab.page.locator("#detail-state")).to_have_text("DONE", timeout=WAIT_MS)
-        steps = [line for line in log.all_inner_texts() if "chatty_step" in line]
-        assert [re.search(r"n=(\d+)", line).group(1) for line in steps] == [str(n) for n in range(1, 9)], steps
-        assert "note=<b>reading</b>" in steps[0]  # shown as text, never parsed as HTML
-        assert tab.page.locator("#log b, #runs offline").count() == 0
-        expect(tab.row(queued)).to_have_attribute("data-state", "DONE", timeout=WAIT_MS)
-        tab.page.get_by_role("button", name="Close").click()
-        expect(tab.page.locator("#detail")).to_be_hidden()
-        tab.expect_no_reload_and_no_errors()
-    finally:
-        srv.stop(signal.SIGKILL)
+def finished_runs(srv: ServerProcess) -> dict[str, str]:
+    """One run ended in each terminal state, by state; the error message is markup, to be shown as text."""
+    cancelled = start(srv, "hanging")
+    srv.wait_state(cancelled, "RUNNING")
+    assert srv.client.post(f"/agents/cancel/{cancelled}").json()["state"] == "CANCELLED"
+    return {"DONE": srv.run_to_end("sleeper", seconds=0)["run_id"],
+            "ERROR": srv.run_to_end("failing", message="scanner <offline>")["run_id"], "CANCELLED": cancelled}
+
+
+def test_history_shows_each_finished_state_with_its_outcome_and_filters_by_state_and_agent_type(
+        memory_server: ServerProcess, tab: Tab) -> None:
+    from playwright.sync_api import expect
+    runs = finished_runs(memory_server)
+    tab.open(memory_server.url).expect_status("live", "Live")
+    for state, run_id in runs.items():  # from GET /agents/runs
+        expect(tab.row(run_id)).to_have_attribute("data-state", state, timeout=WAIT_MS)
+        expect(tab.row(run_id).locator(".badge")).to_have_text(state)
+    expect(tab.row(runs["ERROR"]).locator(".outcome")).to_have_text("ValueError: scanner <offline>")  # not HTML
+    assert tab.page.locator("#runs offline").count() == 0
+    expect(tab.row(runs["CANCELLED"]).locator(".outcome")).to_have_text("cancelled")
+    colours = {state: tab.row(run_id).locator(".badge").evaluate("badge => getComputedStyle(badge).backgroundColor")
+               for state, run_id in runs.items()}
+    assert len(set(colours.values())) == 3, colours
+
+    tab.page.select_option("#filter-state", "ERROR")
+    expect(tab.page.locator("#runs tr")).to_have_count(1)
+    expect(tab.row(runs["ERROR"])).to_be_visible()
+    tab.page.select_option("#filter-state", "")
+    tab.page.select_option("#filter-agent", "sleeper")
+    expect(tab.page.locator("#runs tr")).to_have_count(1)
+    expect(tab.row(runs["DONE"])).to_be_visible()
+    tab.page.select_option("#filter-agent", "")
+    expect(tab.page.locator("#runs tr")).to_have_count(3)
+
+    huge = start(memory_server, "huge", input={"bytes": 1_000_000})  # one 1 MB event: read whole, shown clipped
+    expect(tab.row(huge)).to_have_attribute("data-state", "DONE", timeout=WAIT_MS)
+    assert tab.row(huge).locator(".outcome").inner_text() == "x" * 300 + "…"
+    tab.expect_no_reload_and_no_errors()
+
+
+def test_a_runs_detail_shows_its_stored_then_its_live_log_lines_each_once(
+        memory_server: ServerProcess, tab: Tab) -> None:
+    from playwright.sync_api import expect
+    srv = memory_server
+    finished_runs(srv)  # for the screenshot
+    tab.open(srv.url).expect_status("live", "Live")
+    chatty = start(srv, "chatty", input={"steps": 8, "interval": 0.4, "note": "<b>reading</b>"})
+    srv.wait_for_event("chatty_step", n=3, run_id=chatty)  # lines 1-3 come from GET /agents/logs
+    tab.row(chatty).get_by_role("button").click()
+    expect(tab.page.locator("#detail-title")).to_have_text(f"Run {chatty}")
+    expect(tab.page.locator("#detail-title")).to_be_focused()
+    log = tab.page.locator("#log li")
+    expect(log.filter(has_text="chatty_step n=5")).to_have_count(1, timeout=WAIT_MS)  # from the stream
+    queued = start(srv, "sleeper", on_busy="enqueue", input={"seconds": 0.2})
+    expect(tab.page.locator(f'#waiting li[data-run-id="{queued}"]')).to_contain_text("#1", timeout=WAIT_MS)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    tab.page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+
+    expect(tab.page.locator("#detail-state")).to_have_text("DONE", timeout=WAIT_MS)
+    steps = [line for line in log.all_inner_texts() if "chatty_step" in line]
+    assert [re.search(r"n=(\d+)", line).group(1) for line in steps] == [str(n) for n in range(1, 9)], steps
+    assert "note=<b>reading</b>" in steps[0]  # shown as text, never parsed as HTML
+    assert tab.page.locator("#log b").count() == 0
+    expect(tab.row(queued)).to_have_attribute("data-state", "DONE", timeout=WAIT_MS)
+    tab.page.get_by_role("button", name="Close").click()
+    expect(tab.page.locator("#detail")).to_be_hidden()
+    expect(tab.row(chatty).get_by_role("button")).to_be_focused()  # back where the user was
+    tab.expect_no_reload_and_no_errors()
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 20_000
 
 
