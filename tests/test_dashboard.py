@@ -179,14 +179,15 @@ def test_history_shows_each_finished_state_with_its_outcome_and_filters_by_state
                for state, run_id in runs.items()}
     assert len(set(colours.values())) == 3, colours
 
-    tab.page.select_option("#filter-state", "ERROR")
+    state, agent_type = tab.page.get_by_label("State"), tab.page.get_by_label("Agent type")  # labelled controls
+    state.select_option("ERROR")
     expect(tab.page.locator("#runs tr")).to_have_count(1)
     expect(tab.row(runs["ERROR"])).to_be_visible()
-    tab.page.select_option("#filter-state", "")
-    tab.page.select_option("#filter-agent", "sleeper")
+    state.select_option("")
+    agent_type.select_option("sleeper")
     expect(tab.page.locator("#runs tr")).to_have_count(1)
     expect(tab.row(runs["DONE"])).to_be_visible()
-    tab.page.select_option("#filter-agent", "")
+    agent_type.select_option("")
     expect(tab.page.locator("#runs tr")).to_have_count(3)
 
     huge = start(memory_server, "huge", input={"bytes": 1_000_000})  # one 1 MB event: read whole, shown clipped
