@@ -101,7 +101,8 @@ def inline_hash(page: str, tag: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
 
 
-def test_dashboard_is_the_static_page_under_a_policy_for_exactly_its_own_style_and_script(server) -> None:
+def test_dashboard_is_the_static_page_under_a_policy_for_exactly_its_own_style_and_script(
+        server: ServerProcess) -> None:
     response = server.client.get("/")
     assert response.status_code == 200
     assert response.headers["content-type"] == "text/html; charset=utf-8"
