@@ -31,6 +31,7 @@ from starlette.routing import Route
 
 import admission
 import agents
+import dashboard
 import events
 import metrics
 import runner
@@ -286,6 +287,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
 
 
 routes = [
+    Route("/", dashboard.dashboard, methods=["GET"]),
     Route("/agents", list_agents, methods=["GET"]),
     Route("/agents/run", post_run, methods=["POST"]),
     Route("/agents/status/{run_id}", get_status, methods=["GET"]),

@@ -43,8 +43,8 @@ def log_time(line: dict[str, Any]) -> float:
 class ServerProcess:
     """``python agent_runner.py`` on a free port, with its stdout kept in a file."""
 
-    def __init__(self, log_path: Path, **env: str) -> None:
-        self.port = free_port()
+    def __init__(self, log_path: Path, port: int | None = None, **env: str) -> None:
+        self.port = port or free_port()  # a given port: a server that comes back where clients knew it
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         # stdout buffered as in production (PYTHONUNBUFFERED would hide how info lines are batched)

@@ -298,6 +298,7 @@ STATUSES = {
     ("GET", "/openapi.yaml"): {"200"},
     ("GET", "/openapi.json"): {"200"},
     ("GET", "/docs"): {"200"},
+    ("GET", "/"): {"200"},
 }
 
 

@@ -279,7 +279,7 @@ def test_protected_paths_need_the_bearer_token(token_server: ServerProcess, meth
 
 
 def test_open_paths_need_no_token(token_server: ServerProcess) -> None:
-    for path in ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.yaml", "/openapi.json"):
+    for path in ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.yaml", "/openapi.json", "/"):
         assert httpx.get(token_server.url + path).status_code == 200, path
 
 
