@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import html
+import json
 import logging.config
 import os
 import sys
@@ -40,7 +42,6 @@ from logs import flush_stdout_regularly, log, log_hot, logging_config, write_hot
 from middleware import AccessLog, BearerAuth
 from settings import SETTINGS_TABLE, ConfigError, Settings, load_agent_modules
 from store import STATES, Page, Run, StoreUnavailable
-from yaml_reader import read_yaml
 
 __version__ = "0.1.0"
 
@@ -137,8 +138,16 @@ async def metrics_page(request: Request) -> Response:
     return Response(body, media_type=media_type)
 
 
-OPENAPI_YAML = (HERE / "openapi.yaml").read_bytes()
-OPENAPI_DOCUMENT = read_yaml(OPENAPI_YAML.decode())  # served as /openapi.json: one source, two forms
+OPENAPI_YAML = (HERE / "openapi.yaml").read_bytes()  # read at start: the spec served is the one started with
+
+
+@functools.cache
+def openapi_document() -> bytes:
+    """/openapi.json: openapi.yaml as JSON (one source, two forms), parsed on its first request, not at start."""
+    from yaml_reader import read_yaml
+
+    return json.dumps(read_yaml(OPENAPI_YAML.decode()), separators=(",", ":"), allow_nan=False).encode()
+
 
 # /docs loads exactly swagger-ui-dist settings.SWAGGER_UI_VERSION: the browser checks each file's hash
 # (Subresource Integrity), so a file changed at the CDN, or another version, is refused rather than run.
@@ -176,7 +185,7 @@ async def openapi_spec(request: Request) -> Response:
 
 
 async def openapi_json(request: Request) -> Response:
-    return json_response(OPENAPI_DOCUMENT)
+    return json_response(openapi_document())
 
 
 async def docs(request: Request) -> Response:
@@ -240,10 +249,10 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         sys.stdout.flush()
 
 
-routes = [
-    Route("/agents", list_agents, methods=["GET"]),
-    Route("/agents/run", post_run, methods=["POST"]),
+routes = [  # the router tries them in order: the busiest first
     Route("/agents/status/{run_id}", get_status, methods=["GET"]),
+    Route("/agents/run", post_run, methods=["POST"]),
+    Route("/agents", list_agents, methods=["GET"]),
     Route("/agents/cancel/{run_id}", cancel_run, methods=["POST"]),
     Route("/agents/runs", list_runs, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
@@ -332,7 +341,8 @@ def parse_args(argv: list[str]) -> None:
 
 
 def main() -> None:
-    parse_args(sys.argv[1:])
+    if sys.argv[1:]:  # argparse only for --help or --version: most starts have no arguments
+        parse_args(sys.argv[1:])
     configure()
     config = uvicorn.Config(
         app,
