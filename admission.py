@@ -28,12 +28,15 @@ admitting = 0
 
 
 async def admit(agent_cls: type[agents.BaseAgent], user_id: str, agent_input: dict[str, Any],
-                on_busy: str) -> tuple[str, Run]:
+                on_busy: str) -> tuple[str, Run | None]:
     """Start a run on a free slot, or queue it as ``on_busy`` says; returns the store's verdict and the run.
 
-    "started" and "queued" are accepted (202); "busy" and "full" are refused (409) and leave no run.
+    "started" and "queued" are accepted (202); "busy" and "full" are refused (409) and leave no run (None).
     """
     global admitting
+    refused = runner.run_store.refusal(runner.run_lock, on_busy, settings.current.queue_max)
+    if refused is not None:  # the hot path while busy: answered before a run is built
+        return refused, None
     admitting += 1  # drain waits for this admission, so a run accepted as shutdown starts gets its grace
     try:
         run = Run.new(str(uuid.uuid4()), agent_cls.agent_type, user_id, agent_input, holder=None)

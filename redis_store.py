@@ -348,6 +348,9 @@ class RedisRunStore:
 
     # --- the queue -------------------------------------------------------------------------------------------
 
+    def refusal(self, lock: RedisRunLock, on_busy: str, queue_max: int) -> None:
+        return None  # only the admit script can tell, atomically with the other replicas
+
     async def admit(self, run: Run, lock: RedisRunLock, on_busy: str, queue_max: int) -> str:
         """As MemoryRunStore.admit, across replicas: one script takes a slot or a place in the queue."""
         token = uuid.uuid4().hex

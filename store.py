@@ -171,9 +171,12 @@ class MemoryRunLock:
         self.slots = slots
         self._tokens: set[str] = set()
 
+    def free(self) -> bool:
+        return len(self._tokens) < self.slots
+
     def take(self) -> str | None:
         """A slot's token if one is free, else None; no await, so it is atomic with what the caller does next."""
-        if len(self._tokens) >= self.slots:
+        if not self.free():
             return None
         token = uuid.uuid4().hex
         self._tokens.add(token)
@@ -231,17 +234,25 @@ class MemoryRunStore:
         self._runs[run.run_id] = run
         self._finish_events[run.run_id] = asyncio.Event()
 
+    def refusal(self, lock: MemoryRunLock, on_busy: str, queue_max: int) -> str | None:
+        """"busy" or "full" when ``admit`` would refuse a run now, else None; exact, as nothing awaits in
+        between, so a refused POST never builds a run."""
+        if not self._queue and lock.free():
+            return None
+        if on_busy == "reject":
+            return "busy"
+        return "full" if len(self._queue) >= queue_max else None
+
     async def admit(self, run: Run, lock: MemoryRunLock, on_busy: str, queue_max: int) -> str:
         """In one step: start ``run`` on a free slot when nobody waits ("started", ``run.holder`` set),
         else queue it if ``on_busy`` allows and there is room ("queued"), else "busy" or "full"."""
+        refused = self.refusal(lock, on_busy, queue_max)
+        if refused is not None:
+            return refused
         if not self._queue and (token := lock.take()) is not None:
             run.holder = token
             self._add(run)
             return "started"
-        if on_busy == "reject":
-            return "busy"
-        if len(self._queue) >= queue_max:
-            return "full"
         self._add(run)
         if on_busy == "interrupt":
             self._queue.appendleft(run)
