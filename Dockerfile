@@ -12,7 +12,11 @@ RUN useradd --create-home --uid 10001 runner
 COPY --from=build /venv /venv
 WORKDIR /app
 COPY admission.py agent_runner.py agent_work.py agents.py http_json.py http_limits.py logs.py metrics.py \
-     middleware.py runner.py settings.py store.py redis_store.py redis_scripts.py yaml_reader.py openapi.yaml ./
+     middleware.py runner.py settings.py store.py redis_store.py redis_reads.py redis_scripts.py yaml_reader.py \
+     openapi.yaml ./
+# Byte-compiled here: at run time nothing is written (PYTHONDONTWRITEBYTECODE, not root), so otherwise every
+# start would compile every module again.
+RUN python -m compileall -q .
 ENV PATH="/venv/bin:$PATH" \
     PYTHONDONTWRITEBYTECODE=1 \
     HOST=0.0.0.0 \

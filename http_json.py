@@ -18,6 +18,7 @@ from starlette.responses import Response
 import agents
 import settings
 from logs import log
+from store import encode
 
 MAX_JSON_DEPTH = 32  # request bodies nested deeper are refused with 400
 REQUEST_FIELDS = ("agent_type", "user_id", "input", "on_busy")
@@ -27,7 +28,7 @@ UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{
 
 def json_response(content: Any, status_code: int = 200, headers: Mapping[str, str] | None = None) -> Response:
     if not isinstance(content, bytes):  # strict JSON: NaN and Infinity raise rather than reach a client
-        content = json.dumps(content, separators=(",", ":"), allow_nan=False).encode()
+        content = encode(content)
     return Response(content, status_code=status_code, headers=headers, media_type="application/json")
 
 

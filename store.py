@@ -35,9 +35,12 @@ class RunRecordInvalid(ValueError):
     """A stored run record this version cannot read (malformed, or missing what every run has)."""
 
 
+STRICT_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # made once: json.dumps makes one a call
+
+
 def encode(value: Any) -> bytes:
     """Compact, strict JSON (no NaN or Infinity), as every body the service writes."""
-    return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+    return STRICT_ENCODER.encode(value).encode()
 
 
 @dataclass(slots=True)
@@ -94,6 +97,11 @@ class Run:
             self._json = b"".join((head[:-1], b',"input":', self.input_json, b',"state":', encode(self.state),
                                    b',"result":', self.result_json, b",", tail[1:]))
         return self._json
+
+    def copy(self) -> Run:
+        return Run(self.run_id, self.agent_type, self.user_id, self.input_json, self.state, self.result_json,
+                   self.error, self.progress, self.created_at, self.started_at, self.finished_at,
+                   self.queue_position, self.cancelled_by, self.holder, self._json)
 
     @classmethod
     def from_json(cls, raw: bytes, holder: str | None = None) -> Run:
