@@ -168,20 +168,31 @@ def wrk(url: str, seconds: float, body: str | None = None) -> dict[str, float]:
     return {"rps": rps, "p99_ms": float(p99.group(1)) * scale}
 
 
+def paired(rounds: int, measure_baseline: Callable[[], dict[str, float]],
+           measure_service: Callable[[], dict[str, float]]) -> tuple[dict[str, float], ...]:
+    """Rounds of one baseline and one service sample, side by side in time (baseline first, then service
+    first, and so on, so a load that rises or falls favours neither). Returns, for each measured key, the
+    medians of each side and the median of the rounds' ratios: a ratio compares samples under the same load."""
+    base, serv = [], []
+    for round_ in range(rounds):
+        if round_ % 2 == 0:
+            base.append(measure_baseline())
+            serv.append(measure_service())
+        else:
+            serv.append(measure_service())
+            base.append(measure_baseline())
+    keys = base[0].keys()
+    return ({key: statistics.median(b[key] for b in base) for key in keys},
+            {key: statistics.median(s[key] for s in serv) for key in keys},
+            {key: statistics.median(s[key] / b[key] for b, s in zip(base, serv)) for key in keys})
+
+
 def interleave(rounds: int, measure_baseline: Callable[[], dict[str, float]],
                measure_service: Callable[[], dict[str, float]]) -> dict[str, Any]:
-    """baseline, service, baseline, service, ...; medians of each side."""
-    base, serv = [], []
-    for _ in range(rounds):
-        base.append(measure_baseline())
-        serv.append(measure_service())
-    med = lambda samples, key: statistics.median(s[key] for s in samples)  # noqa: E731
-    return {
-        "baseline_rps": med(base, "rps"), "service_rps": med(serv, "rps"),
-        "rps_ratio": med(serv, "rps") / med(base, "rps"),
-        "baseline_p99_ms": med(base, "p99_ms"), "service_p99_ms": med(serv, "p99_ms"),
-        "p99_ratio": med(serv, "p99_ms") / med(base, "p99_ms"),
-    }
+    """A wrk figure: req/s and p99 of each side, and their ratios (see ``paired``)."""
+    base, serv, ratio = paired(rounds, measure_baseline, measure_service)
+    return {"baseline_rps": base["rps"], "service_rps": serv["rps"], "rps_ratio": ratio["rps"],
+            "baseline_p99_ms": base["p99_ms"], "service_p99_ms": serv["p99_ms"], "p99_ratio": ratio["p99_ms"]}
 
 
 # --- figures ---------------------------------------------------------------
@@ -230,14 +241,14 @@ def fig_post_busy(opts: argparse.Namespace) -> dict[str, Any]:
 def fig_launch(opts: argparse.Namespace) -> dict[str, Any]:
     """Start to the first 200 from /healthz, the service's modules byte-compiled as in the image."""
     compile_service()
-    base, serv = [], []
-    for _ in range(3 if opts.quick else 15):
-        for kind, samples in (("baseline", base), ("service", serv)):
-            server = Server(kind)
-            samples.append(server.ready * 1000)
-            server.stop()
-    return {"baseline_ms": statistics.median(base), "service_ms": statistics.median(serv),
-            "ratio": statistics.median(serv) / statistics.median(base)}
+
+    def launch(kind: str) -> dict[str, float]:
+        server = Server(kind)
+        server.stop()
+        return {"ms": server.ready * 1000}
+
+    base, serv, ratio = paired(3 if opts.quick else 20, lambda: launch("baseline"), lambda: launch("service"))
+    return {"baseline_ms": base["ms"], "service_ms": serv["ms"], "ratio": ratio["ms"]}
 
 
 def fig_runs_per_second(opts: argparse.Namespace) -> dict[str, Any]:
@@ -288,12 +299,11 @@ def fig_queued_throughput(opts: argparse.Namespace) -> dict[str, Any]:
             service = Server("service", QUEUE_MAX=str(count), **env)
             try:
                 back_to_back(service, max(10, count // 10))  # warm-up
-                measured = interleave(opts.runs, lambda: {"rps": back_to_back(service, count), "p99_ms": 1.0},
-                                      lambda: {"rps": through_queue(service, count), "p99_ms": 1.0})
+                base, serv, ratio = paired(opts.runs, lambda: {"rps": back_to_back(service, count)},
+                                           lambda: {"rps": through_queue(service, count)})
             finally:
                 service.stop()
-            result[mode] = {"back_to_back_rps": measured["baseline_rps"], "queued_rps": measured["service_rps"],
-                            "ratio": measured["rps_ratio"]}
+            result[mode] = {"back_to_back_rps": base["rps"], "queued_rps": serv["rps"], "ratio": ratio["rps"]}
         if "redis" not in result:
             result["redis"] = {"skipped": "redis-server is not installed"}
         return result
@@ -423,12 +433,12 @@ def table(results: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few seconds per figure")
-    parser.add_argument("--runs", type=int, default=None, help="interleaved rounds per figure (default 3, quick 1)")
+    parser.add_argument("--runs", type=int, default=None, help="interleaved rounds per figure (default 6, quick 1)")
     parser.add_argument("--only", choices=FIGURES, action="append", help="measure only this figure (repeatable)")
     parser.add_argument("--output", default=str(HERE / "bench-results.json"))
     opts = parser.parse_args()
-    opts.runs = opts.runs or (1 if opts.quick else 3)
-    opts.seconds, opts.warmup = (1, 1) if opts.quick else (10, 3)
+    opts.runs = opts.runs or (1 if opts.quick else 6)
+    opts.seconds, opts.warmup = (1, 1) if opts.quick else (5, 3)
     wanted = opts.only or list(FIGURES)
     needs_wrk = {"get_status", "post_busy", "redis_get_status"} & set(wanted)
     if needs_wrk and shutil.which("wrk") is None:
