@@ -108,8 +108,9 @@ async def cancel_waiting(run_id: str) -> Run | None:
 
 def retry_after() -> int:
     """Seconds a refused client should wait: what the built-in agents still need, at least 1."""
-    now = time.monotonic()
-    elapsed = max((now - active.started for active in runner.active_runs.values()), default=0.0)
+    elapsed, now = 0.0, time.monotonic()
+    for active in runner.active_runs.values():  # a plain loop: this runs on every 409
+        elapsed = max(elapsed, now - active.started)
     return max(1, math.ceil(settings.current.agent_sleep_seconds - elapsed))
 
 

@@ -64,8 +64,9 @@ async def post_run(request: Request) -> Response:
     if verdict in ("busy", "full"):  # the busy path is hot: answered directly, not through the exception handler
         metrics.REJECTED_TOTAL.inc()
         log_hot("run_rejected", f'"agent_type": {json_string(agent_cls.agent_type)}, "user_id": "{user_id}"')
-        return json_response(BUSY_BODY if verdict == "busy" else QUEUE_FULL_BODY, 409,
-                             headers={"Retry-After": str(admission.retry_after())})
+        refusal = json_response(BUSY_BODY if verdict == "busy" else QUEUE_FULL_BODY, 409)
+        refusal.raw_headers.append((b"retry-after", b"%d" % admission.retry_after()))
+        return refusal
     body: dict[str, Any] = {"run_id": run.run_id, "state": run.state}
     if on_busy != "reject":
         body["queue_position"] = run.queue_position
