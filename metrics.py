@@ -20,8 +20,6 @@ QUEUE_WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600
 class Metric:
     """One metric, labelled or not; ``labels(*values)`` returns the child for those values (made once)."""
 
-    kind = ""
-
     def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...] = ()) -> None:
         self.name, self.documentation, self.labelnames = name, documentation, labelnames
         self._children: dict[tuple[str, ...], Any] = {}
@@ -40,44 +38,38 @@ class Metric:
         return iter(self._children.items()) if self.labelnames else iter([((), self)])
 
 
-class Counter(Metric):
-    kind = "counter"
+class Value(Metric):
+    """A metric that is one number per series: a counter (``inc``) or a gauge (``set``)."""
+
+    family_name = ""  # the prometheus_client family that shows it
 
     def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...] = ()) -> None:
         super().__init__(name, documentation, labelnames)
         self.value = 0.0
+
+    def family(self, core: Any) -> Any:
+        family = getattr(core, self.family_name)(self.name, self.documentation, labels=self.labelnames)
+        for values, child in self.series():
+            family.add_metric(values, child.value)
+        return family
+
+
+class Counter(Value):
+    family_name = "CounterMetricFamily"
 
     def inc(self, amount: float = 1.0) -> None:
         self.value += amount
 
-    def family(self, core: Any) -> Any:
-        family = core.CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for values, child in self.series():
-            family.add_metric(values, child.value)
-        return family
 
-
-class Gauge(Metric):
-    kind = "gauge"
-
-    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...] = ()) -> None:
-        super().__init__(name, documentation, labelnames)
-        self.value = 0.0
+class Gauge(Value):
+    family_name = "GaugeMetricFamily"
 
     def set(self, value: float) -> None:
         self.value = float(value)
 
-    def family(self, core: Any) -> Any:
-        family = core.GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for values, child in self.series():
-            family.add_metric(values, child.value)
-        return family
-
 
 class Histogram(Metric):
     """Counts per bucket (``value <= bound``, as prometheus_client does) and their sum."""
-
-    kind = "histogram"
 
     def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...] = (),
                  buckets: tuple[float, ...] = DURATION_BUCKETS) -> None:
