@@ -30,12 +30,15 @@ admitting = 0
 
 
 async def admit(agent_cls: type[agents.BaseAgent], user_id: str, agent_input: dict[str, Any],
-                on_busy: str, webhook: str | None = None, run_id: str | None = None) -> tuple[str, Run]:
+                on_busy: str, webhook: str | None = None, run_id: str | None = None) -> tuple[str, Run | None]:
     """Start a run on a free slot, or queue it as ``on_busy`` says; returns the store's verdict and the run.
 
-    "started" and "queued" are accepted (202); "busy" and "full" are refused (409) and leave no run.
+    "started" and "queued" are accepted (202); "busy" and "full" are refused (409) and leave no run (None).
     """
     global admitting
+    refused = runner.run_store.refusal(runner.run_lock, on_busy, settings.current.queue_max)
+    if refused is not None:  # the hot path while busy: answered before a run is built
+        return refused, None
     admitting += 1  # drain waits for this admission, so a run accepted as shutdown starts gets its grace
     try:
         run = Run.new(run_id or str(uuid.uuid4()), agent_cls.agent_type, user_id, agent_input, holder=None,
@@ -90,7 +93,7 @@ async def admit_once(key: str, agent_cls: type[agents.BaseAgent], user_id: str, 
             verdict = "closed"
             return verdict, claim.run_id, None
         verdict, run = await admit(agent_cls, user_id, agent_input, on_busy, webhook, run_id=claim.run_id)
-        return verdict, run.run_id, run.queue_position
+        return verdict, claim.run_id, run.queue_position if run is not None else None
     finally:  # before the answer, on every path: a client disconnect or an error included
         await asyncio.shield(settle_key(key, fingerprint, claim.run_id, verdict))
 
@@ -176,8 +179,9 @@ async def cancel_waiting(run_id: str, position: int = 1) -> Run | None:
 
 def retry_after() -> int:
     """Seconds a refused client should wait: what the built-in agents still need, at least 1."""
-    now = time.monotonic()
-    elapsed = max((now - active.started for active in runner.active_runs.values()), default=0.0)
+    elapsed, now = 0.0, time.monotonic()
+    for active in runner.active_runs.values():  # a plain loop: this runs on every 409
+        elapsed = max(elapsed, now - active.started)
     return max(1, math.ceil(settings.current.agent_sleep_seconds - elapsed))
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import html
+import json
 import logging.config
 import os
 import sys
@@ -45,7 +47,6 @@ from logs import flush_stdout_regularly, log, log_hot, logging_config, write_hot
 from middleware import AccessLog, BearerAuth
 from settings import SETTINGS_TABLE, ConfigError, Settings, load_agent_modules
 from store import STATES, Page, Run, StoreUnavailable
-from yaml_reader import read_yaml
 
 __version__ = "0.1.0"
 
@@ -99,8 +100,9 @@ def refuse_run(verdict: str, agent_cls: type[agents.BaseAgent], user_id: str) ->
     """409: every slot taken, or the queue full. The busy path is hot: answered here, not by the exception handler."""
     metrics.REJECTED_TOTAL.inc()
     log_hot("run_rejected", f'"agent_type": {json_string(agent_cls.agent_type)}, "user_id": "{user_id}"')
-    return json_response(BUSY_BODY if verdict == "busy" else QUEUE_FULL_BODY, 409,
-                         headers={"Retry-After": str(admission.retry_after())})
+    refusal = json_response(BUSY_BODY if verdict == "busy" else QUEUE_FULL_BODY, 409)
+    refusal.raw_headers.append((b"retry-after", b"%d" % admission.retry_after()))
+    return refusal
 
 
 def accept_run(run_id: str, on_busy: str, queue_position: int | None, replayed: bool = False) -> Response:
@@ -181,8 +183,16 @@ async def metrics_page(request: Request) -> Response:
     return Response(body, media_type=media_type)
 
 
-OPENAPI_YAML = (HERE / "openapi.yaml").read_bytes()
-OPENAPI_DOCUMENT = read_yaml(OPENAPI_YAML.decode())  # served as /openapi.json: one source, two forms
+OPENAPI_YAML = (HERE / "openapi.yaml").read_bytes()  # read at start: the spec served is the one started with
+
+
+@functools.cache
+def openapi_document() -> bytes:
+    """/openapi.json: openapi.yaml as JSON (one source, two forms), parsed on its first request, not at start."""
+    from yaml_reader import read_yaml
+
+    return json.dumps(read_yaml(OPENAPI_YAML.decode()), separators=(",", ":"), allow_nan=False).encode()
+
 
 # /docs loads exactly swagger-ui-dist settings.SWAGGER_UI_VERSION: the browser checks each file's hash
 # (Subresource Integrity), so a file changed at the CDN, or another version, is refused rather than run.
@@ -220,7 +230,7 @@ async def openapi_spec(request: Request) -> Response:
 
 
 async def openapi_json(request: Request) -> Response:
-    return json_response(OPENAPI_DOCUMENT)
+    return json_response(openapi_document())
 
 
 async def docs(request: Request) -> Response:
@@ -286,11 +296,10 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         sys.stdout.flush()
 
 
-routes = [
-    Route("/", dashboard.dashboard, methods=["GET"]),
-    Route("/agents", list_agents, methods=["GET"]),
-    Route("/agents/run", post_run, methods=["POST"]),
+routes = [  # the router tries them in order: the busiest first
     Route("/agents/status/{run_id}", get_status, methods=["GET"]),
+    Route("/agents/run", post_run, methods=["POST"]),
+    Route("/agents", list_agents, methods=["GET"]),
     Route("/agents/cancel/{run_id}", cancel_run, methods=["POST"]),
     Route("/agents/runs", list_runs, methods=["GET"]),
     Route("/agents/events", all_events, methods=["GET"]),
@@ -302,6 +311,7 @@ routes = [
     Route("/openapi.yaml", openapi_spec, methods=["GET"]),
     Route("/openapi.json", openapi_json, methods=["GET"]),
     Route("/docs", docs, methods=["GET"]),
+    Route("/", dashboard.dashboard, methods=["GET"]),
 ]
 
 app = Starlette(
@@ -388,7 +398,8 @@ def parse_args(argv: list[str]) -> None:
 
 
 def main() -> None:
-    parse_args(sys.argv[1:])
+    if sys.argv[1:]:  # argparse only for --help or --version: most starts have no arguments
+        parse_args(sys.argv[1:])
     configure()
     config = uvicorn.Config(
         app,

@@ -18,6 +18,7 @@ from starlette.responses import Response
 import agents
 import settings
 from logs import log
+from store import encode
 from webhook_http import WebhookRefused, check_url, resolve
 
 MAX_JSON_DEPTH = 32  # request bodies nested deeper are refused with 400
@@ -29,7 +30,7 @@ UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{
 
 def json_response(content: Any, status_code: int = 200, headers: Mapping[str, str] | None = None) -> Response:
     if not isinstance(content, bytes):  # strict JSON: NaN and Infinity raise rather than reach a client
-        content = json.dumps(content, separators=(",", ":"), allow_nan=False).encode()
+        content = encode(content)
     return Response(content, status_code=status_code, headers=headers, media_type="application/json")
 
 
@@ -72,6 +73,9 @@ def finite_float(text: str) -> float:
     return value
 
 
+STRICT_JSON = json.JSONDecoder(parse_constant=reject_constant, parse_float=finite_float)  # made once, not per body
+
+
 async def read_json(request: Request) -> Any:
     """The request's JSON body, or an HTTPException saying exactly what is wrong with it."""
     media_type, _, params = request.headers.get("content-type", "").partition(";")
@@ -99,14 +103,17 @@ async def read_json(request: Request) -> Any:
     except UnicodeDecodeError:
         raise HTTPException(400, "Request body is not valid UTF-8") from None
     try:
-        data = json.loads(text, parse_constant=reject_constant, parse_float=finite_float)
+        if text.startswith("\ufeff"):  # refused by json.loads, which checks this before decoding
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        data = STRICT_JSON.decode(text)
     except RecursionError:
         raise HTTPException(400, f"Request body is nested deeper than {MAX_JSON_DEPTH} levels") from None
     except NonFiniteNumber as exc:
         raise HTTPException(400, f"Request body has a number too large to be finite: {short(str(exc))}") from None
     except ValueError as exc:
         raise HTTPException(400, f"Request body is not valid JSON: {exc}") from None
-    if json_depth_exceeds(data, MAX_JSON_DEPTH):
+    # Nesting needs an opening bracket per level: a body with fewer brackets than the limit needs no walk.
+    if body.count(b"{") + body.count(b"[") > MAX_JSON_DEPTH and json_depth_exceeds(data, MAX_JSON_DEPTH):
         raise HTTPException(400, f"Request body is nested deeper than {MAX_JSON_DEPTH} levels")
     return data
 

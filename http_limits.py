@@ -49,6 +49,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self.head_received: int | None = None  # bytes received since the head began; None between heads
         self.head_size = 0  # bytes of request line and headers parsed
+        self.head_started = 0.0  # loop time the current head began
+        # One timer per connection, not per request: it is left running when a head completes, and when it
+        # fires it closes the connection if a head began HEADER_TIMEOUT_SECONDS ago, or waits for the one
+        # in progress, or stops until the next head begins.
         self.head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -57,6 +61,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._end_head()
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -95,19 +102,23 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _begin_head(self) -> None:
         self.head_received = self.head_size = 0
-        self.head_timer = self.loop.call_later(HEADER_TIMEOUT_SECONDS, self._head_timed_out)
+        self.head_started = self.loop.time()
+        if self.head_timer is None:
+            self.head_timer = self.loop.call_at(self.head_started + HEADER_TIMEOUT_SECONDS, self._head_timer_fired)
 
     def _end_head(self) -> None:
         self.head_received = None
-        if self.head_timer is not None:
-            self.head_timer.cancel()
-            self.head_timer = None
 
-    def _head_timed_out(self) -> None:
+    def _head_timer_fired(self) -> None:
         self.head_timer = None
-        if not self.transport.is_closing():
-            self._refuse("header_timeout")
-            self.transport.close()
+        if self.head_received is None or self.transport.is_closing():
+            return  # no head in progress: _begin_head starts the timer again
+        deadline = self.head_started + HEADER_TIMEOUT_SECONDS
+        if self.loop.time() < deadline:  # the head in progress began after the one the timer was set for
+            self.head_timer = self.loop.call_at(deadline, self._head_timer_fired)
+            return
+        self._refuse("header_timeout")
+        self.transport.close()
 
     def _refuse(self, reason: str) -> None:
         self._end_head()

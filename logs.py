@@ -156,15 +156,19 @@ def logging_config(level: str, log_format: str = "auto", colour: bool = True) ->
 log = logging.getLogger("agent_runner")
 
 _second, _second_text = -1, ""
+_milli, _milli_text = -1, ""
 
 
 def log_timestamp(now: float) -> str:
-    """RFC 3339 UTC with milliseconds, ending in Z (the seconds part is formatted once per second)."""
-    global _second, _second_text
+    """RFC 3339 UTC with milliseconds, ending in Z (formatted once per millisecond: lines come in bursts)."""
+    global _second, _second_text, _milli, _milli_text
     second = int(now)
-    if second != _second:
-        _second, _second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return f"{_second_text}.{int((now - second) * 1000):03d}Z"
+    milli = int((now - second) * 1000)
+    if milli != _milli or second != _second:
+        if second != _second:
+            _second, _second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _milli, _milli_text = milli, f"{_second_text}.{milli:03d}Z"
+    return _milli_text
 
 
 def log_hot(event: str, fields: str) -> None:

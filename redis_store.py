@@ -19,8 +19,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import LockError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from redis_reads import CoalescedReads, RecordReader
 from redis_scripts import ADMIT_SCRIPT, FINISH_SCRIPT, ORPHANS_SCRIPT, TAKE_SCRIPT, TRIM_SCRIPT
-from store import LockLost, Page, Run, RunRecordInvalid, StoreUnavailable
+from store import LockLost, Page, Run, StoreUnavailable
 
 
 def open_redis(url: str, prefix: str, lock_ttl_seconds: float, retention: int, retention_bytes: int,
@@ -132,7 +133,7 @@ class RedisRunStore:
         self.retention_bytes = retention_bytes
         self.health = health
         self.log = log
-        self._invalid_logged: set[str] = set()
+        self._records = RecordReader(log)
         self.on_cancel: Callable[[str, str | None], None] = lambda run_id, by: None
         self.on_work: Callable[[], None] = lambda: None  # a run was queued or a slot freed, on any replica
         self.on_finished: Callable[[Run], None] = lambda run: None  # a run with a webhook was stored terminal
@@ -140,6 +141,7 @@ class RedisRunStore:
         self._progress_writes: dict[str, asyncio.Task[None]] = {}
         self._progress_dirty: set[str] = set()
         self._listener: asyncio.Task[None] | None = None
+        self._reads = CoalescedReads(client)  # concurrent record reads share one MGET
         self._finish = client.register_script(FINISH_SCRIPT)
         self._trim = client.register_script(TRIM_SCRIPT)
         self._admit = client.register_script(ADMIT_SCRIPT)
@@ -262,7 +264,7 @@ class RedisRunStore:
     async def get(self, run_id: str) -> Run | None:
         """The run, or None when it is not stored (or its record cannot be read: see ``read``)."""
         async with self.health.guard():
-            raw = await self.client.get(self.key("run", run_id))
+            raw = await self._reads.get(self.key("run", run_id))
         run = self.read(run_id, raw)
         if run is not None and run.queue_position is not None:
             await self._place([run])
@@ -281,15 +283,7 @@ class RedisRunStore:
 
     def read(self, run_id: str, raw: bytes | None, holder: str | None = None) -> Run | None:
         """A stored record as a Run; an unreadable one is logged once (run_record_invalid) and skipped."""
-        if raw is None:
-            return None
-        try:
-            return Run.from_json(raw, holder=holder)
-        except RunRecordInvalid as exc:
-            if run_id not in self._invalid_logged and len(self._invalid_logged) < 10000:
-                self._invalid_logged.add(run_id)
-                self.log.error("run_record_invalid", extra={"key": self.key("run", run_id), "detail": str(exc)})
-            return None
+        return self._records.read(self.key("run", run_id), raw, holder)
 
     async def wait_finished(self, run_id: str, timeout: float) -> Run | None:
         event = asyncio.Event()
@@ -354,6 +348,9 @@ class RedisRunStore:
         return True, None if flag == b"-" else flag.decode(errors="replace")
 
     # --- the queue -------------------------------------------------------------------------------------------
+
+    def refusal(self, lock: RedisRunLock, on_busy: str, queue_max: int) -> None:
+        return None  # only the admit script can tell, atomically with the other replicas
 
     async def admit(self, run: Run, lock: RedisRunLock, on_busy: str, queue_max: int) -> str:
         """As MemoryRunStore.admit, across replicas: one script takes a slot or a place in the queue."""

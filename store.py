@@ -38,9 +38,12 @@ class RunRecordInvalid(ValueError):
     """A stored run record this version cannot read (malformed, or missing what every run has)."""
 
 
+STRICT_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # made once: json.dumps makes one a call
+
+
 def encode(value: Any) -> bytes:
     """Compact, strict JSON (no NaN or Infinity), as every body the service writes."""
-    return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+    return STRICT_ENCODER.encode(value).encode()
 
 
 @dataclass(slots=True)
@@ -100,6 +103,12 @@ class Run:
             self._json = b"".join((head[:-1], b',"input":', self.input_json, b',"state":', encode(self.state),
                                    b',"result":', self.result_json, b",", tail[1:]))
         return self._json
+
+    def copy(self) -> Run:
+        return Run(self.run_id, self.agent_type, self.user_id, self.input_json, self.state, self.result_json,
+                   self.error, self.progress, self.created_at, self.started_at, self.finished_at,
+                   queue_position=self.queue_position, cancelled_by=self.cancelled_by, webhook=self.webhook,
+                   holder=self.holder, _json=self._json)
 
     @classmethod
     def from_json(cls, raw: bytes, holder: str | None = None) -> Run:
@@ -198,9 +207,12 @@ class MemoryRunLock:
         self.slots = slots
         self._tokens: set[str] = set()
 
+    def free(self) -> bool:
+        return len(self._tokens) < self.slots
+
     def take(self) -> str | None:
         """A slot's token if one is free, else None; no await, so it is atomic with what the caller does next."""
-        if len(self._tokens) >= self.slots:
+        if not self.free():
             return None
         token = uuid.uuid4().hex
         self._tokens.add(token)
@@ -260,17 +272,25 @@ class MemoryRunStore:
         self._runs[run.run_id] = run
         self._finish_events[run.run_id] = asyncio.Event()
 
+    def refusal(self, lock: MemoryRunLock, on_busy: str, queue_max: int) -> str | None:
+        """"busy" or "full" when ``admit`` would refuse a run now, else None; exact, as nothing awaits in
+        between, so a refused POST never builds a run."""
+        if not self._queue and lock.free():
+            return None
+        if on_busy == "reject":
+            return "busy"
+        return "full" if len(self._queue) >= queue_max else None
+
     async def admit(self, run: Run, lock: MemoryRunLock, on_busy: str, queue_max: int) -> str:
         """In one step: start ``run`` on a free slot when nobody waits ("started", ``run.holder`` set),
         else queue it if ``on_busy`` allows and there is room ("queued"), else "busy" or "full"."""
+        refused = self.refusal(lock, on_busy, queue_max)
+        if refused is not None:
+            return refused
         if not self._queue and (token := lock.take()) is not None:
             run.holder = token
             self._add(run)
             return "started"
-        if on_busy == "reject":
-            return "busy"
-        if len(self._queue) >= queue_max:
-            return "full"
         self._add(run)
         if on_busy == "interrupt":
             self._queue.appendleft(run)

@@ -18,7 +18,15 @@ FIGURES = {
     "get_status": LOAD, "post_busy": LOAD, "launch": {"baseline_ms", "service_ms", "ratio"},
     "runs_per_second": {"runs", "runs_per_second"},
     "rss": {"retention", "runs_first", "runs_second", "rss_first_mb", "rss_second_mb", "growth"},
+    "queued_throughput": {"runs", "memory", "redis"},
     "footprint": {"site_packages_mb"}, "redis_get_status": {"memory_rps", "redis_rps", "ratio"},
+}
+TARGETS = {  # every row whose target is checked, and the target it prints
+    "GET status req/s": ">= 0.90", "GET status p99 ms": "<= 1.5", "POST busy (409) req/s": ">= 0.80",
+    "POST busy (409) p99 ms": "<= 1.5", "launch to /healthz ms": "<= 1.25",
+    "queued runs/s, memory (vs back to back)": ">= 1.0", "queued runs/s, Redis (vs back to back)": ">= 1.0",
+    "RSS MB after 500/2500 runs": "<= +10 %", "site-packages MB": "<= 32",
+    "Redis GET status req/s (vs memory)": ">= 0.50",
 }
 
 
@@ -67,6 +75,12 @@ def test_quick_bench_measures_every_figure_and_prints_them_as_the_table(tmp_path
     assert 1 < figures["footprint"]["site_packages_mb"] < 500
     in_redis = figures["redis_get_status"]
     assert 50 < in_redis["memory_rps"] < 1e6 and 50 < in_redis["redis_rps"] < 1e6, in_redis
+    queued = figures["queued_throughput"]
+    assert queued["runs"] == 50
+    for mode in ("memory", "redis"):
+        assert set(queued[mode]) == {"back_to_back_rps", "queued_rps", "ratio"}, queued
+        assert 1 < queued[mode]["back_to_back_rps"] < 1e5 and 1 < queued[mode]["queued_rps"] < 1e5, queued
+        assert abs(queued[mode]["ratio"] - queued[mode]["queued_rps"] / queued[mode]["back_to_back_rps"]) < 1e-9
 
     # The table shows exactly those figures.
     rows = table_rows(result.stdout)
@@ -78,6 +92,9 @@ def test_quick_bench_measures_every_figure_and_prints_them_as_the_table(tmp_path
                                    for key in ("baseline_p99_ms", "service_p99_ms", "p99_ratio")],
         "launch to /healthz ms": [launch["baseline_ms"], launch["service_ms"], launch["ratio"]],
         "runs/s back to back": [None, figures["runs_per_second"]["runs_per_second"], None],
+        **{f"queued runs/s, {name} (vs back to back)": [queued[mode][key] for key in
+                                                        ("back_to_back_rps", "queued_rps", "ratio")]
+           for mode, name in (("memory", "memory"), ("redis", "Redis"))},
         "RSS MB after 500/2500 runs": [rss["rss_first_mb"], rss["rss_second_mb"], rss["growth"] * 100],
         "site-packages MB": [None, figures["footprint"]["site_packages_mb"], None],
         "Redis GET status req/s (vs memory)": [in_redis["memory_rps"], in_redis["redis_rps"], in_redis["ratio"]],
@@ -86,3 +103,25 @@ def test_quick_bench_measures_every_figure_and_prints_them_as_the_table(tmp_path
     for label, values in expected.items():
         for cell, value in zip(rows[label], values):
             assert cell == "" if value is None else shows(cell, value), (label, rows[label], values)
+
+    # Each checked figure prints its target and whether it holds, computed from the figure itself.
+    checked = {
+        "GET status req/s": figures["get_status"]["rps_ratio"], "GET status p99 ms": figures["get_status"]["p99_ratio"],
+        "POST busy (409) req/s": figures["post_busy"]["rps_ratio"],
+        "POST busy (409) p99 ms": figures["post_busy"]["p99_ratio"], "launch to /healthz ms": launch["ratio"],
+        "queued runs/s, memory (vs back to back)": queued["memory"]["ratio"],
+        "queued runs/s, Redis (vs back to back)": queued["redis"]["ratio"],
+        "RSS MB after 500/2500 runs": rss["growth"] * 100,
+        "site-packages MB": figures["footprint"]["site_packages_mb"],
+        "Redis GET status req/s (vs memory)": in_redis["ratio"],
+    }
+    for label, target in TARGETS.items():
+        assert rows[label][3] == target, (label, rows[label])
+        op, limit = target.split()[:2]
+        holds = checked[label] >= float(limit) if op == ">=" else checked[label] <= float(limit)
+        assert rows[label][4] == ("yes" if holds else "NO"), (label, rows[label])
+        assert report["targets"][label] == {"target": target, "holds": rows[label][4] == "yes"}
+    assert rows["runs/s back to back"][3:] == ["printed", ""]
+    assert set(report["targets"]) == set(TARGETS)
+    missed = [label for label in TARGETS if rows[label][4] == "NO"]
+    assert f"targets: {len(TARGETS) - len(missed)} of {len(TARGETS)} hold" in result.stdout

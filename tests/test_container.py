@@ -70,6 +70,12 @@ def test_dockerfile_runtime_rebuilt_without_docker_starts_and_is_healthy(tmp_pat
         elif op == "ENV":
             for key, value in (pair.split("=", 1) for pair in shlex.split(args)):
                 env[key] = value.replace("$PATH", os.environ["PATH"]).replace("/venv/", f"{venv}/")
+        elif op == "RUN" and args.startswith("python -m compileall"):  # what the runtime starts from
+            command = [sys.executable if word == "python" else str(app) if word == "." else word
+                       for word in shlex.split(args)]
+            subprocess.run(command, check=True, capture_output=True)
+            compiled = {path.name.split(".")[0] for path in (app / "__pycache__").glob("*.pyc")}
+            assert compiled == {path.stem for path in app.glob("*.py")}, compiled
         elif op == "CMD":
             cmd = json.loads(args)
         elif op == "HEALTHCHECK":

@@ -354,6 +354,33 @@ def test_a_client_that_never_finishes_its_headers_is_dropped_within_about_10_s(p
     plain_server.wait_for_event("request_refused", reason="header_timeout")
 
 
+def test_the_header_time_limit_counts_from_the_first_byte_of_each_kept_alive_request(
+        plain_server: ServerProcess) -> None:
+    """A request that begins 3 s into a kept-alive connection gets its own 10 s, not what was left of the first's."""
+    with socket.create_connection(("127.0.0.1", plain_server.port)) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.settimeout(5)
+        answer = b""
+        while not answer.endswith(b'{"status":"ok"}'):  # the whole answer: its body may come in a second packet
+            answer += sock.recv(65536) or pytest.fail(f"closed after {answer!r}")
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+        time.sleep(3)
+        begun = time.monotonic()
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and never ends its headers
+        sock.setblocking(False)
+        closed_after = None
+        while closed_after is None and time.monotonic() - begun < 14:
+            time.sleep(0.25)
+            try:
+                sock.send(b"X-Line: 1\r\n")
+                if closed_by_server(sock):
+                    closed_after = time.monotonic() - begun
+            except (BrokenPipeError, ConnectionResetError):
+                closed_after = time.monotonic() - begun
+    assert closed_after is not None, "still connected 14 s after the second request began"
+    assert 9.5 <= closed_after <= 12, closed_after
+
+
 def test_connections_past_the_limit_are_answered_503(tmp_path: Path) -> None:
     files = 2 * MAX_CONNECTIONS + 200  # the sockets held here, and the server's ends of them
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -347,6 +347,33 @@ def test_metrics_include_the_standard_process_and_python_series(server: ServerPr
     assert re.search(r"^python_gc_objects_collected_total\{generation=\"0\"\} \d", text, re.M)
 
 
+def test_the_first_scrape_declares_every_series_and_shows_the_unlabelled_ones(start_server) -> None:
+    srv = start_server()
+    text = srv.client.get("/metrics").text  # prometheus_client is imported by this first scrape
+    types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.M))
+    assert {name: kind for name, kind in types.items() if name.startswith("agent_runner_")} == {
+        "agent_runner_runs_total": "counter", "agent_runner_rejected_total": "counter",
+        "agent_runner_run_duration_seconds": "histogram", "agent_runner_running": "gauge",
+        "agent_runner_queue_depth": "gauge", "agent_runner_queue_wait_seconds": "histogram",
+        "agent_runner_webhook_attempts_total": "counter", "agent_runner_webhooks_undelivered_total": "counter",
+        "agent_runner_event_streams": "gauge", "agent_runner_event_streams_dropped_total": "counter",
+        "agent_runner_http_requests_total": "counter"}
+    assert list(types).index("process_cpu_seconds_total") < list(types).index("agent_runner_runs_total")
+    for line in ("agent_runner_rejected_total 0.0", "agent_runner_running 0.0", "agent_runner_queue_depth 0.0",
+                 'agent_runner_queue_wait_seconds_bucket{le="0.01"} 0.0',
+                 'agent_runner_queue_wait_seconds_bucket{le="+Inf"} 0.0', "agent_runner_queue_wait_seconds_count 0.0",
+                 "agent_runner_queue_wait_seconds_sum 0.0", "agent_runner_webhooks_undelivered_total 0.0",
+                 "agent_runner_event_streams 0.0", "agent_runner_event_streams_dropped_total 0.0"):
+        assert line in text.splitlines(), line
+    assert "_created" not in text
+    srv.run_to_end("sleeper", seconds=0)
+    buckets = re.findall(r'^agent_runner_run_duration_seconds_bucket\{agent_type="sleeper",le="([^"]+)"\} (\S+)$',
+                         srv.client.get("/metrics").text, re.M)
+    assert [le for le, _ in buckets] == ["0.01", "0.05", "0.1", "0.5", "1.0", "2.5", "5.0", "10.0", "30.0", "60.0",
+                                         "120.0", "300.0", "600.0", "+Inf"]
+    assert buckets[-1][1] == "1.0" and all(float(count) <= 1 for _, count in buckets)
+
+
 # --- readiness and graceful shutdown --------------------------------------
 
 def test_readyz_is_ready_while_accepting(server: ServerProcess) -> None:
