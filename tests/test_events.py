@@ -357,3 +357,33 @@ def test_a_stream_ends_cleanly_when_its_replica_loses_redis_and_the_run_goes_on(
     finally:
         srv.stop(signal.SIGKILL)
 
+
+
+def test_a_client_resuming_after_the_terminal_frame_gets_an_ended_stream_not_an_endless_one(events_server) -> None:
+    """An EventSource reconnects after a stream ends, with the terminal frame's id as Last-Event-ID."""
+    srv = events_server
+    run_id = post(srv, "sleeper", seconds=0.05)
+    srv.wait_run(run_id)
+    first = SSEReader(f"{srv.url}/agents/events/{run_id}")
+    first.wait_ended()
+    terminal_id = first.frames[-1][1]
+    again = SSEReader(f"{srv.url}/agents/events/{run_id}", {"Last-Event-ID": terminal_id})
+    again.wait_ended(timeout=5)
+    assert again.status == 200 and again.clean, again.error
+    assert [data["state"] for data in run_frames(again)] in ([], ["DONE"])
+
+
+@pytest.mark.parametrize("last_event_id", ["99999999999999999999-0", "1-18446744073709551615",
+                                           "18446744073709551616-1"])
+def test_a_last_event_id_out_of_range_is_ignored_like_garbage(events_server, last_event_id: str) -> None:
+    srv = events_server
+    run_id = post(srv, "sleeper", seconds=0.05)
+    srv.wait_run(run_id)
+    reader = SSEReader(f"{srv.url}/agents/events/{run_id}", {"Last-Event-ID": last_event_id})
+    reader.wait_ended()
+    assert reader.status == 200, reader.status
+    assert [data["state"] for data in run_frames(reader)] == ["DONE"]  # the run as it stands, then the end
+    all_runs = SSEReader(f"{srv.url}/agents/events", {"Last-Event-ID": last_event_id})
+    all_runs.wait_started()
+    assert all_runs.status == 200, all_runs.status  # (it never ends by itself)
+    all_runs.close()
