@@ -90,9 +90,17 @@ def check_url(url: str, allowed: tuple[str, ...]) -> Target:
     try:
         address = ipaddress.ip_address(host)
     except ValueError:  # a name: resolve() checks what it resolves to
+        try:
+            host.encode("idna")  # what the lookup does first; an empty or over-long label fails here, not there
+        except UnicodeError:
+            raise WebhookRefused(f"host {short_host(host)!r} is not a valid host name") from None
         return target
     check_address(target, address)
     return target
+
+
+def short_host(host: str) -> str:
+    return host if len(host) <= 80 else host[:80] + "..."
 
 
 def check_address(target: Target, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:

@@ -369,3 +369,12 @@ def test_memory_mode_owes_a_bounded_number_of_deliveries(monkeypatch: pytest.Mon
     assert first.attempt == 1 and first.body == runs[0].json()
     asyncio.run(queue.report(first, 0.0))  # a retry takes its place again
     assert asyncio.run(queue.claim())[0] is first and first.attempt == 2
+
+
+@pytest.mark.parametrize("webhook", ["http://a..example.com/hook", "http://.example.com/hook",
+                                     "http://" + "a" * 64 + ".example.com/hook"])
+def test_a_host_name_dns_cannot_encode_is_a_400_not_a_500(any_host_server: ServerProcess, webhook: str) -> None:
+    response = post_run(any_host_server, webhook)  # empty or over-long labels: the lookup cannot even be made
+    assert response.status_code == 400, response.text
+    assert response.json()["detail"].startswith("webhook ")
+    assert any_host_server.client.get("/agents/runs").json()["runs"] == []
