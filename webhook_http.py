@@ -34,6 +34,10 @@ class WebhookRefused(ValueError):
     """A webhook URL or address this service will not call; the message says why."""
 
 
+class WebhookUnresolved(WebhookRefused):
+    """The host's lookup failed (no answer, a timeout): refused on a request, retried at delivery."""
+
+
 @dataclass(frozen=True)
 class Target:
     """A checked webhook URL: where to connect and what to send in the request line and Host header."""
@@ -120,7 +124,7 @@ async def resolve(target: Target, timeout: float) -> list[str]:
     try:
         infos = await asyncio.wait_for(loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM), timeout)
     except (OSError, TimeoutError) as exc:
-        raise WebhookRefused(f"host {target.host!r} does not resolve: {exc or 'timed out'}") from None
+        raise WebhookUnresolved(f"host {target.host!r} does not resolve: {exc or 'timed out'}") from None
     addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
     for address in addresses:
         check_address(target, ipaddress.ip_address(address.split("%", 1)[0]))

@@ -378,3 +378,34 @@ def test_a_host_name_dns_cannot_encode_is_a_400_not_a_500(any_host_server: Serve
     assert response.status_code == 400, response.text
     assert response.json()["detail"].startswith("webhook ")
     assert any_host_server.client.get("/agents/runs").json()["runs"] == []
+
+
+def test_a_lookup_that_fails_for_a_moment_at_delivery_is_retried_not_given_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At least once: a DNS blip (EAI_AGAIN) at delivery is a network error like any other."""
+    import asyncio
+    import socket
+
+    import settings
+    import webhooks
+    from settings import Settings
+    from store import Run
+
+    monkeypatch.setattr(settings, "current", Settings.from_env({
+        "WEBHOOK_SECRET": SECRET, "WEBHOOK_ALLOWED_HOSTS": "hooks.example.com", "WEBHOOK_TIMEOUT_SECONDS": "2"}))
+
+    def lookup_fails(*args: Any, **kwargs: Any) -> Any:
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup_fails)
+    queue = webhooks.MemoryDeliveries()
+    queue.owe(Run.new(str(uuid.uuid4()), "sleeper", new_user(), {}, holder=None,
+                      webhook="https://hooks.example.com/hook"))
+
+    async def one_attempt() -> None:
+        delivery, _ = await queue.claim()
+        assert delivery is not None and delivery.attempt == 1
+        await webhooks.Deliverer(queue).attempt(delivery)
+
+    asyncio.run(one_attempt())
+    owed = queue.take_all()
+    assert [delivery.attempt for delivery in owed] == [1], "the delivery was given up after one lookup failed"
