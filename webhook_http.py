@@ -29,6 +29,10 @@ STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-5][0-9][0-9])(?: [^\r\n]*)?\r?\n")
 METADATA_ADDRESSES = frozenset(ipaddress.ip_address(address) for address in (
     "169.254.169.254", "169.254.170.2", "100.100.100.200", "fd00:ec2::254"))
 
+# IPv6 prefixes whose last 32 bits are an IPv4 address the packet may reach: NAT64 (well-known and local-use)
+# and the deprecated IPv4-compatible form. (IPv4-mapped and 6to4 have their own properties in ipaddress.)
+IPV4_CARRYING = tuple(ipaddress.ip_network(prefix) for prefix in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96"))
+
 
 class WebhookRefused(ValueError):
     """A webhook URL or address this service will not call; the message says why."""
@@ -111,9 +115,14 @@ def check_address(target: Target, address: ipaddress.IPv4Address | ipaddress.IPv
     """Refuse a loopback, private, link-local, metadata (or any other non-public) address, unless listed by name."""
     if target.listed:
         return
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    if address in METADATA_ADDRESSES or not address.is_global or address.is_multicast:
+    site_local = False
+    if isinstance(address, ipaddress.IPv6Address):  # one that carries an IPv4 address is judged by that one
+        site_local = address.is_site_local
+        if address.ipv4_mapped is not None or address.sixtofour is not None:
+            address = address.ipv4_mapped or address.sixtofour
+        elif any(address in prefix for prefix in IPV4_CARRYING):
+            address = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if address in METADATA_ADDRESSES or not address.is_global or address.is_multicast or site_local:
         raise WebhookRefused(f"host {target.host!r} resolves to {address}, a loopback, private, link-local or "
                              "metadata address; list the host by name in WEBHOOK_ALLOWED_HOSTS to allow it")
 

@@ -409,3 +409,18 @@ def test_a_lookup_that_fails_for_a_moment_at_delivery_is_retried_not_given_up(mo
     asyncio.run(one_attempt())
     owed = queue.take_all()
     assert [delivery.attempt for delivery in owed] == [1], "the delivery was given up after one lookup failed"
+
+
+@pytest.mark.parametrize("webhook", [
+    "http://[64:ff9b::a9fe:a9fe]/latest/meta-data",  # NAT64: 169.254.169.254 through a NAT64 gateway
+    "http://[64:ff9b::a00:5]/hook",  # NAT64: 10.0.0.5
+    "http://[2002:a9fe:a9fe::1]/hook",  # 6to4 of 169.254.169.254
+    "http://[::7f00:1]/hook",  # IPv4-compatible ::127.0.0.1
+    "http://[fec0::1]/hook",  # site-local (deprecated, still private)
+])
+def test_an_ipv6_address_embedding_a_private_ipv4_one_is_a_400(any_host_server: ServerProcess,
+                                                               webhook: str) -> None:
+    response = post_run(any_host_server, webhook)
+    assert response.status_code == 400, response.text
+    assert "loopback, private, link-local or metadata" in response.json()["detail"]
+    assert any_host_server.client.get("/agents/runs").json()["runs"] == []
