@@ -387,3 +387,24 @@ def test_a_last_event_id_out_of_range_is_ignored_like_garbage(events_server, las
     all_runs.wait_started()
     assert all_runs.status == 200, all_runs.status  # (it never ends by itself)
     all_runs.close()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_log_line_with_a_non_finite_number_is_served_as_strict_json(events_server, value: str) -> None:
+    """An agent that logs float(input) can log NaN; /agents/logs, the stream and stdout stay strict JSON."""
+    def strict(text: str) -> Any:
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in {text[:200]}"))
+
+    srv = events_server
+    run_id = post(srv, "scorer", value=value)
+    reader = SSEReader(f"{srv.url}/agents/events/{run_id}")
+    reader.wait_ended()
+    assert reader.status == 200 and reader.error is None, reader.error
+    response = srv.client.get(f"/agents/logs/{run_id}")
+    assert response.status_code == 200
+    lines = strict(response.text)["lines"]
+    assert [line["event"] for line in lines] == ["line_score"]
+    assert lines[0]["value"] == {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}[value]
+    srv.wait_for_event("line_score", run_id=run_id)
+    stdout = [line for line in srv.log_path.read_text().splitlines() if '"line_score"' in line]
+    assert stdout and strict(stdout[-1])["value"] == lines[0]["value"]
