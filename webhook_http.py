@@ -85,6 +85,8 @@ def check_url(url: str, allowed: tuple[str, ...]) -> Target:
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         raise WebhookRefused("must be an http:// or https:// URL")
+    if port == 0:
+        raise WebhookRefused("has port 0, which nothing listens on")
     if parts.username is not None or parts.password is not None:
         raise WebhookRefused("must not carry credentials (user:password@)")
     host = (parts.hostname or "").rstrip(".")

@@ -213,6 +213,7 @@ REFUSED = [
     ("http://127.0.0.1/a b", "without spaces"),
     ("http://127.0.0.1/\r\nX-Injected: 1", "without spaces"),
     ("http://127.0.0.1:99999/x", "not a valid URL"),
+    ("http://127.0.0.1:0/x", "port 0"),  # not port 80, where it was sent
     ("http:///x", "has no host"),
     (42, "must be a string"),
 ]
