@@ -117,16 +117,17 @@ def check_address(target: Target, address: ipaddress.IPv4Address | ipaddress.IPv
     """Refuse a loopback, private, link-local, metadata (or any other non-public) address, unless listed by name."""
     if target.listed:
         return
-    site_local = False
-    if isinstance(address, ipaddress.IPv6Address):  # one that carries an IPv4 address is judged by that one
-        site_local = address.is_site_local
-        if address.ipv4_mapped is not None or address.sixtofour is not None:
-            address = address.ipv4_mapped or address.sixtofour
-        elif any(address in prefix for prefix in IPV4_CARRYING):
-            address = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-    if address in METADATA_ADDRESSES or not address.is_global or address.is_multicast or site_local:
-        raise WebhookRefused(f"host {target.host!r} resolves to {address}, a loopback, private, link-local or "
-                             "metadata address; list the host by name in WEBHOOK_ALLOWED_HOSTS to allow it")
+    judged: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [address]
+    if isinstance(address, ipaddress.IPv6Address):  # one that carries an IPv4 address is judged by that one too
+        carried = address.ipv4_mapped or address.sixtofour
+        if carried is None and any(address in prefix for prefix in IPV4_CARRYING):
+            carried = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        judged = [address.ipv4_mapped] if address.ipv4_mapped is not None else [address, *filter(None, [carried])]
+    for one in judged:
+        site_local = isinstance(one, ipaddress.IPv6Address) and one.is_site_local
+        if one in METADATA_ADDRESSES or not one.is_global or one.is_multicast or site_local:
+            raise WebhookRefused(f"host {target.host!r} resolves to {one}, a loopback, private, link-local or "
+                                 "metadata address; list the host by name in WEBHOOK_ALLOWED_HOSTS to allow it")
 
 
 async def resolve(target: Target, timeout: float) -> list[str]:
