@@ -408,3 +408,27 @@ def test_a_log_line_with_a_non_finite_number_is_served_as_strict_json(events_ser
     srv.wait_for_event("line_score", run_id=run_id)
     stdout = [line for line in srv.log_path.read_text().splitlines() if '"line_score"' in line]
     assert stdout and strict(stdout[-1])["value"] == lines[0]["value"]
+
+
+def test_a_runs_event_backlog_counts_in_run_retention_mb_in_redis(tmp_path: Any, redis_server: RedisServer) -> None:
+    """Redis keeps up to 1 MB of events per run (its stream, for Last-Event-ID): kept with the run, so counted
+    with it; else Redis holds several times RUN_RETENTION_MB."""
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    srv = ServerProcess(tmp_path / "server.log", REDIS_URL=redis_server.url, REDIS_PREFIX=prefix,
+                        AGENT_MODULES=AGENTS, RUN_RETENTION_MB="1")
+    try:
+        runs = []
+        for _ in range(8):  # each run's 12 log lines are about 240 KB, kept in its log and in its event stream
+            runs.append(post(srv, "chatty", lines=12, pad=20000))
+            srv.wait_run(runs[-1])
+        deadline = time.monotonic() + 5
+        while redis_server.command("XREVRANGE", f"{prefix}:events:run:{runs[-1]}", "+", "-", "COUNT", "1")[0][1][b"s"] \
+                != b"DONE":
+            assert time.monotonic() < deadline, "the last run's terminal event never reached Redis"
+            time.sleep(0.02)
+        log_bytes = sum(int(size) for size in redis_server.command("HVALS", f"{prefix}:logbytes"))
+        event_bytes = sum(int(redis_server.command("GET", f"{prefix}:events:run:{run_id}:bytes") or 0)
+                          for run_id in runs)
+        assert log_bytes + event_bytes <= 1.15 * 1024 * 1024, (log_bytes, event_bytes)
+    finally:
+        srv.stop(signal.SIGKILL)
