@@ -13,6 +13,7 @@ import json
 import math
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import agents
@@ -64,13 +65,15 @@ async def admit(agent_cls: type[agents.BaseAgent], user_id: str, agent_input: di
 
 
 async def admit_once(key: str, agent_cls: type[agents.BaseAgent], user_id: str, agent_input: dict[str, Any],
-                     on_busy: str, webhook: str | None = None) -> tuple[str, str, int | None]:
+                     on_busy: str, webhook: str | None = None,
+                     check: Callable[[], Awaitable[None]] | None = None) -> tuple[str, str, int | None]:
     """``admit`` for a request with an Idempotency-Key: one run per key, however the request is retried.
 
     Returns the verdict, the run id and the run's queue position. Verdicts: those of ``admit`` ("busy" and
     "full" give the key back), "replayed" (an earlier request with the key was admitted: its run),
     "pending" (an earlier request with the key is still being decided), "mismatch" (the key came with a
-    different request) and "closed" (shutting down; the key is given back).
+    different request) and "closed" (shutting down; the key is given back). ``check`` (the webhook's DNS
+    look-up) runs only when the key is this request's to decide: a replay answers as the first request did.
     """
     keys = runner.idempotency_keys
     fingerprint = idempotency.fingerprint(agent_cls.agent_type, user_id, agent_input, on_busy, webhook)
@@ -92,6 +95,8 @@ async def admit_once(key: str, agent_cls: type[agents.BaseAgent], user_id: str, 
         if not accepting_runs:
             verdict = "closed"
             return verdict, claim.run_id, None
+        if check is not None:
+            await check()  # raising: the key is given back, like any refused request
         verdict, run = await admit(agent_cls, user_id, agent_input, on_busy, webhook, run_id=claim.run_id)
         return verdict, claim.run_id, run.queue_position if run is not None else None
     finally:  # before the answer, on every path: a client disconnect or an error included

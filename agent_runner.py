@@ -63,10 +63,10 @@ QUEUE_FULL_BODY = b'{"detail":"An agent is already running and the queue is full
 
 async def post_run(request: Request) -> Response:
     agent_cls, user_id, agent_input, on_busy, webhook = parse_run_request(await read_json(request))
-    if webhook is not None:
-        await check_webhook_resolves(webhook)
     if request.headers.get("idempotency-key") is not None:  # without one, this lookup is all a key costs
         return await post_run_once(request, agent_cls, user_id, agent_input, on_busy, webhook)
+    if webhook is not None:
+        await check_webhook_resolves(webhook)
     if not admission.accepting_runs:
         raise HTTPException(503, "Shutting down")
     verdict, run = await admission.admit(agent_cls, user_id, agent_input, on_busy, webhook)
@@ -79,8 +79,9 @@ async def post_run_once(request: Request, agent_cls: type[agents.BaseAgent], use
                         agent_input: dict[str, Any], on_busy: str, webhook: str | None) -> Response:
     """POST /agents/run with an Idempotency-Key: a retry gets the first accepted request's answer, not a run."""
     key = check_idempotency_key(request.headers.getlist("idempotency-key"))
+    check = (lambda: check_webhook_resolves(webhook)) if webhook is not None else None  # a replay is not checked
     verdict, run_id, queue_position = await admission.admit_once(key, agent_cls, user_id, agent_input, on_busy,
-                                                                   webhook)
+                                                                   webhook, check)
     if verdict == "mismatch":
         raise HTTPException(422, f"Idempotency-Key {short(key)} was used with a different request")
     if verdict == "pending":

@@ -47,7 +47,9 @@ EVENT_ID = re.compile(r"(\d{1,20})-(\d{1,20})")
 def parse_event_id(raw: str | None) -> tuple[int, int] | None:
     """A Last-Event-ID as a comparable key; None for a missing or foreign one (then it is ignored)."""
     match = EVENT_ID.fullmatch(raw.strip()) if raw else None
-    return (int(match[1]), int(match[2])) if match else None
+    if match is None or int(match[1]) >= 2 ** 63 or int(match[2]) >= 2 ** 63:  # past any id made here or by Redis
+        return None
+    return int(match[1]), int(match[2])
 
 
 class Frame:
@@ -287,8 +289,12 @@ class EventHub:
         if self.redis is not None:
             return await self.redis.first_run_frames(run_id, after, read_run)
         backlog = self._backlogs.get(run_id)
-        if after is not None and backlog is not None and backlog.has(after) and await read_run(run_id) is not None:
-            return backlog.after(after)
+        if after is not None and backlog is not None and backlog.has(after) and \
+                (run := await read_run(run_id)) is not None:
+            frames = backlog.after(after)
+            if not run.finished or any(frame.terminal for frame in frames):
+                return frames
+            # a client that had the terminal frame (an EventSource reconnects): the run again, then the end
         last_id = backlog.frames[-1].id if backlog is not None and backlog.frames else f"{self._epoch}-0"
         run = await read_run(run_id)
         return None if run is None else [Frame(last_id, "run", run_id, run.state, run.json())]

@@ -50,6 +50,13 @@ class LogFormatter(JsonFormatter):
         if "exc_info" in log_data:
             log_data["traceback"] = log_data.pop("exc_info")
 
+    def jsonify_log_record(self, log_data: Any) -> str:
+        """Strict JSON: a NaN or Infinity a field carries (an agent logged float("nan")) is written as a string."""
+        line = super().jsonify_log_record(log_data)
+        if "NaN" in line or "Infinity" in line:  # rare: only then is the line read back to check it
+            line = json.dumps(json.loads(line, parse_constant=str), ensure_ascii=self.json_ensure_ascii)
+        return line
+
 
 class ConsoleFormatter(LogFormatter):
     """LogFormatter's object, the same fields, rendered as a readable line (console_logs.render)."""

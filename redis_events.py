@@ -199,8 +199,10 @@ class RedisEvents:
                 pipe.xrange(stream, wanted, wanted)
                 pipe.xrange(stream, f"({wanted}", "+", count=RUN_BACKLOG_FRAMES)
                 found, entries = await _guarded(pipe.execute())
-            if found and await read_run(run_id) is not None:
-                return [frame for entry_id, fields in entries if (frame := _frame(entry_id, fields)) is not None]
+            if found and (run := await read_run(run_id)) is not None:
+                frames = [frame for entry_id, fields in entries if (frame := _frame(entry_id, fields)) is not None]
+                if not run.finished or any(frame.terminal for frame in frames):
+                    return frames  # else the client had the terminal frame: the run again, then the end
         newest = await _guarded(self.client.xrevrange(stream, count=1))
         last_id = newest[0][0].decode() if newest else "0-0"
         run = await read_run(run_id)

@@ -77,8 +77,9 @@ return nil
 # Store a terminal state: record, indexes, size, cancel flag, lock release (if the token still holds it),
 # the webhook delivery it owes (ARGV[6], the URL, or '') and the finished message in one step. Safe to run
 # twice: a retry after a lost reply counts the size once and owes the delivery once.
-# The size counted is the run's plus its log lines' (logbytes).
-# KEYS: run, finished, unfinished, cancel, sizes, bytes, seq, lock, logbytes, webhooks, webhook.
+# The size counted is the run's plus its log lines' (logbytes) plus its event stream's (for Last-Event-ID, kept
+# with the run: events:run:<id>:bytes).
+# KEYS: run, finished, unfinished, cancel, sizes, bytes, seq, lock, logbytes, webhooks, webhook, run events bytes.
 # ARGV: json, run_id, channel, token, size, webhook url.
 FINISH_SCRIPT = """
 redis.call('SET', KEYS[1], ARGV[1])
@@ -86,6 +87,7 @@ redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[7]), ARGV[2])
 redis.call('HDEL', KEYS[3], ARGV[2])
 redis.call('DEL', KEYS[4])
 local size = tonumber(ARGV[5]) + tonumber(redis.call('HGET', KEYS[9], ARGV[2]) or '0')
+  + tonumber(redis.call('GET', KEYS[12]) or '0')
 if redis.call('HSETNX', KEYS[5], ARGV[2], size) == 1 then
   redis.call('INCRBY', KEYS[6], size)
   if ARGV[6] ~= '' then

@@ -249,7 +249,8 @@ class RedisRunStore:
                 keys=[self.key("run", run.run_id), self.key("finished"), self.key("unfinished"),
                       self.key("cancel", run.run_id), self.key("sizes"), self.key("bytes"), self.key("seq"),
                       release.key_of(token) if release is not None and token else self.key("lock"),
-                      self.key("logbytes"), self.key("webhooks"), self.key("webhook", run.run_id)],
+                      self.key("logbytes"), self.key("webhooks"), self.key("webhook", run.run_id),
+                      self.key("events", "run", run.run_id, "bytes")],
                 args=[run.json(), run.run_id, self.key("finished"), token, run.size, run.webhook or ""])
             if release is not None and token:
                 release.forget(token)

@@ -29,9 +29,17 @@ STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-5][0-9][0-9])(?: [^\r\n]*)?\r?\n")
 METADATA_ADDRESSES = frozenset(ipaddress.ip_address(address) for address in (
     "169.254.169.254", "169.254.170.2", "100.100.100.200", "fd00:ec2::254"))
 
+# IPv6 prefixes whose last 32 bits are an IPv4 address the packet may reach: NAT64 (well-known and local-use)
+# and the deprecated IPv4-compatible form. (IPv4-mapped and 6to4 have their own properties in ipaddress.)
+IPV4_CARRYING = tuple(ipaddress.ip_network(prefix) for prefix in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96"))
+
 
 class WebhookRefused(ValueError):
     """A webhook URL or address this service will not call; the message says why."""
+
+
+class WebhookUnresolved(WebhookRefused):
+    """The host's lookup failed (no answer, a timeout): refused on a request, retried at delivery."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,8 @@ def check_url(url: str, allowed: tuple[str, ...]) -> Target:
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         raise WebhookRefused("must be an http:// or https:// URL")
+    if port == 0:
+        raise WebhookRefused("has port 0, which nothing listens on")
     if parts.username is not None or parts.password is not None:
         raise WebhookRefused("must not carry credentials (user:password@)")
     host = (parts.hostname or "").rstrip(".")
@@ -90,20 +100,34 @@ def check_url(url: str, allowed: tuple[str, ...]) -> Target:
     try:
         address = ipaddress.ip_address(host)
     except ValueError:  # a name: resolve() checks what it resolves to
+        try:
+            host.encode("idna")  # what the lookup does first; an empty or over-long label fails here, not there
+        except UnicodeError:
+            raise WebhookRefused(f"host {short_host(host)!r} is not a valid host name") from None
         return target
     check_address(target, address)
     return target
+
+
+def short_host(host: str) -> str:
+    return host if len(host) <= 80 else host[:80] + "..."
 
 
 def check_address(target: Target, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
     """Refuse a loopback, private, link-local, metadata (or any other non-public) address, unless listed by name."""
     if target.listed:
         return
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    if address in METADATA_ADDRESSES or not address.is_global or address.is_multicast:
-        raise WebhookRefused(f"host {target.host!r} resolves to {address}, a loopback, private, link-local or "
-                             "metadata address; list the host by name in WEBHOOK_ALLOWED_HOSTS to allow it")
+    judged: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [address]
+    if isinstance(address, ipaddress.IPv6Address):  # one that carries an IPv4 address is judged by that one too
+        carried = address.ipv4_mapped or address.sixtofour
+        if carried is None and any(address in prefix for prefix in IPV4_CARRYING):
+            carried = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        judged = [address.ipv4_mapped] if address.ipv4_mapped is not None else [address, *filter(None, [carried])]
+    for one in judged:
+        site_local = isinstance(one, ipaddress.IPv6Address) and one.is_site_local
+        if one in METADATA_ADDRESSES or not one.is_global or one.is_multicast or site_local:
+            raise WebhookRefused(f"host {target.host!r} resolves to {one}, a loopback, private, link-local or "
+                                 "metadata address; list the host by name in WEBHOOK_ALLOWED_HOSTS to allow it")
 
 
 async def resolve(target: Target, timeout: float) -> list[str]:
@@ -112,7 +136,7 @@ async def resolve(target: Target, timeout: float) -> list[str]:
     try:
         infos = await asyncio.wait_for(loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM), timeout)
     except (OSError, TimeoutError) as exc:
-        raise WebhookRefused(f"host {target.host!r} does not resolve: {exc or 'timed out'}") from None
+        raise WebhookUnresolved(f"host {target.host!r} does not resolve: {exc or 'timed out'}") from None
     addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
     for address in addresses:
         check_address(target, ipaddress.ip_address(address.split("%", 1)[0]))

@@ -29,7 +29,7 @@ import metrics
 import settings
 from logs import log
 from store import Run, StoreUnavailable
-from webhook_http import WebhookRefused, check_url, post, resolve
+from webhook_http import WebhookRefused, WebhookUnresolved, check_url, post, resolve
 
 MAX_ATTEMPTS = 6
 MAX_PARALLEL = 16  # attempts in flight at once per process; a slow receiver holds one for the timeout at most
@@ -163,6 +163,8 @@ class Deliverer:
                 header = signature(config.webhook_secret or "", int(time.time()), delivery.body)
                 status = await post(target, addresses, delivery.body, {"Agent-Runner-Signature": header},
                                     send_by=delivery.send_by)
+        except WebhookUnresolved as exc:  # a DNS failure may pass: retried like a network error
+            detail = str(exc)
         except WebhookRefused as exc:  # the settings or the DNS changed since the run was accepted
             detail, final = f"refused: {exc}", True
         except TimeoutError:

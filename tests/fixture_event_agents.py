@@ -24,3 +24,14 @@ class Chatty(BaseAgent):
             await asyncio.sleep(pause)
         await asyncio.to_thread(self.log.info, "line_thread", from_thread=True)
         return {"lines": int(self.input.get("lines", 3))}
+
+
+@register
+class Scorer(BaseAgent):
+    agent_type = "scorer"
+    description = "Logs input.value as a float (line_score), as an agent that parses a number from its input does."
+
+    async def run(self) -> Any:
+        value = float(self.input.get("value", "nan"))  # "nan", "inf": Python parses them
+        self.log.info("line_score", value=value)
+        return {"scored": True}

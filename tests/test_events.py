@@ -357,3 +357,78 @@ def test_a_stream_ends_cleanly_when_its_replica_loses_redis_and_the_run_goes_on(
     finally:
         srv.stop(signal.SIGKILL)
 
+
+
+def test_a_client_resuming_after_the_terminal_frame_gets_an_ended_stream_not_an_endless_one(events_server) -> None:
+    """An EventSource reconnects after a stream ends, with the terminal frame's id as Last-Event-ID."""
+    srv = events_server
+    run_id = post(srv, "sleeper", seconds=0.05)
+    srv.wait_run(run_id)
+    first = SSEReader(f"{srv.url}/agents/events/{run_id}")
+    first.wait_ended()
+    terminal_id = first.frames[-1][1]
+    again = SSEReader(f"{srv.url}/agents/events/{run_id}", {"Last-Event-ID": terminal_id})
+    again.wait_ended(timeout=5)
+    assert again.status == 200 and again.clean, again.error
+    assert [data["state"] for data in run_frames(again)] in ([], ["DONE"])
+
+
+@pytest.mark.parametrize("last_event_id", ["99999999999999999999-0", "1-18446744073709551615",
+                                           "18446744073709551616-1"])
+def test_a_last_event_id_out_of_range_is_ignored_like_garbage(events_server, last_event_id: str) -> None:
+    srv = events_server
+    run_id = post(srv, "sleeper", seconds=0.05)
+    srv.wait_run(run_id)
+    reader = SSEReader(f"{srv.url}/agents/events/{run_id}", {"Last-Event-ID": last_event_id})
+    reader.wait_ended()
+    assert reader.status == 200, reader.status
+    assert [data["state"] for data in run_frames(reader)] == ["DONE"]  # the run as it stands, then the end
+    all_runs = SSEReader(f"{srv.url}/agents/events", {"Last-Event-ID": last_event_id})
+    all_runs.wait_started()
+    assert all_runs.status == 200, all_runs.status  # (it never ends by itself)
+    all_runs.close()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_log_line_with_a_non_finite_number_is_served_as_strict_json(events_server, value: str) -> None:
+    """An agent that logs float(input) can log NaN; /agents/logs, the stream and stdout stay strict JSON."""
+    def strict(text: str) -> Any:
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in {text[:200]}"))
+
+    srv = events_server
+    run_id = post(srv, "scorer", value=value)
+    reader = SSEReader(f"{srv.url}/agents/events/{run_id}")
+    reader.wait_ended()
+    assert reader.status == 200 and reader.error is None, reader.error
+    response = srv.client.get(f"/agents/logs/{run_id}")
+    assert response.status_code == 200
+    lines = strict(response.text)["lines"]
+    assert [line["event"] for line in lines] == ["line_score"]
+    assert lines[0]["value"] == {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}[value]
+    srv.wait_for_event("line_score", run_id=run_id)
+    stdout = [line for line in srv.log_path.read_text().splitlines() if '"line_score"' in line]
+    assert stdout and strict(stdout[-1])["value"] == lines[0]["value"]
+
+
+def test_a_runs_event_backlog_counts_in_run_retention_mb_in_redis(tmp_path: Any, redis_server: RedisServer) -> None:
+    """Redis keeps up to 1 MB of events per run (its stream, for Last-Event-ID): kept with the run, so counted
+    with it; else Redis holds several times RUN_RETENTION_MB."""
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    srv = ServerProcess(tmp_path / "server.log", REDIS_URL=redis_server.url, REDIS_PREFIX=prefix,
+                        AGENT_MODULES=AGENTS, RUN_RETENTION_MB="1")
+    try:
+        runs = []
+        for _ in range(8):  # each run's 12 log lines are about 240 KB, kept in its log and in its event stream
+            runs.append(post(srv, "chatty", lines=12, pad=20000))
+            srv.wait_run(runs[-1])
+        deadline = time.monotonic() + 5
+        while redis_server.command("XREVRANGE", f"{prefix}:events:run:{runs[-1]}", "+", "-", "COUNT", "1")[0][1][b"s"] \
+                != b"DONE":
+            assert time.monotonic() < deadline, "the last run's terminal event never reached Redis"
+            time.sleep(0.02)
+        log_bytes = sum(int(size) for size in redis_server.command("HVALS", f"{prefix}:logbytes"))
+        event_bytes = sum(int(redis_server.command("GET", f"{prefix}:events:run:{run_id}:bytes") or 0)
+                          for run_id in runs)
+        assert log_bytes + event_bytes <= 1.15 * 1024 * 1024, (log_bytes, event_bytes)
+    finally:
+        srv.stop(signal.SIGKILL)

@@ -393,3 +393,20 @@ def test_redis_stopped_is_503_for_a_keyed_request_and_a_retry_after_it_is_back_s
         assert srv.wait_run(retried.json()["run_id"])["state"] == "DONE"
     finally:
         srv.stop(signal.SIGKILL)
+
+
+def test_a_replay_of_a_run_with_a_webhook_is_its_202_even_when_the_webhook_host_no_longer_resolves(
+        start_server) -> None:
+    """The retry's answer is the first one's: a look-up failing now must not tell the client its run was a 400."""
+    srv = start_server(AGENT_MODULES="fixture_agents,fixture_flaky_dns", WEBHOOK_SECRET="s" * 16,
+                       WEBHOOK_ALLOWED_HOSTS="localhost")
+    user, key = new_user(), new_key()
+    body = {"agent_type": "sleeper", "user_id": user, "input": {}, "webhook": "http://localhost:9/hook"}
+    first = srv.client.post("/agents/run", json=body, headers={"Idempotency-Key": key})
+    assert first.status_code == 202, first.text
+    again = srv.client.post("/agents/run", json=body, headers={"Idempotency-Key": key})
+    assert again.status_code == 202, again.text
+    assert again.json()["run_id"] == first.json()["run_id"] and again.headers["idempotent-replayed"] == "true"
+    fresh = srv.client.post("/agents/run", json=body, headers={"Idempotency-Key": new_key()})
+    assert fresh.status_code == 400 and "does not resolve" in fresh.json()["detail"]  # a new request is checked
+    assert [run["run_id"] for run in runs_of(srv, user)] == [first.json()["run_id"]]

@@ -213,6 +213,7 @@ REFUSED = [
     ("http://127.0.0.1/a b", "without spaces"),
     ("http://127.0.0.1/\r\nX-Injected: 1", "without spaces"),
     ("http://127.0.0.1:99999/x", "not a valid URL"),
+    ("http://127.0.0.1:0/x", "port 0"),  # not port 80, where it was sent
     ("http:///x", "has no host"),
     (42, "must be a string"),
 ]
@@ -369,3 +370,58 @@ def test_memory_mode_owes_a_bounded_number_of_deliveries(monkeypatch: pytest.Mon
     assert first.attempt == 1 and first.body == runs[0].json()
     asyncio.run(queue.report(first, 0.0))  # a retry takes its place again
     assert asyncio.run(queue.claim())[0] is first and first.attempt == 2
+
+
+@pytest.mark.parametrize("webhook", ["http://a..example.com/hook", "http://.example.com/hook",
+                                     "http://" + "a" * 64 + ".example.com/hook"])
+def test_a_host_name_dns_cannot_encode_is_a_400_not_a_500(any_host_server: ServerProcess, webhook: str) -> None:
+    response = post_run(any_host_server, webhook)  # empty or over-long labels: the lookup cannot even be made
+    assert response.status_code == 400, response.text
+    assert response.json()["detail"].startswith("webhook ")
+    assert any_host_server.client.get("/agents/runs").json()["runs"] == []
+
+
+def test_a_lookup_that_fails_for_a_moment_at_delivery_is_retried_not_given_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At least once: a DNS blip (EAI_AGAIN) at delivery is a network error like any other."""
+    import asyncio
+    import socket
+
+    import settings
+    import webhooks
+    from settings import Settings
+    from store import Run
+
+    monkeypatch.setattr(settings, "current", Settings.from_env({
+        "WEBHOOK_SECRET": SECRET, "WEBHOOK_ALLOWED_HOSTS": "hooks.example.com", "WEBHOOK_TIMEOUT_SECONDS": "2"}))
+
+    def lookup_fails(*args: Any, **kwargs: Any) -> Any:
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup_fails)
+    queue = webhooks.MemoryDeliveries()
+    queue.owe(Run.new(str(uuid.uuid4()), "sleeper", new_user(), {}, holder=None,
+                      webhook="https://hooks.example.com/hook"))
+
+    async def one_attempt() -> None:
+        delivery, _ = await queue.claim()
+        assert delivery is not None and delivery.attempt == 1
+        await webhooks.Deliverer(queue).attempt(delivery)
+
+    asyncio.run(one_attempt())
+    owed = queue.take_all()
+    assert [delivery.attempt for delivery in owed] == [1], "the delivery was given up after one lookup failed"
+
+
+@pytest.mark.parametrize("webhook", [
+    "http://[64:ff9b::a9fe:a9fe]/latest/meta-data",  # NAT64: 169.254.169.254 through a NAT64 gateway
+    "http://[64:ff9b::a00:5]/hook",  # NAT64: 10.0.0.5
+    "http://[2002:a9fe:a9fe::1]/hook",  # 6to4 of 169.254.169.254
+    "http://[::7f00:1]/hook",  # IPv4-compatible ::127.0.0.1
+    "http://[fec0::1]/hook",  # site-local (deprecated, still private)
+])
+def test_an_ipv6_address_embedding_a_private_ipv4_one_is_a_400(any_host_server: ServerProcess,
+                                                               webhook: str) -> None:
+    response = post_run(any_host_server, webhook)
+    assert response.status_code == 400, response.text
+    assert "loopback, private, link-local or metadata" in response.json()["detail"]
+    assert any_host_server.client.get("/agents/runs").json()["runs"] == []
