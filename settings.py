@@ -88,7 +88,8 @@ SETTINGS_TABLE = (
     ("WEBHOOK_ALLOWED_HOSTS", "",
      "comma-separated hosts webhooks may call (required with WEBHOOK_SECRET): a name, *.domain, or * for any"),
     ("WEBHOOK_BACKOFF_SECONDS", "10", "wait before a webhook's 2nd attempt; it doubles for each next (6 at most)"),
-    ("WEBHOOK_TIMEOUT_SECONDS", "5", "one webhook attempt (resolve, connect, send, status line) gives up after this"),
+    ("WEBHOOK_TIMEOUT_SECONDS", "5",
+     "one webhook attempt (resolve, connect, send, status line) gives up after this; at most 30"),
     ("IDEMPOTENCY_TTL_SECONDS", "86400",
      "how long an Idempotency-Key of an accepted POST /agents/run is remembered (replayed to retries)"),
     ("EVENTS_KEEPALIVE_SECONDS", "15", "an idle event stream gets a keep-alive comment this often"),
@@ -209,8 +210,10 @@ class Settings:
             webhook_allowed_hosts=allowed_hosts,
             webhook_backoff_seconds=_env_number(env, "WEBHOOK_BACKOFF_SECONDS", cls.webhook_backoff_seconds,
                                                 integer=False, minimum=0, above_minimum=True, maximum=3600),
+            # at most 30: a keyed POST looks its webhook up while its key is pending, which a retry may take
+            # over after idempotency.STALE_PENDING_SECONDS (60)
             webhook_timeout_seconds=_env_number(env, "WEBHOOK_TIMEOUT_SECONDS", cls.webhook_timeout_seconds,
-                                                integer=False, minimum=0, above_minimum=True, maximum=60),
+                                                integer=False, minimum=0, above_minimum=True, maximum=30),
             idempotency_ttl_seconds=_env_number(env, "IDEMPOTENCY_TTL_SECONDS", cls.idempotency_ttl_seconds,
                                                 integer=False, minimum=1, maximum=30 * 86400),
             events_keepalive_seconds=_env_number(env, "EVENTS_KEEPALIVE_SECONDS", cls.events_keepalive_seconds,
