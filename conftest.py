@@ -244,13 +244,13 @@ def start_server(tmp_path: Path, backend: dict[str, str]) -> Iterator[Any]:
 
 @pytest.fixture
 def replicas(tmp_path: Path, redis_server: RedisServer):
-    """Factory: replicas(n, **env) -> n server processes sharing one Redis prefix."""
+    """Factory: replicas(n, **env) -> n server processes sharing one Redis prefix (``url``: through a proxy)."""
     started: list[ServerProcess] = []
 
-    def start(count: int = 2, redis: RedisServer = redis_server, prefix: str | None = None,
+    def start(count: int = 2, redis: RedisServer = redis_server, prefix: str | None = None, url: str | None = None,
               **env: str) -> list[ServerProcess]:
         prefix = prefix or f"test-{uuid.uuid4().hex[:8]}"
-        new = [ServerProcess(tmp_path / f"replica-{len(started) + i}.log", REDIS_URL=redis.url,
+        new = [ServerProcess(tmp_path / f"replica-{len(started) + i}.log", REDIS_URL=url or redis.url,
                              REDIS_PREFIX=prefix, **env) for i in range(count)]
         started.extend(new)
         return new

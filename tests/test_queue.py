@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -213,19 +215,9 @@ def test_max_concurrent_runs_admits_exactly_that_many_from_a_burst(start_server)
 # --- across replicas (Redis) --------------------------------------------------------------------------------------
 
 @pytest.fixture
-def replicas(tmp_path: Path, redis_server: RedisServer):
-    started: list[ServerProcess] = []
-
-    def start(count: int, url: str = redis_server.url, prefix: str | None = None, **env: str) -> list[ServerProcess]:
-        prefix = prefix or f"test-{uuid.uuid4().hex[:8]}"
-        new = [ServerProcess(tmp_path / f"replica-{len(started) + i}.log", REDIS_URL=url, REDIS_PREFIX=prefix,
-                             AGENT_MODULES=AGENTS, **env) for i in range(count)]
-        started.extend(new)
-        return new
-
-    yield start
-    for srv in started:
-        srv.stop(signal.SIGKILL)
+def replicas(replicas: Any) -> Any:
+    """conftest's replicas, running this module's agents."""
+    return functools.partial(replicas, AGENT_MODULES=AGENTS)
 
 
 @pytest.mark.parametrize("slots", [1, 3])
