@@ -28,6 +28,9 @@ from store import Run, StoreUnavailable, utc_now
 
 accepting_runs = True
 admitting = 0
+QUEUE_FRAMES_INTERVAL = 0.25  # the waiting runs' position frames, at most this often
+queue_frames_from: int | None = None  # a pass is due, for the runs from this position on
+queue_frame_tasks: set[asyncio.Task[None]] = set()
 
 
 async def admit(agent_cls: type[agents.BaseAgent], user_id: str, agent_input: dict[str, Any],
@@ -57,7 +60,7 @@ async def admit(agent_cls: type[agents.BaseAgent], user_id: str, agent_input: di
         metrics.QUEUE_DEPTH.set(await runner.run_store.queue_length())
         work_waiting.set()
         if on_busy == "interrupt":
-            await publish_queue(from_position=2)  # the run went to the head: every other one moved back
+            publish_queue(from_position=2)  # the run went to the head: every other one moved back
             await interrupt_oldest(run)
     elif verdict == "started":
         log.info("run_accepted", extra=run_fields(run))
@@ -147,7 +150,7 @@ async def dispatch_forever() -> None:
                 begin_waited_run(run)
                 taken += 1
             if taken:
-                await publish_queue(from_position=1)
+                publish_queue(from_position=1)
             metrics.QUEUE_DEPTH.set(await runner.run_store.queue_length())
         except StoreUnavailable:
             pass  # the next tick tries again
@@ -159,8 +162,30 @@ def begin_waited_run(run: Run) -> None:
     start(run, agents.registry.get(run.agent_type), agent_input, waited=True)
 
 
-async def publish_queue(from_position: int) -> None:
-    """The queue moved: a run frame for each waiting run from ``from_position`` on (best effort)."""
+def publish_queue(from_position: int) -> None:
+    """The queue moved: a run frame for each waiting run from ``from_position`` on, soon (best effort).
+
+    Moves within QUEUE_FRAMES_INTERVAL share one pass: a queue of n draining
+    run by run would otherwise cost n frames (and in Redis mode n event
+    writes and a read of n records) for every run that leaves it.
+    """
+    global queue_frames_from
+    if queue_frames_from is not None:  # a pass is due: it covers this move too
+        queue_frames_from = min(queue_frames_from, from_position)
+        return
+    queue_frames_from = from_position
+    asyncio.get_running_loop().call_later(QUEUE_FRAMES_INTERVAL, start_queue_frames)
+
+
+def start_queue_frames() -> None:
+    task = asyncio.ensure_future(publish_queue_frames())
+    queue_frame_tasks.add(task)  # a strong reference until it is done
+    task.add_done_callback(queue_frame_tasks.discard)
+
+
+async def publish_queue_frames() -> None:
+    global queue_frames_from
+    from_position, queue_frames_from = queue_frames_from or 1, None
     with contextlib.suppress(StoreUnavailable):
         for run in await runner.run_store.waiting():
             if run.queue_position is not None and run.queue_position >= from_position:
@@ -175,7 +200,7 @@ async def cancel_waiting(run_id: str, position: int = 1) -> Run | None:
     run.update(state="CANCELLED", finished_at=utc_now())
     await runner.run_store.save(run)
     events.hub.publish_run(run)
-    await publish_queue(from_position=position)
+    publish_queue(from_position=position)
     metrics.QUEUE_DEPTH.set(await runner.run_store.queue_length())
     metrics.RUNS_TOTAL.labels(run.agent_type, run.state).inc()
     log.info("run_cancelled", extra={**run_fields(run), "state": run.state, "duration_ms": 0.0})

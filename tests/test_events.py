@@ -115,6 +115,27 @@ def test_run_stream_sends_the_run_then_each_change_and_ends_after_the_terminal_f
     assert runs[-1] == srv.client.get(f"/agents/status/{run_id}").json()  # exactly the status object
 
 
+def test_a_waiting_runs_stream_shows_it_move_up_the_queue_then_run(events_server) -> None:
+    srv = events_server
+    blocker = post(srv, "sleeper", seconds=60)
+    srv.wait_state(blocker, "RUNNING")
+    waiting = []
+    for _ in range(2):
+        answer = srv.client.post("/agents/run", json={"agent_type": "sleeper", "user_id": new_user(),
+                                                      "input": {"seconds": 0.1}, "on_busy": "enqueue"})
+        assert answer.status_code == 202, answer.text
+        waiting.append(answer.json()["run_id"])
+    reader = SSEReader(f"{srv.url}/agents/events/{waiting[1]}")
+    reader.wait_for(lambda r: [run["queue_position"] for run in run_frames(r)] == [2])
+    assert srv.client.post(f"/agents/cancel/{waiting[0]}").status_code == 200  # the run ahead leaves the line
+    reader.wait_for(lambda r: run_frames(r)[-1]["queue_position"] == 1)
+    assert srv.client.post(f"/agents/cancel/{blocker}").status_code in (200, 202)
+    reader.wait_ended()
+    runs = run_frames(reader)
+    assert [run["queue_position"] for run in runs if run["state"] == "PENDING"][:2] == [2, 1]
+    assert runs[-1]["state"] == "DONE" and runs[-1]["queue_position"] is None
+
+
 def test_log_frames_carry_the_agents_lines_including_one_from_a_thread(events_server) -> None:
     srv = events_server
     run_id = post(srv, "chatty", lines=3, seconds=0.1, delay=0.5)  # the stream is open before the first line
