@@ -8,6 +8,7 @@ import time
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -19,19 +20,9 @@ from test_webhooks import HOOKS, SECRET, Receiver, readme_verifier
 
 
 @pytest.fixture
-def replica(tmp_path: Path, redis_server: RedisServer):
-    """Factory: replica(prefix, **env) -> a server on the shared Redis under ``prefix``."""
-    started: list[ServerProcess] = []
-
-    def start(prefix: str, **env: str) -> ServerProcess:
-        server = ServerProcess(tmp_path / f"replica-{len(started)}.log", REDIS_URL=redis_server.url,
-                               REDIS_PREFIX=prefix, **{**HOOKS, **env})
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop(signal.SIGKILL)
+def replica(replicas: Any) -> Any:
+    """Factory: replica(prefix, **env) -> a server with webhooks on, on the shared Redis under ``prefix``."""
+    return lambda prefix, **env: replicas(1, prefix=prefix, **{**HOOKS, **env})[0]
 
 
 @pytest.fixture
