@@ -115,9 +115,16 @@ class ActiveRun:
         self.waited = False  # it waited in the queue before it got its slot
 
     def stop(self, reason: str) -> None:
-        """Ask the agent to stop; the first reason given decides the run's terminal state."""
+        """Ask the agent to stop; the first reason given decides the run's terminal state.
+
+        The agent is cancelled once, here: a second request (the same cancel arriving by pub/sub and by
+        the flag read at renewal, a timeout after a cancel) must not cut the cleanup it is running in
+        ``finally``. An agent that ignores the first is cancelled again by ``supervise``, every second.
+        """
         if self.stop_reason is None:
             self.stop_reason = reason
+        if self.stop_requested.is_set():
+            return
         self.stop_requested.set()
         self.stopping.set()
         if self.agent_task is not None:

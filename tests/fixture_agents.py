@@ -68,6 +68,20 @@ class Stubborn(BaseAgent):
 
 
 @register
+class Tidy(BaseAgent):
+    agent_type = "tidy"
+    description = "Waits until cancelled, then cleans up for input.cleanup seconds, logging cleanup_started/_done."
+
+    async def run(self) -> Any:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.log.info("cleanup_started")
+            await asyncio.sleep(float(self.input.get("cleanup", 0.5)))
+            self.log.info("cleanup_done")
+
+
+@register
 class Unserialisable(BaseAgent):
     agent_type = "unserialisable"
     description = "Returns a value JSON cannot encode."
@@ -88,16 +102,20 @@ class OverlapCounter(BaseAgent):
 
         client = Redis.from_url(self.input["redis_url"])
         key = self.input["key"]
+        # A cancel can land after Redis applied the INCR but before its reply came back. The INCR
+        # therefore runs as a task of its own that the cancel does not reach, and the finally waits
+        # for it: every increment Redis applied is matched by a decrement.
+        entered = asyncio.ensure_future(client.incr(f"{key}:current"))
         try:
-            now = await client.incr(f"{key}:current")
-            try:
-                await client.eval("if tonumber(ARGV[1]) > tonumber(redis.call('GET', KEYS[1]) or '0') then "
-                                  "redis.call('SET', KEYS[1], ARGV[1]) end", 1, f"{key}:max", now)
-                await client.incr(f"{key}:runs")
-                await asyncio.sleep(float(self.input.get("seconds", 0.02)))
-            finally:
-                await client.decr(f"{key}:current")
+            now = await asyncio.shield(entered)
+            await client.eval("if tonumber(ARGV[1]) > tonumber(redis.call('GET', KEYS[1]) or '0') then "
+                              "redis.call('SET', KEYS[1], ARGV[1]) end", 1, f"{key}:max", now)
+            await client.incr(f"{key}:runs")
+            await asyncio.sleep(float(self.input.get("seconds", 0.02)))
         finally:
+            await asyncio.wait({entered})
+            if not entered.cancelled() and entered.exception() is None:
+                await asyncio.shield(client.decr(f"{key}:current"))
             await client.aclose()
         return {"concurrent": now}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import re
 import signal
@@ -61,6 +62,19 @@ def test_cancel_while_pending_or_running_never_runs_two_agents(server: ServerPro
     assert server.wait_run(last)["state"] == "DONE"
     # "most" is the highest number of probes this process ever saw executing at once.
     assert server.wait_for_event("probe_end", run_id=last)["most"] == 1
+
+
+def test_a_second_cancel_does_not_cut_the_cleanup_of_an_agent_stopping_after_the_first(server: ServerProcess) -> None:
+    run_id = server.start_run("tidy", cleanup=0.5)
+    server.wait_state(run_id, "RUNNING")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(server.client.post, f"/agents/cancel/{run_id}")
+        server.wait_for_event("cleanup_started", run_id=run_id)
+        second = server.client.post(f"/agents/cancel/{run_id}")
+        assert first.result().status_code == 200 and second.status_code == 200
+    assert server.wait_run(run_id)["state"] == "CANCELLED"
+    # The cleanup ran to its end: only the supervisor's retry a second later may cancel an agent again.
+    assert server.wait_for_event("cleanup_done", run_id=run_id)
 
 
 def test_cancel_after_done_is_409_with_the_state(server: ServerProcess) -> None:
