@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -20,6 +21,7 @@ import events
 import runner
 from events import EventHub, Frame, Subscriber
 from http_json import check_uuid, json_response
+from store import Run, StoreUnavailable
 
 HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-store"),
            (b"x-accel-buffering", b"no")]  # proxies such as nginx would otherwise hold frames back
@@ -31,10 +33,12 @@ ABORT_SCOPE_KEY = "agent_runner.abort"  # set by http_limits.LimitedHttpToolsPro
 class EventStream:
     """Writes ``first`` and then the subscriber's frames; a run's stream ends after its terminal frame."""
 
-    def __init__(self, events: EventHub, client: Subscriber, first: list[Frame]) -> None:
+    def __init__(self, events: EventHub, client: Subscriber, first: list[Frame],
+                 read_run: Callable[[str], Awaitable[Run | None]] | None = None) -> None:
         self.events = events
         self.client = client
         self.first = first
+        self.read_run = read_run  # a run's stream: re-read at each keep-alive, in case its terminal frame was lost
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         client = self.client
@@ -57,6 +61,8 @@ class EventStream:
                         async with asyncio.timeout(self.events.keepalive):
                             await client.wake.wait()
                     except TimeoutError:
+                        if await self._ended_unseen(send):
+                            break
                         await send({"type": "http.response.body", "body": KEEPALIVE, "more_body": True})
                         continue
                     await asyncio.sleep(COALESCE_SECONDS)  # the frames that follow at once go in the same write
@@ -81,8 +87,33 @@ class EventStream:
                 done = True
                 break
         if chunks:
-            await send({"type": "http.response.body", "body": b"".join(chunks), "more_body": True})
+            self.client.sending = True  # only seen by others while the send waits on a client not reading
+            try:
+                await send({"type": "http.response.body", "body": b"".join(chunks), "more_body": True})
+            finally:
+                self.client.sending = False
         return done
+
+    async def _ended_unseen(self, send: Send) -> bool:
+        """Whether an idle run stream should end: its run finished (or was dropped) with no terminal frame here.
+
+        Events are best effort in Redis mode: a replica killed between storing a
+        run's terminal state and publishing it, Redis refusing the event, or a
+        replica of a version without events leave the stream waiting forever.
+        The store is the truth; the stream then ends with the run as stored.
+        """
+        if self.read_run is None or self.client.run_id is None:
+            return False
+        try:
+            run = await self.read_run(self.client.run_id)
+        except StoreUnavailable:
+            return False
+        if run is not None and not run.finished:
+            return False
+        if run is not None:
+            last = f"{self.last[0]}-{self.last[1]}"
+            await self._write(send, [Frame(last, "run", run.run_id, run.state, run.json())], check=False)
+        return True
 
     async def _watch_disconnect(self, receive: Receive) -> None:
         with contextlib.suppress(Exception):
@@ -114,7 +145,7 @@ async def run_events(request: Request) -> Response | EventStream:
     if first is None:
         events.hub.unsubscribe(client)
         raise HTTPException(404, f"Run {request.path_params['run_id']} not found")
-    return EventStream(events.hub, client, first)
+    return EventStream(events.hub, client, first, runner.run_store.get)
 
 
 async def all_events(request: Request) -> EventStream:

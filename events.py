@@ -29,7 +29,7 @@ import metrics
 from logs import LogFormatter, log, log_timestamp
 from store import Run, encode
 
-CLIENT_MAX_FRAMES = 1000  # frames a client may have waiting before it is dropped
+CLIENT_MAX_FRAMES = 1000  # frames a client may have waiting while its writer is stuck on a send
 CLIENT_MAX_BYTES = 4 * 1024 * 1024  # bytes of frames a client may have waiting (one frame always fits)
 RUN_BACKLOG_FRAMES = 200  # frames kept per run for Last-Event-ID (memory mode; Redis keeps the same)
 RUN_BACKLOG_BYTES = 1024 * 1024
@@ -101,6 +101,7 @@ class Subscriber:
         self.frames: deque[Frame] = deque()
         self.bytes = 0
         self.wake = asyncio.Event()
+        self.sending = False  # its writer waits on a send: the client is not reading as fast as frames come
         self.ended: str | None = None  # "disconnected", "slow", "shutdown" or "unavailable"
 
     def take(self) -> list[Frame]:
@@ -226,8 +227,15 @@ class EventHub:
                 self._offer(client, frame)
 
     def _offer(self, client: Subscriber, frame: Frame) -> None:
-        if client.frames and (len(client.frames) >= CLIENT_MAX_FRAMES
-                              or client.bytes + len(frame.wire) > CLIENT_MAX_BYTES):
+        """Queue ``frame`` for ``client``, or drop the client if it is behind.
+
+        Past CLIENT_MAX_BYTES a client is always dropped (that bounds memory).
+        Past CLIENT_MAX_FRAMES only while its writer waits on a send: frames
+        piling up while the writer has had no turn yet (an agent logging a
+        thousand lines without yielding) say nothing about the client.
+        """
+        if client.frames and (client.bytes + len(frame.wire) > CLIENT_MAX_BYTES
+                              or (client.sending and len(client.frames) >= CLIENT_MAX_FRAMES)):
             self.drop(client, "slow")
             return
         client.frames.append(frame)

@@ -227,6 +227,8 @@ async def start_running(active: ActiveRun) -> bool:
 
 
 def report_progress(run: Run, fraction: float) -> None:
+    if run.finished:  # code the agent left behind (a thread of its own, or after a shutdown) reports late
+        return
     run.update(progress=fraction)
     run_store.note_progress(run)
     events.hub.publish_progress(run)

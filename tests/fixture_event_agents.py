@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from typing import Any
 
 from agents import BaseAgent, register
@@ -35,3 +37,32 @@ class Scorer(BaseAgent):
         value = float(self.input.get("value", "nan"))  # "nan", "inf": Python parses them
         self.log.info("line_score", value=value)
         return {"scored": True}
+
+
+@register
+class Flood(BaseAgent):
+    agent_type = "flood"
+    description = "Logs input.lines lines (line_flood, n=i) in a loop that never yields to the event loop."
+
+    async def run(self) -> Any:
+        lines = int(self.input.get("lines", 3000))
+        for n in range(lines):
+            self.log.info("line_flood", n=n)
+        return {"lines": lines}
+
+
+@register
+class Straggler(BaseAgent):
+    agent_type = "straggler"
+    description = ("Returns at once, leaving a thread of its own (not executor work) that reports progress 0.9 "
+                   "input.after seconds later, then logs straggler_reported.")
+
+    async def run(self) -> Any:
+        def late() -> None:
+            time.sleep(float(self.input.get("after", 0.3)))
+            self.set_progress(0.9)
+            time.sleep(0.2)  # the progress frame, had it been published, would be out by now
+            self.log.info("straggler_reported")
+
+        threading.Thread(target=late, daemon=True).start()
+        return {"left": "a thread"}

@@ -453,3 +453,61 @@ def test_a_runs_event_backlog_counts_in_run_retention_mb_in_redis(tmp_path: Any,
         assert log_bytes + event_bytes <= 1.15 * 1024 * 1024, (log_bytes, event_bytes)
     finally:
         srv.stop(signal.SIGKILL)
+
+
+def test_an_agent_logging_thousands_of_lines_without_yielding_keeps_its_stream_clients(events_server) -> None:
+    srv = events_server
+    everything = SSEReader(f"{srv.url}/agents/events")
+    blocker = post(srv, "sleeper", seconds=60)  # the flood's stream is open before it starts
+    flood = srv.client.post("/agents/run", json={"agent_type": "flood", "user_id": new_user(),
+                                                 "input": {"lines": 3000}, "on_busy": "enqueue"}).json()["run_id"]
+    one = SSEReader(f"{srv.url}/agents/events/{flood}")
+    one.wait_for(lambda r: len(r.frames) >= 1)
+    everything.wait_started()
+    assert srv.client.post(f"/agents/cancel/{blocker}").status_code == 200
+    one.wait_ended(timeout=30)
+    assert one.clean, one.error
+    assert [data["n"] for event, _, data in one.frames if event == "log"] == list(range(3000))
+    assert run_frames(one)[-1]["state"] == "DONE"
+    everything.wait_for(lambda r: any(d["run_id"] == flood and d["state"] == "DONE" for d in run_frames(r)))
+    assert not everything.ended.is_set()
+    assert srv.events("event_stream_dropped") == []
+    everything.close()
+
+
+def test_progress_reported_after_the_run_ended_changes_neither_the_run_nor_its_events(events_server) -> None:
+    srv = events_server
+    everything = SSEReader(f"{srv.url}/agents/events")
+    everything.wait_started()
+    run = srv.run_to_end("straggler", after=0.3)
+    assert run["state"] == "DONE"
+    srv.wait_for_event("straggler_reported", run_id=run["run_id"])
+    later = srv.run_to_end("sleeper", seconds=0)  # its frames come after anything the straggler caused
+    everything.wait_for(lambda r: any(d["run_id"] == later["run_id"] and d["state"] == "DONE" for d in run_frames(r)))
+    assert srv.client.get(f"/agents/status/{run['run_id']}").json() == run
+    mine = [d for d in run_frames(everything) if d["run_id"] == run["run_id"]]
+    assert [d["state"] for d in mine if d["state"] in TERMINAL] == ["DONE"], mine
+    everything.close()
+
+
+def test_a_run_stream_whose_terminal_event_never_came_ends_with_the_run_as_stored(
+        tmp_path: Any, redis_server: RedisServer) -> None:
+    """A replica of a version without events, or one killed between storing and publishing, sends no frame."""
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    srv = ServerProcess(tmp_path / "server.log", REDIS_URL=redis_server.url, REDIS_PREFIX=prefix,
+                        AGENT_MODULES=AGENTS, EVENTS_KEEPALIVE_SECONDS="0.2")
+    try:
+        model = srv.run_to_end("sleeper", seconds=0)
+        run_id = str(uuid.uuid4())
+        record = {**model, "run_id": run_id, "state": "RUNNING", "finished_at": None, "result": None}
+        redis_server.command("SET", f"{prefix}:run:{run_id}", json.dumps(record))
+        reader = SSEReader(f"{srv.url}/agents/events/{run_id}")
+        reader.wait_for(lambda r: [d["state"] for d in run_frames(r)] == ["RUNNING"])
+        finished = {**record, "state": "DONE", "finished_at": model["finished_at"], "result": {"elsewhere": True}}
+        redis_server.command("SET", f"{prefix}:run:{run_id}", json.dumps(finished))
+        reader.wait_ended(timeout=5)
+        assert reader.clean, reader.error
+        assert run_frames(reader)[-1] == srv.client.get(f"/agents/status/{run_id}").json()
+        assert run_frames(reader)[-1]["state"] == "DONE"
+    finally:
+        srv.stop(signal.SIGKILL)
