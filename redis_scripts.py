@@ -6,9 +6,12 @@ command whose connection dropped, and the runner retries a terminal write).
 
 # Admit a run in one step: on a free slot when nobody waits (the record, its index and its holder written
 # with it), else into the queue when ARGV[4] allows and there is room. A retry whose first reply was lost
-# answers what the first call did. KEYS: queue, run, runs, seq, unfinished, slot 0..n-1.
-# ARGV: json now, json queued, run_id, on_busy, queue_max, token, ttl_ms, n, channel.
-# Returns {1, slot} started, {2, position} queued, {0, 0} busy, {-1, 0} queue full.
+# answers what the first call did. With an Idempotency-Key (ARGV[10], its hash, or ''), the run is admitted
+# only while the key is still this request's claim (its run_id is ARGV[3]: not expired, not taken over), and the
+# key is marked accepted for ARGV[12] ms in the same step. KEYS: queue, run, runs, seq, unfinished, slot 0..n-1.
+# ARGV: json now, json queued, run_id, on_busy, queue_max, token, ttl_ms, n, channel, key hash, fingerprint,
+# key ttl_ms. Returns {1, slot} started, {2, position} queued, {0, 0} busy, {-1, 0} queue full, {-2, 0} the key's
+# claim was lost.
 ADMIT_SCRIPT = """
 local n = tonumber(ARGV[8])
 if redis.call('EXISTS', KEYS[2]) == 1 then
@@ -17,6 +20,12 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
   if pos then return {2, pos + 1} end
   return {0, 0}
 end
+if ARGV[10] ~= '' and redis.call('HGET', ARGV[10], 'run_id') ~= ARGV[3] then return {-2, 0} end
+local function accept_key()
+  if ARGV[10] == '' then return end
+  redis.call('HSET', ARGV[10], 'fingerprint', ARGV[11], 'run_id', ARGV[3], 'state', 'accepted')
+  redis.call('PEXPIRE', ARGV[10], ARGV[12])
+end
 local waiting = redis.call('LLEN', KEYS[1])
 if waiting == 0 then
   for i = 1, n do
@@ -24,6 +33,7 @@ if waiting == 0 then
       redis.call('SET', KEYS[2], ARGV[1])
       redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[4]), ARGV[3])
       redis.call('HSET', KEYS[5], ARGV[3], ARGV[6])
+      accept_key()
       return {1, i - 1}
     end
   end
@@ -31,6 +41,7 @@ end
 if ARGV[4] == 'reject' then return {0, 0} end
 if waiting >= tonumber(ARGV[5]) then return {-1, 0} end
 redis.call('SET', KEYS[2], ARGV[2])
+accept_key()
 redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[4]), ARGV[3])
 local position = 1
 if ARGV[4] == 'interrupt' then redis.call('LPUSH', KEYS[1], ARGV[3]) else position = redis.call('RPUSH', KEYS[1], ARGV[3]) end

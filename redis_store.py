@@ -10,6 +10,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -353,8 +354,13 @@ class RedisRunStore:
     def refusal(self, lock: RedisRunLock, on_busy: str, queue_max: int) -> None:
         return None  # only the admit script can tell, atomically with the other replicas
 
-    async def admit(self, run: Run, lock: RedisRunLock, on_busy: str, queue_max: int) -> str:
-        """As MemoryRunStore.admit, across replicas: one script takes a slot or a place in the queue."""
+    async def admit(self, run: Run, lock: RedisRunLock, on_busy: str, queue_max: int,
+                    claim: list[Any] | None = None) -> str:
+        """As MemoryRunStore.admit, across replicas: one script takes a slot or a place in the queue.
+
+        ``claim`` (RedisIdempotencyKeys.admit_args): admit only while the Idempotency-Key is still this
+        request's, and mark it accepted in the same step; "lost" when it no longer is.
+        """
         token = uuid.uuid4().hex
         waiting = Run.from_json(run.json())
         waiting.update(queue_position=0)  # stored as "queued"; the position is read from the queue
@@ -363,7 +369,7 @@ class RedisRunStore:
                 keys=[self.key("queue"), self.key("run", run.run_id), self.key("runs"), self.key("seq"),
                       self.key("unfinished"), *lock.keys],
                 args=[run.json(), waiting.json(), run.run_id, on_busy, queue_max, token,
-                      int(lock.ttl_seconds * 1000), len(lock.keys), self.key("queued")])
+                      int(lock.ttl_seconds * 1000), len(lock.keys), self.key("queued"), *(claim or ["", "", 0])])
         if outcome == 1:
             run.holder = token
             lock.adopt(token, int(value))
@@ -371,7 +377,7 @@ class RedisRunStore:
         if outcome == 2:
             run.update(queue_position=int(value))
             return "queued"
-        return "busy" if outcome == 0 else "full"
+        return {0: "busy", -1: "full"}.get(outcome, "lost")
 
     async def take(self, lock: RedisRunLock) -> Run | None:
         """The head of the queue on a free slot, or None; one script, so a run is taken once."""

@@ -72,7 +72,8 @@ async def open_stores() -> str:
     else:
         run_lock = MemoryRunLock(config.max_concurrent_runs)
         run_store = MemoryRunStore(config.run_retention, config.run_retention_bytes)
-        idempotency_keys = MemoryIdempotencyKeys(config.idempotency_ttl_seconds, config.run_retention)
+        idempotency_keys = MemoryIdempotencyKeys(config.idempotency_ttl_seconds, config.run_retention,
+                                                 unfinished=run_store.unfinished)
     run_store.on_cancel = request_stop
     run_store.on_work = work_waiting.set
     await run_store.start()

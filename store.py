@@ -272,6 +272,10 @@ class MemoryRunStore:
         self._runs[run.run_id] = run
         self._finish_events[run.run_id] = asyncio.Event()
 
+    def unfinished(self, run_id: str) -> bool:
+        """Whether ``run_id`` is stored and not finished (retention never drops it, nor its Idempotency-Key)."""
+        return run_id in self._finish_events
+
     def refusal(self, lock: MemoryRunLock, on_busy: str, queue_max: int) -> str | None:
         """"busy" or "full" when ``admit`` would refuse a run now, else None; exact, as nothing awaits in
         between, so a refused POST never builds a run."""
@@ -281,9 +285,10 @@ class MemoryRunStore:
             return "busy"
         return "full" if len(self._queue) >= queue_max else None
 
-    async def admit(self, run: Run, lock: MemoryRunLock, on_busy: str, queue_max: int) -> str:
+    async def admit(self, run: Run, lock: MemoryRunLock, on_busy: str, queue_max: int, claim: None = None) -> str:
         """In one step: start ``run`` on a free slot when nobody waits ("started", ``run.holder`` set),
-        else queue it if ``on_busy`` allows and there is room ("queued"), else "busy" or "full"."""
+        else queue it if ``on_busy`` allows and there is room ("queued"), else "busy" or "full".
+        ``claim`` is Redis's: an Idempotency-Key claimed here is never lost while its request runs."""
         refused = self.refusal(lock, on_busy, queue_max)
         if refused is not None:
             return refused
