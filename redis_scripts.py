@@ -87,19 +87,22 @@ return nil
 
 # Store a terminal state: record, indexes, size, cancel flag, lock release (if the token still holds it),
 # the webhook delivery it owes (ARGV[6], the URL, or '') and the finished message in one step. Safe to run
-# twice: a retry after a lost reply counts the size once and owes the delivery once.
+# twice: a retry after a lost reply counts the size once and owes the delivery once, and when retention dropped
+# the run since the first call landed (a record exists from admission until it is dropped) it writes nothing
+# back: no record, no size, no second delivery; it still releases the lock.
 # The size counted is the run's plus its log lines' (logbytes) plus its event stream's (for Last-Event-ID, kept
 # with the run: events:run:<id>:bytes).
 # KEYS: run, finished, unfinished, cancel, sizes, bytes, seq, lock, logbytes, webhooks, webhook, run events bytes.
 # ARGV: json, run_id, channel, token, size, webhook url.
 FINISH_SCRIPT = """
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[7]), ARGV[2])
+local stored = redis.call('EXISTS', KEYS[1]) == 1
 redis.call('HDEL', KEYS[3], ARGV[2])
 redis.call('DEL', KEYS[4])
 local size = tonumber(ARGV[5]) + tonumber(redis.call('HGET', KEYS[9], ARGV[2]) or '0')
   + tonumber(redis.call('GET', KEYS[12]) or '0')
-if redis.call('HSETNX', KEYS[5], ARGV[2], size) == 1 then
+if stored then redis.call('SET', KEYS[1], ARGV[1]) end
+if stored and redis.call('HSETNX', KEYS[5], ARGV[2], size) == 1 then
+  redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[7]), ARGV[2])
   redis.call('INCRBY', KEYS[6], size)
   if ARGV[6] ~= '' then
     local now = redis.call('TIME')

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis
 
-from redis_scripts import CLAIM_WEBHOOK_SCRIPT, REPORT_WEBHOOK_SCRIPT
+from redis_scripts import CLAIM_WEBHOOK_SCRIPT, FINISH_SCRIPT, REPORT_WEBHOOK_SCRIPT, TRIM_SCRIPT
 
 from conftest import RedisServer, ServerProcess, new_user
 from test_webhooks import HOOKS, SECRET, Receiver, readme_verifier
@@ -156,3 +156,42 @@ def test_a_delivery_owed_across_a_redis_restart_is_still_delivered(tmp_path: Pat
         assert server.client.get("/healthz").status_code == 200
     finally:
         server.stop(signal.SIGKILL)
+
+
+def test_a_finish_retried_after_it_landed_never_recreates_a_dropped_run_nor_owes_a_second_delivery(
+        redis_server: RedisServer) -> None:
+    """redis-py sends the FINISH script again when its reply was lost: the first call may have landed, the run
+    been delivered and dropped by retention meanwhile. The retry must find it done, not do it again."""
+    client = redis.Redis.from_url(redis_server.url)
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    finish, trim = client.register_script(FINISH_SCRIPT), client.register_script(TRIM_SCRIPT)
+    claim, report = client.register_script(CLAIM_WEBHOOK_SCRIPT), client.register_script(REPORT_WEBHOOK_SCRIPT)
+    key = lambda *parts: ":".join((prefix, *parts))  # noqa: E731
+
+    def finish_run(run_id: str) -> Any:
+        return finish(keys=[key("run", run_id), key("finished"), key("unfinished"), key("cancel", run_id),
+                            key("sizes"), key("bytes"), key("seq"), key("lock"), key("logbytes"), key("webhooks"),
+                            key("webhook", run_id), key("events", "run", run_id, "bytes")],
+                      args=[b'{"state":"DONE"}', run_id, key("finished"), "", 100, "http://x/"])
+
+    def deliver() -> None:
+        reply = claim(keys=[key("webhooks")], args=[5000, "lease", key("webhook", ""), 6])
+        assert reply[0] == 1, reply
+        assert report(keys=[key("webhooks"), key("webhook", reply[1].decode())],
+                      args=["lease", "done", reply[1].decode()]) == 1
+
+    try:
+        client.set(key("run", "run-a"), b'{"state":"RUNNING"}')  # as admission stored it
+        assert finish_run("run-a") == [1, 100]
+        deliver()
+        assert finish_run("run-a") == [1, 100]  # landed before: counted once, nothing owed again
+        assert client.zcard(key("webhooks")) == 0 and not client.exists(key("webhook", "run-a"))
+        assert trim(keys=[key("finished"), key("runs"), key("sizes"), key("bytes"), key("logbytes")],
+                    args=[0, 0, key("run", ""), key("log", ""), key("events", "run", "")]) == 1
+        assert not client.exists(key("run", "run-a"))
+        assert finish_run("run-a") == [0, 0]  # dropped meanwhile: not written again
+        assert not client.exists(key("run", "run-a")) and client.zcard(key("finished")) == 0
+        assert client.zcard(key("webhooks")) == 0 and not client.exists(key("webhook", "run-a"))
+        assert int(client.get(key("bytes")) or 0) == 0 and client.hlen(key("sizes")) == 0
+    finally:
+        client.close()
