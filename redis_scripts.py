@@ -92,10 +92,14 @@ return nil
 # back: no record, no size, no second delivery; it still releases the lock.
 # The size counted is the run's plus its log lines' (logbytes) plus its event stream's (for Last-Event-ID, kept
 # with the run: events:run:<id>:bytes).
+# Deliveries owed at once are bounded (ARGV[7] of them, ARGV[8] bytes of bodies, counted in <webhooks>:bytes):
+# past either, the delivery is not owed and the reply says so, for the caller to log and count.
 # KEYS: run, finished, unfinished, cancel, sizes, bytes, seq, lock, logbytes, webhooks, webhook, run events bytes.
-# ARGV: json, run_id, channel, token, size, webhook url.
+# ARGV: json, run_id, channel, token, size, webhook url, max owed, max owed bytes.
+# Returns {finished runs, their bytes, owed}: owed 1 (a delivery is owed now), -1 (refused: past the bound), 0.
 FINISH_SCRIPT = """
 local stored = redis.call('EXISTS', KEYS[1]) == 1
+local owed = 0
 redis.call('HDEL', KEYS[3], ARGV[2])
 redis.call('DEL', KEYS[4])
 local size = tonumber(ARGV[5]) + tonumber(redis.call('HGET', KEYS[9], ARGV[2]) or '0')
@@ -105,14 +109,22 @@ if stored and redis.call('HSETNX', KEYS[5], ARGV[2], size) == 1 then
   redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[7]), ARGV[2])
   redis.call('INCRBY', KEYS[6], size)
   if ARGV[6] ~= '' then
-    local now = redis.call('TIME')
-    redis.call('HSET', KEYS[11], 'url', ARGV[6], 'body', ARGV[1], 'attempt', 0)
-    redis.call('ZADD', KEYS[10], now[1] * 1000 + math.floor(now[2] / 1000), ARGV[2])
+    local owed_bytes = KEYS[10] .. ':bytes'
+    if redis.call('ZCARD', KEYS[10]) >= tonumber(ARGV[7])
+        or tonumber(redis.call('GET', owed_bytes) or '0') + #ARGV[1] > tonumber(ARGV[8]) then
+      owed = -1
+    else
+      local now = redis.call('TIME')
+      redis.call('HSET', KEYS[11], 'url', ARGV[6], 'body', ARGV[1], 'attempt', 0)
+      redis.call('ZADD', KEYS[10], now[1] * 1000 + math.floor(now[2] / 1000), ARGV[2])
+      redis.call('INCRBY', owed_bytes, #ARGV[1])
+      owed = 1
+    end
   end
 end
 if ARGV[4] ~= '' and redis.call('GET', KEYS[8]) == ARGV[4] then redis.call('DEL', KEYS[8]) end
 redis.call('PUBLISH', ARGV[3], ARGV[2])
-return {redis.call('ZCARD', KEYS[2]), tonumber(redis.call('GET', KEYS[6]) or '0')}
+return {redis.call('ZCARD', KEYS[2]), tonumber(redis.call('GET', KEYS[6]) or '0'), owed}
 """
 
 # Drop the oldest finished runs while more than ARGV[1] of them, or more than ARGV[2] bytes, are kept
@@ -140,7 +152,8 @@ return dropped
 
 
 # Webhook deliveries (webhooks.py): ``webhooks`` is a zset of run ids by due time (ms, Redis's clock, so
-# replicas' clocks never matter), ``webhook:<id>`` a hash (url, body, attempt, lease). Claiming a due
+# replicas' clocks never matter), ``webhook:<id>`` a hash (url, body, attempt, lease), ``webhooks:bytes`` the
+# bytes of the owed bodies (FINISH bounds them; a delivery that ends gives its bytes back). Claiming a due
 # delivery moves its due time past the lease, so no other replica sees it due while the claimer's attempt
 # can last; a claimer that dies leaves it due again once the lease ends.
 # KEYS: webhooks. ARGV: lease_ms, lease token, webhook key prefix, max attempts.
@@ -164,6 +177,9 @@ if made < 0 then
 end
 if made >= tonumber(ARGV[4]) then
   redis.call('ZREM', KEYS[1], id)
+  if redis.call('DECRBY', KEYS[1] .. ':bytes', redis.call('HSTRLEN', key, 'body')) < 0 then
+    redis.call('SET', KEYS[1] .. ':bytes', 0)  -- owed by a version that did not count them
+  end
   redis.call('DEL', key)
   return {2, id, made}
 end
@@ -178,6 +194,9 @@ return {1, id, made + 1, redis.call('HGET', key, 'url'), redis.call('HGET', key,
 REPORT_WEBHOOK_SCRIPT = """
 if redis.call('HGET', KEYS[2], 'lease') ~= ARGV[1] then return 0 end
 if ARGV[2] == 'done' then
+  if redis.call('DECRBY', KEYS[1] .. ':bytes', redis.call('HSTRLEN', KEYS[2], 'body')) < 0 then
+    redis.call('SET', KEYS[1] .. ':bytes', 0)  -- owed by a version that did not count them
+  end
   redis.call('DEL', KEYS[2])
   redis.call('ZREM', KEYS[1], ARGV[3])
   return 1

@@ -22,7 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from redis_reads import CoalescedReads, RecordReader
 from redis_scripts import ADMIT_SCRIPT, FINISH_SCRIPT, ORPHANS_SCRIPT, TAKE_SCRIPT, TRIM_SCRIPT
-from store import LockLost, Page, Run, StoreUnavailable
+from store import MAX_OWED, MAX_OWED_BYTES, LockLost, Page, Run, StoreUnavailable
 
 
 def open_redis(url: str, prefix: str, lock_ttl_seconds: float, retention: int, retention_bytes: int,
@@ -138,6 +138,7 @@ class RedisRunStore:
         self.on_cancel: Callable[[str, str | None], None] = lambda run_id, by: None
         self.on_work: Callable[[], None] = lambda: None  # a run was queued or a slot freed, on any replica
         self.on_finished: Callable[[Run], None] = lambda run: None  # a run with a webhook was stored terminal
+        self.on_not_owed: Callable[[Run, str], None] = lambda run, detail: None  # its delivery was past the bound
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._progress_writes: dict[str, asyncio.Task[None]] = {}
         self._progress_dirty: set[str] = set()
@@ -246,16 +247,19 @@ class RedisRunStore:
                 await self.client.set(self.key("run", run.run_id), run.json())
                 return
             token = run.holder if release is not None and run.holder is not None else ""
-            finished_count, finished_bytes = await self._finish(
+            finished_count, finished_bytes, owed = await self._finish(
                 keys=[self.key("run", run.run_id), self.key("finished"), self.key("unfinished"),
                       self.key("cancel", run.run_id), self.key("sizes"), self.key("bytes"), self.key("seq"),
                       release.key_of(token) if release is not None and token else self.key("lock"),
                       self.key("logbytes"), self.key("webhooks"), self.key("webhook", run.run_id),
                       self.key("events", "run", run.run_id, "bytes")],
-                args=[run.json(), run.run_id, self.key("finished"), token, run.size, run.webhook or ""])
+                args=[run.json(), run.run_id, self.key("finished"), token, run.size, run.webhook or "", MAX_OWED,
+                      MAX_OWED_BYTES])
             if release is not None and token:
                 release.forget(token)
-            if run.webhook is not None:
+            if owed == -1:
+                self.on_not_owed(run, f"too many deliveries owed already (at most {MAX_OWED}, {MAX_OWED_BYTES} bytes)")
+            elif run.webhook is not None:
                 self.on_finished(run)  # owed in Redis already; this only wakes the local deliverer
             if finished_count > self.retention or finished_bytes > self.retention_bytes:
                 await self._trim(keys=[self.key("finished"), self.key("runs"), self.key("sizes"), self.key("bytes"),

@@ -34,6 +34,13 @@ PUBLIC_FIELDS = ("run_id", "agent_type", "user_id", "input", "state", "result", 
 ON_BUSY = ("reject", "enqueue", "interrupt")  # what POST /agents/run does when every slot is taken
 
 
+# Webhook deliveries owed at once (memory: in this process; Redis: in Redis, for every replica) and their bodies'
+# bytes; past either, a new one is logged as failed (webhook_failed, final, attempt 0), counted undelivered and
+# dropped: a receiver down, or no replica able to send, under a flood of runs.
+MAX_OWED = 10000
+MAX_OWED_BYTES = 64 * 1024 * 1024
+
+
 class RunRecordInvalid(ValueError):
     """A stored run record this version cannot read (malformed, or missing what every run has)."""
 

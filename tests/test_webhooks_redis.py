@@ -172,7 +172,7 @@ def test_a_finish_retried_after_it_landed_never_recreates_a_dropped_run_nor_owes
         return finish(keys=[key("run", run_id), key("finished"), key("unfinished"), key("cancel", run_id),
                             key("sizes"), key("bytes"), key("seq"), key("lock"), key("logbytes"), key("webhooks"),
                             key("webhook", run_id), key("events", "run", run_id, "bytes")],
-                      args=[b'{"state":"DONE"}', run_id, key("finished"), "", 100, "http://x/"])
+                      args=[b'{"state":"DONE"}', run_id, key("finished"), "", 100, "http://x/", 10, 10000])
 
     def deliver() -> None:
         reply = claim(keys=[key("webhooks")], args=[5000, "lease", key("webhook", ""), 6])
@@ -182,16 +182,65 @@ def test_a_finish_retried_after_it_landed_never_recreates_a_dropped_run_nor_owes
 
     try:
         client.set(key("run", "run-a"), b'{"state":"RUNNING"}')  # as admission stored it
-        assert finish_run("run-a") == [1, 100]
+        assert finish_run("run-a") == [1, 100, 1]
         deliver()
-        assert finish_run("run-a") == [1, 100]  # landed before: counted once, nothing owed again
+        assert finish_run("run-a") == [1, 100, 0]  # landed before: counted once, nothing owed again
         assert client.zcard(key("webhooks")) == 0 and not client.exists(key("webhook", "run-a"))
         assert trim(keys=[key("finished"), key("runs"), key("sizes"), key("bytes"), key("logbytes")],
                     args=[0, 0, key("run", ""), key("log", ""), key("events", "run", "")]) == 1
         assert not client.exists(key("run", "run-a"))
-        assert finish_run("run-a") == [0, 0]  # dropped meanwhile: not written again
+        assert finish_run("run-a") == [0, 0, 0]  # dropped meanwhile: not written again
         assert not client.exists(key("run", "run-a")) and client.zcard(key("finished")) == 0
         assert client.zcard(key("webhooks")) == 0 and not client.exists(key("webhook", "run-a"))
         assert int(client.get(key("bytes")) or 0) == 0 and client.hlen(key("sizes")) == 0
     finally:
         client.close()
+
+
+def test_deliveries_owed_in_redis_are_bounded_by_count_and_bytes(redis_server: RedisServer) -> None:
+    client = redis.Redis.from_url(redis_server.url)
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    finish, report = client.register_script(FINISH_SCRIPT), client.register_script(REPORT_WEBHOOK_SCRIPT)
+    claim = client.register_script(CLAIM_WEBHOOK_SCRIPT)
+    key = lambda *parts: ":".join((prefix, *parts))  # noqa: E731
+    body = b'{"state":"DONE","result":"' + b"x" * 80 + b'"}'
+
+    def finish_run(run_id: str, body: bytes = body, max_owed: int = 2, max_bytes: int = 250) -> int:
+        client.set(key("run", run_id), b'{"state":"RUNNING"}')
+        reply = finish(keys=[key("run", run_id), key("finished"), key("unfinished"), key("cancel", run_id),
+                             key("sizes"), key("bytes"), key("seq"), key("lock"), key("logbytes"), key("webhooks"),
+                             key("webhook", run_id), key("events", "run", run_id, "bytes")],
+                       args=[body, run_id, key("finished"), "", 100, "http://x/", max_owed, max_bytes])
+        return reply[2]
+
+    try:
+        assert [finish_run("a"), finish_run("b")] == [1, 1]
+        assert int(client.get(key("webhooks", "bytes"))) == 2 * len(body)
+        assert finish_run("c") == -1  # a third is past the count
+        assert not client.exists(key("webhook", "c")) and client.zcard(key("webhooks")) == 2
+        leased = claim(keys=[key("webhooks")], args=[5000, "lease", key("webhook", ""), 6])
+        assert report(keys=[key("webhooks"), key("webhook", leased[1].decode())],
+                      args=["lease", "done", leased[1].decode()]) == 1
+        assert int(client.get(key("webhooks", "bytes"))) == len(body)  # a delivery that ends gives its bytes back
+        assert finish_run("d", body=b"y" * 200) == -1  # room for one more, but not for 200 more bytes
+        assert finish_run("e") == 1 and client.zcard(key("webhooks")) == 2
+    finally:
+        client.close()
+
+
+def test_a_replica_without_the_secret_that_ends_a_hooked_run_says_the_delivery_waits(
+        replicas: Any, receiver_factory: Any, redis_server: RedisServer) -> None:
+    """A fleet where only some replicas (or none any more) have WEBHOOK_SECRET: never silent."""
+    receiver = receiver_factory()
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    hooked, = replicas(1, prefix=prefix, LOCK_TTL_SECONDS="1", **HOOKS)
+    plain, = replicas(1, prefix=prefix, LOCK_TTL_SECONDS="1")
+    blocker = hooked.start_run("hanging")
+    hooked.wait_state(blocker, "RUNNING")
+    run_id = hooked_run(hooked, receiver.url, on_busy="enqueue")
+    hooked.stop(signal.SIGKILL)  # its slot expires: the replica without the secret takes the queued run
+    assert plain.wait_run(run_id)["state"] == "DONE"
+    line = plain.wait_for_event("webhook_owed_without_secret", run_id=run_id)
+    assert line["level"] == "warning" and "WEBHOOK_SECRET" in line["detail"]
+    assert redis_server.command("EXISTS", f"{prefix}:webhook:{run_id}") == 1  # owed, for a replica with the secret
+    assert receiver.requests == []
