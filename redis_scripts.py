@@ -50,8 +50,11 @@ return {2, position}
 """
 
 # Claim the unfinished runs whose holder token no longer holds any slot (their replica died or lost its
-# lock): they leave the unfinished index here, in one step, so no live run is taken for one and no orphan
-# is claimed twice. KEYS: unfinished, slot 0..n-1. Returns {run_id, token, ...}.
+# lock) for the caller, which holds a slot with token ARGV[1] for its run ARGV[2]: in one step they pass to
+# that token in the unfinished index (FINISH takes them out once recorded), so no live run is taken for one and
+# no orphan is claimed by two live callers. A retry after a lost reply answers them again (they hold the
+# caller's token now); if the caller dies before recording them, its token expires and they are orphans again.
+# KEYS: unfinished, slot 0..n-1. ARGV: token, run_id. Returns {run_id, token, ...}.
 ORPHANS_SCRIPT = """
 local live = {}
 for i = 2, #KEYS do
@@ -61,18 +64,26 @@ end
 local entries = redis.call('HGETALL', KEYS[1])
 local orphans = {}
 for i = 1, #entries, 2 do
-  if not live[entries[i + 1]] then
-    redis.call('HDEL', KEYS[1], entries[i])
-    table.insert(orphans, entries[i])
-    table.insert(orphans, entries[i + 1])
+  local id, token = entries[i], entries[i + 1]
+  if id ~= ARGV[2] and (not live[token] or token == ARGV[1]) then
+    if token ~= ARGV[1] then redis.call('HSET', KEYS[1], id, ARGV[1]) end
+    table.insert(orphans, id)
+    table.insert(orphans, token)
   end
 end
 return orphans
 """
 
-# Take the head of the queue and a free slot in one step. KEYS: queue, unfinished, slot 0..n-1.
+# Take the head of the queue and a free slot in one step. A retry after a lost reply (a slot already holds the
+# token) answers the run the first call took, rather than taking another. KEYS: queue, unfinished, slot 0..n-1.
 # ARGV: token, ttl_ms, n. Returns {run_id, slot} or nil.
 TAKE_SCRIPT = """
+for i = 1, tonumber(ARGV[3]) do
+  if redis.call('GET', KEYS[2 + i]) == ARGV[1] then
+    local entries = redis.call('HGETALL', KEYS[2])
+    for j = 1, #entries, 2 do if entries[j + 1] == ARGV[1] then return {entries[j], i - 1} end end
+  end
+end
 if redis.call('LLEN', KEYS[1]) == 0 then return nil end
 for i = 1, tonumber(ARGV[3]) do
   if redis.call('SET', KEYS[2 + i], ARGV[1], 'NX', 'PX', ARGV[2]) then
@@ -100,10 +111,10 @@ return nil
 FINISH_SCRIPT = """
 local stored = redis.call('EXISTS', KEYS[1]) == 1
 local owed = 0
-redis.call('HDEL', KEYS[3], ARGV[2])
-redis.call('DEL', KEYS[4])
 local size = tonumber(ARGV[5]) + tonumber(redis.call('HGET', KEYS[9], ARGV[2]) or '0')
   + tonumber(redis.call('GET', KEYS[12]) or '0')
+redis.call('HDEL', KEYS[3], ARGV[2])
+redis.call('DEL', KEYS[4])
 if stored then redis.call('SET', KEYS[1], ARGV[1]) end
 if stored and redis.call('HSETNX', KEYS[5], ARGV[2], size) == 1 then
   redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[7]), ARGV[2])

@@ -445,11 +445,16 @@ class RedisRunStore:
         held = [(score, run_id) for run_id, score in zip(ids, scores) if score is not None]
         return min(held)[1] if held else None
 
-    async def claim_orphans(self, lock: RedisRunLock) -> list[Run]:
-        """Unfinished runs whose holder holds no slot any more, taken out of the unfinished index atomically."""
+    async def claim_orphans(self, lock: RedisRunLock, claimer: Run) -> list[Run]:
+        """Unfinished runs whose holder holds no slot any more, passed atomically to ``claimer``'s token (which
+        holds a slot) until their terminal state is stored; claimed again, they are answered again."""
         async with self.health.guard():
-            flat = await self._orphans(keys=[self.key("unfinished"), *lock.keys])
+            flat = await self._orphans(keys=[self.key("unfinished"), *lock.keys],
+                                       args=[claimer.holder or "", claimer.run_id])
             pairs = [(flat[i].decode(), flat[i + 1].decode()) for i in range(0, len(flat), 2)]
             raws = await self.client.mget([self.key("run", run_id) for run_id, _ in pairs]) if pairs else []
-        runs = [self.read(run_id, raw, holder=token) for (run_id, token), raw in zip(pairs, raws)]
+            runs = [self.read(run_id, raw, holder=token) for (run_id, token), raw in zip(pairs, raws)]
+            done = [run_id for (run_id, _), run in zip(pairs, runs) if run is None or run.finished]
+            if done:  # unreadable, or recorded already: nothing to recover, out of the index
+                await self.client.hdel(self.key("unfinished"), *done)
         return [run for run in runs if run is not None and not run.finished]

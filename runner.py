@@ -242,7 +242,7 @@ def seconds_between(earlier: str, later: str) -> float:
 
 async def recover_orphans(run: Run) -> None:
     """Mark ERROR the unfinished runs whose holder no longer holds a slot (a replica died); we hold one now."""
-    for orphan in await run_store.claim_orphans(run_lock):
+    for orphan in await run_store.claim_orphans(run_lock, run):
         orphan.update(state="ERROR", finished_at=utc_now(), queue_position=None,
                       error="Runner lost: the replica running it stopped holding the run lock")
         await run_store.save(orphan)

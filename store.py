@@ -263,7 +263,7 @@ class MemoryRunStore:
     def note_progress(self, run: Run) -> None:
         pass  # the stored run is the object the agent updates
 
-    async def claim_orphans(self, lock: MemoryRunLock) -> list[Run]:
+    async def claim_orphans(self, lock: MemoryRunLock, claimer: Run) -> list[Run]:
         return []  # one process: no other holder can leave a run behind
 
     async def request_cancel(self, run_id: str, by: str | None = None) -> None:
