@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 import uuid
 from collections import Counter
@@ -16,6 +17,7 @@ import redis
 from redis_scripts import CLAIM_WEBHOOK_SCRIPT, FINISH_SCRIPT, REPORT_WEBHOOK_SCRIPT, TRIM_SCRIPT
 
 from conftest import RedisServer, ServerProcess, new_user
+from redis_proxy import RedisProxy
 from test_webhooks import HOOKS, SECRET, Receiver, readme_verifier
 
 
@@ -244,3 +246,43 @@ def test_a_replica_without_the_secret_that_ends_a_hooked_run_says_the_delivery_w
     assert line["level"] == "warning" and "WEBHOOK_SECRET" in line["detail"]
     assert redis_server.command("EXISTS", f"{prefix}:webhook:{run_id}") == 1  # owed, for a replica with the secret
     assert receiver.requests == []
+
+
+def test_a_terminal_write_whose_reply_was_lost_while_retention_dropped_the_run_is_not_written_back(
+        tmp_path: Path, redis_server: RedisServer, receiver_factory: Any) -> None:
+    """The FINISH script lands, its reply is lost, and before redis-py sends it again the run is delivered and
+    dropped by retention (as another replica's trim would): the retry must leave it dropped and owe nothing."""
+    receiver = receiver_factory()
+    proxy = RedisProxy(redis_server.port)
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    server = ServerProcess(tmp_path / "server.log", REDIS_URL=proxy.url, REDIS_PREFIX=prefix, **HOOKS)
+    dropped = threading.Event()
+
+    def deliver_and_drop_everything() -> None:
+        client = redis.Redis.from_url(redis_server.url)
+        try:
+            for key in client.scan_iter(f"{prefix}:webhook:*"):
+                client.delete(key)
+            client.delete(f"{prefix}:webhooks")
+            client.register_script(TRIM_SCRIPT)(
+                keys=[f"{prefix}:finished", f"{prefix}:runs", f"{prefix}:sizes", f"{prefix}:bytes",
+                      f"{prefix}:logbytes"],
+                args=[0, 0, f"{prefix}:run:", f"{prefix}:log:", f"{prefix}:events:run:"])
+        finally:
+            client.close()
+        dropped.set()
+
+    redis_server.command("SCRIPT", "LOAD", FINISH_SCRIPT)  # so the reply lost is the script's, not NOSCRIPT's
+    try:
+        proxy.lose_reply(lambda chunk: b'"state":"DONE"' in chunk and b":webhooks" in chunk,
+                         deliver_and_drop_everything)
+        run_id = hooked_run(server, receiver.url)
+        server.wait_for_event("agent_complete", run_id=run_id)
+        assert dropped.is_set()
+        assert server.client.get(f"/agents/status/{run_id}").status_code == 404  # not written back
+        assert redis_server.command("EXISTS", f"{prefix}:webhook:{run_id}") == 0  # nothing owed again
+        assert redis_server.command("ZSCORE", f"{prefix}:webhooks", run_id) is None
+        assert len(receiver.requests) <= 1
+    finally:
+        server.stop(signal.SIGKILL)
+        proxy.close()
