@@ -34,10 +34,12 @@ queue_frame_tasks: set[asyncio.Task[None]] = set()
 
 
 async def admit(agent_cls: type[agents.BaseAgent], user_id: str, agent_input: dict[str, Any],
-                on_busy: str, webhook: str | None = None, run_id: str | None = None) -> tuple[str, Run | None]:
+                on_busy: str, webhook: str | None = None, run_id: str | None = None,
+                claim: list[Any] | None = None) -> tuple[str, Run | None]:
     """Start a run on a free slot, or queue it as ``on_busy`` says; returns the store's verdict and the run.
 
-    "started" and "queued" are accepted (202); "busy" and "full" are refused (409) and leave no run (None).
+    "started" and "queued" are accepted (202); "busy" and "full" are refused (409) and leave no run (None),
+    and so does "lost" (with ``claim``, the Idempotency-Key's claim is no longer this request's).
     """
     global admitting
     refused = runner.run_store.refusal(runner.run_lock, on_busy, settings.current.queue_max)
@@ -47,7 +49,7 @@ async def admit(agent_cls: type[agents.BaseAgent], user_id: str, agent_input: di
     try:
         run = Run.new(run_id or str(uuid.uuid4()), agent_cls.agent_type, user_id, agent_input, holder=None,
                       webhook=webhook)
-        verdict = await runner.run_store.admit(run, runner.run_lock, on_busy, settings.current.queue_max)
+        verdict = await runner.run_store.admit(run, runner.run_lock, on_busy, settings.current.queue_max, claim)
         if verdict in ("started", "queued"):
             events.hub.publish_run(run)  # accepted
         if verdict == "started":
@@ -100,7 +102,10 @@ async def admit_once(key: str, agent_cls: type[agents.BaseAgent], user_id: str, 
             return verdict, claim.run_id, None
         if check is not None:
             await check()  # raising: the key is given back, like any refused request
-        verdict, run = await admit(agent_cls, user_id, agent_input, on_busy, webhook, run_id=claim.run_id)
+        verdict, run = await admit(agent_cls, user_id, agent_input, on_busy, webhook, run_id=claim.run_id,
+                                   claim=keys.admit_args(key, fingerprint))
+        if verdict == "lost":  # the claim expired or was taken over meanwhile: the key is another request's now
+            return "pending", claim.run_id, None
         return verdict, claim.run_id, run.queue_position if run is not None else None
     finally:  # before the answer, on every path: a client disconnect or an error included
         await asyncio.shield(settle_key(key, fingerprint, claim.run_id, verdict))

@@ -2,7 +2,9 @@
 
 A key is claimed by the first request that brings it ("pending"), with the
 run id that request's run will have and a fingerprint of the request. Once
-that run is admitted the key is "accepted" and kept IDEMPOTENCY_TTL_SECONDS;
+that run is admitted the key is "accepted" and kept IDEMPOTENCY_TTL_SECONDS
+(in Redis mode by the admit script itself, so an admitted run never leaves
+its key pending, and a request whose claim was lost meanwhile is not admitted);
 a request that was refused (409 busy, 503) gives the key back, so a retry is
 handled afresh. Because the run id is chosen when the key is claimed, a
 pending key whose run exists in the run store was admitted: its first answer
@@ -16,9 +18,12 @@ accepted ones; ``RedisIdempotencyKeys`` keeps them under
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -57,14 +62,18 @@ class Entry:
 
 
 class MemoryIdempotencyKeys:
-    """Keys in this process: accepted ones for ``ttl_seconds``, at most ``limit`` of them (oldest dropped first).
+    """Keys in this process: accepted ones for ``ttl_seconds``, at most ``limit`` of them (oldest dropped first)
+    besides those whose run has not finished (``unfinished``), which retention does not drop either.
 
-    Pending keys are not counted: each belongs to a request in progress, which settles it before it answers.
+    Pending keys are not counted: each belongs to a request in progress, which settles it before it answers,
+    so one never expires (another request taking it over would admit a second run).
     """
 
-    def __init__(self, ttl_seconds: float, limit: int) -> None:
+    def __init__(self, ttl_seconds: float, limit: int,
+                 unfinished: Callable[[str], bool] = lambda run_id: False) -> None:
         self.ttl_seconds = ttl_seconds
         self.limit = limit
+        self.unfinished = unfinished
         self._pending: dict[str, Entry] = {}
         self._accepted: OrderedDict[str, Entry] = OrderedDict()  # oldest first, so expiry pops from the front
 
@@ -79,8 +88,8 @@ class MemoryIdempotencyKeys:
         if (entry := self._accepted.get(key)) is not None:
             return Claim("accepted" if entry.fingerprint == fingerprint else "mismatch", entry.run_id)
         entry = self._pending.get(key)
-        if entry is None or entry.expires <= now:
-            self._pending[key] = Entry(fingerprint, run_id, now + max(self.ttl_seconds, STALE_PENDING_SECONDS))
+        if entry is None:
+            self._pending[key] = Entry(fingerprint, run_id, math.inf)
             return Claim("new", run_id)
         return Claim("pending" if entry.fingerprint == fingerprint else "mismatch", entry.run_id)
 
@@ -89,8 +98,19 @@ class MemoryIdempotencyKeys:
         self._pending.pop(key, None)
         self._accepted.pop(key, None)
         self._accepted[key] = Entry(fingerprint, run_id, time.monotonic() + self.ttl_seconds)
-        while len(self._accepted) > self.limit:
-            self._accepted.popitem(last=False)
+        if len(self._accepted) > self.limit:
+            self._drop_oldest(len(self._accepted) - self.limit)
+
+    def _drop_oldest(self, count: int) -> None:
+        """Drop the ``count`` oldest keys whose run has finished (or is gone); at most the unfinished are kept."""
+        finished = (key for key, entry in self._accepted.items() if not self.unfinished(entry.run_id))
+        dropped = list(itertools.islice(finished, count))  # stops early: only unfinished runs' keys are skipped
+        for key in dropped:
+            del self._accepted[key]
+
+    def admit_args(self, key: str, fingerprint: str) -> None:
+        """Nothing for the store's admit to check: a pending claim here is removed only by its own request."""
+        return None
 
     async def release(self, key: str, run_id: str) -> None:
         """``run_id`` was refused: forget the key, if it is still this request's pending claim."""
@@ -155,6 +175,11 @@ class RedisIdempotencyKeys:
                 keys=[self.prefix + key],
                 args=[fingerprint, run_id, self.pending_ms, round(STALE_PENDING_SECONDS * 1000), self.run_prefix])
         return Claim(outcome.decode(), holder.decode())
+
+    def admit_args(self, key: str, fingerprint: str) -> list[Any]:
+        """What the admit script needs to admit the run only while the key is still this request's claim, and to
+        mark it accepted in the same step."""
+        return [self.prefix + key, fingerprint, self.ttl_ms]
 
     async def accept(self, key: str, fingerprint: str, run_id: str) -> None:
         async with self.health.guard():

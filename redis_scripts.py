@@ -6,9 +6,12 @@ command whose connection dropped, and the runner retries a terminal write).
 
 # Admit a run in one step: on a free slot when nobody waits (the record, its index and its holder written
 # with it), else into the queue when ARGV[4] allows and there is room. A retry whose first reply was lost
-# answers what the first call did. KEYS: queue, run, runs, seq, unfinished, slot 0..n-1.
-# ARGV: json now, json queued, run_id, on_busy, queue_max, token, ttl_ms, n, channel.
-# Returns {1, slot} started, {2, position} queued, {0, 0} busy, {-1, 0} queue full.
+# answers what the first call did. With an Idempotency-Key (ARGV[10], its hash, or ''), the run is admitted
+# only while the key is still this request's claim (its run_id is ARGV[3]: not expired, not taken over), and the
+# key is marked accepted for ARGV[12] ms in the same step. KEYS: queue, run, runs, seq, unfinished, slot 0..n-1.
+# ARGV: json now, json queued, run_id, on_busy, queue_max, token, ttl_ms, n, channel, key hash, fingerprint,
+# key ttl_ms. Returns {1, slot} started, {2, position} queued, {0, 0} busy, {-1, 0} queue full, {-2, 0} the key's
+# claim was lost.
 ADMIT_SCRIPT = """
 local n = tonumber(ARGV[8])
 if redis.call('EXISTS', KEYS[2]) == 1 then
@@ -17,6 +20,12 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
   if pos then return {2, pos + 1} end
   return {0, 0}
 end
+if ARGV[10] ~= '' and redis.call('HGET', ARGV[10], 'run_id') ~= ARGV[3] then return {-2, 0} end
+local function accept_key()
+  if ARGV[10] == '' then return end
+  redis.call('HSET', ARGV[10], 'fingerprint', ARGV[11], 'run_id', ARGV[3], 'state', 'accepted')
+  redis.call('PEXPIRE', ARGV[10], ARGV[12])
+end
 local waiting = redis.call('LLEN', KEYS[1])
 if waiting == 0 then
   for i = 1, n do
@@ -24,6 +33,7 @@ if waiting == 0 then
       redis.call('SET', KEYS[2], ARGV[1])
       redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[4]), ARGV[3])
       redis.call('HSET', KEYS[5], ARGV[3], ARGV[6])
+      accept_key()
       return {1, i - 1}
     end
   end
@@ -31,6 +41,7 @@ end
 if ARGV[4] == 'reject' then return {0, 0} end
 if waiting >= tonumber(ARGV[5]) then return {-1, 0} end
 redis.call('SET', KEYS[2], ARGV[2])
+accept_key()
 redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[4]), ARGV[3])
 local position = 1
 if ARGV[4] == 'interrupt' then redis.call('LPUSH', KEYS[1], ARGV[3]) else position = redis.call('RPUSH', KEYS[1], ARGV[3]) end
@@ -39,8 +50,11 @@ return {2, position}
 """
 
 # Claim the unfinished runs whose holder token no longer holds any slot (their replica died or lost its
-# lock): they leave the unfinished index here, in one step, so no live run is taken for one and no orphan
-# is claimed twice. KEYS: unfinished, slot 0..n-1. Returns {run_id, token, ...}.
+# lock) for the caller, which holds a slot with token ARGV[1] for its run ARGV[2]: in one step they pass to
+# that token in the unfinished index (FINISH takes them out once recorded), so no live run is taken for one and
+# no orphan is claimed by two live callers. A retry after a lost reply answers them again (they hold the
+# caller's token now); if the caller dies before recording them, its token expires and they are orphans again.
+# KEYS: unfinished, slot 0..n-1. ARGV: token, run_id. Returns {run_id, token, ...}.
 ORPHANS_SCRIPT = """
 local live = {}
 for i = 2, #KEYS do
@@ -50,18 +64,26 @@ end
 local entries = redis.call('HGETALL', KEYS[1])
 local orphans = {}
 for i = 1, #entries, 2 do
-  if not live[entries[i + 1]] then
-    redis.call('HDEL', KEYS[1], entries[i])
-    table.insert(orphans, entries[i])
-    table.insert(orphans, entries[i + 1])
+  local id, token = entries[i], entries[i + 1]
+  if id ~= ARGV[2] and (not live[token] or token == ARGV[1]) then
+    if token ~= ARGV[1] then redis.call('HSET', KEYS[1], id, ARGV[1]) end
+    table.insert(orphans, id)
+    table.insert(orphans, token)
   end
 end
 return orphans
 """
 
-# Take the head of the queue and a free slot in one step. KEYS: queue, unfinished, slot 0..n-1.
+# Take the head of the queue and a free slot in one step. A retry after a lost reply (a slot already holds the
+# token) answers the run the first call took, rather than taking another. KEYS: queue, unfinished, slot 0..n-1.
 # ARGV: token, ttl_ms, n. Returns {run_id, slot} or nil.
 TAKE_SCRIPT = """
+for i = 1, tonumber(ARGV[3]) do
+  if redis.call('GET', KEYS[2 + i]) == ARGV[1] then
+    local entries = redis.call('HGETALL', KEYS[2])
+    for j = 1, #entries, 2 do if entries[j + 1] == ARGV[1] then return {entries[j], i - 1} end end
+  end
+end
 if redis.call('LLEN', KEYS[1]) == 0 then return nil end
 for i = 1, tonumber(ARGV[3]) do
   if redis.call('SET', KEYS[2 + i], ARGV[1], 'NX', 'PX', ARGV[2]) then
@@ -76,29 +98,44 @@ return nil
 
 # Store a terminal state: record, indexes, size, cancel flag, lock release (if the token still holds it),
 # the webhook delivery it owes (ARGV[6], the URL, or '') and the finished message in one step. Safe to run
-# twice: a retry after a lost reply counts the size once and owes the delivery once.
+# twice: a retry after a lost reply counts the size once and owes the delivery once, and when retention dropped
+# the run since the first call landed (a record exists from admission until it is dropped) it writes nothing
+# back: no record, no size, no second delivery; it still releases the lock.
 # The size counted is the run's plus its log lines' (logbytes) plus its event stream's (for Last-Event-ID, kept
 # with the run: events:run:<id>:bytes).
+# Deliveries owed at once are bounded (ARGV[7] of them, ARGV[8] bytes of bodies, counted in <webhooks>:bytes):
+# past either, the delivery is not owed and the reply says so, for the caller to log and count.
 # KEYS: run, finished, unfinished, cancel, sizes, bytes, seq, lock, logbytes, webhooks, webhook, run events bytes.
-# ARGV: json, run_id, channel, token, size, webhook url.
+# ARGV: json, run_id, channel, token, size, webhook url, max owed, max owed bytes.
+# Returns {finished runs, their bytes, owed}: owed 1 (a delivery is owed now), -1 (refused: past the bound), 0.
 FINISH_SCRIPT = """
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[7]), ARGV[2])
-redis.call('HDEL', KEYS[3], ARGV[2])
-redis.call('DEL', KEYS[4])
+local stored = redis.call('EXISTS', KEYS[1]) == 1
+local owed = 0
 local size = tonumber(ARGV[5]) + tonumber(redis.call('HGET', KEYS[9], ARGV[2]) or '0')
   + tonumber(redis.call('GET', KEYS[12]) or '0')
-if redis.call('HSETNX', KEYS[5], ARGV[2], size) == 1 then
+redis.call('HDEL', KEYS[3], ARGV[2])
+redis.call('DEL', KEYS[4])
+if stored then redis.call('SET', KEYS[1], ARGV[1]) end
+if stored and redis.call('HSETNX', KEYS[5], ARGV[2], size) == 1 then
+  redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[7]), ARGV[2])
   redis.call('INCRBY', KEYS[6], size)
   if ARGV[6] ~= '' then
-    local now = redis.call('TIME')
-    redis.call('HSET', KEYS[11], 'url', ARGV[6], 'body', ARGV[1], 'attempt', 0)
-    redis.call('ZADD', KEYS[10], now[1] * 1000 + math.floor(now[2] / 1000), ARGV[2])
+    local owed_bytes = KEYS[10] .. ':bytes'
+    if redis.call('ZCARD', KEYS[10]) >= tonumber(ARGV[7])
+        or tonumber(redis.call('GET', owed_bytes) or '0') + #ARGV[1] > tonumber(ARGV[8]) then
+      owed = -1
+    else
+      local now = redis.call('TIME')
+      redis.call('HSET', KEYS[11], 'url', ARGV[6], 'body', ARGV[1], 'attempt', 0)
+      redis.call('ZADD', KEYS[10], now[1] * 1000 + math.floor(now[2] / 1000), ARGV[2])
+      redis.call('INCRBY', owed_bytes, #ARGV[1])
+      owed = 1
+    end
   end
 end
 if ARGV[4] ~= '' and redis.call('GET', KEYS[8]) == ARGV[4] then redis.call('DEL', KEYS[8]) end
 redis.call('PUBLISH', ARGV[3], ARGV[2])
-return {redis.call('ZCARD', KEYS[2]), tonumber(redis.call('GET', KEYS[6]) or '0')}
+return {redis.call('ZCARD', KEYS[2]), tonumber(redis.call('GET', KEYS[6]) or '0'), owed}
 """
 
 # Drop the oldest finished runs while more than ARGV[1] of them, or more than ARGV[2] bytes, are kept
@@ -126,7 +163,8 @@ return dropped
 
 
 # Webhook deliveries (webhooks.py): ``webhooks`` is a zset of run ids by due time (ms, Redis's clock, so
-# replicas' clocks never matter), ``webhook:<id>`` a hash (url, body, attempt, lease). Claiming a due
+# replicas' clocks never matter), ``webhook:<id>`` a hash (url, body, attempt, lease), ``webhooks:bytes`` the
+# bytes of the owed bodies (FINISH bounds them; a delivery that ends gives its bytes back). Claiming a due
 # delivery moves its due time past the lease, so no other replica sees it due while the claimer's attempt
 # can last; a claimer that dies leaves it due again once the lease ends.
 # KEYS: webhooks. ARGV: lease_ms, lease token, webhook key prefix, max attempts.
@@ -150,6 +188,9 @@ if made < 0 then
 end
 if made >= tonumber(ARGV[4]) then
   redis.call('ZREM', KEYS[1], id)
+  if redis.call('DECRBY', KEYS[1] .. ':bytes', redis.call('HSTRLEN', key, 'body')) < 0 then
+    redis.call('SET', KEYS[1] .. ':bytes', 0)  -- owed by a version that did not count them
+  end
   redis.call('DEL', key)
   return {2, id, made}
 end
@@ -164,6 +205,9 @@ return {1, id, made + 1, redis.call('HGET', key, 'url'), redis.call('HGET', key,
 REPORT_WEBHOOK_SCRIPT = """
 if redis.call('HGET', KEYS[2], 'lease') ~= ARGV[1] then return 0 end
 if ARGV[2] == 'done' then
+  if redis.call('DECRBY', KEYS[1] .. ':bytes', redis.call('HSTRLEN', KEYS[2], 'body')) < 0 then
+    redis.call('SET', KEYS[1] .. ':bytes', 0)  -- owed by a version that did not count them
+  end
   redis.call('DEL', KEYS[2])
   redis.call('ZREM', KEYS[1], ARGV[3])
   return 1

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -21,7 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from redis_reads import CoalescedReads, RecordReader
 from redis_scripts import ADMIT_SCRIPT, FINISH_SCRIPT, ORPHANS_SCRIPT, TAKE_SCRIPT, TRIM_SCRIPT
-from store import LockLost, Page, Run, StoreUnavailable
+from store import MAX_OWED, MAX_OWED_BYTES, LockLost, Page, Run, StoreUnavailable
 
 
 def open_redis(url: str, prefix: str, lock_ttl_seconds: float, retention: int, retention_bytes: int,
@@ -137,6 +138,7 @@ class RedisRunStore:
         self.on_cancel: Callable[[str, str | None], None] = lambda run_id, by: None
         self.on_work: Callable[[], None] = lambda: None  # a run was queued or a slot freed, on any replica
         self.on_finished: Callable[[Run], None] = lambda run: None  # a run with a webhook was stored terminal
+        self.on_not_owed: Callable[[Run, str], None] = lambda run, detail: None  # its delivery was past the bound
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._progress_writes: dict[str, asyncio.Task[None]] = {}
         self._progress_dirty: set[str] = set()
@@ -245,16 +247,19 @@ class RedisRunStore:
                 await self.client.set(self.key("run", run.run_id), run.json())
                 return
             token = run.holder if release is not None and run.holder is not None else ""
-            finished_count, finished_bytes = await self._finish(
+            finished_count, finished_bytes, owed = await self._finish(
                 keys=[self.key("run", run.run_id), self.key("finished"), self.key("unfinished"),
                       self.key("cancel", run.run_id), self.key("sizes"), self.key("bytes"), self.key("seq"),
                       release.key_of(token) if release is not None and token else self.key("lock"),
                       self.key("logbytes"), self.key("webhooks"), self.key("webhook", run.run_id),
                       self.key("events", "run", run.run_id, "bytes")],
-                args=[run.json(), run.run_id, self.key("finished"), token, run.size, run.webhook or ""])
+                args=[run.json(), run.run_id, self.key("finished"), token, run.size, run.webhook or "", MAX_OWED,
+                      MAX_OWED_BYTES])
             if release is not None and token:
                 release.forget(token)
-            if run.webhook is not None:
+            if owed == -1:
+                self.on_not_owed(run, f"too many deliveries owed already (at most {MAX_OWED}, {MAX_OWED_BYTES} bytes)")
+            elif run.webhook is not None:
                 self.on_finished(run)  # owed in Redis already; this only wakes the local deliverer
             if finished_count > self.retention or finished_bytes > self.retention_bytes:
                 await self._trim(keys=[self.key("finished"), self.key("runs"), self.key("sizes"), self.key("bytes"),
@@ -353,8 +358,13 @@ class RedisRunStore:
     def refusal(self, lock: RedisRunLock, on_busy: str, queue_max: int) -> None:
         return None  # only the admit script can tell, atomically with the other replicas
 
-    async def admit(self, run: Run, lock: RedisRunLock, on_busy: str, queue_max: int) -> str:
-        """As MemoryRunStore.admit, across replicas: one script takes a slot or a place in the queue."""
+    async def admit(self, run: Run, lock: RedisRunLock, on_busy: str, queue_max: int,
+                    claim: list[Any] | None = None) -> str:
+        """As MemoryRunStore.admit, across replicas: one script takes a slot or a place in the queue.
+
+        ``claim`` (RedisIdempotencyKeys.admit_args): admit only while the Idempotency-Key is still this
+        request's, and mark it accepted in the same step; "lost" when it no longer is.
+        """
         token = uuid.uuid4().hex
         waiting = Run.from_json(run.json())
         waiting.update(queue_position=0)  # stored as "queued"; the position is read from the queue
@@ -363,7 +373,7 @@ class RedisRunStore:
                 keys=[self.key("queue"), self.key("run", run.run_id), self.key("runs"), self.key("seq"),
                       self.key("unfinished"), *lock.keys],
                 args=[run.json(), waiting.json(), run.run_id, on_busy, queue_max, token,
-                      int(lock.ttl_seconds * 1000), len(lock.keys), self.key("queued")])
+                      int(lock.ttl_seconds * 1000), len(lock.keys), self.key("queued"), *(claim or ["", "", 0])])
         if outcome == 1:
             run.holder = token
             lock.adopt(token, int(value))
@@ -371,7 +381,7 @@ class RedisRunStore:
         if outcome == 2:
             run.update(queue_position=int(value))
             return "queued"
-        return "busy" if outcome == 0 else "full"
+        return {0: "busy", -1: "full"}.get(outcome, "lost")
 
     async def take(self, lock: RedisRunLock) -> Run | None:
         """The head of the queue on a free slot, or None; one script, so a run is taken once."""
@@ -435,11 +445,16 @@ class RedisRunStore:
         held = [(score, run_id) for run_id, score in zip(ids, scores) if score is not None]
         return min(held)[1] if held else None
 
-    async def claim_orphans(self, lock: RedisRunLock) -> list[Run]:
-        """Unfinished runs whose holder holds no slot any more, taken out of the unfinished index atomically."""
+    async def claim_orphans(self, lock: RedisRunLock, claimer: Run) -> list[Run]:
+        """Unfinished runs whose holder holds no slot any more, passed atomically to ``claimer``'s token (which
+        holds a slot) until their terminal state is stored; claimed again, they are answered again."""
         async with self.health.guard():
-            flat = await self._orphans(keys=[self.key("unfinished"), *lock.keys])
+            flat = await self._orphans(keys=[self.key("unfinished"), *lock.keys],
+                                       args=[claimer.holder or "", claimer.run_id])
             pairs = [(flat[i].decode(), flat[i + 1].decode()) for i in range(0, len(flat), 2)]
             raws = await self.client.mget([self.key("run", run_id) for run_id, _ in pairs]) if pairs else []
-        runs = [self.read(run_id, raw, holder=token) for (run_id, token), raw in zip(pairs, raws)]
+            runs = [self.read(run_id, raw, holder=token) for (run_id, token), raw in zip(pairs, raws)]
+            done = [run_id for (run_id, _), run in zip(pairs, runs) if run is None or run.finished]
+            if done:  # unreadable, or recorded already: nothing to recover, out of the index
+                await self.client.hdel(self.key("unfinished"), *done)
         return [run for run in runs if run is not None and not run.finished]

@@ -72,7 +72,8 @@ async def open_stores() -> str:
     else:
         run_lock = MemoryRunLock(config.max_concurrent_runs)
         run_store = MemoryRunStore(config.run_retention, config.run_retention_bytes)
-        idempotency_keys = MemoryIdempotencyKeys(config.idempotency_ttl_seconds, config.run_retention)
+        idempotency_keys = MemoryIdempotencyKeys(config.idempotency_ttl_seconds, config.run_retention,
+                                                 unfinished=run_store.unfinished)
     run_store.on_cancel = request_stop
     run_store.on_work = work_waiting.set
     await run_store.start()
@@ -243,7 +244,7 @@ def seconds_between(earlier: str, later: str) -> float:
 
 async def recover_orphans(run: Run) -> None:
     """Mark ERROR the unfinished runs whose holder no longer holds a slot (a replica died); we hold one now."""
-    for orphan in await run_store.claim_orphans(run_lock):
+    for orphan in await run_store.claim_orphans(run_lock, run):
         orphan.update(state="ERROR", finished_at=utc_now(), queue_position=None,
                       error="Runner lost: the replica running it stopped holding the run lock")
         await run_store.save(orphan)

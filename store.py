@@ -34,6 +34,13 @@ PUBLIC_FIELDS = ("run_id", "agent_type", "user_id", "input", "state", "result", 
 ON_BUSY = ("reject", "enqueue", "interrupt")  # what POST /agents/run does when every slot is taken
 
 
+# Webhook deliveries owed at once (memory: in this process; Redis: in Redis, for every replica) and their bodies'
+# bytes; past either, a new one is logged as failed (webhook_failed, final, attempt 0), counted undelivered and
+# dropped: a receiver down, or no replica able to send, under a flood of runs.
+MAX_OWED = 10000
+MAX_OWED_BYTES = 64 * 1024 * 1024
+
+
 class RunRecordInvalid(ValueError):
     """A stored run record this version cannot read (malformed, or missing what every run has)."""
 
@@ -256,7 +263,7 @@ class MemoryRunStore:
     def note_progress(self, run: Run) -> None:
         pass  # the stored run is the object the agent updates
 
-    async def claim_orphans(self, lock: MemoryRunLock) -> list[Run]:
+    async def claim_orphans(self, lock: MemoryRunLock, claimer: Run) -> list[Run]:
         return []  # one process: no other holder can leave a run behind
 
     async def request_cancel(self, run_id: str, by: str | None = None) -> None:
@@ -272,6 +279,10 @@ class MemoryRunStore:
         self._runs[run.run_id] = run
         self._finish_events[run.run_id] = asyncio.Event()
 
+    def unfinished(self, run_id: str) -> bool:
+        """Whether ``run_id`` is stored and not finished (retention never drops it, nor its Idempotency-Key)."""
+        return run_id in self._finish_events
+
     def refusal(self, lock: MemoryRunLock, on_busy: str, queue_max: int) -> str | None:
         """"busy" or "full" when ``admit`` would refuse a run now, else None; exact, as nothing awaits in
         between, so a refused POST never builds a run."""
@@ -281,9 +292,10 @@ class MemoryRunStore:
             return "busy"
         return "full" if len(self._queue) >= queue_max else None
 
-    async def admit(self, run: Run, lock: MemoryRunLock, on_busy: str, queue_max: int) -> str:
+    async def admit(self, run: Run, lock: MemoryRunLock, on_busy: str, queue_max: int, claim: None = None) -> str:
         """In one step: start ``run`` on a free slot when nobody waits ("started", ``run.holder`` set),
-        else queue it if ``on_busy`` allows and there is room ("queued"), else "busy" or "full"."""
+        else queue it if ``on_busy`` allows and there is room ("queued"), else "busy" or "full".
+        ``claim`` is Redis's: an Idempotency-Key claimed here is never lost while its request runs."""
         refused = self.refusal(lock, on_busy, queue_max)
         if refused is not None:
             return refused

@@ -28,15 +28,13 @@ from typing import Any
 import metrics
 import settings
 from logs import log
-from store import Run, StoreUnavailable
+from store import MAX_OWED, MAX_OWED_BYTES, Run, StoreUnavailable
 from webhook_http import WebhookRefused, WebhookUnresolved, check_url, post, resolve
 
 MAX_ATTEMPTS = 6
 MAX_PARALLEL = 16  # attempts in flight at once per process; a slow receiver holds one for the timeout at most
 POLL_SECONDS = 1.0  # the queue is looked at this often at least (Redis: other replicas' deliveries, leases)
 REPORT_RETRY_SECONDS = 0.5
-MAX_OWED = 10000  # memory mode: deliveries owed at once, and their bodies' bytes; past either, a new one is
-MAX_OWED_BYTES = 64 * 1024 * 1024  # logged as failed and dropped (a receiver down under a flood of runs)
 
 
 def signature(secret: str, timestamp: int, body: bytes) -> str:
@@ -63,6 +61,19 @@ class Delivery:
     exhausted: bool = False  # Redis: every attempt was made (the last claimer died mid-attempt)
 
 
+def not_owed(run: Run, detail: str) -> None:
+    """A delivery past the bound on those owed: dropped, logged as failed (attempt 0) and counted undelivered."""
+    metrics.WEBHOOKS_UNDELIVERED.inc()
+    log.error("webhook_failed", extra={"run_id": run.run_id, "attempt": 0, "status": None, "final": True,
+                                       "detail": detail})
+
+
+def owed_without_secret(run: Run) -> None:
+    log.warning("webhook_owed_without_secret", extra={
+        "run_id": run.run_id, "detail": "this replica has no WEBHOOK_SECRET and sends no webhooks: the delivery "
+                                        "waits in Redis for a replica that has it"})
+
+
 class MemoryDeliveries:
     """Memory mode's queue: owed deliveries by due time, in this process (lost with it; see Deliverer.stop)."""
 
@@ -76,10 +87,7 @@ class MemoryDeliveries:
         assert run.webhook is not None
         body = run.json()
         if len(self._due) >= MAX_OWED or self._bytes + len(body) > MAX_OWED_BYTES:  # memory stays bounded
-            metrics.WEBHOOKS_UNDELIVERED.inc()
-            log.error("webhook_failed", extra={
-                "run_id": run.run_id, "attempt": 0, "status": None, "final": True,
-                "detail": f"too many deliveries owed already ({len(self._due)}, {self._bytes} bytes)"})
+            not_owed(run, f"too many deliveries owed already ({len(self._due)}, {self._bytes} bytes)")
             return
         self._push(time.monotonic(), Delivery(run.run_id, run.webhook, body))
         self.on_owed()
@@ -242,9 +250,15 @@ deliverer: Deliverer | None = None  # set by start_delivering while webhooks are
 
 
 def start_delivering(run_store: Any) -> None:
-    """With WEBHOOK_SECRET set: the queue for the store's mode, wired to the store, and the deliverer started."""
+    """With WEBHOOK_SECRET set: the queue for the store's mode, wired to the store, and the deliverer started.
+
+    Without it no delivery is sent from here; in Redis mode a run this replica ends may still owe one (another
+    replica, with the secret, accepted it): it waits in Redis for a replica that has the secret, and is logged.
+    """
     global deliverer
+    run_store.on_not_owed = not_owed  # Redis mode: past the bound on owed deliveries (memory mode: owe)
     if not settings.current.webhook_secret:
+        run_store.on_finished = owed_without_secret
         return
     if hasattr(run_store, "client"):  # Redis mode
         from redis_webhooks import RedisDeliveries

@@ -16,7 +16,9 @@ class RedisProxy:
     ``drop(match, times)``: the next ``times`` chunks that ``match`` are not
     forwarded and their connection is closed (the command never reaches Redis).
     ``hold(match, seconds, then)``: a matching chunk calls ``then`` and waits
-    ``seconds`` before it is forwarded. ``cut_all()`` closes every open connection.
+    ``seconds`` before it is forwarded. ``lose_reply(match, then)``: the next matching chunk reaches Redis,
+    but its reply does not: once it is back, ``then`` runs and the connection is closed instead (a connection
+    dropped after the command ran). ``cut_all()`` closes every open connection.
     """
 
     def __init__(self, target_port: int) -> None:
@@ -26,6 +28,8 @@ class RedisProxy:
         self.dropped = 0
         self._drops: list[list] = []  # [match, times left]
         self._holds: list[list] = []  # [match, seconds, then, used]
+        self._losses: list[list] = []  # [match, then, used]
+        self._losing: dict[socket.socket, Callable[[], None]] = {}  # upstream connection -> then, reply not passed
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._server = socket.create_server(("127.0.0.1", self.port))
@@ -39,6 +43,10 @@ class RedisProxy:
     def hold(self, match: Callable[[bytes], bool], seconds: float, then: Callable[[], None]) -> None:
         with self._lock:
             self._holds.append([match, seconds, then, False])
+
+    def lose_reply(self, match: Callable[[bytes], bool], then: Callable[[], None]) -> None:
+        with self._lock:
+            self._losses.append([match, then, False])
 
     def cut_all(self) -> None:
         with self._lock:
@@ -73,6 +81,11 @@ class RedisProxy:
             while chunk := source.recv(65536):
                 if from_client and not self._allowed(chunk):
                     break
+                if from_client:
+                    self._mark_lost_reply(chunk, sink)
+                elif source in self._losing:
+                    self._losing.pop(source)()
+                    break
                 sink.sendall(chunk)
         except OSError:
             pass
@@ -100,6 +113,17 @@ class RedisProxy:
             held[2]()
             time.sleep(held[1])
         return True
+
+    def _mark_lost_reply(self, chunk: bytes, upstream: socket.socket) -> None:
+        with self._lock:
+            losses = list(self._losses)
+        for rule in losses:
+            if not rule[2] and rule[0](chunk):
+                with self._lock:
+                    if not rule[2]:
+                        rule[2] = True
+                        self._losing[upstream] = rule[1]
+                        return
 
     def _close(self, conn: socket.socket) -> None:
         with self._lock:

@@ -281,3 +281,47 @@ def test_list_body_stays_under_8_mib_and_pages_on(start_server) -> None:
     assert 0 < len(page) < 10
     rest = srv.client.get("/agents/runs", params={"limit": 50, "before": page[-1]}).json()["runs"]
     assert page + [run["run_id"] for run in rest][:10 - len(page)] == ids[::-1]
+
+
+# --- a script that ran, whose reply was lost: redis-py sends it again with the same arguments -----------------
+
+def script_client(redis_server: RedisServer):
+    import redis
+    return redis.Redis.from_url(redis_server.url, decode_responses=True)
+
+
+def test_a_take_sent_again_after_its_reply_was_lost_answers_the_run_it_took(redis_server: RedisServer) -> None:
+    """Otherwise the run taken first is lost (out of the queue, holding a slot nobody renews, never started) and
+    the retry takes the next run under the same token, or none."""
+    from redis_scripts import TAKE_SCRIPT
+    client = script_client(redis_server)
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    take = client.register_script(TAKE_SCRIPT)
+    keys = [f"{prefix}:queue", f"{prefix}:unfinished", f"{prefix}:lock", f"{prefix}:lock:1"]
+    try:
+        client.rpush(f"{prefix}:queue", "run-1", "run-2")
+        assert take(keys=keys, args=["token-a", 30000, 2]) == ["run-1", 0]
+        assert take(keys=keys, args=["token-a", 30000, 2]) == ["run-1", 0]  # the retry
+        assert client.lrange(f"{prefix}:queue", 0, -1) == ["run-2"] and client.get(f"{prefix}:lock:1") is None
+        assert take(keys=keys, args=["token-b", 30000, 2]) == ["run-2", 1]
+    finally:
+        client.close()
+
+
+def test_orphans_claimed_again_after_the_reply_was_lost_are_answered_again(redis_server: RedisServer) -> None:
+    """Otherwise the orphans left the unfinished index with the lost reply and stay RUNNING for ever."""
+    from redis_scripts import ORPHANS_SCRIPT
+    client = script_client(redis_server)
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    orphans = client.register_script(ORPHANS_SCRIPT)
+    keys = [f"{prefix}:unfinished", f"{prefix}:lock"]
+    try:
+        client.hset(f"{prefix}:unfinished", mapping={"dead-run": "dead-token", "my-run": "my-token"})
+        client.set(f"{prefix}:lock", "my-token")
+        first = orphans(keys=keys, args=["my-token", "my-run"])
+        assert first[0] == "dead-run"
+        assert orphans(keys=keys, args=["my-token", "my-run"])[0] == "dead-run"  # the retry
+        client.set(f"{prefix}:lock", "next-token")  # the claimer died before recording them: the next one takes them
+        assert sorted(orphans(keys=keys, args=["next-token", "next-run"])[::2]) == ["dead-run", "my-run"]
+    finally:
+        client.close()

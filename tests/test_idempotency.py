@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import signal
 import socket
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -410,3 +412,81 @@ def test_a_replay_of_a_run_with_a_webhook_is_its_202_even_when_the_webhook_host_
     fresh = srv.client.post("/agents/run", json=body, headers={"Idempotency-Key": new_key()})
     assert fresh.status_code == 400 and "does not resolve" in fresh.json()["detail"]  # a new request is checked
     assert [run["run_id"] for run in runs_of(srv, user)] == [first.json()["run_id"]]
+
+
+# --- ways to a second run per key that a review found ------------------------------------------------------------
+
+def test_a_key_is_kept_while_its_run_waits_or_runs_however_many_keys_follow(start_server) -> None:
+    """Keys are bounded like runs: retention never drops a run that has not finished, nor may it drop its key."""
+    srv = start_server(RUN_RETENTION="1", ON_BUSY="enqueue")
+    user, keys = new_user(), [new_key() for _ in range(3)]
+    run_ids = [post(srv, key, user, "hanging").json()["run_id"] for key in keys]  # one runs, two wait
+    srv.wait_state(run_ids[0], "RUNNING")
+    for key, run_id in zip(keys, run_ids):
+        again = post(srv, key, user, "hanging")
+        assert again.status_code == 202 and again.json()["run_id"] == run_id, again.text
+        assert again.headers["idempotent-replayed"] == "true"
+    assert sorted(run["run_id"] for run in runs_of(srv, user)) == sorted(run_ids)
+    for run_id in reversed(run_ids):
+        srv.client.post(f"/agents/cancel/{run_id}")
+
+
+def test_a_run_whose_key_was_not_stored_is_replayed_after_retention_dropped_it(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    """The key stayed pending (marking it accepted failed), its run ended and was dropped: a retry a minute later
+    must not take the key over as if the first request had died before admitting anything."""
+    proxy = RedisProxy(redis_server.port)
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    srv = ServerProcess(tmp_path / "server.log", REDIS_URL=proxy.url, REDIS_PREFIX=prefix, RUN_RETENTION="1")
+    try:
+        user, key = new_user(), new_key()
+        proxy.drop(lambda chunk: b"EVAL" in chunk and b":idempotency:" in chunk and b":run:" not in chunk, times=3)
+        first = post(srv, key, user, seconds=0)
+        assert first.status_code == 202 and proxy.dropped == 3
+        run_id = first.json()["run_id"]
+        assert srv.wait_run(run_id)["state"] == "DONE"
+        srv.run_to_end()  # retention keeps one finished run: this one
+        assert srv.client.get(f"/agents/status/{run_id}").status_code == 404
+        # A minute passes (the pending claim's age is what the claim script reads from its TTL).
+        redis_server.command("PEXPIRE", f"{prefix}:idempotency:{key}", str(86400_000 - 61_000))
+        again = post(srv, key, user, seconds=0)
+        assert again.status_code == 202 and again.json()["run_id"] == run_id, again.text
+        assert again.headers["idempotent-replayed"] == "true"
+        assert runs_of(srv, user) == []  # nothing started
+    finally:
+        srv.stop(signal.SIGKILL)
+        proxy.close()
+
+
+def test_a_request_whose_claim_expired_while_it_was_decided_does_not_start_a_second_run(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    """The first request stalls between claiming its key and admitting its run; meanwhile the claim expires and
+    a retry claims the key afresh and is admitted. The first must then not be admitted too."""
+    proxy = RedisProxy(redis_server.port)
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    srv = ServerProcess(tmp_path / "server.log", REDIS_URL=proxy.url, REDIS_PREFIX=prefix)
+    user, key = new_user(), new_key()
+    held = threading.Event()
+
+    def expire_the_claim() -> None:
+        redis_server.command("DEL", f"{prefix}:idempotency:{key}")
+        held.set()
+
+    try:
+        proxy.hold(lambda chunk: b"EVAL" in chunk and b":queued" in chunk, 1.0, expire_the_claim)  # the admit script
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            first_future = pool.submit(post, srv, key, user, "hanging", "enqueue")
+            assert held.wait(10)
+            with httpx.Client(base_url=srv.url, timeout=30) as other:
+                retry = other.post("/agents/run", headers={"Idempotency-Key": key},
+                                   json={"agent_type": "hanging", "user_id": user, "input": {}, "on_busy": "enqueue"})
+            first = first_future.result(timeout=30)
+        answers = [(first.status_code, first.text), (retry.status_code, retry.text)]
+        accepted = {r.json()["run_id"] for r in (first, retry) if r.status_code == 202}
+        assert len(accepted) == 1, answers
+        assert all(r.status_code == 202 or r.json() == {"detail": IN_PROGRESS} for r in (first, retry)), answers
+        assert [run["run_id"] for run in runs_of(srv, user)] == list(accepted)
+        srv.client.post(f"/agents/cancel/{accepted.pop()}")
+    finally:
+        srv.stop(signal.SIGKILL)
+        proxy.close()

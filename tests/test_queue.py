@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import signal
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -303,5 +304,26 @@ def test_a_replica_that_dies_after_taking_a_run_leaves_it_runner_lost(replicas, 
         lost = other.client.get(f"/agents/status/{waiting}").json()
         assert (lost["state"], lost["queue_position"]) == ("ERROR", None)
         assert lost["error"].startswith("Runner lost")
+    finally:
+        proxy.close()
+
+
+def test_a_take_whose_reply_was_lost_starts_the_run_it_took(replicas, redis_server: RedisServer) -> None:
+    """The take script runs, its reply is lost, redis-py sends it again: the run taken must still start (it was
+    left out of the queue, on a slot nobody renewed, and ended 'Runner lost' a TTL later)."""
+    proxy = RedisProxy(redis_server.port)
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    lost = threading.Event()
+    try:
+        (srv,) = replicas(1, url=proxy.url, prefix=prefix)
+        running = post(srv, "hanging").json()["run_id"]
+        srv.wait_state(running, "RUNNING")
+        waiting = post(srv, "sleeper", on_busy="enqueue", seconds=0).json()["run_id"]
+        # The take that follows the first run's end (its slot free): Redis runs it, its reply never arrives.
+        proxy.lose_reply(lambda chunk: b":queue\r\n" in chunk and b":unfinished" in chunk and b":queued" not in chunk
+                         and redis_server.command("GET", f"{prefix}:lock") is None, lost.set)
+        srv.client.post(f"/agents/cancel/{running}")
+        ended = srv.wait_run(waiting, timeout=15)
+        assert lost.is_set() and (ended["state"], ended["error"]) == ("DONE", None)
     finally:
         proxy.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 import uuid
 from collections import Counter
@@ -13,9 +14,10 @@ from typing import Any
 import pytest
 import redis
 
-from redis_scripts import CLAIM_WEBHOOK_SCRIPT, REPORT_WEBHOOK_SCRIPT
+from redis_scripts import CLAIM_WEBHOOK_SCRIPT, FINISH_SCRIPT, REPORT_WEBHOOK_SCRIPT, TRIM_SCRIPT
 
 from conftest import RedisServer, ServerProcess, new_user
+from redis_proxy import RedisProxy
 from test_webhooks import HOOKS, SECRET, Receiver, readme_verifier
 
 
@@ -156,3 +158,131 @@ def test_a_delivery_owed_across_a_redis_restart_is_still_delivered(tmp_path: Pat
         assert server.client.get("/healthz").status_code == 200
     finally:
         server.stop(signal.SIGKILL)
+
+
+def test_a_finish_retried_after_it_landed_never_recreates_a_dropped_run_nor_owes_a_second_delivery(
+        redis_server: RedisServer) -> None:
+    """redis-py sends the FINISH script again when its reply was lost: the first call may have landed, the run
+    been delivered and dropped by retention meanwhile. The retry must find it done, not do it again."""
+    client = redis.Redis.from_url(redis_server.url)
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    finish, trim = client.register_script(FINISH_SCRIPT), client.register_script(TRIM_SCRIPT)
+    claim, report = client.register_script(CLAIM_WEBHOOK_SCRIPT), client.register_script(REPORT_WEBHOOK_SCRIPT)
+    key = lambda *parts: ":".join((prefix, *parts))  # noqa: E731
+
+    def finish_run(run_id: str) -> Any:
+        return finish(keys=[key("run", run_id), key("finished"), key("unfinished"), key("cancel", run_id),
+                            key("sizes"), key("bytes"), key("seq"), key("lock"), key("logbytes"), key("webhooks"),
+                            key("webhook", run_id), key("events", "run", run_id, "bytes")],
+                      args=[b'{"state":"DONE"}', run_id, key("finished"), "", 100, "http://x/", 10, 10000])
+
+    def deliver() -> None:
+        reply = claim(keys=[key("webhooks")], args=[5000, "lease", key("webhook", ""), 6])
+        assert reply[0] == 1, reply
+        assert report(keys=[key("webhooks"), key("webhook", reply[1].decode())],
+                      args=["lease", "done", reply[1].decode()]) == 1
+
+    try:
+        client.set(key("run", "run-a"), b'{"state":"RUNNING"}')  # as admission stored it
+        assert finish_run("run-a") == [1, 100, 1]
+        deliver()
+        assert finish_run("run-a") == [1, 100, 0]  # landed before: counted once, nothing owed again
+        assert client.zcard(key("webhooks")) == 0 and not client.exists(key("webhook", "run-a"))
+        assert trim(keys=[key("finished"), key("runs"), key("sizes"), key("bytes"), key("logbytes")],
+                    args=[0, 0, key("run", ""), key("log", ""), key("events", "run", "")]) == 1
+        assert not client.exists(key("run", "run-a"))
+        assert finish_run("run-a") == [0, 0, 0]  # dropped meanwhile: not written again
+        assert not client.exists(key("run", "run-a")) and client.zcard(key("finished")) == 0
+        assert client.zcard(key("webhooks")) == 0 and not client.exists(key("webhook", "run-a"))
+        assert int(client.get(key("bytes")) or 0) == 0 and client.hlen(key("sizes")) == 0
+    finally:
+        client.close()
+
+
+def test_deliveries_owed_in_redis_are_bounded_by_count_and_bytes(redis_server: RedisServer) -> None:
+    client = redis.Redis.from_url(redis_server.url)
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    finish, report = client.register_script(FINISH_SCRIPT), client.register_script(REPORT_WEBHOOK_SCRIPT)
+    claim = client.register_script(CLAIM_WEBHOOK_SCRIPT)
+    key = lambda *parts: ":".join((prefix, *parts))  # noqa: E731
+    body = b'{"state":"DONE","result":"' + b"x" * 80 + b'"}'
+
+    def finish_run(run_id: str, body: bytes = body, max_owed: int = 2, max_bytes: int = 250) -> int:
+        client.set(key("run", run_id), b'{"state":"RUNNING"}')
+        reply = finish(keys=[key("run", run_id), key("finished"), key("unfinished"), key("cancel", run_id),
+                             key("sizes"), key("bytes"), key("seq"), key("lock"), key("logbytes"), key("webhooks"),
+                             key("webhook", run_id), key("events", "run", run_id, "bytes")],
+                       args=[body, run_id, key("finished"), "", 100, "http://x/", max_owed, max_bytes])
+        return reply[2]
+
+    try:
+        assert [finish_run("a"), finish_run("b")] == [1, 1]
+        assert int(client.get(key("webhooks", "bytes"))) == 2 * len(body)
+        assert finish_run("c") == -1  # a third is past the count
+        assert not client.exists(key("webhook", "c")) and client.zcard(key("webhooks")) == 2
+        leased = claim(keys=[key("webhooks")], args=[5000, "lease", key("webhook", ""), 6])
+        assert report(keys=[key("webhooks"), key("webhook", leased[1].decode())],
+                      args=["lease", "done", leased[1].decode()]) == 1
+        assert int(client.get(key("webhooks", "bytes"))) == len(body)  # a delivery that ends gives its bytes back
+        assert finish_run("d", body=b"y" * 200) == -1  # room for one more, but not for 200 more bytes
+        assert finish_run("e") == 1 and client.zcard(key("webhooks")) == 2
+    finally:
+        client.close()
+
+
+def test_a_replica_without_the_secret_that_ends_a_hooked_run_says_the_delivery_waits(
+        replicas: Any, receiver_factory: Any, redis_server: RedisServer) -> None:
+    """A fleet where only some replicas (or none any more) have WEBHOOK_SECRET: never silent."""
+    receiver = receiver_factory()
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    hooked, = replicas(1, prefix=prefix, LOCK_TTL_SECONDS="1", **HOOKS)
+    plain, = replicas(1, prefix=prefix, LOCK_TTL_SECONDS="1")
+    blocker = hooked.start_run("hanging")
+    hooked.wait_state(blocker, "RUNNING")
+    run_id = hooked_run(hooked, receiver.url, on_busy="enqueue")
+    hooked.stop(signal.SIGKILL)  # its slot expires: the replica without the secret takes the queued run
+    assert plain.wait_run(run_id)["state"] == "DONE"
+    line = plain.wait_for_event("webhook_owed_without_secret", run_id=run_id)
+    assert line["level"] == "warning" and "WEBHOOK_SECRET" in line["detail"]
+    assert redis_server.command("EXISTS", f"{prefix}:webhook:{run_id}") == 1  # owed, for a replica with the secret
+    assert receiver.requests == []
+
+
+def test_a_terminal_write_whose_reply_was_lost_while_retention_dropped_the_run_is_not_written_back(
+        tmp_path: Path, redis_server: RedisServer, receiver_factory: Any) -> None:
+    """The FINISH script lands, its reply is lost, and before redis-py sends it again the run is delivered and
+    dropped by retention (as another replica's trim would): the retry must leave it dropped and owe nothing."""
+    receiver = receiver_factory()
+    proxy = RedisProxy(redis_server.port)
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    server = ServerProcess(tmp_path / "server.log", REDIS_URL=proxy.url, REDIS_PREFIX=prefix, **HOOKS)
+    dropped = threading.Event()
+
+    def deliver_and_drop_everything() -> None:
+        client = redis.Redis.from_url(redis_server.url)
+        try:
+            for key in client.scan_iter(f"{prefix}:webhook:*"):
+                client.delete(key)
+            client.delete(f"{prefix}:webhooks")
+            client.register_script(TRIM_SCRIPT)(
+                keys=[f"{prefix}:finished", f"{prefix}:runs", f"{prefix}:sizes", f"{prefix}:bytes",
+                      f"{prefix}:logbytes"],
+                args=[0, 0, f"{prefix}:run:", f"{prefix}:log:", f"{prefix}:events:run:"])
+        finally:
+            client.close()
+        dropped.set()
+
+    redis_server.command("SCRIPT", "LOAD", FINISH_SCRIPT)  # so the reply lost is the script's, not NOSCRIPT's
+    try:
+        proxy.lose_reply(lambda chunk: b'"state":"DONE"' in chunk and b":webhooks" in chunk,
+                         deliver_and_drop_everything)
+        run_id = hooked_run(server, receiver.url)
+        server.wait_for_event("agent_complete", run_id=run_id)
+        assert dropped.is_set()
+        assert server.client.get(f"/agents/status/{run_id}").status_code == 404  # not written back
+        assert redis_server.command("EXISTS", f"{prefix}:webhook:{run_id}") == 0  # nothing owed again
+        assert redis_server.command("ZSCORE", f"{prefix}:webhooks", run_id) is None
+        assert len(receiver.requests) <= 1
+    finally:
+        server.stop(signal.SIGKILL)
+        proxy.close()
