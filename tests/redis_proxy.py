@@ -16,7 +16,10 @@ class RedisProxy:
     ``drop(match, times)``: the next ``times`` chunks that ``match`` are not
     forwarded and their connection is closed (the command never reaches Redis).
     ``hold(match, seconds, then)``: a matching chunk calls ``then`` and waits
-    ``seconds`` before it is forwarded. ``cut_all()`` closes every open connection.
+    ``seconds`` before it is forwarded. ``drop_reply(match, times)``: the next
+    ``times`` chunks that ``match`` reach Redis, but the reply does not come back:
+    the connection is closed when it arrives (a command that ran, its answer lost).
+    ``cut_all()`` closes every open connection.
     """
 
     def __init__(self, target_port: int) -> None:
@@ -26,6 +29,8 @@ class RedisProxy:
         self.dropped = 0
         self._drops: list[list] = []  # [match, times left]
         self._holds: list[list] = []  # [match, seconds, then, used]
+        self._reply_drops: list[list] = []  # [match, times left]
+        self._swallow: set[socket.socket] = set()  # upstream sockets whose next reply is dropped
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._server = socket.create_server(("127.0.0.1", self.port))
@@ -39,6 +44,10 @@ class RedisProxy:
     def hold(self, match: Callable[[bytes], bool], seconds: float, then: Callable[[], None]) -> None:
         with self._lock:
             self._holds.append([match, seconds, then, False])
+
+    def drop_reply(self, match: Callable[[bytes], bool], times: int) -> None:
+        with self._lock:
+            self._reply_drops.append([match, times])
 
     def cut_all(self) -> None:
         with self._lock:
@@ -73,6 +82,14 @@ class RedisProxy:
             while chunk := source.recv(65536):
                 if from_client and not self._allowed(chunk):
                     break
+                if from_client and self._reply_dropped(chunk):
+                    with self._lock:
+                        self._swallow.add(sink)
+                if not from_client and source in self._swallow:
+                    with self._lock:
+                        self._swallow.discard(source)
+                        self.dropped += 1
+                    break
                 sink.sendall(chunk)
         except OSError:
             pass
@@ -100,6 +117,17 @@ class RedisProxy:
             held[2]()
             time.sleep(held[1])
         return True
+
+    def _reply_dropped(self, chunk: bytes) -> bool:
+        with self._lock:
+            rules = list(self._reply_drops)
+        for rule in rules:
+            if rule[1] > 0 and rule[0](chunk):
+                with self._lock:
+                    if rule[1] > 0:
+                        rule[1] -= 1
+                        return True
+        return False
 
     def _close(self, conn: socket.socket) -> None:
         with self._lock:

@@ -1,0 +1,105 @@
+"""The run queue and its slots when things go wrong: lost replies, shutdown mid-dispatch, dead takers, interrupts."""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import RedisServer, ServerProcess, new_user
+from redis_proxy import RedisProxy
+
+
+def post(srv: ServerProcess, agent_type: str, on_busy: str | None = None, **input: Any) -> httpx.Response:
+    body: dict[str, Any] = {"agent_type": agent_type, "user_id": new_user(), "input": input}
+    if on_busy is not None:
+        body["on_busy"] = on_busy
+    return srv.client.post("/agents/run", json=body)
+
+
+def is_take(chunk: bytes) -> bool:
+    """The script that takes the head of the queue with a slot (keys: queue, unfinished, slots; no runs index)."""
+    return b":queue" in chunk and b":unfinished" in chunk and b":runs" not in chunk
+
+
+def once_done(srv: ServerProcess, run_id: str) -> Any:
+    """A proxy matcher's extra condition: true once ``run_id`` is DONE (its slot was just freed)."""
+    url = f"{srv.url}/agents/status/{run_id}"
+    return lambda: httpx.get(url).json()["state"] == "DONE"
+
+
+@pytest.fixture
+def proxy(redis_server: RedisServer) -> Iterator[RedisProxy]:
+    proxy = RedisProxy(redis_server.port)
+    yield proxy
+    proxy.close()
+
+
+def test_a_lost_reply_to_cancelling_a_waiting_run_still_ends_it_cancelled(replicas, proxy: RedisProxy) -> None:
+    (srv,) = replicas(1, url=proxy.url)
+    running = post(srv, "hanging").json()["run_id"]
+    waiting = post(srv, "sleeper", on_busy="enqueue", seconds=0).json()["run_id"]
+    behind = post(srv, "sleeper", on_busy="enqueue", seconds=0).json()["run_id"]
+    # The step that takes the run out of the line reaches Redis; its answer is lost (redis-py sends it again).
+    proxy.drop_reply(lambda chunk: b"LREM" in chunk or (b":queue" in chunk and waiting.encode() in chunk), 1)
+    response = srv.client.post(f"/agents/cancel/{waiting}")
+    assert proxy.dropped == 1
+    assert (response.status_code, response.json()["state"]) == (200, "CANCELLED")
+    assert srv.client.get(f"/agents/status/{waiting}").json()["state"] == "CANCELLED"
+    assert srv.client.get(f"/agents/status/{behind}").json()["queue_position"] == 1
+    srv.client.post(f"/agents/cancel/{running}")
+    assert srv.wait_run(behind)["state"] == "DONE"
+    assert srv.client.get(f"/agents/status/{waiting}").json()["state"] == "CANCELLED"
+
+
+def test_a_lost_reply_to_taking_the_head_of_the_queue_still_runs_it(replicas, proxy: RedisProxy) -> None:
+    (srv,) = replicas(1, url=proxy.url, LOCK_TTL_SECONDS="30")
+    first = post(srv, "sleeper", seconds=0.4).json()["run_id"]
+    waiting = post(srv, "sleeper", on_busy="enqueue", seconds=0).json()["run_id"]
+    freed = once_done(srv, first)
+    # The take that follows the first run's end runs in Redis; its answer is lost, and redis-py sends it again.
+    proxy.drop_reply(lambda chunk: is_take(chunk) and freed(), 1)
+    started = time.monotonic()
+    run = srv.wait_run(waiting, timeout=15)
+    assert proxy.dropped == 1
+    assert (run["state"], run["error"]) == ("DONE", None)
+    assert time.monotonic() - started < 5  # not after the 30 s TTL of a slot nobody renews
+    assert post(srv, "sleeper", seconds=0).status_code == 202  # and no slot is left held by a lost take
+
+
+def test_a_lost_reply_to_a_take_never_starts_a_later_run_before_the_head(replicas, proxy: RedisProxy) -> None:
+    (srv,) = replicas(1, url=proxy.url, MAX_CONCURRENT_RUNS="2", LOCK_TTL_SECONDS="30")
+    first = post(srv, "sleeper", seconds=0.4).json()["run_id"]
+    hold = post(srv, "hanging").json()["run_id"]
+    head, second = (post(srv, "sleeper", on_busy="enqueue", seconds=0).json()["run_id"] for _ in range(2))
+    freed = once_done(srv, first)
+    proxy.drop_reply(lambda chunk: is_take(chunk) and freed(), 1)
+    runs = [srv.wait_run(run_id, timeout=15) for run_id in (head, second)]
+    assert proxy.dropped == 1
+    assert [(run["state"], run["error"]) for run in runs] == [("DONE", None)] * 2
+    assert runs[0]["started_at"] <= runs[1]["started_at"]  # the head of the line first
+    srv.client.post(f"/agents/cancel/{hold}")
+
+
+def test_a_run_taken_from_the_queue_as_shutdown_starts_gets_the_grace(replicas, proxy: RedisProxy) -> None:
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    (srv,) = replicas(1, url=proxy.url, prefix=prefix, SHUTDOWN_GRACE_SECONDS="10")
+    first = post(srv, "sleeper", seconds=0.4).json()["run_id"]
+    waiting = post(srv, "sleeper", on_busy="enqueue", seconds=0.3).json()["run_id"]
+    freed = once_done(srv, first)
+    # SIGTERM while the take that gives the waiting run its slot is on its way to Redis.
+    proxy.hold(lambda chunk: is_take(chunk) and freed(), 1.0, lambda: srv.proc.send_signal(signal.SIGTERM))
+    assert srv.proc.wait(20) == 0
+    (reader,) = replicas(1, prefix=prefix)
+    run = reader.client.get(f"/agents/status/{waiting}").json()
+    # It had its slot: it runs within the grace, as a run admitted as shutdown starts does (or it still waits).
+    assert (run["state"], run["error"]) in (("DONE", None), ("PENDING", None)), run
+    if run["state"] == "PENDING":
+        assert run["queue_position"] == 1
+        assert reader.wait_run(waiting)["state"] == "DONE"
+
