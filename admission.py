@@ -2,7 +2,7 @@
 the dispatcher that starts queued runs as slots free up, and the drain at shutdown.
 
 ``accepting_runs`` turns False once shutdown has begun; ``admitting`` counts
-POSTs between taking a slot and starting their run, so drain waits for them.
+POSTs and dispatches between taking a slot and starting their run, so drain waits for them.
 """
 
 from __future__ import annotations
@@ -140,14 +140,21 @@ async def dispatch_forever() -> None:
     Woken by this process (a run queued, a slot freed) and, in Redis mode, by
     pub/sub from other replicas, and at least once a second in any case.
     """
+    global admitting
     while accepting_runs:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(work_waiting.wait(), 1.0)
         work_waiting.clear()
         try:
             taken = 0
-            while accepting_runs and (run := await runner.run_store.take(runner.run_lock)) is not None:
-                begin_waited_run(run)
+            while accepting_runs:
+                admitting += 1  # drain waits for a take in flight: a run that got its slot gets the grace
+                try:
+                    if (run := await runner.run_store.take(runner.run_lock)) is None:
+                        break
+                    begin_waited_run(run)
+                finally:
+                    admitting -= 1
                 taken += 1
             if taken:
                 publish_queue(from_position=1)
@@ -194,11 +201,9 @@ async def publish_queue_frames() -> None:
 
 async def cancel_waiting(run_id: str, position: int = 1) -> Run | None:
     """Cancel a run still in the queue at ``position`` (CANCELLED at once); None if it no longer waits."""
-    run = await runner.run_store.dequeue(run_id)
+    run = await runner.run_store.dequeue(run_id, state="CANCELLED", finished_at=utc_now())
     if run is None:
         return None
-    run.update(state="CANCELLED", finished_at=utc_now())
-    await runner.run_store.save(run)
     events.hub.publish_run(run)
     publish_queue(from_position=position)
     metrics.QUEUE_DEPTH.set(await runner.run_store.queue_length())
@@ -252,10 +257,9 @@ async def drain(grace_seconds: float) -> None:
 
 
 async def cancel_queue(error: str) -> None:
-    for run in await runner.run_store.waiting():
-        if await runner.run_store.dequeue(run.run_id) is not None:
-            run.update(state="CANCELLED", error=error, finished_at=utc_now(), queue_position=None)
-            await runner.run_store.save(run)
+    for waiting in await runner.run_store.waiting():
+        run = await runner.run_store.dequeue(waiting.run_id, state="CANCELLED", error=error, finished_at=utc_now())
+        if run is not None:
             events.hub.publish_run(run)
             metrics.RUNS_TOTAL.labels(run.agent_type, run.state).inc()
             log.warning("run_cancelled", extra={**run_fields(run), "state": run.state, "error": error})

@@ -59,11 +59,29 @@ end
 return orphans
 """
 
-# Take the head of the queue and a free slot in one step. KEYS: queue, unfinished, slot 0..n-1.
-# ARGV: token, ttl_ms, n. Returns {run_id, slot} or nil.
+# Take the head of the queue and a free slot in one step. A take whose answer was lost is asked again with the
+# same token (by redis-py, or by the next dispatch with ARGV[4] = '1'): it answers the run that token took, on
+# its slot, or on a free one if that slot expired meanwhile (no other replica touches a run while its token is
+# in the unfinished index), so the head of the line is never skipped nor left holding a slot for nothing.
+# KEYS: queue, unfinished, slot 0..n-1. ARGV: token, ttl_ms, n, retry. Returns {run_id, slot} or nil.
 TAKE_SCRIPT = """
+local n = tonumber(ARGV[3])
+local held
+for i = 1, n do if redis.call('GET', KEYS[2 + i]) == ARGV[1] then held = i end end
+if held or ARGV[4] == '1' then
+  local entries = redis.call('HGETALL', KEYS[2])
+  for i = 1, #entries, 2 do
+    if entries[i + 1] == ARGV[1] then
+      if held then return {entries[i], held - 1} end
+      for s = 1, n do
+        if redis.call('SET', KEYS[2 + s], ARGV[1], 'NX', 'PX', ARGV[2]) then return {entries[i], s - 1} end
+      end
+      return nil
+    end
+  end
+end
 if redis.call('LLEN', KEYS[1]) == 0 then return nil end
-for i = 1, tonumber(ARGV[3]) do
+for i = 1, n do
   if redis.call('SET', KEYS[2 + i], ARGV[1], 'NX', 'PX', ARGV[2]) then
     local id = redis.call('LPOP', KEYS[1])
     redis.call('HSET', KEYS[2], id, ARGV[1])
@@ -100,6 +118,14 @@ if ARGV[4] ~= '' and redis.call('GET', KEYS[8]) == ARGV[4] then redis.call('DEL'
 redis.call('PUBLISH', ARGV[3], ARGV[2])
 return {redis.call('ZCARD', KEYS[2]), tonumber(redis.call('GET', KEYS[6]) or '0')}
 """
+
+# Cancel a run still waiting in the queue: take it out and store its terminal state (FINISH_SCRIPT) in one step,
+# so a run never leaves the line without an end. A retry whose first reply was lost finds the record it stored.
+# KEYS: FINISH_SCRIPT's, then queue. ARGV: FINISH_SCRIPT's. Returns FINISH_SCRIPT's answer, or nil when the run
+# no longer waits (taken, or cancelled by another request).
+CANCEL_WAITING_SCRIPT = """
+if redis.call('LREM', KEYS[13], 1, ARGV[2]) == 0 and redis.call('GET', KEYS[1]) ~= ARGV[1] then return nil end
+""" + FINISH_SCRIPT
 
 # Drop the oldest finished runs while more than ARGV[1] of them, or more than ARGV[2] bytes, are kept
 # (at most 1000 per call), with their log lines and event backlog.

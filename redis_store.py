@@ -20,7 +20,7 @@ from redis.exceptions import LockError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from redis_reads import CoalescedReads, RecordReader
-from redis_scripts import ADMIT_SCRIPT, FINISH_SCRIPT, ORPHANS_SCRIPT, TAKE_SCRIPT, TRIM_SCRIPT
+from redis_scripts import ADMIT_SCRIPT, CANCEL_WAITING_SCRIPT, FINISH_SCRIPT, ORPHANS_SCRIPT, TAKE_SCRIPT, TRIM_SCRIPT
 from store import LockLost, Page, Run, StoreUnavailable
 
 
@@ -141,12 +141,14 @@ class RedisRunStore:
         self._progress_writes: dict[str, asyncio.Task[None]] = {}
         self._progress_dirty: set[str] = set()
         self._listener: asyncio.Task[None] | None = None
+        self._take_token: str | None = None  # a take not answered yet (take)
         self._reads = CoalescedReads(client)  # concurrent record reads share one MGET
         self._finish = client.register_script(FINISH_SCRIPT)
         self._trim = client.register_script(TRIM_SCRIPT)
         self._admit = client.register_script(ADMIT_SCRIPT)
         self._take = client.register_script(TAKE_SCRIPT)
         self._orphans = client.register_script(ORPHANS_SCRIPT)
+        self._cancel_waiting = client.register_script(CANCEL_WAITING_SCRIPT)
 
     def key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -245,22 +247,30 @@ class RedisRunStore:
                 await self.client.set(self.key("run", run.run_id), run.json())
                 return
             token = run.holder if release is not None and run.holder is not None else ""
-            finished_count, finished_bytes = await self._finish(
-                keys=[self.key("run", run.run_id), self.key("finished"), self.key("unfinished"),
-                      self.key("cancel", run.run_id), self.key("sizes"), self.key("bytes"), self.key("seq"),
-                      release.key_of(token) if release is not None and token else self.key("lock"),
-                      self.key("logbytes"), self.key("webhooks"), self.key("webhook", run.run_id),
-                      self.key("events", "run", run.run_id, "bytes")],
-                args=[run.json(), run.run_id, self.key("finished"), token, run.size, run.webhook or ""])
+            keys, args = self._finish_call(run, release, token)
+            finished_count, finished_bytes = await self._finish(keys=keys, args=args)
             if release is not None and token:
                 release.forget(token)
-            if run.webhook is not None:
-                self.on_finished(run)  # owed in Redis already; this only wakes the local deliverer
-            if finished_count > self.retention or finished_bytes > self.retention_bytes:
-                await self._trim(keys=[self.key("finished"), self.key("runs"), self.key("sizes"), self.key("bytes"),
-                                       self.key("logbytes")],
-                                 args=[self.retention, self.retention_bytes, self.key("run", ""), self.key("log", ""),
-                                       self.key("events", "run", "")])
+            await self._after_finish(run, finished_count, finished_bytes)
+
+    def _finish_call(self, run: Run, release: RedisRunLock | None, token: str) -> tuple[list[str], list[object]]:
+        """FINISH_SCRIPT's keys and arguments for ``run``'s terminal state."""
+        return ([self.key("run", run.run_id), self.key("finished"), self.key("unfinished"),
+                 self.key("cancel", run.run_id), self.key("sizes"), self.key("bytes"), self.key("seq"),
+                 release.key_of(token) if release is not None and token else self.key("lock"),
+                 self.key("logbytes"), self.key("webhooks"), self.key("webhook", run.run_id),
+                 self.key("events", "run", run.run_id, "bytes")],
+                [run.json(), run.run_id, self.key("finished"), token, run.size, run.webhook or ""])
+
+    async def _after_finish(self, run: Run, finished_count: int, finished_bytes: int) -> None:
+        """After a terminal state was stored: wake the webhook deliverer, trim to retention."""
+        if run.webhook is not None:
+            self.on_finished(run)  # owed in Redis already; this only wakes the local deliverer
+        if finished_count > self.retention or finished_bytes > self.retention_bytes:
+            await self._trim(keys=[self.key("finished"), self.key("runs"), self.key("sizes"), self.key("bytes"),
+                                   self.key("logbytes")],
+                             args=[self.retention, self.retention_bytes, self.key("run", ""), self.key("log", ""),
+                                   self.key("events", "run", "")])
 
     async def get(self, run_id: str) -> Run | None:
         """The run, or None when it is not stored (or its record cannot be read: see ``read``)."""
@@ -374,16 +384,23 @@ class RedisRunStore:
         return "busy" if outcome == 0 else "full"
 
     async def take(self, lock: RedisRunLock) -> Run | None:
-        """The head of the queue on a free slot, or None; one script, so a run is taken once."""
-        token = uuid.uuid4().hex
+        """The head of the queue on a free slot, or None; one script, so a run is taken once.
+
+        The token is kept until the take is answered: a take whose reply was lost (or whose run could not be
+        read) is asked again with it at the next call, and answers the same run.
+        """
+        retry = self._take_token is not None
+        token = self._take_token = self._take_token or uuid.uuid4().hex
         async with self.health.guard():
             taken = await self._take(keys=[self.key("queue"), self.key("unfinished"), *lock.keys],
-                                     args=[token, int(lock.ttl_seconds * 1000), len(lock.keys)])
+                                     args=[token, int(lock.ttl_seconds * 1000), len(lock.keys), int(retry)])
         if taken is None:
+            self._take_token = None
             return None
         run_id, slot = taken[0].decode(), int(taken[1])
         lock.adopt(token, slot)
         run = await self.get(run_id)
+        self._take_token = None
         if run is None:  # unreadable: give the slot back; the run stays unfinished for orphan recovery
             await lock.release(token)
             return None
@@ -391,14 +408,19 @@ class RedisRunStore:
         run.update(queue_position=None)
         return run
 
-    async def dequeue(self, run_id: str) -> Run | None:
-        async with self.health.guard():
-            removed = await self.client.lrem(self.key("queue"), 1, run_id)
-        if not removed:
-            return None
+    async def dequeue(self, run_id: str, **changes: object) -> Run | None:
+        """Take a waiting run out of the queue and store it with ``changes`` (its terminal state) in one script,
+        safe to retry: a run never leaves the line without its end stored. None if it no longer waits."""
         run = await self.get(run_id)
-        if run is not None:
-            run.update(queue_position=None)
+        if run is None or run.queue_position is None:
+            return None
+        run.update(queue_position=None, **changes)
+        keys, args = self._finish_call(run, None, "")
+        async with self.health.guard():
+            answer = await self._cancel_waiting(keys=[*keys, self.key("queue")], args=args)
+            if answer is None:
+                return None
+            await self._after_finish(run, *answer)
         return run
 
     async def queue_length(self) -> int:
