@@ -103,3 +103,41 @@ def test_a_run_taken_from_the_queue_as_shutdown_starts_gets_the_grace(replicas, 
         assert run["queue_position"] == 1
         assert reader.wait_run(waiting)["state"] == "DONE"
 
+
+
+@pytest.fixture(params=["memory", "redis"])
+def mode(request: pytest.FixtureRequest) -> dict[str, str]:
+    if request.param == "memory":
+        return {}
+    redis = request.getfixturevalue("redis_server")
+    return {"REDIS_URL": redis.url, "REDIS_PREFIX": f"test-{uuid.uuid4().hex[:8]}"}
+
+
+def test_a_second_interrupt_stops_another_run_not_the_one_already_stopping(tmp_path, mode: dict[str, str]) -> None:
+    srv = ServerProcess(tmp_path / "server.log", MAX_CONCURRENT_RUNS="2", **mode)
+    try:
+        oldest = post(srv, "stubborn", hold=1.5).json()["run_id"]  # takes 1.5 s to stop
+        younger = post(srv, "hanging").json()["run_id"]
+        srv.wait_state(oldest, "RUNNING")
+        srv.wait_state(younger, "RUNNING")
+        first = post(srv, "sleeper", on_busy="interrupt", seconds=0).json()["run_id"]
+        second = post(srv, "sleeper", on_busy="interrupt", seconds=0).json()["run_id"]
+        stopped = srv.wait_run(younger, timeout=8)  # the oldest run not already stopping
+        assert (stopped["state"], stopped["cancelled_by"]) == ("CANCELLED", second)
+        assert srv.wait_run(oldest)["cancelled_by"] == first
+        assert [srv.wait_run(run_id)["state"] for run_id in (first, second)] == ["DONE", "DONE"]
+    finally:
+        srv.stop(signal.SIGKILL)
+
+
+def test_an_interrupting_run_never_interrupts_itself(replicas, proxy: RedisProxy) -> None:
+    (srv,) = replicas(1, url=proxy.url)
+    old = post(srv, "sleeper", seconds=0.4).json()["run_id"]
+    srv.wait_state(old, "RUNNING")
+    # The old run ends by itself and the new one gets its slot while the interrupt looks for the oldest run.
+    proxy.hold(lambda chunk: b"HKEYS" in chunk or (b"EVALSHA" in chunk and b":cancel:\r\n" in chunk), 1.5,
+               lambda: None)
+    new = post(srv, "sleeper", on_busy="interrupt", seconds=3).json()["run_id"]
+    run = srv.wait_run(new)
+    assert (run["state"], run["cancelled_by"], run["error"]) == ("DONE", None, None)
+    assert srv.wait_run(old)["state"] == "DONE"
