@@ -123,15 +123,17 @@ async def settle_key(key: str, fingerprint: str, run_id: str, verdict: str | Non
 
 
 async def interrupt_oldest(run: Run) -> None:
-    """Stop the oldest running run for ``run``, which waits at the head of the queue for its slot."""
-    local = next(iter(runner.active_runs.values()), None)
-    oldest = local.run.run_id if local is not None and runner.run_lock.renew_interval is None else \
-        await runner.run_store.oldest_running()
-    if oldest is None:  # it ended meanwhile: the slot is free, and dispatch starts the run
+    """Stop the oldest running run not already stopping for ``run``, which waits at the head of the queue."""
+    if runner.run_lock.renew_interval is None:  # memory mode: every run is this process's
+        oldest = next((active.run.run_id for active in runner.active_runs.values()
+                       if not active.stop_requested.is_set() and active.run.run_id != run.run_id), None)
+    else:  # picked and asked in one script: two interrupts on two replicas never pick the same run
+        stopping = [active.run.run_id for active in runner.active_runs.values() if active.stop_requested.is_set()]
+        oldest = await runner.run_store.interrupt_oldest(runner.run_lock, run.run_id, stopping)
+    if oldest is None:  # none left to stop: the run starts when a slot frees up
         return
     log.info("run_interrupting", extra={**run_fields(run), "interrupted_run_id": oldest})
-    if not request_stop(oldest, by=run.run_id):
-        await runner.run_store.request_cancel(oldest, by=run.run_id)
+    request_stop(oldest, by=run.run_id)  # at once if this process runs it; other replicas hear it from Redis
 
 
 async def dispatch_forever() -> None:

@@ -59,6 +59,35 @@ end
 return orphans
 """
 
+# Ask the oldest run that holds a live slot and is not stopping yet (no cancel flag, not in ARGV[4..]: runs the
+# caller's replica is stopping already) to stop for the interrupting run ARGV[2] (flag and message), in one
+# step, so two interrupts never pick the same run and none picks itself. A retry whose first reply was lost
+# answers the run it picked. KEYS: unfinished, runs, slot 0..n-1. ARGV: cancel key prefix, interrupting run,
+# cancel channel, run ids to skip. Returns the run id, or nil when no run can be interrupted.
+INTERRUPT_SCRIPT = """
+local live, skip = {}, {[ARGV[2]] = true}
+for i = 3, #KEYS do
+  local token = redis.call('GET', KEYS[i])
+  if token then live[token] = true end
+end
+for i = 4, #ARGV do skip[ARGV[i]] = true end
+local entries = redis.call('HGETALL', KEYS[1])
+local oldest, best
+for i = 1, #entries, 2 do
+  local id = entries[i]
+  local flag = redis.call('GET', ARGV[1] .. id)
+  if flag == ARGV[2] then return id end
+  if live[entries[i + 1]] and not skip[id] and not flag then
+    local score = tonumber(redis.call('ZSCORE', KEYS[2], id))
+    if score and (best == nil or score < best) then oldest, best = id, score end
+  end
+end
+if oldest == nil then return nil end
+redis.call('SET', ARGV[1] .. oldest, ARGV[2], 'EX', 3600)
+redis.call('PUBLISH', ARGV[3], oldest .. ' ' .. ARGV[2])
+return oldest
+"""
+
 # Take the head of the queue and a free slot in one step. A take whose answer was lost is asked again with the
 # same token (by redis-py, or by the next dispatch with ARGV[4] = '1'): it answers the run that token took, on
 # its slot, or on a free one if that slot expired meanwhile (no other replica touches a run while its token is

@@ -20,7 +20,8 @@ from redis.exceptions import LockError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from redis_reads import CoalescedReads, RecordReader
-from redis_scripts import ADMIT_SCRIPT, CANCEL_WAITING_SCRIPT, FINISH_SCRIPT, ORPHANS_SCRIPT, TAKE_SCRIPT, TRIM_SCRIPT
+from redis_scripts import (ADMIT_SCRIPT, CANCEL_WAITING_SCRIPT, FINISH_SCRIPT, INTERRUPT_SCRIPT, ORPHANS_SCRIPT,
+                           TAKE_SCRIPT, TRIM_SCRIPT)
 from store import LockLost, Page, Run, StoreUnavailable
 
 
@@ -149,6 +150,7 @@ class RedisRunStore:
         self._take = client.register_script(TAKE_SCRIPT)
         self._orphans = client.register_script(ORPHANS_SCRIPT)
         self._cancel_waiting = client.register_script(CANCEL_WAITING_SCRIPT)
+        self._interrupt = client.register_script(INTERRUPT_SCRIPT)
 
     def key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -449,13 +451,13 @@ class RedisRunStore:
                 exists, lines = await pipe.execute()
         return lines if exists else None
 
-    async def oldest_running(self) -> str | None:
-        """The earliest admitted run holding a slot, on any replica."""
+    async def interrupt_oldest(self, lock: RedisRunLock, by: str, stopping: list[str]) -> str | None:
+        """Ask the earliest admitted run holding a slot, on any replica, to stop for ``by``; skips runs already
+        asked to stop (and ``stopping``, this replica's). Returns its id, or None when there is none."""
         async with self.health.guard():
-            ids = [member.decode() for member in await self.client.hkeys(self.key("unfinished"))]
-            scores = await self.client.zmscore(self.key("runs"), ids) if ids else []
-        held = [(score, run_id) for run_id, score in zip(ids, scores) if score is not None]
-        return min(held)[1] if held else None
+            picked = await self._interrupt(keys=[self.key("unfinished"), self.key("runs"), *lock.keys],
+                                           args=[self.key("cancel", ""), by, self.key("cancel"), *stopping])
+        return picked.decode() if picked is not None else None
 
     async def claim_orphans(self, lock: RedisRunLock) -> list[Run]:
         """Unfinished runs whose holder holds no slot any more, taken out of the unfinished index atomically."""
