@@ -141,3 +141,42 @@ def test_an_interrupting_run_never_interrupts_itself(replicas, proxy: RedisProxy
     run = srv.wait_run(new)
     assert (run["state"], run["cancelled_by"], run["error"]) == ("DONE", None, None)
     assert srv.wait_run(old)["state"] == "DONE"
+
+
+def is_admit(chunk: bytes) -> bool:
+    """The script that admits a run (keys: queue, run, runs, seq, unfinished, slots)."""
+    return b":queue" in chunk and b":runs" in chunk and b":seq" in chunk
+
+
+def test_a_lost_reply_to_admitting_a_run_never_answers_409_for_an_accepted_run(replicas, proxy: RedisProxy) -> None:
+    (srv,) = replicas(1, url=proxy.url)
+    first = post(srv, "sleeper", seconds=0.3).json()["run_id"]
+    srv.wait_state(first, "RUNNING")
+    admits = 0
+
+    def second_admit(chunk: bytes) -> bool:
+        nonlocal admits
+        admits += is_admit(chunk)
+        return is_admit(chunk) and admits == 2
+
+    # The run is queued, the answer lost; the resent script reaches Redis after the run got its slot and ran.
+    proxy.drop_reply(is_admit, 1)
+    proxy.hold(second_admit, 1.5, lambda: None)
+    response = post(srv, "sleeper", on_busy="enqueue", seconds=0)
+    assert proxy.dropped == 1 and admits == 2
+    assert response.status_code == 202, response.text  # it was accepted, and it runs: never 409
+    assert srv.wait_run(response.json()["run_id"])["state"] == "DONE"
+
+
+def test_a_run_left_by_a_replica_killed_as_it_took_it_ends_without_another_run(replicas, proxy: RedisProxy) -> None:
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    (taker,) = replicas(1, url=proxy.url, prefix=prefix, LOCK_TTL_SECONDS="1.5")
+    first = post(taker, "sleeper", seconds=0.4).json()["run_id"]
+    waiting = post(taker, "sleeper", on_busy="enqueue", seconds=0).json()["run_id"]
+    freed = once_done(taker, first)
+    proxy.hold(lambda chunk: is_take(chunk) and freed(), 0.3, lambda: taker.proc.send_signal(signal.SIGKILL))
+    assert taker.proc.wait(20) == -signal.SIGKILL
+    (other,) = replicas(1, prefix=prefix, LOCK_TTL_SECONDS="1.5")  # up and idle: nobody posts a run
+    run = other.wait_run(waiting, timeout=10)  # within the TTL and a second or two, not at the next run
+    assert (run["state"], run["queue_position"]) == ("ERROR", None)
+    assert run["error"].startswith("Runner lost")
