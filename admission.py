@@ -23,12 +23,13 @@ import metrics
 import runner
 import settings
 from logs import log
-from runner import STOP_WAIT_SECONDS, finish_run, request_stop, run_fields, start, work_waiting
+from runner import STOP_WAIT_SECONDS, finish_run, recover_orphans, request_stop, run_fields, start, work_waiting
 from store import Run, StoreUnavailable, utc_now
 
 accepting_runs = True
 admitting = 0
 QUEUE_FRAMES_INTERVAL = 0.25  # the waiting runs' position frames, at most this often
+ORPHANS_INTERVAL = 1.0  # dispatch looks for runs whose replica died this often
 queue_frames_from: int | None = None  # a pass is due, for the runs from this position on
 queue_frame_tasks: set[asyncio.Task[None]] = set()
 
@@ -143,6 +144,7 @@ async def dispatch_forever() -> None:
     pub/sub from other replicas, and at least once a second in any case.
     """
     global admitting
+    orphans_due = 0.0
     while accepting_runs:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(work_waiting.wait(), 1.0)
@@ -161,6 +163,9 @@ async def dispatch_forever() -> None:
             if taken:
                 publish_queue(from_position=1)
             metrics.QUEUE_DEPTH.set(await runner.run_store.queue_length())
+            if time.monotonic() >= orphans_due:  # a run whose replica died ends even if no other run starts
+                orphans_due = time.monotonic() + ORPHANS_INTERVAL
+                await recover_orphans()
         except StoreUnavailable:
             pass  # the next tick tries again
 

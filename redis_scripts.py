@@ -6,7 +6,8 @@ command whose connection dropped, and the runner retries a terminal write).
 
 # Admit a run in one step: on a free slot when nobody waits (the record, its index and its holder written
 # with it), else into the queue when ARGV[4] allows and there is room. A retry whose first reply was lost
-# answers what the first call did. KEYS: queue, run, runs, seq, unfinished, slot 0..n-1.
+# answers what the first call did (a queued run that has left the queue since: {2, 0}; never busy, as the run
+# was accepted). KEYS: queue, run, runs, seq, unfinished, slot 0..n-1.
 # ARGV: json now, json queued, run_id, on_busy, queue_max, token, ttl_ms, n, channel.
 # Returns {1, slot} started, {2, position} queued, {0, 0} busy, {-1, 0} queue full.
 ADMIT_SCRIPT = """
@@ -14,8 +15,7 @@ local n = tonumber(ARGV[8])
 if redis.call('EXISTS', KEYS[2]) == 1 then
   for i = 1, n do if redis.call('GET', KEYS[5 + i]) == ARGV[6] then return {1, i - 1} end end
   local pos = redis.call('LPOS', KEYS[1], ARGV[3])
-  if pos then return {2, pos + 1} end
-  return {0, 0}
+  return {2, pos and pos + 1 or 0}
 end
 local waiting = redis.call('LLEN', KEYS[1])
 if waiting == 0 then
@@ -40,13 +40,15 @@ return {2, position}
 
 # Claim the unfinished runs whose holder token no longer holds any slot (their replica died or lost its
 # lock): they leave the unfinished index here, in one step, so no live run is taken for one and no orphan
-# is claimed twice. KEYS: unfinished, slot 0..n-1. Returns {run_id, token, ...}.
+# is claimed twice. The caller's own tokens (ARGV) count as live: its runs end by its own hand (lock_lost).
+# KEYS: unfinished, slot 0..n-1. ARGV: the caller's tokens. Returns {run_id, token, ...}.
 ORPHANS_SCRIPT = """
 local live = {}
 for i = 2, #KEYS do
   local token = redis.call('GET', KEYS[i])
   if token then live[token] = true end
 end
+for i = 1, #ARGV do live[ARGV[i]] = true end
 local entries = redis.call('HGETALL', KEYS[1])
 local orphans = {}
 for i = 1, #entries, 2 do

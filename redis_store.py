@@ -87,6 +87,10 @@ class RedisRunLock:
         lock.local.token = token.encode()
         self._held[token] = lock
 
+    def tokens(self) -> list[str]:
+        """The tokens of the slots this replica holds (or held, until it releases them)."""
+        return list(self._held)
+
     def key_of(self, token: str) -> str:
         lock = self._held.get(token)
         return lock.name if lock is not None else self.keys[0]
@@ -381,7 +385,7 @@ class RedisRunStore:
             lock.adopt(token, int(value))
             return "started"
         if outcome == 2:
-            run.update(queue_position=int(value))
+            run.update(queue_position=int(value) or None)  # 0: a retry found it already out of the queue
             return "queued"
         return "busy" if outcome == 0 else "full"
 
@@ -462,7 +466,7 @@ class RedisRunStore:
     async def claim_orphans(self, lock: RedisRunLock) -> list[Run]:
         """Unfinished runs whose holder holds no slot any more, taken out of the unfinished index atomically."""
         async with self.health.guard():
-            flat = await self._orphans(keys=[self.key("unfinished"), *lock.keys])
+            flat = await self._orphans(keys=[self.key("unfinished"), *lock.keys], args=lock.tokens())
             pairs = [(flat[i].decode(), flat[i + 1].decode()) for i in range(0, len(flat), 2)]
             raws = await self.client.mget([self.key("run", run_id) for run_id, _ in pairs]) if pairs else []
         runs = [self.read(run_id, raw, holder=token) for (run_id, token), raw in zip(pairs, raws)]
