@@ -180,3 +180,18 @@ def test_a_run_left_by_a_replica_killed_as_it_took_it_ends_without_another_run(r
     run = other.wait_run(waiting, timeout=10)  # within the TTL and a second or two, not at the next run
     assert (run["state"], run["queue_position"]) == ("ERROR", None)
     assert run["error"].startswith("Runner lost")
+
+
+def test_an_interrupt_that_cannot_reach_redis_after_its_run_was_queued_still_answers_202(
+        replicas, proxy: RedisProxy) -> None:
+    (srv,) = replicas(1, url=proxy.url)
+    old = post(srv, "sleeper", seconds=1.0).json()["run_id"]
+    srv.wait_state(old, "RUNNING")
+    # The run is queued at the head of the line; then every try to find the run to interrupt is lost.
+    proxy.drop(lambda chunk: b"HKEYS" in chunk or (b"EVALSHA" in chunk and b":cancel:\r\n" in chunk), 3)
+    response = post(srv, "sleeper", on_busy="interrupt", seconds=0)
+    assert proxy.dropped == 3
+    assert response.status_code == 202, response.text  # accepted: a 503 would make the client send it again
+    new = srv.wait_run(response.json()["run_id"])
+    assert new["state"] == "DONE"
+    assert srv.wait_run(old)["finished_at"] <= new["started_at"]
