@@ -58,11 +58,15 @@ async def admit(agent_cls: type[agents.BaseAgent], user_id: str, agent_input: di
     if verdict == "queued":
         log.info("run_accepted", extra=run_fields(run))
         log.info("run_queued", extra={**run_fields(run), "queue_position": run.queue_position})
-        metrics.QUEUE_DEPTH.set(await runner.run_store.queue_length())
         work_waiting.set()
-        if on_busy == "interrupt":
-            publish_queue(from_position=2)  # the run went to the head: every other one moved back
-            await interrupt_oldest(run)
+        try:  # the run is accepted: a store failure from here on must not answer 503 (the client would resend it)
+            metrics.QUEUE_DEPTH.set(await runner.run_store.queue_length())
+            if on_busy == "interrupt":
+                publish_queue(from_position=2)  # the run went to the head: every other one moved back
+                await interrupt_oldest(run)
+        except StoreUnavailable as exc:  # it waits in line all the same; an interrupt then stops no run
+            log.warning("run_queued_store_unavailable", extra={**run_fields(run), "on_busy": on_busy,
+                                                                "detail": str(exc)})
     elif verdict == "started":
         log.info("run_accepted", extra=run_fields(run))
     return verdict, run
