@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import random
 import signal
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,6 +15,7 @@ import pytest
 
 from conftest import RedisServer, ServerProcess, new_user
 from redis_proxy import RedisProxy
+from test_queue import most_at_once, spans
 
 
 def post(srv: ServerProcess, agent_type: str, on_busy: str | None = None, **input: Any) -> httpx.Response:
@@ -113,7 +116,7 @@ def mode(request: pytest.FixtureRequest) -> dict[str, str]:
     return {"REDIS_URL": redis.url, "REDIS_PREFIX": f"test-{uuid.uuid4().hex[:8]}"}
 
 
-def test_a_second_interrupt_stops_another_run_not_the_one_already_stopping(tmp_path, mode: dict[str, str]) -> None:
+def test_a_second_interrupt_stops_another_run_not_the_one_already_stopping(tmp_path: Path, mode: dict[str, str]) -> None:
     srv = ServerProcess(tmp_path / "server.log", MAX_CONCURRENT_RUNS="2", **mode)
     try:
         oldest = post(srv, "stubborn", hold=1.5).json()["run_id"]  # takes 1.5 s to stop
@@ -195,3 +198,71 @@ def test_an_interrupt_that_cannot_reach_redis_after_its_run_was_queued_still_ans
     new = srv.wait_run(response.json()["run_id"])
     assert new["state"] == "DONE"
     assert srv.wait_run(old)["finished_at"] <= new["started_at"]
+
+
+CHAOS_ENV = {"AGENT_MODULES": "fixture_agents,fixture_resource_agents", "MAX_CONCURRENT_RUNS": "2",
+             "RUN_TIMEOUT_SECONDS": "1", "QUEUE_MAX": "8"}
+
+
+def chaos(fleet: list[ServerProcess], rng: random.Random, ledger: Path) -> list[dict[str, Any]]:
+    """36 POSTs (enqueue or interrupt; coroutines, stubborn ones, threads) and cancels, spread over ``fleet``;
+    returns the accepted runs once they have ended."""
+    accepted: list[str] = []
+    for i in range(36):
+        srv = fleet[i % len(fleet)]
+        kind = rng.choice(["coroutine", "coroutine", "stubborn", "thread"])
+        agent_input = {"ledger": str(ledger), "seconds": round(rng.uniform(0.05, 0.6), 2),
+                       "stubborn": kind == "stubborn"}
+        response = post(srv, "thread-worker" if kind == "thread" else "coroutine-worker",
+                        on_busy=rng.choice(["enqueue", "enqueue", "enqueue", "interrupt"]), **agent_input)
+        assert response.status_code in (202, 409), response.text
+        if response.status_code == 202:
+            accepted.append(response.json()["run_id"])
+        if accepted and rng.random() < 0.3:
+            cancel = rng.choice(fleet).client.post(f"/agents/cancel/{rng.choice(accepted)}")
+            assert cancel.status_code in (200, 202, 409), cancel.text
+        time.sleep(rng.uniform(0, 0.15))
+    assert len(accepted) > 15
+    return [fleet[-1].wait_run(run_id, timeout=60) for run_id in accepted]
+
+
+def check_ledger(ledger: Path, runs: list[dict[str, Any]], slots: int) -> None:
+    """Every run ended, none was started twice, and no more than ``slots`` used the resource at once."""
+    assert all(run["state"] in ("DONE", "ERROR", "CANCELLED") for run in runs)
+    assert not [run for run in runs if run["error"] and run["error"].startswith("Runner lost")]
+    starts = [line.split()[1] for line in ledger.read_text().splitlines() if line.startswith("start ")]
+    assert len(starts) == len(set(starts))
+    assert set(starts) <= {run["run_id"] for run in runs}
+    assert most_at_once(spans(ledger)) <= slots
+
+
+def test_never_more_than_n_agents_nor_a_run_twice_under_interrupts_cancels_and_timeouts(tmp_path: Path) -> None:
+    srv = ServerProcess(tmp_path / "server.log", **CHAOS_ENV)
+    try:
+        runs = chaos([srv], random.Random(11), tmp_path / "ledger")
+        check_ledger(tmp_path / "ledger", runs, slots=2)
+    finally:
+        srv.stop(signal.SIGKILL)
+
+
+def test_never_more_than_n_agents_nor_a_run_twice_under_lost_replies_interrupts_and_cancels(
+        replicas, proxy: RedisProxy, tmp_path: Path) -> None:
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    fleet = replicas(1, url=proxy.url, prefix=prefix, **CHAOS_ENV) + replicas(1, prefix=prefix, **CHAOS_ENV)
+    # One reply in four of the queue's scripts (admit, take, cancel a waiting run, interrupt) is lost on one
+    # replica; a resend (the same bytes) always gets through: three losses in a row would rightly be a 503.
+    losses, lost = random.Random(14), set()
+
+    def lose(chunk: bytes) -> bool:
+        if not (b"EVALSHA" in chunk and (b":queue" in chunk or b":cancel:\r\n" in chunk)) or chunk in lost:
+            lost.discard(chunk)
+            return False
+        if losses.random() < 0.25:
+            lost.add(chunk)
+            return True
+        return False
+
+    proxy.drop_reply(lose, 1000)
+    runs = chaos(fleet, random.Random(13), tmp_path / "ledger")
+    assert proxy.dropped > 3
+    check_ledger(tmp_path / "ledger", runs, slots=2)
