@@ -27,7 +27,7 @@ def post(srv: ServerProcess, agent_type: str, on_busy: str | None = None, **inpu
 
 def is_take(chunk: bytes) -> bool:
     """The script that takes the head of the queue with a slot (keys: queue, unfinished, slots; no runs index)."""
-    return b":queue" in chunk and b":unfinished" in chunk and b":runs" not in chunk
+    return b":queue" in chunk and b":unfinished" in chunk and b":runs" not in chunk and b":seq" not in chunk
 
 
 def once_done(srv: ServerProcess, run_id: str) -> Any:
@@ -116,7 +116,8 @@ def mode(request: pytest.FixtureRequest) -> dict[str, str]:
     return {"REDIS_URL": redis.url, "REDIS_PREFIX": f"test-{uuid.uuid4().hex[:8]}"}
 
 
-def test_a_second_interrupt_stops_another_run_not_the_one_already_stopping(tmp_path: Path, mode: dict[str, str]) -> None:
+def test_a_second_interrupt_stops_another_run_not_the_one_already_stopping(tmp_path: Path,
+                                                                          mode: dict[str, str]) -> None:
     srv = ServerProcess(tmp_path / "server.log", MAX_CONCURRENT_RUNS="2", **mode)
     try:
         oldest = post(srv, "stubborn", hold=1.5).json()["run_id"]  # takes 1.5 s to stop
@@ -266,3 +267,17 @@ def test_never_more_than_n_agents_nor_a_run_twice_under_lost_replies_interrupts_
     runs = chaos(fleet, random.Random(13), tmp_path / "ledger")
     assert proxy.dropped > 3
     check_ledger(tmp_path / "ledger", runs, slots=2)
+
+
+def test_a_replica_with_fewer_slots_never_takes_a_live_run_on_a_higher_slot_for_lost(replicas) -> None:
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    (wide,) = replicas(1, prefix=prefix, MAX_CONCURRENT_RUNS="2")
+    (narrow,) = replicas(1, prefix=prefix, MAX_CONCURRENT_RUNS="1")  # a rolling change from 2 slots to 1
+    first, second = (post(wide, "hanging").json()["run_id"] for _ in range(2))  # slots 0 and 1
+    wide.wait_state(second, "RUNNING")
+    wide.client.post(f"/agents/cancel/{first}")
+    assert narrow.run_to_end("sleeper", seconds=0)["state"] == "DONE"  # on slot 0, the one it knows
+    time.sleep(1.5)  # every replica looks for runs whose replica died once a second
+    assert narrow.client.get(f"/agents/status/{second}").json()["state"] == "RUNNING"
+    cancelled = narrow.client.post(f"/agents/cancel/{second}").json()
+    assert (cancelled["state"], cancelled["error"]) == ("CANCELLED", None)
