@@ -22,6 +22,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis_reads import CoalescedReads, RecordReader
 from redis_scripts import (ADMIT_SCRIPT, CANCEL_WAITING_SCRIPT, FINISH_SCRIPT, INTERRUPT_SCRIPT, ORPHANS_SCRIPT,
                            TAKE_SCRIPT, TRIM_SCRIPT)
+from settings import MAX_CONCURRENT_RUNS_LIMIT
 from store import LockLost, Page, Run, StoreUnavailable
 
 
@@ -76,6 +77,8 @@ class RedisRunLock:
     def __init__(self, client: Redis, prefix: str, slots: int, ttl_seconds: float, health: StoreHealth) -> None:
         self.client = client
         self.keys = [f"{prefix}:lock"] + [f"{prefix}:lock:{slot}" for slot in range(1, slots)]
+        # Every slot any replica may use: a run holding one is alive, whatever this replica's MAX_CONCURRENT_RUNS
+        self.all_keys = [f"{prefix}:lock"] + [f"{prefix}:lock:{slot}" for slot in range(1, MAX_CONCURRENT_RUNS_LIMIT)]
         self.ttl_seconds = ttl_seconds
         self.renew_interval: float | None = ttl_seconds / 3
         self.health = health
@@ -459,14 +462,14 @@ class RedisRunStore:
         """Ask the earliest admitted run holding a slot, on any replica, to stop for ``by``; skips runs already
         asked to stop (and ``stopping``, this replica's). Returns its id, or None when there is none."""
         async with self.health.guard():
-            picked = await self._interrupt(keys=[self.key("unfinished"), self.key("runs"), *lock.keys],
+            picked = await self._interrupt(keys=[self.key("unfinished"), self.key("runs"), *lock.all_keys],
                                            args=[self.key("cancel", ""), by, self.key("cancel"), *stopping])
         return picked.decode() if picked is not None else None
 
     async def claim_orphans(self, lock: RedisRunLock) -> list[Run]:
         """Unfinished runs whose holder holds no slot any more, taken out of the unfinished index atomically."""
         async with self.health.guard():
-            flat = await self._orphans(keys=[self.key("unfinished"), *lock.keys], args=lock.tokens())
+            flat = await self._orphans(keys=[self.key("unfinished"), *lock.all_keys], args=lock.tokens())
             pairs = [(flat[i].decode(), flat[i + 1].decode()) for i in range(0, len(flat), 2)]
             raws = await self.client.mget([self.key("run", run_id) for run_id, _ in pairs]) if pairs else []
         runs = [self.read(run_id, raw, holder=token) for (run_id, token), raw in zip(pairs, raws)]
