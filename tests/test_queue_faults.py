@@ -281,3 +281,28 @@ def test_a_replica_with_fewer_slots_never_takes_a_live_run_on_a_higher_slot_for_
     assert narrow.client.get(f"/agents/status/{second}").json()["state"] == "RUNNING"
     cancelled = narrow.client.post(f"/agents/cancel/{second}").json()
     assert (cancelled["state"], cancelled["error"]) == ("CANCELLED", None)
+
+
+def test_redis_refusing_writes_as_a_slot_frees_never_loses_reorders_or_doubles_the_queue(
+        replicas, own_redis: RedisServer, tmp_path: Path) -> None:
+    ledger = tmp_path / "ledger"
+    env = {"AGENT_MODULES": "fixture_agents,fixture_resource_agents", "LOCK_TTL_SECONDS": "3"}
+    first, second = replicas(2, redis=own_redis, **env)
+    running = post(first, "coroutine-worker", ledger=str(ledger), seconds=0.5).json()["run_id"]
+    waiting = [post((first, second)[i % 2], "coroutine-worker", on_busy="enqueue", ledger=str(ledger),
+                    seconds=0.1).json()["run_id"] for i in range(4)]
+    first.wait_state(running, "RUNNING")
+    # Every write refused (NOREPLICAS) from before the running run ends until after: its terminal write, the takes
+    # of the queue's head and orphan recovery all fail for 1.5 s, on both replicas.
+    own_redis.command("CONFIG", "SET", "min-replicas-to-write", "1")
+    try:
+        time.sleep(1.5)
+    finally:
+        own_redis.command("CONFIG", "SET", "min-replicas-to-write", "0")
+    runs = [second.wait_run(run_id, timeout=20) for run_id in [running, *waiting]]
+    assert [(run["state"], run["error"]) for run in runs] == [("DONE", None)] * 5
+    started = [run["started_at"] for run in runs[1:]]
+    assert started == sorted(started)  # still in the order they were queued
+    line_starts = [line.split()[1] for line in ledger.read_text().splitlines() if line.startswith("start ")]
+    assert line_starts == [running, *waiting]  # each once, in order
+    assert most_at_once(spans(ledger)) == 1
