@@ -2,7 +2,7 @@
 the dispatcher that starts queued runs as slots free up, and the drain at shutdown.
 
 ``accepting_runs`` turns False once shutdown has begun; ``admitting`` counts
-POSTs between taking a slot and starting their run, so drain waits for them.
+POSTs and dispatches between taking a slot and starting their run, so drain waits for them.
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ import metrics
 import runner
 import settings
 from logs import log
-from runner import STOP_WAIT_SECONDS, finish_run, request_stop, run_fields, start, work_waiting
+from runner import STOP_WAIT_SECONDS, finish_run, recover_orphans, request_stop, run_fields, start, work_waiting
 from store import Run, StoreUnavailable, utc_now
 
 accepting_runs = True
 admitting = 0
 QUEUE_FRAMES_INTERVAL = 0.25  # the waiting runs' position frames, at most this often
+ORPHANS_INTERVAL = 1.0  # dispatch looks for runs whose replica died this often
 queue_frames_from: int | None = None  # a pass is due, for the runs from this position on
 queue_frame_tasks: set[asyncio.Task[None]] = set()
 
@@ -59,11 +60,15 @@ async def admit(agent_cls: type[agents.BaseAgent], user_id: str, agent_input: di
     if verdict == "queued":
         log.info("run_accepted", extra=run_fields(run))
         log.info("run_queued", extra={**run_fields(run), "queue_position": run.queue_position})
-        metrics.QUEUE_DEPTH.set(await runner.run_store.queue_length())
         work_waiting.set()
-        if on_busy == "interrupt":
-            publish_queue(from_position=2)  # the run went to the head: every other one moved back
-            await interrupt_oldest(run)
+        try:  # the run is accepted: a store failure from here on must not answer 503 (the client would resend it)
+            metrics.QUEUE_DEPTH.set(await runner.run_store.queue_length())
+            if on_busy == "interrupt":
+                publish_queue(from_position=2)  # the run went to the head: every other one moved back
+                await interrupt_oldest(run)
+        except StoreUnavailable as exc:  # it waits in line all the same; an interrupt then stops no run
+            log.warning("run_queued_store_unavailable", extra={**run_fields(run), "on_busy": on_busy,
+                                                                "detail": str(exc)})
     elif verdict == "started":
         log.info("run_accepted", extra=run_fields(run))
     return verdict, run
@@ -128,15 +133,17 @@ async def settle_key(key: str, fingerprint: str, run_id: str, verdict: str | Non
 
 
 async def interrupt_oldest(run: Run) -> None:
-    """Stop the oldest running run for ``run``, which waits at the head of the queue for its slot."""
-    local = next(iter(runner.active_runs.values()), None)
-    oldest = local.run.run_id if local is not None and runner.run_lock.renew_interval is None else \
-        await runner.run_store.oldest_running()
-    if oldest is None:  # it ended meanwhile: the slot is free, and dispatch starts the run
+    """Stop the oldest running run not already stopping for ``run``, which waits at the head of the queue."""
+    if runner.run_lock.renew_interval is None:  # memory mode: every run is this process's
+        oldest = next((active.run.run_id for active in runner.active_runs.values()
+                       if not active.stop_requested.is_set() and active.run.run_id != run.run_id), None)
+    else:  # picked and asked in one script: two interrupts on two replicas never pick the same run
+        stopping = [active.run.run_id for active in runner.active_runs.values() if active.stop_requested.is_set()]
+        oldest = await runner.run_store.interrupt_oldest(runner.run_lock, run.run_id, stopping)
+    if oldest is None:  # none left to stop: the run starts when a slot frees up
         return
     log.info("run_interrupting", extra={**run_fields(run), "interrupted_run_id": oldest})
-    if not request_stop(oldest, by=run.run_id):
-        await runner.run_store.request_cancel(oldest, by=run.run_id)
+    request_stop(oldest, by=run.run_id)  # at once if this process runs it; other replicas hear it from Redis
 
 
 async def dispatch_forever() -> None:
@@ -145,18 +152,29 @@ async def dispatch_forever() -> None:
     Woken by this process (a run queued, a slot freed) and, in Redis mode, by
     pub/sub from other replicas, and at least once a second in any case.
     """
+    global admitting
+    orphans_due = 0.0
     while accepting_runs:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(work_waiting.wait(), 1.0)
         work_waiting.clear()
         try:
             taken = 0
-            while accepting_runs and (run := await runner.run_store.take(runner.run_lock)) is not None:
-                begin_waited_run(run)
+            while accepting_runs:
+                admitting += 1  # drain waits for a take in flight: a run that got its slot gets the grace
+                try:
+                    if (run := await runner.run_store.take(runner.run_lock)) is None:
+                        break
+                    begin_waited_run(run)
+                finally:
+                    admitting -= 1
                 taken += 1
             if taken:
                 publish_queue(from_position=1)
             metrics.QUEUE_DEPTH.set(await runner.run_store.queue_length())
+            if time.monotonic() >= orphans_due:  # a run whose replica died ends even if no other run starts
+                orphans_due = time.monotonic() + ORPHANS_INTERVAL
+                await recover_orphans()
         except StoreUnavailable:
             pass  # the next tick tries again
 
@@ -199,11 +217,9 @@ async def publish_queue_frames() -> None:
 
 async def cancel_waiting(run_id: str, position: int = 1) -> Run | None:
     """Cancel a run still in the queue at ``position`` (CANCELLED at once); None if it no longer waits."""
-    run = await runner.run_store.dequeue(run_id)
+    run = await runner.run_store.dequeue(run_id, state="CANCELLED", finished_at=utc_now())
     if run is None:
         return None
-    run.update(state="CANCELLED", finished_at=utc_now())
-    await runner.run_store.save(run)
     events.hub.publish_run(run)
     publish_queue(from_position=position)
     metrics.QUEUE_DEPTH.set(await runner.run_store.queue_length())
@@ -257,10 +273,9 @@ async def drain(grace_seconds: float) -> None:
 
 
 async def cancel_queue(error: str) -> None:
-    for run in await runner.run_store.waiting():
-        if await runner.run_store.dequeue(run.run_id) is not None:
-            run.update(state="CANCELLED", error=error, finished_at=utc_now(), queue_position=None)
-            await runner.run_store.save(run)
+    for waiting in await runner.run_store.waiting():
+        run = await runner.run_store.dequeue(waiting.run_id, state="CANCELLED", error=error, finished_at=utc_now())
+        if run is not None:
             events.hub.publish_run(run)
             metrics.RUNS_TOTAL.labels(run.agent_type, run.state).inc()
             log.warning("run_cancelled", extra={**run_fields(run), "state": run.state, "error": error})

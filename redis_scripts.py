@@ -6,7 +6,8 @@ command whose connection dropped, and the runner retries a terminal write).
 
 # Admit a run in one step: on a free slot when nobody waits (the record, its index and its holder written
 # with it), else into the queue when ARGV[4] allows and there is room. A retry whose first reply was lost
-# answers what the first call did. With an Idempotency-Key (ARGV[10], its hash, or ''), the run is admitted
+# answers what the first call did (a queued run that has left the queue since: {2, 0}; never busy, as the run
+# was accepted). With an Idempotency-Key (ARGV[10], its hash, or ''), the run is admitted
 # only while the key is still this request's claim (its run_id is ARGV[3]: not expired, not taken over), and the
 # key is marked accepted for ARGV[12] ms in the same step. KEYS: queue, run, runs, seq, unfinished, slot 0..n-1.
 # ARGV: json now, json queued, run_id, on_busy, queue_max, token, ttl_ms, n, channel, key hash, fingerprint,
@@ -17,8 +18,7 @@ local n = tonumber(ARGV[8])
 if redis.call('EXISTS', KEYS[2]) == 1 then
   for i = 1, n do if redis.call('GET', KEYS[5 + i]) == ARGV[6] then return {1, i - 1} end end
   local pos = redis.call('LPOS', KEYS[1], ARGV[3])
-  if pos then return {2, pos + 1} end
-  return {0, 0}
+  return {2, pos and pos + 1 or 0}
 end
 if ARGV[10] ~= '' and redis.call('HGET', ARGV[10], 'run_id') ~= ARGV[3] then return {-2, 0} end
 local function accept_key()
@@ -49,43 +49,88 @@ redis.call('PUBLISH', ARGV[9], ARGV[3])
 return {2, position}
 """
 
-# Claim the unfinished runs whose holder token no longer holds any slot (their replica died or lost its
-# lock) for the caller, which holds a slot with token ARGV[1] for its run ARGV[2]: in one step they pass to
-# that token in the unfinished index (FINISH takes them out once recorded), so no live run is taken for one and
-# no orphan is claimed by two live callers. A retry after a lost reply answers them again (they hold the
-# caller's token now); if the caller dies before recording them, its token expires and they are orphans again.
-# KEYS: unfinished, slot 0..n-1. ARGV: token, run_id. Returns {run_id, token, ...}.
+# Claim the unfinished runs whose holder token no longer holds any slot (their replica died or lost its lock)
+# for the claim token ARGV[1], in one step: they pass to that token in the unfinished index, and the claim key
+# (KEYS[2]) marks it alive for ARGV[2] ms, while the caller records them (FINISH takes them out). So no live
+# run is taken for one, no orphan is claimed by two live callers, a retry after a lost reply answers them
+# again, and if the caller dies before recording them its claim expires and they are orphans again. A token
+# is alive if it holds a slot, is one of the caller's (ARGV[4..]: its runs end by its own hand, lock_lost), or
+# has a claim key (ARGV[3] .. token). KEYS: unfinished, claim key, slot 0..n-1.
+# ARGV: claim token, claim ttl_ms, claim key prefix, the caller's tokens. Returns {run_id, token, ...}.
 ORPHANS_SCRIPT = """
 local live = {}
-for i = 2, #KEYS do
+for i = 3, #KEYS do
   local token = redis.call('GET', KEYS[i])
   if token then live[token] = true end
 end
+for i = 4, #ARGV do live[ARGV[i]] = true end
 local entries = redis.call('HGETALL', KEYS[1])
 local orphans = {}
 for i = 1, #entries, 2 do
   local id, token = entries[i], entries[i + 1]
-  if id ~= ARGV[2] and (not live[token] or token == ARGV[1]) then
-    if token ~= ARGV[1] then redis.call('HSET', KEYS[1], id, ARGV[1]) end
+  local mine = token == ARGV[1]
+  if mine or (not live[token] and redis.call('EXISTS', ARGV[3] .. token) == 0) then
+    if not mine then redis.call('HSET', KEYS[1], id, ARGV[1]) end
     table.insert(orphans, id)
     table.insert(orphans, token)
   end
 end
+if #orphans > 0 then redis.call('SET', KEYS[2], 1, 'PX', ARGV[2]) end
 return orphans
 """
 
-# Take the head of the queue and a free slot in one step. A retry after a lost reply (a slot already holds the
-# token) answers the run the first call took, rather than taking another. KEYS: queue, unfinished, slot 0..n-1.
-# ARGV: token, ttl_ms, n. Returns {run_id, slot} or nil.
+# Ask the oldest run that holds a live slot and is not stopping yet (no cancel flag, not in ARGV[4..]: runs the
+# caller's replica is stopping already) to stop for the interrupting run ARGV[2] (flag and message), in one
+# step, so two interrupts never pick the same run and none picks itself. A retry whose first reply was lost
+# answers the run it picked. KEYS: unfinished, runs, slot 0..n-1. ARGV: cancel key prefix, interrupting run,
+# cancel channel, run ids to skip. Returns the run id, or nil when no run can be interrupted.
+INTERRUPT_SCRIPT = """
+local live, skip = {}, {[ARGV[2]] = true}
+for i = 3, #KEYS do
+  local token = redis.call('GET', KEYS[i])
+  if token then live[token] = true end
+end
+for i = 4, #ARGV do skip[ARGV[i]] = true end
+local entries = redis.call('HGETALL', KEYS[1])
+local oldest, best
+for i = 1, #entries, 2 do
+  local id = entries[i]
+  local flag = redis.call('GET', ARGV[1] .. id)
+  if flag == ARGV[2] then return id end
+  if live[entries[i + 1]] and not skip[id] and not flag then
+    local score = tonumber(redis.call('ZSCORE', KEYS[2], id))
+    if score and (best == nil or score < best) then oldest, best = id, score end
+  end
+end
+if oldest == nil then return nil end
+redis.call('SET', ARGV[1] .. oldest, ARGV[2], 'EX', 3600)
+redis.call('PUBLISH', ARGV[3], oldest .. ' ' .. ARGV[2])
+return oldest
+"""
+
+# Take the head of the queue and a free slot in one step. A take whose answer was lost is asked again with the
+# same token (by redis-py, or by the next dispatch with ARGV[4] = '1'): it answers the run that token took, on
+# its slot, or on a free one if that slot expired meanwhile (no other replica touches a run while its token is
+# in the unfinished index), so the head of the line is never skipped nor left holding a slot for nothing.
+# KEYS: queue, unfinished, slot 0..n-1. ARGV: token, ttl_ms, n, retry. Returns {run_id, slot} or nil.
 TAKE_SCRIPT = """
-for i = 1, tonumber(ARGV[3]) do
-  if redis.call('GET', KEYS[2 + i]) == ARGV[1] then
-    local entries = redis.call('HGETALL', KEYS[2])
-    for j = 1, #entries, 2 do if entries[j + 1] == ARGV[1] then return {entries[j], i - 1} end end
+local n = tonumber(ARGV[3])
+local held
+for i = 1, n do if redis.call('GET', KEYS[2 + i]) == ARGV[1] then held = i end end
+if held or ARGV[4] == '1' then
+  local entries = redis.call('HGETALL', KEYS[2])
+  for i = 1, #entries, 2 do
+    if entries[i + 1] == ARGV[1] then
+      if held then return {entries[i], held - 1} end
+      for s = 1, n do
+        if redis.call('SET', KEYS[2 + s], ARGV[1], 'NX', 'PX', ARGV[2]) then return {entries[i], s - 1} end
+      end
+      return nil
+    end
   end
 end
 if redis.call('LLEN', KEYS[1]) == 0 then return nil end
-for i = 1, tonumber(ARGV[3]) do
+for i = 1, n do
   if redis.call('SET', KEYS[2 + i], ARGV[1], 'NX', 'PX', ARGV[2]) then
     local id = redis.call('LPOP', KEYS[1])
     redis.call('HSET', KEYS[2], id, ARGV[1])
@@ -137,6 +182,14 @@ if ARGV[4] ~= '' and redis.call('GET', KEYS[8]) == ARGV[4] then redis.call('DEL'
 redis.call('PUBLISH', ARGV[3], ARGV[2])
 return {redis.call('ZCARD', KEYS[2]), tonumber(redis.call('GET', KEYS[6]) or '0'), owed}
 """
+
+# Cancel a run still waiting in the queue: take it out and store its terminal state (FINISH_SCRIPT) in one step,
+# so a run never leaves the line without an end. A retry whose first reply was lost finds the record it stored.
+# KEYS: FINISH_SCRIPT's, then queue. ARGV: FINISH_SCRIPT's. Returns FINISH_SCRIPT's answer, or nil when the run
+# no longer waits (taken, or cancelled by another request).
+CANCEL_WAITING_SCRIPT = """
+if redis.call('LREM', KEYS[13], 1, ARGV[2]) == 0 and redis.call('GET', KEYS[1]) ~= ARGV[1] then return nil end
+""" + FINISH_SCRIPT
 
 # Drop the oldest finished runs while more than ARGV[1] of them, or more than ARGV[2] bytes, are kept
 # (at most 1000 per call), with their log lines and event backlog.

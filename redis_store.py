@@ -21,7 +21,9 @@ from redis.exceptions import LockError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from redis_reads import CoalescedReads, RecordReader
-from redis_scripts import ADMIT_SCRIPT, FINISH_SCRIPT, ORPHANS_SCRIPT, TAKE_SCRIPT, TRIM_SCRIPT
+from redis_scripts import (ADMIT_SCRIPT, CANCEL_WAITING_SCRIPT, FINISH_SCRIPT, INTERRUPT_SCRIPT, ORPHANS_SCRIPT,
+                           TAKE_SCRIPT, TRIM_SCRIPT)
+from settings import MAX_CONCURRENT_RUNS_LIMIT
 from store import MAX_OWED, MAX_OWED_BYTES, LockLost, Page, Run, StoreUnavailable
 
 
@@ -76,6 +78,8 @@ class RedisRunLock:
     def __init__(self, client: Redis, prefix: str, slots: int, ttl_seconds: float, health: StoreHealth) -> None:
         self.client = client
         self.keys = [f"{prefix}:lock"] + [f"{prefix}:lock:{slot}" for slot in range(1, slots)]
+        # Every slot any replica may use: a run holding one is alive, whatever this replica's MAX_CONCURRENT_RUNS
+        self.all_keys = [f"{prefix}:lock"] + [f"{prefix}:lock:{slot}" for slot in range(1, MAX_CONCURRENT_RUNS_LIMIT)]
         self.ttl_seconds = ttl_seconds
         self.renew_interval: float | None = ttl_seconds / 3
         self.health = health
@@ -86,6 +90,10 @@ class RedisRunLock:
         lock = self.client.lock(self.keys[slot], timeout=self.ttl_seconds, blocking=False, thread_local=False)
         lock.local.token = token.encode()
         self._held[token] = lock
+
+    def tokens(self) -> list[str]:
+        """The tokens of the slots this replica holds (or held, until it releases them)."""
+        return list(self._held)
 
     def key_of(self, token: str) -> str:
         lock = self._held.get(token)
@@ -143,12 +151,15 @@ class RedisRunStore:
         self._progress_writes: dict[str, asyncio.Task[None]] = {}
         self._progress_dirty: set[str] = set()
         self._listener: asyncio.Task[None] | None = None
+        self._take_token: str | None = None  # a take not answered yet (take)
         self._reads = CoalescedReads(client)  # concurrent record reads share one MGET
         self._finish = client.register_script(FINISH_SCRIPT)
         self._trim = client.register_script(TRIM_SCRIPT)
         self._admit = client.register_script(ADMIT_SCRIPT)
         self._take = client.register_script(TAKE_SCRIPT)
         self._orphans = client.register_script(ORPHANS_SCRIPT)
+        self._cancel_waiting = client.register_script(CANCEL_WAITING_SCRIPT)
+        self._interrupt = client.register_script(INTERRUPT_SCRIPT)
 
     def key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -247,25 +258,33 @@ class RedisRunStore:
                 await self.client.set(self.key("run", run.run_id), run.json())
                 return
             token = run.holder if release is not None and run.holder is not None else ""
-            finished_count, finished_bytes, owed = await self._finish(
-                keys=[self.key("run", run.run_id), self.key("finished"), self.key("unfinished"),
-                      self.key("cancel", run.run_id), self.key("sizes"), self.key("bytes"), self.key("seq"),
-                      release.key_of(token) if release is not None and token else self.key("lock"),
-                      self.key("logbytes"), self.key("webhooks"), self.key("webhook", run.run_id),
-                      self.key("events", "run", run.run_id, "bytes")],
-                args=[run.json(), run.run_id, self.key("finished"), token, run.size, run.webhook or "", MAX_OWED,
-                      MAX_OWED_BYTES])
+            keys, args = self._finish_call(run, release, token)
+            finished_count, finished_bytes, owed = await self._finish(keys=keys, args=args)
             if release is not None and token:
                 release.forget(token)
-            if owed == -1:
-                self.on_not_owed(run, f"too many deliveries owed already (at most {MAX_OWED}, {MAX_OWED_BYTES} bytes)")
-            elif run.webhook is not None:
-                self.on_finished(run)  # owed in Redis already; this only wakes the local deliverer
-            if finished_count > self.retention or finished_bytes > self.retention_bytes:
-                await self._trim(keys=[self.key("finished"), self.key("runs"), self.key("sizes"), self.key("bytes"),
-                                       self.key("logbytes")],
-                                 args=[self.retention, self.retention_bytes, self.key("run", ""), self.key("log", ""),
-                                       self.key("events", "run", "")])
+            await self._after_finish(run, finished_count, finished_bytes, owed)
+
+    def _finish_call(self, run: Run, release: RedisRunLock | None, token: str) -> tuple[list[str], list[object]]:
+        """FINISH_SCRIPT's keys and arguments for ``run``'s terminal state."""
+        return ([self.key("run", run.run_id), self.key("finished"), self.key("unfinished"),
+                 self.key("cancel", run.run_id), self.key("sizes"), self.key("bytes"), self.key("seq"),
+                 release.key_of(token) if release is not None and token else self.key("lock"),
+                 self.key("logbytes"), self.key("webhooks"), self.key("webhook", run.run_id),
+                 self.key("events", "run", run.run_id, "bytes")],
+                [run.json(), run.run_id, self.key("finished"), token, run.size, run.webhook or "", MAX_OWED,
+                 MAX_OWED_BYTES])
+
+    async def _after_finish(self, run: Run, finished_count: int, finished_bytes: int, owed: int) -> None:
+        """After a terminal state was stored: wake the webhook deliverer (or report the delivery refused), trim."""
+        if owed == -1:
+            self.on_not_owed(run, f"too many deliveries owed already (at most {MAX_OWED}, {MAX_OWED_BYTES} bytes)")
+        elif run.webhook is not None:
+            self.on_finished(run)  # owed in Redis already; this only wakes the local deliverer
+        if finished_count > self.retention or finished_bytes > self.retention_bytes:
+            await self._trim(keys=[self.key("finished"), self.key("runs"), self.key("sizes"), self.key("bytes"),
+                                   self.key("logbytes")],
+                             args=[self.retention, self.retention_bytes, self.key("run", ""), self.key("log", ""),
+                                   self.key("events", "run", "")])
 
     async def get(self, run_id: str) -> Run | None:
         """The run, or None when it is not stored (or its record cannot be read: see ``read``)."""
@@ -379,21 +398,28 @@ class RedisRunStore:
             lock.adopt(token, int(value))
             return "started"
         if outcome == 2:
-            run.update(queue_position=int(value))
+            run.update(queue_position=int(value) or None)  # 0: a retry found it already out of the queue
             return "queued"
         return {0: "busy", -1: "full"}.get(outcome, "lost")
 
     async def take(self, lock: RedisRunLock) -> Run | None:
-        """The head of the queue on a free slot, or None; one script, so a run is taken once."""
-        token = uuid.uuid4().hex
+        """The head of the queue on a free slot, or None; one script, so a run is taken once.
+
+        The token is kept until the take is answered: a take whose reply was lost (or whose run could not be
+        read) is asked again with it at the next call, and answers the same run.
+        """
+        retry = self._take_token is not None
+        token = self._take_token = self._take_token or uuid.uuid4().hex
         async with self.health.guard():
             taken = await self._take(keys=[self.key("queue"), self.key("unfinished"), *lock.keys],
-                                     args=[token, int(lock.ttl_seconds * 1000), len(lock.keys)])
+                                     args=[token, int(lock.ttl_seconds * 1000), len(lock.keys), int(retry)])
         if taken is None:
+            self._take_token = None
             return None
         run_id, slot = taken[0].decode(), int(taken[1])
         lock.adopt(token, slot)
         run = await self.get(run_id)
+        self._take_token = None
         if run is None:  # unreadable: give the slot back; the run stays unfinished for orphan recovery
             await lock.release(token)
             return None
@@ -401,14 +427,19 @@ class RedisRunStore:
         run.update(queue_position=None)
         return run
 
-    async def dequeue(self, run_id: str) -> Run | None:
-        async with self.health.guard():
-            removed = await self.client.lrem(self.key("queue"), 1, run_id)
-        if not removed:
-            return None
+    async def dequeue(self, run_id: str, **changes: object) -> Run | None:
+        """Take a waiting run out of the queue and store it with ``changes`` (its terminal state) in one script,
+        safe to retry: a run never leaves the line without its end stored. None if it no longer waits."""
         run = await self.get(run_id)
-        if run is not None:
-            run.update(queue_position=None)
+        if run is None or run.queue_position is None:
+            return None
+        run.update(queue_position=None, **changes)
+        keys, args = self._finish_call(run, None, "")
+        async with self.health.guard():
+            answer = await self._cancel_waiting(keys=[*keys, self.key("queue")], args=args)
+            if answer is None:
+                return None
+            await self._after_finish(run, *answer)
         return run
 
     async def queue_length(self) -> int:
@@ -437,20 +468,22 @@ class RedisRunStore:
                 exists, lines = await pipe.execute()
         return lines if exists else None
 
-    async def oldest_running(self) -> str | None:
-        """The earliest admitted run holding a slot, on any replica."""
+    async def interrupt_oldest(self, lock: RedisRunLock, by: str, stopping: list[str]) -> str | None:
+        """Ask the earliest admitted run holding a slot, on any replica, to stop for ``by``; skips runs already
+        asked to stop (and ``stopping``, this replica's). Returns its id, or None when there is none."""
         async with self.health.guard():
-            ids = [member.decode() for member in await self.client.hkeys(self.key("unfinished"))]
-            scores = await self.client.zmscore(self.key("runs"), ids) if ids else []
-        held = [(score, run_id) for run_id, score in zip(ids, scores) if score is not None]
-        return min(held)[1] if held else None
+            picked = await self._interrupt(keys=[self.key("unfinished"), self.key("runs"), *lock.all_keys],
+                                           args=[self.key("cancel", ""), by, self.key("cancel"), *stopping])
+        return picked.decode() if picked is not None else None
 
-    async def claim_orphans(self, lock: RedisRunLock, claimer: Run) -> list[Run]:
-        """Unfinished runs whose holder holds no slot any more, passed atomically to ``claimer``'s token (which
-        holds a slot) until their terminal state is stored; claimed again, they are answered again."""
+    async def claim_orphans(self, lock: RedisRunLock) -> list[Run]:
+        """Unfinished runs whose holder holds no slot any more, passed atomically to a claim of this call (alive
+        for a lock TTL) until their terminal state is stored; a retry after a lost reply answers them again."""
+        token = uuid.uuid4().hex
         async with self.health.guard():
-            flat = await self._orphans(keys=[self.key("unfinished"), *lock.keys],
-                                       args=[claimer.holder or "", claimer.run_id])
+            flat = await self._orphans(keys=[self.key("unfinished"), self.key("claim", token), *lock.all_keys],
+                                       args=[token, int(lock.ttl_seconds * 1000), self.key("claim", ""),
+                                             *lock.tokens()])
             pairs = [(flat[i].decode(), flat[i + 1].decode()) for i in range(0, len(flat), 2)]
             raws = await self.client.mget([self.key("run", run_id) for run_id, _ in pairs]) if pairs else []
             runs = [self.read(run_id, raw, holder=token) for (run_id, token), raw in zip(pairs, raws)]

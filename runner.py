@@ -209,7 +209,7 @@ async def start_running(active: ActiveRun) -> bool:
     deadline = time.monotonic() + max(settings.current.lock_ttl_seconds, 5.0)
     while True:
         try:
-            await recover_orphans(run)
+            await recover_orphans()
             if active.stop_reason is None:
                 run.update(state="RUNNING", started_at=run.started_at or utc_now())
                 await run_store.save(run)
@@ -242,9 +242,13 @@ def seconds_between(earlier: str, later: str) -> float:
         return 0.0
 
 
-async def recover_orphans(run: Run) -> None:
-    """Mark ERROR the unfinished runs whose holder no longer holds a slot (a replica died); we hold one now."""
-    for orphan in await run_store.claim_orphans(run_lock, run):
+async def recover_orphans() -> None:
+    """Mark ERROR the unfinished runs whose holder no longer holds a slot (a replica died).
+
+    Called as a run starts and, by dispatch, at least once a second: a run whose replica died ends even
+    when no other run starts.
+    """
+    for orphan in await run_store.claim_orphans(run_lock):
         orphan.update(state="ERROR", finished_at=utc_now(), queue_position=None,
                       error="Runner lost: the replica running it stopped holding the run lock")
         await run_store.save(orphan)

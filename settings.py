@@ -97,6 +97,7 @@ SETTINGS_TABLE = (
 
 LOG_FORMATS = ("auto", "json", "console")
 WEBHOOK_SECRET_MIN_CHARS = 16
+MAX_CONCURRENT_RUNS_LIMIT = 64  # in Redis mode, every replica counts a run on any of these slots as alive
 
 
 def _allowed_hosts(raw: str) -> tuple[str, ...]:
@@ -201,7 +202,7 @@ class Settings:
             lock_ttl_seconds=_env_number(env, "LOCK_TTL_SECONDS", cls.lock_ttl_seconds,
                                          integer=False, minimum=0.3),
             max_concurrent_runs=_env_number(env, "MAX_CONCURRENT_RUNS", cls.max_concurrent_runs, integer=True,
-                                            minimum=1, maximum=64),
+                                            minimum=1, maximum=MAX_CONCURRENT_RUNS_LIMIT),
             on_busy=on_busy,
             queue_max=_env_number(env, "QUEUE_MAX", cls.queue_max, integer=True, minimum=0, maximum=100000),
             log_format=log_format,

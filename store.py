@@ -263,7 +263,7 @@ class MemoryRunStore:
     def note_progress(self, run: Run) -> None:
         pass  # the stored run is the object the agent updates
 
-    async def claim_orphans(self, lock: MemoryRunLock, claimer: Run) -> list[Run]:
+    async def claim_orphans(self, lock: MemoryRunLock) -> list[Run]:
         return []  # one process: no other holder can leave a run behind
 
     async def request_cancel(self, run_id: str, by: str | None = None) -> None:
@@ -321,13 +321,15 @@ class MemoryRunStore:
         self._number_queue()
         return run
 
-    async def dequeue(self, run_id: str) -> Run | None:
-        """Take a waiting run out of the queue (to cancel it); None if it no longer waits."""
+    async def dequeue(self, run_id: str, **changes: Any) -> Run | None:
+        """Take a waiting run out of the queue and store it with ``changes`` (its terminal state), in one step;
+        None if it no longer waits."""
         for run in self._queue:
             if run.run_id == run_id:
                 self._queue.remove(run)
-                run.update(queue_position=None)
+                run.update(queue_position=None, **changes)
                 self._number_queue()
+                await self.save(run)
                 return run
         return None
 

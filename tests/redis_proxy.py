@@ -18,7 +18,8 @@ class RedisProxy:
     ``hold(match, seconds, then)``: a matching chunk calls ``then`` and waits
     ``seconds`` before it is forwarded. ``lose_reply(match, then)``: the next matching chunk reaches Redis,
     but its reply does not: once it is back, ``then`` runs and the connection is closed instead (a connection
-    dropped after the command ran). ``cut_all()`` closes every open connection.
+    dropped after the command ran). ``drop_reply(match, times)``: the same for the next ``times`` matching
+    chunks, with nothing to run. ``cut_all()`` closes every open connection.
     """
 
     def __init__(self, target_port: int) -> None:
@@ -28,8 +29,8 @@ class RedisProxy:
         self.dropped = 0
         self._drops: list[list] = []  # [match, times left]
         self._holds: list[list] = []  # [match, seconds, then, used]
-        self._losses: list[list] = []  # [match, then, used]
-        self._losing: dict[socket.socket, Callable[[], None]] = {}  # upstream connection -> then, reply not passed
+        self._losses: list[list] = []  # [match, then, times left]
+        self._losing: dict[socket.socket, Callable[[], None] | None] = {}  # upstream -> then, reply not passed
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._server = socket.create_server(("127.0.0.1", self.port))
@@ -44,9 +45,13 @@ class RedisProxy:
         with self._lock:
             self._holds.append([match, seconds, then, False])
 
-    def lose_reply(self, match: Callable[[bytes], bool], then: Callable[[], None]) -> None:
+    def lose_reply(self, match: Callable[[bytes], bool], then: Callable[[], None] | None = None,
+                   times: int = 1) -> None:
         with self._lock:
-            self._losses.append([match, then, False])
+            self._losses.append([match, then, times])
+
+    def drop_reply(self, match: Callable[[bytes], bool], times: int) -> None:
+        self.lose_reply(match, None, times)
 
     def cut_all(self) -> None:
         with self._lock:
@@ -84,7 +89,11 @@ class RedisProxy:
                 if from_client:
                     self._mark_lost_reply(chunk, sink)
                 elif source in self._losing:
-                    self._losing.pop(source)()
+                    with self._lock:
+                        then = self._losing.pop(source)
+                        self.dropped += 1
+                    if then is not None:
+                        then()
                     break
                 sink.sendall(chunk)
         except OSError:
@@ -118,10 +127,10 @@ class RedisProxy:
         with self._lock:
             losses = list(self._losses)
         for rule in losses:
-            if not rule[2] and rule[0](chunk):
+            if rule[2] > 0 and rule[0](chunk):
                 with self._lock:
-                    if not rule[2]:
-                        rule[2] = True
+                    if rule[2] > 0:
+                        rule[2] -= 1
                         self._losing[upstream] = rule[1]
                         return
 

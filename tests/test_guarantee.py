@@ -314,14 +314,21 @@ def test_orphans_claimed_again_after_the_reply_was_lost_are_answered_again(redis
     client = script_client(redis_server)
     prefix = f"test-{uuid.uuid4().hex[:8]}"
     orphans = client.register_script(ORPHANS_SCRIPT)
-    keys = [f"{prefix}:unfinished", f"{prefix}:lock"]
+
+    def claim(token: str, ttl_ms: int = 30000, *own: str) -> list[str]:
+        keys = [f"{prefix}:unfinished", f"{prefix}:claim:{token}", f"{prefix}:lock", f"{prefix}:lock:1"]
+        return orphans(keys=keys, args=[token, ttl_ms, f"{prefix}:claim:", *own])
+
     try:
-        client.hset(f"{prefix}:unfinished", mapping={"dead-run": "dead-token", "my-run": "my-token"})
-        client.set(f"{prefix}:lock", "my-token")
-        first = orphans(keys=keys, args=["my-token", "my-run"])
-        assert first[0] == "dead-run"
-        assert orphans(keys=keys, args=["my-token", "my-run"])[0] == "dead-run"  # the retry
-        client.set(f"{prefix}:lock", "next-token")  # the claimer died before recording them: the next one takes them
-        assert sorted(orphans(keys=keys, args=["next-token", "next-run"])[::2]) == ["dead-run", "my-run"]
+        client.hset(f"{prefix}:unfinished", mapping={"dead-run": "dead-token", "live-run": "live-token",
+                                                     "own-run": "own-token"})
+        client.set(f"{prefix}:lock", "live-token")
+        assert claim("claim-a", 30000, "own-token") == ["dead-run", "dead-token"]
+        assert claim("claim-a", 30000, "own-token")[0] == "dead-run"  # the retry answers it again
+        assert claim("claim-b", 30000, "own-token") == []  # claim-a is alive: nobody else takes it
+        assert client.hget(f"{prefix}:unfinished", "dead-run") == "claim-a"
+        client.delete(f"{prefix}:claim:claim-a")  # the claimer died before recording it: its claim expired
+        assert claim("claim-c", 30000, "own-token") == ["dead-run", "claim-a"]
+        assert claim("claim-d")[::2] == ["own-run"]  # a token only its own replica vouched for, seen by another
     finally:
         client.close()
