@@ -306,3 +306,19 @@ def test_redis_refusing_writes_as_a_slot_frees_never_loses_reorders_or_doubles_t
     line_starts = [line.split()[1] for line in ledger.read_text().splitlines() if line.startswith("start ")]
     assert line_starts == [running, *waiting]  # each once, in order
     assert most_at_once(spans(ledger)) == 1
+
+
+def test_a_run_taken_from_the_queue_whose_record_read_fails_still_runs_next(replicas, proxy: RedisProxy) -> None:
+    (srv,) = replicas(1, url=proxy.url, LOCK_TTL_SECONDS="30")
+    first = post(srv, "sleeper", seconds=0.4).json()["run_id"]
+    waiting = post(srv, "sleeper", on_busy="enqueue", seconds=0).json()["run_id"]
+    freed, key = once_done(srv, first), f":run:{waiting}".encode()
+    # Taken with its slot, then every try to read its record is lost (redis-py's two resends included).
+    proxy.drop(lambda chunk: b"GET" in chunk and key in chunk and freed(), 3)
+    deadline = time.monotonic() + 10
+    while proxy.dropped < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    run = srv.wait_run(waiting, timeout=10)  # the next dispatch asks again for what its take got
+    assert (run["state"], run["error"]) == ("DONE", None)
+    assert post(srv, "sleeper", seconds=0).status_code == 202  # no slot left held by the failed take
