@@ -49,6 +49,18 @@ redis.call('PUBLISH', ARGV[9], ARGV[3])
 return {2, position}
 """
 
+# A Lua function for the scripts below: the set of tokens that the slot keys KEYS[first..] hold.
+LIVE_TOKENS = """
+local function live_tokens(first)
+  local live = {}
+  for i = first, #KEYS do
+    local token = redis.call('GET', KEYS[i])
+    if token then live[token] = true end
+  end
+  return live
+end
+"""
+
 # Claim the unfinished runs whose holder token no longer holds any slot (their replica died or lost its lock)
 # for the claim token ARGV[1], in one step: they pass to that token in the unfinished index, and the claim key
 # (KEYS[2]) marks it alive for ARGV[2] ms, while the caller records them (FINISH takes them out). So no live
@@ -57,12 +69,8 @@ return {2, position}
 # is alive if it holds a slot, is one of the caller's (ARGV[4..]: its runs end by its own hand, lock_lost), or
 # has a claim key (ARGV[3] .. token). KEYS: unfinished, claim key, slot 0..n-1.
 # ARGV: claim token, claim ttl_ms, claim key prefix, the caller's tokens. Returns {run_id, token, ...}.
-ORPHANS_SCRIPT = """
-local live = {}
-for i = 3, #KEYS do
-  local token = redis.call('GET', KEYS[i])
-  if token then live[token] = true end
-end
+ORPHANS_SCRIPT = LIVE_TOKENS + """
+local live = live_tokens(3)
 for i = 4, #ARGV do live[ARGV[i]] = true end
 local entries = redis.call('HGETALL', KEYS[1])
 local orphans = {}
@@ -84,12 +92,8 @@ return orphans
 # step, so two interrupts never pick the same run and none picks itself. A retry whose first reply was lost
 # answers the run it picked. KEYS: unfinished, runs, slot 0..n-1. ARGV: cancel key prefix, interrupting run,
 # cancel channel, run ids to skip. Returns the run id, or nil when no run can be interrupted.
-INTERRUPT_SCRIPT = """
-local live, skip = {}, {[ARGV[2]] = true}
-for i = 3, #KEYS do
-  local token = redis.call('GET', KEYS[i])
-  if token then live[token] = true end
-end
+INTERRUPT_SCRIPT = LIVE_TOKENS + """
+local live, skip = live_tokens(3), {[ARGV[2]] = true}
 for i = 4, #ARGV do skip[ARGV[i]] = true end
 local entries = redis.call('HGETALL', KEYS[1])
 local oldest, best
