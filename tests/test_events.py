@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -93,9 +94,14 @@ def post(srv: ServerProcess, agent_type: str, **input: Any) -> str:
     return srv.start_run(agent_type, **input)
 
 
-@pytest.fixture
-def events_server(start_server: Any) -> ServerProcess:
-    return start_server(AGENT_MODULES=AGENTS)
+@pytest.fixture(scope="module")
+def events_server(tmp_path_factory: pytest.TempPathFactory, backend: dict[str, str]) -> Iterator[ServerProcess]:
+    """One server with the event agents, shared by a module's tests: each reads only its own runs' frames and
+    lines, and leaves the server idle (every run it starts has ended)."""
+    fresh = {"REDIS_PREFIX": f"test-{uuid.uuid4().hex[:8]}"} if backend else {}
+    srv = ServerProcess(tmp_path_factory.mktemp("events") / "server.log", **{**backend, **fresh}, AGENT_MODULES=AGENTS)
+    yield srv
+    srv.stop(signal.SIGKILL)
 
 
 def test_run_stream_sends_the_run_then_each_change_and_ends_after_the_terminal_frame(events_server) -> None:
@@ -277,8 +283,8 @@ def test_log_lines_count_in_run_retention_mb(start_server: Any) -> None:
     assert len(srv.client.get(f"/agents/logs/{runs[-1]}").json()["lines"]) == 13
 
 
-def test_a_client_that_never_reads_delays_neither_the_runs_nor_other_clients(events_server) -> None:
-    srv = events_server
+def test_a_client_that_never_reads_delays_neither_the_runs_nor_other_clients(start_server: Any) -> None:
+    srv = start_server(AGENT_MODULES=AGENTS)  # a fresh one: it counts the server's dropped streams
     stuck = socket.socket()
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
     stuck.connect(("127.0.0.1", srv.port))

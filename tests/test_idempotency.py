@@ -39,8 +39,8 @@ def new_key() -> str:
     return f"retry-{uuid.uuid4()}"
 
 
-def test_a_replay_while_running_answers_the_same_202_and_starts_nothing(start_server) -> None:
-    srv = start_server()
+def test_a_replay_while_running_answers_the_same_202_and_starts_nothing(server: ServerProcess) -> None:
+    srv = server
     user, key = new_user(), new_key()
     first = post(srv, key, user, "hanging")
     assert first.status_code == 202 and "idempotent-replayed" not in first.headers
@@ -55,10 +55,11 @@ def test_a_replay_while_running_answers_the_same_202_and_starts_nothing(start_se
     line = srv.wait_for_event("run_replayed", run_id=run_id)
     assert line["key"] == key and line["user_id"] == user and line["agent_type"] == "hanging"
     srv.client.post(f"/agents/cancel/{run_id}")
+    srv.wait_run(run_id)
 
 
-def test_a_replay_after_done_answers_the_same_run_and_starts_nothing(start_server) -> None:
-    srv = start_server()
+def test_a_replay_after_done_answers_the_same_run_and_starts_nothing(server: ServerProcess) -> None:
+    srv = server
     user, key = new_user(), new_key()
     run_id = post(srv, key, user, seconds=0).json()["run_id"]
     assert srv.wait_run(run_id)["state"] == "DONE"
@@ -69,8 +70,8 @@ def test_a_replay_after_done_answers_the_same_run_and_starts_nothing(start_serve
     assert srv.client.get(f"/agents/status/{run_id}").json()["state"] == "DONE"
 
 
-def test_the_key_with_a_different_request_is_422(start_server) -> None:
-    srv = start_server()
+def test_the_key_with_a_different_request_is_422(server: ServerProcess) -> None:
+    srv = server
     user, key = new_user(), new_key()
     run_id = post(srv, key, user, seconds=0).json()["run_id"]
     srv.wait_run(run_id)
@@ -82,8 +83,8 @@ def test_the_key_with_a_different_request_is_422(start_server) -> None:
     assert post(srv, key, user, seconds=0).json()["run_id"] == run_id  # the same request still replays
 
 
-def test_the_same_request_written_differently_is_the_same_request(start_server) -> None:
-    srv = start_server()
+def test_the_same_request_written_differently_is_the_same_request(server: ServerProcess) -> None:
+    srv = server
     user, key = new_user(), new_key()
     run_id = srv.client.post("/agents/run", headers={"Idempotency-Key": key, "content-type": "application/json"},
                              content=f'{{"agent_type":"sleeper","user_id":"{user}","input":{{"a":1,"b":0}}}}'
@@ -92,10 +93,11 @@ def test_the_same_request_written_differently_is_the_same_request(start_server) 
                             content=f'{{ "input": {{"b": 0, "a": 1}}, "user_id": "{user.upper()}", '
                                     f'"agent_type": "sleeper", "on_busy": "reject" }}')
     assert again.status_code == 202 and again.json()["run_id"] == run_id
+    srv.wait_run(run_id)
 
 
-def test_twenty_concurrent_requests_with_one_key_start_one_run(start_server) -> None:
-    srv = start_server()
+def test_twenty_concurrent_requests_with_one_key_start_one_run(server: ServerProcess) -> None:
+    srv = server
     user, key = new_user(), new_key()
     body = {"agent_type": "sleeper", "user_id": user, "input": {"seconds": 1}}
 
@@ -137,8 +139,8 @@ def test_a_key_after_its_ttl_starts_a_new_run(start_server) -> None:
     assert post(srv, key, user, seconds=0).json()["run_id"] == second  # and the key now stands for the new run
 
 
-def test_a_refused_request_is_not_remembered_a_retry_after_the_lock_frees_is_202(start_server) -> None:
-    srv = start_server()
+def test_a_refused_request_is_not_remembered_a_retry_after_the_lock_frees_is_202(server: ServerProcess) -> None:
+    srv = server
     holder = srv.start_run("hanging")
     srv.wait_state(holder, "RUNNING")
     user, key = new_user(), new_key()
@@ -152,21 +154,24 @@ def test_a_refused_request_is_not_remembered_a_retry_after_the_lock_frees_is_202
     assert "idempotent-replayed" not in retried.headers
     assert [run["run_id"] for run in runs_of(srv, user)] == [retried.json()["run_id"]]
     assert post(srv, key, user, seconds=0).headers["idempotent-replayed"] == "true"
+    srv.wait_run(retried.json()["run_id"])
 
 
-def test_a_refused_request_with_a_different_body_frees_the_key_for_another_request(start_server) -> None:
-    srv = start_server()
+def test_a_refused_request_with_a_different_body_frees_the_key_for_another_request(server: ServerProcess) -> None:
+    srv = server
     holder = srv.start_run("hanging")
     srv.wait_state(holder, "RUNNING")
     user, key = new_user(), new_key()
     assert post(srv, key, user, seconds=0).status_code == 409
     srv.client.post(f"/agents/cancel/{holder}")
     srv.wait_run(holder)
-    assert post(srv, key, user, seconds=0.1).status_code == 202  # nothing was kept of the refused request
+    retried = post(srv, key, user, seconds=0.1)
+    assert retried.status_code == 202  # nothing was kept of the refused request
+    srv.wait_run(retried.json()["run_id"])
 
 
-def test_a_replay_of_an_enqueued_run_answers_its_current_queue_position(start_server) -> None:
-    srv = start_server()
+def test_a_replay_of_an_enqueued_run_answers_its_current_queue_position(server: ServerProcess) -> None:
+    srv = server
     holder = srv.start_run("hanging")
     srv.wait_state(holder, "RUNNING")
     ahead = post(srv, None, new_user(), on_busy="enqueue", seconds=0).json()["run_id"]
@@ -207,8 +212,8 @@ def test_while_shutting_down_a_replay_is_answered_and_a_new_key_is_503_and_not_r
 @pytest.mark.parametrize("value, why", [
     ("", "empty"), ("k" * 256, "256 characters"), ("caf\u00e9", "not ASCII"), ("a\tb", "a tab"),
 ])
-def test_a_key_outside_the_rule_is_400_and_starts_nothing(start_server, value: str, why: str) -> None:
-    srv = start_server()
+def test_a_key_outside_the_rule_is_400_and_starts_nothing(server: ServerProcess, value: str, why: str) -> None:
+    srv = server
     user = new_user()
     response = srv.client.post("/agents/run", json={"agent_type": "sleeper", "user_id": user},
                                headers=[("Idempotency-Key", value.encode("latin-1"))])
@@ -217,8 +222,8 @@ def test_a_key_outside_the_rule_is_400_and_starts_nothing(start_server, value: s
     assert runs_of(srv, user) == []
 
 
-def test_the_longest_key_and_every_printable_character_are_accepted(start_server) -> None:
-    srv = start_server()
+def test_the_longest_key_and_every_printable_character_are_accepted(server: ServerProcess) -> None:
+    srv = server
     for key in ("k" * 255, "".join(chr(code) for code in range(0x21, 0x7f))):
         user = new_user()
         run_id = post(srv, key, user, seconds=0).json()["run_id"]
@@ -226,8 +231,8 @@ def test_the_longest_key_and_every_printable_character_are_accepted(start_server
         assert post(srv, key, user, seconds=0).json()["run_id"] == run_id
 
 
-def test_two_key_headers_are_400(start_server) -> None:
-    srv = start_server()
+def test_two_key_headers_are_400(server: ServerProcess) -> None:
+    srv = server
     user = new_user()
     response = srv.client.post("/agents/run", json={"agent_type": "sleeper", "user_id": user},
                                headers=[("Idempotency-Key", "a"), ("Idempotency-Key", "a")])
@@ -251,8 +256,8 @@ def test_a_client_that_disconnects_mid_body_leaves_its_key_free(start_server) ->
     assert retried.status_code == 202 and "idempotent-replayed" not in retried.headers
 
 
-def test_a_client_that_vanished_gets_its_run_on_retry_and_a_refused_one_a_fresh_start(start_server) -> None:
-    srv = start_server()
+def test_a_client_that_vanished_gets_its_run_on_retry_and_a_refused_one_a_fresh_start(server: ServerProcess) -> None:
+    srv = server
     user, key = new_user(), new_key()
     with socket.create_connection(("127.0.0.1", srv.port)) as sock:  # closed without reading the answer
         sock.sendall(keyed_request(key, user))
@@ -272,6 +277,7 @@ def test_a_client_that_vanished_gets_its_run_on_retry_and_a_refused_one_a_fresh_
     srv.wait_run(holder)
     retried = post(srv, key, user, seconds=0)
     assert retried.status_code == 202 and "idempotent-replayed" not in retried.headers
+    srv.wait_run(retried.json()["run_id"])
 
 
 def test_keys_are_bounded_by_run_retention_in_memory_and_by_the_ttl_in_redis(

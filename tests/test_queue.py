@@ -272,10 +272,11 @@ def test_queue_moves_on_after_the_ttl_when_the_slot_holder_is_killed(replicas) -
 
 def test_queued_runs_survive_a_restart_of_every_replica(replicas) -> None:
     prefix = f"test-{uuid.uuid4().hex[:8]}"
-    (srv,) = replicas(1, prefix=prefix, LOCK_TTL_SECONDS="1")
+    # A short grace: the hanging run is interrupted after 0.5 s instead of the default 30 s.
+    (srv,) = replicas(1, prefix=prefix, LOCK_TTL_SECONDS="1", SHUTDOWN_GRACE_SECONDS="0.5")
     running = post(srv, "hanging").json()["run_id"]
     waiting = [post(srv, "sleeper", on_busy="enqueue", seconds=0).json()["run_id"] for _ in range(3)]
-    srv.stop(signal.SIGTERM)  # drains: the running run is interrupted, the queue stays in Redis
+    assert srv.stop(signal.SIGTERM) == 0  # drains: the running run is interrupted, the queue stays in Redis
     (again,) = replicas(1, prefix=prefix, LOCK_TTL_SECONDS="1")
     runs = [again.wait_run(run_id, timeout=20) for run_id in waiting]
     assert [run["state"] for run in runs] == ["DONE"] * 3

@@ -1,4 +1,4 @@
-"""soak.py runs for 15 s per store backend in CI, fills a small retention early, and passes every check:
+"""soak.py runs for 12 s per store backend in CI, fills a small retention early, and passes every check:
 no 5xx, never two agents at once, nothing kept is lost, dropped runs answer 404, RSS flat once retention is full."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ MIN_RUNS = 2 * RETENTION + 50  # enough to drop 50 runs past the retention bound
 def test_short_soak_fills_retention_and_passes_every_check(tmp_path: Path, backend: dict[str, str]) -> None:
     summary_path = tmp_path / "soak.json"
     store = ["--redis-url", backend["REDIS_URL"]] if backend else []
-    result = subprocess.run([sys.executable, "tools/soak.py", "--minutes", "0.25", "--retention", str(RETENTION),
+    result = subprocess.run([sys.executable, "tools/soak.py", "--minutes", "0.2", "--retention", str(RETENTION),
                              "--min-runs", str(MIN_RUNS),
                              "--json", str(summary_path), *store], cwd=HERE, capture_output=True, text=True,
                             timeout=115)

@@ -114,6 +114,16 @@ def start_hooked_run(server: ServerProcess, webhook: str, **fields: Any) -> str:
     return response.json()["run_id"]
 
 
+@pytest.fixture(scope="module")
+def delivering_server(tmp_path_factory: pytest.TempPathFactory, backend: dict[str, str]) -> Any:
+    """One server with webhooks on, shared by tests that read only their own receiver and their run's log lines,
+    and wait until their delivery is over (delivered or given up)."""
+    fresh = {"REDIS_PREFIX": f"test-{uuid.uuid4().hex[:8]}"} if backend else {}
+    server = ServerProcess(tmp_path_factory.mktemp("delivering") / "server.log", **{**backend, **fresh}, **HOOKS)
+    yield server
+    server.stop(signal.SIGKILL)
+
+
 def test_a_finished_run_is_posted_signed_to_its_webhook(start_server, receiver_factory) -> None:
     receiver = receiver_factory()
     server = start_server(**HOOKS)
@@ -142,9 +152,10 @@ def test_a_finished_run_is_posted_signed_to_its_webhook(start_server, receiver_f
     assert 'agent_runner_webhook_attempts_total{outcome="delivered"} 1.0' in server.client.get("/metrics").text
 
 
-def test_a_receiver_failing_twice_then_succeeding_gets_exactly_one_success(start_server, receiver_factory) -> None:
+def test_a_receiver_failing_twice_then_succeeding_gets_exactly_one_success(delivering_server: ServerProcess,
+                                                                           receiver_factory) -> None:
     receiver = receiver_factory(500, 503)
-    server = start_server(**HOOKS)
+    server = delivering_server
     run_id = start_hooked_run(server, receiver.url)
     requests = receiver.wait_requests(3)
     assert [request["answer"] for request in requests] == [500, 503, 200]
@@ -167,24 +178,24 @@ def test_a_4xx_ends_the_delivery_after_one_attempt(start_server, receiver_factor
     failed = server.wait_for_event("webhook_failed", run_id=run_id)
     assert failed["attempt"] == 1 and failed["status"] == status and failed["final"] is True
     assert failed["level"] == "error"
-    time.sleep(1.0)
+    time.sleep(0.6)  # three times the 0.2 s backoff: a retry would have been sent by now
     assert len(receiver.requests) == 1
     assert "agent_runner_webhooks_undelivered_total 1.0" in server.client.get("/metrics").text
 
 
 @pytest.mark.parametrize("status", [408, 429])
-def test_408_and_429_are_retried(start_server, receiver_factory, status: int) -> None:
+def test_408_and_429_are_retried(delivering_server: ServerProcess, receiver_factory, status: int) -> None:
     receiver = receiver_factory(status)
-    server = start_server(**HOOKS)
+    server = delivering_server
     run_id = start_hooked_run(server, receiver.url)
     assert server.wait_for_event("webhook_delivered", run_id=run_id)["attempt"] == 2
     assert [request["answer"] for request in receiver.requests] == [status, 200]
 
 
-def test_a_redirect_is_not_followed(start_server, receiver_factory) -> None:
+def test_a_redirect_is_not_followed(delivering_server: ServerProcess, receiver_factory) -> None:
     target = receiver_factory()
     receiver = receiver_factory(302, location=target.url)
-    server = start_server(**HOOKS)
+    server = delivering_server
     run_id = start_hooked_run(server, receiver.url)
     failed = server.wait_for_event("webhook_failed", run_id=run_id)
     assert failed["status"] == 302 and failed["final"] is True and "redirect" in failed["detail"]
@@ -273,7 +284,7 @@ def test_a_host_that_does_not_resolve_is_a_400(start_server) -> None:
 
 def test_the_run_never_waits_on_its_delivery(start_server, receiver_factory) -> None:
     receiver = receiver_factory("hang")
-    server = start_server(**{**HOOKS, "WEBHOOK_TIMEOUT_SECONDS": "3"})
+    server = start_server(**{**HOOKS, "WEBHOOK_TIMEOUT_SECONDS": "2"})
     run_id = start_hooked_run(server, receiver.url)
     receiver.wait_requests(1)  # the receiver holds the delivery unanswered...
     started = time.monotonic()
@@ -281,7 +292,7 @@ def test_the_run_never_waits_on_its_delivery(start_server, receiver_factory) -> 
     assert time.monotonic() - started < 1
     assert server.client.post("/agents/run", json={"agent_type": "sleeper", "user_id": new_user()}).status_code == 202
     failed = server.wait_for_event("webhook_failed", run_id=run_id)
-    assert "timed out after 3 s" in failed["detail"] and failed["final"] is False
+    assert "timed out after 2 s" in failed["detail"] and failed["final"] is False
 
 
 def test_memory_mode_shutdown_makes_one_last_attempt(tmp_path: Path, receiver_factory) -> None:
