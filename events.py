@@ -40,6 +40,7 @@ GLOBAL_BACKLOG_BYTES = 4 * 1024 * 1024
 MAX_STREAMS = 1000  # open event streams per process; past it 503, so streams never take every connection
 LOG_LINE_MAX_BYTES = 64 * 1024  # a longer self.log line is replaced by a short line saying its size
 PROGRESS_INTERVAL = 0.05  # progress frames of one run are coalesced to at most one per interval
+LOGS_STORED_SECONDS = 2.0  # Redis mode: how long a run's terminal state waits for its log lines to be written
 CLOSE_FLUSH_SECONDS = 1.0  # at shutdown, how long clients get to take their last frames
 EVENT_ID = re.compile(r"(\d{1,20})-(\d{1,20})")
 
@@ -241,6 +242,12 @@ class EventHub:
         client.frames.append(frame)
         client.bytes += len(frame.wire)
         client.wake.set()
+
+    async def logs_stored(self, timeout: float) -> None:
+        """Wait until the log lines published so far are kept with their run: at once in memory mode; Redis
+        mode writes them in batches, and a run's terminal state waits for its lines (at most ``timeout``)."""
+        if self.redis is not None:
+            await self.redis.written(timeout)
 
     # --- clients -------------------------------------------------------------------------------------------
 

@@ -56,6 +56,9 @@ class RedisEvents:
         self.log = log
         self.available = False  # the reader follows Redis; while False new streams are refused (503)
         self._outbox: deque[tuple[str, str, str, bytes]] = deque()
+        self._queued = 0  # events put in the outbox so far
+        self._done = 0  # of those, the ones whose write is over (stored, or lost with a failed batch)
+        self._batch_done = asyncio.Event()
         self._outbox_ready = asyncio.Event()
         self._writing = False
         self._last_written: tuple[int, int] = (0, 0)
@@ -94,6 +97,7 @@ class RedisEvents:
                 self.log.warning("events_dropped", extra={"detail": "too many events waiting for Redis"})
             return
         self._outbox.append((kind, run_id, state, data))
+        self._queued += 1
         self._outbox_ready.set()
 
     async def _write_forever(self) -> None:
@@ -107,6 +111,8 @@ class RedisEvents:
                     await self._write(batch)
                 finally:
                     self._writing = False
+                    self._done += len(batch)
+                    self._batch_done.set()
 
     async def _write(self, batch: list[tuple[str, str, str, bytes]]) -> None:
         try:
@@ -142,6 +148,15 @@ class RedisEvents:
             self._write_failed = True
             self.log.warning("events_unavailable", extra={"error": f"{type(exc).__name__}: {exc}",
                                                           "events_lost": count})
+
+    async def written(self, timeout: float) -> None:
+        """Wait (up to ``timeout``) until the events sent so far have been written to Redis (or given up)."""
+        target = self._queued
+        deadline = time.monotonic() + timeout
+        while self._done < target and (left := deadline - time.monotonic()) > 0:
+            self._batch_done.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._batch_done.wait(), left)
 
     async def flush(self, timeout: float) -> None:
         """Wait (up to ``timeout``) until what was published is in Redis and back through the reader."""

@@ -344,6 +344,8 @@ async def finish_run(active: ActiveRun, outcome: dict[str, Any]) -> None:
     trace = outcome.pop("traceback", None)
     extra_fields = {key: outcome.pop(key) for key in list(outcome)
                     if key not in ("state", "result_json", "error", "cancelled_by")}
+    # GET /agents/logs of a finished run has every line its agent logged; the wait stays well inside the lock's TTL.
+    await events.hub.logs_stored(min(events.LOGS_STORED_SECONDS, settings.current.lock_ttl_seconds / 3))
     run.update(finished_at=utc_now(), **outcome)
     if await save_finished(run, release):
         events.hub.publish_run(run)

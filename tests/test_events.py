@@ -517,3 +517,19 @@ def test_a_run_stream_whose_terminal_event_never_came_ends_with_the_run_as_store
         assert run_frames(reader)[-1]["state"] == "DONE"
     finally:
         srv.stop(signal.SIGKILL)
+
+
+def test_a_finished_runs_log_lines_are_all_stored_by_the_time_it_reads_finished(replicas, redis_server) -> None:
+    """Redis mode writes log lines in batches, apart from the terminal state: the run waits for them to land."""
+    from redis_proxy import RedisProxy
+    proxy = RedisProxy(redis_server.port)
+    try:
+        (srv,) = replicas(1, url=proxy.url, AGENT_MODULES=AGENTS)
+        held: list[bool] = []
+        proxy.hold(lambda chunk: b"line_thread" in chunk, 0.5, lambda: held.append(True))
+        run = srv.run_to_end("chatty", lines=3)
+        assert held and run["state"] == "DONE"
+        lines = srv.client.get(f"/agents/logs/{run['run_id']}").json()["lines"]
+        assert [line["event"] for line in lines] == ["line_loop"] * 3 + ["line_thread"]
+    finally:
+        proxy.close()
