@@ -111,7 +111,7 @@ class EventStream:
         if run is not None and not run.finished:
             return False
         if run is not None:
-            last = f"{self.last[0]}-{self.last[1]}"
+            last = f"{self.last[0]}-{self.last[1]}" if self.last[0] >= 0 else "0-0"  # nothing sent yet on a resume
             await self._write(send, [Frame(last, "run", run.run_id, run.state, run.json())], check=False)
         return True
 
