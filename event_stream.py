@@ -112,7 +112,7 @@ class EventStream:
             return False
         if run is not None:
             last = f"{self.last[0]}-{self.last[1]}" if self.last[0] >= 0 else "0-0"  # nothing sent yet on a resume
-            await self._write(send, [Frame(last, "run", run.run_id, run.state, run.json())], check=False)
+            await self._write(send, [Frame.snapshot(last, run)], check=False)
         return True
 
     async def _watch_disconnect(self, receive: Receive) -> None:

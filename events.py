@@ -66,6 +66,11 @@ class Frame:
         self.terminal = kind == "run" and state in ("DONE", "ERROR", "CANCELLED")
         self.wire = b"id: %s\nevent: %s\ndata: %s\n\n" % (event_id.encode(), kind.encode(), data)
 
+    @classmethod
+    def snapshot(cls, event_id: str, run: Run) -> Frame:
+        """A ``run`` frame of the run as it stands (read from the store), under the id of the last event seen."""
+        return cls(event_id, "run", run.run_id, run.state, run.json())
+
 
 class Backlog:
     """The last frames of a stream, bounded by count and bytes (the newest frame is always kept)."""
@@ -312,7 +317,7 @@ class EventHub:
             # a client that had the terminal frame (an EventSource reconnects): the run again, then the end
         last_id = backlog.frames[-1].id if backlog is not None and backlog.frames else f"{self._epoch}-0"
         run = await read_run(run_id)
-        return None if run is None else [Frame(last_id, "run", run_id, run.state, run.json())]
+        return None if run is None else [Frame.snapshot(last_id, run)]
 
     async def first_global_frames(self, after: tuple[int, int] | None) -> list[Frame]:
         if after is None:

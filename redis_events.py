@@ -221,7 +221,7 @@ class RedisEvents:
         newest = await _guarded(self.client.xrevrange(stream, count=1))
         last_id = newest[0][0].decode() if newest else "0-0"
         run = await read_run(run_id)
-        return None if run is None else [Frame(last_id, "run", run_id, run.state, run.json())]
+        return None if run is None else [Frame.snapshot(last_id, run)]
 
     async def global_after(self, after: tuple[int, int]) -> list[Frame]:
         entries = await _guarded(self.client.xrange(self.key("events", "runs"), f"({after[0]}-{after[1]}", "+",
