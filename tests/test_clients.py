@@ -26,7 +26,8 @@ TOKEN = "client-test-token"
 SPEC = HERE / "openapi.yaml"
 SESSIONS = HERE / "tests" / "clients"  # the session scripts, one per client
 README = HERE / "README.md"
-NODE_MODULES = HERE / ".ci" / "cache" / "clients" / "node_modules"  # fetched by .ci/run
+NODE_MODULES = HERE / ".ci" / "cache" / "clients" / "node_modules"  # installed by .ci/run (npm ci)
+CLIENT_TOOLS_LOCK = HERE / ".ci" / "clients" / "package-lock.json"
 BIN = Path(sys.executable).parent
 
 
@@ -94,6 +95,20 @@ def test_python_client_drives_a_whole_session(python_client: Path, start_server:
 # TypeScript: openapi-typescript and openapi-fetch, tsc --strict, node.
 
 
+def test_typescript_tools_are_installed_exactly_as_the_lockfile_says() -> None:
+    if not NODE_MODULES.is_dir():
+        missing_tool("the TypeScript client tools", "bash .ci/run (it installs them into .ci/cache/clients with npm ci)")
+    lock = json.loads(CLIENT_TOOLS_LOCK.read_text())
+    manifest = json.loads((CLIENT_TOOLS_LOCK.parent / "package.json").read_text())
+    assert lock["packages"][""]["dependencies"] == manifest["dependencies"]
+    assert all(re.fullmatch(r"\d+\.\d+\.\d+", pin) for pin in manifest["dependencies"].values())
+    locked = {path: entry["version"] for path, entry in lock["packages"].items() if path}
+    assert all("integrity" in entry for path, entry in lock["packages"].items() if path)
+    installed = {path: json.loads((NODE_MODULES.parent / path / "package.json").read_text())["version"]
+                 for path in locked if (NODE_MODULES.parent / path / "package.json").is_file()}
+    assert installed == locked
+
+
 @pytest.fixture(scope="module")
 def typescript_client(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
     """A directory with the generated types, tests/clients/flow.mts and the README's example; tsc's outcome."""
@@ -101,7 +116,7 @@ def typescript_client(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, s
         missing_tool("node", "apt-get install nodejs")
     if not (NODE_MODULES / "openapi-typescript").is_dir():
         missing_tool("the TypeScript client tools (openapi-typescript, openapi-fetch, typescript)",
-                     "bash .ci/run (it npm-installs them into .ci/cache/clients)")
+                     "bash .ci/run (it installs .ci/clients/package-lock.json into .ci/cache/clients with npm ci)")
     work = tmp_path_factory.mktemp("typescript-client")
     (work / "node_modules").symlink_to(NODE_MODULES)
     for name in ("flow.mts", "tsconfig.json"):

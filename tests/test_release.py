@@ -191,6 +191,8 @@ def test_release_notes_are_the_changelog_section_of_that_version() -> None:
     assert "no dated section" in missing.stderr
 
 
-def test_dependabot_watches_pip_actions_and_the_base_image() -> None:
+def test_dependabot_watches_pip_actions_the_base_image_and_the_client_tools_lockfile() -> None:
     config = yaml.safe_load((ROOT / ".github" / "dependabot.yml").read_text())
-    assert {update["package-ecosystem"] for update in config["updates"]} == {"pip", "github-actions", "docker"}
+    watched = {update["package-ecosystem"]: update["directory"] for update in config["updates"]}
+    assert watched == {"pip": "/", "github-actions": "/", "docker": "/", "npm": "/.ci/clients"}
+    assert (ROOT / ".ci" / "clients" / "package-lock.json").is_file()
