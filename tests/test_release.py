@@ -3,11 +3,15 @@ the changelog, and .ci/release.py, which the workflow runs to check the tag and 
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import yaml
@@ -60,9 +64,25 @@ def source_version() -> str:
     return re.findall(r'^__version__ = "(.+)"$', (ROOT / "agent_runner.py").read_text(), re.M)[0]
 
 
-def release_script(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(RELEASE_SCRIPT), *args], input=stdin,
-                          capture_output=True, text=True, timeout=30)
+def release_script(*args: str, stdin: str = "", script: Path = RELEASE_SCRIPT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(script), *args], input=stdin,
+                          capture_output=True, text=True, timeout=60)
+
+
+def release_module() -> Any:
+    spec = importlib.util.spec_from_file_location("release", RELEASE_SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def steps_of(job: dict[str, Any], matches: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+    return [step for step in job.get("steps", []) if matches(step)]
+
+
+def runs(step: dict[str, Any], text: str) -> bool:
+    return text in step.get("run", "")
 
 
 def test_release_runs_on_version_tags_and_by_hand_only() -> None:
@@ -73,39 +93,91 @@ def test_release_runs_on_version_tags_and_by_hand_only() -> None:
 
 def test_gates_run_in_order_check_tests_build_scan_push_sign_release() -> None:
     jobs = load("release.yml")["jobs"]
-    check, _, _ = find_step(jobs, lambda step: ".ci/release.py check" in step.get("run", ""))
+    check, _, _ = find_step(jobs, lambda step: runs(step, ".ci/release.py check"))
     [tests] = [name for name, job in jobs.items() if job.get("uses") == "./.github/workflows/ci.yml"]
     ci_steps = [step for job in load("ci.yml")["jobs"].values() for step in job["steps"]]
     assert any(step.get("run") == "bash .ci/run" for step in ci_steps)
     assert any(action(step, "hadolint/hadolint-action") for step in ci_steps)
-    build, build_at, _ = find_step(jobs, lambda s: action(s, "docker/build-push-action") and not s["with"]["push"])
-    scan, scan_at, trivy = find_step(jobs, lambda step: action(step, "aquasecurity/trivy-action"))
-    push, _, _ = find_step(jobs, lambda s: action(s, "docker/build-push-action") and s["with"]["push"])
-    sign, _, _ = find_step(jobs, lambda step: "cosign sign" in step.get("run", ""))
-    release, _, _ = find_step(jobs, lambda step: "gh release create" in step.get("run", ""))
+    build, _, _ = find_step(jobs, lambda step: action(step, "docker/build-push-action"))
+    scans = {name for name, job in jobs.items()
+             if steps_of(job, lambda step: action(step, "aquasecurity/trivy-action"))}
+    push, _, _ = find_step(jobs, lambda step: runs(step, "skopeo copy --all"))
+    sign, _, _ = find_step(jobs, lambda step: runs(step, "cosign sign"))
+    release, _, _ = find_step(jobs, lambda step: runs(step, "gh release create"))
 
+    assert len(scans) == 1
+    [scan] = scans
     assert check in upstream(jobs, tests)
     assert tests in upstream(jobs, build)
-    assert (scan, scan_at > build_at) == (build, True)
-    assert build in upstream(jobs, push)
+    assert build in upstream(jobs, scan)
+    assert {build, scan} <= upstream(jobs, push)
     assert push in upstream(jobs, sign)
     assert sign in upstream(jobs, release)
-    assert trivy["with"]["severity"] == "CRITICAL,HIGH"
-    assert (trivy["with"]["ignore-unfixed"], trivy["with"]["exit-code"]) == (True, "1")
+    assert len({check, tests, build, scan, push, sign, release}) == 7  # each gate a job of its own
 
 
-def test_both_platforms_are_scanned_and_pushed_from_the_same_build_cache() -> None:
+def test_each_platform_is_scanned_for_fixable_high_and_critical_findings() -> None:
     jobs = load("release.yml")["jobs"]
-    build_job, _, build = find_step(jobs, lambda s: action(s, "docker/build-push-action") and not s["with"]["push"])
-    _, _, push = find_step(jobs, lambda s: action(s, "docker/build-push-action") and s["with"]["push"])
-    matrix = jobs[build_job]["strategy"]["matrix"]["include"]
-    assert {entry["platform"] for entry in matrix} == {"linux/amd64", "linux/arm64"}
-    assert set(push["with"]["platforms"].split(",")) == {"linux/amd64", "linux/arm64"}
-    written = {build["with"]["cache-to"].replace("${{ matrix.arch }}", entry["arch"]) for entry in matrix}
-    assert {entry.replace("type=gha,mode=max,", "type=gha,") for entry in written} == \
-        set(push["with"]["cache-from"].split())
-    assert push["with"]["sbom"] is True
-    assert push["with"]["provenance"] == "mode=max"
+    release = release_module()
+    trivy = [step for job in jobs.values() for step in steps_of(job, lambda s: action(s, "aquasecurity/trivy-action"))]
+    split_dir = "${{ runner.temp }}/platforms"
+    assert sorted(step["with"]["input"] for step in trivy) == \
+        sorted(f"{split_dir}/{platform.replace('/', '-')}" for platform in release.PLATFORMS)
+    for step in trivy:
+        assert "image-ref" not in step["with"]  # the archive's image, not a tag that could be another image
+        assert step["with"]["severity"] == "CRITICAL,HIGH"
+        assert (step["with"]["ignore-unfixed"], step["with"]["exit-code"]) == (True, "1")
+
+
+def test_the_image_is_built_once_for_both_platforms_with_sbom_and_provenance_into_an_oci_archive() -> None:
+    jobs = load("release.yml")["jobs"]
+    release = release_module()
+    build_job, _, build = find_step(jobs, lambda step: action(step, "docker/build-push-action"))
+    assert build["with"]["platforms"].split(",") == list(release.PLATFORMS)
+    assert build["with"]["outputs"] == "type=oci,dest=${{ runner.temp }}/image.tar"
+    assert not build["with"].get("push") and not build["with"].get("load")
+    assert build["with"]["sbom"] is True
+    assert build["with"]["provenance"] == "mode=max"
+    assert "strategy" not in jobs[build_job]  # one build, not one per platform
+    workflow = (WORKFLOWS / "release.yml").read_text()
+    assert "docker push" not in workflow and "buildx" not in workflow.replace("setup-buildx-action", "")
+
+
+def test_the_pushed_and_signed_image_is_the_archive_that_was_built_and_scanned() -> None:
+    jobs = load("release.yml")["jobs"]
+    build_job, _, _ = find_step(jobs, lambda step: action(step, "docker/build-push-action"))
+    scan_job, _, _ = find_step(jobs, lambda step: runs(step, ".ci/release.py split"))
+    push_job, _, push = find_step(jobs, lambda step: runs(step, "skopeo copy --all"))
+    sign_job, _, _ = find_step(jobs, lambda step: runs(step, "cosign sign"))
+    digest = "${{ needs.build.outputs.digest }}"
+
+    # The build job records the archive's index digest and uploads the archive itself.
+    recorded, _, record = find_step(jobs, lambda step: step.get("id") == "archive")
+    assert recorded == build_job and jobs[build_job]["outputs"]["digest"] == "${{ steps.archive.outputs.digest }}"
+    assert 'python3 .ci/release.py image "$RUNNER_TEMP/layout" | tee -a "$GITHUB_OUTPUT"' in record["run"]
+    [upload] = steps_of(jobs[build_job], lambda step: action(step, "actions/upload-artifact"))
+    assert upload["with"]["path"] == "${{ runner.temp }}/image.tar"
+
+    # The scan and push jobs download that archive and refuse it unless its digest is the one recorded.
+    for job in (scan_job, push_job):
+        [download] = steps_of(jobs[job], lambda step: action(step, "actions/download-artifact"))
+        assert (download["with"]["name"], download["with"]["path"]) == (upload["with"]["name"], "${{ runner.temp }}")
+        [verify] = steps_of(jobs[job], lambda step: runs(step, ".ci/release.py image"))
+        assert verify["env"]["DIGEST"] == digest
+        assert 'test "$(python3 .ci/release.py image "$RUNNER_TEMP/layout")" = "digest=$DIGEST"' in verify["run"]
+        assert 'tar -xf "$RUNNER_TEMP/image.tar" -C "$RUNNER_TEMP/layout"' in verify["run"]
+        assert "build" in needs(jobs[job])
+
+    # The push copies that archive unchanged to every tag, then reads each tag back: it must be that digest.
+    assert push["env"]["DIGEST"] == digest
+    assert push["env"]["TAGS"] == "${{ needs.build.outputs.tags }}"
+    assert 'skopeo copy --all --preserve-digests "oci-archive:$RUNNER_TEMP/image.tar" "docker://$tag"' in push["run"]
+    assert 'skopeo inspect --raw "docker://$tag" | sha256sum' in push["run"]
+    assert '[ "$pushed" != "$DIGEST" ]' in push["run"]
+
+    # What is signed is that digest, not whatever a tag points at by then.
+    assert jobs[sign_job]["env"]["IMAGE"] == "${{ needs.version.outputs.image }}@" + digest
+    assert "build" in needs(jobs[sign_job])
 
 
 def test_tags_are_version_minor_and_sha_with_latest_only_beside_the_newest_release() -> None:
@@ -196,3 +268,128 @@ def test_dependabot_watches_pip_actions_the_base_image_and_the_client_tools_lock
     watched = {update["package-ecosystem"]: update["directory"] for update in config["updates"]}
     assert watched == {"pip": "/", "github-actions": "/", "docker": "/", "npm": "/.ci/clients"}
     assert (ROOT / ".ci" / "clients" / "package-lock.json").is_file()
+
+
+def test_openapi_info_version_is_the_version() -> None:
+    spec = yaml.safe_load((ROOT / "openapi.yaml").read_text())
+    assert spec["info"]["version"] == source_version()
+    assert release_script("version").stdout == f"{source_version()}\n"
+
+
+@pytest.mark.parametrize("command", [["version"], ["check", "v{version}"]])
+def test_release_refuses_an_openapi_version_that_differs_from_the_source(tmp_path: Path, command: list[str]) -> None:
+    version = source_version()
+    (tmp_path / ".ci").mkdir()
+    script = Path(shutil.copy(RELEASE_SCRIPT, tmp_path / ".ci" / "release.py"))
+    for name in ("agent_runner.py", "CHANGELOG.md"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    spec = (ROOT / "openapi.yaml").read_text()
+    assert spec.count(f"\n  version: {version}\n") == 1
+    (tmp_path / "openapi.yaml").write_text(spec.replace(f"\n  version: {version}\n", "\n  version: 9.9.9\n"))
+    result = release_script(*[part.format(version=version) for part in command], script=script)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert f"openapi.yaml info.version '9.9.9' differs from __version__ = '{version}'" in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# .ci/release.py image / split, on an OCI layout shaped like the one buildx's oci exporter writes.
+
+SPDX = "https://spdx.dev/Document"
+PROVENANCE = "https://slsa.dev/provenance/v0.2"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+def write_blob(layout: Path, content: bytes | dict[str, Any]) -> dict[str, Any]:
+    data = content if isinstance(content, bytes) else json.dumps(content).encode()
+    digest = hashlib.sha256(data).hexdigest()
+    (layout / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+    (layout / "blobs" / "sha256" / digest).write_bytes(data)
+    return {"digest": f"sha256:{digest}", "size": len(data)}
+
+
+def write_layout(layout: Path, platforms: dict[str, tuple[str, ...]]) -> str:
+    """A layout whose index holds an image per platform, each with attestations of the given predicate types."""
+    entries = []
+    for platform, predicates in platforms.items():
+        os_name, architecture = platform.split("/")
+        config = write_blob(layout, {"architecture": architecture, "os": os_name})
+        layer = write_blob(layout, f"the {platform} root filesystem".encode())
+        image = write_blob(layout, {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                                    "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config},
+                                    "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **layer}]})
+        entries.append({"mediaType": OCI_MANIFEST, **image, "platform": {"architecture": architecture, "os": os_name}})
+        statements = [{"mediaType": "application/vnd.in-toto+json", **write_blob(layout, {"predicateType": kind}),
+                       "annotations": {"in-toto.io/predicate-type": kind}} for kind in predicates]
+        attestation = write_blob(layout, {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": statements,
+                                          "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                                     **write_blob(layout, b"{}")}})
+        entries.append({"mediaType": OCI_MANIFEST, **attestation,
+                        "platform": {"architecture": "unknown", "os": "unknown"},
+                        "annotations": {"vnd.docker.reference.digest": image["digest"],
+                                        "vnd.docker.reference.type": "attestation-manifest"}})
+    index = write_blob(layout, {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                                "manifests": entries})
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.index.v1+json", **index}]}))
+    return str(index["digest"])
+
+
+BOTH_ATTESTED = {"linux/amd64": (SPDX, PROVENANCE), "linux/arm64": (SPDX, PROVENANCE)}
+
+
+def test_release_image_accepts_both_platforms_with_sbom_and_provenance_and_prints_the_index_digest(
+        tmp_path: Path) -> None:
+    digest = write_layout(tmp_path, BOTH_ATTESTED)
+    result = release_script("image", str(tmp_path))
+    assert (result.returncode, result.stdout) == (0, f"digest={digest}\n"), result.stderr
+
+
+@pytest.mark.parametrize(("platforms", "message"), [
+    ({"linux/amd64": (SPDX, PROVENANCE)}, "the index holds images for ['linux/amd64'], expected"),
+    ({**BOTH_ATTESTED, "linux/s390x": (SPDX, PROVENANCE)}, "expected ['linux/amd64', 'linux/arm64']"),
+    ({"linux/amd64": (SPDX, PROVENANCE), "linux/arm64": (PROVENANCE,)}, "the linux/arm64 image has no SBOM"),
+    ({"linux/amd64": (SPDX,), "linux/arm64": (SPDX, PROVENANCE)}, "the linux/amd64 image has no provenance"),
+], ids=["one-platform", "extra-platform", "no-sbom", "no-provenance"])
+def test_release_image_refuses_a_build_without_both_platforms_or_their_attestations(
+        tmp_path: Path, platforms: dict[str, tuple[str, ...]], message: str) -> None:
+    write_layout(tmp_path, platforms)
+    result = release_script("image", str(tmp_path))
+    assert (result.returncode, result.stdout) == (1, "")
+    assert message in result.stderr
+
+
+def test_release_image_refuses_a_blob_that_does_not_match_its_digest(tmp_path: Path) -> None:
+    write_layout(tmp_path, BOTH_ATTESTED)
+    layer = next(path for path in (tmp_path / "blobs" / "sha256").iterdir()
+                 if path.read_bytes() == b"the linux/arm64 root filesystem")
+    layer.write_bytes(b"the linux/arm64 root filesystem, changed after the build")
+    result = release_script("image", str(tmp_path))
+    assert (result.returncode, result.stdout) == (1, "")
+    assert f"blob {layer.name} has sha256 " in result.stderr
+
+
+def test_release_image_refuses_a_layout_that_names_more_than_the_one_index(tmp_path: Path) -> None:
+    write_layout(tmp_path, BOTH_ATTESTED)
+    top = json.loads((tmp_path / "index.json").read_text())
+    (tmp_path / "index.json").write_text(json.dumps({**top, "manifests": top["manifests"] * 2}))
+    result = release_script("image", str(tmp_path))
+    assert result.returncode == 1
+    assert "expected one image index, found 2" in result.stderr
+
+
+def test_release_split_writes_one_layout_per_platform_naming_that_image_alone(tmp_path: Path) -> None:
+    write_layout(tmp_path / "layout", BOTH_ATTESTED)
+    index_digest = release_script("image", str(tmp_path / "layout")).stdout.strip().split("=", 1)[1]
+    index = json.loads((tmp_path / "layout" / "blobs" / "sha256" / index_digest.split(":")[1]).read_text())
+    images = {f"{entry['platform']['os']}/{entry['platform']['architecture']}": entry
+              for entry in index["manifests"] if "annotations" not in entry}
+    result = release_script("split", str(tmp_path / "layout"), str(tmp_path / "platforms"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"{name} {images[name]['digest']}" for name in release_module().PLATFORMS]
+    for name, entry in images.items():
+        target = tmp_path / "platforms" / name.replace("/", "-")
+        assert json.loads((target / "index.json").read_text())["manifests"] == [entry]
+        assert json.loads((target / "oci-layout").read_text()) == {"imageLayoutVersion": "1.0.0"}
+        blob = target / "blobs" / "sha256" / entry["digest"].split(":")[1]
+        assert blob.samefile(tmp_path / "layout" / "blobs" / "sha256" / blob.name)  # linked, not copied
