@@ -393,3 +393,15 @@ def test_release_split_writes_one_layout_per_platform_naming_that_image_alone(tm
         assert json.loads((target / "oci-layout").read_text()) == {"imageLayoutVersion": "1.0.0"}
         blob = target / "blobs" / "sha256" / entry["digest"].split(":")[1]
         assert blob.samefile(tmp_path / "layout" / "blobs" / "sha256" / blob.name)  # linked, not copied
+
+
+@pytest.mark.parametrize("name", ["ci.yml", "release.yml"])
+def test_a_failing_command_in_a_pipe_fails_its_step(name: str) -> None:
+    # With no shell given, GitHub runs `bash -e {0}` (no pipefail): `release.py check ... | tee` would pass
+    # on a refused tag. `shell: bash` runs `bash --noprofile --norc -eo pipefail {0}`.
+    workflow = load(name)
+    default = workflow.get("defaults", {}).get("run", {}).get("shell")
+    piped = [(job_name, step.get("name", step["run"][:40])) for job_name, job in workflow["jobs"].items()
+             for step in job.get("steps", []) if re.search(r"[^|]\|[^|]", step.get("run", ""))
+             and step.get("shell", job.get("defaults", {}).get("run", {}).get("shell", default)) != "bash"]
+    assert piped == []
