@@ -9,6 +9,7 @@ looks at ``self.stopping``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import signal
 import threading
 import time
@@ -75,7 +76,7 @@ def test_lock_expiring_under_a_thread_that_ignores_the_stop_exits_70(own_redis: 
     # First the agent was asked to stop (half the TTL without a renewal); it went on, and the whole TTL passed.
     lost = srv.wait_for_event("lock_lost", run_id=run_id)
     assert log_time(lost) <= log_time(line)
-    assert refused_at + ttl / 2 <= log_time(line) < refused_at + ttl + 1.5, (refused_at, line["timestamp"])
+    assert refused_at + ttl / 2 <= log_time(line) < refused_at + ttl + 2.5, (refused_at, line["timestamp"])
     assert ledger_lines(ledger, run_id) == ["start"]  # the thread was still using the resource when the process went
     assert not srv.events("run_start_failed") and not srv.events("agent_error")
 
@@ -92,11 +93,12 @@ def test_a_thread_that_never_returns_holds_the_lock_for_the_life_of_the_process(
     env = {"AGENT_MODULES": AGENTS, "RUN_TIMEOUT_SECONDS": "0.5"}
     prefix = f"test-{uuid.uuid4().hex[:8]}"
     redis_env = {**env, "REDIS_URL": redis_server.url, "REDIS_PREFIX": prefix, "LOCK_TTL_SECONDS": "2"}
-    started: list[ServerProcess] = []
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:  # a second Redis replica on the same prefix: other
+        starting = [pool.submit(ServerProcess, tmp_path / f"{name}.log", **server_env)
+                    for name, server_env in (("memory", env), ("holder", redis_env), ("other", redis_env))]
+    started = [future.result() for future in starting if future.exception() is None]
     try:
-        started.append(ServerProcess(tmp_path / "memory.log", **env))
-        started.append(ServerProcess(tmp_path / "holder.log", **redis_env))
-        started.append(ServerProcess(tmp_path / "other.log", **redis_env))  # a second replica on the same prefix
+        assert len(started) == 3, [future.exception() for future in starting]
         memory, holder, other = started
         runs = {"memory": (memory, memory, start_stuck_thread(memory, tmp_path / "memory-ledger")),
                 # in Redis mode the cancel goes through the other replica, and every POST is tried at both
