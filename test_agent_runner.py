@@ -398,14 +398,27 @@ def test_bad_setting_stops_start_with_exit_2_and_one_json_line_naming_it(env: di
 
 
 def readme_settings() -> dict[str, str]:
-    """The README's configuration table: variable -> its default as written there."""
-    readme = (HERE / "README.md").read_text()
-    return dict(re.findall(r"^\| `([A-Z_]+)` \| ([^|]+?) \|", readme, re.M))
+    """The README's configuration table: variable -> its default as written there.
+
+    Only the rows Markdown shows as the table count: those that follow its header without a break (a blank
+    line in the table ends it, and the rows after it show as plain text).
+    """
+    lines = (HERE / "README.md").read_text().splitlines()
+    header = lines.index("| variable | default | meaning |")
+    assert lines[header + 1] == "|---|---|---|"
+    rows = []
+    for line in lines[header + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(line)
+    table = dict(re.findall(r"^\| `([A-Z_]+)` \| ([^|]+?) \|", "\n".join(rows), re.M))
+    assert len(table) == len(rows), [row for row in rows if not re.match(r"^\| `[A-Z_]+` \|", row)]
+    return table
 
 
 def test_settings_defaults_match_the_readme_table() -> None:
     table = readme_settings()
-    assert set(table) == {name for name, _, _ in settings.SETTINGS_TABLE}
+    assert set(table) == {name for name, _, _ in settings.SETTINGS_TABLE}  # all of them in one unbroken table
     defaults = settings.Settings.from_env({})
     for name, shown in table.items():
         # Setting a variable to the README's default (or to nothing, where it has none) changes nothing.

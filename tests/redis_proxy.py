@@ -22,9 +22,9 @@ class RedisProxy:
     chunks, with nothing to run. ``cut_all()`` closes every open connection.
     """
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, port: int | None = None) -> None:
         self.target_port = target_port
-        self.port = free_port()
+        self.port = port or free_port()  # a given port: a proxy that comes back where the clients knew it
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.dropped = 0
         self._drops: list[list] = []  # [match, times left]

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import RedisServer, ServerProcess, new_user
+from conftest import RedisServer, ServerProcess, log_time, new_user
 from redis_proxy import RedisProxy
 
 AGENTS = "fixture_agents,fixture_resource_agents"
@@ -157,6 +157,9 @@ def test_shutdown_keeps_the_lock_while_a_stubborn_agent_runs(redis_servers, redi
     assert holder.proc.wait(5) == 0
     run = other.wait_run(run_id)
     assert run["state"] == "ERROR" and run["error"] == "Run interrupted by shutdown; the agent did not stop"
+    exiting = holder.events("exit_with_agent_running")
+    assert [line["run_id"] for line in exiting] == [run_id] and exiting[0]["level"] == "error", exiting
+    assert log_time(holder.wait_for_event("run_interrupted", run_id=run_id)) <= log_time(exiting[0])
 
 
 # --- 4. a terminal write lost in flight (Redis) --------------------------------------------------------------------
@@ -178,21 +181,30 @@ def test_a_lost_terminal_write_is_retried_with_the_lock_release(redis_servers, r
 # --- 5. a POST admitted while shutdown starts (Redis, slow acquire) -------------------------------------------------
 
 def test_a_post_admitted_as_shutdown_starts_gets_the_grace(redis_servers, redis_server: RedisServer) -> None:
+    """SIGTERM arrives while the POST's admission is in Redis (held 0.5 s by the proxy): past the draining check,
+    so the drain waits for it and the run gets 202 and the grace (a 503 would be a run refused after the check)."""
     proxy = RedisProxy(redis_server.port)
     prefix = f"test-{uuid.uuid4().hex[:8]}"
+    signalled = threading.Event()
+
+    def terminate() -> None:
+        srv.proc.send_signal(signal.SIGTERM)
+        signalled.set()
+
     try:
         srv = redis_servers(proxy.url, prefix, SHUTDOWN_GRACE_SECONDS="10")
-        proxy.hold(lambda chunk: b":runs" in chunk and b":lock" in chunk, 0.5,  # the admit script
-                   lambda: srv.proc.send_signal(signal.SIGTERM))
+        proxy.hold(lambda chunk: b":runs" in chunk and b":lock" in chunk, 0.5, terminate)  # the admit script
         response = post(srv, "sleeper", seconds=0.2)
+        assert signalled.is_set(), "the admission never reached Redis"
         assert srv.proc.wait(20) == 0
     finally:
         proxy.close()
-    if response.status_code == 503:
-        return  # refused: nothing was started
     assert response.status_code == 202, response.text
-    raw = redis_server.command("GET", f"{prefix}:run:{response.json()['run_id']}")
-    assert json.loads(raw)["state"] == "DONE", raw
+    run_id = response.json()["run_id"]
+    assert json.loads(redis_server.command("GET", f"{prefix}:run:{run_id}"))["state"] == "DONE"
+    assert redis_server.command("ZRANGE", f"{prefix}:runs", "0", "-1") == [run_id.encode()]  # the only run
+    assert srv.wait_for_event("shutdown_started")["active_run_ids"] == [run_id]
+    assert srv.wait_for_event("agent_complete", run_id=run_id)["state"] == "DONE"
 
 
 # --- 6. records written by another version (Redis) -----------------------------------------------------------------
@@ -234,6 +246,62 @@ def test_a_blip_at_run_start_is_retried_and_never_leaks_addresses(redis_servers,
         assert run["state"] == "DONE", run
     finally:
         proxy.close()
+
+
+def test_a_store_away_past_the_retry_window_at_run_start_ends_the_run_with_a_generic_error(
+        redis_servers, redis_server: RedisServer) -> None:
+    """The store goes away (connections refused) as the run is recorded RUNNING and stays away until the
+    service gives up: the run ends ERROR with a generic error; the address is only in the log's detail."""
+    proxies = [RedisProxy(redis_server.port)]
+    port = proxies[0].port
+    try:
+        srv = redis_servers(proxies[0].url, f"test-{uuid.uuid4().hex[:8]}", LOCK_TTL_SECONDS="2")
+
+        def go_away(chunk: bytes) -> bool:
+            if b'"state":"RUNNING"' not in chunk:
+                return False
+            proxies[0].close()  # from now on every connection is refused
+            return True
+
+        proxies[0].drop(go_away, times=1)
+        run_id = srv.start_run("sleeper", seconds=0)
+        failed = srv.wait_for_event("run_start_failed", timeout=15, run_id=run_id)
+        proxies.append(RedisProxy(redis_server.port, port=port))  # back, so the terminal state can be stored
+        run = srv.wait_run(run_id)
+    finally:
+        for proxy in proxies:
+            proxy.close()
+    assert failed["level"] == "error" and "Connection refused" in failed["detail"], failed
+    assert f"127.0.0.1:{port}" in failed["detail"], failed  # the detail names the address...
+    assert run["state"] == "ERROR" and run["error"] == "Run store unavailable when the run started", run
+    for leak in (str(port), "127.0.0.1", "111", "Connection refused", "Redis"):  # ...and the run's error does not
+        assert leak not in run["error"], (leak, run)
+    shown = json.dumps(run)  # nor any other field of the run
+    assert f"127.0.0.1:{port}" not in shown and "Connection refused" not in shown, run
+    line = srv.wait_for_event("agent_error", run_id=run_id)
+    assert line["error"] == "Run store unavailable when the run started"
+
+
+def test_a_running_write_lost_past_the_retry_window_ends_the_run_after_max_ttl_or_5_s(
+        redis_servers, redis_server: RedisServer) -> None:
+    """Only the RUNNING write is lost (the lock is renewed meanwhile): retried every 0.5 s for max(TTL, 5 s)."""
+    proxy = RedisProxy(redis_server.port)
+    given_up = threading.Event()
+    try:
+        srv = redis_servers(proxy.url, f"test-{uuid.uuid4().hex[:8]}", LOCK_TTL_SECONDS="1")
+        proxy.drop(lambda chunk: b'"state":"RUNNING"' in chunk and not given_up.is_set(), times=1000)
+        accepted = time.time()
+        run_id = srv.start_run("sleeper", seconds=0)
+        failed = srv.wait_for_event("run_start_failed", timeout=15, run_id=run_id)
+        given_up.set()
+        run = srv.wait_run(run_id)
+    finally:
+        proxy.close()
+    assert 5 <= log_time(failed) - accepted < 8, failed  # the window: max(1 s, 5 s)
+    assert proxy.dropped >= 8, proxy.dropped  # tried again and again (every 0.5 s, each with its client retries)
+    assert failed["level"] == "error" and failed["detail"], failed
+    assert run["state"] == "ERROR" and run["error"] == "Run store unavailable when the run started", run
+    assert not srv.events("lock_lost")
 
 
 # --- 11. memory bounded by bytes ------------------------------------------------------------------------------------

@@ -293,6 +293,24 @@ def test_headers_over_64_kib_on_a_kept_alive_connection_are_refused(plain_server
         assert client.get("/healthz", headers=pad).status_code == 431
 
 
+def test_header_limits_apply_before_authentication(tmp_path: Path) -> None:
+    """With API_TOKEN set, a client without a token still gets 431 for headers over 64 KiB, not 401: the
+    limit is checked before the app (and its authentication) sees the request."""
+    srv = ServerProcess(tmp_path / "server.log", API_TOKEN="limits-before-auth-token")
+    try:
+        small = b"GET /agents HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        assert (answer_to(small, srv.port) or b"").startswith(b"HTTP/1.1 401 ")  # the token is in force
+        for request_line in (b"GET /agents HTTP/1.1", b"POST /agents/run HTTP/1.1"):
+            head = request_line + b"\r\nHost: x\r\n" + b"".join(
+                b"X-Pad-%d: %s\r\n" % (i, b"a" * 1000) for i in range(70)) + b"\r\n"
+            answer = answer_to(head, srv.port)
+            assert answer is not None and answer.startswith(b"HTTP/1.1 431 "), (request_line, answer)
+            assert answer.endswith(b'{"detail":"Request headers are larger than 65536 bytes"}'), answer
+        srv.wait_for_event("request_refused", reason="headers_too_large")
+    finally:
+        srv.stop(signal.SIGKILL)
+
+
 def test_request_headers_under_the_limit_are_served(plain_server: ServerProcess) -> None:
     pad = {f"x-pad-{i}": "a" * 1000 for i in range(40)}
     assert plain_server.client.get("/healthz", headers=pad).status_code == 200
