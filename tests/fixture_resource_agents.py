@@ -13,6 +13,8 @@ import os
 import time
 from typing import Any
 
+import httpx
+
 from agents import BaseAgent, register
 
 
@@ -21,6 +23,20 @@ def note(ledger: str, what: str, run_id: str) -> None:
     fd = os.open(ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, f"{what} {run_id} {time.time():.6f} {os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
+
+
+async def note_waiting(queue_log: str, run_id: str) -> None:
+    """Append ``<run_id> <ids of the runs waiting in the queue, comma-separated, or ->``, asked of this service
+    as the run starts: a causal check of queue order that no clock skew between replicas can blur."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        response = await client.get(f"http://127.0.0.1:{os.environ['PORT']}/agents/runs",
+                                    params={"state": "PENDING", "limit": 1000})
+    waiting = [run["run_id"] for run in response.json()["runs"] if run["queue_position"] is not None]
+    fd = os.open(queue_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{run_id} {','.join(waiting) or '-'}\n".encode())
     finally:
         os.close(fd)
 
@@ -55,12 +71,18 @@ class ThreadWorker(BaseAgent):
 @register
 class CoroutineWorker(BaseAgent):
     agent_type = "coroutine-worker"
-    description = "Uses the resource for input.seconds in its coroutine; input.stubborn: ignores cancellation."
+    description = ("Uses the resource for input.seconds in its coroutine; input.stubborn: ignores cancellation; "
+                   "input.gate: first holds the resource until that file exists.")
 
     async def run(self) -> Any:
         ledger = self.input["ledger"]
+        if queue_log := self.input.get("queue_log"):
+            await note_waiting(queue_log, self.run_id)
         note(ledger, "start", self.run_id)
         try:
+            if gate := self.input.get("gate"):  # a run that outlasts whatever the test does first, however slow
+                while not os.path.exists(gate):
+                    await asyncio.sleep(0.01)
             deadline = time.monotonic() + float(self.input.get("seconds", 1.0))
             while (left := deadline - time.monotonic()) > 0:
                 try:
