@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import TLS, RedisServer, ServerProcess, new_user
+from conftest import TLS, RedisServer, ServerProcess, log_time, new_user
 from redis_proxy import RedisProxy
 
 AGENTS = "fixture_agents,fixture_resource_agents"
@@ -268,6 +268,51 @@ def test_queue_moves_on_after_the_ttl_when_the_slot_holder_is_killed(replicas) -
     assert run["state"] == "DONE" and time.monotonic() - killed < 8
     orphan = other.client.get(f"/agents/status/{running}").json()
     assert orphan["state"] == "ERROR" and orphan["error"].startswith("Runner lost")
+
+
+def test_a_replica_killed_holding_one_of_three_slots_frees_that_slot_after_the_ttl(
+        replicas, redis_server: RedisServer) -> None:
+    """Slot 1 of 3 is held by a replica that is SIGKILLed while runs wait: they run on it once its TTL ends,
+    and the other replica's runs keep slots 0 and 2 throughout."""
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    holder, other = replicas(2, prefix=prefix, MAX_CONCURRENT_RUNS="3", LOCK_TTL_SECONDS="1.5")
+    kept = [post(other, "hanging").json()["run_id"]]
+    lost = post(holder, "hanging").json()["run_id"]
+    kept.append(post(other, "hanging").json()["run_id"])
+    for run_id in (*kept, lost):
+        other.wait_state(run_id, "RUNNING")
+    slots = [redis_server.command("GET", f"{prefix}:lock{suffix}") for suffix in ("", ":1", ":2")]
+    assert redis_server.command("HGET", f"{prefix}:unfinished", lost) == slots[1]  # the holder's run is on slot 1
+    waiting = [post(other, "sleeper", on_busy="enqueue", seconds=0).json()["run_id"] for _ in range(2)]
+    holder.stop(signal.SIGKILL)
+    killed = time.time()
+    runs = [other.wait_run(run_id, timeout=20) for run_id in waiting]
+    assert [run["state"] for run in runs] == ["DONE", "DONE"]
+    started = log_time({"timestamp": runs[0]["started_at"]}) - killed
+    assert 0.9 <= started < 8  # not before the dead holder's last renewal ran out (every TTL / 3), soon after
+    orphan = other.client.get(f"/agents/status/{lost}").json()
+    assert orphan["state"] == "ERROR" and orphan["error"].startswith("Runner lost")
+    assert [other.client.get(f"/agents/status/{run_id}").json()["state"] for run_id in kept] == ["RUNNING"] * 2
+    assert [redis_server.command("GET", f"{prefix}:lock{suffix}") for suffix in ("", ":2")] == [slots[0], slots[2]]
+    for run_id in kept:
+        other.client.post(f"/agents/cancel/{run_id}")
+
+
+def test_with_three_slots_a_client_that_sees_done_starts_the_next_run_at_once(
+        start_server, backend: dict[str, str]) -> None:
+    """Two slots held, the third freed and taken again five times, through either replica in Redis mode:
+    the slot is free the moment DONE is visible (a late release would answer 409)."""
+    servers = one_or_two(start_server, backend, MAX_CONCURRENT_RUNS="3")
+    held = [post(servers[i % len(servers)], "hanging").json()["run_id"] for i in range(2)]
+    for i in range(5):
+        assert servers[i % len(servers)].run_to_end("sleeper", seconds=0)["state"] == "DONE"
+        # No sleep between, and through the other replica: the slot is free the moment DONE is visible.
+        servers[(i + 1) % len(servers)].wait_run(servers[(i + 1) % len(servers)].start_run("sleeper", seconds=0))
+    third = post(servers[0], "hanging")
+    assert third.status_code == 202
+    assert post(servers[-1], "sleeper", seconds=0).status_code == 409  # three slots, not more
+    for run_id in (*held, third.json()["run_id"]):
+        servers[0].client.post(f"/agents/cancel/{run_id}")
 
 
 def test_queued_runs_survive_a_restart_of_every_replica(replicas) -> None:
