@@ -436,3 +436,26 @@ def test_an_ipv6_address_embedding_a_private_ipv4_one_is_a_400(any_host_server: 
     assert response.status_code == 400, response.text
     assert "loopback, private, link-local or metadata" in response.json()["detail"]
     assert any_host_server.client.get("/agents/runs").json()["runs"] == []
+
+
+def test_a_host_that_resolves_to_a_private_address_at_delivery_is_refused_and_nothing_is_sent(
+        start_server, receiver_factory) -> None:
+    """Checked at POST (public then) and again at delivery (loopback now, where the receiver listens): the
+    delivery is given up at once, logged and counted, and the receiver gets nothing."""
+    receiver = receiver_factory()
+    server = start_server(AGENT_MODULES="fixture_agents,fixture_rebinding_dns", WEBHOOK_SECRET=SECRET,
+                          WEBHOOK_ALLOWED_HOSTS="*.example.com", WEBHOOK_BACKOFF_SECONDS="0.2")
+    port = receiver.url.split(":")[2].split("/")[0]
+    run_id = start_hooked_run(server, f"http://rebind.example.com:{port}/hook")
+    assert server.wait_run(run_id)["state"] == "DONE"
+    failed = server.wait_for_event("webhook_failed", run_id=run_id)
+    assert (failed["level"], failed["attempt"], failed["status"], failed["final"]) == ("error", 1, None, True)
+    assert failed["detail"] == ("refused: host 'rebind.example.com' resolves to 127.0.0.1, a loopback, private, "
+                                "link-local or metadata address; list the host by name in WEBHOOK_ALLOWED_HOSTS "
+                                "to allow it")
+    text = server.client.get("/metrics").text
+    assert 'agent_runner_webhook_attempts_total{outcome="failed"} 1.0' in text
+    assert "agent_runner_webhooks_undelivered_total 1.0" in text
+    time.sleep(0.6)  # three backoffs: a retry that should not exist would have reached the receiver by now
+    assert receiver.requests == [] and len(server.events("webhook_failed")) == 1
+    assert server.events("webhook_delivered") == []
