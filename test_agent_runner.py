@@ -458,3 +458,68 @@ def test_every_setting_is_in_the_readme_table_and_env_example_with_its_default()
         assert f"\n#{name}={default}\n" in env_example, name
     defaults = settings.Settings.from_env({})
     assert str(defaults.redis_prefix) == "agent-runner" and defaults.lock_ttl_seconds == 30
+
+
+def readme_table(heading: str) -> dict[str, list[str]]:
+    """The first table under the README's ``heading`` line: its first column's name (without backticks) -> the
+    other cells. The table ends at its first line that is not a row."""
+    section = (HERE / "README.md").read_text().split(f"\n{heading}\n", 1)[1]
+    lines = section[section.index("\n|") + 1:].splitlines()
+    rows = {}
+    for line in lines[2:]:  # after the header and its |---| line
+        if not line.startswith("|"):
+            break
+        name, *cells = (cell.strip() for cell in line.strip("|").split(" | "))
+        rows[name.strip("`")] = cells
+    return rows
+
+
+def code_log_events() -> dict[str, set[str]]:
+    """Every event the service's modules log, with the levels their calls name: ``<logger>.<level>("event", ...)``,
+    ``log_hot("event", ...)`` (info), and the terminal events a run's outcome names (``{"event": ...}``), logged
+    with a level finish_run chooses, as ``log.log(level, "event")`` is (no level named: an empty set)."""
+    import ast
+
+    levels = {"debug": "debug", "info": "info", "warning": "warning", "error": "error", "exception": "error",
+              "critical": "critical"}
+    events: dict[str, set[str]] = {}
+    for path in sorted(HERE.glob("*.py")):
+        if path.name.startswith("test_") or path.name == "conftest.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            name, level = None, None
+            if isinstance(node, ast.Call) and isinstance(node.func, (ast.Attribute, ast.Name)):
+                called = node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id
+                args = node.args[1:] if called == "log" else node.args
+                if called in (*levels, "log", "log_hot") and args and isinstance(args[0], ast.Constant):
+                    name, level = args[0].value, "info" if called == "log_hot" else levels.get(called)
+            elif isinstance(node, ast.Dict):
+                for key, value in zip(node.keys, node.values):
+                    if isinstance(key, ast.Constant) and key.value == "event" and isinstance(value, ast.Constant):
+                        name = value.value
+            if isinstance(name, str) and re.fullmatch(r"[a-z]+(_[a-z]+)+|[a-z]+", name):
+                events.setdefault(name, set()).update([level] if level else [])
+    return events
+
+
+def test_the_readme_logs_table_has_every_event_the_code_logs_at_its_levels() -> None:
+    table = readme_table("## Logs")
+    code = code_log_events()
+    assert {"agent_complete", "run_rejected", "webhook_failed", "agent_start"} <= set(code)  # the scan finds them
+    assert sorted(set(code) - set(table)) == [], "logged by the code, missing from the README's Logs table"
+    assert sorted(set(table) - set(code)) == [], "in the README's Logs table, logged nowhere"
+    for event, named in code.items():
+        shown = table[event][0]
+        assert all(level in shown for level in named), (event, named, shown)
+
+
+def test_the_readme_metrics_table_has_every_metric_with_its_type_and_labels() -> None:
+    import metrics
+
+    table = readme_table("### Metrics")
+    assert sorted(table) == sorted(metric.name for metric in metrics.ALL)
+    for metric in metrics.ALL:
+        kind, labels, _meaning = table[metric.name]
+        assert kind == type(metric).__name__.lower(), metric.name
+        shown = [label.strip() for label in re.sub(r"\(.*?\)", "", labels).split(",") if label.strip()]
+        assert shown == list(metric.labelnames), metric.name
