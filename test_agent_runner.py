@@ -469,7 +469,7 @@ def readme_table(heading: str) -> dict[str, list[str]]:
     for line in lines[2:]:  # after the header and its |---| line
         if not line.startswith("|"):
             break
-        name, *cells = (cell.strip() for cell in line.strip("|").split(" | "))
+        name, *cells = (cell.strip() for cell in line.strip().strip("|").split("|"))
         rows[name.strip("`")] = cells
     return rows
 
