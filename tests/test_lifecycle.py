@@ -276,8 +276,9 @@ def token_server(tmp_path_factory, backend: dict[str, str]) -> ServerProcess:
     srv.stop(signal.SIGKILL)
 
 
-PROTECTED = [("GET", "/agents"), ("POST", "/agents/run"), ("GET", f"/agents/status/{uuid.uuid4()}"),
-             ("GET", "/agents/runs"), ("POST", f"/agents/cancel/{uuid.uuid4()}")]
+UNKNOWN_RUN = "5f0c2b1e-8d3a-4c6e-9b7f-1a2d3e4f5a6b"  # fixed, so the test ids are the same in every collection
+PROTECTED = [("GET", "/agents"), ("POST", "/agents/run"), ("GET", f"/agents/status/{UNKNOWN_RUN}"),
+             ("GET", "/agents/runs"), ("POST", f"/agents/cancel/{UNKNOWN_RUN}")]
 
 
 @pytest.mark.parametrize(("method", "path"), PROTECTED)
