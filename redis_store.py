@@ -49,7 +49,8 @@ class RedisRunStore:
     (zset of finished run ids by finish sequence), ``unfinished`` (hash of
     PENDING/RUNNING run ids to the token of the lock each was started under),
     ``seq`` (counter), ``cancel:<id>`` (a cancel request), ``log:<id>`` (the lines its agent logged;
-    ``logbytes`` holds each run's total, counted in its size once it finishes). Channels:
+    ``logbytes`` holds each run's total, counted in its size once it finishes), ``generation`` and ``fence``
+    (redis_scripts.FENCE: Redis lost its data). Channels:
     ``finished`` and ``cancel`` carry run ids.
     """
 

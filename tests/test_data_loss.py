@@ -89,6 +89,8 @@ def test_a_wipe_under_a_running_run_admits_no_second_run_until_it_ends(
     reasserted = a.wait_for_event("lock_reasserted", run_id=run_id)
     assert reasserted["level"] == "warning"
     assert not a.events("lock_lost")
+    print(f"{how}: {refused} POSTs refused; the next run admitted {admitted_at - wall(first['finished_at']):.2f} s "
+          f"after the first one ended, {time.monotonic() - wiped:.2f} s after the wipe")
 
 
 def test_a_wipe_with_no_run_in_flight_fences_admission_for_one_ttl(replicas, own_redis: RedisServer) -> None:
@@ -110,6 +112,7 @@ def test_a_wipe_with_no_run_in_flight_fences_admission_for_one_ttl(replicas, own
     assert waited >= TTL - 0.3, f"admitted {waited:.2f} s after the wipe: before the fence ended"
     assert wait_terminal(b, response.json()["run_id"])["state"] == "DONE"
     assert len(data_lost_lines(a, b)) == 1
+    print(f"wipe to the next 202: {waited:.2f} s (fence {TTL} s)")
 
 
 def test_a_run_queued_during_the_fence_waits_for_its_end_then_runs(replicas, own_redis: RedisServer) -> None:
@@ -151,3 +154,70 @@ def test_a_run_that_ends_after_a_wipe_before_its_renewal_keeps_its_terminal_stat
     assert (run["state"], run["result"]["slept"]) == ("DONE", 1), run
     listed = [item["run_id"] for item in b.client.get("/agents/runs").json()["runs"]]
     assert run_id in listed
+
+
+# --- the scripts themselves: what a renewal takes back, and what it must not ---------------------------------------
+
+def test_a_renewal_takes_back_only_a_slot_whose_run_is_still_its_holders(redis_server: RedisServer) -> None:
+    """A key merely gone is taken back; a key another token holds, or a run another replica claimed as an orphan
+    (or finished) meanwhile, is lost: taking it back would resurrect a run recorded as ended."""
+    import redis
+    from redis_lock import RENEW_SCRIPT
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    key = lambda *parts: ":".join((prefix, *parts))  # noqa: E731
+    renew = client.register_script(RENEW_SCRIPT)
+    keys = [key("lock"), key("generation"), key("fence"), key("unfinished"), key("run", "r"), key("runs"), key("seq")]
+
+    def renew_as(token: str, record: str = "-", known: str = "gen-1") -> list[Any]:
+        return renew(keys=keys, args=[token, 3000, known, "gen-2", "r", record])
+
+    try:
+        client.set(key("generation"), "gen-1")
+        client.hset(key("unfinished"), "r", "mine")
+        client.set(key("lock"), "mine", px=3000)
+        assert renew_as("mine") == [1, "gen-1", 0]
+        client.set(key("lock"), "another", px=3000)
+        assert renew_as("mine") == [0, "", 0]  # taken over
+        client.delete(key("lock"))
+        assert renew_as("mine") == [2, "gen-1", 0] and client.get(key("lock")) == "mine"  # only the key went
+        assert not client.exists(key("fence")) and not client.exists(key("run", "r"))  # nothing else was lost
+        client.delete(key("lock"))
+        client.hset(key("unfinished"), "r", "claim-token")  # another replica claimed it as an orphan
+        assert renew_as("mine") == [0, "", 0] and not client.exists(key("lock"))
+        client.hdel(key("unfinished"), "r")  # ... and stored its end
+        assert renew_as("mine") == [0, "", 0] and not client.exists(key("lock"))
+        client.delete(*client.keys(f"{prefix}:*"))  # the data went: the record is asked for, then written back
+        assert renew_as("mine") == [3, "gen-2", 1]
+        assert client.get(key("fence")) == "gen-2" and 0 < client.pttl(key("fence")) <= 3000
+        assert renew_as("mine", '{"state":"RUNNING"}') == [2, "gen-2", 0]
+        assert client.get(key("run", "r")) == '{"state":"RUNNING"}' and client.hget(key("unfinished"), "r") == "mine"
+        assert client.zrange(key("runs"), 0, -1) == ["r"] and client.get(key("lock")) == "mine"
+    finally:
+        client.close()
+
+
+def test_a_terminal_write_is_written_back_only_when_the_generation_changed(redis_server: RedisServer) -> None:
+    """A record missing under the generation its holder knows was dropped by retention: not written back."""
+    import redis
+    from redis_scripts import FINISH_SCRIPT
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    key = lambda *parts: ":".join((prefix, *parts))  # noqa: E731
+    finish = client.register_script(FINISH_SCRIPT)
+
+    def finish_run(run_id: str, generation: str) -> list[int]:
+        return finish(keys=[key("run", run_id), key("finished"), key("unfinished"), key("cancel", run_id),
+                            key("sizes"), key("bytes"), key("seq"), key("lock"), key("logbytes"), key("webhooks"),
+                            key("webhook", run_id), key("events", "run", run_id, "bytes"), key("generation"),
+                            key("runs")],
+                      args=['{"state":"DONE"}', run_id, key("finished"), "", 100, "", 10, 10000, generation])
+
+    try:
+        client.set(key("generation"), "gen-1")
+        assert finish_run("dropped", "gen-1") == [0, 0, 0] and not client.exists(key("run", "dropped"))
+        assert finish_run("lost", "gen-0") == [1, 100, 0]  # Redis lost it since its holder last wrote it
+        assert client.get(key("run", "lost")) == '{"state":"DONE"}'
+        assert client.zrange(key("runs"), 0, -1) == ["lost"] and client.zrange(key("finished"), 0, -1) == ["lost"]
+    finally:
+        client.close()
