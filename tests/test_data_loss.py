@@ -93,6 +93,32 @@ def test_a_wipe_under_a_running_run_admits_no_second_run_until_it_ends(
           f"after the first one ended, {time.monotonic() - wiped:.2f} s after the wipe")
 
 
+def test_with_two_slots_both_holders_take_theirs_back_and_a_third_run_waits_for_one_to_end(
+        replicas, own_redis: RedisServer, redis_server: RedisServer) -> None:
+    a, b = replicas(2, redis=own_redis, LOCK_TTL_SECONDS=str(TTL), MAX_CONCURRENT_RUNS="2")
+    counter = f"overlap-{uuid.uuid4().hex[:8]}"
+    agent_input = {"redis_url": redis_server.url, "key": counter}
+    first = a.start_run("overlap-counter", **agent_input, seconds=3 * TTL)
+    second = b.start_run("overlap-counter", **agent_input, seconds=3 * TTL + 1)
+    a.wait_state(first, "RUNNING")
+    b.wait_state(second, "RUNNING")
+    own_redis.command("FLUSHALL")
+    wiped = time.monotonic()
+    while (response := post((a, b)[int(time.monotonic() * 10) % 2], "overlap-counter", **agent_input,
+                            seconds=0.2)).status_code != 202:
+        assert response.status_code == 409, response.text
+        assert time.monotonic() - wiped < 3 * TTL + 10
+        time.sleep(0.05)
+    admitted_at = time.time()
+    third = wait_terminal(a, response.json()["run_id"])
+    ended = [wait_terminal(b, run_id) for run_id in (first, second)]
+    assert [run["state"] for run in ended] == ["DONE", "DONE"], ended
+    assert admitted_at > min(wall(run["finished_at"]) for run in ended), "a third run while both others still ran"
+    assert third["state"] == "DONE"
+    assert int(redis_server.command("GET", f"{counter}:max")) == 2  # never more than the two slots
+    assert a.wait_for_event("lock_reasserted", run_id=first) and b.wait_for_event("lock_reasserted", run_id=second)
+
+
 def test_a_wipe_with_no_run_in_flight_fences_admission_for_one_ttl(replicas, own_redis: RedisServer) -> None:
     a, b = replicas(2, redis=own_redis, LOCK_TTL_SECONDS=str(TTL))
     assert post(a, seconds=0).status_code == 202  # a fresh Redis admits at once: the first deploy waits for nothing
