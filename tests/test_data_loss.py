@@ -19,7 +19,7 @@ import pytest
 from conftest import RedisServer, ServerProcess, new_user
 
 BUSY = "An agent is already running, please retry later"
-TTL = 2.0  # LOCK_TTL_SECONDS: the fence after a detected loss lasts this long
+TTL = 3.0  # LOCK_TTL_SECONDS: the fence after a detected loss lasts this long
 
 
 def post(srv: ServerProcess, agent_type: str = "sleeper", on_busy: str | None = None, **input: Any) -> httpx.Response:
