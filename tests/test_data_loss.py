@@ -158,7 +158,7 @@ def test_a_slot_key_lost_alone_is_reasserted_by_its_holder_and_the_run_goes_on(
     """A failover to a replica that had the rest but not the slot key: the holder takes its key back."""
     prefix = f"test-{uuid.uuid4().hex[:8]}"
     (a,) = replicas(1, redis=own_redis, prefix=prefix, LOCK_TTL_SECONDS="1.5")
-    run_id = a.start_run("sleeper", seconds=2)
+    run_id = a.start_run("sleeper", seconds=3)
     a.wait_state(run_id, "RUNNING")
     assert own_redis.command("DEL", f"{prefix}:lock") == 1
     a.wait_for_event("lock_reasserted", run_id=run_id)
