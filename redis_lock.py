@@ -18,12 +18,13 @@ from settings import MAX_CONCURRENT_RUNS_LIMIT
 from store import LockLost, Run, StoreUnavailable
 
 # Renew a slot (RedisRunLock.renew): reset its TTL while it still holds the token. A slot key that is gone (not
-# taken by another token) is taken back, so the fence (redis_scripts.FENCE) keeps others out until every live holder has: when
-# the generation is still the one the holder knows, only the key went (deleted, or lost in a failover), and it is
-# taken back while the run is still the holder's in the unfinished index (not claimed as an orphan, not finished);
-# when the generation changed or is gone, Redis lost its data, and the run's record, its index entries and the
-# slot are written back (the generation and fence made if nobody has yet). ARGV[6] is the record: '-' when not
-# sent (the answer 3 asks for it), '' when there is none to write back (the run is finished).
+# taken by another token) is taken back, so the fence (redis_scripts.FENCE) keeps others out until every live
+# holder has its slot again. When the generation is still the one the holder knows, only the key went (deleted,
+# or lost in a failover), and it is taken back while the run is still the holder's in the unfinished index (not
+# claimed as an orphan, not finished); when the generation changed or is gone, Redis lost its data, and the
+# run's record, its index entries and the slot are written back (the generation and fence made if nobody has
+# yet). ARGV[6] is the record: '-' when not sent (the answer 3 asks for it), '' when there is none to write back
+# (the run is finished).
 # KEYS: slot, generation, fence, unfinished, run, runs, seq. ARGV: token, ttl_ms, known generation, new generation,
 # run_id, record. Returns {outcome, generation, lost}: outcome 1 renewed, 2 taken back, 3 send the record,
 # 0 lost (held by another token, or the run is no longer the holder's); lost: 1 when this call found the data lost.
