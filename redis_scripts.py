@@ -4,49 +4,71 @@ Each is safe to run again after its reply was lost (redis-py retries a
 command whose connection dropped, and the runner retries a terminal write).
 """
 
+# A Lua function for the scripts that give out slots: whether they may. Every replica writes the generation key as
+# it starts (SET NX); Redis without it has lost its data (FLUSHALL, a restart without persistence, a failover), and
+# with it the slot keys of runs that may still be going. The first script to see that makes a new generation and
+# the fence, a key that lives one lock TTL: no slot is given out while it stands, and every live holder renews
+# (RENEW_SCRIPT takes its slot back) well within it. Returns whether slots may be given out, and 1 when this call
+# found the loss (for the caller to log), else 0.
+FENCE = """
+local function fence_open(generation, fence, new_generation, ttl_ms)
+  if redis.call('EXISTS', generation) == 0 then
+    redis.call('SET', generation, new_generation)
+    redis.call('SET', fence, new_generation, 'PX', ttl_ms)
+    return false, 1
+  end
+  return redis.call('EXISTS', fence) == 0, 0
+end
+"""
+
 # Admit a run in one step: on a free slot when nobody waits (the record, its index and its holder written
 # with it), else into the queue when ARGV[4] allows and there is room. A retry whose first reply was lost
 # answers what the first call did (a queued run that has left the queue since: {2, 0}; never busy, as the run
 # was accepted). With an Idempotency-Key (ARGV[10], its hash, or ''), the run is admitted
 # only while the key is still this request's claim (its run_id is ARGV[3]: not expired, not taken over), and the
-# key is marked accepted for ARGV[12] ms in the same step. KEYS: queue, run, runs, seq, unfinished, slot 0..n-1.
+# key is marked accepted for ARGV[12] ms in the same step.
 # ARGV: json now, json queued, run_id, on_busy, queue_max, token, ttl_ms, n, channel, key hash, fingerprint,
-# key ttl_ms. Returns {1, slot} started, {2, position} queued, {0, 0} busy, {-1, 0} queue full, {-2, 0} the key's
-# claim was lost.
-ADMIT_SCRIPT = """
+# key ttl_ms, new generation. Returns {outcome, value, generation, lost}: {1, slot} started (under that
+# generation), {2, position} queued, {0, 0} busy, {-1, 0} queue full, {-2, 0} the key's claim was lost; lost is 1
+# when this call found that Redis lost its data (FENCE). While the fence stands it answers as if every slot were
+# taken: busy, or queued.
+ADMIT_SCRIPT = FENCE + """
 local n = tonumber(ARGV[8])
 if redis.call('EXISTS', KEYS[2]) == 1 then
-  for i = 1, n do if redis.call('GET', KEYS[5 + i]) == ARGV[6] then return {1, i - 1} end end
+  for i = 1, n do
+    if redis.call('GET', KEYS[5 + i]) == ARGV[6] then return {1, i - 1, redis.call('GET', KEYS[6 + n]) or '', 0} end
+  end
   local pos = redis.call('LPOS', KEYS[1], ARGV[3])
-  return {2, pos and pos + 1 or 0}
+  return {2, pos and pos + 1 or 0, '', 0}
 end
-if ARGV[10] ~= '' and redis.call('HGET', ARGV[10], 'run_id') ~= ARGV[3] then return {-2, 0} end
+if ARGV[10] ~= '' and redis.call('HGET', ARGV[10], 'run_id') ~= ARGV[3] then return {-2, 0, '', 0} end
 local function accept_key()
   if ARGV[10] == '' then return end
   redis.call('HSET', ARGV[10], 'fingerprint', ARGV[11], 'run_id', ARGV[3], 'state', 'accepted')
   redis.call('PEXPIRE', ARGV[10], ARGV[12])
 end
+local open, lost = fence_open(KEYS[6 + n], KEYS[7 + n], ARGV[13], ARGV[7])
 local waiting = redis.call('LLEN', KEYS[1])
-if waiting == 0 then
+if waiting == 0 and open then
   for i = 1, n do
     if redis.call('SET', KEYS[5 + i], ARGV[6], 'NX', 'PX', ARGV[7]) then
       redis.call('SET', KEYS[2], ARGV[1])
       redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[4]), ARGV[3])
       redis.call('HSET', KEYS[5], ARGV[3], ARGV[6])
       accept_key()
-      return {1, i - 1}
+      return {1, i - 1, redis.call('GET', KEYS[6 + n]), 0}
     end
   end
 end
-if ARGV[4] == 'reject' then return {0, 0} end
-if waiting >= tonumber(ARGV[5]) then return {-1, 0} end
+if ARGV[4] == 'reject' then return {0, 0, '', lost} end
+if waiting >= tonumber(ARGV[5]) then return {-1, 0, '', lost} end
 redis.call('SET', KEYS[2], ARGV[2])
 accept_key()
 redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[4]), ARGV[3])
 local position = 1
 if ARGV[4] == 'interrupt' then redis.call('LPUSH', KEYS[1], ARGV[3]) else position = redis.call('RPUSH', KEYS[1], ARGV[3]) end
 redis.call('PUBLISH', ARGV[9], ARGV[3])
-return {2, position}
+return {2, position, '', lost}
 """
 
 # A Lua function for the scripts below: the set of tokens that the slot keys KEYS[first..] hold.
@@ -116,34 +138,39 @@ return oldest
 # same token (by redis-py, or by the next dispatch with ARGV[4] = '1'): it answers the run that token took, on
 # its slot, or on a free one if that slot expired meanwhile (no other replica touches a run while its token is
 # in the unfinished index), so the head of the line is never skipped nor left holding a slot for nothing.
-# KEYS: queue, unfinished, slot 0..n-1. ARGV: token, ttl_ms, n, retry. Returns {run_id, slot} or nil.
-TAKE_SCRIPT = """
+# No slot is given out while the fence stands (FENCE).
+# KEYS: queue, unfinished, slot 0..n-1, generation, fence. ARGV: token, ttl_ms, n, retry, new generation.
+# Returns {run_id, slot, generation, lost}, run_id '' (and slot -1) when none was taken; lost as in ADMIT_SCRIPT.
+TAKE_SCRIPT = FENCE + """
 local n = tonumber(ARGV[3])
+local open, lost = fence_open(KEYS[3 + n], KEYS[4 + n], ARGV[5], ARGV[2])
+local generation = redis.call('GET', KEYS[3 + n])
 local held
 for i = 1, n do if redis.call('GET', KEYS[2 + i]) == ARGV[1] then held = i end end
 if held or ARGV[4] == '1' then
   local entries = redis.call('HGETALL', KEYS[2])
   for i = 1, #entries, 2 do
     if entries[i + 1] == ARGV[1] then
-      if held then return {entries[i], held - 1} end
-      for s = 1, n do
-        if redis.call('SET', KEYS[2 + s], ARGV[1], 'NX', 'PX', ARGV[2]) then return {entries[i], s - 1} end
+      if held then return {entries[i], held - 1, generation, lost} end
+      for s = 1, open and n or 0 do
+        if redis.call('SET', KEYS[2 + s], ARGV[1], 'NX', 'PX', ARGV[2]) then
+          return {entries[i], s - 1, generation, 0}
+        end
       end
-      return nil
+      return {'', -1, '', lost}
     end
   end
 end
-if redis.call('LLEN', KEYS[1]) == 0 then return nil end
+if not open or redis.call('LLEN', KEYS[1]) == 0 then return {'', -1, '', lost} end
 for i = 1, n do
   if redis.call('SET', KEYS[2 + i], ARGV[1], 'NX', 'PX', ARGV[2]) then
     local id = redis.call('LPOP', KEYS[1])
     redis.call('HSET', KEYS[2], id, ARGV[1])
-    return {id, i - 1}
+    return {id, i - 1, generation, 0}
   end
 end
-return nil
+return {'', -1, '', 0}
 """
-
 
 # Store a terminal state: record, indexes, size, cancel flag, lock release (if the token still holds it),
 # the webhook delivery it owes (ARGV[6], the URL, or '') and the finished message in one step. Safe to run
@@ -154,11 +181,19 @@ return nil
 # with the run: events:run:<id>:bytes).
 # Deliveries owed at once are bounded (ARGV[7] of them, ARGV[8] bytes of bodies, counted in <webhooks>:bytes):
 # past either, the delivery is not owed and the reply says so, for the caller to log and count.
-# KEYS: run, finished, unfinished, cancel, sizes, bytes, seq, lock, logbytes, webhooks, webhook, run events bytes.
-# ARGV: json, run_id, channel, token, size, webhook url, max owed, max owed bytes.
+# When the generation is no longer the one the run's holder knows (ARGV[9]; '' or absent: not known), Redis lost
+# its data since: a record missing was lost with it, not dropped by retention, and is written back and listed.
+# KEYS: run, finished, unfinished, cancel, sizes, bytes, seq, lock, logbytes, webhooks, webhook, run events bytes,
+# generation, runs. ARGV: json, run_id, channel, token, size, webhook url, max owed, max owed bytes, generation.
 # Returns {finished runs, their bytes, owed}: owed 1 (a delivery is owed now), -1 (refused: past the bound), 0.
 FINISH_SCRIPT = """
 local stored = redis.call('EXISTS', KEYS[1]) == 1
+if (ARGV[9] or '') ~= '' and redis.call('GET', KEYS[13]) ~= ARGV[9] then
+  stored = true
+  if not redis.call('ZSCORE', KEYS[14], ARGV[2]) then
+    redis.call('ZADD', KEYS[14], redis.call('INCR', KEYS[7]), ARGV[2])
+  end
+end
 local owed = 0
 local size = tonumber(ARGV[5]) + tonumber(redis.call('HGET', KEYS[9], ARGV[2]) or '0')
   + tonumber(redis.call('GET', KEYS[12]) or '0')
@@ -192,7 +227,7 @@ return {redis.call('ZCARD', KEYS[2]), tonumber(redis.call('GET', KEYS[6]) or '0'
 # KEYS: FINISH_SCRIPT's, then queue. ARGV: FINISH_SCRIPT's. Returns FINISH_SCRIPT's answer, or nil when the run
 # no longer waits (taken, or cancelled by another request).
 CANCEL_WAITING_SCRIPT = """
-if redis.call('LREM', KEYS[13], 1, ARGV[2]) == 0 and redis.call('GET', KEYS[1]) ~= ARGV[1] then return nil end
+if redis.call('LREM', KEYS[15], 1, ARGV[2]) == 0 and redis.call('GET', KEYS[1]) ~= ARGV[1] then return nil end
 """ + FINISH_SCRIPT
 
 # Drop the oldest finished runs while more than ARGV[1] of them, or more than ARGV[2] bytes, are kept

@@ -49,7 +49,8 @@ class RedisRunStore:
     (zset of finished run ids by finish sequence), ``unfinished`` (hash of
     PENDING/RUNNING run ids to the token of the lock each was started under),
     ``seq`` (counter), ``cancel:<id>`` (a cancel request), ``log:<id>`` (the lines its agent logged;
-    ``logbytes`` holds each run's total, counted in its size once it finishes). Channels:
+    ``logbytes`` holds each run's total, counted in its size once it finishes), ``generation`` and ``fence``
+    (redis_scripts.FENCE: Redis lost its data). Channels:
     ``finished`` and ``cancel`` carry run ids.
     """
 
@@ -86,6 +87,11 @@ class RedisRunStore:
         return ":".join((self.prefix, *parts))
 
     async def start(self) -> None:
+        # The generation (redis_scripts.FENCE): a Redis without one when a slot is given out has lost its data.
+        # Unreachable now: the first admission after it is back finds none and waits out the fence (a lock TTL).
+        with contextlib.suppress(StoreUnavailable):
+            async with self.health.guard():
+                await self.client.set(self.key("generation"), uuid.uuid4().hex, nx=True)
         self._listener = asyncio.create_task(self._listen(), name="redis-listener")
 
     async def close(self) -> None:
@@ -187,13 +193,14 @@ class RedisRunStore:
 
     def _finish_call(self, run: Run, release: RedisRunLock | None, token: str) -> tuple[list[str], list[object]]:
         """FINISH_SCRIPT's keys and arguments for ``run``'s terminal state."""
+        held = release is not None and token
         return ([self.key("run", run.run_id), self.key("finished"), self.key("unfinished"),
                  self.key("cancel", run.run_id), self.key("sizes"), self.key("bytes"), self.key("seq"),
-                 release.key_of(token) if release is not None and token else self.key("lock"),
+                 release.key_of(token) if held else self.key("lock"),
                  self.key("logbytes"), self.key("webhooks"), self.key("webhook", run.run_id),
-                 self.key("events", "run", run.run_id, "bytes")],
+                 self.key("events", "run", run.run_id, "bytes"), self.key("generation"), self.key("runs")],
                 [run.json(), run.run_id, self.key("finished"), token, run.size, run.webhook or "", MAX_OWED,
-                 MAX_OWED_BYTES])
+                 MAX_OWED_BYTES, release.generation_of(token) if held else ""])
 
     async def _after_finish(self, run: Run, finished_count: int, finished_bytes: int, owed: int) -> None:
         """After a terminal state was stored: wake the webhook deliverer (or report the delivery refused), trim."""
@@ -309,14 +316,17 @@ class RedisRunStore:
         waiting = Run.from_json(run.json())
         waiting.update(queue_position=0)  # stored as "queued"; the position is read from the queue
         async with self.health.guard():
-            outcome, value = await self._admit(
+            outcome, value, generation, lost = await self._admit(
                 keys=[self.key("queue"), self.key("run", run.run_id), self.key("runs"), self.key("seq"),
-                      self.key("unfinished"), *lock.keys],
+                      self.key("unfinished"), *lock.keys, lock.generation_key, lock.fence_key],
                 args=[run.json(), waiting.json(), run.run_id, on_busy, queue_max, token,
-                      int(lock.ttl_seconds * 1000), len(lock.keys), self.key("queued"), *(claim or ["", "", 0])])
+                      int(lock.ttl_seconds * 1000), len(lock.keys), self.key("queued"), *(claim or ["", "", 0]),
+                      uuid.uuid4().hex])
+        if lost:
+            self.health.data_lost("admit", lock.ttl_seconds)
         if outcome == 1:
             run.holder = token
-            lock.adopt(token, int(value))
+            lock.adopt(token, int(value), generation.decode())
             return "started"
         if outcome == 2:
             run.update(queue_position=int(value) or None)  # 0: a retry found it already out of the queue
@@ -332,13 +342,16 @@ class RedisRunStore:
         retry = self._take_token is not None
         token = self._take_token = self._take_token or uuid.uuid4().hex
         async with self.health.guard():
-            taken = await self._take(keys=[self.key("queue"), self.key("unfinished"), *lock.keys],
-                                     args=[token, int(lock.ttl_seconds * 1000), len(lock.keys), int(retry)])
-        if taken is None:
+            taken, slot, generation, lost = await self._take(
+                keys=[self.key("queue"), self.key("unfinished"), *lock.keys, lock.generation_key, lock.fence_key],
+                args=[token, int(lock.ttl_seconds * 1000), len(lock.keys), int(retry), uuid.uuid4().hex])
+        if lost:
+            self.health.data_lost("take", lock.ttl_seconds)
+        if not taken:
             self._take_token = None
             return None
-        run_id, slot = taken[0].decode(), int(taken[1])
-        lock.adopt(token, slot)
+        run_id = taken.decode()
+        lock.adopt(token, int(slot), generation.decode())
         run = await self.get(run_id)
         self._take_token = None
         if run is None:  # unreadable: give the slot back; the run stays unfinished for orphan recovery

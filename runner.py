@@ -414,7 +414,7 @@ async def keep_lock(active: ActiveRun) -> None:
         if time.monotonic() - renewed_at >= ttl and not active.code_stopped.is_set():
             exit_lock_expired(active)
         try:
-            await run_lock.renew(active.run.holder)
+            reasserted = await run_lock.renew(active.run)
         except LockLost:
             failure, lost = "the lock was taken over or expired", True
         except Exception as exc:  # unreachable, or an error reply: either way the lock may expire
@@ -425,6 +425,9 @@ async def keep_lock(active: ActiveRun) -> None:
             lost = time.monotonic() - renewed_at >= ttl / 2
         else:
             renewed_at, failure, lost = time.monotonic(), None, False
+            if reasserted:  # its key was gone from Redis, and nobody else had the slot: taken back
+                log.warning("lock_reasserted", extra={**run_fields(active.run),
+                                                      "detail": "the run's slot was gone from Redis; taken back"})
             with contextlib.suppress(StoreUnavailable):
                 asked, by = await run_store.cancel_requested(active.run.run_id)
                 if asked:

@@ -231,8 +231,8 @@ class MemoryRunLock:
     async def release(self, token: str) -> None:
         self._tokens.discard(token)
 
-    async def renew(self, token: str) -> None:
-        pass
+    async def renew(self, run: Run) -> bool:
+        return False  # never called: nothing to renew in memory
 
 
 class MemoryRunStore:

@@ -365,13 +365,15 @@ def test_a_take_sent_again_after_its_reply_was_lost_answers_the_run_it_took(redi
     client = script_client(redis_server)
     prefix = f"test-{uuid.uuid4().hex[:8]}"
     take = client.register_script(TAKE_SCRIPT)
-    keys = [f"{prefix}:queue", f"{prefix}:unfinished", f"{prefix}:lock", f"{prefix}:lock:1"]
+    keys = [f"{prefix}:queue", f"{prefix}:unfinished", f"{prefix}:lock", f"{prefix}:lock:1", f"{prefix}:generation",
+            f"{prefix}:fence"]
     try:
+        client.set(f"{prefix}:generation", "gen-1")  # as every replica writes it as it starts
         client.rpush(f"{prefix}:queue", "run-1", "run-2")
-        assert take(keys=keys, args=["token-a", 30000, 2]) == ["run-1", 0]
-        assert take(keys=keys, args=["token-a", 30000, 2]) == ["run-1", 0]  # the retry
+        assert take(keys=keys, args=["token-a", 30000, 2, 0, "gen-2"]) == ["run-1", 0, "gen-1", 0]
+        assert take(keys=keys, args=["token-a", 30000, 2, 0, "gen-2"]) == ["run-1", 0, "gen-1", 0]  # the retry
         assert client.lrange(f"{prefix}:queue", 0, -1) == ["run-2"] and client.get(f"{prefix}:lock:1") is None
-        assert take(keys=keys, args=["token-b", 30000, 2]) == ["run-2", 1]
+        assert take(keys=keys, args=["token-b", 30000, 2, 0, "gen-2"]) == ["run-2", 1, "gen-1", 0]
     finally:
         client.close()
 

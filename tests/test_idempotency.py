@@ -385,7 +385,8 @@ def test_a_run_admitted_whose_key_was_not_stored_is_replayed_not_run_twice(
 
 
 def test_redis_stopped_is_503_for_a_keyed_request_and_a_retry_after_it_is_back_starts_the_run(
-        tmp_path: Path, own_redis: RedisServer) -> None:
+        tmp_path: Path, persistent_redis: RedisServer) -> None:
+    own_redis = persistent_redis  # back with its data: one without fences admission for a TTL (test_data_loss)
     srv = ServerProcess(tmp_path / "server.log", REDIS_URL=own_redis.url, REDIS_PREFIX="test-idem")
     try:
         user, key = new_user(), new_key()
