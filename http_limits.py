@@ -6,6 +6,9 @@ refuses a head over ``MAX_HEADER_BYTES`` and drops a connection whose head is
 not complete within ``HEADER_TIMEOUT_SECONDS``; uvicorn's own
 ``limit_concurrency`` (``MAX_CONNECTIONS``) answers 503 past that many
 connections.
+
+The protocol also writes through ``http_writes.CoalescingTransport``, so a
+response leaves in one send() rather than two.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from http_writes import CoalescingTransport
 from logs import log
 
 MAX_HEADER_BYTES = 64 * 1024  # the request line and headers together
@@ -56,7 +60,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(transport)  # reading is paused and resumed on the transport itself (uvicorn's flow)
+        self.transport = CoalescingTransport(transport, self.loop)  # type: ignore[assignment]
         self._begin_head()  # so a client that connects and sends nothing is dropped too
 
     def connection_lost(self, exc: Exception | None) -> None:
