@@ -40,7 +40,7 @@ import runner
 import settings
 import webhooks
 from event_stream import all_events, run_events, run_logs
-from http_json import (check_idempotency_key, check_uuid, check_webhook_resolves, json_response, parse_limit,
+from http_json import (check_idempotency_key, check_uuid, check_webhook_resolves, header, json_response, parse_limit,
                        parse_run_request, parse_wait, read_json, short)
 from http_limits import MAX_CONNECTIONS, LimitedHttpToolsProtocol
 from logs import flush_stdout_regularly, log, log_hot, logging_config, write_hot_lines
@@ -63,7 +63,7 @@ QUEUE_FULL_BODY = b'{"detail":"An agent is already running and the queue is full
 
 async def post_run(request: Request) -> Response:
     agent_cls, user_id, agent_input, on_busy, webhook = parse_run_request(await read_json(request))
-    if request.headers.get("idempotency-key") is not None:  # without one, this lookup is all a key costs
+    if header(request, b"idempotency-key") is not None:  # without one, this lookup is all a key costs
         return await post_run_once(request, agent_cls, user_id, agent_input, on_busy, webhook)
     if webhook is not None:
         await check_webhook_resolves(webhook)
