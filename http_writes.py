@@ -3,10 +3,10 @@
 uvicorn writes a response's status line and headers, then its body, as two
 writes; each is a send() system call and, with TCP_NODELAY, a packet of its
 own. ``CoalescingTransport`` stands in for the connection's transport: it
-keeps what is written and sends it as one write when the turn ends (a
-callback on the loop), so a plain response costs one send(), not two. The
-order of the bytes on a connection is unchanged: every write of the
-protocol and of its requests goes through it.
+keeps what is written and hands it on as one write when the turn ends (a
+callback on the loop), so a plain response costs one send(), not two. Every
+write of the protocol and of its requests goes through it, so the order of
+the bytes on a connection is unchanged.
 """
 
 from __future__ import annotations
@@ -14,39 +14,47 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+# More than this kept in one turn is handed on at once: a large body or a burst of event-stream frames meets
+# the transport's flow control (pause at uvicorn's 64 KiB high-water mark) as it did without the wrapper.
+SEND_AT_ONCE_BYTES = 64 * 1024
+
 
 class CoalescingTransport:
-    """A transport's writes in one loop turn sent as one; all else is the transport's own.
+    """A transport whose writes in one loop turn are handed on as one; all else is the transport's own.
 
-    ``close`` sends what is kept first; ``abort`` drops it, as a transport's
-    abort drops its buffer. Pausing and resuming reading, the write buffer's
-    limits and the rest are passed through untouched.
+    ``close`` hands on what is kept first; ``abort`` drops it, as a
+    transport's abort drops its buffer. Pausing and resuming reading, the
+    write buffer and the rest go to the transport untouched.
     """
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self.transport = transport
         self.loop = loop
         self.kept: list[bytes] = []
+        self.kept_bytes = 0
         self._send_kept = self.send_kept  # bound once: scheduled for every response
 
     def write(self, data: bytes) -> None:
         if not self.kept:
             self.loop.call_soon(self._send_kept)
         self.kept.append(data)
+        self.kept_bytes += len(data)
+        if self.kept_bytes > SEND_AT_ONCE_BYTES:
+            self.send_kept()
 
     def send_kept(self) -> None:
         if not self.kept:
-            return  # closed or aborted in the same turn
-        kept, self.kept = self.kept, []
+            return  # already handed on (closed, aborted, or past SEND_AT_ONCE_BYTES) within the turn
+        kept, self.kept, self.kept_bytes = self.kept, [], 0
         if not self.transport.is_closing():  # the client left: the bytes have nowhere to go
-            self.transport.write(kept[0] if len(kept) == 1 else b"".join(kept))
+            self.transport.writelines(kept)  # several pieces go out in one writev(), without a copy
 
     def close(self) -> None:
         self.send_kept()
         self.transport.close()
 
     def abort(self) -> None:
-        self.kept.clear()
+        self.kept, self.kept_bytes = [], 0
         self.transport.abort()
 
     def is_closing(self) -> bool:

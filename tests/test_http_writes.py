@@ -11,18 +11,18 @@ from typing import Any
 import pytest
 
 from conftest import ServerProcess, new_user
-from http_writes import CoalescingTransport
+from http_writes import SEND_AT_ONCE_BYTES, CoalescingTransport
 
 
 class RecordingTransport:
-    """What a CoalescingTransport hands on: each write, and close/abort in order."""
+    """What a CoalescingTransport hands on: each writelines call (one send), and close/abort, in order."""
 
     def __init__(self) -> None:
         self.calls: list[Any] = []
         self.closing = False
 
-    def write(self, data: bytes) -> None:
-        self.calls.append(bytes(data))
+    def writelines(self, pieces: list[bytes]) -> None:
+        self.calls.append(list(pieces))  # one call: one send
 
     def close(self) -> None:
         self.calls.append("close")
@@ -56,7 +56,7 @@ def test_writes_in_one_turn_leave_as_one_write_when_the_turn_ends() -> None:
         await asyncio.sleep(0)
         wrapper.write(b"next")
         await asyncio.sleep(0)
-    assert in_loop(scenario) == [b"HTTP/1.1 200 OK\r\n\r\nbody", b"next"]
+    assert in_loop(scenario) == [[b"HTTP/1.1 200 OK\r\n\r\n", b"body"], [b"next"]]
 
 
 def test_close_sends_what_is_kept_first() -> None:
@@ -65,7 +65,17 @@ def test_close_sends_what_is_kept_first() -> None:
         wrapper.write(b"body")
         wrapper.close()
         await asyncio.sleep(0)  # the scheduled send finds nothing left
-    assert in_loop(scenario) == [b"headbody", "close"]
+    assert in_loop(scenario) == [[b"head", b"body"], "close"]
+
+
+def test_more_than_64_kib_in_one_turn_is_handed_on_at_once() -> None:
+    async def scenario(wrapper: CoalescingTransport, transport: RecordingTransport) -> None:
+        wrapper.write(b"head")
+        wrapper.write(b"x" * SEND_AT_ONCE_BYTES)
+        assert transport.calls == [[b"head", b"x" * SEND_AT_ONCE_BYTES]]  # the transport's flow control sees it now
+        wrapper.write(b"tail")
+        await asyncio.sleep(0)
+    assert in_loop(scenario)[1:] == [[b"tail"]]
 
 
 def test_abort_drops_what_is_kept() -> None:
@@ -156,3 +166,14 @@ def test_expect_100_continue_is_answered_before_the_body_is_sent(plain_server: S
         sock.sendall(body)
         [(status, answer)] = read_responses(sock, 1)
     assert status == 400 and "Unsupported agent_type" in json.loads(answer)["detail"]
+
+
+def test_a_response_over_64_kib_arrives_whole_and_before_the_next(plain_server: ServerProcess) -> None:
+    for _ in range(3):  # three runs of about 40 KB each: a list of them is past SEND_AT_ONCE_BYTES
+        plain_server.run_to_end("sleeper", seconds=0, pad="x" * 40_000)
+    with socket.create_connection(("127.0.0.1", plain_server.port), timeout=10) as sock:
+        sock.sendall(b"GET /agents/runs?limit=3 HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        (status, runs), (health_status, health) = read_responses(sock, 2)
+    assert status == 200 and len(runs) > SEND_AT_ONCE_BYTES
+    assert [run["input"]["pad"] for run in json.loads(runs)["runs"]] == ["x" * 40_000] * 3
+    assert (health_status, json.loads(health)) == (200, {"status": "ok"})
