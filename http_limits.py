@@ -64,6 +64,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.transport = CoalescingTransport(transport, self.loop)  # type: ignore[assignment]
         self._begin_head()  # so a client that connects and sends nothing is dropped too
 
+    def eof_received(self) -> None:
+        # The client ended its side (a half-close after its request): the transport closes on return, so what
+        # this turn wrote (an answer written as the end of input arrived) goes out first.
+        self.transport.send_kept()  # type: ignore[attr-defined]
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._end_head()
         if self.head_timer is not None:

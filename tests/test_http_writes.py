@@ -177,3 +177,25 @@ def test_a_response_over_64_kib_arrives_whole_and_before_the_next(plain_server: 
     assert status == 200 and len(runs) > SEND_AT_ONCE_BYTES
     assert [run["input"]["pad"] for run in json.loads(runs)["runs"]] == ["x" * 40_000] * 3
     assert (health_status, json.loads(health)) == (200, {"status": "ok"})
+
+
+def test_a_client_that_half_closes_after_its_request_gets_the_whole_answer(plain_server: ServerProcess) -> None:
+    """``printf ... | nc -q0``, HTTP/1.0 clients and probes end their side once the request is sent: the end of
+    input arrives in the same loop turn as the answer is written, and the answer must still leave (for a POST,
+    the run it accepted would otherwise start with its client never learning its id)."""
+    body = json.dumps({"agent_type": "sleeper", "user_id": new_user(), "input": {"seconds": 0}}).encode()
+    requests = {"GET": b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+                "POST": b"POST /agents/run HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)}
+    for method, request in requests.items():
+        for _ in range(10 if method == "GET" else 3):
+            with socket.create_connection(("127.0.0.1", plain_server.port), timeout=10) as sock:
+                sock.sendall(request)
+                sock.shutdown(socket.SHUT_WR)
+                [(status, answer)] = read_responses(sock, 1)
+            if method == "GET":
+                assert (status, json.loads(answer)) == (200, {"status": "ok"})
+            else:
+                assert status == 202, answer
+                run_id = json.loads(answer)["run_id"]
+                assert plain_server.client.get(f"/agents/status/{run_id}", params={"wait": 5}).json()["state"] == "DONE"
