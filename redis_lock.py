@@ -27,12 +27,13 @@ from store import LockLost, Run, StoreUnavailable
 # (the run is finished).
 # KEYS: slot, generation, fence, unfinished, run, runs, seq. ARGV: token, ttl_ms, known generation, new generation,
 # run_id, record. Returns {outcome, generation, lost}: outcome 1 renewed, 2 taken back, 3 send the record,
-# 0 lost (held by another token, or the run is no longer the holder's); lost: 1 when this call found the data lost.
+# 0 lost (held by another token, or the run is no longer the holder's); generation: the one in Redis (a re-run
+# after a lost reply must not leave its caller with an old one); lost: 1 when this call found the data lost.
 RENEW_SCRIPT = """
 local held = redis.call('GET', KEYS[1])
 if held == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return {1, ARGV[3], 0}
+  return {1, redis.call('GET', KEYS[2]) or ARGV[3], 0}
 end
 if held then return {0, '', 0} end
 local owner = redis.call('HGET', KEYS[4], ARGV[5])
@@ -144,11 +145,12 @@ class RedisRunLock:
         keys = [self._held[token].name, self.generation_key, self.fence_key, f"{self.prefix}:unfinished",
                 f"{self.prefix}:run:{run.run_id}", f"{self.prefix}:runs", f"{self.prefix}:seq"]
         while True:
+            new_generation = uuid.uuid4().hex  # made by this call if it finds the data lost (even when run again)
             async with self.health.guard():
                 outcome, generation, lost = await self._renew(keys=keys, args=[
-                    token, int(self.ttl_seconds * 1000), self.generation_of(token), uuid.uuid4().hex, run.run_id,
+                    token, int(self.ttl_seconds * 1000), self.generation_of(token), new_generation, run.run_id,
                     record])
-            if lost:
+            if lost or generation.decode() == new_generation:
                 self.health.data_lost("renewal", self.ttl_seconds)
             if outcome == 0:
                 raise LockLost("the slot is held by another token, or its run is no longer this holder's")

@@ -30,8 +30,9 @@ end
 # ARGV: json now, json queued, run_id, on_busy, queue_max, token, ttl_ms, n, channel, key hash, fingerprint,
 # key ttl_ms, new generation. Returns {outcome, value, generation, lost}: {1, slot} started (under that
 # generation), {2, position} queued, {0, 0} busy, {-1, 0} queue full, {-2, 0} the key's claim was lost; lost is 1
-# when this call found that Redis lost its data (FENCE). While the fence stands it answers as if every slot were
-# taken: busy, or queued.
+# when this call found that Redis lost its data (FENCE). The generation is the one in Redis (the new one, when
+# this call made it: a re-run after a lost reply still shows it as this call's). While the fence stands it
+# answers as if every slot were taken: busy, or queued.
 ADMIT_SCRIPT = FENCE + """
 local n = tonumber(ARGV[8])
 if redis.call('EXISTS', KEYS[2]) == 1 then
@@ -39,7 +40,7 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
     if redis.call('GET', KEYS[5 + i]) == ARGV[6] then return {1, i - 1, redis.call('GET', KEYS[6 + n]) or '', 0} end
   end
   local pos = redis.call('LPOS', KEYS[1], ARGV[3])
-  return {2, pos and pos + 1 or 0, '', 0}
+  return {2, pos and pos + 1 or 0, redis.call('GET', KEYS[6 + n]) or '', 0}
 end
 if ARGV[10] ~= '' and redis.call('HGET', ARGV[10], 'run_id') ~= ARGV[3] then return {-2, 0, '', 0} end
 local function accept_key()
@@ -60,15 +61,16 @@ if waiting == 0 and open then
     end
   end
 end
-if ARGV[4] == 'reject' then return {0, 0, '', lost} end
-if waiting >= tonumber(ARGV[5]) then return {-1, 0, '', lost} end
+local generation = redis.call('GET', KEYS[6 + n])
+if ARGV[4] == 'reject' then return {0, 0, generation, lost} end
+if waiting >= tonumber(ARGV[5]) then return {-1, 0, generation, lost} end
 redis.call('SET', KEYS[2], ARGV[2])
 accept_key()
 redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[4]), ARGV[3])
 local position = 1
 if ARGV[4] == 'interrupt' then redis.call('LPUSH', KEYS[1], ARGV[3]) else position = redis.call('RPUSH', KEYS[1], ARGV[3]) end
 redis.call('PUBLISH', ARGV[9], ARGV[3])
-return {2, position, '', lost}
+return {2, position, generation, lost}
 """
 
 # A Lua function for the scripts below: the set of tokens that the slot keys KEYS[first..] hold.
@@ -140,7 +142,8 @@ return oldest
 # in the unfinished index), so the head of the line is never skipped nor left holding a slot for nothing.
 # No slot is given out while the fence stands (FENCE).
 # KEYS: queue, unfinished, slot 0..n-1, generation, fence. ARGV: token, ttl_ms, n, retry, new generation.
-# Returns {run_id, slot, generation, lost}, run_id '' (and slot -1) when none was taken; lost as in ADMIT_SCRIPT.
+# Returns {run_id, slot, generation, lost}, run_id '' (and slot -1) when none was taken; generation and lost as
+# in ADMIT_SCRIPT.
 TAKE_SCRIPT = FENCE + """
 local n = tonumber(ARGV[3])
 local open, lost = fence_open(KEYS[3 + n], KEYS[4 + n], ARGV[5], ARGV[2])
@@ -157,11 +160,11 @@ if held or ARGV[4] == '1' then
           return {entries[i], s - 1, generation, 0}
         end
       end
-      return {'', -1, '', lost}
+      return {'', -1, generation, lost}
     end
   end
 end
-if not open or redis.call('LLEN', KEYS[1]) == 0 then return {'', -1, '', lost} end
+if not open or redis.call('LLEN', KEYS[1]) == 0 then return {'', -1, generation, lost} end
 for i = 1, n do
   if redis.call('SET', KEYS[2 + i], ARGV[1], 'NX', 'PX', ARGV[2]) then
     local id = redis.call('LPOP', KEYS[1])
@@ -169,7 +172,7 @@ for i = 1, n do
     return {id, i - 1, generation, 0}
   end
 end
-return {'', -1, '', 0}
+return {'', -1, generation, 0}
 """
 
 # Store a terminal state: record, indexes, size, cancel flag, lock release (if the token still holds it),

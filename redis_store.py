@@ -38,8 +38,10 @@ def open_redis(url: str, prefix: str, lock_ttl_seconds: float, retention: int, r
         retry_on_error=[RedisConnectionError, RedisTimeoutError])
     client = Redis(connection_pool=pool)
     health = StoreHealth(log)
-    return (RedisRunLock(client, prefix, slots, lock_ttl_seconds, health),
-            RedisRunStore(client, prefix, retention, retention_bytes, health, log))
+    lock = RedisRunLock(client, prefix, slots, lock_ttl_seconds, health)
+    store = RedisRunStore(client, prefix, retention, retention_bytes, health, log)
+    store.generation_of = lock.generation_of
+    return lock, store
 
 
 class RedisRunStore:
@@ -69,6 +71,8 @@ class RedisRunStore:
         self.on_work: Callable[[], None] = lambda: None  # a run was queued or a slot freed, on any replica
         self.on_finished: Callable[[Run], None] = lambda run: None  # a run with a webhook was stored terminal
         self.on_not_owed: Callable[[Run, str], None] = lambda run, detail: None  # its delivery was past the bound
+        # The generation a holder's run was last written under (RedisRunLock.generation_of, set by open_redis)
+        self.generation_of: Callable[[str], str] = lambda token: ""
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._progress_writes: dict[str, asyncio.Task[None]] = {}
         self._progress_dirty: set[str] = set()
@@ -200,7 +204,7 @@ class RedisRunStore:
                  self.key("logbytes"), self.key("webhooks"), self.key("webhook", run.run_id),
                  self.key("events", "run", run.run_id, "bytes"), self.key("generation"), self.key("runs")],
                 [run.json(), run.run_id, self.key("finished"), token, run.size, run.webhook or "", MAX_OWED,
-                 MAX_OWED_BYTES, release.generation_of(token) if held else ""])
+                 MAX_OWED_BYTES, self.generation_of(run.holder) if run.holder else ""])  # releasing or not
 
     async def _after_finish(self, run: Run, finished_count: int, finished_bytes: int, owed: int) -> None:
         """After a terminal state was stored: wake the webhook deliverer (or report the delivery refused), trim."""
@@ -312,7 +316,7 @@ class RedisRunStore:
         ``claim`` (RedisIdempotencyKeys.admit_args): admit only while the Idempotency-Key is still this
         request's, and mark it accepted in the same step; "lost" when it no longer is.
         """
-        token = uuid.uuid4().hex
+        token, new_generation = uuid.uuid4().hex, uuid.uuid4().hex
         waiting = Run.from_json(run.json())
         waiting.update(queue_position=0)  # stored as "queued"; the position is read from the queue
         async with self.health.guard():
@@ -321,8 +325,8 @@ class RedisRunStore:
                       self.key("unfinished"), *lock.keys, lock.generation_key, lock.fence_key],
                 args=[run.json(), waiting.json(), run.run_id, on_busy, queue_max, token,
                       int(lock.ttl_seconds * 1000), len(lock.keys), self.key("queued"), *(claim or ["", "", 0]),
-                      uuid.uuid4().hex])
-        if lost:
+                      new_generation])
+        if lost or generation.decode() == new_generation:  # this call found the loss (perhaps run again)
             self.health.data_lost("admit", lock.ttl_seconds)
         if outcome == 1:
             run.holder = token
@@ -341,11 +345,12 @@ class RedisRunStore:
         """
         retry = self._take_token is not None
         token = self._take_token = self._take_token or uuid.uuid4().hex
+        new_generation = uuid.uuid4().hex
         async with self.health.guard():
             taken, slot, generation, lost = await self._take(
                 keys=[self.key("queue"), self.key("unfinished"), *lock.keys, lock.generation_key, lock.fence_key],
-                args=[token, int(lock.ttl_seconds * 1000), len(lock.keys), int(retry), uuid.uuid4().hex])
-        if lost:
+                args=[token, int(lock.ttl_seconds * 1000), len(lock.keys), int(retry), new_generation])
+        if lost or generation.decode() == new_generation:  # this call found the loss (perhaps run again)
             self.health.data_lost("take", lock.ttl_seconds)
         if not taken:
             self._take_token = None

@@ -411,7 +411,9 @@ async def keep_lock(active: ActiveRun) -> None:
     failure: str | None = None
     while not active.code_stopped.is_set():
         await asyncio.sleep(interval if failure is None else min(interval, ttl / 10))
-        if time.monotonic() - renewed_at >= ttl and not active.code_stopped.is_set():
+        if active.code_stopped.is_set():  # finish_run is releasing the slot: renewing it now would race that
+            break
+        if time.monotonic() - renewed_at >= ttl:
             exit_lock_expired(active)
         try:
             reasserted = await run_lock.renew(active.run)

@@ -247,3 +247,77 @@ def test_a_terminal_write_is_written_back_only_when_the_generation_changed(redis
         assert client.zrange(key("runs"), 0, -1) == ["lost"] and client.zrange(key("finished"), 0, -1) == ["lost"]
     finally:
         client.close()
+
+
+def test_a_renewal_retried_after_a_lost_reply_answers_the_generation_in_redis(redis_server: RedisServer) -> None:
+    """redis-py runs a script again when its reply was lost. A take-back re-run finds its slot held and must still
+    answer the generation Redis has now, not the one its caller knew: a holder left with the old generation would
+    later write back a run retention dropped, or take back the slot of a run recorded as ended."""
+    import redis
+    from redis_lock import RENEW_SCRIPT
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    key = lambda *parts: ":".join((prefix, *parts))  # noqa: E731
+    renew = client.register_script(RENEW_SCRIPT)
+    keys = [key("lock"), key("generation"), key("fence"), key("unfinished"), key("run", "r"), key("runs"), key("seq")]
+    try:
+        assert renew(keys=keys, args=["mine", 3000, "gen-1", "gen-2", "r", "-"]) == [3, "gen-2", 1]
+        take_back = ["mine", 3000, "gen-1", "gen-3", "r", '{"state":"RUNNING"}']
+        assert renew(keys=keys, args=take_back) == [2, "gen-2", 0]
+        assert renew(keys=keys, args=take_back) == [1, "gen-2", 0]  # the same call again: held, and gen-2
+    finally:
+        client.close()
+
+
+def test_the_call_that_found_the_loss_knows_it_even_when_run_again(redis_server: RedisServer) -> None:
+    """store_data_lost is logged by the call that found the loss. If its reply was lost, redis-py runs it again,
+    and that run finds the generation made already: its reply must still say whose it is (the new generation it
+    sent), or the loss is never logged while every POST meets the fence."""
+    import redis
+    from redis_scripts import ADMIT_SCRIPT, TAKE_SCRIPT
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    key = lambda *parts: ":".join((prefix, *parts))  # noqa: E731
+    admit, take = client.register_script(ADMIT_SCRIPT), client.register_script(TAKE_SCRIPT)
+    admit_keys = [key("queue"), key("run", "r"), key("runs"), key("seq"), key("unfinished"), key("lock"),
+                  key("generation"), key("fence")]
+    admit_args = ['{"state":"PENDING"}', '{"state":"PENDING"}', "r", "reject", 10, "token", 3000, 1, key("queued"),
+                  "", "", 0, "gen-admit"]
+    take_keys = [key("queue"), key("unfinished"), key("lock"), key("generation"), key("fence")]
+    try:
+        first = admit(keys=admit_keys, args=admit_args)
+        assert first[0] == 0 and first[2:] == ["gen-admit", 1]  # fenced: busy; this call found the loss
+        again = admit(keys=admit_keys, args=admit_args)
+        assert again[0] == 0 and again[2] == "gen-admit"  # the re-run: the generation this call made
+        client.delete(key("generation"), key("fence"))
+        first = take(keys=take_keys, args=["token", 3000, 1, 0, "gen-take"])
+        assert first[2:] == ["gen-take", 1]
+        assert take(keys=take_keys, args=["token", 3000, 1, 0, "gen-take"])[2] == "gen-take"
+    finally:
+        client.close()
+
+
+def test_a_run_recorded_at_shutdown_after_a_wipe_is_written_back(redis_server: RedisServer) -> None:
+    """At shutdown an agent that did not stop is recorded without releasing its slot; if Redis lost the record
+    since the holder last wrote it, that terminal state must still be stored (the generation tells)."""
+    import asyncio
+    import logging
+
+    from redis_store import open_redis
+    from store import Run
+
+    async def scenario() -> Any:
+        prefix = f"test-{uuid.uuid4().hex[:8]}"
+        lock, store = open_redis(redis_server.url, prefix, 3.0, 100, 1 << 30, logging.getLogger("test"))
+        try:
+            run = Run.new(str(uuid.uuid4()), "sleeper", new_user(), {}, holder="token")
+            lock.adopt("token", 0, "gen-1")  # the generation its run was written under
+            await store.client.set(f"{prefix}:generation", "gen-2")  # Redis lost its data since
+            run.update(state="ERROR", error="Run interrupted by shutdown; the agent did not stop")
+            await store.save(run)  # no release: the agent's code still runs
+            return await store.client.get(f"{prefix}:run:{run.run_id}")
+        finally:
+            await store.client.aclose()
+
+    stored = asyncio.run(scenario())
+    assert stored is not None and b'"state":"ERROR"' in stored
