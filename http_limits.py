@@ -68,6 +68,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # The client ended its side (a half-close after its request): the transport closes on return, so what
         # this turn wrote (an answer written as the end of input arrived) goes out first.
         self.transport.send_kept()  # type: ignore[attr-defined]
+        super().eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._end_head()
