@@ -142,6 +142,8 @@ class RedisRunLock:
         """
         assert run.holder is not None
         token, record = run.holder, b"-"
+        if token not in self._held:  # released (finish_run stored the run): nothing left to renew
+            return False
         keys = [self._held[token].name, self.generation_key, self.fence_key, f"{self.prefix}:unfinished",
                 f"{self.prefix}:run:{run.run_id}", f"{self.prefix}:runs", f"{self.prefix}:seq"]
         while True:

@@ -411,13 +411,13 @@ async def keep_lock(active: ActiveRun) -> None:
     failure: str | None = None
     while not active.code_stopped.is_set():
         await asyncio.sleep(interval if failure is None else min(interval, ttl / 10))
-        if active.code_stopped.is_set():  # finish_run is releasing the slot: renewing it now would race that
-            break
-        if time.monotonic() - renewed_at >= ttl:
+        if time.monotonic() - renewed_at >= ttl and not active.code_stopped.is_set():
             exit_lock_expired(active)
         try:
             reasserted = await run_lock.renew(active.run)
         except LockLost:
+            if active.run.holder not in run_lock.tokens():  # finish_run released it while this renewal was out
+                break
             failure, lost = "the lock was taken over or expired", True
         except Exception as exc:  # unreachable, or an error reply: either way the lock may expire
             if failure is None:
