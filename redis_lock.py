@@ -83,8 +83,15 @@ class StoreHealth:
             self.healthy = True
             self.log.info("store_recovered")
 
-    def data_lost(self, detected_by: str, fence_seconds: float) -> None:
-        """Redis lost its data (the generation key was gone): logged by the one script call that found it."""
+    def data_lost(self, lost: int, generation: bytes, made: str, detected_by: str, fence_seconds: float) -> None:
+        """Log store_data_lost if the script call that answered found Redis without its generation key.
+
+        ``lost`` is the script's flag, ``generation`` the generation it answered and ``made`` the new one the call
+        sent: a call run again after its reply was lost no longer sees the key missing, but answers the
+        generation it made, so the loss is logged once, by the call that found it, either way.
+        """
+        if not lost and generation.decode() != made:
+            return
         self.log.error("store_data_lost", extra={
             "detected_by": detected_by, "fence_seconds": fence_seconds,
             "detail": "Redis lost its data (the generation key was gone); no run is admitted until the fence "
@@ -152,8 +159,7 @@ class RedisRunLock:
                 outcome, generation, lost = await self._renew(keys=keys, args=[
                     token, int(self.ttl_seconds * 1000), self.generation_of(token), new_generation, run.run_id,
                     record])
-            if lost or generation.decode() == new_generation:
-                self.health.data_lost("renewal", self.ttl_seconds)
+            self.health.data_lost(lost, generation, new_generation, "renewal", self.ttl_seconds)
             if outcome == 0:
                 raise LockLost("the slot is held by another token, or its run is no longer this holder's")
             if outcome == 3:  # Redis lost the run's record: send it (the generation stays the old one till then)

@@ -326,8 +326,7 @@ class RedisRunStore:
                 args=[run.json(), waiting.json(), run.run_id, on_busy, queue_max, token,
                       int(lock.ttl_seconds * 1000), len(lock.keys), self.key("queued"), *(claim or ["", "", 0]),
                       new_generation])
-        if lost or generation.decode() == new_generation:  # this call found the loss (perhaps run again)
-            self.health.data_lost("admit", lock.ttl_seconds)
+        self.health.data_lost(lost, generation, new_generation, "admit", lock.ttl_seconds)
         if outcome == 1:
             run.holder = token
             lock.adopt(token, int(value), generation.decode())
@@ -350,8 +349,7 @@ class RedisRunStore:
             taken, slot, generation, lost = await self._take(
                 keys=[self.key("queue"), self.key("unfinished"), *lock.keys, lock.generation_key, lock.fence_key],
                 args=[token, int(lock.ttl_seconds * 1000), len(lock.keys), int(retry), new_generation])
-        if lost or generation.decode() == new_generation:  # this call found the loss (perhaps run again)
-            self.health.data_lost("take", lock.ttl_seconds)
+        self.health.data_lost(lost, generation, new_generation, "take", lock.ttl_seconds)
         if not taken:
             self._take_token = None
             return None
