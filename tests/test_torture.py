@@ -99,12 +99,18 @@ def test_no_two_uses_of_the_resource_overlap_under_chaos(tmp_path: Path) -> None
                 act = events.pop(at)
                 if act == "cut":
                     proxy.cut_all()
-                elif act == "refuse":  # while a replica runs an agent, so that its lock renewal meets the refusal
-                    if fleet.holder() is None and elapsed < 12:
-                        events[elapsed + 0.05] = "refuse"
-                        continue
+                elif act == "refuse":  # during a 1.4 s stubborn run: a lock renewal (every 0.5 s) meets it
+                    srv = fleet.live()[0]
+                    run_id = srv.client.post("/agents/run", json={
+                        "agent_type": "coroutine-worker", "user_id": new_user(), "on_busy": "enqueue",
+                        "input": {"ledger": str(ledger), "seconds": 1.4, "stubborn": True}}, timeout=10).json()["run_id"]
+                    accepted.append(run_id)
+                    deadline = time.monotonic() + 10
+                    while srv.client.get(f"/agents/status/{run_id}").json()["state"] == "PENDING":
+                        assert time.monotonic() < deadline, "the stubborn run never started"
+                        time.sleep(0.01)
                     redis.command("CONFIG", "SET", "min-replicas-to-write", "1")
-                    events[elapsed + 2.0] = "accept"
+                    events[time.monotonic() - started + 2.0] = "accept"
                 elif act == "accept":
                     redis.command("CONFIG", "SET", "min-replicas-to-write", "0")
                 elif act == "sigterm":  # the replica holding the lock, if any
