@@ -39,6 +39,7 @@ import metrics
 import runner
 import settings
 import webhooks
+from cancelling import cancel_and_wait
 from event_stream import all_events, run_events, run_logs
 from http_json import (check_idempotency_key, check_uuid, check_webhook_resolves, header, json_response, parse_limit,
                        parse_run_request, parse_wait, read_json, short)
@@ -292,7 +293,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await webhooks.stop_delivering()
         await runner.close_stores()  # ends the event streams first
         for task in background:
-            task.cancel()
+            await cancel_and_wait(task)
         write_hot_lines()
         sys.stdout.flush()
 

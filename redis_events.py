@@ -29,6 +29,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from cancelling import cancel_and_wait
 from events import (GLOBAL_BACKLOG_BYTES, GLOBAL_BACKLOG_FRAMES, RUN_BACKLOG_BYTES, RUN_BACKLOG_FRAMES, EventHub,
                     Frame)
 from redis_scripts import EVENT_SCRIPT, LOG_SCRIPT
@@ -81,10 +82,7 @@ class RedisEvents:
 
     async def stop(self) -> None:
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await cancel_and_wait(task)
         with contextlib.suppress(Exception):
             await self.reader_client.aclose()
 

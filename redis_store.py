@@ -19,6 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from cancelling import cancel_and_wait
 from redis_lock import RedisRunLock, StoreHealth
 from redis_reads import CoalescedReads, RecordReader
 from redis_scripts import (ADMIT_SCRIPT, CANCEL_WAITING_SCRIPT, FINISH_SCRIPT, INTERRUPT_SCRIPT, ORPHANS_SCRIPT,
@@ -100,9 +101,7 @@ class RedisRunStore:
 
     async def close(self) -> None:
         if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+            await cancel_and_wait(self._listener)
         await self.client.aclose()
 
     async def check(self) -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import metrics
+from cancelling import cancel_and_wait
 import settings
 from logs import log
 from store import MAX_OWED, MAX_OWED_BYTES, Run, StoreUnavailable
@@ -231,9 +232,7 @@ class Deliverer:
         """
         self.stopping = True
         if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+            await cancel_and_wait(self.task)
         if isinstance(self.queue, MemoryDeliveries):
             for delivery in self.queue.take_all():
                 delivery.attempt += 1
