@@ -103,7 +103,7 @@ class OverlapCounter(BaseAgent):
         client = Redis.from_url(self.input["redis_url"])
         key = self.input["key"]
         # A cancel can land after Redis applied the INCR but before its reply came back. The INCR
-        # therefore runs as a task of its own that the cancel does not reach, and the finally waits
+        # therefore runs as a task of its own that the cancel does not reach, and the way out waits
         # for it: every increment Redis applied is matched by a decrement.
         entered = asyncio.ensure_future(client.incr(f"{key}:current"))
         try:
@@ -113,11 +113,22 @@ class OverlapCounter(BaseAgent):
             await client.incr(f"{key}:runs")
             await asyncio.sleep(float(self.input.get("seconds", 0.02)))
         finally:
-            await asyncio.wait({entered})
-            if not entered.cancelled() and entered.exception() is None:
-                await asyncio.shield(client.decr(f"{key}:current"))
-            await client.aclose()
+            # A cancel may also land here, even after the body ended (the sleep was over): the way out
+            # is a task of its own too, and the agent ends only once it is done, cancelled or not.
+            leaving = asyncio.ensure_future(self.leave(client, key, entered))
+            while not leaving.done():
+                try:
+                    await asyncio.shield(leaving)
+                except asyncio.CancelledError:
+                    continue
         return {"concurrent": now}
+
+    @staticmethod
+    async def leave(client: Any, key: str, entered: asyncio.Future[int]) -> None:
+        await asyncio.wait({entered})
+        if not entered.cancelled() and entered.exception() is None:
+            await client.decr(f"{key}:current")
+        await client.aclose()
 
 
 @register
