@@ -29,6 +29,11 @@ TERMINAL = {"DONE", "ERROR", "CANCELLED"}
 TLS = httpx.create_ssl_context()
 
 
+def product_modules() -> list[Path]:
+    """The service's own modules: every .py at the root but the tests."""
+    return sorted(path for path in HERE.glob("*.py") if not path.name.startswith("test_") and path.name != "conftest.py")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

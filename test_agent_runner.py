@@ -18,7 +18,7 @@ from openapi_spec_validator import validate
 
 import agent_runner
 import settings
-from conftest import HERE, TESTS, ServerProcess, free_port, new_user
+from conftest import HERE, TESTS, ServerProcess, free_port, new_user, product_modules
 
 BUSY = "An agent is already running, please retry later"
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -483,9 +483,7 @@ def code_log_events() -> dict[str, set[str]]:
     levels = {"debug": "debug", "info": "info", "warning": "warning", "error": "error", "exception": "error",
               "critical": "critical"}
     events: dict[str, set[str]] = {}
-    for path in sorted(HERE.glob("*.py")):
-        if path.name.startswith("test_") or path.name == "conftest.py":
-            continue
+    for path in product_modules():
         for node in ast.walk(ast.parse(path.read_text())):
             name, level = None, None
             if isinstance(node, ast.Call) and isinstance(node.func, (ast.Attribute, ast.Name)):
@@ -511,6 +509,13 @@ def test_the_readme_logs_table_has_every_event_the_code_logs_at_its_levels() -> 
     for event, named in code.items():
         shown = table[event][0]
         assert all(level in shown for level in named), (event, named, shown)
+
+
+def test_the_readme_layout_table_names_every_product_module() -> None:
+    listed = {re.sub(r"\[`(.+?)`\]\(.*\)", r"\1", name) for name in readme_table("## Layout")}
+    modules = {path.name for path in product_modules()}
+    assert sorted(modules - listed) == [], "product modules the README's Layout table lacks"
+    assert sorted(listed - modules) == [], "in the README's Layout table, but no such module"
 
 
 def test_the_readme_metrics_table_has_every_metric_with_its_type_and_labels() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import HERE, free_port, missing_tool
+from conftest import HERE, free_port, missing_tool, product_modules
 
 
 def tool(name: str, install: str) -> str:
@@ -37,6 +37,14 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     text = re.sub(r"\\\n\s*", " ", (HERE / "Dockerfile").read_text())
     return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1].strip())
             for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_the_image_copies_every_product_module_and_nothing_else_of_python() -> None:
+    copied = {name for op, args in dockerfile_instructions() if op == "COPY" and not args.startswith("--from")
+              for name in shlex.split(args)[:-1] if name.endswith(".py")}
+    modules = {path.name for path in product_modules()}
+    assert sorted(modules - copied) == [], "modules the image lacks: it would not start"
+    assert sorted(copied - modules) == [], "copied, but not a product module"
 
 
 def test_dockerfile_runtime_rebuilt_without_docker_starts_and_is_healthy(tmp_path: Path) -> None:
@@ -97,7 +105,10 @@ def test_dockerfile_runtime_rebuilt_without_docker_starts_and_is_healthy(tmp_pat
                     break
             except httpx.TransportError:
                 pass
-            assert time.monotonic() < deadline and server.poll() is None, "the rebuilt runtime did not start"
+            if server.poll() is not None or time.monotonic() >= deadline:
+                server.kill()
+                output = server.communicate()[0].decode(errors="replace")[-3000:]
+                raise AssertionError(f"the rebuilt runtime did not start:\n{output}")
             time.sleep(0.1)
         check = subprocess.run(healthcheck, cwd=app, env=env, capture_output=True, timeout=10)
         assert check.returncode == 0, check.stderr
