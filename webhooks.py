@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import metrics
-from cancelling import cancel_and_wait
 import settings
+from cancelling import cancel_and_wait
 from logs import log
 from store import MAX_OWED, MAX_OWED_BYTES, Run, StoreUnavailable
 from webhook_http import WebhookRefused, WebhookUnresolved, check_url, post, resolve
