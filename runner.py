@@ -409,6 +409,7 @@ async def keep_lock(active: ActiveRun) -> None:
     assert interval is not None and active.run.holder is not None
     renewed_at = time.monotonic()
     failure: str | None = None
+    lost_logged = False  # once per run, whatever it was stopping for already
     while not active.code_stopped.is_set():
         await asyncio.sleep(interval if failure is None else min(interval, ttl / 10))
         if time.monotonic() - renewed_at >= ttl and not active.code_stopped.is_set():
@@ -434,7 +435,8 @@ async def keep_lock(active: ActiveRun) -> None:
                 asked, by = await run_store.cancel_requested(active.run.run_id)
                 if asked:
                     request_stop(active.run.run_id, by=by)
-        if lost and active.stop_reason != "lock_lost":
+        if lost and not lost_logged:
+            lost_logged = True
             log.error("lock_lost", extra={**run_fields(active.run), "detail": failure})
             active.stop("lock_lost")
 

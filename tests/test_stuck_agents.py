@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import pytest
 
 from conftest import RedisServer, ServerProcess, log_time, new_user
 
@@ -54,7 +55,11 @@ def start_stuck_thread(srv: ServerProcess, ledger: Path) -> str:
 
 # --- Redis mode: the lock cannot be renewed and the agent's code goes on: exit 70 --------------------------------
 
-def test_lock_expiring_under_a_thread_that_ignores_the_stop_exits_70(own_redis: RedisServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("cancelled_first", [False, True], ids=["running", "cancelled-first"])
+def test_lock_expiring_under_a_thread_that_ignores_the_stop_exits_70(own_redis: RedisServer, tmp_path: Path,
+                                                                     cancelled_first: bool) -> None:
+    """With ``cancelled_first`` the run is already stopping (cancel answered 202) when renewals start failing:
+    the lock loss is logged once all the same, not at every failed renewal until the exit."""
     ttl = 1.0
     srv = ServerProcess(tmp_path / "server.log", REDIS_URL=own_redis.url, REDIS_PREFIX="expire",
                         AGENT_MODULES=AGENTS, LOCK_TTL_SECONDS=f"{ttl:g}")
@@ -62,6 +67,8 @@ def test_lock_expiring_under_a_thread_that_ignores_the_stop_exits_70(own_redis: 
     try:
         run_id = start_stuck_thread(srv, ledger)
         srv.wait_state(run_id, "RUNNING")
+        if cancelled_first:
+            assert srv.client.post(f"/agents/cancel/{run_id}").status_code == 202  # the thread goes on
         own_redis.command("CONFIG", "SET", "min-replicas-to-write", "1")  # every write, renewals too: NOREPLICAS
         refused_at = time.time()
         assert srv.proc.wait(10) == 70
@@ -74,8 +81,8 @@ def test_lock_expiring_under_a_thread_that_ignores_the_stop_exits_70(own_redis: 
     assert line["level"] == "critical" and line["run_id"] == run_id and line["agent_type"] == "thread-worker"
     assert line["detail"] == "the agent did not stop before its lock expired; exiting"
     # First the agent was asked to stop (half the TTL without a renewal); it went on, and the whole TTL passed.
-    lost = srv.wait_for_event("lock_lost", run_id=run_id)
-    assert log_time(lost) <= log_time(line)
+    (lost,) = srv.events("lock_lost")
+    assert lost["run_id"] == run_id and log_time(lost) <= log_time(line)
     assert refused_at + ttl / 2 <= log_time(line) < refused_at + ttl + 2.5, (refused_at, line["timestamp"])
     assert ledger_lines(ledger, run_id) == ["start"]  # the thread was still using the resource when the process went
     assert not srv.events("run_start_failed") and not srv.events("agent_error")
