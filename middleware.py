@@ -9,10 +9,10 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-import metrics
 import settings
 from http_json import json_response
-from logs import log_hot
+from service import metrics
+from service.logs import log_hot
 
 
 class BearerAuth:

@@ -17,7 +17,7 @@ from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
-import console_logs
+from service import console_logs
 
 OWN_LOGGERS = ("agent_runner", "agents")
 

@@ -1,16 +1,12 @@
-"""The run record, and the run lock and run store behind one small interface.
+"""What every backend stores and hands back: the run record, a page of runs, an event frame, and the errors.
 
-Memory mode keeps both in this process. The runner only ever calls the
-methods below, so another backend (Redis) slots in without touching it.
+Nothing here does I/O; ``memory.py`` and ``redis/`` keep these, ``base.py`` says how.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import uuid
-from collections import deque
-from collections.abc import Callable
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -28,7 +24,6 @@ def utc_now() -> str:
 RUN_OVERHEAD_BYTES = 600  # a Run object, its dict entry and index slots, beyond its JSON
 LOG_LINES_MAX = 500  # log lines kept per run (the newest), and at most LOG_BYTES_MAX of them
 LOG_BYTES_MAX = 256 * 1024
-LOG_LINE_OVERHEAD_BYTES = 48  # a bytes object and its deque slot, beyond the line
 PUBLIC_FIELDS = ("run_id", "agent_type", "user_id", "input", "state", "result", "error", "progress",
                  "created_at", "started_at", "finished_at", "queue_position", "cancelled_by", "webhook")
 ON_BUSY = ("reject", "enqueue", "interrupt")  # what POST /agents/run does when every slot is taken
@@ -39,6 +34,7 @@ ON_BUSY = ("reject", "enqueue", "interrupt")  # what POST /agents/run does when 
 # dropped: a receiver down, or no replica able to send, under a flood of runs.
 MAX_OWED = 10000
 MAX_OWED_BYTES = 64 * 1024 * 1024
+MAX_ATTEMPTS = 6  # attempts per webhook delivery at most, however many replicas make them
 
 
 class RunRecordInvalid(ValueError):
@@ -185,236 +181,39 @@ class Page:
         return len(self.runs) < self.limit
 
 
-class RunLog:
-    """The newest lines a run's agent logged (its stdout JSON lines), within LOG_LINES_MAX and LOG_BYTES_MAX."""
-
-    __slots__ = ("lines", "bytes")
-
-    def __init__(self) -> None:
-        self.lines: deque[bytes] = deque()
-        self.bytes = 0  # what the lines cost in memory, counted in the retention budget
-
-    def append(self, line: bytes) -> int:
-        """Keep ``line``, dropping the oldest past the bounds; returns the change in bytes."""
-        before = self.bytes
-        self.lines.append(line)
-        self.bytes += len(line) + LOG_LINE_OVERHEAD_BYTES
-        while self.lines and (len(self.lines) > LOG_LINES_MAX
-                              or self.bytes - LOG_LINE_OVERHEAD_BYTES * len(self.lines) > LOG_BYTES_MAX):
-            self.bytes -= len(self.lines.popleft()) + LOG_LINE_OVERHEAD_BYTES
-        return self.bytes - before
+# Event backlogs kept for Last-Event-ID, the same in both backends
+RUN_BACKLOG_FRAMES = 200  # frames kept per run
+RUN_BACKLOG_BYTES = 1024 * 1024
+GLOBAL_BACKLOG_FRAMES = 1000  # frames of GET /agents/events kept
+GLOBAL_BACKLOG_BYTES = 4 * 1024 * 1024
+EVENT_ID = re.compile(r"(\d{1,20})-(\d{1,20})")
 
 
-class MemoryRunLock:
-    """The run lock of one process: ``slots`` holder tokens at most (MAX_CONCURRENT_RUNS). Never waits."""
-
-    renew_interval: float | None = None  # nothing to renew in memory
-
-    def __init__(self, slots: int = 1) -> None:
-        self.slots = slots
-        self._tokens: set[str] = set()
-
-    def free(self) -> bool:
-        return len(self._tokens) < self.slots
-
-    def take(self) -> str | None:
-        """A slot's token if one is free, else None; no await, so it is atomic with what the caller does next."""
-        if not self.free():
-            return None
-        token = uuid.uuid4().hex
-        self._tokens.add(token)
-        return token
-
-    async def try_acquire(self) -> str | None:
-        return self.take()
-
-    async def release(self, token: str) -> None:
-        self._tokens.discard(token)
-
-    async def renew(self, run: Run) -> bool:
-        return False  # never called: nothing to renew in memory
-
-
-class MemoryRunStore:
-    """Runs in a dict in creation order; keeps at most ``retention`` finished runs and ``retention_bytes`` of them."""
-
-    def __init__(self, retention: int, retention_bytes: int = 256 * 1024 * 1024) -> None:
-        self.retention = retention
-        self.retention_bytes = retention_bytes
-        self._finished_bytes = 0
-        self.on_cancel: Callable[[str, str | None], None] = lambda run_id, by: None
-        self.on_work: Callable[[], None] = lambda: None
-        self.on_finished: Callable[[Run], None] = lambda run: None  # first terminal save of a run with a webhook
-        self._runs: dict[str, Run] = {}
-        self._finished: deque[str] = deque()  # finished run ids, oldest first
-        self._finish_events: dict[str, asyncio.Event] = {}
-        self._queue: deque[Run] = deque()  # waiting runs, next first
-        self._logs: dict[str, RunLog] = {}
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-    async def check(self) -> None:
-        pass
-
-    def note_progress(self, run: Run) -> None:
-        pass  # the stored run is the object the agent updates
-
-    async def claim_orphans(self, lock: MemoryRunLock) -> list[Run]:
-        return []  # one process: no other holder can leave a run behind
-
-    async def request_cancel(self, run_id: str, by: str | None = None) -> None:
-        pass  # one process: the runner cancels its own run directly
-
-    async def cancel_requested(self, run_id: str) -> tuple[bool, str | None]:
-        return False, None
-
-    async def add(self, run: Run) -> None:
-        self._add(run)
-
-    def _add(self, run: Run) -> None:
-        self._runs[run.run_id] = run
-        self._finish_events[run.run_id] = asyncio.Event()
-
-    def unfinished(self, run_id: str) -> bool:
-        """Whether ``run_id`` is stored and not finished (retention never drops it, nor its Idempotency-Key)."""
-        return run_id in self._finish_events
-
-    def refusal(self, lock: MemoryRunLock, on_busy: str, queue_max: int) -> str | None:
-        """"busy" or "full" when ``admit`` would refuse a run now, else None; exact, as nothing awaits in
-        between, so a refused POST never builds a run."""
-        if not self._queue and lock.free():
-            return None
-        if on_busy == "reject":
-            return "busy"
-        return "full" if len(self._queue) >= queue_max else None
-
-    async def admit(self, run: Run, lock: MemoryRunLock, on_busy: str, queue_max: int, claim: None = None) -> str:
-        """In one step: start ``run`` on a free slot when nobody waits ("started", ``run.holder`` set),
-        else queue it if ``on_busy`` allows and there is room ("queued"), else "busy" or "full".
-        ``claim`` is Redis's: an Idempotency-Key claimed here is never lost while its request runs."""
-        refused = self.refusal(lock, on_busy, queue_max)
-        if refused is not None:
-            return refused
-        if not self._queue and (token := lock.take()) is not None:
-            run.holder = token
-            self._add(run)
-            return "started"
-        self._add(run)
-        if on_busy == "interrupt":
-            self._queue.appendleft(run)
-        else:
-            self._queue.append(run)
-        self._number_queue()
-        return "queued"
-
-    async def take(self, lock: MemoryRunLock) -> Run | None:
-        """The head of the queue on a free slot (``holder`` set), or None: one step, so never two takers."""
-        if not self._queue or (token := lock.take()) is None:
-            return None
-        run = self._queue.popleft()
-        run.holder = token
-        run.update(queue_position=None)
-        self._number_queue()
-        return run
-
-    async def dequeue(self, run_id: str, **changes: Any) -> Run | None:
-        """Take a waiting run out of the queue and store it with ``changes`` (its terminal state), in one step;
-        None if it no longer waits."""
-        for run in self._queue:
-            if run.run_id == run_id:
-                self._queue.remove(run)
-                run.update(queue_position=None, **changes)
-                self._number_queue()
-                await self.save(run)
-                return run
+def parse_event_id(raw: str | None) -> tuple[int, int] | None:
+    """A Last-Event-ID as a comparable key; None for a missing or foreign one (then it is ignored)."""
+    match = EVENT_ID.fullmatch(raw.strip()) if raw else None
+    if match is None or int(match[1]) >= 2 ** 63 or int(match[2]) >= 2 ** 63:  # past any id made here or by Redis
         return None
+    return int(match[1]), int(match[2])
 
-    async def queue_length(self) -> int:
-        return len(self._queue)
 
-    async def waiting(self) -> list[Run]:
-        return list(self._queue)
+class Frame:
+    """One event as it goes on the wire, encoded once and shared by every client that receives it."""
 
-    def _number_queue(self) -> None:
-        for position, run in enumerate(self._queue, 1):
-            if run.queue_position != position:
-                run.update(queue_position=position)
+    __slots__ = ("id", "key", "kind", "run_id", "terminal", "wire")
 
-    async def save(self, run: Run, release: MemoryRunLock | None = None) -> None:
-        """Store a change; a terminal state wakes its waiters and may drop the oldest finished run.
+    def __init__(self, event_id: str, kind: str, run_id: str, state: str, data: bytes) -> None:
+        self.id = event_id
+        self.key = parse_event_id(event_id) or (0, 0)
+        self.kind = kind  # "run" or "log"
+        self.run_id = run_id
+        self.terminal = kind == "run" and state in TERMINAL_STATES
+        self.wire = b"id: %s\nevent: %s\ndata: %s\n\n" % (event_id.encode(), kind.encode(), data)
 
-        With ``release``, the run's lock is released in the same step (nothing
-        in between yields), so a client that sees the terminal state can start
-        the next run at once.
-        """
-        self._runs[run.run_id] = run
-        if not run.finished:
-            return
-        if release is not None and run.holder is not None:
-            await release.release(run.holder)
-        event = self._finish_events.pop(run.run_id, None)
-        if event is None:
-            return  # finished before: counted once
-        event.set()
-        if run.webhook is not None:
-            self.on_finished(run)  # in the same step as the terminal state: the delivery is owed from here
-        self._finished.append(run.run_id)
-        log = self._logs.get(run.run_id)
-        self._finished_bytes += run.size + (log.bytes if log is not None else 0)
-        self._trim()
-
-    def _trim(self) -> None:
-        """Drop the oldest finished runs, with their logs, while more are kept than retention allows."""
-        while len(self._finished) > self.retention or self._finished_bytes > self.retention_bytes:
-            run_id = self._finished.popleft()
-            log = self._logs.pop(run_id, None)
-            self._finished_bytes -= self._runs.pop(run_id).size + (log.bytes if log is not None else 0)
-
-    def append_log(self, run_id: str, line: bytes) -> None:
-        """Keep a line the run's agent logged; a finished run's counted size grows with it."""
-        if run_id not in self._runs:
-            return  # dropped already (or never stored)
-        log = self._logs.get(run_id)
-        if log is None:
-            log = self._logs[run_id] = RunLog()
-        change = log.append(line)
-        if run_id not in self._finish_events and self._runs[run_id].finished:  # counted in _finished_bytes
-            self._finished_bytes += change
-            self._trim()
-
-    async def logs(self, run_id: str) -> list[bytes] | None:
-        """The lines the run's agent logged, oldest first; None when the run is not stored."""
-        if run_id not in self._runs:
-            return None
-        log = self._logs.get(run_id)
-        return list(log.lines) if log is not None else []
-
-    async def get(self, run_id: str) -> Run | None:
-        return self._runs.get(run_id)
-
-    async def wait_finished(self, run_id: str, timeout: float) -> Run | None:
-        """The run once it is terminal, or as it stands after ``timeout`` seconds."""
-        event = self._finish_events.get(run_id)
-        if event is not None:
-            try:
-                await asyncio.wait_for(event.wait(), timeout)
-            except TimeoutError:
-                pass
-        return self._runs.get(run_id)
-
-    async def list(self, page: Page, before: str | None = None) -> list[Run]:
-        """Runs newest first, as many as ``page`` takes; ``before`` starts after that run (it must exist)."""
-        skipping = before is not None
-        for run in reversed(self._runs.values()):
-            if skipping:
-                skipping = run.run_id != before
-            elif not page.offer(run):
-                break
-        return page.runs
+    @classmethod
+    def snapshot(cls, event_id: str, run: Run) -> Frame:
+        """A ``run`` frame of the run as it stands (read from the store), under the id of the last event seen."""
+        return cls(event_id, "run", run.run_id, run.state, run.json())
 
 
 class StoreUnavailable(Exception):

@@ -15,7 +15,7 @@ import logging
 
 from redis.asyncio import Redis
 
-from store import Run, RunRecordInvalid
+from service.backends.records import Run, RunRecordInvalid
 
 
 class CoalescedReads:
