@@ -28,7 +28,7 @@ QUEUE_FRAMES_INTERVAL = 0.25  # the waiting runs' position frames, at most this 
 ORPHANS_INTERVAL = 1.0  # dispatch looks for runs whose replica died this often
 
 
-def fingerprint(agent_type: str, user_id: str, agent_input: dict[str, Any], on_busy: str,
+def request_fingerprint(agent_type: str, user_id: str, agent_input: dict[str, Any], on_busy: str,
                 webhook: str | None = None) -> str:
     """The request as its Idempotency-Key remembers it: every body field, key order and spacing aside."""
     canonical = json.dumps([agent_type, user_id, agent_input, on_busy, webhook], sort_keys=True,
@@ -98,7 +98,7 @@ class Admission:
         look-up) runs only when the key is this request's to decide: a replay answers as the first request did.
         """
         keys = self.backend.idempotency_keys
-        fingerprint = fingerprint(agent_cls.agent_type, user_id, agent_input, on_busy, webhook)
+        fingerprint = request_fingerprint(agent_cls.agent_type, user_id, agent_input, on_busy, webhook)
         run_id = str(uuid.uuid4())
         try:
             claim = await keys.claim(key, fingerprint, run_id)
@@ -199,7 +199,7 @@ class Admission:
             self.queue_frames_from = min(self.queue_frames_from, from_position)
             return
         self.queue_frames_from = from_position
-        asyncio.get_running_loop().call_later(QUEUE_FRAMES_INTERVAL, start_queue_frames)
+        asyncio.get_running_loop().call_later(QUEUE_FRAMES_INTERVAL, self.start_queue_frames)
 
     def start_queue_frames(self) -> None:
         task = asyncio.ensure_future(self.publish_queue_frames())
@@ -260,7 +260,8 @@ class Admission:
         for active in late:
             active.stop("shutdown")
         if late:
-            await asyncio.wait({active.driver for active in late}, timeout=STOP_WAIT_SECONDS)
+            await asyncio.wait({active.driver for active in late if active.driver is not None},
+                               timeout=STOP_WAIT_SECONDS)
         for active in late:
             if not active.run.finished:  # the agent ignores cancellation: record the outcome before exiting anyway
                 await self.runner.finish_run(active, {"state": "ERROR", "event": "run_interrupted",

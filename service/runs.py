@@ -160,11 +160,12 @@ class Runner:
             try:
                 await self.recover_orphans()
                 if active.stop_reason is None:
-                    run.update(state="RUNNING", started_at=run.started_at or utc_now())
+                    started = run.started_at or utc_now()
+                    run.update(state="RUNNING", started_at=started)
                     await self.backend.save(run)
                     self.hub.publish_run(run)
                     if active.waited:
-                        metrics.QUEUE_WAIT.observe(seconds_between(run.created_at, run.started_at))
+                        metrics.QUEUE_WAIT.observe(seconds_between(run.created_at, started))
                         asked, by = await self.backend.cancel_requested(run.run_id)  # sent while it changed hands
                         if asked:
                             self.request_stop(run.run_id, by=by)
@@ -206,7 +207,8 @@ class Runner:
         release = active.code_stopped.is_set()
         if run.finished:  # recorded already at shutdown; only the lock is left to release
             if release:
-                await self.backend.release(run.holder)
+                if run.holder is not None:
+                    await self.backend.release(run.holder)
                 self.clear_active(active)
             return
         outcome = dict(outcome)
@@ -256,7 +258,7 @@ class Runner:
             except StoreUnavailable:
                 if time.monotonic() >= deadline:
                     log.error("terminal_state_not_stored", extra={**run_fields(run), "state": run.state})
-                    if release:
+                    if release and run.holder is not None:
                         await self.backend.release(run.holder)
                     return False
                 await asyncio.sleep(STORE_RETRY_SECONDS)

@@ -44,7 +44,7 @@ def signature(secret: str, timestamp: int, body: bytes) -> str:
 
 def backoff_seconds(attempt: int) -> float:
     """The wait after failed attempt ``attempt`` (1-based): base, 2 base, 4 base... (10 s base: ~5 min in all)."""
-    return settings.current.webhook_backoff_seconds * 2 ** (attempt - 1)
+    return settings.current.webhook_backoff_seconds * 2.0 ** (attempt - 1)
 
 
 def not_owed(run: Run, detail: str) -> None:

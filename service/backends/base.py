@@ -11,6 +11,7 @@ A new backend passes ``tests/test_backends.py`` before anything else.
 
 from __future__ import annotations
 
+import builtins
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -120,11 +121,13 @@ class Backend(Protocol):
     name: str  # "memory" or "redis": what service_started logs as the store
     shared: bool
     renew_interval: float | None
-    idempotency_keys: IdempotencyKeys
-    on_cancel: Callable[[str, str | None], None]  # a cancel (or, with ``by``, an interrupt) of a run, from anywhere
+    on_cancel: Callable[[str, str | None], object]  # a cancel (or, with ``by``, an interrupt) of a run, from anywhere
     on_work: Callable[[], None]  # a run was queued or a slot freed: look at the queue
     on_finished: Callable[[Run], None]  # a run with a webhook was stored terminal: its delivery is owed
     on_not_owed: Callable[[Run, str], None]  # its delivery was past the bound on those owed: dropped
+
+    @property
+    def idempotency_keys(self) -> IdempotencyKeys: ...
 
     async def start(self) -> None: ...
 
@@ -142,7 +145,7 @@ class Backend(Protocol):
     def refusal(self, on_busy: str, queue_max: int) -> str | None:
         """"busy" or "full" when ``admit`` would refuse now and can tell without I/O, else None."""
 
-    async def admit(self, run: Run, on_busy: str, queue_max: int, claim: list[Any] | None = None) -> str:
+    async def admit(self, run: Run, on_busy: str, queue_max: int, claim: builtins.list[Any] | None = None) -> str:
         """In one step: "started" on a free slot (``run.holder`` set), else "queued" as ``on_busy`` allows, else
         "busy" or "full"; "lost" when ``claim`` (IdempotencyKeys.admit_args) is no longer the request's."""
 
@@ -154,10 +157,10 @@ class Backend(Protocol):
 
     async def queue_length(self) -> int: ...
 
-    async def waiting(self) -> list[Run]:
+    async def waiting(self) -> builtins.list[Run]:
         """The waiting runs, next first, with their queue positions."""
 
-    async def interrupt_oldest(self, by: str, stopping: list[str]) -> str | None:
+    async def interrupt_oldest(self, by: str, stopping: builtins.list[str]) -> str | None:
         """The earliest admitted run holding a slot, not ``by`` and not in ``stopping``, asked to stop for ``by``."""
 
     async def renew(self, run: Run) -> bool:
@@ -168,7 +171,7 @@ class Backend(Protocol):
     def holds(self, token: str) -> bool:
         """Whether this process still holds the slot of ``token`` (not released yet)."""
 
-    async def claim_orphans(self) -> list[Run]:
+    async def claim_orphans(self) -> builtins.list[Run]:
         """Unfinished runs whose holder holds no slot any more (its replica died), claimed for the caller."""
 
     # --- the run store -----------------------------------------------------------------------------------------
@@ -184,9 +187,9 @@ class Backend(Protocol):
 
     async def wait_finished(self, run_id: str, timeout: float) -> Run | None: ...
 
-    async def list(self, page: Page, before: str | None = None) -> list[Run]: ...
+    async def list(self, page: Page, before: str | None = None) -> builtins.list[Run]: ...
 
-    async def logs(self, run_id: str) -> list[bytes] | None: ...
+    async def logs(self, run_id: str) -> builtins.list[bytes] | None: ...
 
     # --- cancel flags ----------------------------------------------------------------------------------------
 

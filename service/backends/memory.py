@@ -7,6 +7,7 @@ step on the event loop: that is all the locking one process needs.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import heapq
 import itertools
 import logging
@@ -63,7 +64,7 @@ class MemoryBackend:
         self.slots = slots
         self.log = log or logging.getLogger("agent_runner")
         self._finished_bytes = 0
-        self.on_cancel: Callable[[str, str | None], None] = lambda run_id, by: None
+        self.on_cancel: Callable[[str, str | None], object] = lambda run_id, by: None
         self.on_work: Callable[[], None] = lambda: None
         self.on_finished: Callable[[Run], None] = lambda run: None  # first terminal save of a run with a webhook
         self.on_not_owed: Callable[[Run, str], None] = lambda run, detail: None
@@ -111,10 +112,10 @@ class MemoryBackend:
     async def renew(self, run: Run) -> bool:
         return False  # never called: renew_interval is None
 
-    async def claim_orphans(self) -> list[Run]:
+    async def claim_orphans(self) -> builtins.list[Run]:
         return []  # one process: no other holder can leave a run behind
 
-    async def interrupt_oldest(self, by: str, stopping: list[str]) -> str | None:
+    async def interrupt_oldest(self, by: str, stopping: builtins.list[str]) -> str | None:
         """The run holding a slot longest, not ``by`` and not stopping; the caller stops it (one process)."""
         skip = {by, *stopping}
         return next((run_id for run_id in self._held.values() if run_id not in skip), None)
@@ -128,7 +129,7 @@ class MemoryBackend:
             return "busy"
         return "full" if len(self._queue) >= queue_max else None
 
-    async def admit(self, run: Run, on_busy: str, queue_max: int, claim: list[Any] | None = None) -> str:
+    async def admit(self, run: Run, on_busy: str, queue_max: int, claim: builtins.list[Any] | None = None) -> str:
         """In one step: start ``run`` on a free slot when nobody waits ("started", ``run.holder`` set),
         else queue it if ``on_busy`` allows and there is room ("queued"), else "busy" or "full".
         ``claim`` is None here: a pending Idempotency-Key is removed only by its own request."""
@@ -170,7 +171,7 @@ class MemoryBackend:
     async def queue_length(self) -> int:
         return len(self._queue)
 
-    async def waiting(self) -> list[Run]:
+    async def waiting(self) -> builtins.list[Run]:
         return list(self._queue)
 
     def _number_queue(self) -> None:
@@ -236,7 +237,7 @@ class MemoryBackend:
             self._finished_bytes += change
             self._trim()
 
-    async def logs(self, run_id: str) -> list[bytes] | None:
+    async def logs(self, run_id: str) -> builtins.list[bytes] | None:
         """The lines the run's agent logged, oldest first; None when the run is not stored."""
         if run_id not in self._runs:
             return None
@@ -256,7 +257,7 @@ class MemoryBackend:
                 pass
         return self._runs.get(run_id)
 
-    async def list(self, page: Page, before: str | None = None) -> list[Run]:
+    async def list(self, page: Page, before: str | None = None) -> builtins.list[Run]:
         """Runs newest first, as many as ``page`` takes; ``before`` starts after that run (it must exist)."""
         skipping = before is not None
         for run in reversed(self._runs.values()):
@@ -329,7 +330,7 @@ class MemoryIdempotencyKeys:
         for key in dropped:
             del self._accepted[key]
 
-    def admit_args(self, key: str, fingerprint: str) -> list[Any] | None:
+    def admit_args(self, key: str, fingerprint: str) -> builtins.list[Any] | None:
         """Nothing for the backend's admit to check: a pending claim here is removed only by its own request."""
         return None
 
@@ -382,7 +383,7 @@ class MemoryDeliveries:
         if retry_in is not None:
             self._push(time.monotonic() + retry_in, delivery)
 
-    def take_all(self) -> list[Delivery]:
+    def take_all(self) -> builtins.list[Delivery]:
         owed = [entry[2] for entry in sorted(self._due)]
         self._due.clear()
         self._bytes = 0

@@ -6,6 +6,7 @@ Imported only when REDIS_URL is set (``open_backend``).
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 import uuid
@@ -55,7 +56,7 @@ class RedisBackend:
         self.health = health
         self.log = log
         self._records = RecordReader(log)
-        self.on_cancel: Callable[[str, str | None], None] = lambda run_id, by: None
+        self.on_cancel: Callable[[str, str | None], object] = lambda run_id, by: None
         self.on_work: Callable[[], None] = lambda: None  # a run was queued or a slot freed, on any replica
         self.on_finished: Callable[[Run], None] = lambda run: None  # a run with a webhook was stored terminal
         self.on_not_owed: Callable[[Run, str], None] = lambda run, detail: None  # its delivery was past the bound
@@ -196,7 +197,7 @@ class RedisBackend:
                 self._lock.forget(token)
             await self._after_finish(run, finished_count, finished_bytes, owed)
 
-    def _finish_call(self, run: Run, token: str) -> tuple[list[str], list[object]]:
+    def _finish_call(self, run: Run, token: str) -> tuple[builtins.list[str], builtins.list[bytes | str | int]]:
         """FINISH_SCRIPT's keys and arguments for ``run``'s terminal state; ``token``: the slot released with it."""
         return ([self.key("run", run.run_id), self.key("finished"), self.key("unfinished"),
                  self.key("cancel", run.run_id), self.key("sizes"), self.key("bytes"), self.key("seq"),
@@ -261,7 +262,7 @@ class RedisBackend:
             if not waiters:
                 del self._waiters[run_id]
 
-    async def list(self, page: Page, before: str | None = None) -> list[Run]:
+    async def list(self, page: Page, before: str | None = None) -> builtins.list[Run]:
         """As MemoryBackend.list; fetches in small batches so a page of large runs stays small in memory."""
         async with self.health.guard():
             top: float | str = "+inf"
@@ -309,7 +310,7 @@ class RedisBackend:
     def refusal(self, on_busy: str, queue_max: int) -> str | None:
         return None  # only the admit script can tell, atomically with the other replicas
 
-    async def admit(self, run: Run, on_busy: str, queue_max: int, claim: list[Any] | None = None) -> str:
+    async def admit(self, run: Run, on_busy: str, queue_max: int, claim: builtins.list[Any] | None = None) -> str:
         """As MemoryBackend.admit, across replicas: one script takes a slot or a place in the queue.
 
         ``claim`` (RedisIdempotencyKeys.admit_args): admit only while the Idempotency-Key is still this
@@ -383,7 +384,7 @@ class RedisBackend:
         async with self.health.guard():
             return await self.client.llen(self.key("queue"))
 
-    async def waiting(self) -> list[Run]:
+    async def waiting(self) -> builtins.list[Run]:
         """The waiting runs, next first, with their queue positions (two round trips)."""
         async with self.health.guard():
             ids = [member.decode() for member in await self.client.lrange(self.key("queue"), 0, -1)]
@@ -396,7 +397,7 @@ class RedisBackend:
                 runs.append(run)
         return runs
 
-    async def logs(self, run_id: str) -> list[bytes] | None:
+    async def logs(self, run_id: str) -> builtins.list[bytes] | None:
         """The lines the run's agent logged, oldest first; None when the run is not stored."""
         async with self.health.guard():
             async with self.client.pipeline(transaction=True) as pipe:
@@ -405,7 +406,7 @@ class RedisBackend:
                 exists, lines = await pipe.execute()
         return lines if exists else None
 
-    async def interrupt_oldest(self, by: str, stopping: list[str]) -> str | None:
+    async def interrupt_oldest(self, by: str, stopping: builtins.list[str]) -> str | None:
         """Ask the earliest admitted run holding a slot, on any replica, to stop for ``by``; skips runs already
         asked to stop (and ``stopping``, this replica's). Returns its id, or None when there is none."""
         async with self.health.guard():
@@ -413,7 +414,7 @@ class RedisBackend:
                                            args=[self.key("cancel", ""), by, self.key("cancel"), *stopping])
         return picked.decode() if picked is not None else None
 
-    async def claim_orphans(self) -> list[Run]:
+    async def claim_orphans(self) -> builtins.list[Run]:
         """Unfinished runs whose holder holds no slot any more, passed atomically to a claim of this call (alive
         for a lock TTL) until their terminal state is stored; a retry after a lost reply answers them again."""
         token = uuid.uuid4().hex
