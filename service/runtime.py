@@ -15,7 +15,6 @@ from service.admission import Admission
 from service.agent_work import RunTrackingExecutor
 from service.backends import Backend, open_backend
 from service.events import EventHub, capture_agent_logs
-from service.logs import log
 from service.runs import Runner
 from service.webhooks import Deliverer, start_delivering
 
@@ -34,7 +33,7 @@ class Runtime:
 async def open_runtime(config: settings.Settings) -> Runtime:
     """Open the backend ``config`` asks for, wire the runner and the event hub to it, and start them."""
     asyncio.get_running_loop().set_default_executor(RunTrackingExecutor(thread_name_prefix="agent-work"))
-    backend = open_backend(config, log)
+    backend = open_backend(config)
     hub = EventHub()
     runner = Runner(backend, hub)
     backend.on_cancel = runner.request_stop

@@ -10,8 +10,10 @@ from settings import Settings
 
 __all__ = ["Backend", "open_backend"]
 
+LOG = logging.getLogger("agent_runner")  # the service's logger (service/logs.py): store_unavailable and such
 
-def open_backend(config: Settings, log: logging.Logger) -> Backend:
+
+def open_backend(config: Settings, log: logging.Logger = LOG) -> Backend:
     """The backend ``config`` asks for: Redis with REDIS_URL, else this process's memory. Not started yet."""
     if config.redis_url:
         from service.backends.redis import open_redis  # redis-py is only imported when it is used

@@ -366,7 +366,7 @@ return id
 
 
 # Renew a slot (lock.RedisRunLock.renew): reset its TTL while it still holds the token. A slot key that is gone (not
-# taken by another token) is taken back, so the fence (redis_scripts.FENCE) keeps others out until every live
+# taken by another token) is taken back, so the fence (FENCE, above) keeps others out until every live
 # holder has its slot again. When the generation is still the one the holder knows, only the key went (deleted,
 # or lost in a failover), and it is taken back while the run is still the holder's in the unfinished index (not
 # claimed as an orphan, not finished); when the generation changed or is gone, Redis lost its data, and the
@@ -409,9 +409,10 @@ return {2, generation, lost}
 """
 
 
-# Idempotency-Keys (redis/idempotency.py). Claim a key. KEYS: the key's hash. ARGV: fingerprint, run_id, pending_ms (how long a pending claim lives),
-# stale_ms, run key prefix. A pending entry whose run does not exist and that is older than stale_ms is taken
-# over. Safe to retry after a lost reply: an entry already holding ARGV[2] is this request's own claim.
+# Idempotency-Keys (idempotency.py). Claim a key. KEYS: the key's hash. ARGV: fingerprint, run_id, pending_ms
+# (how long a pending claim lives), stale_ms, run key prefix. A pending entry whose run does not exist and that
+# is older than stale_ms is taken over. Safe to retry after a lost reply: an entry already holding ARGV[2] is this
+# request's own claim.
 IDEMPOTENCY_CLAIM_SCRIPT = """
 local entry = redis.call('HMGET', KEYS[1], 'fingerprint', 'run_id', 'state')
 if entry[1] and entry[2] ~= ARGV[2] then

@@ -80,7 +80,7 @@ class RedisBackend:
         return ":".join((self.prefix, *parts))
 
     async def start(self) -> None:
-        # The generation (redis_scripts.FENCE): a Redis without one when a slot is given out has lost its data.
+        # The generation (scripts.FENCE): a Redis without one when a slot is given out has lost its data.
         # Unreachable now: the first admission after it is back finds none and waits out the fence (a lock TTL).
         with contextlib.suppress(StoreUnavailable):
             async with self.health.guard():
