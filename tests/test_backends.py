@@ -18,7 +18,7 @@ import pytest
 from conftest import RedisServer
 from service.backends import Backend
 from service.backends.memory import MemoryBackend
-from service.backends.records import Run, utc_now
+from service.backends.records import Frame, Run, utc_now
 
 LOG = logging.getLogger("agent_runner.test_backends")
 Scenario = Callable[[Backend], Awaitable[Any]]
@@ -285,5 +285,48 @@ def test_a_terminal_state_owes_its_webhook_delivery_until_it_is_reported_done(pl
         assert again is not None and (again.run_id, again.attempt) == (run.run_id, 2)
         await deliveries.report(again, None)  # delivered
         assert (await deliveries.claim())[0] is None
+
+    place.run(scenario)
+
+
+# --- the event transport ---------------------------------------------------------------------------------------
+
+class Sink:
+    """An event hub as a transport sees it: what it delivers, and whether it ended every stream."""
+
+    def __init__(self) -> None:
+        self.frames: list[Frame] = []
+        self.ended: list[str] = []
+
+    def deliver(self, frame: Frame) -> None:
+        self.frames.append(frame)
+
+    def end_all(self, reason: str) -> None:
+        self.ended.append(reason)
+
+
+def test_an_event_comes_back_with_an_id_its_log_line_is_kept_and_a_client_resumes_after_it(place: Place) -> None:
+    async def scenario(backend: Backend) -> None:
+        sink = Sink()
+        transport = backend.event_transport(sink)
+        await transport.start()
+        try:
+            assert transport.available
+            run = new_run()
+            await backend.admit(run, "reject", 10)
+            transport.send("run", run.run_id, run.state, run.json())
+            transport.send("log", run.run_id, "", b'{"event":"hello"}')
+            await transport.written(2.0)
+            await transport.flush(2.0)
+            first, second = sink.frames
+            assert (first.kind, second.kind) == ("run", "log") and first.key < second.key
+            assert first.wire.endswith(b"data: " + run.json() + b"\n\n")
+            assert await backend.logs(run.run_id) == [b'{"event":"hello"}']
+            resumed = await transport.first_run_frames(run.run_id, first.key, backend.get)
+            assert resumed is not None and [frame.id for frame in resumed] == [second.id]
+            assert [frame.id for frame in await transport.global_after((0, 0))] == [first.id]  # run events only
+            assert sink.ended == []
+        finally:
+            await transport.stop()
 
     place.run(scenario)
