@@ -24,7 +24,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -44,6 +44,7 @@ SEND_QUEUE_MAX = 10000  # events waiting for the writer; past it new ones are dr
 BATCH = 200  # events per pipeline
 READ_BLOCK_MS = 2000
 RETRY_SECONDS = 0.5
+Entries = list[tuple[bytes, dict[bytes, bytes]]]  # a stream's entries as XRANGE and XREAD answer them
 
 
 class RedisEvents:
@@ -171,12 +172,13 @@ class RedisEvents:
         while True:
             try:
                 if last is None:  # start at the end: what happened before is in the backlogs
-                    newest = await self.reader_client.xrevrange(stream, count=1)
+                    newest = cast(Entries, await self.reader_client.xrevrange(stream, count=1))
                     last = newest[0][0] if newest else b"0-0"
                 elif not self.available:
                     await self.reader_client.ping()
                 self._set_available(True)
-                replies = await self.reader_client.xread({stream: last}, count=1000, block=READ_BLOCK_MS)
+                replies = cast("list[tuple[bytes, Entries]] | None",
+                               await self.reader_client.xread({stream: last}, count=1000, block=READ_BLOCK_MS))
                 for _, entries in replies or ():
                     for entry_id, fields in entries:
                         last = entry_id

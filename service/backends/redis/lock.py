@@ -97,7 +97,7 @@ class RedisRunLock:
 
     def key_of(self, token: str) -> str:
         lock = self._held.get(token)
-        return lock.name if lock is not None else self.keys[0]
+        return str(lock.name) if lock is not None else self.keys[0]
 
     async def renew(self, run: Run) -> bool:
         """Reset the TTL of the slot ``run`` holds; True when its key was gone and was taken back (RENEW_SCRIPT).
@@ -124,7 +124,7 @@ class RedisRunLock:
                 record = b"" if run.finished else run.json()
                 continue
             self._generations[token] = generation.decode()
-            return outcome == 2
+            return bool(outcome == 2)
 
     def forget(self, token: str) -> None:
         self._held.pop(token, None)

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -234,7 +234,8 @@ class RedisBackend:
         if not waiting:
             return
         async with self.health.guard():
-            queue = [member.decode() for member in await self.client.lrange(self.key("queue"), 0, -1)]
+            queue = [member.decode()
+                     for member in cast("list[bytes]", await self.client.lrange(self.key("queue"), 0, -1))]
         positions = {run_id: position for position, run_id in enumerate(queue, 1)}
         for run in waiting:
             run.update(queue_position=positions.get(run.run_id))
@@ -274,12 +275,13 @@ class RedisBackend:
             batch = min(max(page.limit, 10), 50)
             wanted = True
             while wanted:
-                ids = await self.client.zrevrangebyscore(self.key("runs"), top, "-inf", start=0, num=batch,
-                                                         withscores=True)
+                ids = cast("list[tuple[bytes, float]]", await self.client.zrevrangebyscore(
+                    self.key("runs"), top, "-inf", start=0, num=batch, withscores=True))
                 if not ids:
                     break
                 members = [member.decode() for member, _ in ids]
-                records = await self.client.mget([self.key("run", run_id) for run_id in members])
+                records = cast("list[bytes | None]",
+                               await self.client.mget([self.key("run", run_id) for run_id in members]))
                 for run_id, raw in zip(members, records):
                     run = self.read(run_id, raw)
                     if run is not None and not (wanted := page.offer(run)):
@@ -300,7 +302,7 @@ class RedisBackend:
     async def cancel_requested(self, run_id: str) -> tuple[bool, str | None]:
         """Whether a cancel of ``run_id`` was asked for, and by which interrupting run."""
         async with self.health.guard():
-            flag = await self.client.get(self.key("cancel", run_id))
+            flag = cast("bytes | None", await self.client.get(self.key("cancel", run_id)))
         if flag is None:
             return False, None
         return True, None if flag == b"-" else flag.decode(errors="replace")
@@ -387,8 +389,10 @@ class RedisBackend:
     async def waiting(self) -> builtins.list[Run]:
         """The waiting runs, next first, with their queue positions (two round trips)."""
         async with self.health.guard():
-            ids = [member.decode() for member in await self.client.lrange(self.key("queue"), 0, -1)]
-            raws = await self.client.mget([self.key("run", run_id) for run_id in ids]) if ids else []
+            ids = [member.decode()
+                   for member in cast("list[bytes]", await self.client.lrange(self.key("queue"), 0, -1))]
+            raws = cast("list[bytes | None]",
+                        await self.client.mget([self.key("run", run_id) for run_id in ids]) if ids else [])
         runs = []
         for position, (run_id, raw) in enumerate(zip(ids, raws), 1):
             run = self.read(run_id, raw)
@@ -423,7 +427,8 @@ class RedisBackend:
                                        args=[token, int(self._lock.ttl_seconds * 1000), self.key("claim", ""),
                                              *self._lock.tokens()])
             pairs = [(flat[i].decode(), flat[i + 1].decode()) for i in range(0, len(flat), 2)]
-            raws = await self.client.mget([self.key("run", run_id) for run_id, _ in pairs]) if pairs else []
+            raws = cast("list[bytes | None]",
+                        await self.client.mget([self.key("run", run_id) for run_id, _ in pairs]) if pairs else [])
             runs = [self.read(run_id, raw, holder=token) for (run_id, token), raw in zip(pairs, raws)]
             done = [run_id for (run_id, _), run in zip(pairs, runs) if run is None or run.finished]
             if done:  # unreadable, or recorded already: nothing to recover, out of the index
