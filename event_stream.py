@@ -18,8 +18,8 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from http_json import check_uuid, json_response
-from service.backends.records import Run, StoreUnavailable
-from service.events import MAX_STREAMS, EventHub, Frame, Subscriber, parse_event_id
+from service.backends.records import Frame, Run, StoreUnavailable, parse_event_id
+from service.events import MAX_STREAMS, EventHub, Subscriber
 from service.runtime import from_state
 
 HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-store"),

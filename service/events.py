@@ -27,10 +27,8 @@ from collections.abc import Awaitable, Callable
 
 from service import metrics
 from service.backends.base import EventTransport
-from service.backends.records import Frame, Run, encode, parse_event_id
+from service.backends.records import Frame, Run, encode
 from service.logs import LogFormatter, log, log_timestamp
-
-__all__ = ["EventHub", "Frame", "Subscriber", "parse_event_id", "capture_agent_logs"]
 
 CLIENT_MAX_FRAMES = 1000  # frames a client may have waiting while its writer is stuck on a send
 CLIENT_MAX_BYTES = 4 * 1024 * 1024  # bytes of frames a client may have waiting (one frame always fits)

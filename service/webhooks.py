@@ -29,8 +29,6 @@ from service.backends.records import MAX_ATTEMPTS, Run, StoreUnavailable
 from service.logs import log
 from service.webhook_http import WebhookRefused, WebhookUnresolved, check_url, post, resolve
 
-__all__ = ["Deliverer", "Delivery", "MAX_ATTEMPTS", "signature", "start_delivering"]
-
 MAX_PARALLEL = 16  # attempts in flight at once per process; a slow receiver holds one for the timeout at most
 POLL_SECONDS = 1.0  # the queue is looked at this often at least (Redis: other replicas' deliveries, leases)
 REPORT_RETRY_SECONDS = 0.5
