@@ -21,7 +21,7 @@ import sys
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import uvicorn
 from json.encoder import encode_basestring_ascii as json_string
@@ -38,7 +38,7 @@ from event_stream import all_events, run_events, run_logs
 from http_json import (check_idempotency_key, check_uuid, check_webhook_resolves, header, json_response, parse_limit,
                        parse_run_request, parse_wait, read_json, short)
 from http_limits import MAX_CONNECTIONS, LimitedHttpToolsProtocol
-from middleware import AccessLog, BearerAuth
+from middleware import AccessLog, ForwardedClient, RootPath, token_required
 from service import metrics
 from service.backends import Backend
 from service.backends.cancelling import cancel_and_wait
@@ -47,6 +47,7 @@ from service.logs import flush_stdout_regularly, log, log_hot, logging_config, w
 from service.runs import run_fields
 from service.runtime import Runtime, close_runtime, from_state, open_runtime, stop_delivering
 from settings import SETTINGS_TABLE, ConfigError, Settings, load_agent_modules
+from single_process import claim_ports, listening_ports, stop_supervisor
 
 __version__ = "0.1.0"
 
@@ -73,7 +74,7 @@ async def post_run(request: Request) -> Response:
     verdict, run = await runtime.admission.admit(agent_cls, user_id, agent_input, on_busy, webhook)
     if verdict in ("busy", "full"):
         return refuse_run(runtime, verdict, agent_cls, user_id)
-    return accept_run(run.run_id, on_busy, run.queue_position)
+    return accept_run(request, run.run_id, on_busy, run.queue_position)
 
 
 async def post_run_once(request: Request, agent_cls: type[agents.BaseAgent], user_id: str,
@@ -96,7 +97,7 @@ async def post_run_once(request: Request, agent_cls: type[agents.BaseAgent], use
     if verdict == "replayed":
         log.info("run_replayed", extra={"run_id": run_id, "agent_type": agent_cls.agent_type, "user_id": user_id,
                                         "key": key})
-    return accept_run(run_id, on_busy, queue_position, replayed=verdict == "replayed")
+    return accept_run(request, run_id, on_busy, queue_position, replayed=verdict == "replayed")
 
 
 def refuse_run(runtime: Runtime, verdict: str, agent_cls: type[agents.BaseAgent], user_id: str) -> Response:
@@ -108,12 +109,13 @@ def refuse_run(runtime: Runtime, verdict: str, agent_cls: type[agents.BaseAgent]
     return refusal
 
 
-def accept_run(run_id: str, on_busy: str, queue_position: int | None, replayed: bool = False) -> Response:
+def accept_run(request: Request, run_id: str, on_busy: str, queue_position: int | None,
+               replayed: bool = False) -> Response:
     """202 with the run's id (and its place in the queue when the request may queue); a replay says so."""
     body: dict[str, Any] = {"run_id": run_id, "state": "PENDING"}
     if on_busy != "reject":
         body["queue_position"] = queue_position
-    headers = {"Location": f"/agents/status/{run_id}"}
+    headers = {"Location": f"{request.scope.get('root_path', '')}/agents/status/{run_id}"}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
     return json_response(body, 202, headers=headers)
@@ -194,18 +196,26 @@ OPENAPI_YAML = (HERE / "openapi.yaml").read_bytes()  # read at start: the spec s
 
 
 @functools.cache
-def openapi_document() -> bytes:
-    """/openapi.json: openapi.yaml as JSON (one source, two forms), parsed on its first request, not at start."""
+def openapi_document(root_path: str) -> bytes:
+    """/openapi.json: openapi.yaml as JSON (one source, two forms), parsed on its first request, not at start.
+
+    Behind a path prefix its ``servers`` name the prefix, so generated clients and /docs call the service there.
+    """
     from yaml_reader import read_yaml
 
-    return json.dumps(read_yaml(OPENAPI_YAML.decode()), separators=(",", ":"), allow_nan=False).encode()
+    document = read_yaml(OPENAPI_YAML.decode())
+    if root_path:
+        document["servers"] = [{"url": root_path}]
+    return json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
 
 
 # /docs loads exactly swagger-ui-dist settings.SWAGGER_UI_VERSION: the browser checks each file's hash
 # (Subresource Integrity), so a file changed at the CDN, or another version, is refused rather than run.
 SWAGGER_UI_CSS_SRI = "sha384-WlYgdmXYOOBWL5apwjDEZwN+U3HmXSSu5R6V5aGxEcf7z+KuRNwBhoxKVN1i3D5I"
 SWAGGER_UI_JS_SRI = "sha384-gjRm0bEPMeTmMh5jT2cHccIwCUZSTd8YC+j0d0sXw0MdGEfScduGpSyF3ZSSLkX9"
-DOCS_SCRIPT = 'window.ui = SwaggerUIBundle({url: "/openapi.yaml", dom_id: "#swagger-ui", validatorUrl: null});'
+# The spec's URL (with the root path) comes from the page's markup, so the script, and its hash, never change.
+DOCS_SCRIPT = ('window.ui = SwaggerUIBundle({url: document.getElementById("swagger-ui").dataset.spec, '
+               'dom_id: "#swagger-ui", validatorUrl: null});')
 DOCS_SCRIPT_HASH = "'sha256-" + base64.b64encode(hashlib.sha256(DOCS_SCRIPT.encode()).digest()).decode() + "'"
 
 DOCS_PAGE = """<!doctype html>
@@ -216,7 +226,7 @@ DOCS_PAGE = """<!doctype html>
   <link rel="stylesheet" href="{assets}/swagger-ui.css" integrity="{css_sri}" crossorigin="anonymous">
 </head>
 <body>
-  <div id="swagger-ui"></div>
+  <div id="swagger-ui" data-spec="{spec}"></div>
   <script src="{assets}/swagger-ui-bundle.js" integrity="{js_sri}" crossorigin="anonymous"></script>
   <script>{script}</script>
 </body>
@@ -237,13 +247,14 @@ async def openapi_spec(request: Request) -> Response:
 
 
 async def openapi_json(request: Request) -> Response:
-    return json_response(openapi_document())
+    return json_response(openapi_document(request.scope.get("root_path", "")))
 
 
 async def docs(request: Request) -> Response:
     assets = settings.current.docs_assets_url
+    spec = request.scope.get("root_path", "") + "/openapi.json"  # its servers carry the root path
     page = DOCS_PAGE.format(assets=html.escape(assets), css_sri=SWAGGER_UI_CSS_SRI, js_sri=SWAGGER_UI_JS_SRI,
-                            script=DOCS_SCRIPT)
+                            script=DOCS_SCRIPT, spec=html.escape(spec))
     return HTMLResponse(page, headers={"Content-Security-Policy": docs_policy(assets)})
 
 
@@ -284,6 +295,8 @@ async def watch_event_loop(runtime: Runtime, interval: float = 0.25) -> None:
 
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    if not settings.current.redis_url:
+        refuse_second_memory_process()
     runtime = app.state.runtime = await open_runtime(settings.current)
     log.info("service_started", extra={
         "version": __version__, "store": runtime.backend.name, "agent_types": sorted(agents.registry),
@@ -302,15 +315,24 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         sys.stdout.flush()
 
 
-routes = [  # the router tries them in order: the busiest first
-    Route("/agents/status/{run_id}", get_status, methods=["GET"]),
-    Route("/agents/run", post_run, methods=["POST"]),
-    Route("/agents", list_agents, methods=["GET"]),
-    Route("/agents/cancel/{run_id}", cancel_run, methods=["POST"]),
-    Route("/agents/runs", list_runs, methods=["GET"]),
-    Route("/agents/events", all_events, methods=["GET"]),
-    Route("/agents/events/{run_id}", run_events, methods=["GET"]),
-    Route("/agents/logs/{run_id}", run_logs, methods=["GET"]),
+def refuse_second_memory_process() -> None:
+    """Memory mode: exit 2 when another process on this host serves the port this worker was handed."""
+    taken = claim_ports(listening_ports())
+    if taken is not None:
+        refuse_to_start("REDIS_URL", f"memory mode runs in one process, and another process on this host already "
+                                     f"serves port {taken} in memory mode (several workers, or --reuse-port); "
+                                     "run one worker, or set REDIS_URL to share the slots between processes")
+
+
+routes = [  # the router tries them in order: the busiest first; every /agents route needs the API token
+    token_required(Route("/agents/status/{run_id}", get_status, methods=["GET"])),
+    token_required(Route("/agents/run", post_run, methods=["POST"])),
+    token_required(Route("/agents", list_agents, methods=["GET"])),
+    token_required(Route("/agents/cancel/{run_id}", cancel_run, methods=["POST"])),
+    token_required(Route("/agents/runs", list_runs, methods=["GET"])),
+    token_required(Route("/agents/events", all_events, methods=["GET"])),
+    token_required(Route("/agents/events/{run_id}", run_events, methods=["GET"])),
+    token_required(Route("/agents/logs/{run_id}", run_logs, methods=["GET"])),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/metrics", metrics_page, methods=["GET"]),
@@ -326,8 +348,9 @@ app = Starlette(
     lifespan=lifespan,
 )
 app.router.redirect_slashes = False  # its redirects take their host from the Host header: /metrics/ is a 404
-app.add_middleware(BearerAuth)
-app.add_middleware(AccessLog)
+app.add_middleware(AccessLog)  # added last is outermost: the log line sees the client and path set below
+app.add_middleware(RootPath)
+app.add_middleware(ForwardedClient)
 
 
 # ---------------------------------------------------------------------------
@@ -382,8 +405,16 @@ def configure(env: Mapping[str, str] = os.environ) -> None:
         logging.config.dictConfig(process_logging_config())
         load_agent_modules(settings.current.agent_modules)
     except ConfigError as exc:
-        log.error("invalid_configuration", extra={"variable": exc.variable, "detail": exc.detail})
-        sys.exit(2)
+        refuse_to_start(exc.variable, exc.detail)
+
+
+def refuse_to_start(variable: str, detail: str) -> NoReturn:
+    """Log ``invalid_configuration`` and exit 2; a launcher's worker also stops its supervisor."""
+    log.error("invalid_configuration", extra={"variable": variable, "detail": detail})
+    write_hot_lines()
+    sys.stdout.flush()
+    stop_supervisor()
+    os._exit(2)  # from the lifespan too, where uvicorn would take SystemExit for a failed startup (exit 3)
 
 
 def process_logging_config() -> dict[str, Any]:
@@ -416,6 +447,8 @@ def main() -> None:
         port=settings.current.port,
         log_config=process_logging_config(),
         access_log=False,
+        proxy_headers=False,  # the app applies FORWARDED_ALLOW_IPS itself (ForwardedClient), under every launcher
+        timeout_keep_alive=settings.current.keepalive_seconds,
         loop="uvloop",
         http=LimitedHttpToolsProtocol,  # httptools, with a cap on header size and time (http_limits.py)
         limit_concurrency=MAX_CONNECTIONS,
@@ -428,3 +461,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+else:  # uvicorn, gunicorn, hypercorn (and tests) import the app: the same settings, logs and checks
+    configure()

@@ -21,6 +21,7 @@ import signal
 import socket
 import sys
 import tempfile
+from types import FrameType
 from typing import Any
 
 _claims: list[Any] = []  # sockets or locked files, held until the process ends
@@ -100,7 +101,7 @@ def stop_supervisor() -> None:
 
 def in_gunicorn_worker() -> bool:
     """Whether this code runs inside a gunicorn worker (its ``init_process`` is on the stack)."""
-    frame = sys._getframe()
+    frame: FrameType | None = sys._getframe()
     while frame is not None:
         if frame.f_code.co_name == "init_process" and "gunicorn" in frame.f_code.co_filename:
             return True
