@@ -74,6 +74,7 @@ async def post_run(request: Request) -> Response:
     verdict, run = await runtime.admission.admit(agent_cls, user_id, agent_input, on_busy, webhook)
     if verdict in ("busy", "full"):
         return refuse_run(runtime, verdict, agent_cls, user_id)
+    assert run is not None  # accepted: started or queued
     return accept_run(request, run.run_id, on_busy, run.queue_position)
 
 
