@@ -53,6 +53,7 @@ def test_openapi_json_is_openapi_yaml_as_json_and_needs_no_token(tmp_path: Path)
         server.stop()
     assert as_json.status_code == 200
     assert as_json.headers["content-type"] == "application/json"
+    assert as_json.content == (HERE / "openapi.json").read_bytes()  # the committed file, as it was at start
     assert as_json.json() == yaml.safe_load(as_yaml.content)
     validate(as_json.json())
     assert as_json.json()["paths"]["/openapi.json"]["get"]["security"] == []
