@@ -23,6 +23,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 TESTS = HERE / "tests"  # the fixture agents (AGENT_MODULES=fixture_agents) live here
+DOCS = HERE / "docs"  # the documentation pages; drift tests read their tables and snippets
 TERMINAL = {"DONE", "ERROR", "CANCELLED"}
 # One TLS context for every test client: httpx loads the CA bundle anew for each client it makes without one,
 # about 50 ms of CPU each time (the servers here speak plain HTTP, so it is never used).
