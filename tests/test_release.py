@@ -199,15 +199,30 @@ def test_default_permissions_are_read_only(name: str) -> None:
     assert load(name)["permissions"] == {"contents": "read"}
 
 
-def test_only_push_sign_and_release_may_write_and_only_what_each_needs() -> None:
+def test_only_push_sign_release_and_pages_may_write_and_only_what_each_needs() -> None:
     writes = {name: {scope for scope, level in job.get("permissions", {}).items() if level == "write"}
               for name, job in load("release.yml")["jobs"].items()}
     assert {name: scopes for name, scopes in writes.items() if scopes} == {
         "push": {"packages"},
         "sign": {"packages", "id-token"},
         "release": {"contents"},
+        "pages": {"pages", "id-token"},
     }
     assert not any("permissions" in job for job in load("ci.yml")["jobs"].values())
+
+
+def test_the_docs_site_is_built_strictly_after_the_release_and_published_to_pages() -> None:
+    jobs = load("release.yml")["jobs"]
+    build_job, _, build = find_step(jobs, lambda step: runs(step, "mkdocs build"))
+    assert "mkdocs build --strict" in build["run"]
+    assert "grep '^mkdocs-material==' requirements-dev.txt" in build["run"]  # the version the tests build with
+    [upload] = steps_of(jobs[build_job], lambda step: action(step, "actions/upload-pages-artifact"))
+    site = build["run"].split("--site-dir ", 1)[1].split()[0].strip('"')
+    assert upload["with"]["path"] == site.replace("$RUNNER_TEMP", "${{ runner.temp }}")
+    deploy_job, _, _ = find_step(jobs, lambda step: action(step, "actions/deploy-pages"))
+    assert needs(jobs[deploy_job]) == [build_job] and jobs[deploy_job]["environment"]["name"] == "github-pages"
+    assert "release" in upstream(jobs, build_job)  # the docs of a release, published once it is
+    assert jobs[build_job]["if"] == "github.event_name == 'push'"
 
 
 @pytest.mark.parametrize("name", ["ci.yml", "release.yml"])
