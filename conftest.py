@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import importlib.util
 import json
 import os
 import shutil
@@ -33,6 +34,15 @@ TLS = httpx.create_ssl_context()
 def product_modules() -> list[Path]:
     """The service's own modules: every .py at the root but the tests."""
     return sorted(path for path in HERE.glob("*.py") if not path.name.startswith("test_") and path.name != "conftest.py")
+
+
+def load_script(path: Path) -> Any:
+    """A script that is not on the import path (.ci/, tools/), loaded as a module named after its file."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -12,17 +11,13 @@ from typing import Any
 
 import yaml
 
-from conftest import HERE
+from conftest import HERE, load_script
 
 SCRIPT = HERE / "tools" / "openapi_json.py"
 
 
 def generator() -> Any:
-    spec = importlib.util.spec_from_file_location("openapi_json", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def test_the_committed_openapi_json_is_what_the_script_generates_from_openapi_yaml() -> None:

@@ -4,7 +4,6 @@ the changelog, and .ci/release.py, which the workflow runs to check the tag and 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import re
 import shutil
@@ -15,6 +14,8 @@ from typing import Any, Callable
 
 import pytest
 import yaml
+
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / ".github" / "workflows"
@@ -70,11 +71,7 @@ def release_script(*args: str, stdin: str = "", script: Path = RELEASE_SCRIPT) -
 
 
 def release_module() -> Any:
-    spec = importlib.util.spec_from_file_location("release", RELEASE_SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(RELEASE_SCRIPT)
 
 
 def steps_of(job: dict[str, Any], matches: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
