@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import importlib.util
 import json
@@ -61,9 +62,14 @@ def log_time(line: dict[str, Any]) -> float:
 
 
 class ServerProcess:
-    """``python agent_runner.py`` on a free port, with its stdout kept in a file."""
+    """``python agent_runner.py`` on a free port, with its stdout kept in a file.
 
-    def __init__(self, log_path: Path, port: int | None = None, **env: str) -> None:
+    ``command`` starts it another way (``{port}`` in it is replaced); ``stderr_path`` keeps stderr apart (a
+    launcher's supervisor writes its own lines there).
+    """
+
+    def __init__(self, log_path: Path, port: int | None = None, *, command: list[str] | None = None,
+                 stderr_path: Path | None = None, **env: str) -> None:
         self.port = port or free_port()  # a given port: a server that comes back where clients knew it
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -73,8 +79,11 @@ class ServerProcess:
                     "AGENT_MODULES": "fixture_agents", "AGENT_SLEEP_SECONDS": "0.2", "PYTHONPATH": str(TESTS),
                     **env}
         self._log_file = open(log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "agent_runner.py"], cwd=HERE, env=full_env,
-                                     stdout=self._log_file, stderr=subprocess.STDOUT)
+        self._stderr_file = open(stderr_path, "wb") if stderr_path is not None else None
+        argv = [part.replace("{port}", str(self.port)) for part in command or [sys.executable, "agent_runner.py"]]
+        # a launcher in a session of its own: stop() ends its workers too, even when it is killed
+        self.proc = subprocess.Popen(argv, cwd=HERE, env=full_env, stdout=self._log_file,
+                                     stderr=self._stderr_file or subprocess.STDOUT, start_new_session=bool(command))
         self.client = httpx.Client(base_url=self.url, timeout=30, verify=TLS)
         self._wait_until_up()
 
@@ -146,8 +155,13 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             code = self.proc.wait()
+        if self.proc.args[:2] != [sys.executable, "agent_runner.py"]:  # a launcher: its workers too
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
         self.client.close()
         self._log_file.close()
+        if self._stderr_file is not None:
+            self._stderr_file.close()
         return code
 
 

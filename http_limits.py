@@ -101,7 +101,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         if self.head_size <= MAX_HEADER_BYTES:
             self._end_head()
-            self.scope["agent_runner.abort"] = self.transport.abort  # an event stream drops a client that lags
+            extensions: dict[str, Any] = self.scope  # type: ignore[assignment]  # a key of ours beside the ASGI ones
+            extensions["agent_runner.abort"] = self.transport.abort  # an event stream drops a client that lags
             super().on_headers_complete()
             return
         self._refuse("headers_too_large")

@@ -313,7 +313,7 @@ def test_docs_page_loads_swagger_ui_for_the_spec(start_server) -> None:
     srv = start_server(DOCS_ASSETS_URL="http://127.0.0.1:9/swagger/")
     response = srv.client.get("/docs")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
-    assert "/openapi.yaml" in response.text
+    assert 'data-spec="/openapi.json"' in response.text
     assert 'src="http://127.0.0.1:9/swagger/swagger-ui-bundle.js"' in response.text
     assert 'href="http://127.0.0.1:9/swagger/swagger-ui.css"' in response.text
 

@@ -1,0 +1,250 @@
+"""Every supported launcher reads the same settings, logs the same JSON lines and keeps the same guarantees.
+
+``python agent_runner.py``, ``uvicorn agent_runner:app`` (also with ``--root-path`` and ``--workers``),
+``gunicorn -k uvicorn.workers.UvicornWorker agent_runner:app`` and ``hypercorn agent_runner:app``: each
+needs the API token on every /agents route whatever the path prefix, writes ``service_started`` as a JSON
+line, admits exactly one run from a burst on new connections, and stops with exit 2 on a bad setting. In
+memory mode a second process serving the same port refuses to start.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import HERE, TESTS, RedisServer, ServerProcess, free_port, require_redis_server
+
+TOKEN = "launcher-test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+LAUNCHERS: dict[str, list[str]] = {
+    "python": [sys.executable, "agent_runner.py"],
+    "uvicorn": [sys.executable, "-m", "uvicorn", "agent_runner:app", "--host", "127.0.0.1", "--port", "{port}"],
+    "gunicorn": [sys.executable, "-m", "gunicorn", "-k", "uvicorn.workers.UvicornWorker", "-w", "1",
+                 "-b", "127.0.0.1:{port}", "agent_runner:app"],
+    "hypercorn": [sys.executable, "-m", "hypercorn", "-b", "127.0.0.1:{port}", "agent_runner:app"],
+}
+WORKERS = {  # the same launchers with two worker processes
+    "uvicorn": LAUNCHERS["uvicorn"] + ["--workers", "2"],
+    "gunicorn": [part if part != "1" else "2" for part in LAUNCHERS["gunicorn"]],
+    "hypercorn": LAUNCHERS["hypercorn"] + ["--workers", "2"],
+}
+
+
+def launch(tmp_path: Path, name: str, command: list[str], port: int | None = None, **env: str) -> ServerProcess:
+    return ServerProcess(tmp_path / f"{name}.log", port, command=command, stderr_path=tmp_path / f"{name}.err",
+                         PYTHONPATH=str(TESTS), **env)
+
+
+def request(port: int, method: str, path: str, headers: dict[str, str] | None = None,
+            body: dict[str, Any] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One request on a new connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        payload = json.dumps(body).encode() if body is not None else None
+        all_headers = {**(headers or {}), **({"Content-Type": "application/json"} if payload else {})}
+        conn.request(method, path, body=payload, headers=all_headers)
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+def burst(port: int, prefix: str, count: int = 30) -> list[int]:
+    """``count`` POST /agents/run at once, each on a connection of its own; their statuses."""
+    def post(_: int) -> int:
+        return request(port, "POST", f"{prefix}/agents/run", AUTH,
+                       {"agent_type": "sleeper", "user_id": str(uuid.uuid4()), "input": {"seconds": 3}})[0]
+
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(post, range(count)))
+
+
+def running(port: int, prefix: str) -> int:
+    status, _, body = request(port, "GET", f"{prefix}/agents/runs?state=RUNNING", AUTH)
+    assert status == 200, body
+    return len(json.loads(body)["runs"])
+
+
+def stdout_lines(server: ServerProcess) -> list[dict[str, Any]]:
+    """Every line the service wrote on stdout, each parsed as JSON (a line that is not JSON fails the test)."""
+    return [json.loads(line) for line in server.log_path.read_text().splitlines() if line.strip()]
+
+
+def wait_exit(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{proc.args} did not exit within {timeout} s")
+
+
+CASES = [(name, prefix, "") for name in LAUNCHERS for prefix in ("", "/runner")] + [("uvicorn", "", "/runner")]
+
+
+@pytest.mark.parametrize(("launcher", "root_path", "server_root_path"), CASES,
+                         ids=[f"{n}{'-ROOT_PATH' if p else ''}{'-root-path-flag' if f else ''}" for n, p, f in CASES])
+def test_launcher_keeps_the_token_the_json_logs_and_one_agent(tmp_path: Path, launcher: str, root_path: str,
+                                                              server_root_path: str) -> None:
+    command = LAUNCHERS[launcher] + (["--root-path", server_root_path] if server_root_path else [])
+    env = {"ROOT_PATH": root_path} if root_path else {}
+    server = launch(tmp_path, launcher, command, API_TOKEN=TOKEN, **env)
+    prefix = root_path  # uvicorn --root-path expects a proxy that strips the prefix: requests come without it
+    link_prefix = root_path or server_root_path  # the prefix links carry
+    try:
+        for path in ("/agents", "/agents/runs", f"/agents/status/{uuid.uuid4()}", f"/agents/events/{uuid.uuid4()}"):
+            # without the token, refused under the prefix and (for a proxy that passes the path on) without it
+            assert request(server.port, "GET", path)[0] == 401, path
+            if root_path:
+                assert request(server.port, "GET", prefix + path)[0] == 401, prefix + path
+        assert request(server.port, "POST", f"{prefix}/agents/run", body={"agent_type": "sleeper"})[0] == 401
+        assert request(server.port, "GET", f"{prefix}/agents", AUTH)[0] == 200
+        assert request(server.port, "GET", f"{prefix}/healthz")[0] == 200  # no token needed
+
+        statuses = burst(server.port, prefix)
+        assert sorted(statuses) == [202] + [409] * 29, statuses
+        assert running(server.port, prefix) == 1
+
+        status, headers, body = request(server.port, "POST", f"{prefix}/agents/run",
+                                        {**AUTH, "Idempotency-Key": str(uuid.uuid4())},
+                                        {"agent_type": "sleeper", "user_id": str(uuid.uuid4()),
+                                         "on_busy": "enqueue"})
+        assert status == 202, body
+        assert headers["location"] == f"{link_prefix}/agents/status/{json.loads(body)['run_id']}"
+
+        lines = stdout_lines(server)
+        started = [line for line in lines if line["event"] == "service_started"]
+        assert len(started) == 1 and started[0]["store"] == "memory"
+        requests = [line for line in lines if line["event"] == "http_request"]
+        assert requests and all(line["client"] == "127.0.0.1" for line in requests)
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("launcher", ["python", "uvicorn", "gunicorn", "hypercorn"])
+def test_a_bad_setting_stops_the_launcher_with_exit_2(tmp_path: Path, launcher: str) -> None:
+    argv = [part.replace("{port}", str(free_port())) for part in LAUNCHERS[launcher]]
+    # Supervisors pass on their own status, not the app's: gunicorn loads the app in the arbiter with --preload,
+    # hypercorn serves from its own process with --workers 0 (its supervisor exits 0 whatever its worker did).
+    argv[-1:-1] = {"gunicorn": ["--preload"], "hypercorn": ["--workers", "0"]}.get(launcher, [])
+    done = subprocess.run(argv, cwd=HERE, capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "MAX_CONCURRENT_RUNS": "many", "PYTHONPATH": str(TESTS)})
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    refusals = [json.loads(line) for line in done.stdout.splitlines() if '"invalid_configuration"' in line]
+    assert refusals and refusals[0]["variable"] == "MAX_CONCURRENT_RUNS"
+
+
+@pytest.mark.parametrize("launcher", ["uvicorn", "gunicorn", "hypercorn"])
+def test_a_bad_setting_stops_every_worker_of_a_supervisor(tmp_path: Path, launcher: str) -> None:
+    argv = [part.replace("{port}", str(free_port())) for part in WORKERS[launcher]]
+    with open(tmp_path / "out", "wb") as out:
+        proc = subprocess.Popen(argv, cwd=HERE, stdout=out, stderr=subprocess.STDOUT,
+                                env={"PATH": "/usr/bin:/bin", "ON_BUSY": "sometimes", "PYTHONPATH": str(TESTS)})
+        wait_exit(proc)
+    output = (tmp_path / "out").read_text()
+    refusals = [json.loads(line) for line in output.splitlines() if '"invalid_configuration"' in line]
+    assert refusals and refusals[0]["variable"] == "ON_BUSY", output
+
+
+@pytest.mark.parametrize("launcher", ["uvicorn", "gunicorn", "hypercorn"])
+def test_memory_mode_refuses_a_second_worker_process(tmp_path: Path, launcher: str) -> None:
+    argv = [part.replace("{port}", str(free_port())) for part in WORKERS[launcher]]
+    with open(tmp_path / "out", "wb") as out:
+        proc = subprocess.Popen(argv, cwd=HERE, stdout=out, stderr=subprocess.STDOUT,
+                                env={"PATH": "/usr/bin:/bin", "AGENT_MODULES": "fixture_agents",
+                                     "PYTHONPATH": str(TESTS)})
+        wait_exit(proc)
+    output = (tmp_path / "out").read_text()
+    refusals = [json.loads(line) for line in output.splitlines() if '"invalid_configuration"' in line]
+    assert refusals, output
+    assert refusals[0]["variable"] == "REDIS_URL" and "one process" in refusals[0]["detail"]
+    assert "exited with code 2" in output if launcher == "gunicorn" else True  # the refused worker's status
+
+
+def test_a_second_memory_mode_process_on_the_same_port_is_refused_with_exit_2(tmp_path: Path) -> None:
+    """Two single-worker launchers sharing one port (gunicorn --reuse-port twice): the second exits 2."""
+    port = free_port()
+    argv = [part.replace("{port}", str(port)) for part in LAUNCHERS["gunicorn"]] + ["--reuse-port"]
+    first = launch(tmp_path, "first", argv, port)
+    try:
+        with open(tmp_path / "second", "wb") as out:
+            second = subprocess.Popen(argv, cwd=HERE, stdout=out, stderr=subprocess.STDOUT,
+                                      env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(TESTS)})
+            wait_exit(second)
+        output = (tmp_path / "second").read_text()
+        refusals = [json.loads(line) for line in output.splitlines() if '"invalid_configuration"' in line]
+        assert refusals and refusals[0]["variable"] == "REDIS_URL", output
+        assert "Worker (pid" in output and "exited with code 2" in output
+    finally:
+        first.stop()
+
+
+@pytest.mark.parametrize("launcher", ["uvicorn", "gunicorn", "hypercorn"])
+def test_redis_mode_with_two_workers_runs_one_agent(tmp_path: Path, redis_server: RedisServer, launcher: str) -> None:
+    server = launch(tmp_path, launcher, WORKERS[launcher], API_TOKEN=TOKEN, REDIS_URL=redis_server.url,
+                    REDIS_PREFIX=f"test-{uuid.uuid4().hex[:8]}")
+    try:
+        deadline = time.monotonic() + 15  # both workers up: each wrote service_started
+        while len([line for line in stdout_lines(server) if line["event"] == "service_started"]) < 2:
+            assert time.monotonic() < deadline, server.log_path.read_text()
+            time.sleep(0.05)
+        statuses = burst(server.port, "")
+        assert sorted(statuses) == [202] + [409] * 29, statuses
+        assert running(server.port, "") == 1
+    finally:
+        server.stop()
+
+
+def test_idle_keep_alive_connections_close_after_keepalive_seconds(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "server.log", KEEPALIVE_SECONDS="0.5")
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.settimeout(5)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+            opened = time.monotonic()
+            assert sock.recv(4096) == b""  # the server closed the idle connection
+            assert 0.3 < time.monotonic() - opened < 3
+    finally:
+        server.stop()
+
+
+def test_forwarded_for_is_trusted_only_from_forwarded_allow_ips(tmp_path: Path) -> None:
+    forged = {"X-Forwarded-For": "203.0.113.7"}
+    untrusting = ServerProcess(tmp_path / "untrusting.log")
+    trusting = ServerProcess(tmp_path / "trusting.log", FORWARDED_ALLOW_IPS="127.0.0.1")
+    try:
+        for server in (untrusting, trusting):
+            assert request(server.port, "GET", "/healthz", forged)[0] == 200
+    finally:
+        untrusting.stop()
+        trusting.stop()
+    clients = {server: [line["client"] for line in server.events("http_request") if line["path"] == "/healthz"]
+               for server in (untrusting, trusting)}
+    assert clients[untrusting] == ["127.0.0.1"] * len(clients[untrusting]) and clients[untrusting]
+    assert clients[trusting][-1] == "203.0.113.7"
+
+
+def require_launcher_packages() -> None:
+    for module in ("gunicorn", "hypercorn"):
+        try:
+            __import__(module)
+        except ImportError:
+            from conftest import missing_tool
+            missing_tool(module, "pip install -r requirements-dev.txt")
+
+
+@pytest.fixture(autouse=True)
+def _launchers_installed(request: pytest.FixtureRequest) -> None:
+    require_launcher_packages()
+    if "redis_server" in request.fixturenames:
+        require_redis_server()
