@@ -1,4 +1,4 @@
-"""agent-runner: an HTTP service that runs one agent at a time.
+"""agent-runner: an HTTP service that runs at most N agents at once (one by default).
 
 This module is the HTTP surface: the handlers, the routes and the app, and
 ``python agent_runner.py``. One run's path from PENDING to its terminal state
@@ -422,8 +422,9 @@ def parse_args(argv: list[str]) -> None:
                       for name, default, meaning in SETTINGS_TABLE)
     parser = argparse.ArgumentParser(
         prog="agent_runner.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="agent-runner: an HTTP service that runs one agent at a time.",
-        epilog=f"Configuration comes from the environment:\n{table}")
+        description="agent-runner: an HTTP service that runs at most MAX_CONCURRENT_RUNS agents at once.",
+        epilog=f"Configuration comes from the environment (also under uvicorn, gunicorn and hypercorn, which\n"
+               f"import agent_runner:app; HOST, PORT and KEEPALIVE_SECONDS are this launcher's own):\n{table}")
     parser.add_argument("--version", action="version", version=f"agent-runner {__version__}")
     parser.parse_args(argv)
 
