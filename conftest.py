@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import importlib.util
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 TESTS = HERE / "tests"  # the fixture agents (AGENT_MODULES=fixture_agents) live here
+DOCS = HERE / "docs"  # the documentation pages; drift tests read their tables and snippets
 TERMINAL = {"DONE", "ERROR", "CANCELLED"}
 # One TLS context for every test client: httpx loads the CA bundle anew for each client it makes without one,
 # about 50 ms of CPU each time (the servers here speak plain HTTP, so it is never used).
@@ -39,6 +41,15 @@ def product_modules() -> list[Path]:
 def module_name(path: Path) -> str:
     """A product module as the Dockerfile and the README name it: its path from the root."""
     return path.relative_to(HERE).as_posix()
+
+
+def load_script(path: Path) -> Any:
+    """A script that is not on the import path (.ci/, tools/), loaded as a module named after its file."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:
