@@ -330,3 +330,19 @@ def _launchers_installed(request: pytest.FixtureRequest) -> None:
     require_launcher_packages()
     if "redis_server" in request.fixturenames:
         require_redis_server()
+
+
+def test_methods_the_service_does_not_know_share_one_metrics_label(tmp_path: Path) -> None:
+    """hypercorn's parser (h11) lets any method token through: each must not become a series of its own."""
+    server = launch(tmp_path, "hypercorn", LAUNCHERS["hypercorn"])
+    try:
+        for number in range(5):
+            with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                sock.sendall(f"M{number:05d} /agents HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+                sock.settimeout(5)
+                assert sock.recv(4096).startswith(b"HTTP/1.1 ")
+        metrics = request(server.port, "GET", "/metrics")[2].decode()
+    finally:
+        server.stop()
+    assert 'method="M0' not in metrics
+    assert 'method="other"' in metrics
