@@ -47,7 +47,8 @@ from service.logs import flush_stdout_regularly, log, log_hot, logging_config, w
 from service.runs import run_fields
 from service.runtime import Runtime, close_runtime, from_state, open_runtime, stop_delivering
 from settings import SETTINGS_TABLE, ConfigError, Settings, load_agent_modules
-from single_process import claim_ports, listening_ports, stop_supervisor
+import single_process
+from single_process import claim_server_sockets, refusal_exit_status
 
 __version__ = "0.1.0"
 
@@ -295,7 +296,7 @@ async def watch_event_loop(runtime: Runtime, interval: float = 0.25) -> None:
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     if not settings.current.redis_url:
-        refuse_second_memory_process()
+        await refuse_second_memory_process()
     runtime = app.state.runtime = await open_runtime(settings.current)
     log.info("service_started", extra={
         "version": __version__, "store": runtime.backend.name, "agent_types": sorted(agents.registry),
@@ -314,13 +315,19 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         sys.stdout.flush()
 
 
-def refuse_second_memory_process() -> None:
-    """Memory mode: exit 2 when another process on this host serves the port this worker was handed."""
-    taken = claim_ports(listening_ports())
+async def refuse_second_memory_process() -> None:
+    """Memory mode: refuse to start when another process on this host serves the socket this worker was handed.
+
+    A holder that is stopping (the old worker of a graceful reload) is waited for, as long as it may drain.
+    """
+    taken = await claim_server_sockets(settings.current.shutdown_grace_seconds + STOP_MARGIN_SECONDS)
     if taken is not None:
         refuse_to_start("REDIS_URL", f"memory mode runs in one process, and another process on this host already "
-                                     f"serves port {taken} in memory mode (several workers, or --reuse-port); "
+                                     f"serves {taken} in memory mode (several workers, or --reuse-port); "
                                      "run one worker, or set REDIS_URL to share the slots between processes")
+
+
+STOP_MARGIN_SECONDS = 5.0  # beyond the grace: how long a stopping process may take to record and exit
 
 
 routes = [  # the router tries them in order: the busiest first; every /agents route needs the API token
@@ -408,12 +415,11 @@ def configure(env: Mapping[str, str] = os.environ) -> None:
 
 
 def refuse_to_start(variable: str, detail: str) -> NoReturn:
-    """Log ``invalid_configuration`` and exit 2; a launcher's worker also stops its supervisor."""
+    """Log ``invalid_configuration`` and exit 2 (3 in a worker of uvicorn or gunicorn: they stop on it)."""
     log.error("invalid_configuration", extra={"variable": variable, "detail": detail})
     write_hot_lines()
     sys.stdout.flush()
-    stop_supervisor()
-    os._exit(2)  # from the lifespan too, where uvicorn would take SystemExit for a failed startup (exit 3)
+    os._exit(refusal_exit_status())  # from the lifespan too, where uvicorn would take SystemExit for exit 3
 
 
 def process_logging_config() -> dict[str, Any]:
@@ -441,6 +447,7 @@ def main() -> None:
     if sys.argv[1:]:  # argparse only for --help or --version: most starts have no arguments
         parse_args(sys.argv[1:])
     configure()
+    single_process.binds_own_socket = True  # nothing else can serve the socket uvicorn binds below
     config = uvicorn.Config(
         app,
         host=settings.current.host,

@@ -111,6 +111,10 @@ class ServerProcess:
             time.sleep(0.005)
         raise RuntimeError(f"server did not start:\n{self.log_path.read_text()}")
 
+    def stderr_text(self) -> str:
+        """What the process wrote on stderr, when it was kept apart (``stderr_path``)."""
+        return Path(self._stderr_file.name).read_text() if self._stderr_file is not None else ""
+
     def log_lines(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
 

@@ -83,6 +83,9 @@ class ForwardedClient:
         await self._trusting[1](scope, receive, send)
 
 
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+
+
 class AccessLog:
     """One ``http_request`` log line and one metrics sample per request.
 
@@ -111,7 +114,9 @@ class AccessLog:
         finally:
             method = scope["method"]
             route = scope.get("route")
-            key = (method, route.path if route is not None else "<unmatched>", status)
+            # a label per method the service knows: another server's parser (h11) lets any token through
+            key = (method if method in HTTP_METHODS else "other", route.path if route is not None else "<unmatched>",
+                   status)
             counter = self._requests.get(key)
             if counter is None:
                 counter = self._requests[key] = metrics.HTTP_REQUESTS_TOTAL.labels(key[0], key[1], str(status))
