@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-import settings
+from service import settings
 from service.admission import Admission
 from service.agent_work import RunTrackingExecutor
 from service.backends import Backend, open_backend
@@ -63,9 +63,13 @@ async def close_runtime(runtime: Runtime) -> None:
         await runtime.backend.close()
 
 
+class NotStarted(Exception):
+    """The app's lifespan has not built the runtime (a launcher that runs none): nothing may be served."""
+
+
 def from_state(state: object) -> Runtime:
     """The runtime the lifespan put on the app's state."""
     runtime = getattr(state, "runtime", None)
     if not isinstance(runtime, Runtime):
-        raise RuntimeError("the service's lifespan has not started")
+        raise NotStarted
     return runtime

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from http_json import check_uuid, json_response
+from service.http.validation import check_uuid, json_response
 from service.backends.records import Frame, Run, StoreUnavailable, parse_event_id
 from service.events import MAX_STREAMS, EventHub, Subscriber
 from service.runtime import from_state
@@ -26,7 +26,7 @@ HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-stor
            (b"x-accel-buffering", b"no")]  # proxies such as nginx would otherwise hold frames back
 KEEPALIVE = b": keep-alive\n\n"
 COALESCE_SECONDS = 0.01  # a woken stream waits this long for more frames: one write (one syscall) for a burst
-ABORT_SCOPE_KEY = "agent_runner.abort"  # set by http_limits.LimitedHttpToolsProtocol: closes the connection
+ABORT_SCOPE_KEY = "agent_runner.abort"  # set by limits.LimitedHttpToolsProtocol: closes the connection
 
 
 class EventStream:

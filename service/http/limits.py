@@ -7,7 +7,7 @@ not complete within ``HEADER_TIMEOUT_SECONDS``; uvicorn's own
 ``limit_concurrency`` (``MAX_CONNECTIONS``) answers 503 past that many
 connections.
 
-The protocol also writes through ``http_writes.CoalescingTransport``, so a
+The protocol also writes through ``writes.CoalescingTransport``, so a
 response leaves in one send() rather than two.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from http_writes import CoalescingTransport
+from service.http.writes import CoalescingTransport
 from service.logs import log
 
 MAX_HEADER_BYTES = 64 * 1024  # the request line and headers together

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 import agents
-import settings
+from service import settings
 from service.backends.records import encode
 from service.logs import log
 from service.webhook_http import WebhookRefused, check_url, resolve
