@@ -20,4 +20,4 @@ app = build_app(__version__)
 if __name__ == "__main__":
     main(app, __version__)
 else:  # uvicorn, gunicorn, hypercorn (and tests) import the app: the same settings, logs and checks
-    configure()
+    configure(version=__version__)

@@ -20,6 +20,7 @@ from typing import Any
 import agents
 from service import settings
 from service import metrics
+from service import tracing
 from service.backends.records import Run, StoreUnavailable, utc_now
 from service.logs import log
 from service.runs import STOP_WAIT_SECONDS, Runner, run_fields
@@ -62,7 +63,7 @@ class Admission:
         self.admitting += 1  # drain waits for this admission, so a run accepted as shutdown starts gets its grace
         try:
             run = Run.new(run_id or str(uuid.uuid4()), agent_cls.agent_type, user_id, agent_input, holder=None,
-                          webhook=webhook)
+                          webhook=webhook, trace=tracing.new_run_trace() if tracing.tracer is not None else None)
             verdict = await self.backend.admit(run, on_busy, settings.current.queue_max, claim)
             if verdict in ("started", "queued"):
                 self.hub.publish_run(run)  # accepted
@@ -71,6 +72,8 @@ class Admission:
         finally:
             self.admitting -= 1
         if verdict == "queued":
+            if tracing.tracer is not None:
+                tracing.note_accepted(run.run_id, run.queue_position)
             log.info("run_accepted", extra=run_fields(run))
             log.info("run_queued", extra={**run_fields(run), "queue_position": run.queue_position})
             self.runner.work_waiting.set()
@@ -215,9 +218,12 @@ class Admission:
 
     async def cancel_waiting(self, run_id: str, position: int = 1) -> Run | None:
         """Cancel a run still in the queue at ``position`` (CANCELLED at once); None if it no longer waits."""
+        write_started = time.time_ns()
         run = await self.backend.dequeue(run_id, state="CANCELLED", finished_at=utc_now())
         if run is None:
             return None
+        if tracing.tracer is not None:
+            tracing.unexecuted_run(run, write_started)
         self.hub.publish_run(run)
         self.publish_queue(from_position=position)
         metrics.QUEUE_DEPTH.set(await self.backend.queue_length())
@@ -269,8 +275,11 @@ class Admission:
 
     async def cancel_queue(self, error: str) -> None:
         for waiting in await self.backend.waiting():
+            write_started = time.time_ns()
             run = await self.backend.dequeue(waiting.run_id, state="CANCELLED", error=error, finished_at=utc_now())
             if run is not None:
+                if tracing.tracer is not None:
+                    tracing.unexecuted_run(run, write_started)
                 self.hub.publish_run(run)
                 metrics.RUNS_TOTAL.labels(run.agent_type, run.state).inc()
                 log.warning("run_cancelled", extra={**run_fields(run), "state": run.state, "error": error})

@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 from pythonjsonlogger.json import JsonFormatter
@@ -20,6 +21,8 @@ from pythonjsonlogger.json import JsonFormatter
 from service import console_logs
 
 OWN_LOGGERS = ("agent_runner", "agents")
+# Set by service/tracing.py while tracing is on: the current span's (trace_id, span_id), None outside any span.
+trace_ids: Callable[[], tuple[str, str] | None] | None = None
 
 
 class LogFormatter(JsonFormatter):
@@ -49,6 +52,8 @@ class LogFormatter(JsonFormatter):
             log_data["message"] = log_data.pop("human_message")
         if "exc_info" in log_data:
             log_data["traceback"] = log_data.pop("exc_info")
+        if trace_ids is not None and (ids := trace_ids()) is not None:
+            log_data["trace_id"], log_data["span_id"] = ids
 
     def jsonify_log_record(self, log_data: Any) -> str:
         """Strict JSON: a NaN or Infinity a field carries (an agent logged float("nan")) is written as a string."""
@@ -73,7 +78,7 @@ class ConsoleFormatter(LogFormatter):
 # and LogFormatter owns or drops the others.
 RESERVED_FIELDS = frozenset({*logging.LogRecord("", 0, "", 0, "", (), None).__dict__, "message", "asctime",
                              "color_message", "human_message", "exc_info", "timestamp", "level", "event",
-                             "logger", "traceback"})
+                             "logger", "traceback", "trace_id", "span_id"})
 
 
 def safe_fields(fields: dict[str, Any], taken: frozenset[str] = frozenset()) -> dict[str, Any]:
@@ -190,6 +195,8 @@ def log_hot(event: str, fields: str) -> None:
     any other line, at most 0.2 s late.
     """
     if log.isEnabledFor(logging.INFO):
+        if trace_ids is not None and (ids := trace_ids()) is not None:
+            fields += f', "trace_id": "{ids[0]}", "span_id": "{ids[1]}"'
         line = (f'{{"timestamp": "{log_timestamp(time.time())}", "level": "info", "event": "{event}", '
                 f'{fields}}}')
         if console_colour is not None:  # a person reads these: the same object, rendered (not the hot path then)

@@ -29,6 +29,7 @@ from typing import Any
 import agents
 from service import settings
 from service import metrics
+from service import tracing
 from service.agent_work import current_run
 from service.backends.base import Backend
 from service.backends.records import LockLost, Run, StoreUnavailable, utc_now
@@ -62,6 +63,7 @@ class ActiveRun:
         self.code_stopped = asyncio.Event()  # set once neither the coroutine nor its executor work runs
         self.started = time.monotonic()
         self.waited = False  # it waited in the queue before it got its slot
+        self.span: Any = None  # the run's span while tracing is on (service/tracing.py)
 
     def stop(self, reason: str) -> None:
         """Ask the agent to stop; the first reason given decides the run's terminal state.
@@ -106,7 +108,11 @@ class Runner:
               waited: bool = False) -> ActiveRun:
         active = self.active_runs[run.run_id] = ActiveRun(run, agent_cls, agent_input)
         active.waited = waited
-        active.driver = asyncio.create_task(self.execute_run(active), name=f"run-{run.run_id}")
+        if tracing.tracer is not None:
+            active.span = tracing.start_run(run, waited)
+        # with tracing on, the run's span is current in the run's task and in the agent's, which it creates
+        active.driver = asyncio.create_task(self.execute_run(active), name=f"run-{run.run_id}",
+                                            context=tracing.run_context(active.span))
         metrics.RUNNING.set(len(self.active_runs))
         return active
 
@@ -133,12 +139,13 @@ class Runner:
                 outcome = {"state": "ERROR", "event": "agent_error",
                            "error": f"Agent type {run.agent_type!r} is not registered on the replica that took the run"}
             elif active.stop_reason is None:
-                agent = active.agent_cls(run.run_id, run.user_id, active.agent_input,
-                                         sleep_seconds=settings.current.agent_sleep_seconds,
-                                         on_progress=lambda fraction: self.report_progress(run, fraction),
-                                         stopping=active.stopping)
-                active.agent_task = asyncio.create_task(run_agent(active, agent))
-                await supervise(active, settings.current.run_timeout_seconds)
+                with tracing.child_span(active.span, "run execution", run):
+                    agent = active.agent_cls(run.run_id, run.user_id, active.agent_input,
+                                             sleep_seconds=settings.current.agent_sleep_seconds,
+                                             on_progress=lambda fraction: self.report_progress(run, fraction),
+                                             stopping=active.stopping)
+                    active.agent_task = asyncio.create_task(run_agent(active, agent))
+                    await supervise(active, settings.current.run_timeout_seconds)
                 outcome = judge(active, agent)
             else:
                 outcome = judge(active, None)
@@ -192,7 +199,10 @@ class Runner:
         for orphan in await self.backend.claim_orphans():
             orphan.update(state="ERROR", finished_at=utc_now(), queue_position=None,
                           error="Runner lost: the replica running it stopped holding the run lock")
+            write_started = time.time_ns()
             await self.backend.save(orphan)
+            if tracing.tracer is not None:
+                tracing.unexecuted_run(orphan, write_started, orphan=True)
             self.hub.publish_run(orphan)
             log.error("run_orphaned", extra={**run_fields(orphan), "state": "ERROR", "error": orphan.error})
 
@@ -216,10 +226,13 @@ class Runner:
         trace = outcome.pop("traceback", None)
         extra_fields = {key: outcome.pop(key) for key in list(outcome)
                         if key not in ("state", "result_json", "error", "cancelled_by")}
-        # GET /agents/logs of a finished run has every line its agent logged; the wait stays well inside the lock's TTL.
-        await self.hub.logs_stored(min(LOGS_STORED_SECONDS, settings.current.lock_ttl_seconds / 3))
-        run.update(finished_at=utc_now(), **outcome)
-        if await self.save_finished(run, release):
+        with tracing.child_span(active.span, "run terminal write", run):
+            # GET /agents/logs of a finished run has every line its agent logged; the wait stays well inside the
+            # lock's TTL.
+            await self.hub.logs_stored(min(LOGS_STORED_SECONDS, settings.current.lock_ttl_seconds / 3))
+            run.update(finished_at=utc_now(), **outcome)
+            stored = await self.save_finished(run, release)
+        if stored:
             self.hub.publish_run(run)
         if release:
             self.clear_active(active)
@@ -235,6 +248,7 @@ class Runner:
             fields["traceback"] = trace
         level = logging.INFO if run.state in ("DONE", "CANCELLED") else logging.ERROR
         log.log(level, event, extra=fields)
+        tracing.end_run(active.span, run)
 
     def clear_active(self, active: ActiveRun) -> None:
         """The run's slot is free: forget it, and let dispatch look at the queue."""

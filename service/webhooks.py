@@ -7,6 +7,8 @@ record, see backends/redis/webhooks.py). The ``Deliverer`` takes due deliveries
 from the queue and makes at most ``MAX_ATTEMPTS`` attempts, backing off
 exponentially; the run's state never waits on any of this.
 
+A traced run's delivery carries the run span's ``traceparent`` header (docs/tracing.md).
+
 Signature: ``Agent-Runner-Signature: t=<unix time>,v1=<hex HMAC-SHA256 of
 "<t>.<body>" with WEBHOOK_SECRET>``, made afresh for each attempt.
 """
@@ -25,8 +27,9 @@ from service import settings
 from service import metrics
 from service.backends.base import Backend, Deliveries, Delivery
 from service.backends.cancelling import cancel_and_wait
-from service.backends.records import MAX_ATTEMPTS, Run, StoreUnavailable
+from service.backends.records import MAX_ATTEMPTS, Run, StoreUnavailable, split_record
 from service.logs import log
+from service.tracing import traceparent
 from service.webhook_http import WebhookRefused, WebhookUnresolved, check_url, post, resolve
 
 MAX_PARALLEL = 16  # attempts in flight at once per process; a slow receiver holds one for the timeout at most
@@ -107,9 +110,11 @@ class Deliverer:
             async with asyncio.timeout(config.webhook_timeout_seconds):
                 target = check_url(delivery.url, config.webhook_allowed_hosts)
                 addresses = await resolve(target, config.webhook_timeout_seconds)
-                header = signature(config.webhook_secret or "", int(time.time()), delivery.body)
-                status = await post(target, addresses, delivery.body, {"Agent-Runner-Signature": header},
-                                    send_by=delivery.send_by)
+                body, trace = split_record(delivery.body)  # the record's trace context is not the client's
+                headers = {"Agent-Runner-Signature": signature(config.webhook_secret or "", int(time.time()), body)}
+                if trace is not None:
+                    headers["traceparent"] = traceparent(trace) or ""
+                status = await post(target, addresses, body, headers, send_by=delivery.send_by)
         except WebhookUnresolved as exc:  # a DNS failure may pass: retried like a network error
             detail = str(exc)
         except WebhookRefused as exc:  # the settings or the DNS changed since the run was accepted

@@ -356,7 +356,7 @@ class MemoryDeliveries:
 
     def owe(self, run: Run) -> None:
         assert run.webhook is not None
-        body = run.json()
+        body = run.record()
         if len(self._due) >= MAX_OWED or self._bytes + len(body) > MAX_OWED_BYTES:  # memory stays bounded
             self.on_not_owed(run, f"too many deliveries owed already ({len(self._due)}, {self._bytes} bytes)")
             return

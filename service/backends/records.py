@@ -73,12 +73,13 @@ class Run:
     cancelled_by: str | None = None  # the run that interrupted this one
     webhook: str | None = None  # POSTed the run once it is terminal (webhooks.py)
     holder: str | None = None  # token of the run lock taken for this run; not shown to clients
+    trace: str | None = None  # the run's trace context (service/tracing.py), stored with it; not shown to clients
     _json: bytes | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def new(cls, run_id: str, agent_type: str, user_id: str, input: dict[str, Any], holder: str | None,
-            webhook: str | None = None) -> Run:
-        return cls(run_id, agent_type, user_id, encode(input), holder=holder, webhook=webhook)
+            webhook: str | None = None, trace: str | None = None) -> Run:
+        return cls(run_id, agent_type, user_id, encode(input), holder=holder, webhook=webhook, trace=trace)
 
     @property
     def finished(self) -> bool:
@@ -107,11 +108,17 @@ class Run:
                                    b',"result":', self.result_json, b",", tail[1:]))
         return self._json
 
+    def record(self) -> bytes:
+        """What a store keeps: the client-facing JSON, with the trace context last when the run has one."""
+        if self.trace is None:
+            return self.json()
+        return self.json()[:-1] + b',"trace":' + encode(self.trace) + b"}"
+
     def copy(self) -> Run:
         return Run(self.run_id, self.agent_type, self.user_id, self.input_json, self.state, self.result_json,
                    self.error, self.progress, self.created_at, self.started_at, self.finished_at,
                    queue_position=self.queue_position, cancelled_by=self.cancelled_by, webhook=self.webhook,
-                   holder=self.holder, _json=self._json)
+                   holder=self.holder, trace=self.trace, _json=self._json)
 
     @classmethod
     def from_json(cls, raw: bytes, holder: str | None = None) -> Run:
@@ -145,7 +152,7 @@ class Run:
                 else None,
                 created_at=text("created_at") or "", started_at=text("started_at"),
                 finished_at=text("finished_at"), cancelled_by=text("cancelled_by"), webhook=text("webhook"),
-                holder=holder,
+                holder=holder, trace=text("trace"),
                 queue_position=position if isinstance(position, int) and not isinstance(position, bool) else None)
         except ValueError:  # a non-finite number somewhere
             raise RunRecordInvalid("holds a number JSON cannot carry") from None
@@ -153,6 +160,17 @@ class Run:
                 and run.queue_position == position):
             run._json = raw  # served as read: this version wrote it
         return run
+
+
+TRACE_SUFFIX = re.compile(rb',"trace":"([0-9a-f -]{1,200})"\}\Z')
+
+
+def split_record(raw: bytes) -> tuple[bytes, str | None]:
+    """A stored record (a webhook's body) as the client-facing JSON and the run's trace field, if it has one."""
+    match = TRACE_SUFFIX.search(raw)
+    if match is None:
+        return raw, None
+    return raw[:match.start()] + b"}", match[1].decode()
 
 
 class Page:

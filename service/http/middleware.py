@@ -1,4 +1,5 @@
-"""Pure ASGI middleware: bearer-token auth on /agents routes, the root path, proxy headers, the access log line."""
+"""Pure ASGI middleware: bearer-token auth on /agents routes, the root path, proxy headers, the access log line,
+and the request's span while tracing is on."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from service import settings
 from service.http.validation import json_response
 from service import metrics
+from service import tracing
 from service.logs import log_hot
 
 
@@ -125,3 +127,31 @@ class AccessLog:
             log_hot("http_request", f'"method": {json_string(method)}, "path": {json_string(scope["path"])}, '
                                     f'"status": {status}, "client": {json_string(client[0]) if client else "null"}, '
                                     f'"duration_ms": {round((time.perf_counter() - started) * 1000, 2)}')
+
+
+class TracedRequests:
+    """With tracing on, a SERVER span per request (continuing the client's ``traceparent``), current while the
+    app answers and the access line is written; with it off, one check."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if tracing.tracer is None or scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        span, token = tracing.start_request(scope)
+        status = 500
+
+        async def send_traced(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_traced)
+        except BaseException as exc:
+            tracing.end_request(span, token, scope, status, exc)
+            raise
+        tracing.end_request(span, token, scope, status, None)

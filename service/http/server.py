@@ -83,7 +83,7 @@ def parse_args(argv: list[str], version: str) -> None:
 def main(app: Starlette, version: str) -> None:
     if sys.argv[1:]:  # argparse only for --help or --version: most starts have no arguments
         parse_args(sys.argv[1:], version)
-    configure()
+    configure(version=version)
     single_process.binds_own_socket = True  # nothing else can serve the socket uvicorn binds below
     config = uvicorn.Config(
         app,

@@ -8,18 +8,19 @@ import sys
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
-from service import settings
+from service import settings, tracing
 from service.http.single_process import refusal_exit_status
 from service.logs import log, logging_config, write_hot_lines
 from service.settings import ConfigError, Settings, load_agent_modules
 
 
-def configure(env: Mapping[str, str] = os.environ) -> None:
-    """Read settings, set up logging and load agent modules; on a bad value log it and exit 2."""
+def configure(env: Mapping[str, str] = os.environ, version: str = "") -> None:
+    """Read settings, set up logging and tracing, load agent modules; on a bad value log it and exit 2."""
     logging.config.dictConfig(logging_config("info"))
     try:
         settings.current = Settings.from_env(env)
         logging.config.dictConfig(process_logging_config())
+        tracing.configure(env, version)
         load_agent_modules(settings.current.agent_modules)
     except ConfigError as exc:
         refuse_to_start(exc.variable, exc.detail)

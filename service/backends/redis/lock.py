@@ -121,7 +121,7 @@ class RedisRunLock:
             if outcome == 0:
                 raise LockLost("the slot is held by another token, or its run is no longer this holder's")
             if outcome == 3:  # Redis lost the run's record: send it (the generation stays the old one till then)
-                record = b"" if run.finished else run.json()
+                record = b"" if run.finished else run.record()
                 continue
             self._generations[token] = generation.decode()
             return bool(outcome == 2)

@@ -157,7 +157,7 @@ class RedisBackend:
         async with self.health.guard():
             seq = await self.client.incr(self.key("seq"))
             async with self.client.pipeline(transaction=True) as pipe:
-                pipe.set(self.key("run", run.run_id), run.json())
+                pipe.set(self.key("run", run.run_id), run.record())
                 pipe.zadd(self.key("runs"), {run.run_id: seq})
                 pipe.hset(self.key("unfinished"), run.run_id, run.holder or "")
                 await pipe.execute()
@@ -173,7 +173,7 @@ class RedisBackend:
             while run.run_id in self._progress_dirty:  # changes made during a write get one more write
                 self._progress_dirty.discard(run.run_id)
                 async with self.health.guard():
-                    await self.client.set(self.key("run", run.run_id), run.json())
+                    await self.client.set(self.key("run", run.run_id), run.record())
         except StoreUnavailable:
             pass  # progress is best effort; the next state change writes the whole run
         finally:
@@ -188,7 +188,7 @@ class RedisBackend:
             await asyncio.gather(pending, return_exceptions=True)
         async with self.health.guard():
             if not run.finished:
-                await self.client.set(self.key("run", run.run_id), run.json())
+                await self.client.set(self.key("run", run.run_id), run.record())
                 return
             token = run.holder if release and run.holder is not None else ""
             keys, args = self._finish_call(run, token)
@@ -204,7 +204,7 @@ class RedisBackend:
                  self._lock.key_of(token) if token else self.key("lock"),
                  self.key("logbytes"), self.key("webhooks"), self.key("webhook", run.run_id),
                  self.key("events", "run", run.run_id, "bytes"), self.key("generation"), self.key("runs")],
-                [run.json(), run.run_id, self.key("finished"), token, run.size, run.webhook or "", MAX_OWED,
+                [run.record(), run.run_id, self.key("finished"), token, run.size, run.webhook or "", MAX_OWED,
                  MAX_OWED_BYTES, self._lock.generation_of(run.holder) if run.holder else ""])  # releasing or not
 
     async def _after_finish(self, run: Run, finished_count: int, finished_bytes: int, owed: int) -> None:
@@ -319,13 +319,13 @@ class RedisBackend:
         request's, and mark it accepted in the same step; "lost" when it no longer is.
         """
         token, new_generation = uuid.uuid4().hex, uuid.uuid4().hex
-        waiting = Run.from_json(run.json())
+        waiting = Run.from_json(run.record())
         waiting.update(queue_position=0)  # stored as "queued"; the position is read from the queue
         async with self.health.guard():
             outcome, value, generation, lost = await self._admit(
                 keys=[self.key("queue"), self.key("run", run.run_id), self.key("runs"), self.key("seq"),
                       self.key("unfinished"), *self._lock.keys, self._lock.generation_key, self._lock.fence_key],
-                args=[run.json(), waiting.json(), run.run_id, on_busy, queue_max, token,
+                args=[run.record(), waiting.record(), run.run_id, on_busy, queue_max, token,
                       int(self._lock.ttl_seconds * 1000), len(self._lock.keys), self.key("queued"),
                       *(claim or ["", "", 0]), new_generation])
         self.health.data_lost(lost, generation, new_generation, "admit", self._lock.ttl_seconds)
