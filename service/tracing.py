@@ -88,17 +88,22 @@ def start(processor: SpanProcessor, version: str = "", env: Mapping[str, str] = 
             preset = SPAN_ID_PRESET.get()
             return preset if preset is not None else super().generate_span_id()
 
-    if provider is not None:  # started already (tests): one more processor
-        provider.add_span_processor(processor)
-        return
-    attributes: dict[str, str] = {"service.version": version} if version else {}
-    if not env.get("OTEL_SERVICE_NAME") and "service.name=" not in env.get("OTEL_RESOURCE_ATTRIBUTES", ""):
-        attributes["service.name"] = "agent-runner"
-    provider = TracerProvider(resource=Resource.create(attributes), id_generator=PresetSpanIds())
+    if provider is None:  # else started already (tests): one more processor
+        attributes: dict[str, str] = {"service.version": version} if version else {}
+        if not env.get("OTEL_SERVICE_NAME") and "service.name=" not in env.get("OTEL_RESOURCE_ATTRIBUTES", ""):
+            attributes["service.name"] = "agent-runner"
+        provider = TracerProvider(resource=Resource.create(attributes), id_generator=PresetSpanIds())
+        trace.set_tracer_provider(provider)  # the agents' own spans (trace.get_tracer) go to it too
     provider.add_span_processor(processor)
-    trace.set_tracer_provider(provider)  # the agents' own spans (trace.get_tracer) go to it too
     tracer = provider.get_tracer("agent-runner", version or None)
     logs.trace_ids = current_ids
+
+
+def stop() -> None:
+    """Tracing off again in this process (the tests); the provider stays, as OpenTelemetry allows one."""
+    global tracer
+    shutdown()
+    tracer, logs.trace_ids = None, None
 
 
 def shutdown() -> None:
