@@ -5,6 +5,7 @@ FROM python:3.11.7-slim AS build
 RUN python -m venv /venv
 COPY requirements.txt /tmp/requirements.txt
 RUN /venv/bin/pip install --no-cache-dir --disable-pip-version-check -r /tmp/requirements.txt
+# Tracing needs requirements-otel.txt as well: docs/deployment.md shows an image that adds it.
 
 # Runtime stage: slim Python, the venv, the service; no compilers, no pip cache, not root.
 FROM python:3.11.7-slim

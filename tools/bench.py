@@ -3,6 +3,7 @@
     python tools/bench.py            # full run (about 12 minutes)
     python tools/bench.py --quick    # a few seconds per figure (CI smoke)
     python tools/bench.py --only get_status --runs 3
+    python tools/bench.py --only tracing      # tracing off against on (not in the full run)
 
 Load comes from wrk (Debian package ``wrk``): one thread, 32 keep-alive
 connections. Each figure is taken baseline, service, baseline, service, ...
@@ -41,6 +42,7 @@ BASELINE = Path(__file__).resolve().parent / "bench_baseline.py"
 RUN_BODY = json.dumps({"agent_type": "sleeper", "user_id": str(uuid.uuid4()), "input": {"seconds": 3600}})
 FIGURES = ("get_status", "post_busy", "launch", "runs_per_second", "queued_throughput", "rss", "footprint",
            "redis_get_status")
+OPTIONAL = ("tracing",)  # measured with --only
 
 
 # --- processes -------------------------------------------------------------
@@ -369,6 +371,56 @@ def fig_redis_get_status(opts: argparse.Namespace) -> dict[str, Any]:
             in_redis.stop()
 
 
+@contextlib.contextmanager
+def otlp_sink() -> Iterator[str]:
+    """A collector that takes OTLP/HTTP exports and drops them; yields its endpoint."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    import threading
+
+    class Sink(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def fig_tracing(opts: argparse.Namespace) -> dict[str, Any]:
+    """The cost of tracing: GET status and runs back to back, tracing off against on (exporting every span over
+    OTLP/HTTP to a sink in this process)."""
+    with otlp_sink() as endpoint:
+        off, on = Server("service"), Server("service", OTEL_EXPORTER_OTLP_ENDPOINT=endpoint)
+        try:
+            off_url = f"http://127.0.0.1:{off.port}/agents/status/{done_run(off)}"
+            on_url = f"http://127.0.0.1:{on.port}/agents/status/{done_run(on)}"
+            if opts.warmup:
+                wrk(off_url, opts.warmup)
+                wrk(on_url, opts.warmup)
+            status = interleave(opts.runs, lambda: wrk(off_url, opts.seconds), lambda: wrk(on_url, opts.seconds))
+            count = 50 if opts.quick else 300
+            runs_off, runs_on, runs_ratio = paired(opts.runs, lambda: {"rps": back_to_back(off, count)},
+                                                   lambda: {"rps": back_to_back(on, count)})
+        finally:
+            off.stop()
+            on.stop()
+    return {"off_rps": status["baseline_rps"], "on_rps": status["service_rps"], "rps_ratio": status["rps_ratio"],
+            "off_p99_ms": status["baseline_p99_ms"], "on_p99_ms": status["service_p99_ms"],
+            "p99_ratio": status["p99_ratio"], "runs_off_per_s": runs_off["rps"], "runs_on_per_s": runs_on["rps"],
+            "runs_ratio": runs_ratio["rps"]}
+
+
 # --- table -----------------------------------------------------------------
 
 COMPARE = {">=": operator.ge, "<=": operator.le}
@@ -428,6 +480,14 @@ def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
         else:
             table.append(row("Redis GET status req/s (vs memory)", f"{r['memory_rps']:.0f}", f"{r['redis_rps']:.0f}",
                              f"{r['ratio']:.2f}", ">= 0.50", r["ratio"]))
+    if "tracing" in results:
+        r = results["tracing"]
+        table += [row("GET status req/s, tracing on (vs off)", f"{r['off_rps']:.0f}", f"{r['on_rps']:.0f}",
+                      f"{r['rps_ratio']:.2f}", "printed"),
+                  row("GET status p99 ms, tracing on (vs off)", f"{r['off_p99_ms']:.2f}", f"{r['on_p99_ms']:.2f}",
+                      f"{r['p99_ratio']:.2f}", "printed"),
+                  row("runs/s back to back, tracing on (vs off)", f"{r['runs_off_per_s']:.0f}",
+                      f"{r['runs_on_per_s']:.0f}", f"{r['runs_ratio']:.2f}", "printed")]
     return table
 
 
@@ -443,7 +503,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few seconds per figure")
     parser.add_argument("--runs", type=int, default=None, help="interleaved rounds per figure (default 6, quick 1)")
-    parser.add_argument("--only", choices=FIGURES, action="append", help="measure only this figure (repeatable)")
+    parser.add_argument("--only", choices=FIGURES + OPTIONAL, action="append",
+                        help="measure only this figure (repeatable)")
     parser.add_argument("--output", default=str(HERE / "bench-results.json"))
     opts = parser.parse_args()
     opts.runs = opts.runs or (1 if opts.quick else 6)
