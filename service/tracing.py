@@ -221,13 +221,17 @@ def start_run(run: Any, waited: bool, orphan: bool = False) -> Span:
     parent_context: Context | None = None
     links: list[Link] = []
     preset: int | None = None
-    fields = (run.trace or "").split(" ")
-    if run.trace and len(fields) >= 2:
-        _, trace_id, span_id, flags = fields[0].split("-")
-        post = SpanContext(int(trace_id, 16), int(fields[1], 16), is_remote=True, trace_flags=TraceFlags(int(flags, 16)))
+    try:
+        traceparent, post_span_id = (run.trace or "").split(" ")[:2]
+        _, trace_id, span_id, flags = traceparent.split("-")
+        post = SpanContext(int(trace_id, 16), int(post_span_id, 16), is_remote=True,
+                           trace_flags=TraceFlags(int(flags, 16)))
+        preset = int(span_id, 16)
+    except ValueError:  # no trace field (accepted with tracing off), or one this version cannot read: a new trace
+        pass
+    else:
         parent_context = trace.set_span_in_context(NonRecordingSpan(post))
         links.append(Link(post, {"link.kind": "POST /agents/run"}))
-        preset = int(span_id, 16)
     accepted = epoch_ns(run.created_at)
     position = accepted_positions.pop(run.run_id, None) if waited else None if orphan else 0
     attributes: dict[str, Any] = {"run_id": run.run_id, "agent_type": run.agent_type}

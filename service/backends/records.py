@@ -156,9 +156,12 @@ class Run:
                 queue_position=position if isinstance(position, int) and not isinstance(position, bool) else None)
         except ValueError:  # a non-finite number somewhere
             raise RunRecordInvalid("holds a number JSON cannot carry") from None
-        if (tuple(data) == PUBLIC_FIELDS and isinstance(input, dict) and run.progress == progress
-                and run.queue_position == position):
-            run._json = raw  # served as read: this version wrote it
+        fields = tuple(data)
+        if (isinstance(input, dict) and run.progress == progress and run.queue_position == position
+                and (fields == PUBLIC_FIELDS or (fields == (*PUBLIC_FIELDS, "trace") and run.trace is not None))):
+            public, trace = split_record(raw) if run.trace is not None else (raw, None)
+            if trace == run.trace:
+                run._json = public  # served as read (without the trace context): this version wrote it
         return run
 
 
