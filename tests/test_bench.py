@@ -125,3 +125,20 @@ def test_quick_bench_measures_every_figure_and_prints_them_as_the_table(tmp_path
     assert set(report["targets"]) == set(TARGETS)
     missed = [label for label in TARGETS if rows[label][4] == "NO"]
     assert f"targets: {len(TARGETS) - len(missed)} of {len(TARGETS)} hold" in result.stdout
+
+
+def test_the_tracing_figure_measures_tracing_off_against_on(tmp_path: Path) -> None:
+    """``--only tracing`` (not in the full run): GET status and runs back to back, tracing off and on."""
+    if shutil.which("wrk") is None:
+        missing_tool("wrk", "apt-get install wrk")
+    output = tmp_path / "bench-results.json"
+    result = subprocess.run([sys.executable, "tools/bench.py", "--quick", "--only", "tracing", "--output", str(output)],
+                            cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    figure = json.loads(output.read_text())["results"]["tracing"]
+    assert 50 < figure["off_rps"] < 1e6 and 50 < figure["on_rps"] < 1e6, figure
+    assert 1 < figure["off_cpu_us"] < 1e5 and 1 < figure["on_cpu_us"] < 1e5, figure
+    assert 1 < figure["runs_off_per_s"] < 1e5 and 1 < figure["runs_on_per_s"] < 1e5, figure
+    rows = table_rows(result.stdout)
+    assert rows["GET status req/s, tracing on (vs off)"][3] == "printed"
+    assert shows(rows["runs/s back to back, tracing on (vs off)"][2], figure["runs_ratio"])
