@@ -215,6 +215,11 @@ def done_run(server: Server) -> str:
     return run_id
 
 
+def warm_up(opts: argparse.Namespace, *urls: str) -> None:
+    for url in urls if opts.warmup else ():
+        wrk(url, opts.warmup)
+
+
 def fig_get_status(opts: argparse.Namespace) -> dict[str, Any]:
     baseline, service = Server("baseline"), Server("service")
     try:
@@ -361,9 +366,7 @@ def fig_redis_get_status(opts: argparse.Namespace) -> dict[str, Any]:
         try:
             memory_url = f"http://127.0.0.1:{memory.port}/agents/status/{done_run(memory)}"
             redis_url = f"http://127.0.0.1:{in_redis.port}/agents/status/{done_run(in_redis)}"
-            if opts.warmup:
-                wrk(memory_url, opts.warmup)
-                wrk(redis_url, opts.warmup)
+            warm_up(opts, memory_url, redis_url)
             result = interleave(opts.runs, lambda: wrk(memory_url, opts.seconds), lambda: wrk(redis_url, opts.seconds))
             return {"memory_rps": result["baseline_rps"], "redis_rps": result["service_rps"],
                     "ratio": result["rps_ratio"]}
@@ -419,9 +422,7 @@ def fig_tracing(opts: argparse.Namespace) -> dict[str, Any]:
         try:
             off_url = f"http://127.0.0.1:{off.port}/agents/status/{done_run(off)}"
             on_url = f"http://127.0.0.1:{on.port}/agents/status/{done_run(on)}"
-            if opts.warmup:
-                wrk(off_url, opts.warmup)
-                wrk(on_url, opts.warmup)
+            warm_up(opts, off_url, on_url)
             status_off, status_on, status = paired(opts.runs, lambda: wrk_cpu(off, off_url, opts.seconds),
                                                    lambda: wrk_cpu(on, on_url, opts.seconds))
             count = 50 if opts.quick else 300

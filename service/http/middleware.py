@@ -1,5 +1,5 @@
-"""Pure ASGI middleware: bearer-token auth on /agents routes, the root path, proxy headers, the access log line,
-and the request's span while tracing is on."""
+"""Pure ASGI middleware: bearer-token auth on /agents routes, the root path, proxy headers, the access log line
+(and the request's span while tracing is on)."""
 
 from __future__ import annotations
 
@@ -89,7 +89,8 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTI
 
 
 class AccessLog:
-    """One ``http_request`` log line and one metrics sample per request.
+    """One ``http_request`` log line and one metrics sample per request, and with tracing on its SERVER span
+    (continuing the client's ``traceparent``), current while the app answers and the line is written.
 
     This is the hot path, so the line goes through log_hot.
     """
@@ -104,6 +105,8 @@ class AccessLog:
             return
         started = time.perf_counter()
         status = 500
+        traced = tracing.start_request(scope) if tracing.tracer is not None else None
+        error: BaseException | None = None
 
         async def send_and_record(message: Message) -> None:
             nonlocal status
@@ -113,6 +116,9 @@ class AccessLog:
 
         try:
             await self.app(scope, receive, send_and_record)
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             method = scope["method"]
             route = scope.get("route")
@@ -127,31 +133,6 @@ class AccessLog:
             log_hot("http_request", f'"method": {json_string(method)}, "path": {json_string(scope["path"])}, '
                                     f'"status": {status}, "client": {json_string(client[0]) if client else "null"}, '
                                     f'"duration_ms": {round((time.perf_counter() - started) * 1000, 2)}')
+            if traced is not None:  # the line above is written inside the request's span
+                tracing.end_request(*traced, scope, status, error)
 
-
-class TracedRequests:
-    """With tracing on, a SERVER span per request (continuing the client's ``traceparent``), current while the
-    app answers and the access line is written; with it off, one check."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if tracing.tracer is None or scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        span, token = tracing.start_request(scope)
-        status = 500
-
-        async def send_traced(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_traced)
-        except BaseException as exc:
-            tracing.end_request(span, token, scope, status, exc)
-            raise
-        tracing.end_request(span, token, scope, status, None)
