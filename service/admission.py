@@ -188,8 +188,9 @@ class Admission:
 
     def begin_waited_run(self, run: Run) -> None:
         agent_input = json.loads(run.input_json)  # written by Run.new: always a JSON object
-        log.info("run_dequeued", extra=run_fields(run))
-        self.runner.start(run, agents.registry.get(run.agent_type), agent_input, waited=True)
+        active = self.runner.start(run, agents.registry.get(run.agent_type), agent_input, waited=True)
+        with tracing.current(active.span):  # its agent starts on the next turn of the loop, after this line
+            log.info("run_dequeued", extra=run_fields(run))
 
     def publish_queue(self, from_position: int) -> None:
         """The queue moved: a run frame for each waiting run from ``from_position`` on, soon (best effort).

@@ -265,6 +265,18 @@ def run_context(span: Span | None) -> contextvars.Context | None:
 
 
 @contextmanager
+def current(span: Span | None) -> Iterator[None]:
+    """``span`` current within the block (for a line logged about a run outside its task)."""
+    if span is None:
+        yield
+        return
+    from opentelemetry import trace
+
+    with trace.use_span(span, end_on_exit=False):
+        yield
+
+
+@contextmanager
 def child_span(parent: Span | None, name: str, run: Any) -> Iterator[None]:
     """``name``, a child of the run's span lasting the block (the run's span stays the current one)."""
     if parent is None or tracer is None:

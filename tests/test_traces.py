@@ -208,8 +208,11 @@ async def test_a_run_cancelled_in_the_queue_has_its_span_and_an_error_run_is_mar
 async def test_the_run_span_is_current_in_the_agent_and_its_executor_threads_and_log_lines_carry_its_ids(
         spans: InMemorySpanExporter, log_lines: list[dict[str, Any]]) -> None:
     async with replica() as client:
-        accepted = await post_run(client, "traced", headers={"traceparent": TRACEPARENT})
+        blocker = await post_run(client, seconds=0.2)
+        accepted = await post_run(client, "traced", on_busy="enqueue", headers={"traceparent": TRACEPARENT})
+        assert accepted["queue_position"] == 1
         assert (await wait_run(client, accepted["run_id"]))["state"] == "DONE"
+        await wait_run(client, blocker["run_id"])
     run_span = wait_for_span(spans, accepted["run_id"])["run"]
     own = {span.name: span for span in spans.get_finished_spans() if span.name.startswith("agent ")}
     assert set(own) == {"agent coroutine", "agent to_thread", "agent run_in_executor"}
@@ -221,9 +224,9 @@ async def test_the_run_span_is_current_in_the_agent_and_its_executor_threads_and
     for line in agent_lines:  # inside each agent span, the line names that span
         name = "agent coroutine" if line["event"] == "traced_coroutine" else line["span"]
         assert (line["trace_id"], line["span_id"]) == (CLIENT_TRACE, hex_id(own[name].context.span_id))
-    complete = next(line for line in log_lines if line["event"] == "agent_complete"
-                    and line["run_id"] == accepted["run_id"])
-    assert {key: complete[key] for key in run_ids} == run_ids
+    for event in ("run_dequeued", "agent_complete"):  # the run's own lines, written by the service
+        line = next(line for line in log_lines if line["event"] == event and line["run_id"] == accepted["run_id"])
+        assert {key: line[key] for key in run_ids} == run_ids, event
     post = server_span(spans, int(CLIENT_TRACE, 16))
     accepted_line = next(line for line in log_lines if line["event"] == "run_accepted"
                          and line["run_id"] == accepted["run_id"])
@@ -257,8 +260,9 @@ async def test_the_run_span_crosses_replicas_in_redis_mode(spans: InMemorySpanEx
             assert queued["queue_position"] == 1
         settings.current = settings.Settings.from_env({"AGENT_SLEEP_SECONDS": "0", **shared})
         run = await wait_run(b, queued["run_id"])
-        assert run["state"] == "DONE"
+        assert run["state"] == "DONE" and "trace" not in run  # read from Redis, where the record has it
         await wait_run(b, blocker["run_id"])
+        assert all("trace" not in listed for listed in (await b.get("/agents/runs")).json()["runs"])
     found = wait_for_span(spans, queued["run_id"])
     post = server_span(spans, int(CLIENT_TRACE, 16))
     assert found["run"].context.trace_id == int(CLIENT_TRACE, 16)
