@@ -43,9 +43,9 @@ from cancelling import cancel_and_wait
 from event_stream import all_events, run_events, run_logs
 from http_json import (check_idempotency_key, check_uuid, check_webhook_resolves, header, json_response, parse_limit,
                        parse_run_request, parse_wait, read_json, short)
-from http_limits import MAX_CONNECTIONS, LimitedHttpToolsProtocol
+from http_limits import LimitedHttpToolsProtocol
 from logs import flush_stdout_regularly, log, log_hot, logging_config, write_hot_lines
-from middleware import AccessLog, BearerAuth
+from middleware import AccessLog, BearerAuth, logged_path
 from settings import SETTINGS_TABLE, ConfigError, Settings, load_agent_modules
 from store import STATES, Page, Run, StoreUnavailable
 
@@ -54,6 +54,9 @@ __version__ = "0.1.0"
 HERE = Path(__file__).resolve().parent
 CANCEL_WAIT_SECONDS = 5.0  # how long POST /agents/cancel waits for the agent to stop
 LIST_BODY_BYTES = 8 * 1024 * 1024  # GET /agents/runs returns fewer runs rather than a larger body
+# Lists of runs and event replays read and built at once (each up to 8 MiB, several times that while decoded):
+# the rest wait their turn, so clients asking many at once cannot multiply the memory they take.
+LARGE_READS_AT_ONCE = 2
 BUSY_BODY = b'{"detail":"An agent is already running, please retry later"}'
 QUEUE_FULL_BODY = b'{"detail":"An agent is already running and the queue is full, please retry later"}'
 
@@ -158,8 +161,10 @@ async def list_runs(request: Request) -> Response:
         raise HTTPException(400, f"before: run {before} not found (it may have been dropped by retention)")
     page = Page(parse_limit(query.get("limit")), state=state, agent_type=query.get("agent_type"),
                 user_id=check_uuid(user_id, "user_id") if user_id is not None else None, max_bytes=LIST_BODY_BYTES)
-    runs = await runner.run_store.list(page, before=before.lower() if before else None)
-    return json_response(b'{"runs":[' + b",".join(run.json() for run in runs) + b"]}")
+    async with request.app.state.large_reads:
+        runs = await runner.run_store.list(page, before=before.lower() if before else None)
+        body = b'{"runs":[' + b",".join(run.json() for run in runs) + b"]}"
+    return json_response(body)
 
 
 async def list_agents(request: Request) -> Response:
@@ -252,7 +257,7 @@ async def store_unavailable(request: Request, exc: Exception) -> Response:
 
 
 async def server_error(request: Request, exc: Exception) -> Response:
-    log.error("unhandled_error", exc_info=exc, extra={"method": request.method, "path": request.url.path})
+    log.error("unhandled_error", exc_info=exc, extra={"method": request.method, "path": logged_path(request.url.path)})
     return json_response({"detail": "Internal server error"}, 500)
 
 
@@ -279,6 +284,7 @@ async def watch_event_loop(interval: float = 0.25) -> None:
 
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    app.state.large_reads = asyncio.Semaphore(LARGE_READS_AT_ONCE)
     store = await runner.open_stores()
     webhooks.start_delivering(runner.run_store)
     log.info("service_started", extra={
@@ -410,8 +416,7 @@ def main() -> None:
         log_config=process_logging_config(),
         access_log=False,
         loop="uvloop",
-        http=LimitedHttpToolsProtocol,  # httptools, with a cap on header size and time (http_limits.py)
-        limit_concurrency=MAX_CONNECTIONS,
+        http=LimitedHttpToolsProtocol,  # httptools, with limits on connections, heads, bodies, unread answers
         lifespan="on",
         timeout_graceful_shutdown=5,
         server_header=False,

@@ -51,7 +51,7 @@ class EventStream:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
             self.last: tuple[int, int] = (-1, -1)
-            done = await self._write(send, self.first, check=False)
+            done = await self._write(send, self._take_first(), check=False)
             while not done and client.ended not in ("slow", "disconnected"):
                 if not client.frames:
                     if client.ended is not None:
@@ -72,6 +72,11 @@ class EventStream:
         finally:
             watcher.cancel()
             self.events.unsubscribe(client)
+
+    def _take_first(self) -> list[Frame]:
+        """The first frames, let go of here: a replay read from Redis is this client's own, megabytes maybe."""
+        first, self.first = self.first, []
+        return first
 
     async def _write(self, send: Send, frames: list[Frame], check: bool) -> bool:
         """Send ``frames`` as one chunk (skipping, with ``check``, those sent already); True after a run's
@@ -137,8 +142,9 @@ async def run_events(request: Request) -> Response | EventStream:
     run_id = check_uuid(request.path_params["run_id"], "run_id")
     client = open_stream(request, run_id)
     try:
-        first = await events.hub.first_run_frames(run_id, events.parse_event_id(request.headers.get("last-event-id")),
-                                                  runner.run_store.get)
+        async with request.app.state.large_reads:  # a replay may be megabytes: a few at a time (agent_runner)
+            first = await events.hub.first_run_frames(
+                run_id, events.parse_event_id(request.headers.get("last-event-id")), runner.run_store.get)
     except BaseException:
         events.hub.unsubscribe(client)
         raise
@@ -152,7 +158,8 @@ async def all_events(request: Request) -> EventStream:
     """GET /agents/events: every run's changes (no log lines), for dashboards; never ends by itself."""
     client = open_stream(request, None)
     try:
-        first = await events.hub.first_global_frames(events.parse_event_id(request.headers.get("last-event-id")))
+        async with request.app.state.large_reads:
+            first = await events.hub.first_global_frames(events.parse_event_id(request.headers.get("last-event-id")))
     except BaseException:
         events.hub.unsubscribe(client)
         raise

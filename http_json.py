@@ -19,6 +19,7 @@ import agents
 import settings
 from logs import log
 from store import encode
+from http_limits import BODY_TIMEOUT_SCOPE_KEY
 from webhook_http import WebhookRefused, check_url, resolve
 
 MAX_JSON_DEPTH = 32  # request bodies nested deeper are refused with 400
@@ -107,6 +108,9 @@ async def read_json(request: Request) -> Any:
             raise HTTPException(400, "Client disconnected before the request body was complete")
         body += message.get("body", b"")
         more = message.get("more_body", False)
+        if more and BODY_TIMEOUT_SCOPE_KEY in request.scope:  # set by http_limits when the body missed its deadline
+            raise HTTPException(408, f"Request body was not complete within "
+                                     f"{settings.current.body_timeout_seconds:g} seconds")
         if len(body) > limit:
             raise HTTPException(413, f"Request body is larger than {limit} bytes")
     if not body.strip():

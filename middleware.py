@@ -14,6 +14,8 @@ import settings
 from http_json import json_response
 from logs import log_hot
 
+LOGGED_PATH_CHARS = 200  # a longer path is logged cut to this, with "path_chars" giving its length
+
 
 class BearerAuth:
     """With API_TOKEN set, every /agents path needs ``Authorization: Bearer <token>``."""
@@ -67,6 +69,13 @@ class AccessLog:
             if counter is None:
                 counter = self._requests[key] = metrics.HTTP_REQUESTS_TOTAL.labels(key[0], key[1], str(status))
             counter.inc()
-            log_hot("http_request", f'"method": {json_string(method)}, "path": {json_string(scope["path"])}, '
-                                    f'"status": {status}, '
+            path = scope["path"]
+            logged = json_string(path) if len(path) <= LOGGED_PATH_CHARS else \
+                f'{json_string(logged_path(path))}, "path_chars": {len(path)}'
+            log_hot("http_request", f'"method": {json_string(method)}, "path": {logged}, "status": {status}, '
                                     f'"duration_ms": {round((time.perf_counter() - started) * 1000, 2)}')
+
+
+def logged_path(path: str) -> str:
+    """A request path as logs show it: cut to LOGGED_PATH_CHARS (ending "...") so clients cannot swell the log."""
+    return path if len(path) <= LOGGED_PATH_CHARS else path[:LOGGED_PATH_CHARS - 3] + "..."

@@ -93,6 +93,9 @@ SETTINGS_TABLE = (
     ("IDEMPOTENCY_TTL_SECONDS", "86400",
      "how long an Idempotency-Key of an accepted POST /agents/run is remembered (replayed to retries)"),
     ("EVENTS_KEEPALIVE_SECONDS", "15", "an idle event stream gets a keep-alive comment this often"),
+    ("BODY_TIMEOUT_SECONDS", "10", "a request body not complete this long after its headers is answered 408"),
+    ("WRITE_TIMEOUT_SECONDS", "30",
+     "a client that leaves more than 64 KiB of an answer or stream unread for this long is disconnected"),
 )
 
 LOG_FORMATS = ("auto", "json", "console")
@@ -147,6 +150,8 @@ class Settings:
     webhook_timeout_seconds: float = 5.0
     idempotency_ttl_seconds: float = 86400.0
     events_keepalive_seconds: float = 15.0
+    body_timeout_seconds: float = 10.0
+    write_timeout_seconds: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -219,6 +224,10 @@ class Settings:
                                                 integer=False, minimum=1, maximum=30 * 86400),
             events_keepalive_seconds=_env_number(env, "EVENTS_KEEPALIVE_SECONDS", cls.events_keepalive_seconds,
                                                  integer=False, minimum=0.05, maximum=3600),
+            body_timeout_seconds=_env_number(env, "BODY_TIMEOUT_SECONDS", cls.body_timeout_seconds,
+                                             integer=False, minimum=0, above_minimum=True, maximum=3600),
+            write_timeout_seconds=_env_number(env, "WRITE_TIMEOUT_SECONDS", cls.write_timeout_seconds,
+                                              integer=False, minimum=0, above_minimum=True, maximum=3600),
         )
 
 

@@ -185,13 +185,14 @@ def raise_open_files(files: int) -> tuple[int, int]:
 
 
 def test_liveness_answers_while_slow_bodies_hold_every_connection(tmp_path: Path) -> None:
-    """MAX_CONNECTIONS clients each send a head and one byte of body: /healthz still answers, the API answers a
-    JSON 503, and at the body deadline every one of them gets its 408 and the API serves again."""
+    """MAX_CONNECTIONS - 1 clients each send a head and one byte of body: the next connection is the last one
+    allowed, where /healthz still answers and the API answers a JSON 503; at the body deadline every slow client
+    gets its 408 and the API serves again."""
     limits = raise_open_files(2 * MAX_CONNECTIONS + 200)
     srv = ServerProcess(tmp_path / "server.log", BODY_TIMEOUT_SECONDS="6")
     held: list[socket.socket] = []
     try:
-        for _ in range(MAX_CONNECTIONS):
+        for _ in range(MAX_CONNECTIONS - 1):
             sock = socket.create_connection(("127.0.0.1", srv.port))
             sock.sendall(post_head(100) + b"{")
             held.append(sock)
@@ -204,7 +205,7 @@ def test_liveness_answers_while_slow_bodies_hold_every_connection(tmp_path: Path
         for sock in held:
             raw, _ = read_until_closed(sock, 15)
             answered += raw.startswith(b"HTTP/1.1 408 ")
-        assert answered == MAX_CONNECTIONS
+        assert answered == MAX_CONNECTIONS - 1
         srv.start_run("sleeper", seconds=0)
     finally:
         for sock in held:
@@ -292,7 +293,7 @@ def unread_server(start_server: Any) -> ServerProcess:
 
 
 UNREAD_CLIENTS = 60
-UNREAD_GROWTH_BOUND = 160 * 1024 * 1024  # the README's bound (64 MiB unsent, counted at the transport) with slack
+UNREAD_GROWTH_BOUND = 100 * 1024 * 1024  # the README's bound: 64 MiB left unread by stalled clients, and slack
 
 
 @pytest.mark.parametrize("request_bytes", [LIST_REQUEST, b"GET /agents/events HTTP/1.1\r\nHost: x\r\n"
@@ -337,27 +338,6 @@ def test_malformed_http_is_answered_400_in_json(holes_server: ServerProcess, req
     assert (status, headers["content-type"]) == (400, "application/json"), raw
     assert json.loads(body) == {"detail": "Invalid HTTP request"}
     assert closed
-
-
-def test_connections_past_the_limit_are_answered_503_in_json_and_liveness_still_answers(tmp_path: Path) -> None:
-    limits = raise_open_files(2 * MAX_CONNECTIONS + 200)
-    srv = ServerProcess(tmp_path / "server.log")
-    held: list[socket.socket] = []
-    try:
-        held = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(MAX_CONNECTIONS)]
-        deadline = time.monotonic() + 10
-        while (answer := httpx.get(f"{srv.url}/agents", timeout=5)).status_code != 503:
-            assert time.monotonic() < deadline, f"no 503 with {MAX_CONNECTIONS} connections open"
-        assert answer.headers["content-type"] == "application/json"
-        assert answer.json() == {"detail": "Too many connections, please retry later"}
-        assert answer.headers["connection"] == "close"
-        health = httpx.get(f"{srv.url}/healthz", timeout=5)
-        assert (health.status_code, health.json()) == (200, {"status": "ok"})
-    finally:
-        for sock in held:
-            sock.close()
-        srv.stop(signal.SIGKILL)
-        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
 
 
 # --- 7. IPv4-translated IPv6 webhook addresses ----------------------------------------------------------------------
