@@ -22,7 +22,7 @@ class AgentRegistrationError(Exception):
     """An agent class cannot be registered (no agent_type, or a duplicate one)."""
 
 
-class RunLogger(logging.LoggerAdapter):
+class RunLogger(logging.LoggerAdapter[logging.Logger]):
     """A logger whose lines carry the run's run_id, agent_type and user_id.
 
     Keyword arguments become fields of the JSON line:
@@ -31,7 +31,7 @@ class RunLogger(logging.LoggerAdapter):
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
         passthrough = {key: kwargs.pop(key) for key in ("exc_info", "stack_info", "stacklevel") if key in kwargs}
-        fields = {**self.extra, **kwargs.pop("extra", {}), **kwargs}
+        fields = {**(self.extra or {}), **kwargs.pop("extra", {}), **kwargs}
         if "message" in fields:  # "message" is reserved on LogRecord; the formatter renames it back
             fields["human_message"] = fields.pop("message")
         return msg, {**passthrough, "extra": fields}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
+import importlib.util
 import json
 import os
 import shutil
@@ -23,6 +25,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 TESTS = HERE / "tests"  # the fixture agents (AGENT_MODULES=fixture_agents) live here
+DOCS = HERE / "docs"  # the documentation pages; drift tests read their tables and snippets
 TERMINAL = {"DONE", "ERROR", "CANCELLED"}
 # One TLS context for every test client: httpx loads the CA bundle anew for each client it makes without one,
 # about 50 ms of CPU each time (the servers here speak plain HTTP, so it is never used).
@@ -32,6 +35,15 @@ TLS = httpx.create_ssl_context()
 def product_modules() -> list[Path]:
     """The service's own modules: every .py at the root but the tests."""
     return sorted(path for path in HERE.glob("*.py") if not path.name.startswith("test_") and path.name != "conftest.py")
+
+
+def load_script(path: Path) -> Any:
+    """A script that is not on the import path (.ci/, tools/), loaded as a module named after its file."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:
@@ -50,9 +62,14 @@ def log_time(line: dict[str, Any]) -> float:
 
 
 class ServerProcess:
-    """``python agent_runner.py`` on a free port, with its stdout kept in a file."""
+    """``python agent_runner.py`` on a free port, with its stdout kept in a file.
 
-    def __init__(self, log_path: Path, port: int | None = None, **env: str) -> None:
+    ``command`` starts it another way (``{port}`` in it is replaced); ``stderr_path`` keeps stderr apart (a
+    launcher's supervisor writes its own lines there).
+    """
+
+    def __init__(self, log_path: Path, port: int | None = None, *, command: list[str] | None = None,
+                 stderr_path: Path | None = None, **env: str) -> None:
         self.port = port or free_port()  # a given port: a server that comes back where clients knew it
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -62,8 +79,11 @@ class ServerProcess:
                     "AGENT_MODULES": "fixture_agents", "AGENT_SLEEP_SECONDS": "0.2", "PYTHONPATH": str(TESTS),
                     **env}
         self._log_file = open(log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "agent_runner.py"], cwd=HERE, env=full_env,
-                                     stdout=self._log_file, stderr=subprocess.STDOUT)
+        self._stderr_file = open(stderr_path, "wb") if stderr_path is not None else None
+        argv = [part.replace("{port}", str(self.port)) for part in command or [sys.executable, "agent_runner.py"]]
+        # a launcher in a session of its own: stop() ends its workers too, even when it is killed
+        self.proc = subprocess.Popen(argv, cwd=HERE, env=full_env, stdout=self._log_file,
+                                     stderr=self._stderr_file or subprocess.STDOUT, start_new_session=bool(command))
         self.client = httpx.Client(base_url=self.url, timeout=30, verify=TLS)
         self._wait_until_up()
 
@@ -84,6 +104,10 @@ class ServerProcess:
                 conn.close()
             time.sleep(0.005)
         raise RuntimeError(f"server did not start:\n{self.log_path.read_text()}")
+
+    def stderr_text(self) -> str:
+        """What the process wrote on stderr, when it was kept apart (``stderr_path``)."""
+        return Path(self._stderr_file.name).read_text() if self._stderr_file is not None else ""
 
     def log_lines(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
@@ -135,8 +159,13 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             code = self.proc.wait()
+        if self.proc.args[:2] != [sys.executable, "agent_runner.py"]:  # a launcher: its workers too
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
         self.client.close()
         self._log_file.close()
+        if self._stderr_file is not None:
+            self._stderr_file.close()
         return code
 
 

@@ -8,7 +8,9 @@ else can run or load on the page, whatever ends up in a run's input, result or l
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
+import html
 import re
 from pathlib import Path
 
@@ -41,5 +43,18 @@ HEADERS = {
 }
 
 
+ROOT_PATH_META = b'<meta name="root-path" content="">'
+if PAGE.count(ROOT_PATH_META) != 1:
+    raise ValueError("dashboard.html must have exactly one empty root-path <meta>")
+
+
+@functools.cache
+def page_under(root_path: str) -> bytes:
+    """The page with the path prefix its requests take (outside the hashed script: the policy stays the same)."""
+    return PAGE.replace(ROOT_PATH_META, b'<meta name="root-path" content="%s">' % html.escape(root_path).encode())
+
+
 async def dashboard(request: Request) -> Response:
-    return Response(PAGE, media_type="text/html; charset=utf-8", headers=HEADERS)
+    root_path = request.scope.get("root_path", "")
+    return Response(page_under(root_path) if root_path else PAGE, media_type="text/html; charset=utf-8",
+                    headers=HEADERS)

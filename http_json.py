@@ -85,7 +85,8 @@ def header(request: Request, name: bytes) -> str | None:
     """
     for key, value in request.scope["headers"]:
         if key == name:
-            return value.decode("latin-1")
+            found: str = value.decode("latin-1")
+            return found
     return None
 
 

@@ -151,7 +151,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             log.warning("request_refused", extra={"reason": "too_many_connections", "client": self._client()})
             refusal = refuse_too_many_connections
         else:
-            self.scope["agent_runner.abort"] = self.transport.abort  # type: ignore[typeddict-unknown-key]
+            extensions: dict[str, Any] = self.scope  # type: ignore[assignment]  # a key of ours beside the ASGI ones
+            extensions["agent_runner.abort"] = self.transport.abort  # an event stream drops a client that lags
             super().on_headers_complete()
             return
         app, self.app = self.app, refusal

@@ -154,8 +154,12 @@ def logging_config(level: str, log_format: str = "auto", colour: bool = True) ->
         "handlers": {"stdout": {"()": StdoutHandler, "formatter": "line"}},
         "root": {"handlers": ["stdout"], "level": level.upper()},
         "loggers": {
-            name: {"handlers": [], "propagate": True, "level": level.upper()}
-            for name in ("uvicorn", "uvicorn.error", "uvicorn.access")
+            # the servers' own lines, under any launcher, as JSON lines of ours (event server_log)
+            **{name: {"handlers": [], "propagate": True, "level": level.upper()}
+               for name in ("uvicorn", "uvicorn.error", "gunicorn", "gunicorn.error", "hypercorn", "hypercorn.error")},
+            # their access lines repeat http_request, which the app writes under every launcher
+            **{name: {"handlers": [], "propagate": False, "level": "WARNING"}
+               for name in ("uvicorn.access", "gunicorn.access", "hypercorn.access")},
         },
     }
 

@@ -1,13 +1,15 @@
-"""Pure ASGI middleware: bearer-token auth on /agents paths, and the per-request log line and metric."""
+"""Pure ASGI middleware: bearer-token auth on /agents routes, the root path, proxy headers, the access log line."""
 
 from __future__ import annotations
 
 import hmac
 import time
 from json.encoder import encode_basestring_ascii as json_string
-from typing import Any
+from typing import Any, cast
 
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 import metrics
 import settings
@@ -17,23 +19,73 @@ from logs import log_hot
 LOGGED_PATH_CHARS = 200  # a longer path is logged cut to this, with "path_chars" giving its length
 
 
-class BearerAuth:
-    """With API_TOKEN set, every /agents path needs ``Authorization: Bearer <token>``."""
+class TokenRequired:
+    """With API_TOKEN set, the wrapped route needs ``Authorization: Bearer <token>``.
+
+    It wraps a route's app, not the whole service: the check follows the route
+    the request matched, whatever prefix (``root_path``) the path carries.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         token = settings.current.api_token
-        path = scope.get("path", "")
-        if token and scope["type"] == "http" and (path == "/agents" or path.startswith("/agents/")):
-            given = dict(scope["headers"]).get(b"authorization", b"")
+        if token:
+            given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
             if not hmac.compare_digest(given, b"Bearer " + token.encode()):
                 response = json_response({"detail": "Missing or invalid bearer token"}, 401,
                                          headers={"WWW-Authenticate": "Bearer"})
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def token_required(route: Route) -> Route:
+    """The route, answering 401 without the API token."""
+    route.app = TokenRequired(route.app)
+    return route
+
+
+class RootPath:
+    """With ROOT_PATH set, requests carry it as their ``root_path``, as ``uvicorn --root-path`` sets it.
+
+    A server that set a root path itself (``--root-path``) keeps its own. The
+    path gets the prefix unless the proxy passed it on already.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        root_path = settings.current.root_path
+        if root_path and scope["type"] == "http" and not scope.get("root_path"):
+            path = scope["path"]
+            if path != root_path and not path.startswith(root_path + "/"):
+                path = root_path + path
+            scope = {**scope, "root_path": root_path, "path": path}
+        await self.app(scope, receive, send)
+
+
+class ForwardedClient:
+    """With FORWARDED_ALLOW_IPS set, a trusted proxy's X-Forwarded-For and -Proto set the client and scheme."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._trusting: tuple[tuple[str, ...], Any] | None = None  # built for the setting in force
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        trusted = settings.current.forwarded_allow_ips
+        if not trusted or scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self._trusting is None or self._trusting[0] != trusted:
+            trusting: Any = ProxyHeadersMiddleware(cast(Any, self.app), trusted_hosts=list(trusted))
+            self._trusting = (trusted, trusting)
+        await self._trusting[1](scope, receive, send)
+
+
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 
 
 class AccessLog:
@@ -64,7 +116,9 @@ class AccessLog:
         finally:
             method = scope["method"]
             route = scope.get("route")
-            key = (method, route.path if route is not None else "<unmatched>", status)
+            # a label per method the service knows: another server's parser (h11) lets any token through
+            key = (method if method in HTTP_METHODS else "other", route.path if route is not None else "<unmatched>",
+                   status)
             counter = self._requests.get(key)
             if counter is None:
                 counter = self._requests[key] = metrics.HTTP_REQUESTS_TOTAL.labels(key[0], key[1], str(status))
@@ -72,7 +126,9 @@ class AccessLog:
             path = scope["path"]
             logged = json_string(path) if len(path) <= LOGGED_PATH_CHARS else \
                 f'{json_string(logged_path(path))}, "path_chars": {len(path)}'
+            client = scope.get("client")
             log_hot("http_request", f'"method": {json_string(method)}, "path": {logged}, "status": {status}, '
+                                    f'"client": {json_string(client[0]) if client else "null"}, '
                                     f'"duration_ms": {round((time.perf_counter() - started) * 1000, 2)}')
 
 

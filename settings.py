@@ -93,6 +93,10 @@ SETTINGS_TABLE = (
     ("IDEMPOTENCY_TTL_SECONDS", "86400",
      "how long an Idempotency-Key of an accepted POST /agents/run is remembered (replayed to retries)"),
     ("EVENTS_KEEPALIVE_SECONDS", "15", "an idle event stream gets a keep-alive comment this often"),
+    ("ROOT_PATH", "", "the path prefix a proxy serves the service under (e.g. /runner); links and pages carry it"),
+    ("FORWARDED_ALLOW_IPS", "",
+     "comma-separated proxy addresses or networks (or *) whose X-Forwarded-For/-Proto are trusted; none when empty"),
+    ("KEEPALIVE_SECONDS", "75", "an idle keep-alive connection is closed after this; above load balancers' 60 s"),
     ("BODY_TIMEOUT_SECONDS", "10", "a request body not complete this long after its headers is answered 408"),
     ("WRITE_TIMEOUT_SECONDS", "30",
      "a client that leaves more than 64 KiB of an answer or stream unread for this long is disconnected"),
@@ -118,6 +122,35 @@ def _allowed_hosts(raw: str) -> tuple[str, ...]:
                               f"each entry must be a host name, an address, *.domain or *; got {entry.strip()!r}")
         hosts.append(host)
     return tuple(hosts)
+
+
+ROOT_PATH_SEGMENT = re.compile(r"[A-Za-z0-9._~-]+")  # safe unescaped in a URL, a header, HTML and a script
+
+
+def _root_path(raw: str) -> str:
+    """ROOT_PATH as ``/a/b`` (no trailing slash), or "" for none."""
+    path = raw.strip().rstrip("/")
+    if not path:
+        return ""
+    segments = path.split("/")
+    if segments[0] != "" or not all(ROOT_PATH_SEGMENT.fullmatch(segment) for segment in segments[1:]):
+        raise ConfigError("ROOT_PATH", "must be a path such as /runner (segments of letters, digits and ._~-); "
+                                       f"got {raw!r}")
+    return path
+
+
+def _forwarded_allow_ips(raw: str) -> tuple[str, ...]:
+    """FORWARDED_ALLOW_IPS as addresses and networks (``*`` trusts every peer)."""
+    entries = tuple(entry.strip() for entry in raw.split(",") if entry.strip())
+    for entry in entries:
+        if entry == "*":
+            continue
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ConfigError("FORWARDED_ALLOW_IPS",
+                              f"each entry must be an IP address, a network (10.0.0.0/8) or *; got {entry!r}") from None
+    return entries
 
 
 @dataclass(frozen=True)
@@ -150,6 +183,9 @@ class Settings:
     webhook_timeout_seconds: float = 5.0
     idempotency_ttl_seconds: float = 86400.0
     events_keepalive_seconds: float = 15.0
+    root_path: str = ""
+    forwarded_allow_ips: tuple[str, ...] = ()
+    keepalive_seconds: float = 75.0
     body_timeout_seconds: float = 10.0
     write_timeout_seconds: float = 30.0
 
@@ -224,6 +260,10 @@ class Settings:
                                                 integer=False, minimum=1, maximum=30 * 86400),
             events_keepalive_seconds=_env_number(env, "EVENTS_KEEPALIVE_SECONDS", cls.events_keepalive_seconds,
                                                  integer=False, minimum=0.05, maximum=3600),
+            root_path=_root_path(env.get("ROOT_PATH", "")),
+            forwarded_allow_ips=_forwarded_allow_ips(env.get("FORWARDED_ALLOW_IPS", "")),
+            keepalive_seconds=_env_number(env, "KEEPALIVE_SECONDS", cls.keepalive_seconds, integer=False,
+                                          minimum=0, above_minimum=True, maximum=3600),
             body_timeout_seconds=_env_number(env, "BODY_TIMEOUT_SECONDS", cls.body_timeout_seconds,
                                              integer=False, minimum=0, above_minimum=True, maximum=3600),
             write_timeout_seconds=_env_number(env, "WRITE_TIMEOUT_SECONDS", cls.write_timeout_seconds,

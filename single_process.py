@@ -1,34 +1,41 @@
-"""Memory mode is one process: a second process serving the same port on this host refuses to start.
+"""Memory mode is one process: a second process serving the same socket on this host refuses to start.
 
 In memory mode each process has its own slots, so two processes behind one
-listening port (``uvicorn --workers 2``, several gunicorn or hypercorn
-workers, ``--reuse-port``) would run two agents at once. A process that is
-handed a listening socket at start (a worker of such a launcher) claims the
-socket's port for memory mode by binding an abstract Unix socket named after
-it; the kernel releases the name when the process ends, however it ends.
-Abstract names live in the network namespace, as ports do: one per host or
-container (elsewhere than Linux, a locked file in the temporary directory
-stands for the name). A process that binds its own port after start
-(``python agent_runner.py``, plain ``uvicorn``) cannot share it, so it claims
-nothing.
+server socket (``uvicorn --workers 2``, several gunicorn or hypercorn
+workers, ``--reuse-port``, a Unix socket) would run two agents at once. A
+worker that is handed server sockets by its launcher claims each one's
+address (host and port, or the Unix socket's path) for memory mode with a
+lock on a file in a directory only this user may write; the kernel drops the
+lock when the process ends, however it ends. ``python agent_runner.py``
+binds its own socket after start (``binds_own_socket``): nothing can share
+it, so it claims nothing.
+
+A claim held by a process that is stopping (a graceful reload starts the new
+worker first) is waited for, for as long as a stopping process may take.
 """
 
 from __future__ import annotations
 
-import multiprocessing
+import asyncio
+import contextlib
+import fcntl
+import hashlib
 import os
-import signal
 import socket
+import stat
 import sys
 import tempfile
-from typing import Any
+import time
+from types import FrameType
+from typing import IO, Any
 
-_claims: list[Any] = []  # sockets or locked files, held until the process ends
+binds_own_socket = False  # set by python agent_runner.py, whose server binds its socket after start
+_claims: list[IO[str]] = []  # locked files, held until the process ends
 
 
-def listening_ports() -> set[int]:
-    """The TCP ports of the server sockets this process holds already (inherited from its launcher)."""
-    ports: set[int] = set()
+def server_addresses() -> set[str]:
+    """The addresses of the unconnected stream sockets this process holds (server sockets from its launcher)."""
+    addresses: set[str] = set()
     for directory in ("/proc/self/fd", "/dev/fd"):
         try:
             descriptors = [int(name) for name in os.listdir(directory)]
@@ -40,40 +47,47 @@ def listening_ports() -> set[int]:
             except OSError:  # not a socket (or closed meanwhile)
                 continue
             with sock:
-                if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
-                    # bound and not connected: a server socket (uvicorn's supervisor binds it, each worker listens)
-                    port = sock.getsockname()[1]
-                    try:
-                        sock.getpeername()
-                    except OSError:
-                        if port:
-                            ports.add(port)
-        return ports
-    return ports
+                address = server_address(sock)
+            if address is not None:
+                addresses.add(address)
+        return addresses
+    return addresses
 
 
-def claim_ports(ports: set[int]) -> int | None:
-    """Claim each port for this process; returns the first port another process claimed already, else None."""
-    for port in sorted(ports):
-        if not claim(f"agent-runner-memory-mode-{port}"):
-            return port
-    return None
+def server_address(sock: socket.socket) -> str | None:
+    """``host:port`` or ``unix:path`` of a bound, unconnected stream socket (uvicorn's supervisor binds it and
+    each worker listens on it, so it may not listen yet); None for any other socket."""
+    if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
+        return None
+    try:
+        sock.getpeername()
+        return None  # connected: a client's socket
+    except OSError:
+        pass
+    name: Any = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        if not name:
+            return None  # unbound
+        return "unix:" + (name.decode("latin-1") if isinstance(name, bytes) else name)
+    host, port = name[0], name[1]
+    return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}" if port else None
 
 
-def claim(name: str) -> bool:
-    """Hold ``name`` on this host until the process ends; False when another process holds it."""
-    if sys.platform == "linux":
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind("\0" + name)  # an abstract name: no file, gone with the process
-        except OSError:
-            sock.close()
-            return False
-        _claims.append(sock)
-        return True
-    import fcntl
+def claim_directory() -> str:
+    """A directory of this user's only (a claim another user could take would let them stop the service)."""
+    directory = os.path.join(tempfile.gettempdir(), f"agent-runner-{os.getuid()}")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(directory, 0o700)
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise PermissionError(f"{directory} must be a directory of this user's only (mode 700)")
+    return directory
 
-    held = open(os.path.join(tempfile.gettempdir(), name + ".lock"), "a")
+
+def claim(address: str) -> bool:
+    """Hold ``address`` for this process until it ends; False when another process holds it."""
+    name = hashlib.sha256(address.encode()).hexdigest()[:32]
+    held = open(os.path.join(claim_directory(), f"memory-mode-{name}.lock"), "a")
     try:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -83,26 +97,37 @@ def claim(name: str) -> bool:
     return True
 
 
-def stop_supervisor() -> None:
-    """Ask the launcher's supervisor to stop instead of starting this refused worker again.
+async def claim_server_sockets(wait_seconds: float, poll_seconds: float = 0.2) -> str | None:
+    """Claim every server socket's address, waiting up to ``wait_seconds`` for a holder to go away; the first
+    address still held by another process after that, else None."""
+    if binds_own_socket:
+        return None
+    deadline = time.monotonic() + wait_seconds
+    for address in sorted(server_addresses()):
+        while not claim(address):
+            if time.monotonic() >= deadline:
+                return address
+            await asyncio.sleep(poll_seconds)
+    return None
 
-    uvicorn --workers and gunicorn restart a worker that exits; hypercorn stops
-    every worker and exits with the failed worker's status by itself.
+
+def refusal_exit_status() -> int:
+    """2; 3 under the supervisors that restart a worker exiting otherwise (3 makes them stop instead).
+
+    gunicorn's arbiter halts with status 3 when a worker exits 3 ("Worker failed to boot"); uvicorn's
+    multiprocess supervisor stops when a worker exits 3 (its STARTUP_FAILURE) before serving. hypercorn's
+    stops every worker whatever their status.
     """
-    if "gunicorn.arbiter" in sys.modules:
-        if in_gunicorn_worker():  # with --preload the arbiter imports the app too: it must not signal its parent
-            os.kill(os.getppid(), signal.SIGTERM)
-        return
-    parent = multiprocessing.parent_process()
-    if parent is not None and parent.pid is not None and "hypercorn" not in sys.modules:
-        os.kill(parent.pid, signal.SIGTERM)  # uvicorn's multiprocess supervisor
+    return 3 if on_stack("gunicorn/workers/base.py", "init_process") or \
+        on_stack("uvicorn/supervisors/multiprocess.py", "target") else 2
 
 
-def in_gunicorn_worker() -> bool:
-    """Whether this code runs inside a gunicorn worker (its ``init_process`` is on the stack)."""
-    frame = sys._getframe()
+def on_stack(path_end: str, function: str) -> bool:
+    """Whether ``function`` of the module whose file ends with ``path_end`` is on the call stack."""
+    frame: FrameType | None = sys._getframe()
     while frame is not None:
-        if frame.f_code.co_name == "init_process" and "gunicorn" in frame.f_code.co_filename:
+        code = frame.f_code
+        if code.co_name == function and code.co_filename.replace(os.sep, "/").endswith(path_end):
             return True
         frame = frame.f_back
     return False

@@ -18,7 +18,7 @@ from openapi_spec_validator import validate
 
 import agent_runner
 import settings
-from conftest import HERE, TESTS, ServerProcess, free_port, new_user, product_modules
+from conftest import DOCS, HERE, TESTS, ServerProcess, free_port, new_user, product_modules
 
 BUSY = "An agent is already running, please retry later"
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -313,7 +313,7 @@ def test_docs_page_loads_swagger_ui_for_the_spec(start_server) -> None:
     srv = start_server(DOCS_ASSETS_URL="http://127.0.0.1:9/swagger/")
     response = srv.client.get("/docs")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
-    assert "/openapi.yaml" in response.text
+    assert 'data-spec="/openapi.json"' in response.text
     assert 'src="http://127.0.0.1:9/swagger/swagger-ui-bundle.js"' in response.text
     assert 'href="http://127.0.0.1:9/swagger/swagger-ui.css"' in response.text
 
@@ -397,13 +397,13 @@ def test_bad_setting_stops_start_with_exit_2_and_one_json_line_naming_it(env: di
     assert result.stderr == ""
 
 
-def readme_settings() -> dict[str, str]:
-    """The README's configuration table: variable -> its default as written there.
+def documented_settings() -> dict[str, str]:
+    """The configuration page's table (docs/configuration.md): variable -> its default as written there.
 
     Only the rows Markdown shows as the table count: those that follow its header without a break (a blank
     line in the table ends it, and the rows after it show as plain text).
     """
-    lines = (HERE / "README.md").read_text().splitlines()
+    lines = (DOCS / "configuration.md").read_text().splitlines()
     header = lines.index("| variable | default | meaning |")
     assert lines[header + 1] == "|---|---|---|"
     rows = []
@@ -416,15 +416,15 @@ def readme_settings() -> dict[str, str]:
     return table
 
 
-def test_settings_defaults_match_the_readme_table() -> None:
-    table = readme_settings()
+def test_settings_defaults_match_the_configuration_page_table() -> None:
+    table = documented_settings()
     assert set(table) == {name for name, _, _ in settings.SETTINGS_TABLE}  # all of them in one unbroken table
     defaults = settings.Settings.from_env({})
     for name, shown in table.items():
-        # Setting a variable to the README's default (or to nothing, where it has none) changes nothing.
+        # Setting a variable to the documented default (or to nothing, where it has none) changes nothing.
         given = "" if shown in ("(unset)", "(empty)") else shown.strip("`")
         assert settings.Settings.from_env({name: given}) == defaults, (name, shown)
-    # ...and the README's defaults are not all ignored: a different value does change something.
+    # ...and the documented defaults are not all ignored: a different value does change something.
     assert settings.Settings.from_env({"PORT": "8001"}) != defaults
 
 
@@ -449,21 +449,21 @@ def test_help_prints_the_configuration_table_and_version_the_version() -> None:
     assert version.stdout.strip() == f"agent-runner {agent_runner.__version__}"
 
 
-def test_every_setting_is_in_the_readme_table_and_env_example_with_its_default() -> None:
-    readme = (HERE / "README.md").read_text()
+def test_every_setting_is_in_the_configuration_page_and_env_example_with_its_default() -> None:
+    page = (DOCS / "configuration.md").read_text()
     env_example = (HERE / ".env.example").read_text()
     for name, default, _ in settings.SETTINGS_TABLE:
         shown = f"`{default}`" if default else "(unset)" if name in ("API_TOKEN", "REDIS_URL") else "(empty)"
-        assert re.search(rf"^\| `{name}` \| {re.escape(shown)} \|", readme, re.M), name
+        assert re.search(rf"^\| `{name}` \| {re.escape(shown)} \|", page, re.M), name
         assert f"\n#{name}={default}\n" in env_example, name
     defaults = settings.Settings.from_env({})
     assert str(defaults.redis_prefix) == "agent-runner" and defaults.lock_ttl_seconds == 30
 
 
-def readme_table(heading: str) -> dict[str, list[str]]:
-    """The first table under the README's ``heading`` line: its first column's name (without backticks) -> the
-    other cells. The table ends at its first line that is not a row."""
-    section = (HERE / "README.md").read_text().split(f"\n{heading}\n", 1)[1]
+def docs_table(page: str, heading: str) -> dict[str, list[str]]:
+    """The first table under the ``heading`` line of the docs page ``page``: its first column's name (without
+    backticks) -> the other cells. The table ends at its first line that is not a row."""
+    section = ("\n" + (DOCS / page).read_text()).split(f"\n{heading}\n", 1)[1]
     lines = section[section.index("\n|") + 1:].splitlines()
     rows = {}
     for line in lines[2:]:  # after the header and its |---| line
@@ -500,28 +500,28 @@ def code_log_events() -> dict[str, set[str]]:
     return events
 
 
-def test_the_readme_logs_table_has_every_event_the_code_logs_at_its_levels() -> None:
-    table = readme_table("## Logs")
+def test_the_logs_page_table_has_every_event_the_code_logs_at_its_levels() -> None:
+    table = docs_table("logs.md", "# Logs")
     code = code_log_events()
     assert {"agent_complete", "run_rejected", "webhook_failed", "agent_start"} <= set(code)  # the scan finds them
-    assert sorted(set(code) - set(table)) == [], "logged by the code, missing from the README's Logs table"
-    assert sorted(set(table) - set(code)) == [], "in the README's Logs table, logged nowhere"
+    assert sorted(set(code) - set(table)) == [], "logged by the code, missing from docs/logs.md's table"
+    assert sorted(set(table) - set(code)) == [], "in docs/logs.md's table, logged nowhere"
     for event, named in code.items():
         shown = table[event][0]
         assert all(level in shown for level in named), (event, named, shown)
 
 
-def test_the_readme_layout_table_names_every_product_module() -> None:
-    listed = {re.sub(r"\[`(.+?)`\]\(.*\)", r"\1", name) for name in readme_table("## Layout")}
+def test_the_development_page_layout_table_names_every_product_module() -> None:
+    listed = {re.sub(r"\[`(.+?)`\]\(.*\)", r"\1", name) for name in docs_table("development.md", "## Layout")}
     modules = {path.name for path in product_modules()}
-    assert sorted(modules - listed) == [], "product modules the README's Layout table lacks"
-    assert sorted(listed - modules) == [], "in the README's Layout table, but no such module"
+    assert sorted(modules - listed) == [], "product modules docs/development.md's Layout table lacks"
+    assert sorted(listed - modules) == [], "in docs/development.md's Layout table, but no such module"
 
 
-def test_the_readme_metrics_table_has_every_metric_with_its_type_and_labels() -> None:
+def test_the_metrics_page_table_has_every_metric_with_its_type_and_labels() -> None:
     import metrics
 
-    table = readme_table("### Metrics")
+    table = docs_table("metrics.md", "# Metrics")
     assert sorted(table) == sorted(metric.name for metric in metrics.ALL)
     for metric in metrics.ALL:
         kind, labels, _meaning = table[metric.name]

@@ -20,12 +20,12 @@ import pytest
 import yaml
 from openapi_spec_validator import validate
 
-from conftest import HERE, ServerProcess, missing_tool
+from conftest import DOCS, HERE, ServerProcess, missing_tool
 
 TOKEN = "client-test-token"
 SPEC = HERE / "openapi.yaml"
 SESSIONS = HERE / "tests" / "clients"  # the session scripts, one per client
-README = HERE / "README.md"
+CLIENTS_PAGE = DOCS / "clients.md"
 NODE_MODULES = HERE / ".ci" / "cache" / "clients" / "node_modules"  # installed by .ci/run (npm ci)
 CLIENT_TOOLS_LOCK = HERE / ".ci" / "clients" / "package-lock.json"
 BIN = Path(sys.executable).parent
@@ -38,9 +38,9 @@ def run(command: list[Any], cwd: Path, **env: str) -> subprocess.CompletedProces
                           timeout=180)
 
 
-def readme_example(language: str) -> str:
-    """The code block in `language` from the README's Clients section."""
-    section = README.read_text().split("\n## Clients\n", 1)[1].split("\n## ", 1)[0]
+def documented_example(language: str) -> str:
+    """The code block in `language` from the clients page (docs/clients.md)."""
+    section = CLIENTS_PAGE.read_text()
     return next(code for name, code in re.findall(r"```(\w+)\n(.*?)```", section, re.S) if name == language)
 
 
@@ -53,6 +53,7 @@ def test_openapi_json_is_openapi_yaml_as_json_and_needs_no_token(tmp_path: Path)
         server.stop()
     assert as_json.status_code == 200
     assert as_json.headers["content-type"] == "application/json"
+    assert as_json.content == (HERE / "openapi.json").read_bytes()  # the committed file, as it was at start
     assert as_json.json() == yaml.safe_load(as_yaml.content)
     validate(as_json.json())
     assert as_json.json()["paths"]["/openapi.json"]["get"]["security"] == []
@@ -64,7 +65,7 @@ def test_openapi_json_is_openapi_yaml_as_json_and_needs_no_token(tmp_path: Path)
 
 @pytest.fixture(scope="module")
 def python_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A directory with the generated package agent_runner_client, tests/clients/flow.py and the README's example."""
+    """A directory with the generated package agent_runner_client, tests/clients/flow.py and the clients page's example."""
     if not (BIN / "openapi-python-client").exists():
         missing_tool("openapi-python-client", ".venv/bin/pip install -r requirements-dev.txt")
     work = tmp_path_factory.mktemp("python-client")
@@ -72,13 +73,13 @@ def python_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert generated.returncode == 0, generated.stdout + generated.stderr
     assert "warning" not in (generated.stdout + generated.stderr).lower(), generated.stdout + generated.stderr
     shutil.copy(SESSIONS / "flow.py", work / "client" / "flow.py")
-    (work / "client" / "readme_example.py").write_text(readme_example("python"))
+    (work / "client" / "documented_example.py").write_text(documented_example("python"))
     return work / "client"
 
 
-def test_python_client_its_session_and_the_readme_example_pass_mypy_strict(python_client: Path) -> None:
+def test_python_client_its_session_and_the_documented_example_pass_mypy_strict(python_client: Path) -> None:
     checked = run([sys.executable, "-m", "mypy", "--strict", "--cache-dir", python_client.parent / "mypy-cache",
-                   "flow.py", "readme_example.py", "agent_runner_client"], python_client)
+                   "flow.py", "documented_example.py", "agent_runner_client"], python_client)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert checked.stdout.startswith("Success: no issues found"), checked.stdout
 
@@ -111,7 +112,7 @@ def test_typescript_tools_are_installed_exactly_as_the_lockfile_says() -> None:
 
 @pytest.fixture(scope="module")
 def typescript_client(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
-    """A directory with the generated types, tests/clients/flow.mts and the README's example; tsc's outcome."""
+    """A directory with the generated types, tests/clients/flow.mts and the clients page's example; tsc's outcome."""
     if shutil.which("node") is None:
         missing_tool("node", "apt-get install nodejs")
     if not (NODE_MODULES / "openapi-typescript").is_dir():
@@ -121,7 +122,7 @@ def typescript_client(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, s
     (work / "node_modules").symlink_to(NODE_MODULES)
     for name in ("flow.mts", "tsconfig.json"):
         shutil.copy(SESSIONS / name, work / name)
-    (work / "readme_example.mts").write_text(readme_example("ts"))
+    (work / "documented_example.mts").write_text(documented_example("ts"))
     generated = run(["node", NODE_MODULES / "openapi-typescript" / "bin" / "cli.js", SPEC, "-o", "agent-runner.d.ts"],
                     work)
     assert generated.returncode == 0, generated.stdout + generated.stderr
@@ -129,11 +130,11 @@ def typescript_client(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, s
     return work, compiled
 
 
-def test_typescript_types_the_session_and_the_readme_example_pass_tsc_strict(
+def test_typescript_types_the_session_and_the_documented_example_pass_tsc_strict(
         typescript_client: tuple[Path, Any]) -> None:
     work, compiled = typescript_client
     assert compiled.returncode == 0, compiled.stdout + compiled.stderr
-    assert (work / "flow.mjs").exists() and (work / "readme_example.mjs").exists()
+    assert (work / "flow.mjs").exists() and (work / "documented_example.mjs").exists()
     assert json.loads((work / "tsconfig.json").read_text())["compilerOptions"]["strict"] is True
 
 

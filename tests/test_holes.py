@@ -293,7 +293,7 @@ def unread_server(start_server: Any) -> ServerProcess:
 
 
 UNREAD_CLIENTS = 60
-UNREAD_GROWTH_BOUND = 100 * 1024 * 1024  # the README's bound: 64 MiB left unread by stalled clients, and slack
+UNREAD_GROWTH_BOUND = 100 * 1024 * 1024  # docs/api.md's bound: 64 MiB left unread by stalled clients, and slack
 
 
 @pytest.mark.parametrize("request_bytes", [LIST_REQUEST, b"GET /agents/events HTTP/1.1\r\nHost: x\r\n"

@@ -43,6 +43,7 @@ def test_memory_mode_loads_neither_redis_nor_prometheus_client() -> None:
     assert loaded_modules() == {"after_import": [], "after_start": []}
 
 
-def test_redis_mode_loads_redis_once_its_stores_open(redis_server: RedisServer) -> None:
+def test_redis_mode_loads_redis_to_check_redis_url_at_import(redis_server: RedisServer) -> None:
+    """Every launcher imports the app, which reads its settings then: REDIS_URL is parsed by redis-py's parser."""
     loaded = loaded_modules(REDIS_URL=redis_server.url, REDIS_PREFIX=f"test-{uuid.uuid4().hex[:8]}")
-    assert loaded == {"after_import": [], "after_start": ["redis"]}
+    assert loaded == {"after_import": ["redis"], "after_start": ["redis"]}

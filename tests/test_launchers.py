@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -71,9 +72,17 @@ def burst(port: int, prefix: str, count: int = 30) -> list[int]:
 
 
 def running(port: int, prefix: str) -> int:
-    status, _, body = request(port, "GET", f"{prefix}/agents/runs?state=RUNNING", AUTH)
-    assert status == 200, body
-    return len(json.loads(body)["runs"])
+    """How many runs are RUNNING once the admitted one has started (it holds its slot from the 202 on, and is
+    RUNNING once its task records it); never more than one on the way."""
+    deadline = time.monotonic() + 10
+    while True:
+        status, _, body = request(port, "GET", f"{prefix}/agents/runs?state=RUNNING", AUTH)
+        assert status == 200, body
+        count = len(json.loads(body)["runs"])
+        assert count <= 1, body
+        if count or time.monotonic() > deadline:
+            return count
+        time.sleep(0.02)
 
 
 def stdout_lines(server: ServerProcess) -> list[dict[str, Any]]:
@@ -86,6 +95,9 @@ def wait_exit(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
         return proc.wait(timeout)
     except subprocess.TimeoutExpired:
         pytest.fail(f"{proc.args} did not exit within {timeout} s")
+
+
+QUICK_REFUSAL = {"SHUTDOWN_GRACE_SECONDS": "0"}  # a claim held is waited for as long as its holder may drain
 
 
 CASES = [(name, prefix, "") for name in LAUNCHERS for prefix in ("", "/runner")] + [("uvicorn", "", "/runner")]
@@ -161,31 +173,101 @@ def test_memory_mode_refuses_a_second_worker_process(tmp_path: Path, launcher: s
     with open(tmp_path / "out", "wb") as out:
         proc = subprocess.Popen(argv, cwd=HERE, stdout=out, stderr=subprocess.STDOUT,
                                 env={"PATH": "/usr/bin:/bin", "AGENT_MODULES": "fixture_agents",
-                                     "PYTHONPATH": str(TESTS)})
-        wait_exit(proc)
+                                     "PYTHONPATH": str(TESTS), **QUICK_REFUSAL})
+        code = wait_exit(proc)
     output = (tmp_path / "out").read_text()
     refusals = [json.loads(line) for line in output.splitlines() if '"invalid_configuration"' in line]
     assert refusals, output
     assert refusals[0]["variable"] == "REDIS_URL" and "one process" in refusals[0]["detail"]
-    assert "exited with code 2" in output if launcher == "gunicorn" else True  # the refused worker's status
+    if launcher == "gunicorn":  # the refused worker exits 3, the status that makes gunicorn stop (with 3)
+        assert "exited with code 3" in output and code == 3
 
 
-def test_a_second_memory_mode_process_on_the_same_port_is_refused_with_exit_2(tmp_path: Path) -> None:
-    """Two single-worker launchers sharing one port (gunicorn --reuse-port twice): the second exits 2."""
+def test_a_second_memory_mode_launcher_on_the_same_port_is_refused(tmp_path: Path) -> None:
+    """Two single-worker launchers sharing one port (gunicorn --reuse-port twice): the second stops."""
     port = free_port()
     argv = [part.replace("{port}", str(port)) for part in LAUNCHERS["gunicorn"]] + ["--reuse-port"]
-    first = launch(tmp_path, "first", argv, port)
+    first = launch(tmp_path, "first", argv, port, **QUICK_REFUSAL)
     try:
         with open(tmp_path / "second", "wb") as out:
             second = subprocess.Popen(argv, cwd=HERE, stdout=out, stderr=subprocess.STDOUT,
-                                      env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(TESTS)})
-            wait_exit(second)
+                                      env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(TESTS), **QUICK_REFUSAL})
+            assert wait_exit(second) == 3  # gunicorn's "Worker failed to boot"
         output = (tmp_path / "second").read_text()
         refusals = [json.loads(line) for line in output.splitlines() if '"invalid_configuration"' in line]
         assert refusals and refusals[0]["variable"] == "REDIS_URL", output
-        assert "Worker (pid" in output and "exited with code 2" in output
+        assert f"127.0.0.1:{port}" in refusals[0]["detail"]
+        assert request(first.port, "GET", "/healthz")[0] == 200  # the first one serves on
     finally:
         first.stop()
+
+
+def test_memory_mode_workers_on_a_unix_socket_are_refused_too(tmp_path: Path) -> None:
+    path = tmp_path / "runner.sock"
+    with open(tmp_path / "out", "wb") as out:
+        proc = subprocess.Popen(LAUNCHERS["uvicorn"][:4] + ["--uds", str(path), "--workers", "2"], cwd=HERE,
+                                stdout=out, stderr=subprocess.STDOUT,
+                                env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(TESTS), **QUICK_REFUSAL})
+        wait_exit(proc)
+    refusals = [json.loads(line) for line in (tmp_path / "out").read_text().splitlines()
+                if '"invalid_configuration"' in line]
+    assert refusals and f"unix:{path}" in refusals[0]["detail"]
+
+
+def test_memory_mode_on_two_addresses_with_one_port_is_two_services(tmp_path: Path) -> None:
+    port = free_port()
+    servers = []
+    try:
+        for host in ("127.0.0.1", "127.0.0.2"):
+            argv = [part.replace("127.0.0.1:{port}", f"{host}:{port}") for part in LAUNCHERS["gunicorn"]]
+            servers.append(launch(tmp_path, host, argv, port))
+            if host == "127.0.0.2":  # ServerProcess waited on 127.0.0.1: wait for this one's start line
+                deadline = time.monotonic() + 15
+                while not [line for line in stdout_lines(servers[-1]) if line["event"] == "service_started"]:
+                    assert servers[-1].proc.poll() is None, servers[-1].log_path.read_text()
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+        assert all(server.proc.poll() is None for server in servers)
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def test_a_graceful_reload_waits_for_the_old_worker_instead_of_stopping_the_service(tmp_path: Path) -> None:
+    """gunicorn's SIGHUP (logrotate's postrotate sends it) starts the new worker while the old one drains."""
+    server = launch(tmp_path, "gunicorn", LAUNCHERS["gunicorn"], SHUTDOWN_GRACE_SECONDS="1")
+    try:
+        server.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while len([line for line in stdout_lines(server) if line["event"] == "service_started"]) < 2:
+            assert server.proc.poll() is None, (server.log_path.read_text(), server.stderr_text())
+            assert time.monotonic() < deadline, server.log_path.read_text()
+            time.sleep(0.05)
+        assert request(server.port, "GET", "/healthz")[0] == 200
+        assert not [line for line in stdout_lines(server) if line["event"] == "invalid_configuration"]
+    finally:
+        server.stop()
+
+
+USER_PROGRAM = """
+import multiprocessing, sys, uvicorn
+def serve():
+    uvicorn.run("agent_runner:app", port=int(sys.argv[1]))
+if __name__ == "__main__":
+    child = multiprocessing.Process(target=serve)
+    child.start()
+    child.join()
+    print("child exit", child.exitcode, flush=True)
+"""
+
+
+def test_a_refused_child_of_a_users_own_program_leaves_its_parent_alone(tmp_path: Path) -> None:
+    (tmp_path / "program.py").write_text(USER_PROGRAM)
+    done = subprocess.run([sys.executable, str(tmp_path / "program.py"), str(free_port())], cwd=HERE,
+                          capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{HERE}:{TESTS}", "ROOT_PATH": "no-slash"})
+    assert done.returncode == 0, done.stderr
+    assert "child exit 2" in done.stdout
 
 
 @pytest.mark.parametrize("launcher", ["uvicorn", "gunicorn", "hypercorn"])
@@ -248,3 +330,19 @@ def _launchers_installed(request: pytest.FixtureRequest) -> None:
     require_launcher_packages()
     if "redis_server" in request.fixturenames:
         require_redis_server()
+
+
+def test_methods_the_service_does_not_know_share_one_metrics_label(tmp_path: Path) -> None:
+    """hypercorn's parser (h11) lets any method token through: each must not become a series of its own."""
+    server = launch(tmp_path, "hypercorn", LAUNCHERS["hypercorn"])
+    try:
+        for number in range(5):
+            with socket.create_connection(("127.0.0.1", server.port)) as sock:
+                sock.sendall(f"M{number:05d} /agents HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+                sock.settimeout(5)
+                assert sock.recv(4096).startswith(b"HTTP/1.1 ")
+        metrics = request(server.port, "GET", "/metrics")[2].decode()
+    finally:
+        server.stop()
+    assert 'method="M0' not in metrics
+    assert 'method="other"' in metrics

@@ -4,7 +4,6 @@ the changelog, and .ci/release.py, which the workflow runs to check the tag and 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import re
 import shutil
@@ -15,6 +14,8 @@ from typing import Any, Callable
 
 import pytest
 import yaml
+
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / ".github" / "workflows"
@@ -70,11 +71,7 @@ def release_script(*args: str, stdin: str = "", script: Path = RELEASE_SCRIPT) -
 
 
 def release_module() -> Any:
-    spec = importlib.util.spec_from_file_location("release", RELEASE_SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(RELEASE_SCRIPT)
 
 
 def steps_of(job: dict[str, Any], matches: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
@@ -199,15 +196,30 @@ def test_default_permissions_are_read_only(name: str) -> None:
     assert load(name)["permissions"] == {"contents": "read"}
 
 
-def test_only_push_sign_and_release_may_write_and_only_what_each_needs() -> None:
+def test_only_push_sign_release_and_pages_may_write_and_only_what_each_needs() -> None:
     writes = {name: {scope for scope, level in job.get("permissions", {}).items() if level == "write"}
               for name, job in load("release.yml")["jobs"].items()}
     assert {name: scopes for name, scopes in writes.items() if scopes} == {
         "push": {"packages"},
         "sign": {"packages", "id-token"},
         "release": {"contents"},
+        "pages": {"pages", "id-token"},
     }
     assert not any("permissions" in job for job in load("ci.yml")["jobs"].values())
+
+
+def test_the_docs_site_is_built_strictly_after_the_release_and_published_to_pages() -> None:
+    jobs = load("release.yml")["jobs"]
+    build_job, _, build = find_step(jobs, lambda step: runs(step, "mkdocs build"))
+    assert "mkdocs build --strict" in build["run"]
+    assert "grep '^mkdocs-material==' requirements-dev.txt" in build["run"]  # the version the tests build with
+    [upload] = steps_of(jobs[build_job], lambda step: action(step, "actions/upload-pages-artifact"))
+    site = build["run"].split("--site-dir ", 1)[1].split()[0].strip('"')
+    assert upload["with"]["path"] == site.replace("$RUNNER_TEMP", "${{ runner.temp }}")
+    deploy_job, _, _ = find_step(jobs, lambda step: action(step, "actions/deploy-pages"))
+    assert needs(jobs[deploy_job]) == [build_job] and jobs[deploy_job]["environment"]["name"] == "github-pages"
+    assert "release" in upstream(jobs, build_job)  # the docs of a release, published once it is
+    assert jobs[build_job]["if"] == "github.event_name == 'push'"
 
 
 @pytest.mark.parametrize("name", ["ci.yml", "release.yml"])

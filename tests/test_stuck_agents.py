@@ -1,4 +1,4 @@
-"""Agent code that will not stop: the last resorts the README promises (issue 11, items 1 and 2).
+"""Agent code that will not stop: the last resorts docs/agents.md promises (issue 11, items 1 and 2).
 
 A thread that never returns keeps the lock for as long as its process lives;
 in Redis mode, a lock that can no longer be renewed while such code runs ends
@@ -92,7 +92,7 @@ def test_lock_expiring_under_a_thread_that_ignores_the_stop_exits_70(own_redis: 
 
 def test_a_thread_that_never_returns_holds_the_lock_for_the_life_of_the_process(
         tmp_path: Path, redis_server: RedisServer) -> None:
-    """README, "Writing an agent": every later POST gets 409, the run stays RUNNING (cancel answers 202) and
+    """docs/agents.md: every later POST gets 409, the run stays RUNNING (cancel answers 202) and
     ``agent_still_running`` is logged every 10 s; only a restart frees it (Redis: once the lock's TTL passes).
 
     Both modes in one test, side by side: most of it is waiting for the 10 s log line.

@@ -17,17 +17,17 @@ from typing import Any
 
 import pytest
 
-from conftest import HERE, ServerProcess, missing_tool, new_user
+from conftest import DOCS, ServerProcess, missing_tool, new_user
 
 SECRET = "test-secret-" + uuid.uuid4().hex
 HOOKS = {"WEBHOOK_SECRET": SECRET, "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1,localhost", "WEBHOOK_BACKOFF_SECONDS": "0.2"}
 
 
-def readme_verifier() -> Any:
-    """The README's verification snippet, run as written: a receiver's check of the signature."""
-    section = (HERE / "README.md").read_text().split("\n## Webhooks\n", 1)[1]
+def documented_verifier() -> Any:
+    """The webhooks page's verification snippet, run as written: a receiver's check of the signature."""
+    section = (DOCS / "webhooks.md").read_text()
     code = re.search(r"```python\n(.*?)```", section, re.S)
-    assert code, "the README's Webhooks section has no Python snippet"
+    assert code, "docs/webhooks.md has no Python snippet"
     scope: dict[str, Any] = {}
     exec(code.group(1), scope)
     return scope["verify"]
@@ -134,7 +134,7 @@ def test_a_finished_run_is_posted_signed_to_its_webhook(start_server, receiver_f
     assert request["path"] == "/hook?source=test"
     assert request["headers"]["Content-Type"] == "application/json"
     assert json.loads(request["body"]) == run  # the run object at its terminal state
-    verify = readme_verifier()
+    verify = documented_verifier()
     header = request["headers"]["Agent-Runner-Signature"]
     assert re.fullmatch(r"t=\d+,v1=[0-9a-f]{64}", header)
     assert verify(SECRET, header, request["body"])
@@ -331,7 +331,7 @@ def test_https_checks_the_certificate_and_the_host_name(start_server, receiver_f
     run_id = start_hooked_run(trusting, receiver.url)
     assert trusting.wait_for_event("webhook_delivered", run_id=run_id)["attempt"] == 1
     request = receiver.wait_requests(1)[0]
-    assert readme_verifier()(SECRET, request["headers"]["Agent-Runner-Signature"], request["body"])
+    assert documented_verifier()(SECRET, request["headers"]["Agent-Runner-Signature"], request["body"])
     assert request["headers"]["Host"] == f"localhost:{receiver.server.server_address[1]}"
 
 

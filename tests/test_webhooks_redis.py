@@ -18,7 +18,7 @@ from redis_scripts import CLAIM_WEBHOOK_SCRIPT, FINISH_SCRIPT, REPORT_WEBHOOK_SC
 
 from conftest import RedisServer, ServerProcess, new_user
 from redis_proxy import RedisProxy
-from test_webhooks import HOOKS, SECRET, Receiver, readme_verifier
+from test_webhooks import HOOKS, SECRET, Receiver, documented_verifier
 
 
 @pytest.fixture
@@ -60,7 +60,7 @@ def test_a_replica_killed_during_the_backoff_leaves_the_delivery_to_another(repl
     delivered = b.wait_for_event("webhook_delivered", run_id=run_id, timeout=15)
     assert delivered["attempt"] == 2 and delivered["status"] == 200
     assert [request["answer"] for request in receiver.requests] == [500, 200]
-    assert readme_verifier()(SECRET, receiver.requests[1]["headers"]["Agent-Runner-Signature"],
+    assert documented_verifier()(SECRET, receiver.requests[1]["headers"]["Agent-Runner-Signature"],
                              receiver.requests[1]["body"])
     time.sleep(0.5)
     assert redis_server.command("EXISTS", f"{prefix}:webhook:{run_id}") == 0  # done: nothing left owed

@@ -1,7 +1,7 @@
 // One session through openapi-fetch, typed by what openapi-typescript generates from openapi.yaml.
 //
 // tests/test_clients.py generates agent-runner.d.ts beside a copy of this file, compiles both with
-// `tsc --strict` (tsconfig.json here, with the README's example) and runs the result under node against a live server:
+// `tsc --strict` (tsconfig.json here, with the example in docs/clients.md) and runs the result under node against a live server:
 // AGENT_RUNNER_URL says where, API_TOKEN (optional) the token the server wants. It prints one JSON
 // line with what it did, or exits non-zero with the first thing that was not as the spec says.
 import assert from "node:assert/strict";

@@ -1,7 +1,7 @@
 """One session through the client openapi-python-client generates from openapi.yaml.
 
 tests/test_clients.py generates the package `agent_runner_client` beside a copy of this file, checks
-both (and the README's example) with `mypy --strict`, then runs it against a live server:
+both (and the example in docs/clients.md) with `mypy --strict`, then runs it against a live server:
 AGENT_RUNNER_URL says where, API_TOKEN (optional) the token the server wants. It prints one JSON
 line with what it did, or exits non-zero with the first thing that was not as the spec says.
 """
