@@ -15,7 +15,9 @@ import json
 import resource
 import signal
 import socket
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ import pytest
 
 from conftest import ServerProcess, missing_tool, new_user
 from http_limits import MAX_CONNECTIONS
+from test_webhooks import Receiver
 from webhook_http import WebhookRefused, check_url
 
 WEBHOOK_SECRET = "holes-webhook-secret-0123456789"
@@ -222,11 +225,12 @@ def fill_runs(srv: ServerProcess, count: int, pad: int) -> None:
         srv.run_to_end("sleeper", seconds=0, pad="x" * pad)
 
 
-def rss_bytes(pid: int) -> int:
+def rss_bytes(pid: int, field: str = "VmRSS") -> int:
+    """The process's resident memory now (or, with VmHWM, at its peak so far)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
+    raise AssertionError(f"no {field}")
 
 
 def non_reader(port: int, request: bytes) -> socket.socket:
@@ -373,3 +377,89 @@ def test_a_short_path_is_logged_whole(holes_server: ServerProcess) -> None:
     assert holes_server.client.get("/no/such/page").status_code == 404
     line = holes_server.wait_for_event("http_request", path="/no/such/page")
     assert "path_chars" not in line
+
+
+# --- 1. a keyed POST whose webhook resolves slowly as shutdown begins ------------------------------------------------
+
+HOOKS = {"WEBHOOK_SECRET": WEBHOOK_SECRET, "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1", "WEBHOOK_BACKOFF_SECONDS": "0.2",
+         "AGENT_MODULES": "fixture_agents,fixture_slow_dns", "SLOW_DNS_SECONDS": "2"}
+
+
+def post_in_background(srv: ServerProcess, body: dict[str, Any], key: str) -> tuple[threading.Thread, list[Any]]:
+    answers: list[Any] = []
+
+    def post() -> None:
+        answers.append(httpx.post(f"{srv.url}/agents/run", json=body, headers={"Idempotency-Key": key}, timeout=30))
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    return thread, answers
+
+
+def sigterm_while_the_webhook_resolves(srv: ServerProcess, body: dict[str, Any]) -> dict[str, Any]:
+    """POST ``body`` with an Idempotency-Key, send SIGTERM while its webhook's host is being looked up (2 s), and
+    wait for the process to exit; the POST's answer."""
+    thread, answers = post_in_background(srv, body, f"key-{uuid.uuid4()}")
+    time.sleep(0.7)
+    srv.proc.send_signal(signal.SIGTERM)
+    thread.join(30)
+    assert srv.stop(timeout=40) == 0
+    assert answers and answers[0].status_code == 202, answers and answers[0].text
+    return answers[0].json()
+
+
+def terminal_line(srv: ServerProcess, run_id: str) -> dict[str, Any] | None:
+    return next((line for line in srv.log_lines() if line.get("run_id") == run_id and "state" in line
+                 and line["state"] in ("DONE", "ERROR", "CANCELLED")), None)
+
+
+def test_a_keyed_post_admitted_while_shutdown_begins_runs_with_its_grace(start_server: Any, backend: dict[str, str]
+                                                                         ) -> None:
+    receiver = Receiver()
+    try:
+        srv = start_server(**HOOKS)
+        accepted = sigterm_while_the_webhook_resolves(srv, {
+            "agent_type": "sleeper", "user_id": new_user(), "input": {"seconds": 1}, "webhook": receiver.url})
+        run_id = accepted["run_id"]
+        [shutdown] = srv.events("shutdown_started")
+        assert run_id in shutdown["active_run_ids"], shutdown
+        assert not srv.events("exit_with_agent_running")
+        line = terminal_line(srv, run_id)
+        assert line is not None and line["state"] == "DONE", line
+        if not backend:  # memory mode delivers before it exits; Redis mode leaves it to the other replicas
+            assert json.loads(receiver.wait_requests(1)[0]["body"])["state"] == "DONE"
+    finally:
+        receiver.close()
+
+
+def test_a_keyed_post_queued_while_shutdown_begins_ends_cancelled_in_memory_mode(tmp_path: Path) -> None:
+    receiver = Receiver()
+    srv = ServerProcess(tmp_path / "server.log", **HOOKS)
+    try:
+        srv.start_run("sleeper", seconds=3)
+        accepted = sigterm_while_the_webhook_resolves(srv, {
+            "agent_type": "sleeper", "user_id": new_user(), "input": {"seconds": 0}, "on_busy": "enqueue",
+            "webhook": receiver.url})
+        assert accepted["queue_position"] == 1
+        line = terminal_line(srv, accepted["run_id"])
+        assert line is not None and line["state"] == "CANCELLED", line
+        assert json.loads(receiver.wait_requests(1)[0]["body"])["state"] == "CANCELLED"
+    finally:
+        srv.stop(signal.SIGKILL)
+        receiver.close()
+
+
+# --- 5. the Redis-mode events outbox is bounded by bytes ------------------------------------------------------------
+
+def test_an_agent_logging_large_lines_faster_than_redis_takes_them_keeps_memory_bounded(start_server: Any,
+                                                                                          backend: dict[str, str]
+                                                                                          ) -> None:
+    srv = start_server(AGENT_MODULES="fixture_agents,fixture_event_agents")
+    srv.run_to_end("flood", lines=10, pad=60_000)  # a warm baseline
+    before = rss_bytes(srv.proc.pid, "VmHWM")
+    run = srv.run_to_end("flood", lines=1500, pad=60_000)  # 90 MB of lines, logged without yielding
+    assert run["state"] == "DONE"
+    grown = rss_bytes(srv.proc.pid, "VmHWM") - before
+    assert grown < 60 * 1024 * 1024, f"peak RSS grew by {grown / 2**20:.0f} MiB"
+    if backend:
+        assert len(srv.events("events_dropped")) == 1  # best effort: dropped past the bound, said once
