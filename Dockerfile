@@ -11,10 +11,9 @@ FROM python:3.11.7-slim
 RUN useradd --create-home --uid 10001 runner
 COPY --from=build /venv /venv
 WORKDIR /app
-COPY admission.py agent_runner.py agent_work.py agents.py cancelling.py console_logs.py dashboard.py event_stream.py \
-     events.py http_json.py http_limits.py http_writes.py idempotency.py logs.py metrics.py middleware.py runner.py \
-     settings.py single_process.py store.py redis_events.py redis_lock.py redis_reads.py redis_store.py redis_scripts.py \
-     redis_webhooks.py webhook_http.py webhooks.py openapi.yaml openapi.json dashboard.html ./
+COPY agent_runner.py agents.py dashboard.py event_stream.py http_json.py http_limits.py http_writes.py middleware.py \
+     settings.py single_process.py openapi.yaml openapi.json dashboard.html ./
+COPY service ./service
 # Byte-compiled here: at run time nothing is written (PYTHONDONTWRITEBYTECODE, not root), so otherwise every
 # start would compile every module again.
 RUN python -m compileall -q .

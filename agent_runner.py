@@ -2,7 +2,7 @@
 
 This module is the HTTP surface: the handlers, the routes and the app, and
 ``python agent_runner.py``. One run's path from PENDING to its terminal state
-is in runner.py; settings, logs, request validation and the stores each have
+is in service/runs.py; settings, logs, request validation and the backends each have
 their own module.
 """
 
@@ -31,25 +31,24 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
-import admission
 import agents
 import dashboard
-import events
-import metrics
-import runner
 import settings
-import webhooks
-from cancelling import cancel_and_wait
 from event_stream import all_events, run_events, run_logs
 from http_json import (check_idempotency_key, check_uuid, check_webhook_resolves, header, json_response, parse_limit,
                        parse_run_request, parse_wait, read_json, short)
 from http_limits import LimitedHttpToolsProtocol
-from logs import flush_stdout_regularly, log, log_hot, logging_config, write_hot_lines
 from middleware import AccessLog, ForwardedClient, RootPath, logged_path, token_required
+from service import metrics
+from service.backends import Backend
+from service.backends.cancelling import cancel_and_wait
+from service.backends.records import STATES, Page, Run, StoreUnavailable
+from service.logs import flush_stdout_regularly, log, log_hot, logging_config, write_hot_lines
+from service.runs import run_fields
+from service.runtime import Runtime, close_runtime, from_state, open_runtime, stop_delivering
 from settings import SETTINGS_TABLE, ConfigError, Settings, load_agent_modules
 import single_process
 from single_process import claim_server_sockets, refusal_exit_status
-from store import STATES, Page, Run, StoreUnavailable
 
 __version__ = "0.1.0"
 
@@ -73,11 +72,13 @@ async def post_run(request: Request) -> Response:
         return await post_run_once(request, agent_cls, user_id, agent_input, on_busy, webhook)
     if webhook is not None:
         await check_webhook_resolves(webhook)
-    if not admission.accepting_runs:
+    runtime = from_state(request.app.state)
+    if not runtime.admission.accepting_runs:
         raise HTTPException(503, "Shutting down")
-    verdict, run = await admission.admit(agent_cls, user_id, agent_input, on_busy, webhook)
+    verdict, run = await runtime.admission.admit(agent_cls, user_id, agent_input, on_busy, webhook)
     if verdict in ("busy", "full"):
-        return refuse_run(verdict, agent_cls, user_id)
+        return refuse_run(runtime, verdict, agent_cls, user_id)
+    assert run is not None  # accepted: started or queued
     return accept_run(request, run.run_id, on_busy, run.queue_position)
 
 
@@ -86,8 +87,9 @@ async def post_run_once(request: Request, agent_cls: type[agents.BaseAgent], use
     """POST /agents/run with an Idempotency-Key: a retry gets the first accepted request's answer, not a run."""
     key = check_idempotency_key(request.headers.getlist("idempotency-key"))
     check = (lambda: check_webhook_resolves(webhook)) if webhook is not None else None  # a replay is not checked
-    verdict, run_id, queue_position = await admission.admit_once(key, agent_cls, user_id, agent_input, on_busy,
-                                                                   webhook, check)
+    runtime = from_state(request.app.state)
+    verdict, run_id, queue_position = await runtime.admission.admit_once(key, agent_cls, user_id, agent_input,
+                                                                           on_busy, webhook, check)
     if verdict == "mismatch":
         raise HTTPException(422, f"Idempotency-Key {short(key)} was used with a different request")
     if verdict == "pending":
@@ -96,19 +98,19 @@ async def post_run_once(request: Request, agent_cls: type[agents.BaseAgent], use
     if verdict == "closed":
         raise HTTPException(503, "Shutting down")
     if verdict in ("busy", "full"):
-        return refuse_run(verdict, agent_cls, user_id)
+        return refuse_run(runtime, verdict, agent_cls, user_id)
     if verdict == "replayed":
         log.info("run_replayed", extra={"run_id": run_id, "agent_type": agent_cls.agent_type, "user_id": user_id,
                                         "key": key})
     return accept_run(request, run_id, on_busy, queue_position, replayed=verdict == "replayed")
 
 
-def refuse_run(verdict: str, agent_cls: type[agents.BaseAgent], user_id: str) -> Response:
+def refuse_run(runtime: Runtime, verdict: str, agent_cls: type[agents.BaseAgent], user_id: str) -> Response:
     """409: every slot taken, or the queue full. The busy path is hot: answered here, not by the exception handler."""
     metrics.REJECTED_TOTAL.inc()
     log_hot("run_rejected", f'"agent_type": {json_string(agent_cls.agent_type)}, "user_id": "{user_id}"')
     refusal = json_response(BUSY_BODY if verdict == "busy" else QUEUE_FULL_BODY, 409)
-    refusal.raw_headers.append((b"retry-after", b"%d" % admission.retry_after()))
+    refusal.raw_headers.append((b"retry-after", b"%d" % runtime.admission.retry_after()))
     return refusal
 
 
@@ -124,32 +126,34 @@ def accept_run(request: Request, run_id: str, on_busy: str, queue_position: int 
     return json_response(body, 202, headers=headers)
 
 
-async def find_run(run_id: str) -> Run:
-    run = await runner.run_store.get(check_uuid(run_id, "run_id"))
+async def find_run(backend: Backend, run_id: str) -> Run:
+    run = await backend.get(check_uuid(run_id, "run_id"))
     if run is None:
         raise HTTPException(404, f"Run {run_id} not found")
     return run
 
 
 async def get_status(request: Request) -> Response:
-    run = await find_run(request.path_params["run_id"])
+    backend = from_state(request.app.state).backend
+    run = await find_run(backend, request.path_params["run_id"])
     wait = parse_wait(request.query_params.get("wait")) if request.scope["query_string"] else None
     if wait is not None and not run.finished:
-        run = await runner.run_store.wait_finished(run.run_id, wait) or run
+        run = await backend.wait_finished(run.run_id, wait) or run
     return json_response(run.json())
 
 
 async def cancel_run(request: Request) -> Response:
-    run = await find_run(request.path_params["run_id"])
+    runtime = from_state(request.app.state)
+    run = await find_run(runtime.backend, request.path_params["run_id"])
     if run.finished:
         raise HTTPException(409, f"Run {run.run_id} already finished ({run.state})")
-    log.info("cancel_requested", extra=runner.run_fields(run))
+    log.info("cancel_requested", extra=run_fields(run))
     if run.queue_position is not None and \
-            (waiting := await admission.cancel_waiting(run.run_id, run.queue_position)) is not None:
+            (waiting := await runtime.admission.cancel_waiting(run.run_id, run.queue_position)) is not None:
         return json_response(waiting.json())
-    if not runner.request_stop(run.run_id):  # another replica runs it (or it is just leaving the queue)
-        await runner.run_store.request_cancel(run.run_id)
-    run = await runner.run_store.wait_finished(run.run_id, CANCEL_WAIT_SECONDS) or run
+    if not runtime.runner.request_stop(run.run_id):  # another replica runs it (or it is just leaving the queue)
+        await runtime.backend.request_cancel(run.run_id)
+    run = await runtime.backend.wait_finished(run.run_id, CANCEL_WAIT_SECONDS) or run
     return json_response(run.json(), 200 if run.finished else 202)
 
 
@@ -160,12 +164,13 @@ async def list_runs(request: Request) -> Response:
         raise HTTPException(400, f"state must be one of {', '.join(STATES)}, got {short(state)}")
     user_id = query.get("user_id")
     before = query.get("before")
-    if before is not None and await runner.run_store.get(check_uuid(before, "before")) is None:
+    backend = from_state(request.app.state).backend
+    if before is not None and await backend.get(check_uuid(before, "before")) is None:
         raise HTTPException(400, f"before: run {before} not found (it may have been dropped by retention)")
     page = Page(parse_limit(query.get("limit")), state=state, agent_type=query.get("agent_type"),
                 user_id=check_uuid(user_id, "user_id") if user_id is not None else None, max_bytes=LIST_BODY_BYTES)
     async with request.app.state.large_reads:
-        runs = await runner.run_store.list(page, before=before.lower() if before else None)
+        runs = await backend.list(page, before=before.lower() if before else None)
         body = b'{"runs":[' + b",".join(run.json() for run in runs) + b"]}"
     return json_response(body)
 
@@ -182,9 +187,10 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    if not admission.accepting_runs:
+    runtime = from_state(request.app.state)
+    if not runtime.admission.accepting_runs:
         raise HTTPException(503, "Shutting down")
-    await runner.run_store.check()
+    await runtime.backend.check()
     return json_response({"status": "ready"})
 
 
@@ -274,7 +280,7 @@ async def server_error(request: Request, exc: Exception) -> Response:
 LOOP_LAG_WARNING_SECONDS = 1.0  # an event loop stalled longer than this is logged (event_loop_blocked)
 
 
-async def watch_event_loop(interval: float = 0.25) -> None:
+async def watch_event_loop(runtime: Runtime, interval: float = 0.25) -> None:
     """Warn when something (usually an agent doing blocking work) stalls the event loop."""
     loop = asyncio.get_running_loop()
     while True:
@@ -282,9 +288,9 @@ async def watch_event_loop(interval: float = 0.25) -> None:
         await asyncio.sleep(interval)
         lag = loop.time() - expected
         if lag > LOOP_LAG_WARNING_SECONDS:
-            active = next(iter(runner.active_runs.values()), None)
+            active = next(iter(runtime.runner.active_runs.values()), None)
             log.warning("event_loop_blocked", extra={
-                "lag_ms": round(lag * 1000), **(runner.run_fields(active.run) if active else {}),
+                "lag_ms": round(lag * 1000), **(run_fields(active.run) if active else {}),
                 "hint": "agents must run blocking work in asyncio.to_thread"})
 
 
@@ -297,19 +303,18 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     if not settings.current.redis_url:
         await refuse_second_memory_process()
     app.state.large_reads = asyncio.Semaphore(LARGE_READS_AT_ONCE)
-    store = await runner.open_stores()
-    webhooks.start_delivering(runner.run_store)
+    runtime = app.state.runtime = await open_runtime(settings.current)
     log.info("service_started", extra={
-        "version": __version__, "store": store, "agent_types": sorted(agents.registry),
+        "version": __version__, "store": runtime.backend.name, "agent_types": sorted(agents.registry),
         "agent_sleep_seconds": settings.current.agent_sleep_seconds})
-    background = [asyncio.create_task(flush_stdout_regularly()), asyncio.create_task(watch_event_loop()),
-                  asyncio.create_task(admission.dispatch_forever())]
+    background = [asyncio.create_task(flush_stdout_regularly()), asyncio.create_task(watch_event_loop(runtime)),
+                  asyncio.create_task(runtime.admission.dispatch_forever())]
     try:
         yield
     finally:
-        await admission.drain(settings.current.shutdown_grace_seconds)
-        await webhooks.stop_delivering()
-        await runner.close_stores()  # ends the event streams first
+        await runtime.admission.drain(settings.current.shutdown_grace_seconds)
+        await stop_delivering(runtime)
+        await close_runtime(runtime)  # ends the event streams first
         for task in background:
             await cancel_and_wait(task)
         write_hot_lines()
@@ -376,9 +381,10 @@ class Server(uvicorn.Server):
     async def serve(self, sockets: Any = None) -> None:
         self.loop = asyncio.get_running_loop()
         await super().serve(sockets)
-        if runner.agent_code_running():  # recorded, but its code will not stop: only exiting stops it
-            for active in runner.active_runs.values():
-                log.error("exit_with_agent_running", extra=runner.run_fields(active.run))
+        runtime: Runtime | None = getattr(app.state, "runtime", None)  # None: the lifespan never started
+        if runtime is not None and runtime.runner.agent_code_running():  # only exiting stops its code now
+            for active in runtime.runner.active_runs.values():
+                log.error("exit_with_agent_running", extra=run_fields(active.run))
             write_hot_lines()
             sys.stdout.flush()
             os._exit(0)
@@ -393,8 +399,10 @@ class Server(uvicorn.Server):
     def _start_drain(self) -> None:
         async def drain_then_exit() -> None:
             try:
-                await admission.drain(settings.current.shutdown_grace_seconds)
-                await events.hub.close()  # the streams end (after the frames of runs that ended in the grace)
+                runtime: Runtime | None = getattr(app.state, "runtime", None)
+                if runtime is not None:
+                    await runtime.admission.drain(settings.current.shutdown_grace_seconds)
+                    await runtime.hub.close()  # the streams end (after the frames of runs that ended in the grace)
             finally:
                 self.should_exit = True
 

@@ -33,8 +33,14 @@ TLS = httpx.create_ssl_context()
 
 
 def product_modules() -> list[Path]:
-    """The service's own modules: every .py at the root but the tests."""
-    return sorted(path for path in HERE.glob("*.py") if not path.name.startswith("test_") and path.name != "conftest.py")
+    """The service's own modules: every .py at the root but the tests, and every one of the service package."""
+    root = [path for path in HERE.glob("*.py") if not path.name.startswith("test_") and path.name != "conftest.py"]
+    return sorted([*root, *(HERE / "service").rglob("*.py")])
+
+
+def module_name(path: Path) -> str:
+    """A product module as the Dockerfile and the README name it: its path from the root."""
+    return path.relative_to(HERE).as_posix()
 
 
 def load_script(path: Path) -> Any:

@@ -17,11 +17,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-import events
-import runner
-from events import EventHub, Frame, Subscriber
 from http_json import check_uuid, json_response
-from store import Run, StoreUnavailable
+from service.backends.records import Frame, Run, StoreUnavailable, parse_event_id
+from service.events import MAX_STREAMS, EventHub, Subscriber
+from service.runtime import from_state
 
 HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-store"),
            (b"x-accel-buffering", b"no")]  # proxies such as nginx would otherwise hold frames back
@@ -127,49 +126,52 @@ class EventStream:
         self.events.unsubscribe(self.client, "disconnected")
 
 
-def open_stream(request: Request, run_id: str | None) -> events.Subscriber:
+def open_stream(hub: EventHub, request: Request, run_id: str | None) -> Subscriber:
     """A new stream client, registered before its first frames are read so it misses nothing in between."""
-    if not events.hub.available():
-        raise HTTPException(503, "Shutting down" if events.hub.closed else "Run store unavailable",
+    if not hub.available():
+        raise HTTPException(503, "Shutting down" if hub.closed else "Run store unavailable",
                             headers={"Retry-After": "1"})
-    if events.hub.streams >= events.MAX_STREAMS:
+    if hub.streams >= MAX_STREAMS:
         raise HTTPException(503, "Too many event streams", headers={"Retry-After": "5"})
-    return events.hub.subscribe(run_id, request.scope.get(ABORT_SCOPE_KEY))
+    return hub.subscribe(run_id, request.scope.get(ABORT_SCOPE_KEY))
 
 
 async def run_events(request: Request) -> Response | EventStream:
     """GET /agents/events/{run_id}: the run now, then each change and log line; ends after the terminal frame."""
     run_id = check_uuid(request.path_params["run_id"], "run_id")
-    client = open_stream(request, run_id)
+    runtime = from_state(request.app.state)
+    hub = runtime.hub
+    client = open_stream(hub, request, run_id)
     try:
         async with request.app.state.large_reads:  # a replay may be megabytes: a few at a time (agent_runner)
-            first = await events.hub.first_run_frames(
-                run_id, events.parse_event_id(request.headers.get("last-event-id")), runner.run_store.get)
+            first = await hub.first_run_frames(run_id, parse_event_id(request.headers.get("last-event-id")),
+                                               runtime.backend.get)
     except BaseException:
-        events.hub.unsubscribe(client)
+        hub.unsubscribe(client)
         raise
     if first is None:
-        events.hub.unsubscribe(client)
+        hub.unsubscribe(client)
         raise HTTPException(404, f"Run {request.path_params['run_id']} not found")
-    return EventStream(events.hub, client, first, runner.run_store.get)
+    return EventStream(hub, client, first, runtime.backend.get)
 
 
 async def all_events(request: Request) -> EventStream:
     """GET /agents/events: every run's changes (no log lines), for dashboards; never ends by itself."""
-    client = open_stream(request, None)
+    hub = from_state(request.app.state).hub
+    client = open_stream(hub, request, None)
     try:
         async with request.app.state.large_reads:
-            first = await events.hub.first_global_frames(events.parse_event_id(request.headers.get("last-event-id")))
+            first = await hub.first_global_frames(parse_event_id(request.headers.get("last-event-id")))
     except BaseException:
-        events.hub.unsubscribe(client)
+        hub.unsubscribe(client)
         raise
-    return EventStream(events.hub, client, first)
+    return EventStream(hub, client, first)
 
 
 async def run_logs(request: Request) -> Response:
     """GET /agents/logs/{run_id}: the lines its agent logged (the newest 500 / 256 KB), oldest first."""
     run_id = check_uuid(request.path_params["run_id"], "run_id")
-    lines = await runner.run_store.logs(run_id)
+    lines = await from_state(request.app.state).backend.logs(run_id)
     if lines is None:
         raise HTTPException(404, f"Run {request.path_params['run_id']} not found")
     return json_response(b'{"run_id":"' + run_id.encode() + b'","lines":[' + b",".join(lines) + b"]}")

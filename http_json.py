@@ -17,10 +17,10 @@ from starlette.responses import Response
 
 import agents
 import settings
-from logs import log
-from store import encode
 from http_limits import BODY_TIMEOUT_SCOPE_KEY
-from webhook_http import WebhookRefused, check_url, resolve
+from service.backends.records import encode
+from service.logs import log
+from service.webhook_http import WebhookRefused, check_url, resolve
 
 MAX_JSON_DEPTH = 32  # request bodies nested deeper are refused with 400
 REQUEST_FIELDS = ("agent_type", "user_id", "input", "on_busy", "webhook")

@@ -28,7 +28,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 import settings
 from http_writes import CoalescingTransport
-from logs import log
+from service.logs import log
 
 MAX_HEADER_BYTES = 64 * 1024  # the request line and headers together
 HEADER_TIMEOUT_SECONDS = 10.0  # from connection (or a kept-alive request's first byte) to the end of the head

@@ -11,10 +11,10 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-import metrics
 import settings
 from http_json import json_response
-from logs import log_hot
+from service import metrics
+from service.logs import log_hot
 
 LOGGED_PATH_CHARS = 200  # a longer path is logged cut to this, with "path_chars" giving its length
 

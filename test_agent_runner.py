@@ -18,7 +18,7 @@ from openapi_spec_validator import validate
 
 import agent_runner
 import settings
-from conftest import DOCS, HERE, TESTS, ServerProcess, free_port, new_user, product_modules
+from conftest import DOCS, HERE, TESTS, ServerProcess, free_port, module_name, new_user, product_modules
 
 BUSY = "An agent is already running, please retry later"
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -513,13 +513,13 @@ def test_the_logs_page_table_has_every_event_the_code_logs_at_its_levels() -> No
 
 def test_the_development_page_layout_table_names_every_product_module() -> None:
     listed = {re.sub(r"\[`(.+?)`\]\(.*\)", r"\1", name) for name in docs_table("development.md", "## Layout")}
-    modules = {path.name for path in product_modules()}
+    modules = {module_name(path) for path in product_modules()}
     assert sorted(modules - listed) == [], "product modules docs/development.md's Layout table lacks"
     assert sorted(listed - modules) == [], "in docs/development.md's Layout table, but no such module"
 
 
 def test_the_metrics_page_table_has_every_metric_with_its_type_and_labels() -> None:
-    import metrics
+    from service import metrics
 
     table = docs_table("metrics.md", "# Metrics")
     assert sorted(table) == sorted(metric.name for metric in metrics.ALL)

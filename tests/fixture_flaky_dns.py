@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import http_json
-from webhook_http import WebhookUnresolved
+from service.webhook_http import WebhookUnresolved
 
 real_resolve = http_json.resolve
 lookups = 0

@@ -12,7 +12,7 @@ import asyncio
 import socket
 from typing import Any
 
-import webhook_http
+from service import webhook_http
 
 HOST = "rebind.example.com"
 PUBLIC = "93.184.215.14"  # a global unicast address; nothing connects to it: the first look-up is only checked

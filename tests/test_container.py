@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import HERE, free_port, missing_tool, product_modules
+from conftest import HERE, free_port, missing_tool, module_name, product_modules
 
 
 def tool(name: str, install: str) -> str:
@@ -40,9 +40,11 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 
 
 def test_the_image_copies_every_product_module_and_nothing_else_of_python() -> None:
-    copied = {name for op, args in dockerfile_instructions() if op == "COPY" and not args.startswith("--from")
-              for name in shlex.split(args)[:-1] if name.endswith(".py")}
-    modules = {path.name for path in product_modules()}
+    copied = {module_name(path) for op, args in dockerfile_instructions()
+              if op == "COPY" and not args.startswith("--from") for name in shlex.split(args)[:-1]
+              for path in ((HERE / name).rglob("*.py") if (HERE / name).is_dir() else [HERE / name])
+              if path.name.endswith(".py")}
+    modules = {module_name(path) for path in product_modules()}
     assert sorted(modules - copied) == [], "modules the image lacks: it would not start"
     assert sorted(copied - modules) == [], "copied, but not a product module"
 
@@ -74,7 +76,10 @@ def test_dockerfile_runtime_rebuilt_without_docker_starts_and_is_healthy(tmp_pat
     for op, args in runtime:
         if op == "COPY" and not args.startswith("--from"):
             for name in shlex.split(args)[:-1]:
-                shutil.copy(HERE / name, app / name)
+                if (HERE / name).is_dir():  # a package, as the .dockerignore leaves it
+                    shutil.copytree(HERE / name, app / name, ignore=shutil.ignore_patterns("__pycache__"))
+                else:
+                    shutil.copy(HERE / name, app / name)
         elif op == "ENV":
             for key, value in (pair.split("=", 1) for pair in shlex.split(args)):
                 env[key] = value.replace("$PATH", os.environ["PATH"]).replace("/venv/", f"{venv}/")

@@ -188,7 +188,7 @@ def test_a_renewal_takes_back_only_a_slot_whose_run_is_still_its_holders(redis_s
     """A key merely gone is taken back; a key another token holds, or a run another replica claimed as an orphan
     (or finished) meanwhile, is lost: taking it back would resurrect a run recorded as ended."""
     import redis
-    from redis_lock import RENEW_SCRIPT
+    from service.backends.redis.scripts import RENEW_SCRIPT
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     prefix = f"test-{uuid.uuid4().hex[:8]}"
     key = lambda *parts: ":".join((prefix, *parts))  # noqa: E731
@@ -226,7 +226,7 @@ def test_a_renewal_takes_back_only_a_slot_whose_run_is_still_its_holders(redis_s
 def test_a_terminal_write_is_written_back_only_when_the_generation_changed(redis_server: RedisServer) -> None:
     """A record missing under the generation its holder knows was dropped by retention: not written back."""
     import redis
-    from redis_scripts import FINISH_SCRIPT
+    from service.backends.redis.scripts import FINISH_SCRIPT
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     prefix = f"test-{uuid.uuid4().hex[:8]}"
     key = lambda *parts: ":".join((prefix, *parts))  # noqa: E731
@@ -254,7 +254,7 @@ def test_a_renewal_retried_after_a_lost_reply_answers_the_generation_in_redis(re
     answer the generation Redis has now, not the one its caller knew: a holder left with the old generation would
     later write back a run retention dropped, or take back the slot of a run recorded as ended."""
     import redis
-    from redis_lock import RENEW_SCRIPT
+    from service.backends.redis.scripts import RENEW_SCRIPT
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     prefix = f"test-{uuid.uuid4().hex[:8]}"
     key = lambda *parts: ":".join((prefix, *parts))  # noqa: E731
@@ -274,7 +274,7 @@ def test_the_call_that_found_the_loss_knows_it_even_when_run_again(redis_server:
     and that run finds the generation made already: its reply must still say whose it is (the new generation it
     sent), or the loss is never logged while every POST meets the fence."""
     import redis
-    from redis_scripts import ADMIT_SCRIPT, TAKE_SCRIPT
+    from service.backends.redis.scripts import ADMIT_SCRIPT, TAKE_SCRIPT
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     prefix = f"test-{uuid.uuid4().hex[:8]}"
     key = lambda *parts: ":".join((prefix, *parts))  # noqa: E731
@@ -303,8 +303,8 @@ def test_a_run_recorded_at_shutdown_after_a_wipe_is_written_back(redis_server: R
     import asyncio
     import logging
 
-    from redis_store import open_redis
-    from store import Run
+    from service.backends.redis import open_redis
+    from service.backends.records import Run
 
     async def scenario() -> Any:
         prefix = f"test-{uuid.uuid4().hex[:8]}"

@@ -361,7 +361,7 @@ def script_client(redis_server: RedisServer):
 def test_a_take_sent_again_after_its_reply_was_lost_answers_the_run_it_took(redis_server: RedisServer) -> None:
     """Otherwise the run taken first is lost (out of the queue, holding a slot nobody renews, never started) and
     the retry takes the next run under the same token, or none."""
-    from redis_scripts import TAKE_SCRIPT
+    from service.backends.redis.scripts import TAKE_SCRIPT
     client = script_client(redis_server)
     prefix = f"test-{uuid.uuid4().hex[:8]}"
     take = client.register_script(TAKE_SCRIPT)
@@ -380,7 +380,7 @@ def test_a_take_sent_again_after_its_reply_was_lost_answers_the_run_it_took(redi
 
 def test_orphans_claimed_again_after_the_reply_was_lost_are_answered_again(redis_server: RedisServer) -> None:
     """Otherwise the orphans left the unfinished index with the lost reply and stay RUNNING for ever."""
-    from redis_scripts import ORPHANS_SCRIPT
+    from service.backends.redis.scripts import ORPHANS_SCRIPT
     client = script_client(redis_server)
     prefix = f"test-{uuid.uuid4().hex[:8]}"
     orphans = client.register_script(ORPHANS_SCRIPT)

@@ -29,7 +29,7 @@ import yaml
 import settings
 from conftest import HERE, RedisServer, ServerProcess, missing_tool, new_user
 from http_limits import MAX_CONNECTIONS
-from redis_store import open_redis
+from service.backends.redis import open_redis
 from test_ecosystem import AssetHandler, chromium
 
 

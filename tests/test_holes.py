@@ -28,7 +28,7 @@ import pytest
 from conftest import ServerProcess, missing_tool, new_user
 from http_limits import MAX_CONNECTIONS
 from test_webhooks import Receiver
-from webhook_http import WebhookRefused, check_url
+from service.webhook_http import WebhookRefused, check_url
 
 WEBHOOK_SECRET = "holes-webhook-secret-0123456789"
 BODY_TIMEOUT = 1.0  # BODY_TIMEOUT_SECONDS of the module's server

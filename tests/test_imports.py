@@ -10,11 +10,12 @@ import uuid
 
 from conftest import HERE, RedisServer
 
-# In a fresh interpreter: import the service, then start its stores as the lifespan does; print which of the
+# In a fresh interpreter: import the service, then open its runtime as the lifespan does; print which of the
 # optional libraries were loaded after the import and after the start.
 PROBE = """
 import asyncio, json, os, sys
-import agent_runner, runner, settings
+import agent_runner, settings
+from service.runtime import close_runtime, open_runtime
 
 def loaded():
     return sorted({name.split(".")[0] for name in sys.modules} & {"redis", "prometheus_client"})
@@ -23,8 +24,7 @@ after_import = loaded()
 settings.current = settings.Settings.from_env(os.environ)
 
 async def start_and_close():
-    await runner.open_stores()
-    await runner.close_stores()
+    await close_runtime(await open_runtime(settings.current))
 
 asyncio.run(start_and_close())
 print(json.dumps({"after_import": after_import, "after_start": loaded()}))

@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from conftest import ServerProcess, log_time, new_user
-from store import MemoryRunStore, Page, Run, utc_now
+from service.backends.memory import MemoryBackend
+from service.backends.records import Page, Run, utc_now
 
 BUSY = "An agent is already running, please retry later"
 
@@ -222,11 +223,11 @@ def test_retention_trim_keeps_pending_and_running_runs(backend: dict[str, str]) 
 
     async def scenario() -> tuple[list[bool], list[str]]:
         if backend:
-            from redis_store import open_redis
+            from service.backends.redis import open_redis
             _, store = open_redis(backend["REDIS_URL"], f"{backend['REDIS_PREFIX']}-trim", 30, 1, 2**30,
                                   logging.getLogger("test"))
         else:
-            store = MemoryRunStore(retention=1)
+            store = MemoryBackend(retention=1)
         await store.start()
         try:
             await store.add(pending)

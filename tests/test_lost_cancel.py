@@ -16,10 +16,11 @@ from typing import Any
 
 import pytest
 
-import webhooks
-from cancelling import cancel_and_wait
 from conftest import RedisServer
-from events import EventHub
+from service import webhooks
+from service.backends.cancelling import cancel_and_wait
+from service.backends.memory import MemoryDeliveries
+from service.events import EventHub
 
 
 class LosesOneCancel:
@@ -97,8 +98,8 @@ def test_cancel_and_wait_gives_up_at_its_deadline_on_a_task_that_refuses_every_c
 
 
 def test_the_events_reader_stops_when_its_xread_loses_the_cancel(own_redis: RedisServer) -> None:
-    from redis_events import RedisEvents
-    from redis_store import open_redis
+    from service.backends.redis.events import RedisEvents
+    from service.backends.redis import open_redis
 
     async def scenario() -> None:
         _, store = open_redis(own_redis.url, f"t-{uuid.uuid4().hex[:8]}", 2.0, 10, 1 << 20,
@@ -107,7 +108,7 @@ def test_the_events_reader_stops_when_its_xread_loses_the_cancel(own_redis: Redi
         reader = RedisEvents(store.client, own_redis.url, store.prefix, hub, logging.getLogger("test"))
         xread = LosesOneCancel()
         reader.reader_client.xread = lambda *args, **kwargs: xread([])
-        hub.start(15.0, redis=reader)
+        hub.start(15.0, reader)
         await reader.start()
         assert reader.available
         await stop_within(5, hub.stop())
@@ -118,7 +119,7 @@ def test_the_events_reader_stops_when_its_xread_loses_the_cancel(own_redis: Redi
 
 
 def test_the_store_listener_stops_when_pubsub_loses_the_cancel(own_redis: RedisServer) -> None:
-    from redis_store import open_redis
+    from service.backends.redis import open_redis
 
     class LosingPubSub:
         async def __aenter__(self) -> LosingPubSub:
@@ -150,7 +151,7 @@ def test_the_store_listener_stops_when_pubsub_loses_the_cancel(own_redis: RedisS
 
 def test_the_webhook_deliverer_stops_when_its_claim_loses_the_cancel() -> None:
     async def scenario() -> None:
-        queue = webhooks.MemoryDeliveries()
+        queue = MemoryDeliveries()
         claim = LosesOneCancel()
         queue.claim = lambda: claim((None, 0.01))
         deliverer = webhooks.Deliverer(queue)

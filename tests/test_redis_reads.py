@@ -14,8 +14,8 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from conftest import RedisServer, new_user
-from redis_reads import CoalescedReads, RecordReader
-from store import Run
+from service.backends.records import Run
+from service.backends.redis.reads import CoalescedReads, RecordReader
 
 
 def command_calls(redis: RedisServer, command: str) -> int:

@@ -338,7 +338,7 @@ def test_https_checks_the_certificate_and_the_host_name(start_server, receiver_f
 def test_nothing_is_sent_once_the_claim_on_a_delivery_ran_out(receiver_factory) -> None:
     import asyncio
 
-    from webhook_http import check_url, post
+    from service.webhook_http import check_url, post
 
     receiver = receiver_factory()
     target = check_url(receiver.url, ("127.0.0.1",))
@@ -349,7 +349,7 @@ def test_nothing_is_sent_once_the_claim_on_a_delivery_ran_out(receiver_factory) 
 
 
 def test_a_run_record_keeps_its_webhook_and_an_older_record_reads_as_none() -> None:
-    from store import Run
+    from service.backends.records import Run
 
     run = Run.new(str(uuid.uuid4()), "sleeper", new_user(), {"a": 1}, holder=None, webhook="https://h.example/x")
     again = Run.from_json(run.json())
@@ -365,11 +365,11 @@ def test_a_run_record_keeps_its_webhook_and_an_older_record_reads_as_none() -> N
 def test_memory_mode_owes_a_bounded_number_of_deliveries(monkeypatch: pytest.MonkeyPatch) -> None:
     import asyncio
 
-    import webhooks
-    from store import Run
+    from service.backends import memory
+    from service.backends.records import Run
 
-    monkeypatch.setattr(webhooks, "MAX_OWED", 2)
-    queue = webhooks.MemoryDeliveries()
+    monkeypatch.setattr(memory, "MAX_OWED", 2)
+    queue = memory.MemoryDeliveries()
     runs = [Run.new(str(uuid.uuid4()), "sleeper", new_user(), {}, holder=None, webhook="http://h/") for _ in range(3)]
     for run in runs:
         queue.owe(run)
@@ -398,9 +398,10 @@ def test_a_lookup_that_fails_for_a_moment_at_delivery_is_retried_not_given_up(mo
     import socket
 
     import settings
-    import webhooks
+    from service import webhooks
+    from service.backends.memory import MemoryDeliveries
+    from service.backends.records import Run
     from settings import Settings
-    from store import Run
 
     monkeypatch.setattr(settings, "current", Settings.from_env({
         "WEBHOOK_SECRET": SECRET, "WEBHOOK_ALLOWED_HOSTS": "hooks.example.com", "WEBHOOK_TIMEOUT_SECONDS": "2"}))
@@ -409,7 +410,7 @@ def test_a_lookup_that_fails_for_a_moment_at_delivery_is_retried_not_given_up(mo
         raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
 
     monkeypatch.setattr(socket, "getaddrinfo", lookup_fails)
-    queue = webhooks.MemoryDeliveries()
+    queue = MemoryDeliveries()
     queue.owe(Run.new(str(uuid.uuid4()), "sleeper", new_user(), {}, holder=None,
                       webhook="https://hooks.example.com/hook"))
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 
-from redis_scripts import CLAIM_WEBHOOK_SCRIPT, FINISH_SCRIPT, REPORT_WEBHOOK_SCRIPT, TRIM_SCRIPT
+from service.backends.redis.scripts import CLAIM_WEBHOOK_SCRIPT, FINISH_SCRIPT, REPORT_WEBHOOK_SCRIPT, TRIM_SCRIPT
 
 from conftest import RedisServer, ServerProcess, new_user
 from redis_proxy import RedisProxy

@@ -1,51 +1,34 @@
-"""Redis mode: the run lock and the runs live in Redis, shared by every replica.
+"""Redis mode's backend: slots, queue, runs and cancel flags live in Redis, shared by every replica.
 
-Imported only when REDIS_URL is set.
+Imported only when REDIS_URL is set (``open_backend``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from cancelling import cancel_and_wait
-from redis_lock import RedisRunLock, StoreHealth
-from redis_reads import CoalescedReads, RecordReader
-from redis_scripts import (ADMIT_SCRIPT, CANCEL_WAITING_SCRIPT, FINISH_SCRIPT, INTERRUPT_SCRIPT, ORPHANS_SCRIPT,
-                           TAKE_SCRIPT, TRIM_SCRIPT)
-from store import MAX_OWED, MAX_OWED_BYTES, Page, Run, StoreUnavailable
-
-
-def open_redis(url: str, prefix: str, lock_ttl_seconds: float, retention: int, retention_bytes: int,
-               log: logging.Logger, slots: int = 1) -> tuple[RedisRunLock, RedisRunStore]:
-    """The run lock and run store on one client of ``url``."""
-    # A blocking pool: a burst of requests waits briefly for a connection instead of failing.
-    # Retry once on a dropped connection, so pooled connections left over from before a
-    # Redis restart do not turn into 503s.
-    pool = BlockingConnectionPool.from_url(
-        url, max_connections=64, timeout=5, socket_timeout=2, socket_connect_timeout=2,
-        retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError])
-    client = Redis(connection_pool=pool)
-    health = StoreHealth(log)
-    lock = RedisRunLock(client, prefix, slots, lock_ttl_seconds, health)
-    store = RedisRunStore(client, prefix, retention, retention_bytes, health, log)
-    store.generation_of = lock.generation_of
-    return lock, store
+from service.backends.base import FrameSink
+from service.backends.cancelling import cancel_and_wait
+from service.backends.records import MAX_OWED, MAX_OWED_BYTES, Page, Run, StoreUnavailable
+from service.backends.redis.events import RedisEvents
+from service.backends.redis.idempotency import RedisIdempotencyKeys
+from service.backends.redis.lock import RedisRunLock, StoreHealth
+from service.backends.redis.reads import CoalescedReads, RecordReader
+from service.backends.redis.scripts import (ADMIT_SCRIPT, CANCEL_WAITING_SCRIPT, FINISH_SCRIPT, INTERRUPT_SCRIPT,
+                                            ORPHANS_SCRIPT, TAKE_SCRIPT, TRIM_SCRIPT)
+from service.backends.redis.webhooks import RedisDeliveries
 
 
-class RedisRunStore:
+class RedisBackend:
     """Runs as their client-facing JSON under ``<prefix>:run:<id>``, trimmed to ``retention`` finished runs.
 
     Keys: ``runs`` (zset of all run ids by creation sequence), ``finished``
@@ -53,27 +36,32 @@ class RedisRunStore:
     PENDING/RUNNING run ids to the token of the lock each was started under),
     ``seq`` (counter), ``cancel:<id>`` (a cancel request), ``log:<id>`` (the lines its agent logged;
     ``logbytes`` holds each run's total, counted in its size once it finishes), ``generation`` and ``fence``
-    (redis_scripts.FENCE: Redis lost its data). Channels:
-    ``finished`` and ``cancel`` carry run ids.
+    (scripts.FENCE: Redis lost its data). Channels:
+    ``finished`` and ``cancel`` carry run ids. The slots are ``lock``'s (lock.py), private to this backend.
     """
 
     POLL_SECONDS = 1.0  # waiters re-read the run this often in case a pub/sub message was missed
+    name = "redis"
+    shared = True  # every replica on the same Redis (and prefix) shares slots, queue and runs
 
-    def __init__(self, client: Redis, prefix: str, retention: int, retention_bytes: int, health: StoreHealth,
-                 log: logging.Logger) -> None:
+    def __init__(self, client: Redis, url: str, prefix: str, lock: RedisRunLock, retention: int, retention_bytes: int,
+                 health: StoreHealth, log: logging.Logger, idempotency_ttl_seconds: float = 86400.0) -> None:
         self.client = client
+        self.url = url
         self.prefix = prefix
+        self._lock = lock
+        self.renew_interval: float | None = lock.renew_interval
         self.retention = retention
         self.retention_bytes = retention_bytes
         self.health = health
         self.log = log
         self._records = RecordReader(log)
-        self.on_cancel: Callable[[str, str | None], None] = lambda run_id, by: None
+        self.on_cancel: Callable[[str, str | None], object] = lambda run_id, by: None
         self.on_work: Callable[[], None] = lambda: None  # a run was queued or a slot freed, on any replica
         self.on_finished: Callable[[Run], None] = lambda run: None  # a run with a webhook was stored terminal
         self.on_not_owed: Callable[[Run, str], None] = lambda run, detail: None  # its delivery was past the bound
-        # The generation a holder's run was last written under (RedisRunLock.generation_of, set by open_redis)
-        self.generation_of: Callable[[str], str] = lambda token: ""
+        self.idempotency_keys = RedisIdempotencyKeys(client, self.key("idempotency", ""), self.key("run", ""), health,
+                                                     idempotency_ttl_seconds)
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._progress_writes: dict[str, asyncio.Task[None]] = {}
         self._progress_dirty: set[str] = set()
@@ -92,7 +80,7 @@ class RedisRunStore:
         return ":".join((self.prefix, *parts))
 
     async def start(self) -> None:
-        # The generation (redis_scripts.FENCE): a Redis without one when a slot is given out has lost its data.
+        # The generation (scripts.FENCE): a Redis without one when a slot is given out has lost its data.
         # Unreachable now: the first admission after it is back finds none and waits out the fence (a lock TTL).
         with contextlib.suppress(StoreUnavailable):
             async with self.health.guard():
@@ -107,6 +95,21 @@ class RedisRunStore:
     async def check(self) -> None:
         async with self.health.guard():
             await self.client.ping()
+
+    def event_transport(self, sink: FrameSink) -> RedisEvents:
+        return RedisEvents(self.client, self.url, self.prefix, sink, self.log)
+
+    def webhook_deliveries(self, timeout_seconds: float) -> RedisDeliveries:
+        return RedisDeliveries(self.client, self.key, self.health, timeout_seconds)
+
+    def holds(self, token: str) -> bool:
+        return token in self._lock.tokens()
+
+    async def renew(self, run: Run) -> bool:
+        return await self._lock.renew(run)
+
+    async def release(self, token: str) -> None:
+        await self._lock.release(token)
 
     async def _listen(self) -> None:
         """Wake local waiters when any replica finishes a run; pass cancel requests to the runner.
@@ -176,9 +179,9 @@ class RedisRunStore:
         finally:
             self._progress_writes.pop(run.run_id, None)
 
-    async def save(self, run: Run, release: RedisRunLock | None = None) -> None:
+    async def save(self, run: Run, release: bool = False) -> None:
         """Store a change; a terminal state also updates the indexes, publishes, trims to retention,
-        and (with ``release``) releases the run lock, all in one atomic script that is safe to retry."""
+        and (with ``release``) releases the run's slot, all in one atomic script that is safe to retry."""
         self._progress_dirty.discard(run.run_id)
         pending = self._progress_writes.get(run.run_id)
         if pending is not None:  # a progress write in flight must land before this one
@@ -187,23 +190,22 @@ class RedisRunStore:
             if not run.finished:
                 await self.client.set(self.key("run", run.run_id), run.json())
                 return
-            token = run.holder if release is not None and run.holder is not None else ""
-            keys, args = self._finish_call(run, release, token)
+            token = run.holder if release and run.holder is not None else ""
+            keys, args = self._finish_call(run, token)
             finished_count, finished_bytes, owed = await self._finish(keys=keys, args=args)
-            if release is not None and token:
-                release.forget(token)
+            if token:
+                self._lock.forget(token)
             await self._after_finish(run, finished_count, finished_bytes, owed)
 
-    def _finish_call(self, run: Run, release: RedisRunLock | None, token: str) -> tuple[list[str], list[object]]:
-        """FINISH_SCRIPT's keys and arguments for ``run``'s terminal state."""
-        held = release is not None and token
+    def _finish_call(self, run: Run, token: str) -> tuple[builtins.list[str], builtins.list[bytes | str | int]]:
+        """FINISH_SCRIPT's keys and arguments for ``run``'s terminal state; ``token``: the slot released with it."""
         return ([self.key("run", run.run_id), self.key("finished"), self.key("unfinished"),
                  self.key("cancel", run.run_id), self.key("sizes"), self.key("bytes"), self.key("seq"),
-                 release.key_of(token) if held else self.key("lock"),
+                 self._lock.key_of(token) if token else self.key("lock"),
                  self.key("logbytes"), self.key("webhooks"), self.key("webhook", run.run_id),
                  self.key("events", "run", run.run_id, "bytes"), self.key("generation"), self.key("runs")],
                 [run.json(), run.run_id, self.key("finished"), token, run.size, run.webhook or "", MAX_OWED,
-                 MAX_OWED_BYTES, self.generation_of(run.holder) if run.holder else ""])  # releasing or not
+                 MAX_OWED_BYTES, self._lock.generation_of(run.holder) if run.holder else ""])  # releasing or not
 
     async def _after_finish(self, run: Run, finished_count: int, finished_bytes: int, owed: int) -> None:
         """After a terminal state was stored: wake the webhook deliverer (or report the delivery refused), trim."""
@@ -232,7 +234,8 @@ class RedisRunStore:
         if not waiting:
             return
         async with self.health.guard():
-            queue = [member.decode() for member in await self.client.lrange(self.key("queue"), 0, -1)]
+            queue = [member.decode()
+                     for member in cast("list[bytes]", await self.client.lrange(self.key("queue"), 0, -1))]
         positions = {run_id: position for position, run_id in enumerate(queue, 1)}
         for run in waiting:
             run.update(queue_position=positions.get(run.run_id))
@@ -260,8 +263,8 @@ class RedisRunStore:
             if not waiters:
                 del self._waiters[run_id]
 
-    async def list(self, page: Page, before: str | None = None) -> list[Run]:
-        """As MemoryRunStore.list; fetches in small batches so a page of large runs stays small in memory."""
+    async def list(self, page: Page, before: str | None = None) -> builtins.list[Run]:
+        """As MemoryBackend.list; fetches in small batches so a page of large runs stays small in memory."""
         async with self.health.guard():
             top: float | str = "+inf"
             if before is not None:
@@ -272,12 +275,13 @@ class RedisRunStore:
             batch = min(max(page.limit, 10), 50)
             wanted = True
             while wanted:
-                ids = await self.client.zrevrangebyscore(self.key("runs"), top, "-inf", start=0, num=batch,
-                                                         withscores=True)
+                ids = cast("list[tuple[bytes, float]]", await self.client.zrevrangebyscore(
+                    self.key("runs"), top, "-inf", start=0, num=batch, withscores=True))
                 if not ids:
                     break
                 members = [member.decode() for member, _ in ids]
-                records = await self.client.mget([self.key("run", run_id) for run_id in members])
+                records = cast("list[bytes | None]",
+                               await self.client.mget([self.key("run", run_id) for run_id in members]))
                 for run_id, raw in zip(members, records):
                     run = self.read(run_id, raw)
                     if run is not None and not (wanted := page.offer(run)):
@@ -298,19 +302,18 @@ class RedisRunStore:
     async def cancel_requested(self, run_id: str) -> tuple[bool, str | None]:
         """Whether a cancel of ``run_id`` was asked for, and by which interrupting run."""
         async with self.health.guard():
-            flag = await self.client.get(self.key("cancel", run_id))
+            flag = cast("bytes | None", await self.client.get(self.key("cancel", run_id)))
         if flag is None:
             return False, None
         return True, None if flag == b"-" else flag.decode(errors="replace")
 
     # --- the queue -------------------------------------------------------------------------------------------
 
-    def refusal(self, lock: RedisRunLock, on_busy: str, queue_max: int) -> None:
+    def refusal(self, on_busy: str, queue_max: int) -> str | None:
         return None  # only the admit script can tell, atomically with the other replicas
 
-    async def admit(self, run: Run, lock: RedisRunLock, on_busy: str, queue_max: int,
-                    claim: list[Any] | None = None) -> str:
-        """As MemoryRunStore.admit, across replicas: one script takes a slot or a place in the queue.
+    async def admit(self, run: Run, on_busy: str, queue_max: int, claim: builtins.list[Any] | None = None) -> str:
+        """As MemoryBackend.admit, across replicas: one script takes a slot or a place in the queue.
 
         ``claim`` (RedisIdempotencyKeys.admit_args): admit only while the Idempotency-Key is still this
         request's, and mark it accepted in the same step; "lost" when it no longer is.
@@ -321,21 +324,21 @@ class RedisRunStore:
         async with self.health.guard():
             outcome, value, generation, lost = await self._admit(
                 keys=[self.key("queue"), self.key("run", run.run_id), self.key("runs"), self.key("seq"),
-                      self.key("unfinished"), *lock.keys, lock.generation_key, lock.fence_key],
+                      self.key("unfinished"), *self._lock.keys, self._lock.generation_key, self._lock.fence_key],
                 args=[run.json(), waiting.json(), run.run_id, on_busy, queue_max, token,
-                      int(lock.ttl_seconds * 1000), len(lock.keys), self.key("queued"), *(claim or ["", "", 0]),
-                      new_generation])
-        self.health.data_lost(lost, generation, new_generation, "admit", lock.ttl_seconds)
+                      int(self._lock.ttl_seconds * 1000), len(self._lock.keys), self.key("queued"),
+                      *(claim or ["", "", 0]), new_generation])
+        self.health.data_lost(lost, generation, new_generation, "admit", self._lock.ttl_seconds)
         if outcome == 1:
             run.holder = token
-            lock.adopt(token, int(value), generation.decode())
+            self._lock.adopt(token, int(value), generation.decode())
             return "started"
         if outcome == 2:
             run.update(queue_position=int(value) or None)  # 0: a retry found it already out of the queue
             return "queued"
         return {0: "busy", -1: "full"}.get(outcome, "lost")
 
-    async def take(self, lock: RedisRunLock) -> Run | None:
+    async def take(self) -> Run | None:
         """The head of the queue on a free slot, or None; one script, so a run is taken once.
 
         The token is kept until the take is answered: a take whose reply was lost (or whose run could not be
@@ -346,18 +349,19 @@ class RedisRunStore:
         new_generation = uuid.uuid4().hex
         async with self.health.guard():
             taken, slot, generation, lost = await self._take(
-                keys=[self.key("queue"), self.key("unfinished"), *lock.keys, lock.generation_key, lock.fence_key],
-                args=[token, int(lock.ttl_seconds * 1000), len(lock.keys), int(retry), new_generation])
-        self.health.data_lost(lost, generation, new_generation, "take", lock.ttl_seconds)
+                keys=[self.key("queue"), self.key("unfinished"), *self._lock.keys, self._lock.generation_key,
+                      self._lock.fence_key],
+                args=[token, int(self._lock.ttl_seconds * 1000), len(self._lock.keys), int(retry), new_generation])
+        self.health.data_lost(lost, generation, new_generation, "take", self._lock.ttl_seconds)
         if not taken:
             self._take_token = None
             return None
         run_id = taken.decode()
-        lock.adopt(token, int(slot), generation.decode())
+        self._lock.adopt(token, int(slot), generation.decode())
         run = await self.get(run_id)
         self._take_token = None
         if run is None:  # unreadable: give the slot back; the run stays unfinished for orphan recovery
-            await lock.release(token)
+            await self._lock.release(token)
             return None
         run.holder = token
         run.update(queue_position=None)
@@ -370,7 +374,7 @@ class RedisRunStore:
         if run is None or run.queue_position is None:
             return None
         run.update(queue_position=None, **changes)
-        keys, args = self._finish_call(run, None, "")
+        keys, args = self._finish_call(run, "")
         async with self.health.guard():
             answer = await self._cancel_waiting(keys=[*keys, self.key("queue")], args=args)
             if answer is None:
@@ -382,11 +386,13 @@ class RedisRunStore:
         async with self.health.guard():
             return await self.client.llen(self.key("queue"))
 
-    async def waiting(self) -> list[Run]:
+    async def waiting(self) -> builtins.list[Run]:
         """The waiting runs, next first, with their queue positions (two round trips)."""
         async with self.health.guard():
-            ids = [member.decode() for member in await self.client.lrange(self.key("queue"), 0, -1)]
-            raws = await self.client.mget([self.key("run", run_id) for run_id in ids]) if ids else []
+            ids = [member.decode()
+                   for member in cast("list[bytes]", await self.client.lrange(self.key("queue"), 0, -1))]
+            raws = cast("list[bytes | None]",
+                        await self.client.mget([self.key("run", run_id) for run_id in ids]) if ids else [])
         runs = []
         for position, (run_id, raw) in enumerate(zip(ids, raws), 1):
             run = self.read(run_id, raw)
@@ -395,7 +401,7 @@ class RedisRunStore:
                 runs.append(run)
         return runs
 
-    async def logs(self, run_id: str) -> list[bytes] | None:
+    async def logs(self, run_id: str) -> builtins.list[bytes] | None:
         """The lines the run's agent logged, oldest first; None when the run is not stored."""
         async with self.health.guard():
             async with self.client.pipeline(transaction=True) as pipe:
@@ -404,24 +410,25 @@ class RedisRunStore:
                 exists, lines = await pipe.execute()
         return lines if exists else None
 
-    async def interrupt_oldest(self, lock: RedisRunLock, by: str, stopping: list[str]) -> str | None:
+    async def interrupt_oldest(self, by: str, stopping: builtins.list[str]) -> str | None:
         """Ask the earliest admitted run holding a slot, on any replica, to stop for ``by``; skips runs already
         asked to stop (and ``stopping``, this replica's). Returns its id, or None when there is none."""
         async with self.health.guard():
-            picked = await self._interrupt(keys=[self.key("unfinished"), self.key("runs"), *lock.all_keys],
+            picked = await self._interrupt(keys=[self.key("unfinished"), self.key("runs"), *self._lock.all_keys],
                                            args=[self.key("cancel", ""), by, self.key("cancel"), *stopping])
         return picked.decode() if picked is not None else None
 
-    async def claim_orphans(self, lock: RedisRunLock) -> list[Run]:
+    async def claim_orphans(self) -> builtins.list[Run]:
         """Unfinished runs whose holder holds no slot any more, passed atomically to a claim of this call (alive
         for a lock TTL) until their terminal state is stored; a retry after a lost reply answers them again."""
         token = uuid.uuid4().hex
         async with self.health.guard():
-            flat = await self._orphans(keys=[self.key("unfinished"), self.key("claim", token), *lock.all_keys],
-                                       args=[token, int(lock.ttl_seconds * 1000), self.key("claim", ""),
-                                             *lock.tokens()])
+            flat = await self._orphans(keys=[self.key("unfinished"), self.key("claim", token), *self._lock.all_keys],
+                                       args=[token, int(self._lock.ttl_seconds * 1000), self.key("claim", ""),
+                                             *self._lock.tokens()])
             pairs = [(flat[i].decode(), flat[i + 1].decode()) for i in range(0, len(flat), 2)]
-            raws = await self.client.mget([self.key("run", run_id) for run_id, _ in pairs]) if pairs else []
+            raws = cast("list[bytes | None]",
+                        await self.client.mget([self.key("run", run_id) for run_id, _ in pairs]) if pairs else [])
             runs = [self.read(run_id, raw, holder=token) for (run_id, token), raw in zip(pairs, raws)]
             done = [run_id for (run_id, _), run in zip(pairs, runs) if run is None or run.finished]
             if done:  # unreadable, or recorded already: nothing to recover, out of the index

@@ -13,11 +13,11 @@ import json
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 from pythonjsonlogger.json import JsonFormatter
 
-import console_logs
+from service import console_logs
 
 OWN_LOGGERS = ("agent_runner", "agents")
 
@@ -96,7 +96,7 @@ def write_hot_lines() -> None:
         hot_lines.clear()
 
 
-class StdoutHandler(logging.StreamHandler):
+class StdoutHandler(logging.StreamHandler[TextIO]):
     """stdout: warnings and errors are flushed at once, info lines at most 0.2 s late.
 
     A write per info line would cost more than the request it logs; the

@@ -1,6 +1,6 @@
 """Redis mode's run lock: MAX_CONCURRENT_RUNS slots shared by every replica, and the health of the store.
 
-Imported only when REDIS_URL is set (through redis_store).
+Private to the Redis backend: slots are taken by its admit and take scripts, renewed and released here.
 """
 
 from __future__ import annotations
@@ -14,51 +14,9 @@ from redis.asyncio import Redis
 from redis.asyncio.lock import Lock as RedisLock
 from redis.exceptions import LockError, RedisError
 
+from service.backends.records import LockLost, Run, StoreUnavailable
+from service.backends.redis.scripts import RENEW_SCRIPT
 from settings import MAX_CONCURRENT_RUNS_LIMIT
-from store import LockLost, Run, StoreUnavailable
-
-# Renew a slot (RedisRunLock.renew): reset its TTL while it still holds the token. A slot key that is gone (not
-# taken by another token) is taken back, so the fence (redis_scripts.FENCE) keeps others out until every live
-# holder has its slot again. When the generation is still the one the holder knows, only the key went (deleted,
-# or lost in a failover), and it is taken back while the run is still the holder's in the unfinished index (not
-# claimed as an orphan, not finished); when the generation changed or is gone, Redis lost its data, and the
-# run's record, its index entries and the slot are written back (the generation and fence made if nobody has
-# yet). ARGV[6] is the record: '-' when not sent (the answer 3 asks for it), '' when there is none to write back
-# (the run is finished).
-# KEYS: slot, generation, fence, unfinished, run, runs, seq. ARGV: token, ttl_ms, known generation, new generation,
-# run_id, record. Returns {outcome, generation, lost}: outcome 1 renewed, 2 taken back, 3 send the record,
-# 0 lost (held by another token, or the run is no longer the holder's); generation: the one in Redis (a re-run
-# after a lost reply must not leave its caller with an old one); lost: 1 when this call found the data lost.
-RENEW_SCRIPT = """
-local held = redis.call('GET', KEYS[1])
-if held == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return {1, redis.call('GET', KEYS[2]) or ARGV[3], 0}
-end
-if held then return {0, '', 0} end
-local owner = redis.call('HGET', KEYS[4], ARGV[5])
-if owner and owner ~= ARGV[1] then return {0, '', 0} end
-local generation, lost = redis.call('GET', KEYS[2]), 0
-if generation == ARGV[3] then
-  if not owner then return {0, '', 0} end
-else
-  if not generation then
-    generation, lost = ARGV[4], 1
-    redis.call('SET', KEYS[2], generation)
-    redis.call('SET', KEYS[3], generation, 'PX', ARGV[2])
-  end
-  if ARGV[6] == '-' then return {3, generation, lost} end
-  if ARGV[6] ~= '' then
-    redis.call('SET', KEYS[5], ARGV[6])
-    if not redis.call('ZSCORE', KEYS[6], ARGV[5]) then
-      redis.call('ZADD', KEYS[6], redis.call('INCR', KEYS[7]), ARGV[5])
-    end
-    redis.call('HSET', KEYS[4], ARGV[5], ARGV[1])
-  end
-end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return {2, generation, lost}
-"""
 
 
 class StoreHealth:
@@ -105,7 +63,7 @@ class RedisRunLock:
     existed), slot i ``<prefix>:lock:<i>``. Slots are taken only by the
     store's admit and take scripts, atomically with the queue, and only
     while ``<prefix>:generation`` exists and ``<prefix>:fence`` does not
-    (redis_scripts.FENCE); this class renews and releases them.
+    (scripts.FENCE); this class renews and releases them.
     """
 
     def __init__(self, client: Redis, prefix: str, slots: int, ttl_seconds: float, health: StoreHealth) -> None:
@@ -139,7 +97,7 @@ class RedisRunLock:
 
     def key_of(self, token: str) -> str:
         lock = self._held.get(token)
-        return lock.name if lock is not None else self.keys[0]
+        return str(lock.name) if lock is not None else self.keys[0]
 
     async def renew(self, run: Run) -> bool:
         """Reset the TTL of the slot ``run`` holds; True when its key was gone and was taken back (RENEW_SCRIPT).
@@ -166,7 +124,7 @@ class RedisRunLock:
                 record = b"" if run.finished else run.json()
                 continue
             self._generations[token] = generation.decode()
-            return outcome == 2
+            return bool(outcome == 2)
 
     def forget(self, token: str) -> None:
         self._held.pop(token, None)

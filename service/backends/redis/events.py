@@ -1,4 +1,4 @@
-"""Redis mode of the event hub: run events through Redis Streams, so every replica streams every run.
+"""Redis mode's event transport: run events through Redis Streams, so every replica streams every run.
 
 Keys: ``<prefix>:events`` (every event of every run, the stream each
 replica's reader follows), ``<prefix>:events:runs`` (run events only: the
@@ -10,8 +10,8 @@ entries and bytes. A run's log lines are kept in ``<prefix>:log:<id>``.
 
 Publishing never waits: events queue in this process and one writer task
 sends them in batches. One reader task per replica follows ``<prefix>:events``
-with a blocking XREAD on its own connection and hands each event to the hub,
-which fans it out to the local clients. Events are best effort: when Redis
+with a blocking XREAD on its own connection and hands each event to the sink
+(the event hub), which fans it out to the local clients. Events are best effort: when Redis
 fails, events are dropped (logged once), the local streams end cleanly, and
 the runs go on; the run store stays the truth.
 """
@@ -23,17 +23,17 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from cancelling import cancel_and_wait
-from events import (GLOBAL_BACKLOG_BYTES, GLOBAL_BACKLOG_FRAMES, RUN_BACKLOG_BYTES, RUN_BACKLOG_FRAMES, EventHub,
-                    Frame)
-from redis_scripts import EVENT_SCRIPT, LOG_SCRIPT
-from store import StoreUnavailable
+from service.backends.base import FrameSink
+from service.backends.cancelling import cancel_and_wait
+from service.backends.records import (GLOBAL_BACKLOG_BYTES, GLOBAL_BACKLOG_FRAMES, RUN_BACKLOG_BYTES,
+                                      RUN_BACKLOG_FRAMES, Frame, Run, StoreUnavailable)
+from service.backends.redis.scripts import EVENT_SCRIPT, LOG_SCRIPT
 
 ALL_EVENTS_MAX = 10000  # entries of <prefix>:events: what a reader that lost Redis for a moment can catch up on
 ALL_EVENTS_BYTES = 16 * 1024 * 1024
@@ -44,12 +44,13 @@ SEND_QUEUE_MAX = 10000  # events waiting for the writer; past it new ones are dr
 BATCH = 200  # events per pipeline
 READ_BLOCK_MS = 2000
 RETRY_SECONDS = 0.5
+Entries = list[tuple[bytes, dict[bytes, bytes]]]  # a stream's entries as XRANGE and XREAD answer them
 
 
 class RedisEvents:
     """The writer and reader tasks of one replica, and the backlog reads a new client needs."""
 
-    def __init__(self, client: Redis, url: str, prefix: str, events: EventHub, log: logging.Logger) -> None:
+    def __init__(self, client: Redis, url: str, prefix: str, events: FrameSink, log: logging.Logger) -> None:
         self.client = client  # the store's pooled client, for writes and backlog reads
         self.reader_client = Redis.from_url(url, socket_timeout=READ_BLOCK_MS / 1000 + 3, socket_connect_timeout=2)
         self.prefix = prefix
@@ -171,12 +172,13 @@ class RedisEvents:
         while True:
             try:
                 if last is None:  # start at the end: what happened before is in the backlogs
-                    newest = await self.reader_client.xrevrange(stream, count=1)
+                    newest = cast(Entries, await self.reader_client.xrevrange(stream, count=1))
                     last = newest[0][0] if newest else b"0-0"
                 elif not self.available:
                     await self.reader_client.ping()
                 self._set_available(True)
-                replies = await self.reader_client.xread({stream: last}, count=1000, block=READ_BLOCK_MS)
+                replies = cast("list[tuple[bytes, Entries]] | None",
+                               await self.reader_client.xread({stream: last}, count=1000, block=READ_BLOCK_MS))
                 for _, entries in replies or ():
                     for entry_id, fields in entries:
                         last = entry_id
@@ -202,7 +204,7 @@ class RedisEvents:
     # --- what a new client gets first ----------------------------------------------------------------------
 
     async def first_run_frames(self, run_id: str, after: tuple[int, int] | None,
-                               read_run: Callable[[str], Any]) -> list[Frame] | None:
+                               read_run: Callable[[str], Awaitable[Run | None]]) -> list[Frame] | None:
         """As EventHub.first_run_frames; reading the newest id before the run keeps the two consistent:
         an event up to that id is reflected in the run read after it, any later one arrives live."""
         stream = self.key("events", "run", run_id)

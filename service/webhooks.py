@@ -1,9 +1,9 @@
 """Webhooks: when a run with a ``webhook`` URL reaches a terminal state, POST the run object there, signed.
 
 The delivery is owed from the moment the terminal state is stored: the
-store hands it to a delivery queue in the same step (memory: ``owe`` below,
-called by MemoryRunStore.save; Redis: the FINISH script writes it next to
-the record, see redis_webhooks.py). The ``Deliverer`` takes due deliveries
+backend hands it to its delivery queue in the same step (memory: its save
+calls the queue's ``owe``; Redis: the FINISH script writes it next to the
+record, see backends/redis/webhooks.py). The ``Deliverer`` takes due deliveries
 from the queue and makes at most ``MAX_ATTEMPTS`` attempts, backing off
 exponentially; the run's state never waits on any of this.
 
@@ -16,23 +16,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import heapq
 import hmac
-import itertools
 import logging
-import math
 import time
-from dataclasses import dataclass
 from typing import Any
 
-import metrics
 import settings
-from cancelling import cancel_and_wait
-from logs import log
-from store import MAX_OWED, MAX_OWED_BYTES, Run, StoreUnavailable
-from webhook_http import WebhookRefused, WebhookUnresolved, check_url, post, resolve
+from service import metrics
+from service.backends.base import Backend, Deliveries, Delivery
+from service.backends.cancelling import cancel_and_wait
+from service.backends.records import MAX_ATTEMPTS, Run, StoreUnavailable
+from service.logs import log
+from service.webhook_http import WebhookRefused, WebhookUnresolved, check_url, post, resolve
 
-MAX_ATTEMPTS = 6
 MAX_PARALLEL = 16  # attempts in flight at once per process; a slow receiver holds one for the timeout at most
 POLL_SECONDS = 1.0  # the queue is looked at this often at least (Redis: other replicas' deliveries, leases)
 REPORT_RETRY_SECONDS = 0.5
@@ -46,20 +42,7 @@ def signature(secret: str, timestamp: int, body: bytes) -> str:
 
 def backoff_seconds(attempt: int) -> float:
     """The wait after failed attempt ``attempt`` (1-based): base, 2 base, 4 base... (10 s base: ~5 min in all)."""
-    return settings.current.webhook_backoff_seconds * 2 ** (attempt - 1)
-
-
-@dataclass
-class Delivery:
-    """One owed delivery: the run's JSON at its terminal state, to ``url``; ``attempt`` counts attempts made."""
-
-    run_id: str
-    url: str
-    body: bytes
-    attempt: int = 0
-    lease: str | None = None  # Redis: the claim's token; the outcome is recorded only while it holds
-    send_by: float = math.inf  # Redis: time.monotonic() past which the lease may have passed to another replica
-    exhausted: bool = False  # Redis: every attempt was made (the last claimer died mid-attempt)
+    return settings.current.webhook_backoff_seconds * 2.0 ** (attempt - 1)
 
 
 def not_owed(run: Run, detail: str) -> None:
@@ -75,61 +58,16 @@ def owed_without_secret(run: Run) -> None:
                                         "waits in Redis for a replica that has it"})
 
 
-class MemoryDeliveries:
-    """Memory mode's queue: owed deliveries by due time, in this process (lost with it; see Deliverer.stop)."""
-
-    def __init__(self) -> None:
-        self._due: list[tuple[float, int, Delivery]] = []
-        self._bytes = 0
-        self._order = itertools.count()
-        self.on_owed = lambda: None
-
-    def owe(self, run: Run) -> None:
-        assert run.webhook is not None
-        body = run.json()
-        if len(self._due) >= MAX_OWED or self._bytes + len(body) > MAX_OWED_BYTES:  # memory stays bounded
-            not_owed(run, f"too many deliveries owed already ({len(self._due)}, {self._bytes} bytes)")
-            return
-        self._push(time.monotonic(), Delivery(run.run_id, run.webhook, body))
-        self.on_owed()
-
-    def _push(self, due: float, delivery: Delivery) -> None:
-        heapq.heappush(self._due, (due, next(self._order), delivery))
-        self._bytes += len(delivery.body)
-
-    async def claim(self) -> tuple[Delivery | None, float]:
-        """The next due delivery (its attempt counted), or None and how long until one is due."""
-        now = time.monotonic()
-        if not self._due:
-            return None, POLL_SECONDS
-        if self._due[0][0] > now:
-            return None, self._due[0][0] - now
-        delivery = heapq.heappop(self._due)[2]
-        self._bytes -= len(delivery.body)
-        delivery.attempt += 1
-        return delivery, 0.0
-
-    async def report(self, delivery: Delivery, retry_in: float | None) -> None:
-        if retry_in is not None:
-            self._push(time.monotonic() + retry_in, delivery)
-
-    def take_all(self) -> list[Delivery]:
-        owed = [entry[2] for entry in sorted(self._due)]
-        self._due.clear()
-        self._bytes = 0
-        return owed
-
-
 class Deliverer:
     """Takes due deliveries from a queue and attempts them, up to MAX_PARALLEL at once."""
 
-    def __init__(self, queue: Any) -> None:
+    def __init__(self, queue: Deliveries) -> None:
         self.queue = queue
         self.wake = asyncio.Event()
         queue.on_owed = self.wake.set
         self.in_flight: set[asyncio.Task[None]] = set()
         self.task: asyncio.Task[None] | None = None
-        self.stopping = False  # memory mode: an attempt that fails now is the last (nobody is left to retry)
+        self.stopping = False  # with a queue that is not durable, an attempt that fails now is the last
 
     def start(self) -> None:
         self.task = asyncio.create_task(self.deliver_forever(), name="webhook-deliverer")
@@ -193,7 +131,7 @@ class Deliverer:
             detail, final = "the receiver refused it (4xx)", True
         elif status is not None:
             detail = f"the receiver answered {status}"
-        if not final and (last or (self.stopping and isinstance(self.queue, MemoryDeliveries))):
+        if not final and (last or (self.stopping and not self.queue.durable)):
             detail, final = f"{detail}; the service shut down (memory mode keeps no queue)", True
         self.log_failed(delivery, status, detail, final, duration_ms)
         await self.report(delivery, None if final else backoff_seconds(delivery.attempt))
@@ -225,15 +163,15 @@ class Deliverer:
     async def stop(self) -> None:
         """Stop taking deliveries and let the attempts in flight end (they are bounded by the timeout).
 
-        Memory mode: every delivery still owed gets one last attempt now, in
-        parallel, within WEBHOOK_TIMEOUT_SECONDS; one that fails is logged
-        ``webhook_failed`` with ``final`` true. Redis mode: what is owed stays
-        in Redis for the other replicas.
+        A queue that is not durable (memory): every delivery still owed gets one
+        last attempt now, in parallel, within WEBHOOK_TIMEOUT_SECONDS; one that
+        fails is logged ``webhook_failed`` with ``final`` true. A durable queue
+        (Redis) keeps what is owed for the other replicas.
         """
         self.stopping = True
         if self.task is not None:
             await cancel_and_wait(self.task)
-        if isinstance(self.queue, MemoryDeliveries):
+        if not self.queue.durable:
             for delivery in self.queue.take_all():
                 delivery.attempt += 1
                 task = asyncio.create_task(self.attempt(delivery, last=True))
@@ -245,33 +183,19 @@ class Deliverer:
             task.cancel()
 
 
-deliverer: Deliverer | None = None  # set by start_delivering while webhooks are on
+def start_delivering(backend: Backend) -> Deliverer | None:
+    """With WEBHOOK_SECRET set: the backend's delivery queue, wired to it, and a deliverer started on it.
 
-
-def start_delivering(run_store: Any) -> None:
-    """With WEBHOOK_SECRET set: the queue for the store's mode, wired to the store, and the deliverer started.
-
-    Without it no delivery is sent from here; in Redis mode a run this replica ends may still owe one (another
-    replica, with the secret, accepted it): it waits in Redis for a replica that has the secret, and is logged.
+    Without it no delivery is sent from here; with a shared backend a run this replica ends may still owe one
+    (another replica, with the secret, accepted it): it waits there for a replica that has the secret, and is
+    logged.
     """
-    global deliverer
-    run_store.on_not_owed = not_owed  # Redis mode: past the bound on owed deliveries (memory mode: owe)
+    backend.on_not_owed = not_owed
     if not settings.current.webhook_secret:
-        run_store.on_finished = owed_without_secret
-        return
-    if hasattr(run_store, "client"):  # Redis mode
-        from redis_webhooks import RedisDeliveries
-
-        queue: Any = RedisDeliveries(run_store)
-    else:
-        queue = MemoryDeliveries()
-    run_store.on_finished = queue.owe
+        backend.on_finished = owed_without_secret
+        return None
+    queue = backend.webhook_deliveries(settings.current.webhook_timeout_seconds)
+    backend.on_finished = queue.owe
     deliverer = Deliverer(queue)
     deliverer.start()
-
-
-async def stop_delivering() -> None:
-    global deliverer
-    if deliverer is not None:
-        await deliverer.stop()
-        deliverer = None
+    return deliverer

@@ -1,6 +1,6 @@
 """Run events: what GET /agents/events and GET /agents/events/{run_id} stream (Server-Sent Events).
 
-``hub`` is this process's event hub. The runner and admission call
+``EventHub`` is this process's event hub (one per runtime). The runner and admission call
 ``publish_run`` on every change of a run (accepted, queue position, RUNNING,
 progress, terminal); agents' ``self.log`` lines reach ``publish_log`` through
 ``RunLogCapture``, from any thread. Nothing here waits or raises into a run:
@@ -9,93 +9,34 @@ publishing appends to bounded buffers and returns.
 Each client is a ``Subscriber`` with its own bounded queue of frames; a
 client that falls behind by more than ``CLIENT_MAX_FRAMES`` or
 ``CLIENT_MAX_BYTES`` is dropped (its connection closed), never waited for.
-In memory mode the hub numbers the frames and keeps the backlogs; in Redis
-mode (redis_events.py) frames go through Redis Streams and come back through
-one reader task per replica, which hands them to ``deliver``.
+The backend's event transport carries each event and hands it back to
+``deliver`` with its id: in memory it numbers the frames and keeps the
+backlogs (backends/memory_events.py); in Redis frames go through Redis
+Streams and come back through one reader task per replica
+(backends/redis/events.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import threading
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable
-from typing import Any
+from collections import deque
+from collections.abc import Awaitable, Callable
 
-import metrics
-from logs import LogFormatter, log, log_timestamp
-from store import Run, encode
+from service import metrics
+from service.backends.base import EventTransport
+from service.backends.records import Frame, Run, encode
+from service.logs import LogFormatter, log, log_timestamp
 
 CLIENT_MAX_FRAMES = 1000  # frames a client may have waiting while its writer is stuck on a send
 CLIENT_MAX_BYTES = 4 * 1024 * 1024  # bytes of frames a client may have waiting (one frame always fits)
-RUN_BACKLOG_FRAMES = 200  # frames kept per run for Last-Event-ID (memory mode; Redis keeps the same)
-RUN_BACKLOG_BYTES = 1024 * 1024
-RUN_BACKLOGS_BYTES = 8 * 1024 * 1024  # all runs' backlogs together (memory mode): least recent dropped first
-FINISHED_BACKLOGS = 50  # finished runs whose backlog is kept (memory mode); an older one resumes from its end
-GLOBAL_BACKLOG_FRAMES = 1000  # frames of GET /agents/events kept for Last-Event-ID
-GLOBAL_BACKLOG_BYTES = 4 * 1024 * 1024
 MAX_STREAMS = 1000  # open event streams per process; past it 503, so streams never take every connection
 LOG_LINE_MAX_BYTES = 64 * 1024  # a longer self.log line is replaced by a short line saying its size
 PROGRESS_INTERVAL = 0.05  # progress frames of one run are coalesced to at most one per interval
-LOGS_STORED_SECONDS = 2.0  # Redis mode: how long a run's terminal state waits for its log lines to be written
+LOGS_STORED_SECONDS = 2.0  # how long a run's terminal state waits for its log lines to be kept (Redis writes late)
 CLOSE_FLUSH_SECONDS = 1.0  # at shutdown, how long clients get to take their last frames
-EVENT_ID = re.compile(r"(\d{1,20})-(\d{1,20})")
-
-
-def parse_event_id(raw: str | None) -> tuple[int, int] | None:
-    """A Last-Event-ID as a comparable key; None for a missing or foreign one (then it is ignored)."""
-    match = EVENT_ID.fullmatch(raw.strip()) if raw else None
-    if match is None or int(match[1]) >= 2 ** 63 or int(match[2]) >= 2 ** 63:  # past any id made here or by Redis
-        return None
-    return int(match[1]), int(match[2])
-
-
-class Frame:
-    """One event as it goes on the wire, encoded once and shared by every client that receives it."""
-
-    __slots__ = ("id", "key", "kind", "run_id", "terminal", "wire")
-
-    def __init__(self, event_id: str, kind: str, run_id: str, state: str, data: bytes) -> None:
-        self.id = event_id
-        self.key = parse_event_id(event_id) or (0, 0)
-        self.kind = kind  # "run" or "log"
-        self.run_id = run_id
-        self.terminal = kind == "run" and state in ("DONE", "ERROR", "CANCELLED")
-        self.wire = b"id: %s\nevent: %s\ndata: %s\n\n" % (event_id.encode(), kind.encode(), data)
-
-    @classmethod
-    def snapshot(cls, event_id: str, run: Run) -> Frame:
-        """A ``run`` frame of the run as it stands (read from the store), under the id of the last event seen."""
-        return cls(event_id, "run", run.run_id, run.state, run.json())
-
-
-class Backlog:
-    """The last frames of a stream, bounded by count and bytes (the newest frame is always kept)."""
-
-    __slots__ = ("frames", "bytes", "max_frames", "max_bytes")
-
-    def __init__(self, max_frames: int, max_bytes: int) -> None:
-        self.frames: deque[Frame] = deque()
-        self.bytes = 0
-        self.max_frames, self.max_bytes = max_frames, max_bytes
-
-    def add(self, frame: Frame) -> int:
-        """Append ``frame``; returns the change in bytes held."""
-        before = self.bytes
-        self.frames.append(frame)
-        self.bytes += len(frame.wire)
-        while len(self.frames) > 1 and (len(self.frames) > self.max_frames or self.bytes > self.max_bytes):
-            self.bytes -= len(self.frames.popleft().wire)
-        return self.bytes - before
-
-    def after(self, key: tuple[int, int]) -> list[Frame]:
-        return [frame for frame in self.frames if frame.key > key]
-
-    def has(self, key: tuple[int, int]) -> bool:
-        return any(frame.key == key for frame in self.frames)
 
 
 class Subscriber:
@@ -118,36 +59,27 @@ class Subscriber:
 
 
 class EventHub:
-    """Fan-out of run events to the stream clients of this process, and (memory mode) their backlogs."""
+    """Fan-out of run events to the stream clients of this process, through the backend's event transport."""
 
-    def __init__(self) -> None:
-        self.keepalive = 15.0
-        self.redis: Any = None  # redis_events.RedisEvents in Redis mode
-        self.on_log: Callable[[str, bytes], None] = lambda run_id, line: None  # memory mode: keep the line
+    def __init__(self, keepalive: float = 15.0) -> None:
+        self.keepalive = keepalive
+        self.transport: EventTransport | None = None  # set by start
         self.closed = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = -1
         self._run_clients: dict[str, set[Subscriber]] = {}
         self._all_clients: set[Subscriber] = set()
-        self._backlogs: OrderedDict[str, Backlog] = OrderedDict()  # memory mode, least recently used first
-        self._backlogs_bytes = 0
-        self._finished_backlogs: deque[str] = deque()  # runs whose backlog ends with their terminal frame
-        self._global = Backlog(GLOBAL_BACKLOG_FRAMES, GLOBAL_BACKLOG_BYTES)
-        self._epoch = int(time.time() * 1000)  # ids of a restarted process are larger than the last one's
-        self._seq = 0
         self._progress: dict[str, asyncio.TimerHandle | asyncio.Handle] = {}
         self._progress_at: dict[str, float] = {}
 
-    def start(self, keepalive: float, redis: Any = None, on_log: Callable[[str, bytes], None] | None = None) -> None:
+    def start(self, keepalive: float, transport: EventTransport) -> None:
         self.loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
-        self.keepalive, self.redis, self.closed = keepalive, redis, False
-        if on_log is not None:
-            self.on_log = on_log
+        self.keepalive, self.transport, self.closed = keepalive, transport, False
 
     def available(self) -> bool:
-        """Whether new streams are served: not once shutdown began, nor while Redis is lost."""
-        return not self.closed and (self.redis is None or self.redis.available)
+        """Whether new streams are served: not once shutdown began, nor while the transport is lost."""
+        return not self.closed and self.transport is not None and self.transport.available
 
     @property
     def streams(self) -> int:
@@ -180,11 +112,6 @@ class EventHub:
 
     def publish_log(self, run_id: str, line: bytes) -> None:
         """A line the run's agent logged (its stdout JSON): kept with the run, and one ``log`` frame."""
-        if self.redis is None:
-            try:
-                self.on_log(run_id, line)
-            except Exception as exc:  # keeping a log line must never cost the run anything
-                log.warning("run_log_not_kept", extra={"run_id": run_id, "error": f"{type(exc).__name__}: {exc}"})
         self._emit("log", run_id, "", line)
 
     def publish_log_from_any_thread(self, run_id: str, line: bytes) -> None:
@@ -200,27 +127,8 @@ class EventHub:
             pass
 
     def _emit(self, kind: str, run_id: str, state: str, data: bytes) -> None:
-        if self.redis is not None:
-            self.redis.send(kind, run_id, state, data)  # comes back through the reader, with its Redis id
-            return
-        self._seq += 1
-        frame = Frame(f"{self._epoch}-{self._seq}", kind, run_id, state, data)
-        backlog = self._backlogs.get(run_id)
-        if backlog is None:
-            backlog = self._backlogs[run_id] = Backlog(RUN_BACKLOG_FRAMES, RUN_BACKLOG_BYTES)
-        else:
-            self._backlogs.move_to_end(run_id)
-        self._backlogs_bytes += backlog.add(frame)
-        if frame.terminal:
-            self._finished_backlogs.append(run_id)
-            while len(self._finished_backlogs) > FINISHED_BACKLOGS:
-                dropped = self._backlogs.pop(self._finished_backlogs.popleft(), None)
-                self._backlogs_bytes -= dropped.bytes if dropped is not None else 0
-        while self._backlogs_bytes > RUN_BACKLOGS_BYTES and len(self._backlogs) > 1:
-            self._backlogs_bytes -= self._backlogs.popitem(last=False)[1].bytes
-        if kind == "run":
-            self._global.add(frame)
-        self.deliver(frame)
+        if self.transport is not None:  # comes back through deliver, with its id
+            self.transport.send(kind, run_id, state, data)
 
     def deliver(self, frame: Frame) -> None:
         """Hand a frame to the clients that want it; a client that cannot keep up is dropped."""
@@ -249,10 +157,10 @@ class EventHub:
         client.wake.set()
 
     async def logs_stored(self, timeout: float) -> None:
-        """Wait until the log lines published so far are kept with their run: at once in memory mode; Redis
-        mode writes them in batches, and a run's terminal state waits for its lines (at most ``timeout``)."""
-        if self.redis is not None:
-            await self.redis.written(timeout)
+        """Wait until the log lines published so far are kept with their run: at once in memory; Redis writes
+        them in batches, and a run's terminal state waits for its lines (at most ``timeout``)."""
+        if self.transport is not None:
+            await self.transport.written(timeout)
 
     # --- clients -------------------------------------------------------------------------------------------
 
@@ -303,28 +211,16 @@ class EventHub:
     # --- what a new client gets first ----------------------------------------------------------------------
 
     async def first_run_frames(self, run_id: str, after: tuple[int, int] | None,
-                               read_run: Callable[[str], Any]) -> list[Frame] | None:
+                               read_run: Callable[[str], Awaitable[Run | None]]) -> list[Frame] | None:
         """The frames a new client of ``run_id`` gets first: those after ``after`` when they are all still
         kept, else the run as it stands now; None if there is no such run. Subscribe before calling this."""
-        if self.redis is not None:
-            return await self.redis.first_run_frames(run_id, after, read_run)
-        backlog = self._backlogs.get(run_id)
-        if after is not None and backlog is not None and backlog.has(after) and \
-                (run := await read_run(run_id)) is not None:
-            frames = backlog.after(after)
-            if not run.finished or any(frame.terminal for frame in frames):
-                return frames
-            # a client that had the terminal frame (an EventSource reconnects): the run again, then the end
-        last_id = backlog.frames[-1].id if backlog is not None and backlog.frames else f"{self._epoch}-0"
-        run = await read_run(run_id)
-        return None if run is None else [Frame.snapshot(last_id, run)]
+        assert self.transport is not None
+        return await self.transport.first_run_frames(run_id, after, read_run)
 
     async def first_global_frames(self, after: tuple[int, int] | None) -> list[Frame]:
-        if after is None:
+        if after is None or self.transport is None:
             return []
-        if self.redis is not None:
-            return await self.redis.global_after(after)
-        return self._global.after(after)
+        return await self.transport.global_after(after)
 
     # --- shutdown ------------------------------------------------------------------------------------------
 
@@ -336,8 +232,8 @@ class EventHub:
         for handle in self._progress.values():
             handle.cancel()
         self._progress.clear()
-        if self.redis is not None:
-            await self.redis.flush(CLOSE_FLUSH_SECONDS)
+        if self.transport is not None:
+            await self.transport.flush(CLOSE_FLUSH_SECONDS)
         clients = self.clients()
         self.end_all("shutdown")
         deadline = time.monotonic() + CLOSE_FLUSH_SECONDS
@@ -349,11 +245,8 @@ class EventHub:
 
     async def stop(self) -> None:
         await self.close()
-        if self.redis is not None:
-            await self.redis.stop()
-
-
-hub = EventHub()
+        if self.transport is not None:
+            await self.transport.stop()
 
 
 class RunLogCapture(logging.Handler):
@@ -382,7 +275,9 @@ class RunLogCapture(logging.Handler):
         self.events.publish_log_from_any_thread(run_id, line)
 
 
-def capture_agent_logs() -> None:
+def capture_agent_logs(hub: EventHub) -> None:
+    """Send the lines agents log to ``hub`` (and to no hub of an earlier runtime)."""
     logger = logging.getLogger("agents")
-    if not any(isinstance(handler, RunLogCapture) for handler in logger.handlers):
-        logger.addHandler(RunLogCapture(hub))
+    for handler in [handler for handler in logger.handlers if isinstance(handler, RunLogCapture)]:
+        logger.removeHandler(handler)
+    logger.addHandler(RunLogCapture(hub))

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import cast
 
 from redis.asyncio import Redis
 
-from store import Run, RunRecordInvalid
+from service.backends.records import Run, RunRecordInvalid
 
 
 class CoalescedReads:
@@ -45,7 +46,8 @@ class CoalescedReads:
 
     async def _fetch(self, keys: list[str], futures: list[asyncio.Future[bytes | None]]) -> None:
         try:
-            values = [await self.client.get(keys[0])] if len(keys) == 1 else await self.client.mget(keys)
+            values = cast("list[bytes | None]",
+                          [await self.client.get(keys[0])] if len(keys) == 1 else await self.client.mget(keys))
         except asyncio.CancelledError:
             for future in futures:
                 future.cancel()

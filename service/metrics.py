@@ -93,7 +93,7 @@ class Histogram(Metric):
             cumulative, buckets = 0, []
             for bound, count in zip(child.bounds, child.counts):
                 cumulative += count
-                buckets.append((floatToGoString(bound), float(cumulative)))
+                buckets.append((floatToGoString(bound), float(cumulative)))  # type: ignore[no-untyped-call]
             family.add_metric(values, buckets, child.sum)
         return family
 

@@ -1,4 +1,4 @@
-"""The Lua scripts of Redis mode: each step that must be atomic across replicas runs in Redis as one script.
+"""The Lua scripts of Redis mode, all of them: each step that must be atomic across replicas runs as one script.
 
 Each is safe to run again after its reply was lost (redis-py retries a
 command whose connection dropped, and the runner retries a terminal write).
@@ -362,4 +362,86 @@ add(KEYS[3], id, ARGV[9], ARGV[10])
 redis.call('EXPIRE', KEYS[3], ARGV[11])
 redis.call('EXPIRE', KEYS[3] .. ':bytes', ARGV[11])
 return id
+"""
+
+
+# Renew a slot (lock.RedisRunLock.renew): reset its TTL while it still holds the token. A slot key that is gone (not
+# taken by another token) is taken back, so the fence (FENCE, above) keeps others out until every live
+# holder has its slot again. When the generation is still the one the holder knows, only the key went (deleted,
+# or lost in a failover), and it is taken back while the run is still the holder's in the unfinished index (not
+# claimed as an orphan, not finished); when the generation changed or is gone, Redis lost its data, and the
+# run's record, its index entries and the slot are written back (the generation and fence made if nobody has
+# yet). ARGV[6] is the record: '-' when not sent (the answer 3 asks for it), '' when there is none to write back
+# (the run is finished).
+# KEYS: slot, generation, fence, unfinished, run, runs, seq. ARGV: token, ttl_ms, known generation, new generation,
+# run_id, record. Returns {outcome, generation, lost}: outcome 1 renewed, 2 taken back, 3 send the record,
+# 0 lost (held by another token, or the run is no longer the holder's); generation: the one in Redis (a re-run
+# after a lost reply must not leave its caller with an old one); lost: 1 when this call found the data lost.
+RENEW_SCRIPT = """
+local held = redis.call('GET', KEYS[1])
+if held == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {1, redis.call('GET', KEYS[2]) or ARGV[3], 0}
+end
+if held then return {0, '', 0} end
+local owner = redis.call('HGET', KEYS[4], ARGV[5])
+if owner and owner ~= ARGV[1] then return {0, '', 0} end
+local generation, lost = redis.call('GET', KEYS[2]), 0
+if generation == ARGV[3] then
+  if not owner then return {0, '', 0} end
+else
+  if not generation then
+    generation, lost = ARGV[4], 1
+    redis.call('SET', KEYS[2], generation)
+    redis.call('SET', KEYS[3], generation, 'PX', ARGV[2])
+  end
+  if ARGV[6] == '-' then return {3, generation, lost} end
+  if ARGV[6] ~= '' then
+    redis.call('SET', KEYS[5], ARGV[6])
+    if not redis.call('ZSCORE', KEYS[6], ARGV[5]) then
+      redis.call('ZADD', KEYS[6], redis.call('INCR', KEYS[7]), ARGV[5])
+    end
+    redis.call('HSET', KEYS[4], ARGV[5], ARGV[1])
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return {2, generation, lost}
+"""
+
+
+# Idempotency-Keys (idempotency.py). Claim a key. KEYS: the key's hash. ARGV: fingerprint, run_id, pending_ms
+# (how long a pending claim lives), stale_ms, run key prefix. A pending entry whose run does not exist and that
+# is older than stale_ms is taken over. Safe to retry after a lost reply: an entry already holding ARGV[2] is this
+# request's own claim.
+IDEMPOTENCY_CLAIM_SCRIPT = """
+local entry = redis.call('HMGET', KEYS[1], 'fingerprint', 'run_id', 'state')
+if entry[1] and entry[2] ~= ARGV[2] then
+  local admitted = entry[3] == 'accepted' or redis.call('EXISTS', ARGV[5] .. entry[2]) == 1
+  local age = tonumber(ARGV[3]) - redis.call('PTTL', KEYS[1])
+  if admitted or age < tonumber(ARGV[4]) then
+    if entry[1] ~= ARGV[1] then return {'mismatch', entry[2]} end
+    if admitted then return {'accepted', entry[2]} end
+    return {'pending', entry[2]}
+  end
+end
+redis.call('HSET', KEYS[1], 'fingerprint', ARGV[1], 'run_id', ARGV[2], 'state', 'pending')
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {'new', ARGV[2]}
+"""
+
+# The run was admitted: the key is accepted for the TTL, unless another request holds it now.
+# KEYS: the key's hash. ARGV: fingerprint, run_id, ttl_ms.
+IDEMPOTENCY_ACCEPT_SCRIPT = """
+local holder = redis.call('HGET', KEYS[1], 'run_id')
+if holder and holder ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'fingerprint', ARGV[1], 'run_id', ARGV[2], 'state', 'accepted')
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+# The request was refused: delete the key if it is still its pending claim. KEYS: the key's hash. ARGV: run_id.
+IDEMPOTENCY_RELEASE_SCRIPT = """
+local entry = redis.call('HMGET', KEYS[1], 'run_id', 'state')
+if entry[1] == ARGV[1] and entry[2] == 'pending' then return redis.call('DEL', KEYS[1]) end
+return 0
 """

@@ -1,0 +1,1 @@
+"""The agent-runner service: runs, admission, events, webhooks, logs and metrics, over one backend."""

@@ -1,0 +1,277 @@
+"""Admission: what POST /agents/run does with a run (start it, queue it, interrupt for it, refuse it),
+the dispatcher that starts queued runs as slots free up, and the drain at shutdown.
+
+``Admission.accepting_runs`` turns False once shutdown has begun; ``admitting`` counts
+POSTs and dispatches between taking a slot and starting their run, so drain waits for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import math
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import agents
+import settings
+from service import metrics
+from service.backends.records import Run, StoreUnavailable, utc_now
+from service.logs import log
+from service.runs import STOP_WAIT_SECONDS, Runner, run_fields
+
+QUEUE_FRAMES_INTERVAL = 0.25  # the waiting runs' position frames, at most this often
+ORPHANS_INTERVAL = 1.0  # dispatch looks for runs whose replica died this often
+
+
+def request_fingerprint(agent_type: str, user_id: str, agent_input: dict[str, Any], on_busy: str,
+                webhook: str | None = None) -> str:
+    """The request as its Idempotency-Key remembers it: every body field, key order and spacing aside."""
+    canonical = json.dumps([agent_type, user_id, agent_input, on_busy, webhook], sort_keys=True,
+                           separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class Admission:
+    """Whether runs are accepted, and the admissions and dispatches in flight; one per runtime."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+        self.backend = runner.backend
+        self.hub = runner.hub
+        self.accepting_runs = True
+        self.admitting = 0
+        self.queue_frames_from: int | None = None  # a pass is due, for the runs from this position on
+        self.queue_frame_tasks: set[asyncio.Task[None]] = set()
+
+    async def admit(self, agent_cls: type[agents.BaseAgent], user_id: str, agent_input: dict[str, Any],
+                    on_busy: str, webhook: str | None = None, run_id: str | None = None,
+                    claim: list[Any] | None = None) -> tuple[str, Run | None]:
+        """Start a run on a free slot, or queue it as ``on_busy`` says; returns the store's verdict and the run.
+
+        "started" and "queued" are accepted (202); "busy" and "full" are refused (409) and leave no run (None),
+        and so does "lost" (with ``claim``, the Idempotency-Key's claim is no longer this request's).
+        """
+        refused = self.backend.refusal(on_busy, settings.current.queue_max)
+        if refused is not None:  # the hot path while busy: answered before a run is built
+            return refused, None
+        self.admitting += 1  # drain waits for this admission, so a run accepted as shutdown starts gets its grace
+        try:
+            run = Run.new(run_id or str(uuid.uuid4()), agent_cls.agent_type, user_id, agent_input, holder=None,
+                          webhook=webhook)
+            verdict = await self.backend.admit(run, on_busy, settings.current.queue_max, claim)
+            if verdict in ("started", "queued"):
+                self.hub.publish_run(run)  # accepted
+            if verdict == "started":
+                self.runner.start(run, agent_cls, agent_input)
+        finally:
+            self.admitting -= 1
+        if verdict == "queued":
+            log.info("run_accepted", extra=run_fields(run))
+            log.info("run_queued", extra={**run_fields(run), "queue_position": run.queue_position})
+            self.runner.work_waiting.set()
+            try:  # the run is accepted: a store failure from here on must not answer 503 (the client would resend it)
+                metrics.QUEUE_DEPTH.set(await self.backend.queue_length())
+                if on_busy == "interrupt":
+                    self.publish_queue(from_position=2)  # the run went to the head: every other one moved back
+                    await self.interrupt_oldest(run)
+            except StoreUnavailable as exc:  # it waits in line all the same; an interrupt then stops no run
+                log.warning("run_queued_store_unavailable", extra={**run_fields(run), "on_busy": on_busy,
+                                                                    "detail": str(exc)})
+        elif verdict == "started":
+            log.info("run_accepted", extra=run_fields(run))
+        return verdict, run
+
+    async def admit_once(self, key: str, agent_cls: type[agents.BaseAgent], user_id: str, agent_input: dict[str, Any],
+                         on_busy: str, webhook: str | None = None,
+                         check: Callable[[], Awaitable[None]] | None = None) -> tuple[str, str, int | None]:
+        """``admit`` for a request with an Idempotency-Key: one run per key, however the request is retried.
+
+        Returns the verdict, the run id and the run's queue position. Verdicts: those of ``admit`` ("busy" and
+        "full" give the key back), "replayed" (an earlier request with the key was admitted: its run),
+        "pending" (an earlier request with the key is still being decided), "mismatch" (the key came with a
+        different request) and "closed" (shutting down; the key is given back). ``check`` (the webhook's DNS
+        look-up) runs only when the key is this request's to decide: a replay answers as the first request did.
+        """
+        keys = self.backend.idempotency_keys
+        fingerprint = request_fingerprint(agent_cls.agent_type, user_id, agent_input, on_busy, webhook)
+        run_id = str(uuid.uuid4())
+        try:
+            claim = await keys.claim(key, fingerprint, run_id)
+        except BaseException:  # the claim may have been stored before its reply was lost
+            await asyncio.shield(self.settle_key(key, fingerprint, run_id, "failed"))
+            raise
+        if claim.outcome == "mismatch":
+            return "mismatch", claim.run_id, None
+        if claim.outcome != "new":
+            run = await self.backend.get(claim.run_id)  # a pending key whose run exists was admitted
+            if claim.outcome == "pending" and run is None:
+                return "pending", claim.run_id, None
+            return "replayed", claim.run_id, run.queue_position if run is not None else None
+        verdict: str | None = None
+        try:
+            if not self.accepting_runs:
+                verdict = "closed"
+                return verdict, claim.run_id, None
+            if check is not None:
+                await check()  # raising: the key is given back, like any refused request
+            verdict, run = await self.admit(agent_cls, user_id, agent_input, on_busy, webhook, run_id=claim.run_id,
+                                       claim=keys.admit_args(key, fingerprint))
+            if verdict == "lost":  # the claim expired or was taken over meanwhile: the key is another request's now
+                return "pending", claim.run_id, None
+            return verdict, claim.run_id, run.queue_position if run is not None else None
+        finally:  # before the answer, on every path: a client disconnect or an error included
+            await asyncio.shield(self.settle_key(key, fingerprint, claim.run_id, verdict))
+
+    async def settle_key(self, key: str, fingerprint: str, run_id: str, verdict: str | None) -> None:
+        """Keep the key when its run was admitted, give it back when it was refused; after an error, ask the store.
+
+        A store that fails here leaves the key pending: a retry then finds the run if it was admitted, and takes
+        the key over once it is stale if it was not.
+        """
+        keys = self.backend.idempotency_keys
+        with contextlib.suppress(StoreUnavailable):
+            if verdict is None:  # admit raised or was cancelled: its run may or may not have been stored
+                verdict = "started" if await self.backend.get(run_id) is not None else "failed"
+            if verdict in ("started", "queued"):
+                await keys.accept(key, fingerprint, run_id)
+            else:
+                await keys.release(key, run_id)
+
+    async def interrupt_oldest(self, run: Run) -> None:
+        """Stop the oldest running run not already stopping for ``run``, which waits at the head of the queue."""
+        # Picked (and, when shared, flagged) in one step: two interrupts, on two replicas, never pick the same run
+        stopping = [active.run.run_id for active in self.runner.active_runs.values() if active.stop_requested.is_set()]
+        oldest = await self.backend.interrupt_oldest(run.run_id, stopping)
+        if oldest is None:  # none left to stop: the run starts when a slot frees up
+            return
+        log.info("run_interrupting", extra={**run_fields(run), "interrupted_run_id": oldest})
+        self.runner.request_stop(oldest, by=run.run_id)  # at once if this process runs it; else its own hears it
+
+    async def dispatch_forever(self) -> None:
+        """Start waiting runs as slots free up, head of the queue first, until shutdown.
+
+        Woken by this process (a run queued, a slot freed) and, in Redis mode, by
+        pub/sub from other replicas, and at least once a second in any case.
+        """
+        orphans_due = 0.0
+        while self.accepting_runs:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.runner.work_waiting.wait(), 1.0)
+            self.runner.work_waiting.clear()
+            try:
+                taken = 0
+                while self.accepting_runs:
+                    self.admitting += 1  # drain waits for a take in flight: a run that got its slot gets the grace
+                    try:
+                        if (run := await self.backend.take()) is None:
+                            break
+                        self.begin_waited_run(run)
+                    finally:
+                        self.admitting -= 1
+                    taken += 1
+                if taken:
+                    self.publish_queue(from_position=1)
+                metrics.QUEUE_DEPTH.set(await self.backend.queue_length())
+                if time.monotonic() >= orphans_due:  # a run whose replica died ends even if no other run starts
+                    orphans_due = time.monotonic() + ORPHANS_INTERVAL
+                    await self.runner.recover_orphans()
+            except StoreUnavailable:
+                pass  # the next tick tries again
+
+    def begin_waited_run(self, run: Run) -> None:
+        agent_input = json.loads(run.input_json)  # written by Run.new: always a JSON object
+        log.info("run_dequeued", extra=run_fields(run))
+        self.runner.start(run, agents.registry.get(run.agent_type), agent_input, waited=True)
+
+    def publish_queue(self, from_position: int) -> None:
+        """The queue moved: a run frame for each waiting run from ``from_position`` on, soon (best effort).
+
+        Moves within QUEUE_FRAMES_INTERVAL share one pass: a queue of n draining
+        run by run would otherwise cost n frames (and in Redis mode n event
+        writes and a read of n records) for every run that leaves it.
+        """
+        if self.queue_frames_from is not None:  # a pass is due: it covers this move too
+            self.queue_frames_from = min(self.queue_frames_from, from_position)
+            return
+        self.queue_frames_from = from_position
+        asyncio.get_running_loop().call_later(QUEUE_FRAMES_INTERVAL, self.start_queue_frames)
+
+    def start_queue_frames(self) -> None:
+        task = asyncio.ensure_future(self.publish_queue_frames())
+        self.queue_frame_tasks.add(task)  # a strong reference until it is done
+        task.add_done_callback(self.queue_frame_tasks.discard)
+
+    async def publish_queue_frames(self) -> None:
+        from_position, self.queue_frames_from = self.queue_frames_from or 1, None
+        with contextlib.suppress(StoreUnavailable):
+            for run in await self.backend.waiting():
+                if run.queue_position is not None and run.queue_position >= from_position:
+                    self.hub.publish_run(run)
+
+    async def cancel_waiting(self, run_id: str, position: int = 1) -> Run | None:
+        """Cancel a run still in the queue at ``position`` (CANCELLED at once); None if it no longer waits."""
+        run = await self.backend.dequeue(run_id, state="CANCELLED", finished_at=utc_now())
+        if run is None:
+            return None
+        self.hub.publish_run(run)
+        self.publish_queue(from_position=position)
+        metrics.QUEUE_DEPTH.set(await self.backend.queue_length())
+        metrics.RUNS_TOTAL.labels(run.agent_type, run.state).inc()
+        log.info("run_cancelled", extra={**run_fields(run), "state": run.state, "duration_ms": 0.0})
+        return run
+
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait: what the built-in agents still need, at least 1."""
+        elapsed, now = 0.0, time.monotonic()
+        for active in self.runner.active_runs.values():  # a plain loop: this runs on every 409
+            elapsed = max(elapsed, now - active.started)
+        return max(1, math.ceil(settings.current.agent_sleep_seconds - elapsed))
+
+    async def drain(self, grace_seconds: float) -> None:
+        """Stop accepting runs; let the running runs finish within the grace time, else interrupt them.
+
+        An agent that does not stop gets its run recorded as ERROR anyway; its
+        slot is kept until its code stops or the process exits. Runs waiting in
+        the queue end CANCELLED, unless the backend is shared: then they stay
+        queued for the other replicas.
+        """
+        if not self.accepting_runs:
+            return
+        self.accepting_runs = False
+        self.runner.work_waiting.set()  # dispatch sees accepting_runs and stops taking runs
+        deadline = time.monotonic() + grace_seconds
+        while self.admitting and time.monotonic() < deadline:  # a POST between slot and start gets the grace too
+            await asyncio.sleep(0.01)
+        running = list(self.runner.active_runs.values())
+        log.info("shutdown_started", extra={"grace_seconds": grace_seconds,
+                                            "active_run_id": running[0].run.run_id if running else None,
+                                            "active_run_ids": [active.run.run_id for active in running]})
+        if not self.backend.shared:  # nobody else will run what waits
+            await self.cancel_queue("Service shut down before the run started")
+        drivers = {active.driver for active in running if active.driver is not None}
+        if drivers:
+            await asyncio.wait(drivers, timeout=max(0.0, deadline - time.monotonic()))
+        late = [active for active in running if active.driver is not None and not active.driver.done()]
+        for active in late:
+            active.stop("shutdown")
+        if late:
+            await asyncio.wait({active.driver for active in late if active.driver is not None},
+                               timeout=STOP_WAIT_SECONDS)
+        for active in late:
+            if not active.run.finished:  # the agent ignores cancellation: record the outcome before exiting anyway
+                await self.runner.finish_run(active, {"state": "ERROR", "event": "run_interrupted",
+                                          "error": "Run interrupted by shutdown; the agent did not stop"})
+
+    async def cancel_queue(self, error: str) -> None:
+        for waiting in await self.backend.waiting():
+            run = await self.backend.dequeue(waiting.run_id, state="CANCELLED", error=error, finished_at=utc_now())
+            if run is not None:
+                self.hub.publish_run(run)
+                metrics.RUNS_TOTAL.labels(run.agent_type, run.state).inc()
+                log.warning("run_cancelled", extra={**run_fields(run), "state": run.state, "error": error})
+        metrics.QUEUE_DEPTH.set(0)

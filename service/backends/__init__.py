@@ -1,0 +1,26 @@
+"""Where the service's state lives: ``open_backend`` picks memory or Redis, the one place a mode is chosen."""
+
+from __future__ import annotations
+
+import logging
+
+from service.backends.base import Backend
+from service.backends.memory import MemoryBackend
+from settings import Settings
+
+__all__ = ["Backend", "open_backend"]
+
+LOG = logging.getLogger("agent_runner")  # the service's logger (service/logs.py): store_unavailable and such
+
+
+def open_backend(config: Settings, log: logging.Logger = LOG) -> Backend:
+    """The backend ``config`` asks for: Redis with REDIS_URL, else this process's memory. Not started yet."""
+    if config.redis_url:
+        from service.backends.redis import open_redis  # redis-py is only imported when it is used
+
+        _, backend = open_redis(config.redis_url, config.redis_prefix, config.lock_ttl_seconds, config.run_retention,
+                                config.run_retention_bytes, log, slots=config.max_concurrent_runs,
+                                idempotency_ttl_seconds=config.idempotency_ttl_seconds)
+        return backend
+    return MemoryBackend(config.run_retention, config.run_retention_bytes, slots=config.max_concurrent_runs,
+                         idempotency_ttl_seconds=config.idempotency_ttl_seconds, log=log)

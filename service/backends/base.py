@@ -1,0 +1,199 @@
+"""The seam between the service and where its state lives: one ``Backend``, and the helpers it hands out.
+
+A backend holds MAX_CONCURRENT_RUNS slots (each a lease with a holder token), the queue of waiting runs,
+the run records, the cancel flags, the Idempotency-Keys, the transport of run events and the webhook
+deliveries owed. Every step that must be atomic (a slot and a queue place, a terminal state and its slot's
+release, a delivery owed with its terminal state) is one call here, so the caller never holds a lock: the
+lock is each backend's own business. ``open_backend`` (``__init__.py``) picks one; nothing else asks which.
+
+A new backend passes ``tests/test_backends.py`` before anything else.
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+from service.backends.records import Frame, Page, Run
+
+
+class Claim(NamedTuple):
+    """What a request found under its Idempotency-Key.
+
+    ``outcome``: "new" (the key is this request's to decide), "accepted" (an
+    earlier request's run was admitted), "pending" (an earlier request is
+    still being decided), "mismatch" (the key came with a different request).
+    ``run_id`` is the run the key stands for.
+    """
+
+    outcome: str
+    run_id: str
+
+
+class IdempotencyKeys(Protocol):
+    """The Idempotency-Keys of POST /agents/run: claimed pending, then accepted (kept for the TTL) or released."""
+
+    async def claim(self, key: str, fingerprint: str, run_id: str) -> Claim: ...
+
+    def admit_args(self, key: str, fingerprint: str) -> list[Any] | None:
+        """What ``Backend.admit`` needs to admit the run only while the key is still this request's claim."""
+
+    async def accept(self, key: str, fingerprint: str, run_id: str) -> None: ...
+
+    async def release(self, key: str, run_id: str) -> None: ...
+
+
+@dataclass
+class Delivery:
+    """One owed delivery: the run's JSON at its terminal state, to ``url``; ``attempt`` counts attempts made."""
+
+    run_id: str
+    url: str
+    body: bytes
+    attempt: int = 0
+    lease: str | None = None  # a shared queue's claim token; the outcome is recorded only while it holds
+    send_by: float = math.inf  # time.monotonic() past which the lease may have passed to another replica
+    exhausted: bool = False  # every attempt was made (the last claimer died mid-attempt)
+
+
+class Deliveries(Protocol):
+    """The queue of webhook deliveries owed; ``durable`` when it outlives this process (then nothing is owed
+    by this process alone at shutdown)."""
+
+    durable: bool
+    on_owed: Callable[[], None]  # a delivery became due: wake the deliverer
+
+    def owe(self, run: Run) -> None: ...
+
+    async def claim(self) -> tuple[Delivery | None, float]:
+        """The next due delivery, its attempt counted (and leased, when shared); or None and how long to wait."""
+
+    async def report(self, delivery: Delivery, retry_in: float | None) -> None:
+        """An attempt's outcome: done (``retry_in`` None), or due again in ``retry_in`` seconds."""
+
+    def take_all(self) -> list[Delivery]:
+        """Every delivery this process alone owes, taken out (none for a durable queue)."""
+
+
+class FrameSink(Protocol):
+    """Where an event transport hands the frames it carries: the event hub of this process."""
+
+    def deliver(self, frame: Frame) -> None: ...
+
+    def end_all(self, reason: str) -> None: ...
+
+
+class EventTransport(Protocol):
+    """How run events reach every stream client (of this process, or of every replica), with their backlogs."""
+
+    available: bool  # while False, new streams are refused (503)
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def send(self, kind: str, run_id: str, state: str, data: bytes) -> None:
+        """Publish one event (never waits, never raises); it comes back to the sink with its id."""
+
+    async def written(self, timeout: float) -> None:
+        """Until the events sent so far are kept (their log lines with their run), at most ``timeout``."""
+
+    async def flush(self, timeout: float) -> None:
+        """Until what was sent has reached the sink, at most ``timeout``."""
+
+    async def first_run_frames(self, run_id: str, after: tuple[int, int] | None,
+                               read_run: Callable[[str], Awaitable[Run | None]]) -> list[Frame] | None: ...
+
+    async def global_after(self, after: tuple[int, int]) -> list[Frame]: ...
+
+
+class Backend(Protocol):
+    """Slots with leases, the queue, the run store, cancel flags, and the helpers below, behind one interface.
+
+    ``shared``: other replicas use the same state (a run may be queued, run or cancelled elsewhere; what
+    waits in the queue at shutdown stays for them). ``renew_interval``: how often a held slot's lease must
+    be renewed, None when it never expires.
+    """
+
+    name: str  # "memory" or "redis": what service_started logs as the store
+    shared: bool
+    renew_interval: float | None
+    on_cancel: Callable[[str, str | None], object]  # a cancel (or, with ``by``, an interrupt) of a run, from anywhere
+    on_work: Callable[[], None]  # a run was queued or a slot freed: look at the queue
+    on_finished: Callable[[Run], None]  # a run with a webhook was stored terminal: its delivery is owed
+    on_not_owed: Callable[[Run, str], None]  # its delivery was past the bound on those owed: dropped
+
+    @property
+    def idempotency_keys(self) -> IdempotencyKeys: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def check(self) -> None:
+        """Raises StoreUnavailable when the store cannot be reached (GET /readyz)."""
+
+    def event_transport(self, sink: FrameSink) -> EventTransport: ...
+
+    def webhook_deliveries(self, timeout_seconds: float) -> Deliveries: ...
+
+    # --- slots and the queue ---------------------------------------------------------------------------------
+
+    def refusal(self, on_busy: str, queue_max: int) -> str | None:
+        """"busy" or "full" when ``admit`` would refuse now and can tell without I/O, else None."""
+
+    async def admit(self, run: Run, on_busy: str, queue_max: int, claim: builtins.list[Any] | None = None) -> str:
+        """In one step: "started" on a free slot (``run.holder`` set), else "queued" as ``on_busy`` allows, else
+        "busy" or "full"; "lost" when ``claim`` (IdempotencyKeys.admit_args) is no longer the request's."""
+
+    async def take(self) -> Run | None:
+        """The head of the queue on a free slot (``holder`` set), or None: one step, so never two takers."""
+
+    async def dequeue(self, run_id: str, **changes: Any) -> Run | None:
+        """A waiting run out of the queue and stored with ``changes`` (its terminal state) in one step."""
+
+    async def queue_length(self) -> int: ...
+
+    async def waiting(self) -> builtins.list[Run]:
+        """The waiting runs, next first, with their queue positions."""
+
+    async def interrupt_oldest(self, by: str, stopping: builtins.list[str]) -> str | None:
+        """The earliest admitted run holding a slot, not ``by`` and not in ``stopping``, asked to stop for ``by``."""
+
+    async def renew(self, run: Run) -> bool:
+        """Renew the lease of ``run``'s slot; True when it was taken back. Raises LockLost, StoreUnavailable."""
+
+    async def release(self, token: str) -> None: ...
+
+    def holds(self, token: str) -> bool:
+        """Whether this process still holds the slot of ``token`` (not released yet)."""
+
+    async def claim_orphans(self) -> builtins.list[Run]:
+        """Unfinished runs whose holder holds no slot any more (its replica died), claimed for the caller."""
+
+    # --- the run store -----------------------------------------------------------------------------------------
+
+    async def add(self, run: Run) -> None: ...
+
+    async def save(self, run: Run, release: bool = False) -> None:
+        """Store a change; a terminal state with ``release`` frees the run's slot in the same step."""
+
+    def note_progress(self, run: Run) -> None: ...
+
+    async def get(self, run_id: str) -> Run | None: ...
+
+    async def wait_finished(self, run_id: str, timeout: float) -> Run | None: ...
+
+    async def list(self, page: Page, before: str | None = None) -> builtins.list[Run]: ...
+
+    async def logs(self, run_id: str) -> builtins.list[bytes] | None: ...
+
+    # --- cancel flags ----------------------------------------------------------------------------------------
+
+    async def request_cancel(self, run_id: str, by: str | None = None) -> None:
+        """Ask whichever process runs ``run_id`` to stop it (``by``: the run that interrupts it)."""
+
+    async def cancel_requested(self, run_id: str) -> tuple[bool, str | None]: ...

@@ -1,0 +1,400 @@
+"""One run, from PENDING to exactly one terminal state: the ``Runner`` and the runs this process executes.
+
+The backend has MAX_CONCURRENT_RUNS slots. admission.py takes them (through
+the backend, atomically with the run queue) and hands the run to ``start``;
+``finish_run`` is the only code that releases one, in the same step that stores
+the terminal state, and only once no code of the agent is still executing:
+not its coroutine, not the executor work it started (``asyncio.to_thread``,
+``run_in_executor(None, ...)``).
+
+Read top to bottom: start, execute_run (supervise, judge, finish_run), lease
+renewal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+from concurrent.futures import Future
+from datetime import datetime
+from typing import Any
+
+import agents
+import settings
+from service import metrics
+from service.agent_work import current_run
+from service.backends.base import Backend
+from service.backends.records import LockLost, Run, StoreUnavailable, utc_now
+from service.events import LOGS_STORED_SECONDS, EventHub
+from service.logs import log, safe_fields, write_hot_lines
+
+MAX_RESULT_BYTES = 1024 * 1024  # a larger agent result ends the run as ERROR
+CANCEL_RETRY_SECONDS = 1.0  # an agent that swallows CancelledError is cancelled again this often
+STILL_RUNNING_LOG_SECONDS = 10.0  # how often a stopped run whose code goes on is logged (agent_still_running)
+STOP_WAIT_SECONDS = 5.0  # at shutdown, how long an interrupted agent may take to stop
+STORE_RETRY_SECONDS = 0.5  # how often a store write that must land is retried
+LOCK_EXPIRED_EXIT_CODE = 70  # the process exits with this when its lock expired under a running agent
+# What finish_run puts on the terminal line itself; an agent's completion_fields with these names are renamed
+TERMINAL_LINE_FIELDS = frozenset({"run_id", "agent_type", "user_id", "state", "result", "result_json", "error",
+                                  "event", "traceback", "duration_ms"})
+
+class ActiveRun:
+    """The run this process is executing, and why it was asked to stop, if it was."""
+
+    def __init__(self, run: Run, agent_cls: type[agents.BaseAgent] | None, agent_input: dict[str, Any]) -> None:
+        self.run = run
+        self.agent_cls = agent_cls  # None: queued by a replica that has an agent type this one lacks
+        self.agent_input = agent_input  # the parsed input, for the agent; the run keeps it encoded
+        self.stop_reason: str | None = None  # "cancel", "interrupt", "timeout", "shutdown" or "lock_lost"
+        self.cancelled_by: str | None = None  # with "interrupt": the run that took this one's place
+        self.stop_requested = asyncio.Event()
+        self.stopping = threading.Event()  # the agent's view of stop_requested, readable from threads
+        self.agent_task: asyncio.Task[Any] | None = None
+        self.executor_work: list[Future[Any]] = []  # appended from any thread, pruned on the loop
+        self.driver: asyncio.Task[None] | None = None
+        self.code_stopped = asyncio.Event()  # set once neither the coroutine nor its executor work runs
+        self.started = time.monotonic()
+        self.waited = False  # it waited in the queue before it got its slot
+
+    def stop(self, reason: str) -> None:
+        """Ask the agent to stop; the first reason given decides the run's terminal state.
+
+        The agent is cancelled once, here: a second request (the same cancel arriving by pub/sub and by
+        the flag read at renewal, a timeout after a cancel) must not cut the cleanup it is running in
+        ``finally``. An agent that ignores the first is cancelled again by ``supervise``, every second.
+        """
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        if self.stop_requested.is_set():
+            return
+        self.stop_requested.set()
+        self.stopping.set()
+        if self.agent_task is not None:
+            self.agent_task.cancel()
+
+    def running_work(self) -> list[Future[Any]]:
+        self.executor_work = [future for future in self.executor_work if not future.done()]
+        return self.executor_work
+
+
+def run_fields(run: Run) -> dict[str, Any]:
+    return {"run_id": run.run_id, "agent_type": run.agent_type, "user_id": run.user_id}
+
+
+class Runner:
+    """Starts runs on the slots admission took, and sees each to exactly one terminal state."""
+
+    def __init__(self, backend: Backend, hub: EventHub) -> None:
+        self.backend = backend
+        self.hub = hub
+        self.active_runs: dict[str, ActiveRun] = {}  # the runs this process executes, oldest first
+        self.work_waiting = asyncio.Event()  # set when a run was queued or a slot freed: dispatch looks at the queue
+
+    def agent_code_running(self) -> bool:
+        """True while some code of this process's runs still executes (a run may already be recorded)."""
+        return any(active.driver is not None and not active.code_stopped.is_set()
+                   for active in self.active_runs.values())
+
+    def start(self, run: Run, agent_cls: type[agents.BaseAgent] | None, agent_input: dict[str, Any],
+              waited: bool = False) -> ActiveRun:
+        active = self.active_runs[run.run_id] = ActiveRun(run, agent_cls, agent_input)
+        active.waited = waited
+        active.driver = asyncio.create_task(self.execute_run(active), name=f"run-{run.run_id}")
+        metrics.RUNNING.set(len(self.active_runs))
+        return active
+
+    def request_stop(self, run_id: str, by: str | None = None) -> bool:
+        """Cancel (or, with ``by``, interrupt) ``run_id`` if this process runs it; False when another replica does."""
+        active = self.active_runs.get(run_id)
+        if active is None:
+            return False
+        if by is not None and active.stop_reason is None:
+            active.cancelled_by = by
+        active.stop("interrupt" if by is not None else "cancel")
+        return True
+
+    async def execute_run(self, active: ActiveRun) -> None:
+        """Run the agent, record exactly one terminal state, log it, release the lock."""
+        run = active.run
+        outcome: dict[str, Any] = {"state": "ERROR", "error": "Run ended without an outcome"}
+        keeper = asyncio.create_task(self.keep_lock(active)) if self.backend.renew_interval else None
+        try:
+            if not await self.start_running(active):
+                outcome = {"state": "ERROR", "event": "agent_error",
+                           "error": "Run store unavailable when the run started"}
+            elif active.agent_cls is None:
+                outcome = {"state": "ERROR", "event": "agent_error",
+                           "error": f"Agent type {run.agent_type!r} is not registered on the replica that took the run"}
+            elif active.stop_reason is None:
+                agent = active.agent_cls(run.run_id, run.user_id, active.agent_input,
+                                         sleep_seconds=settings.current.agent_sleep_seconds,
+                                         on_progress=lambda fraction: self.report_progress(run, fraction),
+                                         stopping=active.stopping)
+                active.agent_task = asyncio.create_task(run_agent(active, agent))
+                await supervise(active, settings.current.run_timeout_seconds)
+                outcome = judge(active, agent)
+            else:
+                outcome = judge(active, None)
+        except Exception as exc:  # the agent's constructor failed before the agent ran
+            outcome = {"state": "ERROR", "error": f"{type(exc).__name__}: {exc}",
+                       "event": "agent_error", "traceback": traceback.format_exc()}
+        finally:
+            if active.agent_task is None or (active.agent_task.done() and not active.running_work()):
+                active.code_stopped.set()  # not when this task itself was cancelled under a running agent
+            await self.finish_run(active, outcome)
+            if keeper is not None:
+                keeper.cancel()
+
+    async def start_running(self, active: ActiveRun) -> bool:
+        """Recover orphans and record RUNNING, retrying a store blip; False if the store stayed away."""
+        run = active.run
+        deadline = time.monotonic() + max(settings.current.lock_ttl_seconds, 5.0)
+        while True:
+            try:
+                await self.recover_orphans()
+                if active.stop_reason is None:
+                    started = run.started_at or utc_now()
+                    run.update(state="RUNNING", started_at=started)
+                    await self.backend.save(run)
+                    self.hub.publish_run(run)
+                    if active.waited:
+                        metrics.QUEUE_WAIT.observe(seconds_between(run.created_at, started))
+                        asked, by = await self.backend.cancel_requested(run.run_id)  # sent while it changed hands
+                        if asked:
+                            self.request_stop(run.run_id, by=by)
+                return True
+            except StoreUnavailable as exc:
+                if time.monotonic() >= deadline or active.stop_reason is not None:
+                    log.error("run_start_failed", extra={**run_fields(run), "detail": str(exc)})
+                    return False
+                await asyncio.sleep(STORE_RETRY_SECONDS)
+
+    def report_progress(self, run: Run, fraction: float) -> None:
+        if run.finished:  # code the agent left behind (a thread of its own, or after a shutdown) reports late
+            return
+        run.update(progress=fraction)
+        self.backend.note_progress(run)
+        self.hub.publish_progress(run)
+
+    async def recover_orphans(self) -> None:
+        """Mark ERROR the unfinished runs whose holder no longer holds a slot (a replica died).
+
+        Called as a run starts and, by dispatch, at least once a second: a run whose replica died ends even
+        when no other run starts.
+        """
+        for orphan in await self.backend.claim_orphans():
+            orphan.update(state="ERROR", finished_at=utc_now(), queue_position=None,
+                          error="Runner lost: the replica running it stopped holding the run lock")
+            await self.backend.save(orphan)
+            self.hub.publish_run(orphan)
+            log.error("run_orphaned", extra={**run_fields(orphan), "state": "ERROR", "error": orphan.error})
+
+    async def finish_run(self, active: ActiveRun, outcome: dict[str, Any]) -> None:
+        """Store the terminal state and log it; release the lock in the same step once no agent code runs.
+
+        At shutdown an agent that will not stop gets its run recorded while its
+        code goes on (``drain``); the lock is then kept, and renewed, until the
+        agent stops or the process is gone.
+        """
+        run = active.run
+        release = active.code_stopped.is_set()
+        if run.finished:  # recorded already at shutdown; only the lock is left to release
+            if release:
+                if run.holder is not None:
+                    await self.backend.release(run.holder)
+                self.clear_active(active)
+            return
+        outcome = dict(outcome)
+        event = outcome.pop("event", "agent_error")
+        trace = outcome.pop("traceback", None)
+        extra_fields = {key: outcome.pop(key) for key in list(outcome)
+                        if key not in ("state", "result_json", "error", "cancelled_by")}
+        # GET /agents/logs of a finished run has every line its agent logged; the wait stays well inside the lock's TTL.
+        await self.hub.logs_stored(min(LOGS_STORED_SECONDS, settings.current.lock_ttl_seconds / 3))
+        run.update(finished_at=utc_now(), **outcome)
+        if await self.save_finished(run, release):
+            self.hub.publish_run(run)
+        if release:
+            self.clear_active(active)
+        duration = time.monotonic() - active.started
+        metrics.RUNS_TOTAL.labels(run.agent_type, run.state).inc()
+        metrics.RUN_DURATION.labels(run.agent_type).observe(duration)
+        fields = {**extra_fields, **run_fields(run), "state": run.state, "duration_ms": round(duration * 1000, 1)}
+        if run.cancelled_by is not None:
+            fields["cancelled_by"] = run.cancelled_by
+        if run.error is not None:
+            fields["error"] = run.error
+        if trace is not None:
+            fields["traceback"] = trace
+        level = logging.INFO if run.state in ("DONE", "CANCELLED") else logging.ERROR
+        log.log(level, event, extra=fields)
+
+    def clear_active(self, active: ActiveRun) -> None:
+        """The run's slot is free: forget it, and let dispatch look at the queue."""
+        if self.active_runs.get(active.run.run_id) is active:
+            del self.active_runs[active.run.run_id]
+            metrics.RUNNING.set(len(self.active_runs))
+        self.work_waiting.set()
+
+    async def save_finished(self, run: Run, release: bool) -> bool:
+        """Store a terminal state (and release the run lock in the same step), retrying until both land.
+
+        If the store never comes back within the lock's TTL, the run stays
+        unfinished there and the next lock holder marks it ERROR ("runner lost");
+        the terminal log line is written anyway. Returns whether it was stored.
+        """
+        deadline = time.monotonic() + max(settings.current.lock_ttl_seconds, 5.0)
+        while True:
+            try:
+                await self.backend.save(run, release=release)
+                return True
+            except StoreUnavailable:
+                if time.monotonic() >= deadline:
+                    log.error("terminal_state_not_stored", extra={**run_fields(run), "state": run.state})
+                    if release and run.holder is not None:
+                        await self.backend.release(run.holder)
+                    return False
+                await asyncio.sleep(STORE_RETRY_SECONDS)
+
+    async def keep_lock(self, active: ActiveRun) -> None:
+        """Renew the run lock while any code of the agent runs; stop the run the moment the lock may be lost.
+
+        Any failure to renew (Redis unreachable, or answering an error such as
+        READONLY or MISCONF) is retried at once and often; once half the TTL has
+        passed without a renewal the agent is stopped (``lock_lost``), so it has
+        the other half to stop before another replica may take the lock. If its
+        code still runs when the TTL has passed, the process exits: the lock can
+        no longer keep a second agent out, and a process that is gone runs nothing.
+        """
+        interval = self.backend.renew_interval
+        ttl = settings.current.lock_ttl_seconds
+        assert interval is not None and active.run.holder is not None
+        renewed_at = time.monotonic()
+        failure: str | None = None
+        lost_logged = False  # once per run, whatever it was stopping for already
+        while not active.code_stopped.is_set():
+            await asyncio.sleep(interval if failure is None else min(interval, ttl / 10))
+            if time.monotonic() - renewed_at >= ttl and not active.code_stopped.is_set():
+                exit_lock_expired(active)
+            try:
+                reasserted = await self.backend.renew(active.run)
+            except LockLost:
+                if not self.backend.holds(active.run.holder):  # finish_run released it while this renewal was out
+                    break
+                failure, lost = "the lock was taken over or expired", True
+            except Exception as exc:  # unreachable, or an error reply: either way the lock may expire
+                if failure is None:
+                    log.warning("lock_renewal_failed", extra={**run_fields(active.run),
+                                                              "detail": f"{type(exc).__name__}: {exc}"})
+                failure = "the lock could not be renewed for half its TTL"
+                lost = time.monotonic() - renewed_at >= ttl / 2
+            else:
+                renewed_at, failure, lost = time.monotonic(), None, False
+                if reasserted:  # its key was gone from Redis, and nobody else had the slot: taken back
+                    log.warning("lock_reasserted", extra={**run_fields(active.run),
+                                                          "detail": "the run's slot was gone from Redis; taken back"})
+                with contextlib.suppress(StoreUnavailable):
+                    asked, by = await self.backend.cancel_requested(active.run.run_id)
+                    if asked:
+                        self.request_stop(active.run.run_id, by=by)
+            if lost and not lost_logged:
+                lost_logged = True
+                log.error("lock_lost", extra={**run_fields(active.run), "detail": failure})
+                active.stop("lock_lost")
+
+
+async def run_agent(active: ActiveRun, agent: agents.BaseAgent) -> Any:
+    current_run.set(active)  # this task's context, copied into executor work it submits
+    return await agent.run()
+
+
+def seconds_between(earlier: str, later: str) -> float:
+    try:
+        return max(0.0, (datetime.fromisoformat(later) - datetime.fromisoformat(earlier)).total_seconds())
+    except ValueError:  # a record from elsewhere with an odd timestamp
+        return 0.0
+
+
+async def supervise(active: ActiveRun, timeout: float) -> None:
+    """Wait for the agent to end, time out, or be stopped; return only once none of its code runs."""
+    code = asyncio.ensure_future(agent_stopped(active))
+    stop_requested = asyncio.ensure_future(active.stop_requested.wait())
+    try:
+        await asyncio.wait({code, stop_requested}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if not code.done() and not active.stop_requested.is_set():
+            active.stop("timeout")
+        waited = 0.0
+        while not code.done():  # an agent may swallow CancelledError or sit in a thread: keep asking
+            await asyncio.wait({code}, timeout=CANCEL_RETRY_SECONDS)
+            waited += CANCEL_RETRY_SECONDS
+            assert active.agent_task is not None
+            if not active.agent_task.done():
+                active.agent_task.cancel()
+            if not code.done() and waited % STILL_RUNNING_LOG_SECONDS < CANCEL_RETRY_SECONDS:
+                log.warning("agent_still_running", extra={
+                    **run_fields(active.run), "stop_reason": active.stop_reason, "waited_s": round(waited),
+                    "threads": len(active.running_work())})
+    finally:
+        stop_requested.cancel()
+        code.cancel()
+
+
+async def agent_stopped(active: ActiveRun) -> None:
+    """Returns once the agent's coroutine has ended and every piece of executor work it started has returned."""
+    assert active.agent_task is not None
+    await asyncio.wait({active.agent_task})
+    while work := active.running_work():
+        await asyncio.wait([asyncio.wrap_future(future) for future in work])
+
+
+def judge(active: ActiveRun, agent: agents.BaseAgent | None) -> dict[str, Any]:
+    """The terminal state, error and log event for a run whose agent has stopped."""
+    if active.stop_reason == "cancel":
+        return {"state": "CANCELLED", "event": "run_cancelled"}
+    if active.stop_reason == "interrupt":
+        return {"state": "CANCELLED", "event": "run_cancelled", "cancelled_by": active.cancelled_by}
+    if active.stop_reason == "timeout":
+        return {"state": "ERROR", "event": "run_timeout",
+                "error": f"Run timed out after {settings.current.run_timeout_seconds:g} seconds"}
+    if active.stop_reason == "shutdown":
+        return {"state": "ERROR", "event": "run_interrupted", "error": "Run interrupted by shutdown"}
+    if active.stop_reason == "lock_lost":
+        return {"state": "ERROR", "event": "agent_error", "error": "Run stopped: lock lost"}
+    task = active.agent_task
+    assert task is not None and agent is not None
+    if task.cancelled():
+        return {"state": "ERROR", "event": "agent_error", "error": "Agent was cancelled unexpectedly"}
+    exc = task.exception()
+    if exc is not None:
+        return {"state": "ERROR", "event": "agent_error", "error": f"{type(exc).__name__}: {exc}",
+                "traceback": "".join(traceback.format_exception(exc))}
+    result = task.result()
+    try:
+        encoded = json.dumps(result, allow_nan=False, separators=(",", ":")).encode()
+    except (TypeError, ValueError, RecursionError) as exc:
+        return {"state": "ERROR", "event": "agent_error",
+                "error": f"Agent result is not JSON-serialisable: {type(exc).__name__}: {exc}"}
+    if len(encoded) > MAX_RESULT_BYTES:
+        return {"state": "ERROR", "event": "agent_error",
+                "error": f"Agent result is too large: {len(encoded)} bytes (limit {MAX_RESULT_BYTES})"}
+    try:
+        extra = safe_fields(agent.completion_fields(result), taken=TERMINAL_LINE_FIELDS)
+    except Exception as exc:  # a broken completion_fields must not cost the run its outcome
+        extra = {"completion_fields_error": f"{type(exc).__name__}: {exc}"}
+    return {"state": "DONE", "event": "agent_complete", "result_json": encoded, **extra}
+
+
+def exit_lock_expired(active: ActiveRun) -> None:
+    """The lock's TTL passed while the agent's code still runs: end the process rather than risk two agents."""
+    log.critical("lock_expired_agent_running", extra={
+        **run_fields(active.run), "detail": "the agent did not stop before its lock expired; exiting"})
+    write_hot_lines()
+    sys.stdout.flush()
+    os._exit(LOCK_EXPIRED_EXIT_CODE)

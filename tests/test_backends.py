@@ -1,0 +1,332 @@
+"""The Backend contract: every case runs over every backend, in this process, in milliseconds.
+
+A new backend passes this file before anything else. ``place`` opens memory, or Redis (a redis-server of
+the session, each case under a key prefix of its own); where the backends differ by design (a shared one
+has replicas to hear from), the case says so with ``backend.shared``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from conftest import RedisServer
+from service.backends import Backend
+from service.backends.memory import MemoryBackend
+from service.backends.records import Frame, Run, utc_now
+
+LOG = logging.getLogger("agent_runner.test_backends")
+Scenario = Callable[[Backend], Awaitable[Any]]
+
+
+class Place:
+    """Where backends are opened: this process's memory, or one Redis under one prefix (replicas share it)."""
+
+    def __init__(self, redis: RedisServer | None) -> None:
+        self.redis = redis
+        self.prefix = f"test-{uuid.uuid4().hex[:8]}"
+
+    def open(self, slots: int = 1, lock_ttl_seconds: float = 30.0) -> Backend:
+        if self.redis is None:
+            return MemoryBackend(retention=100, slots=slots)
+        from service.backends.redis import open_redis
+
+        _, backend = open_redis(self.redis.url, self.prefix, lock_ttl_seconds, 100, 1 << 30, LOG, slots=slots)
+        return backend
+
+    def run(self, scenario: Scenario, slots: int = 1) -> Any:
+        """``scenario`` over a started backend, closed after it."""
+        async def opened() -> Any:
+            backend = self.open(slots)
+            await backend.start()
+            try:
+                return await scenario(backend)
+            finally:
+                await backend.close()
+
+        return asyncio.run(opened())
+
+
+@pytest.fixture(params=["memory", "redis"])
+def place(request: pytest.FixtureRequest) -> Place:
+    return Place(request.getfixturevalue("redis_server") if request.param == "redis" else None)
+
+
+def new_run(webhook: str | None = None) -> Run:
+    return Run.new(str(uuid.uuid4()), "sleeper", str(uuid.uuid4()), {"n": 1}, holder=None, webhook=webhook)
+
+
+async def finish(backend: Backend, run: Run, release: bool = True) -> None:
+    run.update(state="DONE", finished_at=utc_now(), result_json=b'{"ok":true}')
+    await backend.save(run, release=release)
+
+
+# --- slots and the queue ---------------------------------------------------------------------------------------
+
+def test_a_free_slot_admits_and_a_taken_one_refuses_without_storing(place: Place) -> None:
+    async def scenario(backend: Backend) -> None:
+        first, second = new_run(), new_run()
+        assert await backend.admit(first, "reject", 10) == "started" and first.holder is not None
+        assert backend.holds(first.holder)
+        assert await backend.admit(second, "reject", 10) == "busy"
+        assert await backend.get(second.run_id) is None
+        stored = await backend.get(first.run_id)
+        assert stored is not None and stored.state == "PENDING"
+
+    place.run(scenario)
+
+
+def test_every_slot_admits_one_run(place: Place) -> None:
+    async def scenario(backend: Backend) -> None:
+        runs = [new_run() for _ in range(3)]
+        verdicts = [await backend.admit(run, "reject", 10) for run in runs]
+        assert verdicts == ["started", "started", "busy"]
+        assert len({run.holder for run in runs[:2]}) == 2
+
+    place.run(scenario, slots=2)
+
+
+def test_the_queue_refuses_past_its_bound(place: Place) -> None:
+    async def scenario(backend: Backend) -> None:
+        running, waiting, refused = new_run(), new_run(), new_run()
+        assert await backend.admit(running, "enqueue", 1) == "started"
+        assert await backend.admit(waiting, "enqueue", 1) == "queued" and waiting.queue_position == 1
+        assert await backend.admit(refused, "enqueue", 1) == "full"
+        assert await backend.queue_length() == 1 and await backend.get(refused.run_id) is None
+
+    place.run(scenario)
+
+
+def test_runs_are_taken_first_in_first_out_and_an_interrupting_run_goes_first(place: Place) -> None:
+    async def scenario(backend: Backend) -> list[str]:
+        running, *waiting = [new_run() for _ in range(4)]
+        assert await backend.admit(running, "enqueue", 10) == "started"
+        for run, on_busy in zip(waiting, ("enqueue", "enqueue", "interrupt")):
+            assert await backend.admit(run, on_busy, 10) == "queued"
+        assert [run.run_id for run in await backend.waiting()] == [waiting[2].run_id, waiting[0].run_id,
+                                                                    waiting[1].run_id]
+        assert [run.queue_position for run in await backend.waiting()] == [1, 2, 3]
+        assert await backend.take() is None  # every slot is taken
+        taken, holder = [], running
+        for _ in waiting:
+            await finish(backend, holder)
+            run = await backend.take()
+            assert run is not None and run.holder is not None and run.queue_position is None
+            taken.append(run.run_id)
+            holder = run
+        assert await backend.take() is None and await backend.queue_length() == 0
+        return [taken.index(run.run_id) for run in waiting]
+
+    assert place.run(scenario) == [1, 2, 0]
+
+
+def test_a_waiting_run_leaves_the_queue_with_its_terminal_state_in_one_step(place: Place) -> None:
+    async def scenario(backend: Backend) -> None:
+        running, first, second = new_run(), new_run(), new_run()
+        for run in (running, first, second):
+            await backend.admit(run, "enqueue", 10)
+        cancelled = await backend.dequeue(first.run_id, state="CANCELLED", finished_at=utc_now())
+        assert cancelled is not None and cancelled.state == "CANCELLED"
+        assert await backend.dequeue(first.run_id, state="CANCELLED", finished_at=utc_now()) is None
+        stored = await backend.get(first.run_id)
+        assert stored is not None and stored.state == "CANCELLED"
+        assert [(run.run_id, run.queue_position) for run in await backend.waiting()] == [(second.run_id, 1)]
+
+    place.run(scenario)
+
+
+def test_two_interrupts_stop_two_runs(place: Place) -> None:
+    async def scenario(backend: Backend) -> None:
+        older, newer, first_by, second_by = (new_run() for _ in range(4))
+        for run in (older, newer):
+            assert await backend.admit(run, "interrupt", 10) == "started"
+        for by in (first_by, second_by):
+            assert await backend.admit(by, "interrupt", 10) == "queued"
+        assert await backend.interrupt_oldest(first_by.run_id, []) == older.run_id
+        # the runner stops the picked run at once, so it is stopping when the second interrupt comes
+        assert await backend.interrupt_oldest(second_by.run_id, [older.run_id]) == newer.run_id
+        assert await backend.interrupt_oldest(new_run().run_id, [older.run_id, newer.run_id]) is None
+
+    place.run(scenario, slots=2)
+
+
+# --- the run store ---------------------------------------------------------------------------------------------
+
+def test_finish_stores_the_terminal_state_and_frees_the_slot_in_the_same_step(place: Place) -> None:
+    async def scenario(backend: Backend) -> None:
+        run, next_run = new_run(), new_run()
+        await backend.admit(run, "reject", 10)
+        assert run.holder is not None
+        await finish(backend, run)
+        assert not backend.holds(run.holder)
+        assert await backend.admit(next_run, "reject", 10) == "started"  # no other call in between
+        stored = await backend.wait_finished(run.run_id, 1.0)
+        assert stored is not None and (stored.state, stored.result_json) == ("DONE", b'{"ok":true}')
+
+    place.run(scenario)
+
+
+def test_a_terminal_state_stored_without_release_keeps_the_slot(place: Place) -> None:
+    async def scenario(backend: Backend) -> None:
+        run = new_run()
+        await backend.admit(run, "reject", 10)
+        await finish(backend, run, release=False)  # recorded at shutdown while the agent's code still runs
+        assert run.holder is not None and backend.holds(run.holder)
+        assert await backend.admit(new_run(), "reject", 10) == "busy"
+        await backend.release(run.holder)
+        assert await backend.admit(new_run(), "reject", 10) == "started"
+
+    place.run(scenario)
+
+
+def test_a_run_is_listed_newest_first_and_its_log_lines_are_kept(place: Place) -> None:
+    async def scenario(backend: Backend) -> None:
+        from service.backends.records import Page
+
+        runs = [new_run() for _ in range(3)]
+        for run in runs:
+            await backend.admit(run, "reject", 10)
+            await finish(backend, run)
+        listed = await backend.list(Page(10))
+        assert [run.run_id for run in listed] == [run.run_id for run in reversed(runs)]
+        assert await backend.logs(runs[0].run_id) == [] and await backend.logs(str(uuid.uuid4())) is None
+
+    place.run(scenario)
+
+
+def test_a_live_holders_run_is_never_an_orphan_and_a_dead_holders_is_claimed(place: Place) -> None:
+    """A replica that dies leaves its run unfinished; once its lease ends, another claims it to record it.
+    One process (not shared) has no other holder that could die."""
+    async def scenario(backend: Backend) -> None:
+        alive = new_run()
+        await backend.admit(alive, "reject", 10)
+        peer = place.open(slots=2, lock_ttl_seconds=0.05)  # the other replica, on the same store when shared
+        await peer.start()
+        dead = new_run()
+        try:
+            assert await peer.admit(dead, "reject", 10) == "started"
+        finally:
+            await peer.close()  # dies: its run is never recorded, its lease is never renewed
+        await asyncio.sleep(0.1)
+        orphans = await backend.claim_orphans()
+        assert [run.run_id for run in orphans] == ([dead.run_id] if backend.shared else [])
+        for orphan in orphans:
+            orphan.update(state="ERROR", finished_at=utc_now(), error="Runner lost")
+            await backend.save(orphan)
+        assert await backend.claim_orphans() == []
+
+    place.run(scenario, slots=2)
+
+
+# --- cancel flags ----------------------------------------------------------------------------------------------
+
+def test_a_cancel_flag_is_seen_by_the_holder_when_shared_and_cleared_by_the_terminal_state(place: Place) -> None:
+    """Shared: the replica running the run reads the flag (at each renewal). One process cancels its runs
+    directly: there is no flag to read."""
+    async def scenario(backend: Backend) -> None:
+        run, by = new_run(), new_run()
+        await backend.admit(run, "reject", 10)
+        assert await backend.cancel_requested(run.run_id) == (False, None)
+        await backend.request_cancel(run.run_id, by=by.run_id)
+        assert await backend.cancel_requested(run.run_id) == ((True, by.run_id) if backend.shared else (False, None))
+        await finish(backend, run)
+        assert await backend.cancel_requested(run.run_id) == (False, None)
+
+    place.run(scenario)
+
+
+# --- Idempotency-Keys ------------------------------------------------------------------------------------------
+
+def test_an_idempotency_key_is_claimed_once_accepted_with_its_run_and_released_when_refused(place: Place) -> None:
+    async def scenario(backend: Backend) -> None:
+        keys = backend.idempotency_keys
+        first, second = str(uuid.uuid4()), str(uuid.uuid4())
+        assert await keys.claim("key", "request", first) == ("new", first)
+        assert await keys.claim("key", "request", second) == ("pending", first)
+        assert await keys.claim("key", "another request", second) == ("mismatch", first)
+        await keys.release("key", first)  # refused: a retry is handled afresh
+        assert await keys.claim("key", "request", second) == ("new", second)
+        run = Run.new(second, "sleeper", str(uuid.uuid4()), {}, holder=None)
+        assert await backend.admit(run, "reject", 10, keys.admit_args("key", "request")) == "started"
+        await keys.accept("key", "request", second)
+        assert await keys.claim("key", "request", str(uuid.uuid4())) == ("accepted", second)
+        await keys.release("key", second)  # only a pending claim is given back
+        assert await keys.claim("key", "request", str(uuid.uuid4())) == ("accepted", second)
+
+    place.run(scenario)
+
+
+# --- webhook deliveries ----------------------------------------------------------------------------------------
+
+def test_a_terminal_state_owes_its_webhook_delivery_until_it_is_reported_done(place: Place) -> None:
+    async def scenario(backend: Backend) -> None:
+        deliveries = backend.webhook_deliveries(1.0)
+        owed: list[str] = []
+        deliveries.on_owed = lambda: owed.append("owed")
+        backend.on_finished = deliveries.owe
+        assert deliveries.durable == backend.shared  # outlives this process only when others share it
+        run = new_run(webhook="https://hooks.example.com/done")
+        await backend.admit(run, "reject", 10)
+        assert await deliveries.claim() == (None, pytest.approx(1.0, abs=1.0))
+        await finish(backend, run)
+        assert owed == ["owed"]
+        delivery, _ = await deliveries.claim()
+        assert delivery is not None and (delivery.run_id, delivery.url, delivery.attempt) == \
+            (run.run_id, "https://hooks.example.com/done", 1)
+        assert delivery.body == run.json()
+        assert (await deliveries.claim())[0] is None  # claimed: nobody else attempts it meanwhile
+        await deliveries.report(delivery, 0.0)  # failed: due again at once
+        again, _ = await deliveries.claim()
+        assert again is not None and (again.run_id, again.attempt) == (run.run_id, 2)
+        await deliveries.report(again, None)  # delivered
+        assert (await deliveries.claim())[0] is None
+
+    place.run(scenario)
+
+
+# --- the event transport ---------------------------------------------------------------------------------------
+
+class Sink:
+    """An event hub as a transport sees it: what it delivers, and whether it ended every stream."""
+
+    def __init__(self) -> None:
+        self.frames: list[Frame] = []
+        self.ended: list[str] = []
+
+    def deliver(self, frame: Frame) -> None:
+        self.frames.append(frame)
+
+    def end_all(self, reason: str) -> None:
+        self.ended.append(reason)
+
+
+def test_an_event_comes_back_with_an_id_its_log_line_is_kept_and_a_client_resumes_after_it(place: Place) -> None:
+    async def scenario(backend: Backend) -> None:
+        sink = Sink()
+        transport = backend.event_transport(sink)
+        await transport.start()
+        try:
+            assert transport.available
+            run = new_run()
+            await backend.admit(run, "reject", 10)
+            transport.send("run", run.run_id, run.state, run.json())
+            transport.send("log", run.run_id, "", b'{"event":"hello"}')
+            await transport.written(2.0)
+            await transport.flush(2.0)
+            first, second = sink.frames
+            assert (first.kind, second.kind) == ("run", "log") and first.key < second.key
+            assert first.wire.endswith(b"data: " + run.json() + b"\n\n")
+            assert await backend.logs(run.run_id) == [b'{"event":"hello"}']
+            resumed = await transport.first_run_frames(run.run_id, first.key, backend.get)
+            assert resumed is not None and [frame.id for frame in resumed] == [second.id]
+            assert [frame.id for frame in await transport.global_after((0, 0))] == [first.id]  # run events only
+            assert sink.ended == []
+        finally:
+            await transport.stop()
+
+    place.run(scenario)
