@@ -11,8 +11,7 @@ FROM python:3.11.7-slim
 RUN useradd --create-home --uid 10001 runner
 COPY --from=build /venv /venv
 WORKDIR /app
-COPY agent_runner.py agents.py dashboard.py event_stream.py http_json.py http_limits.py http_writes.py middleware.py \
-     settings.py single_process.py openapi.yaml openapi.json dashboard.html ./
+COPY agent_runner.py agents.py openapi.yaml openapi.json ./
 COPY service ./service
 # Byte-compiled here: at run time nothing is written (PYTHONDONTWRITEBYTECODE, not root), so otherwise every
 # start would compile every module again.

@@ -17,7 +17,8 @@ import yaml
 from openapi_spec_validator import validate
 
 import agent_runner
-import settings
+import service.http.app
+from service import settings
 from conftest import DOCS, HERE, TESTS, ServerProcess, free_port, module_name, new_user, product_modules
 
 BUSY = "An agent is already running, please retry later"
@@ -278,7 +279,7 @@ def test_openapi_yaml_is_served_as_is_and_is_valid(server: ServerProcess) -> Non
 def test_openapi_paths_and_methods_equal_the_apps_routes() -> None:
     spec = yaml.safe_load((HERE / "openapi.yaml").read_text())
     documented = {(path, method.upper()) for path, item in spec["paths"].items() for method in item}
-    served = {(route.path, method) for route in agent_runner.routes for method in route.methods if method != "HEAD"}
+    served = {(route.path, method) for route in service.http.app.routes for method in route.methods if method != "HEAD"}
     assert documented == served
 
 

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import agents
-import settings
+from service import settings
 from service import metrics
 from service.backends.records import Run, StoreUnavailable, utc_now
 from service.logs import log

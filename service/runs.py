@@ -27,7 +27,7 @@ from datetime import datetime
 from typing import Any
 
 import agents
-import settings
+from service import settings
 from service import metrics
 from service.agent_work import current_run
 from service.backends.base import Backend

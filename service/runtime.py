@@ -8,15 +8,17 @@ and ``close_runtime`` takes it down; the HTTP layer reaches it through
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import settings
+from service import settings
 from service.admission import Admission
 from service.agent_work import RunTrackingExecutor
 from service.backends import Backend, open_backend
 from service.events import EventHub, capture_agent_logs
 from service.runs import Runner
 from service.webhooks import Deliverer, start_delivering
+
+LARGE_READS_AT_ONCE = 2
 
 
 @dataclass
@@ -28,6 +30,9 @@ class Runtime:
     runner: Runner
     admission: Admission
     deliverer: Deliverer | None = None  # while webhooks are on
+    # Lists of runs and event replays read and built at once (each up to 8 MiB, several times that while decoded):
+    # the rest wait their turn, so clients asking for many at once cannot multiply the memory they take.
+    large_reads: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(LARGE_READS_AT_ONCE))
 
 
 async def open_runtime(config: settings.Settings) -> Runtime:
@@ -63,9 +68,13 @@ async def close_runtime(runtime: Runtime) -> None:
         await runtime.backend.close()
 
 
+class NotStarted(Exception):
+    """The app's lifespan has not built the runtime (a launcher that runs none): nothing may be served."""
+
+
 def from_state(state: object) -> Runtime:
     """The runtime the lifespan put on the app's state."""
     runtime = getattr(state, "runtime", None)
     if not isinstance(runtime, Runtime):
-        raise RuntimeError("the service's lifespan has not started")
+        raise NotStarted
     return runtime

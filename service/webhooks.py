@@ -21,7 +21,7 @@ import logging
 import time
 from typing import Any
 
-import settings
+from service import settings
 from service import metrics
 from service.backends.base import Backend, Deliveries, Delivery
 from service.backends.cancelling import cancel_and_wait

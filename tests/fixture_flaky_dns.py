@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import http_json
+from service.http import validation
 from service.webhook_http import WebhookUnresolved
 
-real_resolve = http_json.resolve
+real_resolve = validation.resolve
 lookups = 0
 
 
@@ -20,4 +20,4 @@ async def flaky_resolve(target: Any, timeout: float) -> list[str]:
     return await real_resolve(target, timeout)
 
 
-http_json.resolve = flaky_resolve
+validation.resolve = flaky_resolve

@@ -7,9 +7,9 @@ import asyncio
 import os
 from typing import Any
 
-import http_json
+from service.http import validation
 
-real_resolve = http_json.resolve
+real_resolve = validation.resolve
 
 
 async def slow_resolve(target: Any, timeout: float) -> list[str]:
@@ -17,4 +17,4 @@ async def slow_resolve(target: Any, timeout: float) -> list[str]:
     return await real_resolve(target, timeout)
 
 
-http_json.resolve = slow_resolve
+validation.resolve = slow_resolve

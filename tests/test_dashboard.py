@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
-import dashboard
+from service.http import dashboard
 from conftest import HERE, ServerProcess, missing_tool, new_user
 
 TOKEN = "dashboard-test-token"
@@ -106,7 +106,7 @@ def test_dashboard_is_the_static_page_under_a_policy_for_exactly_its_own_style_a
     response = server.client.get("/")
     assert response.status_code == 200
     assert response.headers["content-type"] == "text/html; charset=utf-8"
-    assert response.content == (HERE / "dashboard.html").read_bytes()
+    assert response.content == (HERE / "service" / "http" / "dashboard.html").read_bytes()
     page = response.text
     assert not re.search(r"<script[^>]* src=|<link[^>]* rel=\"?stylesheet|https?://", page), "loads nothing else"
     assert not re.search(r" on[a-z]+=", page), "no inline event handlers (the policy would refuse them)"
@@ -313,7 +313,7 @@ class FakeService(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         if self.path == "/":
-            self.answer(200, "text/html; charset=utf-8", (HERE / "dashboard.html").read_bytes(), dashboard.HEADERS)
+            self.answer(200, "text/html; charset=utf-8", (HERE / "service" / "http" / "dashboard.html").read_bytes(), dashboard.HEADERS)
         elif self.path == "/agents":
             self.answer(200, "application/json", b'{"agents": [{"agent_type": "sleeper", "description": ""}]}')
         elif self.path.startswith("/agents/runs?"):

@@ -26,9 +26,9 @@ import httpx
 import pytest
 import yaml
 
-import settings
+from service import settings
 from conftest import HERE, RedisServer, ServerProcess, missing_tool, new_user
-from http_limits import MAX_CONNECTIONS
+from service.http.limits import MAX_CONNECTIONS
 from service.backends.redis import open_redis
 from test_ecosystem import AssetHandler, chromium
 

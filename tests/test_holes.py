@@ -26,7 +26,7 @@ import httpx
 import pytest
 
 from conftest import ServerProcess, missing_tool, new_user
-from http_limits import MAX_CONNECTIONS
+from service.http.limits import MAX_CONNECTIONS
 from test_webhooks import Receiver
 from service.webhook_http import WebhookRefused, check_url
 

@@ -1,4 +1,4 @@
-"""One send per response (http_writes.py): the transport wrapper on its own, then whole responses over a socket."""
+"""One send per response (service/http/writes.py): the transport wrapper on its own, then whole responses over a socket."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from conftest import ServerProcess, new_user
-from http_writes import SEND_AT_ONCE_BYTES, CoalescingTransport
+from service.http.writes import SEND_AT_ONCE_BYTES, CoalescingTransport
 
 
 class RecordingTransport:

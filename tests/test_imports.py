@@ -14,7 +14,8 @@ from conftest import HERE, RedisServer
 # optional libraries were loaded after the import and after the start.
 PROBE = """
 import asyncio, json, os, sys
-import agent_runner, settings
+import agent_runner
+from service import settings
 from service.runtime import close_runtime, open_runtime
 
 def loaded():
@@ -47,3 +48,56 @@ def test_redis_mode_loads_redis_to_check_redis_url_at_import(redis_server: Redis
     """Every launcher imports the app, which reads its settings then: REDIS_URL is parsed by redis-py's parser."""
     loaded = loaded_modules(REDIS_URL=redis_server.url, REDIS_PREFIX=f"test-{uuid.uuid4().hex[:8]}")
     assert loaded == {"after_import": ["redis"], "after_start": ["redis"]}
+
+
+# Layers, lowest first: a module imports its own layer or lower ones, never a higher one.
+LAYERS = ("leaf", "backends", "core", "http", "launcher")
+LEAVES = {"agents", "service", "service.settings", "service.logs", "service.console_logs", "service.metrics"}
+
+
+def layer_of(module: str) -> str:
+    if module in LEAVES:
+        return "leaf"
+    if module.startswith("service.backends"):
+        return "backends"
+    if module.startswith("service.http"):
+        return "http"
+    if module == "agent_runner":
+        return "launcher"
+    return "core"
+
+
+def project_imports() -> dict[str, set[str]]:
+    """Each product module's imports of other product modules (anywhere in the module, functions included)."""
+    import ast
+
+    from conftest import module_name, product_modules
+
+    names = {module_name(path).removesuffix(".py").removesuffix("/__init__").replace("/", "."): path
+             for path in product_modules()}
+    graph: dict[str, set[str]] = {}
+    for name, path in names.items():
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.add(node.module)
+                found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        graph[name] = {module for module in found if module in names and module != name}
+    return graph
+
+
+def test_imports_run_one_way_from_the_launcher_down_to_the_backends() -> None:
+    upward = [(module, imported) for module, imports in project_imports().items() for imported in imports
+              if LAYERS.index(layer_of(imported)) > LAYERS.index(layer_of(module))]
+    assert upward == []
+
+
+def test_no_module_imports_itself_through_others() -> None:
+    import graphlib
+
+    # a package's __init__ importing its own submodules is how a package exports them: not a cycle
+    graph = {module: {imported for imported in imports if not imported.startswith(module + ".")}
+             for module, imports in project_imports().items()}
+    graphlib.TopologicalSorter(graph).prepare()  # raises CycleError naming the cycle

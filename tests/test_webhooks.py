@@ -397,11 +397,11 @@ def test_a_lookup_that_fails_for_a_moment_at_delivery_is_retried_not_given_up(mo
     import asyncio
     import socket
 
-    import settings
+    from service import settings
     from service import webhooks
     from service.backends.memory import MemoryDeliveries
     from service.backends.records import Run
-    from settings import Settings
+    from service.settings import Settings
 
     monkeypatch.setattr(settings, "current", Settings.from_env({
         "WEBHOOK_SECRET": SECRET, "WEBHOOK_ALLOWED_HOSTS": "hooks.example.com", "WEBHOOK_TIMEOUT_SECONDS": "2"}))

@@ -6,7 +6,7 @@ import logging
 
 from service.backends.base import Backend
 from service.backends.memory import MemoryBackend
-from settings import Settings
+from service.settings import Settings
 
 __all__ = ["Backend", "open_backend"]
 

@@ -16,7 +16,7 @@ from redis.exceptions import LockError, RedisError
 
 from service.backends.records import LockLost, Run, StoreUnavailable
 from service.backends.redis.scripts import RENEW_SCRIPT
-from settings import MAX_CONCURRENT_RUNS_LIMIT
+from service.settings import MAX_CONCURRENT_RUNS_LIMIT
 
 
 class StoreHealth:

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from http_json import check_uuid, json_response
+from service.http.validation import check_uuid, json_response
 from service.backends.records import Frame, Run, StoreUnavailable, parse_event_id
 from service.events import MAX_STREAMS, EventHub, Subscriber
 from service.runtime import from_state
@@ -26,7 +26,7 @@ HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-stor
            (b"x-accel-buffering", b"no")]  # proxies such as nginx would otherwise hold frames back
 KEEPALIVE = b": keep-alive\n\n"
 COALESCE_SECONDS = 0.01  # a woken stream waits this long for more frames: one write (one syscall) for a burst
-ABORT_SCOPE_KEY = "agent_runner.abort"  # set by http_limits.LimitedHttpToolsProtocol: closes the connection
+ABORT_SCOPE_KEY = "agent_runner.abort"  # set by limits.LimitedHttpToolsProtocol: closes the connection
 
 
 class EventStream:
@@ -143,7 +143,7 @@ async def run_events(request: Request) -> Response | EventStream:
     hub = runtime.hub
     client = open_stream(hub, request, run_id)
     try:
-        async with request.app.state.large_reads:  # a replay may be megabytes: a few at a time (agent_runner)
+        async with runtime.large_reads:  # a replay may be megabytes: a few at a time
             first = await hub.first_run_frames(run_id, parse_event_id(request.headers.get("last-event-id")),
                                                runtime.backend.get)
     except BaseException:
@@ -157,10 +157,11 @@ async def run_events(request: Request) -> Response | EventStream:
 
 async def all_events(request: Request) -> EventStream:
     """GET /agents/events: every run's changes (no log lines), for dashboards; never ends by itself."""
-    hub = from_state(request.app.state).hub
+    runtime = from_state(request.app.state)
+    hub = runtime.hub
     client = open_stream(hub, request, None)
     try:
-        async with request.app.state.large_reads:
+        async with runtime.large_reads:
             first = await hub.first_global_frames(parse_event_id(request.headers.get("last-event-id")))
     except BaseException:
         hub.unsubscribe(client)

@@ -11,8 +11,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-import settings
-from http_json import json_response
+from service import settings
+from service.http.validation import json_response
 from service import metrics
 from service.logs import log_hot
 

@@ -13,7 +13,7 @@ exhausted connections); and answers malformed HTTP, like every refusal here,
 in JSON with a ``detail``. A client that half-closes after its request gets
 the answer in flight before the connection closes.
 
-The protocol also writes through ``http_writes.CoalescingTransport``, so a
+The protocol also writes through ``writes.CoalescingTransport``, so a
 response leaves in one send() rather than two.
 """
 
@@ -26,8 +26,8 @@ from typing import Any
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-import settings
-from http_writes import CoalescingTransport
+from service import settings
+from service.http.writes import CoalescingTransport
 from service.logs import log
 
 MAX_HEADER_BYTES = 64 * 1024  # the request line and headers together

@@ -96,7 +96,7 @@ SETTINGS_TABLE = (
     ("ROOT_PATH", "", "the path prefix a proxy serves the service under (e.g. /runner); links and pages carry it"),
     ("FORWARDED_ALLOW_IPS", "",
      "comma-separated proxy addresses or networks (or *) whose X-Forwarded-For/-Proto are trusted; none when empty"),
-    ("KEEPALIVE_SECONDS", "75", "an idle keep-alive connection is closed after this; above load balancers' 60 s"),
+    ("KEEPALIVE_SECONDS", "75", "an idle keep-alive connection is closed after this many seconds (over the usual 60)"),
     ("BODY_TIMEOUT_SECONDS", "10", "a request body not complete this long after its headers is answered 408"),
     ("WRITE_TIMEOUT_SECONDS", "30",
      "a client that leaves more than 64 KiB of an answer or stream unread for this long is disconnected"),
@@ -185,7 +185,7 @@ class Settings:
     events_keepalive_seconds: float = 15.0
     root_path: str = ""
     forwarded_allow_ips: tuple[str, ...] = ()
-    keepalive_seconds: float = 75.0
+    keepalive_seconds: int = 75
     body_timeout_seconds: float = 10.0
     write_timeout_seconds: float = 30.0
 
@@ -253,7 +253,7 @@ class Settings:
             webhook_backoff_seconds=_env_number(env, "WEBHOOK_BACKOFF_SECONDS", cls.webhook_backoff_seconds,
                                                 integer=False, minimum=0, above_minimum=True, maximum=3600),
             # at most 30: a keyed POST looks its webhook up while its key is pending, which a retry may take
-            # over after idempotency.STALE_PENDING_SECONDS (60)
+            # over after STALE_PENDING_SECONDS (60, service/backends/redis/idempotency.py)
             webhook_timeout_seconds=_env_number(env, "WEBHOOK_TIMEOUT_SECONDS", cls.webhook_timeout_seconds,
                                                 integer=False, minimum=0, above_minimum=True, maximum=30),
             idempotency_ttl_seconds=_env_number(env, "IDEMPOTENCY_TTL_SECONDS", cls.idempotency_ttl_seconds,
@@ -262,8 +262,8 @@ class Settings:
                                                  integer=False, minimum=0.05, maximum=3600),
             root_path=_root_path(env.get("ROOT_PATH", "")),
             forwarded_allow_ips=_forwarded_allow_ips(env.get("FORWARDED_ALLOW_IPS", "")),
-            keepalive_seconds=_env_number(env, "KEEPALIVE_SECONDS", cls.keepalive_seconds, integer=False,
-                                          minimum=0, above_minimum=True, maximum=3600),
+            keepalive_seconds=_env_number(env, "KEEPALIVE_SECONDS", cls.keepalive_seconds, integer=True,
+                                          minimum=1, maximum=3600),
             body_timeout_seconds=_env_number(env, "BODY_TIMEOUT_SECONDS", cls.body_timeout_seconds,
                                              integer=False, minimum=0, above_minimum=True, maximum=3600),
             write_timeout_seconds=_env_number(env, "WRITE_TIMEOUT_SECONDS", cls.write_timeout_seconds,
