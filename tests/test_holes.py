@@ -41,7 +41,7 @@ def holes_server(tmp_path_factory: pytest.TempPathFactory, backend: dict[str, st
     srv = ServerProcess(tmp_path_factory.mktemp("holes") / "server.log", **backend,
                         BODY_TIMEOUT_SECONDS=str(BODY_TIMEOUT), WRITE_TIMEOUT_SECONDS=str(WRITE_TIMEOUT),
                         WEBHOOK_SECRET=WEBHOOK_SECRET, WEBHOOK_ALLOWED_HOSTS="*", MAX_BODY_BYTES=str(1024 * 1024),
-                        MAX_CONCURRENT_RUNS="8")
+                        MAX_CONCURRENT_RUNS="8", FORWARDED_ALLOW_IPS="*")
     yield srv
     srv.stop(signal.SIGKILL)
 
@@ -377,6 +377,13 @@ def test_a_short_path_is_logged_whole(holes_server: ServerProcess) -> None:
     assert holes_server.client.get("/no/such/page").status_code == 404
     line = holes_server.wait_for_event("http_request", path="/no/such/page")
     assert "path_chars" not in line
+
+
+def test_a_long_forwarded_client_is_logged_cut(holes_server: ServerProcess) -> None:
+    """With every proxy trusted (FORWARDED_ALLOW_IPS=*), X-Forwarded-For is the client's to choose."""
+    assert holes_server.client.get("/healthz", headers={"X-Forwarded-For": "f" * 60_000}).status_code == 200
+    line = holes_server.wait_for_event("http_request", client="f" * 61 + "...")
+    assert len(json.dumps(line)) < 512
 
 
 # --- 1. a keyed POST whose webhook resolves slowly as shutdown begins ------------------------------------------------

@@ -17,6 +17,7 @@ from service import metrics
 from service.logs import log_hot
 
 LOGGED_PATH_CHARS = 200  # a longer path is logged cut to this, with "path_chars" giving its length
+LOGGED_TOKEN_CHARS = 64  # a longer client address (forwarded) or method (under h11) is logged cut to this
 
 
 class TokenRequired:
@@ -127,11 +128,17 @@ class AccessLog:
             logged = json_string(path) if len(path) <= LOGGED_PATH_CHARS else \
                 f'{json_string(logged_path(path))}, "path_chars": {len(path)}'
             client = scope.get("client")
-            log_hot("http_request", f'"method": {json_string(method)}, "path": {logged}, "status": {status}, '
-                                    f'"client": {json_string(client[0]) if client else "null"}, '
+            address = json_string(logged_text(client[0], LOGGED_TOKEN_CHARS)) if client else "null"
+            log_hot("http_request", f'"method": {json_string(logged_text(method, LOGGED_TOKEN_CHARS))}, '
+                                    f'"path": {logged}, "status": {status}, "client": {address}, '
                                     f'"duration_ms": {round((time.perf_counter() - started) * 1000, 2)}')
 
 
+def logged_text(text: str, limit: int) -> str:
+    """A client-chosen string as logs show it: cut to ``limit`` characters (ending "...") so that clients
+    cannot swell the log."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def logged_path(path: str) -> str:
-    """A request path as logs show it: cut to LOGGED_PATH_CHARS (ending "...") so clients cannot swell the log."""
-    return path if len(path) <= LOGGED_PATH_CHARS else path[:LOGGED_PATH_CHARS - 3] + "..."
+    return logged_text(path, LOGGED_PATH_CHARS)
