@@ -286,7 +286,7 @@ def test_openapi_paths_and_methods_equal_the_apps_routes() -> None:
 # Every status each operation answers (401: API_TOKEN; 503: shutting down or the Redis store unreachable).
 STATUSES = {
     ("GET", "/agents"): {"200", "401"},
-    ("POST", "/agents/run"): {"202", "400", "401", "409", "413", "415", "422", "503"},
+    ("POST", "/agents/run"): {"202", "400", "401", "408", "409", "413", "415", "422", "503"},
     ("GET", "/agents/status/{run_id}"): {"200", "400", "401", "404", "503"},
     ("POST", "/agents/cancel/{run_id}"): {"200", "202", "400", "401", "404", "409", "503"},
     ("GET", "/agents/runs"): {"200", "400", "401", "503"},

@@ -2,7 +2,8 @@
 the dispatcher that starts queued runs as slots free up, and the drain at shutdown.
 
 ``Admission.accepting_runs`` turns False once shutdown has begun; ``admitting`` counts
-POSTs and dispatches between taking a slot and starting their run, so drain waits for them.
+POSTs from their accepting_runs check (whatever they await next) and dispatches from taking a slot, until their
+run is started, so drain waits for them.
 """
 
 from __future__ import annotations
@@ -116,6 +117,9 @@ class Admission:
                 return "pending", claim.run_id, None
             return "replayed", claim.run_id, run.queue_position if run is not None else None
         verdict: str | None = None
+        # Counted from the accepting_runs check until the run is stored and started, the webhook look-up between
+        # included: drain waits for it, so a run accepted as shutdown begins gets its grace (or its queue's end).
+        self.admitting += 1
         try:
             if not self.accepting_runs:
                 verdict = "closed"
@@ -128,6 +132,7 @@ class Admission:
                 return "pending", claim.run_id, None
             return verdict, claim.run_id, run.queue_position if run is not None else None
         finally:  # before the answer, on every path: a client disconnect or an error included
+            self.admitting -= 1
             await asyncio.shield(self.settle_key(key, fingerprint, claim.run_id, verdict))
 
     async def settle_key(self, key: str, fingerprint: str, run_id: str, verdict: str | None) -> None:

@@ -8,7 +8,7 @@ and ``close_runtime`` takes it down; the HTTP layer reaches it through
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from service import settings
 from service.admission import Admission
@@ -17,6 +17,8 @@ from service.backends import Backend, open_backend
 from service.events import EventHub, capture_agent_logs
 from service.runs import Runner
 from service.webhooks import Deliverer, start_delivering
+
+LARGE_READS_AT_ONCE = 2
 
 
 @dataclass
@@ -28,6 +30,9 @@ class Runtime:
     runner: Runner
     admission: Admission
     deliverer: Deliverer | None = None  # while webhooks are on
+    # Lists of runs and event replays read and built at once (each up to 8 MiB, several times that while decoded):
+    # the rest wait their turn, so clients asking for many at once cannot multiply the memory they take.
+    large_reads: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(LARGE_READS_AT_ONCE))
 
 
 async def open_runtime(config: settings.Settings) -> Runtime:

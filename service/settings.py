@@ -97,6 +97,9 @@ SETTINGS_TABLE = (
     ("FORWARDED_ALLOW_IPS", "",
      "comma-separated proxy addresses or networks (or *) whose X-Forwarded-For/-Proto are trusted; none when empty"),
     ("KEEPALIVE_SECONDS", "75", "an idle keep-alive connection is closed after this many seconds (over the usual 60)"),
+    ("BODY_TIMEOUT_SECONDS", "10", "a request body not complete this long after its headers is answered 408"),
+    ("WRITE_TIMEOUT_SECONDS", "30",
+     "a client that leaves more than 64 KiB of an answer or stream unread for this long is disconnected"),
 )
 
 LOG_FORMATS = ("auto", "json", "console")
@@ -183,6 +186,8 @@ class Settings:
     root_path: str = ""
     forwarded_allow_ips: tuple[str, ...] = ()
     keepalive_seconds: int = 75
+    body_timeout_seconds: float = 10.0
+    write_timeout_seconds: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -252,6 +257,10 @@ class Settings:
             forwarded_allow_ips=_forwarded_allow_ips(env.get("FORWARDED_ALLOW_IPS", "")),
             keepalive_seconds=_env_number(env, "KEEPALIVE_SECONDS", cls.keepalive_seconds, integer=True,
                                           minimum=1, maximum=3600),
+            body_timeout_seconds=_env_number(env, "BODY_TIMEOUT_SECONDS", cls.body_timeout_seconds,
+                                             integer=False, minimum=0, above_minimum=True, maximum=3600),
+            write_timeout_seconds=_env_number(env, "WRITE_TIMEOUT_SECONDS", cls.write_timeout_seconds,
+                                              integer=False, minimum=0, above_minimum=True, maximum=3600),
         )
 
 

@@ -124,6 +124,7 @@ def current_ids() -> tuple[str, str] | None:
 
 # --- HTTP requests ---------------------------------------------------------------------------------------------
 
+ATTRIBUTE_CHARS = 200  # what a client sends (path, method, forwarded address) is cut to this on a span
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 
 
@@ -136,13 +137,14 @@ def start_request(scope: Mapping[str, Any]) -> tuple[Span, contextvars.Token[Con
                if name in (b"traceparent", b"tracestate", b"baggage")}
     method = scope["method"]
     attributes: dict[str, Any] = {"http.request.method": method if method in KNOWN_METHODS else "_OTHER",
-                                  "url.path": scope["path"], "url.scheme": scope.get("scheme", "http"),
+                                  "url.path": scope["path"][:ATTRIBUTE_CHARS],
+                                  "url.scheme": scope.get("scheme", "http"),
                                   "network.protocol.version": scope.get("http_version", "1.1")}
     if method not in KNOWN_METHODS:
-        attributes["http.request.method_original"] = method
+        attributes["http.request.method_original"] = method[:ATTRIBUTE_CHARS]
     client, server = scope.get("client"), scope.get("server")
     if client:
-        attributes["client.address"] = client[0]
+        attributes["client.address"] = client[0][:ATTRIBUTE_CHARS]
     if server:
         attributes["server.address"], attributes["server.port"] = server[0], server[1]
     span = tracer.start_span(method if method in KNOWN_METHODS else "HTTP", propagate.extract(carrier),

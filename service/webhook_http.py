@@ -29,9 +29,11 @@ STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-5][0-9][0-9])(?: [^\r\n]*)?\r?\n")
 METADATA_ADDRESSES = frozenset(ipaddress.ip_address(address) for address in (
     "169.254.169.254", "169.254.170.2", "100.100.100.200", "fd00:ec2::254"))
 
-# IPv6 prefixes whose last 32 bits are an IPv4 address the packet may reach: NAT64 (well-known and local-use)
-# and the deprecated IPv4-compatible form. (IPv4-mapped and 6to4 have their own properties in ipaddress.)
-IPV4_CARRYING = tuple(ipaddress.ip_network(prefix) for prefix in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96"))
+# IPv6 prefixes whose last 32 bits are an IPv4 address the packet may reach: NAT64 (well-known and local-use),
+# IPv4-translated (SIIT, RFC 2765) and the deprecated IPv4-compatible form. (IPv4-mapped and 6to4 have their own
+# properties in ipaddress.)
+IPV4_CARRYING = tuple(ipaddress.ip_network(prefix) for prefix in (
+    "64:ff9b::/96", "64:ff9b:1::/48", "::ffff:0:0:0/96", "::/96"))
 
 
 class WebhookRefused(ValueError):

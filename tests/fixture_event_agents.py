@@ -42,12 +42,14 @@ class Scorer(BaseAgent):
 @register
 class Flood(BaseAgent):
     agent_type = "flood"
-    description = "Logs input.lines lines (line_flood, n=i) in a loop that never yields to the event loop."
+    description = ("Logs input.lines lines (line_flood, n=i, padded with input.pad characters when given) in a loop "
+                   "that never yields to the event loop.")
 
     async def run(self) -> Any:
         lines = int(self.input.get("lines", 3000))
+        padding = {"pad": "x" * int(self.input["pad"])} if "pad" in self.input else {}
         for n in range(lines):
-            self.log.info("line_flood", n=n)
+            self.log.info("line_flood", n=n, **padding)
         return {"lines": lines}
 
 

@@ -400,7 +400,9 @@ def test_the_header_time_limit_counts_from_the_first_byte_of_each_kept_alive_req
     assert 9.5 <= closed_after <= 12, closed_after
 
 
-def test_connections_past_the_limit_are_answered_503(tmp_path: Path) -> None:
+def test_connections_past_the_limit_are_answered_503_in_json_but_liveness(tmp_path: Path) -> None:
+    """Past MAX_CONNECTIONS the API answers a JSON 503 (issue 24) while /healthz still answers, so a liveness
+    probe does not restart a process that is only busy."""
     files = 2 * MAX_CONNECTIONS + 200  # the sockets held here, and the server's ends of them
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard < files:
@@ -413,12 +415,18 @@ def test_connections_past_the_limit_are_answered_503(tmp_path: Path) -> None:
         statuses = []
         deadline = time.monotonic() + 10
         while 503 not in statuses and time.monotonic() < deadline:
-            statuses.append(httpx.get(f"{srv.url}/healthz").status_code)
+            answer = httpx.get(f"{srv.url}/agents")
+            statuses.append(answer.status_code)
         assert statuses[-1] == 503, f"no 503 with {MAX_CONNECTIONS} connections open: {statuses[-5:]}"
+        assert answer.headers["content-type"] == "application/json"
+        assert answer.json() == {"detail": "Too many connections, please retry later"}
+        assert answer.headers["connection"] == "close"
+        health = httpx.get(f"{srv.url}/healthz")
+        assert (health.status_code, health.json()) == (200, {"status": "ok"})
         for sock in held:
             sock.close()
         deadline = time.monotonic() + 10
-        while httpx.get(f"{srv.url}/healthz").status_code != 200:
+        while httpx.get(f"{srv.url}/agents").status_code != 200:
             assert time.monotonic() < deadline, "still 503 after the connections closed"
             time.sleep(0.05)
     finally:

@@ -241,7 +241,8 @@ async def test_the_trace_context_travels_in_the_record_but_not_in_the_public_jso
         run = await wait_run(client, accepted["run_id"])
         listed = (await client.get("/agents/runs")).json()["runs"]
     assert "trace" not in run and all("trace" not in listed_run for listed_run in listed)
-    stored = Run.new(str(uuid.uuid4()), "sleeper", new_user(), {}, holder=None, trace=f"{TRACEPARENT} 1a2b3c4d5e6f7a8b 3")
+    stored = Run.new(str(uuid.uuid4()), "sleeper", new_user(), {}, holder=None,
+                     trace=f"{TRACEPARENT} 1a2b3c4d5e6f7a8b 3")
     assert Run.from_json(stored.record()).trace == stored.trace
     assert split_record(stored.record()) == (stored.json(), stored.trace)
     assert split_record(stored.json()) == (stored.json(), None)

@@ -411,7 +411,8 @@ def wrk_cpu(server: Server, url: str, seconds: float) -> dict[str, float]:
     """wrk's figures and the server's CPU time per request (µs): steadier than req/s on a shared machine."""
     before = cpu_seconds(server.proc.pid)
     result = wrk(url, seconds)
-    return {**result, "cpu_us": (cpu_seconds(server.proc.pid) - before) / (result["rps"] * max(1, round(seconds))) * 1e6}
+    requests = result["rps"] * max(1, round(seconds))
+    return {**result, "cpu_us": (cpu_seconds(server.proc.pid) - before) / requests * 1e6}
 
 
 def fig_tracing(opts: argparse.Namespace) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from service.http.docs import docs, openapi_json, openapi_spec
 from service.http.event_stream import all_events, run_events, run_logs
 from service.http.handlers import (cancel_run, get_status, healthz, list_agents, list_runs, metrics_page,
                                    post_run, readyz)
-from service.http.middleware import AccessLog, ForwardedClient, RootPath, token_required
+from service.http.middleware import AccessLog, ForwardedClient, RootPath, logged_path, token_required
 from service.http.single_process import claim_server_sockets
 from service.http.startup import refuse_to_start
 from service.http.validation import json_response
@@ -45,7 +45,7 @@ async def store_unavailable(request: Request, exc: Exception) -> Response:
 
 
 async def server_error(request: Request, exc: Exception) -> Response:
-    log.error("unhandled_error", exc_info=exc, extra={"method": request.method, "path": request.url.path})
+    log.error("unhandled_error", exc_info=exc, extra={"method": request.method, "path": logged_path(request.url.path)})
     return json_response({"detail": "Internal server error"}, 500)
 
 

@@ -50,7 +50,7 @@ class EventStream:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
             self.last: tuple[int, int] = (-1, -1)
-            done = await self._write(send, self.first, check=False)
+            done = await self._write(send, self._take_first(), check=False)
             while not done and client.ended not in ("slow", "disconnected"):
                 if not client.frames:
                     if client.ended is not None:
@@ -71,6 +71,11 @@ class EventStream:
         finally:
             watcher.cancel()
             self.events.unsubscribe(client)
+
+    def _take_first(self) -> list[Frame]:
+        """The first frames, let go of here: a replay read from Redis is this client's own, megabytes maybe."""
+        first, self.first = self.first, []
+        return first
 
     async def _write(self, send: Send, frames: list[Frame], check: bool) -> bool:
         """Send ``frames`` as one chunk (skipping, with ``check``, those sent already); True after a run's
@@ -138,8 +143,9 @@ async def run_events(request: Request) -> Response | EventStream:
     hub = runtime.hub
     client = open_stream(hub, request, run_id)
     try:
-        first = await hub.first_run_frames(run_id, parse_event_id(request.headers.get("last-event-id")),
-                                           runtime.backend.get)
+        async with runtime.large_reads:  # a replay may be megabytes: a few at a time
+            first = await hub.first_run_frames(run_id, parse_event_id(request.headers.get("last-event-id")),
+                                               runtime.backend.get)
     except BaseException:
         hub.unsubscribe(client)
         raise
@@ -151,10 +157,12 @@ async def run_events(request: Request) -> Response | EventStream:
 
 async def all_events(request: Request) -> EventStream:
     """GET /agents/events: every run's changes (no log lines), for dashboards; never ends by itself."""
-    hub = from_state(request.app.state).hub
+    runtime = from_state(request.app.state)
+    hub = runtime.hub
     client = open_stream(hub, request, None)
     try:
-        first = await hub.first_global_frames(parse_event_id(request.headers.get("last-event-id")))
+        async with runtime.large_reads:
+            first = await hub.first_global_frames(parse_event_id(request.headers.get("last-event-id")))
     except BaseException:
         hub.unsubscribe(client)
         raise

@@ -127,13 +127,16 @@ async def list_runs(request: Request) -> Response:
         raise HTTPException(400, f"state must be one of {', '.join(STATES)}, got {short(state)}")
     user_id = query.get("user_id")
     before = query.get("before")
-    backend = from_state(request.app.state).backend
+    runtime = from_state(request.app.state)
+    backend = runtime.backend
     if before is not None and await backend.get(check_uuid(before, "before")) is None:
         raise HTTPException(400, f"before: run {before} not found (it may have been dropped by retention)")
     page = Page(parse_limit(query.get("limit")), state=state, agent_type=query.get("agent_type"),
                 user_id=check_uuid(user_id, "user_id") if user_id is not None else None, max_bytes=LIST_BODY_BYTES)
-    runs = await backend.list(page, before=before.lower() if before else None)
-    return json_response(b'{"runs":[' + b",".join(run.json() for run in runs) + b"]}")
+    async with runtime.large_reads:
+        runs = await backend.list(page, before=before.lower() if before else None)
+        body = b'{"runs":[' + b",".join(run.json() for run in runs) + b"]}"
+    return json_response(body)
 
 
 async def list_agents(request: Request) -> Response:

@@ -18,6 +18,9 @@ from service import metrics
 from service import tracing
 from service.logs import log_hot
 
+LOGGED_PATH_CHARS = 200  # a longer path is logged cut to this, with "path_chars" giving its length
+LOGGED_TOKEN_CHARS = 64  # a longer client address (forwarded) or method (under h11) is logged cut to this
+
 
 class TokenRequired:
     """With API_TOKEN set, the wrapped route needs ``Authorization: Bearer <token>``.
@@ -129,10 +132,23 @@ class AccessLog:
             if counter is None:
                 counter = self._requests[key] = metrics.HTTP_REQUESTS_TOTAL.labels(key[0], key[1], str(status))
             counter.inc()
+            path = scope["path"]
+            logged = json_string(path) if len(path) <= LOGGED_PATH_CHARS else \
+                f'{json_string(logged_path(path))}, "path_chars": {len(path)}'
             client = scope.get("client")
-            log_hot("http_request", f'"method": {json_string(method)}, "path": {json_string(scope["path"])}, '
-                                    f'"status": {status}, "client": {json_string(client[0]) if client else "null"}, '
+            address = json_string(logged_text(client[0], LOGGED_TOKEN_CHARS)) if client else "null"
+            log_hot("http_request", f'"method": {json_string(logged_text(method, LOGGED_TOKEN_CHARS))}, '
+                                    f'"path": {logged}, "status": {status}, "client": {address}, '
                                     f'"duration_ms": {round((time.perf_counter() - started) * 1000, 2)}')
             if traced is not None:  # the line above is written inside the request's span
                 tracing.end_request(*traced, scope, status, error)
 
+
+def logged_text(text: str, limit: int) -> str:
+    """A client-chosen string as logs show it: cut to ``limit`` characters (ending "...") so that clients
+    cannot swell the log."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def logged_path(path: str) -> str:
+    return logged_text(path, LOGGED_PATH_CHARS)

@@ -12,7 +12,7 @@ from starlette.applications import Starlette
 
 from service import settings
 from service.http import single_process
-from service.http.limits import MAX_CONNECTIONS, LimitedHttpToolsProtocol
+from service.http.limits import LimitedHttpToolsProtocol
 from service.http.startup import configure, process_logging_config
 from service.logs import log, write_hot_lines
 from service.runs import run_fields
@@ -94,8 +94,7 @@ def main(app: Starlette, version: str) -> None:
         proxy_headers=False,  # the app applies FORWARDED_ALLOW_IPS itself (ForwardedClient), under every launcher
         timeout_keep_alive=settings.current.keepalive_seconds,
         loop="uvloop",
-        http=LimitedHttpToolsProtocol,  # httptools, with a cap on header size and time (limits.py)
-        limit_concurrency=MAX_CONNECTIONS,
+        http=LimitedHttpToolsProtocol,  # httptools, with limits on connections, heads, bodies, unread answers
         lifespan="on",
         timeout_graceful_shutdown=5,
         server_header=False,

@@ -18,6 +18,7 @@ from starlette.responses import Response
 import agents
 from service import settings
 from service.backends.records import encode
+from service.http.limits import BODY_TIMEOUT_SCOPE_KEY
 from service.logs import log
 from service.webhook_http import WebhookRefused, check_url, resolve
 
@@ -108,6 +109,9 @@ async def read_json(request: Request) -> Any:
             raise HTTPException(400, "Client disconnected before the request body was complete")
         body += message.get("body", b"")
         more = message.get("more_body", False)
+        if more and BODY_TIMEOUT_SCOPE_KEY in request.scope:  # set by limits.py when the body missed its deadline
+            raise HTTPException(408, f"Request body was not complete within "
+                                     f"{settings.current.body_timeout_seconds:g} seconds")
         if len(body) > limit:
             raise HTTPException(413, f"Request body is larger than {limit} bytes")
     if not body.strip():

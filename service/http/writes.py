@@ -32,6 +32,7 @@ class CoalescingTransport:
         self.loop = loop
         self.kept: list[bytes] = []
         self.kept_bytes = 0
+        self.handed_bytes = 0  # the last write handed on: kept whole by the transport until all of it is sent
         self._send_kept = self.send_kept  # bound once: scheduled for every response
 
     def write(self, data: bytes) -> None:
@@ -45,7 +46,7 @@ class CoalescingTransport:
     def send_kept(self) -> None:
         if not self.kept:
             return  # already handed on (closed, aborted, or past SEND_AT_ONCE_BYTES) within the turn
-        kept, self.kept, self.kept_bytes = self.kept, [], 0
+        kept, self.handed_bytes, self.kept, self.kept_bytes = self.kept, self.kept_bytes, [], 0
         if not self.transport.is_closing():  # the client left: the bytes have nowhere to go
             self.transport.writelines(kept)  # several pieces go out in one writev(), without a copy
 

@@ -41,6 +41,7 @@ RUN_STREAM_TTL_SECONDS = 600  # a run's event backlog expires this long after it
 LOG_LINES_MAX = 500  # per run, kept with it and counted in its retention size
 LOG_BYTES_MAX = 256 * 1024
 SEND_QUEUE_MAX = 10000  # events waiting for the writer; past it new ones are dropped
+SEND_QUEUE_BYTES = 16 * 1024 * 1024  # their data, the batch being written included (10000 lines of 64 KiB: 640 MB)
 BATCH = 200  # events per pipeline
 READ_BLOCK_MS = 2000
 RETRY_SECONDS = 0.5
@@ -58,6 +59,7 @@ class RedisEvents:
         self.log = log
         self.available = False  # the reader follows Redis; while False new streams are refused (503)
         self._outbox: deque[tuple[str, str, str, bytes]] = deque()
+        self._outbox_bytes = 0  # data of the events in the outbox and in the batch being written
         self._queued = 0  # events put in the outbox so far
         self._done = 0  # of those, the ones whose write is over (stored, or lost with a failed batch)
         self._batch_done = asyncio.Event()
@@ -90,12 +92,13 @@ class RedisEvents:
     # --- writing -------------------------------------------------------------------------------------------
 
     def send(self, kind: str, run_id: str, state: str, data: bytes) -> None:
-        if len(self._outbox) >= SEND_QUEUE_MAX:
+        if len(self._outbox) >= SEND_QUEUE_MAX or self._outbox_bytes + len(data) > SEND_QUEUE_BYTES:
             self._dropped += 1
             if self._dropped == 1:
                 self.log.warning("events_dropped", extra={"detail": "too many events waiting for Redis"})
             return
         self._outbox.append((kind, run_id, state, data))
+        self._outbox_bytes += len(data)
         self._queued += 1
         self._outbox_ready.set()
 
@@ -109,6 +112,7 @@ class RedisEvents:
                 try:
                     await self._write(batch)
                 finally:
+                    self._outbox_bytes -= sum(len(data) for _, _, _, data in batch)  # counted until written
                     self._writing = False
                     self._done += len(batch)
                     self._batch_done.set()
