@@ -24,7 +24,7 @@ from typing import Any
 from service import settings
 from service import metrics
 from service.backends.base import Backend, Deliveries, Delivery
-from service.backends.cancelling import cancel_and_wait
+from service.cancelling import cancel_and_wait
 from service.backends.records import MAX_ATTEMPTS, Run, StoreUnavailable
 from service.logs import log
 from service.webhook_http import WebhookRefused, WebhookUnresolved, check_url, post, resolve
