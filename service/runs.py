@@ -7,8 +7,8 @@ the terminal state, and only once no code of the agent is still executing:
 not its coroutine, not the executor work it started (``asyncio.to_thread``,
 ``run_in_executor(None, ...)``).
 
-Read top to bottom: start, execute_run (supervise, judge, finish_run), lease
-renewal.
+``Runner`` reads top to bottom: start, execute_run, finish_run, the lease
+renewal (keep_lock); the steps it calls (supervise, judge) follow the class.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ and ``close_runtime`` takes it down; the HTTP layer reaches it through
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from service import settings
@@ -35,10 +36,16 @@ class Runtime:
     large_reads: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(LARGE_READS_AT_ONCE))
 
 
-async def open_runtime(config: settings.Settings) -> Runtime:
-    """Open the backend ``config`` asks for, wire the runner and the event hub to it, and start them."""
-    asyncio.get_running_loop().set_default_executor(RunTrackingExecutor(thread_name_prefix="agent-work"))
+async def open_runtime(config: settings.Settings,
+                       before_start: Callable[[Backend], Awaitable[None]] | None = None) -> Runtime:
+    """Open the backend ``config`` asks for, wire the runner and the event hub to it, and start them.
+
+    ``before_start`` sees the backend before anything starts (the one-process check of memory mode).
+    """
     backend = open_backend(config)
+    if before_start is not None:
+        await before_start(backend)
+    asyncio.get_running_loop().set_default_executor(RunTrackingExecutor(thread_name_prefix="agent-work"))
     hub = EventHub()
     runner = Runner(backend, hub)
     backend.on_cancel = runner.request_stop

@@ -1,7 +1,7 @@
 """Settings: every environment variable, read once at start into a frozen dataclass.
 
-``settings.current`` is the configuration in force; ``agent_runner.configure``
-replaces it at start, nothing else does.
+``settings.current`` is the configuration in force; ``service.http.startup.configure``
+replaces it at start (under every launcher), nothing else does.
 """
 
 from __future__ import annotations
@@ -273,4 +273,4 @@ def load_agent_modules(names: tuple[str, ...]) -> None:
             raise ConfigError("AGENT_MODULES", f"cannot import {name!r}: {type(exc).__name__}: {exc}") from exc
 
 
-current = Settings()  # replaced once at start by agent_runner.configure
+current = Settings()  # replaced once at start by service.http.startup.configure

@@ -26,7 +26,7 @@ from typing import Any
 from service import settings
 from service import metrics
 from service.backends.base import Backend, Deliveries, Delivery
-from service.backends.cancelling import cancel_and_wait
+from service.cancelling import cancel_and_wait
 from service.backends.records import MAX_ATTEMPTS, Run, StoreUnavailable, split_record
 from service.logs import log
 from service.tracing import traceparent

@@ -2,8 +2,8 @@
 
 On Python 3.11 (the image's Python) ``asyncio.wait_for`` swallows a cancel
 that lands in the same loop turn as the result it waits for; redis-py awaits
-it on every command. A fresh-clone CI run once hung 60 s in close_stores
-because the events reader, cancelled once, went on into its next XREAD.
+it on every command. Shutting down (close_runtime) could hang while the
+events reader, cancelled once, went on into its next XREAD.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 from conftest import RedisServer
 from service import webhooks
-from service.backends.cancelling import cancel_and_wait
+from service.cancelling import cancel_and_wait
 from service.backends.memory import MemoryDeliveries
 from service.events import EventHub
 

@@ -19,7 +19,8 @@ from starlette.routing import Route
 
 import agents
 from service import settings, tracing
-from service.backends.cancelling import cancel_and_wait
+from service.cancelling import cancel_and_wait
+from service.backends import Backend
 from service.backends.records import StoreUnavailable
 from service.http import dashboard
 from service.http.docs import docs, openapi_json, openapi_spec
@@ -78,10 +79,11 @@ def lifespan_of(version: str) -> Callable[[Starlette], contextlib.AbstractAsyncC
 
 async def lifespan(app: Starlette, version: str) -> AsyncIterator[None]:
     """Build the runtime (refusing a second memory-mode process), serve, then drain and take it down."""
-    runtime = await open_runtime(settings.current)
-    if not runtime.backend.shared:
-        await refuse_second_memory_process()
-    app.state.runtime = runtime
+    async def one_process_for_memory_mode(backend: Backend) -> None:
+        if not backend.shared and not getattr(app.state, "binds_own_socket", False):
+            await refuse_second_memory_process()
+
+    runtime = app.state.runtime = await open_runtime(settings.current, before_start=one_process_for_memory_mode)
     log.info("service_started", extra={
         "version": version, "store": runtime.backend.name, "agent_types": sorted(agents.registry),
         "agent_sleep_seconds": settings.current.agent_sleep_seconds})

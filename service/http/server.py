@@ -11,7 +11,6 @@ import uvicorn
 from starlette.applications import Starlette
 
 from service import settings
-from service.http import single_process
 from service.http.limits import LimitedHttpToolsProtocol
 from service.http.startup import configure, process_logging_config
 from service.logs import log, write_hot_lines
@@ -84,7 +83,7 @@ def main(app: Starlette, version: str) -> None:
     if sys.argv[1:]:  # argparse only for --help or --version: most starts have no arguments
         parse_args(sys.argv[1:], version)
     configure(version=version)
-    single_process.binds_own_socket = True  # nothing else can serve the socket uvicorn binds below
+    app.state.binds_own_socket = True  # nothing else can serve the socket uvicorn binds below: no claim
     config = uvicorn.Config(
         app,
         host=settings.current.host,

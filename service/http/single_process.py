@@ -7,8 +7,8 @@ worker that is handed server sockets by its launcher claims each one's
 address (host and port, or the Unix socket's path) for memory mode with a
 lock on a file in a directory only this user may write; the kernel drops the
 lock when the process ends, however it ends. ``python agent_runner.py``
-binds its own socket after start (``binds_own_socket``): nothing can share
-it, so it claims nothing.
+binds its own socket after start (``app.state.binds_own_socket``): nothing
+can share it, so it claims nothing.
 
 A claim held by a process that is stopping (a graceful reload starts the new
 worker first) is waited for, for as long as a stopping process may take.
@@ -29,7 +29,6 @@ import time
 from types import FrameType
 from typing import IO, Any
 
-binds_own_socket = False  # set by python agent_runner.py, whose server binds its socket after start
 _claims: list[IO[str]] = []  # locked files, held until the process ends
 
 
@@ -100,8 +99,6 @@ def claim(address: str) -> bool:
 async def claim_server_sockets(wait_seconds: float, poll_seconds: float = 0.2) -> str | None:
     """Claim every server socket's address, waiting up to ``wait_seconds`` for a holder to go away; the first
     address still held by another process after that, else None."""
-    if binds_own_socket:
-        return None
     deadline = time.monotonic() + wait_seconds
     for address in sorted(server_addresses()):
         while not claim(address):

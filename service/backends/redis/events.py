@@ -30,7 +30,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from service.backends.base import FrameSink
-from service.backends.cancelling import cancel_and_wait
+from service.cancelling import cancel_and_wait
 from service.backends.records import (GLOBAL_BACKLOG_BYTES, GLOBAL_BACKLOG_FRAMES, RUN_BACKLOG_BYTES,
                                       RUN_BACKLOG_FRAMES, Frame, Run, StoreUnavailable)
 from service.backends.redis.scripts import EVENT_SCRIPT, LOG_SCRIPT

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from service.backends.base import FrameSink
-from service.backends.cancelling import cancel_and_wait
+from service.cancelling import cancel_and_wait
 from service.backends.records import MAX_OWED, MAX_OWED_BYTES, Page, Run, StoreUnavailable
 from service.backends.redis.events import RedisEvents
 from service.backends.redis.idempotency import RedisIdempotencyKeys
