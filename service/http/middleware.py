@@ -11,9 +11,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from service import settings
+from service import metrics, settings
 from service.http.validation import json_response
-from service import metrics
 from service.logs import log_hot
 
 LOGGED_PATH_CHARS = 200  # a longer path is logged cut to this, with "path_chars" giving its length
