@@ -12,10 +12,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from service import settings
+from service import metrics, settings, tracing
 from service.http.validation import json_response
-from service import metrics
-from service import tracing
 from service.logs import log_hot
 
 LOGGED_PATH_CHARS = 200  # a longer path is logged cut to this, with "path_chars" giving its length
