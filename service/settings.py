@@ -97,6 +97,8 @@ SETTINGS_TABLE = (
     ("FORWARDED_ALLOW_IPS", "",
      "comma-separated proxy addresses or networks (or *) whose X-Forwarded-For/-Proto are trusted; none when empty"),
     ("KEEPALIVE_SECONDS", "75", "an idle keep-alive connection is closed after this many seconds (over the usual 60)"),
+    ("FENCING_STATE_PATH", "/tmp/agent-runner-fencing-token",
+     "memory mode: the file that keeps the highest fencing token across restarts (empty: none, the clock only)"),
 )
 
 LOG_FORMATS = ("auto", "json", "console")
@@ -183,6 +185,7 @@ class Settings:
     root_path: str = ""
     forwarded_allow_ips: tuple[str, ...] = ()
     keepalive_seconds: int = 75
+    fencing_state_path: str = "/tmp/agent-runner-fencing-token"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -259,6 +262,7 @@ class Settings:
             forwarded_allow_ips=_forwarded_allow_ips(env.get("FORWARDED_ALLOW_IPS", "")),
             keepalive_seconds=_env_number(env, "KEEPALIVE_SECONDS", cls.keepalive_seconds, integer=True,
                                           minimum=1, maximum=3600),
+            fencing_state_path=env.get("FENCING_STATE_PATH", cls.fencing_state_path).strip(),
         )
 
 

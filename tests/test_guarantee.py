@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -366,14 +367,22 @@ def test_a_take_sent_again_after_its_reply_was_lost_answers_the_run_it_took(redi
     prefix = f"test-{uuid.uuid4().hex[:8]}"
     take = client.register_script(TAKE_SCRIPT)
     keys = [f"{prefix}:queue", f"{prefix}:unfinished", f"{prefix}:lock", f"{prefix}:lock:1", f"{prefix}:generation",
-            f"{prefix}:fence"]
+            f"{prefix}:fence", f"{prefix}:fencing"]
+
+    def take_as(token: str) -> list[Any]:
+        return take(keys=keys, args=[token, 30000, 2, 0, "gen-2", 0, f"{prefix}:run:"])
+
     try:
         client.set(f"{prefix}:generation", "gen-1")  # as every replica writes it as it starts
+        client.set(f"{prefix}:run:run-1", '{"run_id":"run-1","fencing_token":null}')
         client.rpush(f"{prefix}:queue", "run-1", "run-2")
-        assert take(keys=keys, args=["token-a", 30000, 2, 0, "gen-2"]) == ["run-1", 0, "gen-1", 0]
-        assert take(keys=keys, args=["token-a", 30000, 2, 0, "gen-2"]) == ["run-1", 0, "gen-1", 0]  # the retry
+        first = take_as("token-a")
+        assert first[:4] == ["run-1", 0, "gen-1", 0] and first[4] > 0
+        assert take_as("token-a") == first  # the retry: the same run, slot and token
+        assert client.get(f"{prefix}:run:run-1") == '{"run_id":"run-1","fencing_token":%d}' % first[4]
         assert client.lrange(f"{prefix}:queue", 0, -1) == ["run-2"] and client.get(f"{prefix}:lock:1") is None
-        assert take(keys=keys, args=["token-b", 30000, 2, 0, "gen-2"]) == ["run-2", 1, "gen-1", 0]
+        second = take_as("token-b")
+        assert second[:4] == ["run-2", 1, "gen-1", 0] and second[4] > first[4]
     finally:
         client.close()
 
