@@ -259,10 +259,7 @@ class Runner:
             stored = await self.save_finished(run, release)
         except WriteRefused as exc:  # another replica recorded its end: that record stands, this one is dropped
             self.refuse(active, exc)
-            if release:
-                if run.holder is not None:
-                    await self.backend.release(run.holder)
-                self.clear_active(active)
+            await self.finish_run(active, outcome)  # now it only lets go of the slot
             return
         if stored:
             self.hub.publish_run(run)
@@ -330,7 +327,7 @@ class Runner:
                 exit_lock_expired(active)
             try:
                 # a renewal that hangs (packets dropped, no reset) fails when half the TTL has passed without one
-                answer_by = max(0.05, renewed_at + ttl / 2 - time.monotonic())
+                answer_by = max(ttl / 10, renewed_at + ttl / 2 - time.monotonic())
                 reasserted = await asyncio.wait_for(self.backend.renew(active.run), answer_by)
             except LockLost:
                 if not self.backend.holds(active.run.holder):  # finish_run released it while this renewal was out

@@ -43,8 +43,8 @@ async def note_waiting(queue_log: str, run_id: str) -> None:
         os.close(fd)
 
 
-def use_resource_blocking(ledger: str, run_id: str, seconds: float, stopping: Any = None) -> str:
-    note(ledger, "start", run_id)
+def use_resource_blocking(ledger: str, run_id: str, seconds: float, stopping: Any = None, token: int = 0) -> str:
+    note(ledger, "start", run_id, token)
     try:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
@@ -53,7 +53,7 @@ def use_resource_blocking(ledger: str, run_id: str, seconds: float, stopping: An
             time.sleep(0.01)
         return "done"
     finally:
-        note(ledger, "end", run_id)
+        note(ledger, "end", run_id, token)
 
 
 @register
@@ -62,9 +62,8 @@ class ThreadWorker(BaseAgent):
     description = "Uses the resource for input.seconds in asyncio.to_thread (or run_in_executor), ignoring stops."
 
     async def run(self) -> Any:
-        args = (self.input["ledger"], self.run_id, float(self.input.get("seconds", 1.0)))
-        if self.input.get("cooperative"):
-            args = (*args, self.stopping)
+        args = (self.input["ledger"], self.run_id, float(self.input.get("seconds", 1.0)),
+                self.stopping if self.input.get("cooperative") else None, self.fencing_token or 0)
         if self.input.get("executor"):
             return await asyncio.get_running_loop().run_in_executor(None, use_resource_blocking, *args)
         return await asyncio.to_thread(use_resource_blocking, *args)
@@ -80,7 +79,7 @@ class CoroutineWorker(BaseAgent):
         ledger = self.input["ledger"]
         if queue_log := self.input.get("queue_log"):
             await note_waiting(queue_log, self.run_id)
-        note(ledger, "start", self.run_id)
+        note(ledger, "start", self.run_id, self.fencing_token or 0)
         try:
             if gate := self.input.get("gate"):  # a run that outlasts whatever the test does first, however slow
                 while not os.path.exists(gate):
@@ -94,7 +93,7 @@ class CoroutineWorker(BaseAgent):
                         raise
             return "done"
         finally:
-            note(ledger, "end", self.run_id)
+            note(ledger, "end", self.run_id, self.fencing_token or 0)
 
 
 def fenced_write(database: str, token: int, value: str) -> bool:

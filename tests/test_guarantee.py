@@ -28,7 +28,7 @@ def uses(ledger: Path) -> dict[str, list[float]]:
     spans: dict[str, list[float]] = {}
     if ledger.exists():
         for line in ledger.read_text().splitlines():
-            what, run_id, when, _pid = line.split()
+            what, run_id, when, _pid, *_token = line.split()
             spans.setdefault(run_id, []).append(float(when))
     return spans
 
