@@ -3,15 +3,31 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-if TYPE_CHECKING:
-    from service.backends.redis.store import RedisBackend
+from service.backends.redis.lock import StoreHealth
 
 
-async def listen(backend: RedisBackend) -> None:
+class Listener(Protocol):
+    """What the listener hears for: the Redis backend (store.py)."""
+
+    client: Redis
+    health: StoreHealth
+    on_cancel: Callable[[str, str | None], object]
+    on_work: Callable[[], None]
+
+    def key(self, *parts: str) -> str: ...
+
+    def wake(self, run_id: str) -> None: ...
+
+    def wake_all(self) -> None: ...
+
+
+async def listen(backend: Listener) -> None:
     """Wake local waiters when any replica finishes a run; pass cancel requests to the runner.
 
     Without it a cross-replica cancel waits for the next lock renewal, so it must not die: a
