@@ -62,6 +62,16 @@ def new_user() -> str:
     return str(uuid.uuid4())
 
 
+def wait_until(check: Any, timeout: float, what: str) -> Any:
+    """``check()``'s first truthy value, asked every 20 ms; fails after ``timeout`` seconds saying ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def log_time(line: dict[str, Any]) -> float:
     """A log line's timestamp as seconds since the epoch (comparable with time.time())."""
     return datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00")).timestamp()

@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 
-from conftest import RedisServer, ServerProcess, log_time, missing_tool, new_user, require_redis_server
+from conftest import (RedisServer, ServerProcess, log_time, missing_tool, new_user, require_redis_server,
+                      wait_until)
 
 AGENTS = "fixture_agents,fixture_resource_agents"
 TERMINAL_EVENTS = {"agent_complete", "agent_error", "run_timeout", "run_cancelled", "run_interrupted",
@@ -31,15 +32,6 @@ def post(srv: ServerProcess, agent_type: str, **input: Any) -> str:
     response = srv.client.post("/agents/run", json={"agent_type": agent_type, "user_id": new_user(), "input": input})
     assert response.status_code == 202, response.text
     return str(response.json()["run_id"])
-
-
-def wait_until(check: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def uses(ledger: Path, run_id: str | None = None) -> list[tuple[str, float, int]]:
@@ -231,8 +223,8 @@ def test_a_replica_cut_off_from_redis_without_a_reset_stops_its_agent_before_its
         second_start = next(float(fields[2]) for fields in lines if fields[:2] == ["start", second])
         assert log_time(lock_lost) < cut_at + ttl * 2 / 3, "stopped after its lease could have expired"
         assert first_end < second_start, "the second agent started while the first still used the resource"
-        recorded = wait_until(lambda: (run := other.client.get(f"/agents/status/{first}").json()).get("state") == "ERROR"
-                              and run, 30, "the first run to be recorded")
+        recorded = wait_until(lambda: (run := other.client.get(f"/agents/status/{first}").json())
+                              .get("state") == "ERROR" and run, 30, "the first run to be recorded")
         assert recorded["fencing_token"] < finished["fencing_token"]
         time.sleep(2.0)  # the cut-off replica's own write of its end, if it is still trying, arrives now
         again = other.client.get(f"/agents/status/{first}").json()

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import RedisServer, ServerProcess, log_time, new_user
+from conftest import RedisServer, ServerProcess, log_time, new_user, wait_until
 from redis_proxy import RedisProxy
 
 AGENTS = "fixture_agents,fixture_resource_agents"
@@ -31,16 +31,6 @@ def uses(ledger: Path) -> dict[str, list[float]]:
             what, run_id, when, _pid, *_token = line.split()
             spans.setdefault(run_id, []).append(float(when))
     return spans
-
-
-def wait_until(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def post(srv: ServerProcess, agent_type: str, **input) -> httpx.Response:

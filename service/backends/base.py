@@ -146,8 +146,9 @@ class Backend(Protocol):
         """"busy" or "full" when ``admit`` would refuse now and can tell without I/O, else None."""
 
     async def admit(self, run: Run, on_busy: str, queue_max: int, claim: builtins.list[Any] | None = None) -> str:
-        """In one step: "started" on a free slot (``run.holder`` and ``run.fencing_token`` set), else "queued" as ``on_busy`` allows, else
-        "busy" or "full"; "lost" when ``claim`` (IdempotencyKeys.admit_args) is no longer the request's."""
+        """In one step: "started" on a free slot (``run.holder`` and ``run.fencing_token`` set), else "queued"
+        as ``on_busy`` allows, else "busy" or "full"; "lost" when ``claim`` (IdempotencyKeys.admit_args) is no
+        longer the request's."""
 
     async def take(self) -> Run | None:
         """The head of the queue on a free slot (``holder`` and ``fencing_token`` set), or None: one step, so never

@@ -55,9 +55,9 @@ end
 # key ttl_ms, new generation, token floor (MINT). KEYS: queue, run, runs, seq, unfinished, slot 0..n-1, generation,
 # fence, fencing counter. Returns {outcome, value, generation, lost, fencing token}: {1, slot} started (under that
 # generation, its token minted and in the record), {2, position} queued, {0, 0} busy, {-1, 0} queue full, {-2, 0}
-# the key's claim was lost; lost is 1 when this call found that Redis lost its data (FENCE). The generation is the one in Redis (the new one, when
-# this call made it: a re-run after a lost reply still shows it as this call's). While the fence stands it
-# answers as if every slot were taken: busy, or queued.
+# the key's claim was lost; lost is 1 when this call found that Redis lost its data (FENCE). The generation is
+# the one in Redis (the new one, when this call made it: a re-run after a lost reply still shows it as this
+# call's). While the fence stands it answers as if every slot were taken: busy, or queued.
 ADMIT_SCRIPT = FENCE + MINT + """
 local n = tonumber(ARGV[8])
 if redis.call('EXISTS', KEYS[2]) == 1 then
@@ -190,7 +190,9 @@ if held or ARGV[4] == '1' then
   local entries = redis.call('HGETALL', KEYS[2])
   for i = 1, #entries, 2 do
     if entries[i + 1] == ARGV[1] then
-      if held then return {entries[i], held - 1, generation, lost, token_of(redis.call('GET', ARGV[7] .. entries[i]))} end
+      if held then
+        return {entries[i], held - 1, generation, lost, token_of(redis.call('GET', ARGV[7] .. entries[i]))}
+      end
       for s = 1, open and n or 0 do
         if redis.call('SET', KEYS[2 + s], ARGV[1], 'NX', 'PX', ARGV[2]) then
           return {entries[i], s - 1, generation, 0, token_for(entries[i])}
@@ -280,8 +282,8 @@ return {redis.call('ZCARD', KEYS[2]), tonumber(redis.call('GET', KEYS[6]) or '0'
 
 # Cancel a run still waiting in the queue: take it out and store its terminal state (FINISH_SCRIPT) in one step,
 # so a run never leaves the line without an end. A retry whose first reply was lost finds the record it stored.
-# KEYS: FINISH_SCRIPT's, then queue. ARGV: FINISH_SCRIPT's (holder ''). Returns FINISH_SCRIPT's answer, or nil when the run
-# no longer waits (taken, or cancelled by another request).
+# KEYS: FINISH_SCRIPT's, then queue. ARGV: FINISH_SCRIPT's (holder ''). Returns FINISH_SCRIPT's answer, or nil
+# when the run no longer waits (taken, or cancelled by another request).
 CANCEL_WAITING_SCRIPT = """
 if redis.call('LREM', KEYS[15], 1, ARGV[2]) == 0 and redis.call('GET', KEYS[1]) ~= ARGV[1] then return nil end
 """ + FINISH_SCRIPT
