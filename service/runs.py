@@ -222,7 +222,8 @@ class Runner:
         """
         for orphan in await self.backend.claim_orphans():
             orphan.update(state="ERROR", finished_at=utc_now(), queue_position=None,
-                          error="Runner lost: the replica running it stopped holding the run lock")
+                          error="Runner lost: the replica running it lost the run's lease (it stopped, or stopped "
+                                "renewing)")
             try:
                 await self.backend.save(orphan)
             except WriteRefused as exc:  # its holder stored its end meanwhile

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from agents import BaseAgent, register
+from agents import BaseAgent, LeaseLost, register
 
 
 def note(ledger: str, what: str, run_id: str, *more: object) -> None:
@@ -111,18 +111,33 @@ def fenced_write(database: str, token: int, value: str) -> bool:
 class FencedWriter(BaseAgent):
     agent_type = "fenced-writer"
     description = ("Writes input.writes times (every input.interval s) to the SQLite row in input.db that keeps the "
-                   "highest fencing token, each after ensure_lease; notes each use in input.ledger with its token.")
+                   "highest fencing token, each after ensure_lease; notes each use in input.ledger with its token. "
+                   "input.stubborn: swallows cancellation.")
 
     async def run(self) -> Any:
         assert self.fencing_token is not None
         writes = int(self.input.get("writes", 1))
         for write in range(writes):
-            await self.ensure_lease()
+            while True:
+                try:
+                    await self.ensure_lease()
+                    break
+                except LeaseLost as exc:
+                    note(self.input["ledger"], "lease_lost", self.run_id, self.fencing_token,
+                         str(exc).replace(" ", "_"))
+                    raise
+                except asyncio.CancelledError:  # arrived during the check itself: check again
+                    if not self.input.get("stubborn"):
+                        raise
             note(self.input["ledger"], "use", self.run_id, self.fencing_token)
-            if not await asyncio.to_thread(fenced_write, self.input["db"], self.fencing_token, self.run_id):
-                raise RuntimeError(f"the resource refused token {self.fencing_token}: a larger one wrote first")
-            if write + 1 < writes:
-                await asyncio.sleep(float(self.input.get("interval", 0.05)))
+            try:
+                if not await asyncio.to_thread(fenced_write, self.input["db"], self.fencing_token, self.run_id):
+                    raise RuntimeError(f"the resource refused token {self.fencing_token}: a larger one wrote first")
+                if write + 1 < writes:
+                    await asyncio.sleep(float(self.input.get("interval", 0.05)))
+            except asyncio.CancelledError:
+                if not self.input.get("stubborn"):  # stubborn: goes on, and must meet LeaseLost next
+                    raise
         return {"fencing_token": self.fencing_token, "writes": writes}
 
 

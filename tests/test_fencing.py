@@ -81,6 +81,29 @@ def test_each_run_gets_a_larger_token_in_its_record_its_run_started_line_and_its
         srv.stop(signal.SIGKILL)
 
 
+@pytest.mark.parametrize("mode", ["memory", "redis"])
+def test_ensure_lease_raises_lease_lost_once_the_run_is_stopping(mode: str, tmp_path: Path,
+                                                                 request: pytest.FixtureRequest) -> None:
+    """An agent that swallows the cancel and goes on meets LeaseLost at its next check, and uses nothing more."""
+    env = {"AGENT_MODULES": AGENTS}
+    if mode == "redis":
+        env["REDIS_URL"] = request.getfixturevalue("redis_server").url
+        env["REDIS_PREFIX"] = f"test-{os.urandom(4).hex()}"
+    srv = ServerProcess(tmp_path / "server.log", **env)
+    try:
+        ledger = tmp_path / "ledger"
+        run_id = post(srv, "fenced-writer", ledger=str(ledger), db=str(tmp_path / "resource.db"), writes=500,
+                      interval=0.05, stubborn=True)
+        wait_until(lambda: uses(ledger, run_id), 10, "the agent to use the resource")
+        assert srv.client.post(f"/agents/cancel/{run_id}").status_code in (200, 202)
+        run = srv.wait_run(run_id)
+        lines = ledger.read_text().splitlines()
+        assert run["state"] == "CANCELLED" and lines[-1].split()[0] == "lease_lost", (run, lines[-3:])
+        assert lines[-1].split()[-1] == "the_run_is_stopping"
+    finally:
+        srv.stop(signal.SIGKILL)
+
+
 def test_memory_mode_tokens_stay_above_every_earlier_one_after_a_restart(tmp_path: Path) -> None:
     """The highest token is kept in FENCING_STATE_PATH: a token far above the clock written there before a start
     proves the next run's is read from it, not only from the clock."""
