@@ -212,13 +212,6 @@ class Settings:
         redis_url = env.get("REDIS_URL", "").strip() or None
         if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError("REDIS_URL", "must start with redis://, rediss:// or unix://")
-        if redis_url is not None:
-            from redis.asyncio.connection import parse_url  # what open_redis uses; redis-py only with REDIS_URL
-
-            try:
-                parse_url(redis_url)
-            except ValueError as exc:
-                raise ConfigError("REDIS_URL", str(exc)) from None
         return cls(
             host=host,
             port=_env_number(env, "PORT", cls.port, integer=True, minimum=1, maximum=65535),

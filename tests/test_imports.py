@@ -101,3 +101,22 @@ def test_no_module_imports_itself_through_others() -> None:
     graph = {module: {imported for imported in imports if not imported.startswith(module + ".")}
              for module, imports in project_imports().items()}
     graphlib.TopologicalSorter(graph).prepare()  # raises CycleError naming the cycle
+
+
+def test_only_the_redis_backend_imports_redis_py_and_only_the_http_layer_starlette_or_uvicorn() -> None:
+    import ast
+
+    from conftest import module_name, product_modules
+
+    owners = {"redis": "service/backends/redis/", "starlette": "service/http/", "uvicorn": "service/http/"}
+    strays = []
+    for path in product_modules():
+        name = module_name(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            modules = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
+            for module in modules:
+                owner = owners.get(module.split(".")[0])
+                if owner is not None and not name.startswith(owner):
+                    strays.append((name, module))
+    assert strays == []

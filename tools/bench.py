@@ -53,7 +53,8 @@ def free_port() -> int:
 
 def compile_service() -> None:
     """Byte-compile the service's modules, as the Dockerfile does (PYTHONDONTWRITEBYTECODE may be set here)."""
-    subprocess.run([sys.executable, "-m", "compileall", "-q", *map(str, sorted(HERE.glob("*.py")))], check=True)
+    modules = [*map(str, sorted(HERE.glob("*.py"))), str(HERE / "service")]
+    subprocess.run([sys.executable, "-m", "compileall", "-q", *modules], check=True)
 
 
 class Server:

@@ -8,9 +8,17 @@ from service.backends.base import Backend
 from service.backends.memory import MemoryBackend
 from service.settings import Settings
 
-__all__ = ["Backend", "open_backend"]
+__all__ = ["Backend", "check_settings", "open_backend"]
 
 LOG = logging.getLogger("agent_runner")  # the service's logger (service/logs.py): store_unavailable and such
+
+
+def check_settings(config: Settings) -> None:
+    """What only the chosen backend can judge in the settings; raises ConfigError (checked at start, not later)."""
+    if config.redis_url:
+        from service.backends.redis import check_url
+
+        check_url(config.redis_url)
 
 
 def open_backend(config: Settings, log: logging.Logger = LOG) -> Backend:

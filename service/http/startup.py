@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any, NoReturn
 
 from service import settings
+from service.backends import check_settings
 from service.http.single_process import refusal_exit_status
 from service.logs import log, logging_config, write_hot_lines
 from service.settings import ConfigError, Settings, load_agent_modules
@@ -19,6 +20,7 @@ def configure(env: Mapping[str, str] = os.environ) -> None:
     logging.config.dictConfig(logging_config("info"))
     try:
         settings.current = Settings.from_env(env)
+        check_settings(settings.current)
         logging.config.dictConfig(process_logging_config())
         load_agent_modules(settings.current.agent_modules)
     except ConfigError as exc:

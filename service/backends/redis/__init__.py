@@ -15,8 +15,19 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.backends.redis.lock import RedisRunLock, StoreHealth
 from service.backends.redis.store import RedisBackend
+from service.settings import ConfigError
 
-__all__ = ["RedisBackend", "open_redis"]
+__all__ = ["RedisBackend", "check_url", "open_redis"]
+
+
+def check_url(url: str) -> None:
+    """REDIS_URL as redis-py will read it (a port that is not a number, an unknown scheme); ConfigError if not."""
+    from redis.asyncio.connection import parse_url
+
+    try:
+        parse_url(url)
+    except ValueError as exc:
+        raise ConfigError("REDIS_URL", str(exc)) from None
 
 
 def open_redis(url: str, prefix: str, lock_ttl_seconds: float, retention: int, retention_bytes: int,
