@@ -7,6 +7,7 @@ Agents from fixture_resource_agents: ``fenced-writer`` writes to a SQLite row th
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -77,6 +78,9 @@ def test_each_run_gets_a_larger_token_in_its_record_its_run_started_line_and_its
         assert started == tokens
         assert [token for _, _, token in uses(ledger)] == [tokens[0]] * 2 + [tokens[1]] * 2
         assert resource_fence(database) == tokens[1]
+        stream = srv.client.get(f"/agents/events/{runs[1]['run_id']}", timeout=10).text  # ends: the run is terminal
+        frames = [json.loads(line[len("data: "):]) for line in stream.splitlines() if line.startswith("data: {")]
+        assert frames and frames[-1]["state"] == "DONE" and frames[-1]["fencing_token"] == tokens[1]
     finally:
         srv.stop(signal.SIGKILL)
 
