@@ -12,7 +12,7 @@ import asyncio
 import logging
 import random
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar
 
 registry: dict[str, type[BaseAgent]] = {}
@@ -20,6 +20,11 @@ registry: dict[str, type[BaseAgent]] = {}
 
 class AgentRegistrationError(Exception):
     """An agent class cannot be registered (no agent_type, or a duplicate one)."""
+
+
+class LeaseLost(Exception):
+    """``ensure_lease`` found that the run no longer holds its slot: its lease expired or was taken over, the
+    store could not confirm it, or the run is stopping. Stop using the resource; let it propagate."""
 
 
 class RunLogger(logging.LoggerAdapter[logging.Logger]):
@@ -55,6 +60,11 @@ class BaseAgent(abc.ABC):
     ``self.stopping`` (a ``threading.Event``, set on cancel, timeout, shutdown
     or lock loss) between steps and return early once it is set.
     ``set_progress`` and ``self.log`` may be called from those threads too.
+
+    ``self.fencing_token`` is an integer minted as the run took its slot, greater than every token minted
+    before it (across slots, replicas and restarts). Before each use of a shared resource, ``await
+    self.ensure_lease()``, and pass the token to a resource that can keep the highest one it has seen and
+    refuse lower ones: the lease alone cannot stop a holder paused past it (docs/agents.md).
     """
 
     agent_type: ClassVar[str]
@@ -69,12 +79,16 @@ class BaseAgent(abc.ABC):
         sleep_seconds: float = 0.0,
         on_progress: Callable[[float], None] | None = None,
         stopping: threading.Event | None = None,
+        fencing_token: int | None = None,
+        lease: Callable[[], Awaitable[str | None]] | None = None,
     ) -> None:
         self.run_id = run_id
         self.user_id = user_id
         self.input = input
         self.sleep_seconds = sleep_seconds
         self.stopping = stopping if stopping is not None else threading.Event()
+        self.fencing_token = fencing_token
+        self._lease = lease
         self._on_progress = on_progress
         self._loop_thread = threading.get_ident()
         try:
@@ -96,6 +110,17 @@ class BaseAgent(abc.ABC):
             self._on_progress(float(fraction))
         else:  # called from a worker thread: hand it to the event loop
             self._loop.call_soon_threadsafe(self._on_progress, float(fraction))
+
+    async def ensure_lease(self) -> None:
+        """Return if the run still holds its slot right now, else raise ``LeaseLost``.
+
+        In Redis mode it asks Redis (one round trip), so after a pause longer than the lease it fails at once.
+        Call it before each use of the resource; it is no substitute for passing ``fencing_token`` to it.
+        """
+        if self.stopping.is_set():
+            raise LeaseLost("the run is stopping")
+        if self._lease is not None and (reason := await self._lease()) is not None:
+            raise LeaseLost(reason)
 
     @abc.abstractmethod
     async def run(self) -> Any:

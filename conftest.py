@@ -62,6 +62,16 @@ def new_user() -> str:
     return str(uuid.uuid4())
 
 
+def wait_until(check: Any, timeout: float, what: str) -> Any:
+    """``check()``'s first truthy value, asked every 20 ms; fails after ``timeout`` seconds saying ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def log_time(line: dict[str, Any]) -> float:
     """A log line's timestamp as seconds since the epoch (comparable with time.time())."""
     return datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00")).timestamp()
@@ -75,13 +85,14 @@ class ServerProcess:
     """
 
     def __init__(self, log_path: Path, port: int | None = None, *, command: list[str] | None = None,
-                 stderr_path: Path | None = None, **env: str) -> None:
+                 stderr_path: Path | None = None, host: str = "127.0.0.1", **env: str) -> None:
         self.port = port or free_port()  # a given port: a server that comes back where clients knew it
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.host = host  # another address: a server in a network namespace of its own
+        self.url = f"http://{host}:{self.port}"
         self.log_path = log_path
         # stdout buffered as in production (PYTHONUNBUFFERED would hide how info lines are batched)
         inherited = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
-        full_env = {**inherited, "PORT": str(self.port), "HOST": "127.0.0.1",
+        full_env = {**inherited, "PORT": str(self.port), "HOST": host,
                     "AGENT_MODULES": "fixture_agents", "AGENT_SLEEP_SECONDS": "0.2", "PYTHONPATH": str(TESTS),
                     **env}
         self._log_file = open(log_path, "wb")
@@ -99,7 +110,7 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
-            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=1)
             try:
                 conn.request("GET", "/healthz")
                 if conn.getresponse().status == 200:
@@ -178,8 +189,10 @@ class ServerProcess:
 class RedisServer:
     """A throwaway ``redis-server`` on a free port, in its own directory (persistent only if asked)."""
 
-    def __init__(self, directory: Path, port: int | None = None, persist: bool = False) -> None:
+    def __init__(self, directory: Path, port: int | None = None, persist: bool = False,
+                 bind: str = "127.0.0.1") -> None:
         self.directory = directory
+        self.bind = bind  # addresses it listens on, space-separated
         self.persist = persist  # an append-only file, so data survives a restart
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
@@ -188,7 +201,8 @@ class RedisServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            ["redis-server", "--port", str(self.port), "--bind", *self.bind.split(), "--save", "",
+             "--protected-mode", "yes" if self.bind == "127.0.0.1" else "no",
              "--appendonly", "yes" if self.persist else "no", "--appendfsync", "always", "--dir", str(self.directory)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10

@@ -39,7 +39,9 @@ def test_run_object_has_every_field_and_timestamps_in_rfc3339(server: ServerProc
     user = new_user()
     run = server.wait_run(server.start_run("sleeper", user_id=user, seconds=0.05, note="hi"))
     assert set(run) == {"run_id", "agent_type", "user_id", "input", "state", "result", "error", "progress",
-                        "created_at", "started_at", "finished_at", "queue_position", "cancelled_by", "webhook"}
+                        "created_at", "started_at", "finished_at", "queue_position", "cancelled_by", "webhook",
+                        "fencing_token"}
+    assert isinstance(run["fencing_token"], int) and run["fencing_token"] > 0
     assert run["queue_position"] is None and run["cancelled_by"] is None and run["webhook"] is None
     assert run["state"] == "DONE" and run["user_id"] == user and run["error"] is None
     assert run["input"] == {"seconds": 0.05, "note": "hi"}

@@ -32,7 +32,7 @@ from service import metrics
 from service import tracing
 from service.agent_work import current_run
 from service.backends.base import Backend
-from service.backends.records import LockLost, Run, StoreUnavailable, utc_now
+from service.backends.records import LockLost, Run, StoreUnavailable, WriteRefused, utc_now
 from service.events import LOGS_STORED_SECONDS, EventHub
 from service.logs import log, safe_fields, write_hot_lines
 
@@ -64,6 +64,7 @@ class ActiveRun:
         self.started = time.monotonic()
         self.waited = False  # it waited in the queue before it got its slot
         self.span: Any = None  # the run's span while tracing is on (service/tracing.py)
+        self.refused = False  # a write was refused: the run is another holder's (or terminal); this one stops
 
     def stop(self, reason: str) -> None:
         """Ask the agent to stop; the first reason given decides the run's terminal state.
@@ -135,6 +136,8 @@ class Runner:
             if not await self.start_running(active):
                 outcome = {"state": "ERROR", "event": "agent_error",
                            "error": "Run store unavailable when the run started"}
+            elif active.refused:
+                pass  # another holder's run now: finish_run only lets go of the slot
             elif active.agent_cls is None:
                 outcome = {"state": "ERROR", "event": "agent_error",
                            "error": f"Agent type {run.agent_type!r} is not registered on the replica that took the run"}
@@ -143,7 +146,8 @@ class Runner:
                     agent = active.agent_cls(run.run_id, run.user_id, active.agent_input,
                                              sleep_seconds=settings.current.agent_sleep_seconds,
                                              on_progress=lambda fraction: self.report_progress(run, fraction),
-                                             stopping=active.stopping)
+                                             stopping=active.stopping, fencing_token=run.fencing_token,
+                                             lease=lambda: self.lease_lost(active))
                     active.agent_task = asyncio.create_task(run_agent(active, agent))
                     await supervise(active, settings.current.run_timeout_seconds)
                 outcome = judge(active, agent)
@@ -169,8 +173,13 @@ class Runner:
                 if active.stop_reason is None:
                     started = run.started_at or utc_now()
                     run.update(state="RUNNING", started_at=started)
-                    await self.backend.save(run)
+                    try:
+                        await self.backend.save(run)
+                    except WriteRefused as exc:
+                        self.refuse(active, exc)
+                        return True
                     self.hub.publish_run(run)
+                    log.info("run_started", extra={**run_fields(run), "fencing_token": run.fencing_token})
                     if active.waited:
                         metrics.QUEUE_WAIT.observe(seconds_between(run.created_at, started))
                         asked, by = await self.backend.cancel_requested(run.run_id)  # sent while it changed hands
@@ -182,6 +191,28 @@ class Runner:
                     log.error("run_start_failed", extra={**run_fields(run), "detail": str(exc)})
                     return False
                 await asyncio.sleep(STORE_RETRY_SECONDS)
+
+    def refuse(self, active: ActiveRun, exc: WriteRefused) -> None:
+        """A write of the run was refused: it is terminal, or another holder's. Log it and stop the agent."""
+        if not active.refused:
+            active.refused = True
+            log.error("run_write_refused", extra={**run_fields(active.run), "state": active.run.state,
+                                                  "fencing_token": active.run.fencing_token, "detail": str(exc)})
+        active.stop("lock_lost")
+
+    async def lease_lost(self, active: ActiveRun) -> str | None:
+        """Why ``active`` no longer holds its slot right now, or None while it does (BaseAgent.ensure_lease)."""
+        if active.stop_requested.is_set():
+            return "the run is stopping"
+        try:
+            held = await asyncio.wait_for(self.backend.check_lease(active.run),
+                                          settings.current.lock_ttl_seconds / 3)
+        except (StoreUnavailable, TimeoutError):
+            return "the store did not confirm the lease"
+        if not held:
+            active.stop("lock_lost")
+            return "the lease expired or was taken over"
+        return "the run is stopping" if active.stop_requested.is_set() else None
 
     def report_progress(self, run: Run, fraction: float) -> None:
         if run.finished:  # code the agent left behind (a thread of its own, or after a shutdown) reports late
@@ -198,9 +229,15 @@ class Runner:
         """
         for orphan in await self.backend.claim_orphans():
             orphan.update(state="ERROR", finished_at=utc_now(), queue_position=None,
-                          error="Runner lost: the replica running it stopped holding the run lock")
+                          error="Runner lost: the replica running it lost the run's lease (it stopped, or stopped "
+                                "renewing)")
             write_started = time.time_ns()
-            await self.backend.save(orphan)
+            try:
+                await self.backend.save(orphan)
+            except WriteRefused as exc:  # its holder stored its end meanwhile
+                log.warning("run_write_refused", extra={**run_fields(orphan), "state": orphan.state,
+                                                        "fencing_token": orphan.fencing_token, "detail": str(exc)})
+                continue
             if tracing.tracer is not None:
                 tracing.unexecuted_run(orphan, write_started, orphan=True)
             self.hub.publish_run(orphan)
@@ -215,7 +252,7 @@ class Runner:
         """
         run = active.run
         release = active.code_stopped.is_set()
-        if run.finished:  # recorded already at shutdown; only the lock is left to release
+        if run.finished or active.refused:  # recorded already (at shutdown, or by another): release the lock
             if release:
                 if run.holder is not None:
                     await self.backend.release(run.holder)
@@ -231,7 +268,12 @@ class Runner:
             # lock's TTL.
             await self.hub.logs_stored(min(LOGS_STORED_SECONDS, settings.current.lock_ttl_seconds / 3))
             run.update(finished_at=utc_now(), **outcome)
-            stored = await self.save_finished(run, release)
+            try:
+                stored = await self.save_finished(run, release)
+            except WriteRefused as exc:  # another replica recorded its end: that record stands, this one is dropped
+                self.refuse(active, exc)  # (and so does the run span that replica emitted)
+                await self.finish_run(active, outcome)  # now it only lets go of the slot
+                return
         if stored:
             self.hub.publish_run(run)
         if release:
@@ -298,7 +340,9 @@ class Runner:
             if time.monotonic() - renewed_at >= ttl and not active.code_stopped.is_set():
                 exit_lock_expired(active)
             try:
-                reasserted = await self.backend.renew(active.run)
+                # a renewal that hangs (packets dropped, no reset) fails when half the TTL has passed without one
+                answer_by = max(ttl / 10, renewed_at + ttl / 2 - time.monotonic())
+                reasserted = await asyncio.wait_for(self.backend.renew(active.run), answer_by)
             except LockLost:
                 if not self.backend.holds(active.run.holder):  # finish_run released it while this renewal was out
                     break
@@ -386,6 +430,8 @@ def judge(active: ActiveRun, agent: agents.BaseAgent | None) -> dict[str, Any]:
     if task.cancelled():
         return {"state": "ERROR", "event": "agent_error", "error": "Agent was cancelled unexpectedly"}
     exc = task.exception()
+    if isinstance(exc, agents.LeaseLost):
+        return {"state": "ERROR", "event": "agent_error", "error": f"Run stopped: lease lost ({exc})"}
     if exc is not None:
         return {"state": "ERROR", "event": "agent_error", "error": f"{type(exc).__name__}: {exc}",
                 "traceback": "".join(traceback.format_exception(exc))}

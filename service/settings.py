@@ -100,6 +100,8 @@ SETTINGS_TABLE = (
     ("BODY_TIMEOUT_SECONDS", "10", "a request body not complete this long after its headers is answered 408"),
     ("WRITE_TIMEOUT_SECONDS", "30",
      "a client that leaves more than 64 KiB of an answer or stream unread for this long is disconnected"),
+    ("FENCING_STATE_PATH", "/tmp/agent-runner-fencing-token",
+     "memory mode: the file that keeps the highest fencing token across restarts (empty: none, the clock only)"),
 )
 
 LOG_FORMATS = ("auto", "json", "console")
@@ -188,6 +190,7 @@ class Settings:
     keepalive_seconds: int = 75
     body_timeout_seconds: float = 10.0
     write_timeout_seconds: float = 30.0
+    fencing_state_path: str = "/tmp/agent-runner-fencing-token"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -261,6 +264,7 @@ class Settings:
                                              integer=False, minimum=0, above_minimum=True, maximum=3600),
             write_timeout_seconds=_env_number(env, "WRITE_TIMEOUT_SECONDS", cls.write_timeout_seconds,
                                               integer=False, minimum=0, above_minimum=True, maximum=3600),
+            fencing_state_path=env.get("FENCING_STATE_PATH", cls.fencing_state_path).strip(),
         )
 
 

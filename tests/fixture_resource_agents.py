@@ -10,19 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import sqlite3
 import time
 from typing import Any
 
 import httpx
 
-from agents import BaseAgent, register
+from agents import BaseAgent, LeaseLost, register
 
 
-def note(ledger: str, what: str, run_id: str) -> None:
+def note(ledger: str, what: str, run_id: str, *more: object) -> None:
     """One line, appended with O_APPEND in one write, so lines from two processes never interleave."""
     fd = os.open(ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, f"{what} {run_id} {time.time():.6f} {os.getpid()}\n".encode())
+        os.write(fd, " ".join(map(str, (what, run_id, f"{time.time():.6f}", os.getpid(), *more))).encode() + b"\n")
     finally:
         os.close(fd)
 
@@ -41,8 +43,8 @@ async def note_waiting(queue_log: str, run_id: str) -> None:
         os.close(fd)
 
 
-def use_resource_blocking(ledger: str, run_id: str, seconds: float, stopping: Any = None) -> str:
-    note(ledger, "start", run_id)
+def use_resource_blocking(ledger: str, run_id: str, seconds: float, stopping: Any = None, token: int = 0) -> str:
+    note(ledger, "start", run_id, token)
     try:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
@@ -51,7 +53,7 @@ def use_resource_blocking(ledger: str, run_id: str, seconds: float, stopping: An
             time.sleep(0.01)
         return "done"
     finally:
-        note(ledger, "end", run_id)
+        note(ledger, "end", run_id, token)
 
 
 @register
@@ -60,9 +62,8 @@ class ThreadWorker(BaseAgent):
     description = "Uses the resource for input.seconds in asyncio.to_thread (or run_in_executor), ignoring stops."
 
     async def run(self) -> Any:
-        args = (self.input["ledger"], self.run_id, float(self.input.get("seconds", 1.0)))
-        if self.input.get("cooperative"):
-            args = (*args, self.stopping)
+        args = (self.input["ledger"], self.run_id, float(self.input.get("seconds", 1.0)),
+                self.stopping if self.input.get("cooperative") else None, self.fencing_token or 0)
         if self.input.get("executor"):
             return await asyncio.get_running_loop().run_in_executor(None, use_resource_blocking, *args)
         return await asyncio.to_thread(use_resource_blocking, *args)
@@ -78,7 +79,7 @@ class CoroutineWorker(BaseAgent):
         ledger = self.input["ledger"]
         if queue_log := self.input.get("queue_log"):
             await note_waiting(queue_log, self.run_id)
-        note(ledger, "start", self.run_id)
+        note(ledger, "start", self.run_id, self.fencing_token or 0)
         try:
             if gate := self.input.get("gate"):  # a run that outlasts whatever the test does first, however slow
                 while not os.path.exists(gate):
@@ -92,4 +93,70 @@ class CoroutineWorker(BaseAgent):
                         raise
             return "done"
         finally:
-            note(ledger, "end", self.run_id)
+            note(ledger, "end", self.run_id, self.fencing_token or 0)
+
+
+def fenced_write(database: str, token: int, value: str) -> bool:
+    """docs/agents.md's worked example: a row that keeps the highest fencing token it has seen; a write under a
+    lower token changes nothing (the holder's own token may write again)."""
+    with sqlite3.connect(database, timeout=10) as db:
+        db.execute("CREATE TABLE IF NOT EXISTS resource (id INTEGER PRIMARY KEY, fence INTEGER NOT NULL, value TEXT)")
+        db.execute("INSERT OR IGNORE INTO resource VALUES (1, 0, NULL)")
+        updated = db.execute("UPDATE resource SET fence = ?, value = ? WHERE id = 1 AND fence <= ?",
+                             (token, value, token))
+        return updated.rowcount == 1
+
+
+@register
+class FencedWriter(BaseAgent):
+    agent_type = "fenced-writer"
+    description = ("Writes input.writes times (every input.interval s) to the SQLite row in input.db that keeps the "
+                   "highest fencing token, each after ensure_lease; notes each use in input.ledger with its token. "
+                   "input.stubborn: swallows cancellation.")
+
+    async def run(self) -> Any:
+        assert self.fencing_token is not None
+        writes = int(self.input.get("writes", 1))
+        for write in range(writes):
+            while True:
+                try:
+                    await self.ensure_lease()
+                    break
+                except LeaseLost as exc:
+                    note(self.input["ledger"], "lease_lost", self.run_id, self.fencing_token,
+                         str(exc).replace(" ", "_"))
+                    raise
+                except asyncio.CancelledError:  # arrived during the check itself: check again
+                    if not self.input.get("stubborn"):
+                        raise
+            note(self.input["ledger"], "use", self.run_id, self.fencing_token)
+            try:
+                if not await asyncio.to_thread(fenced_write, self.input["db"], self.fencing_token, self.run_id):
+                    raise RuntimeError(f"the resource refused token {self.fencing_token}: a larger one wrote first")
+                if write + 1 < writes:
+                    await asyncio.sleep(float(self.input.get("interval", 0.05)))
+            except asyncio.CancelledError:
+                if not self.input.get("stubborn"):  # stubborn: goes on, and must meet LeaseLost next
+                    raise
+        return {"fencing_token": self.fencing_token, "writes": writes}
+
+
+@register
+class PausedAtTheEnd(BaseAgent):
+    agent_type = "paused-at-the-end"
+    description = ("Logs a line and returns; its process then stops itself (SIGSTOP) as the runner waits for the "
+                   "run's log lines to be stored, before it stores the end (the moment issue 23 paused).")
+
+    async def run(self) -> Any:
+        from service.events import EventHub  # the runner's own: this fault needs its moment exactly
+
+        waits_for_lines = EventHub.logs_stored
+
+        async def stop_first(hub: EventHub, timeout: float) -> None:
+            EventHub.logs_stored = waits_for_lines  # type: ignore[method-assign]
+            os.kill(os.getpid(), signal.SIGSTOP)
+            await waits_for_lines(hub, timeout)
+
+        EventHub.logs_stored = stop_first  # type: ignore[method-assign]
+        self.log.info("last_line")
+        return "done"

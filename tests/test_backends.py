@@ -11,6 +11,7 @@ import asyncio
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ import pytest
 from conftest import RedisServer
 from service.backends import Backend
 from service.backends.memory import MemoryBackend
-from service.backends.records import Frame, Run, utc_now
+from service.backends.records import Frame, Run, WriteRefused, utc_now
 
 LOG = logging.getLogger("agent_runner.test_backends")
 Scenario = Callable[[Backend], Awaitable[Any]]
@@ -27,13 +28,14 @@ Scenario = Callable[[Backend], Awaitable[Any]]
 class Place:
     """Where backends are opened: this process's memory, or one Redis under one prefix (replicas share it)."""
 
-    def __init__(self, redis: RedisServer | None) -> None:
+    def __init__(self, redis: RedisServer | None, state: Path) -> None:
         self.redis = redis
         self.prefix = f"test-{uuid.uuid4().hex[:8]}"
+        self.fencing_state = state / "fencing-token"  # memory mode's highest token, kept across restarts
 
     def open(self, slots: int = 1, lock_ttl_seconds: float = 30.0) -> Backend:
         if self.redis is None:
-            return MemoryBackend(retention=100, slots=slots)
+            return MemoryBackend(retention=100, slots=slots, fencing_state_path=str(self.fencing_state))
         from service.backends.redis import open_redis
 
         _, backend = open_redis(self.redis.url, self.prefix, lock_ttl_seconds, 100, 1 << 30, LOG, slots=slots)
@@ -53,8 +55,8 @@ class Place:
 
 
 @pytest.fixture(params=["memory", "redis"])
-def place(request: pytest.FixtureRequest) -> Place:
-    return Place(request.getfixturevalue("redis_server") if request.param == "redis" else None)
+def place(request: pytest.FixtureRequest, tmp_path: Path) -> Place:
+    return Place(request.getfixturevalue("redis_server") if request.param == "redis" else None, tmp_path)
 
 
 def new_run(webhook: str | None = None) -> Run:
@@ -221,6 +223,132 @@ def test_a_live_holders_run_is_never_an_orphan_and_a_dead_holders_is_claimed(pla
         assert await backend.claim_orphans() == []
 
     place.run(scenario, slots=2)
+
+
+# --- fencing tokens and the holder's writes ----------------------------------------------------------------------
+
+def test_every_slot_given_out_mints_a_larger_fencing_token_kept_in_the_record(place: Place) -> None:
+    async def scenario(backend: Backend) -> list[int | None]:
+        first, second, waiting = new_run(), new_run(), new_run()
+        assert await backend.admit(first, "reject", 10) == "started"
+        assert await backend.admit(second, "reject", 10) == "started"  # the other slot
+        assert await backend.admit(waiting, "enqueue", 10) == "queued" and waiting.fencing_token is None
+        await finish(backend, first)
+        taken = await backend.take()
+        assert taken is not None and taken.run_id == waiting.run_id
+        for run in (second, taken):
+            stored = await backend.get(run.run_id)
+            assert stored is not None and stored.fencing_token == run.fencing_token
+        return [first.fencing_token, second.fencing_token, taken.fencing_token]
+
+    tokens = place.run(scenario, slots=2)
+    assert all(isinstance(token, int) for token in tokens) and tokens == sorted(set(tokens)), tokens
+
+
+def test_fencing_tokens_stay_above_every_earlier_one_after_a_restart_and_a_loss_of_the_store(place: Place) -> None:
+    """Memory: the file of the highest token is read at start (a token far above the clock proves it). Redis:
+    the counter is shared by a backend opened anew; once Redis lost everything, the clock keeps tokens above."""
+    async def token_after_start(setup: Callable[[], Awaitable[None]] | None = None) -> int:
+        backend = place.open()
+        if setup is not None:
+            await setup()
+        await backend.start()
+        try:
+            run = new_run()
+            assert await backend.admit(run, "reject", 10) == "started" and run.fencing_token is not None
+            await finish(backend, run)
+            return run.fencing_token
+        finally:
+            await backend.close()
+
+    first = asyncio.run(token_after_start())
+    second = asyncio.run(token_after_start())
+    assert second > first
+    if place.redis is not None:
+        redis = place.redis
+
+        async def lose_everything() -> None:
+            for key in redis.command("KEYS", f"{place.prefix}:*"):
+                redis.command("DEL", key)
+
+        assert asyncio.run(token_after_start(lose_everything)) > second
+    far_ahead = second + 10 ** 12  # a token no clock reaches for days: only the kept state yields more
+
+    async def raise_the_kept_state() -> None:
+        if place.redis is None:
+            place.fencing_state.write_text(f"{far_ahead}\n")
+        else:
+            place.redis.command("SET", f"{place.prefix}:fencing", str(far_ahead))
+
+    assert asyncio.run(token_after_start(raise_the_kept_state)) > far_ahead
+
+
+def test_a_terminal_state_is_written_once_a_second_end_is_refused_and_a_retry_is_not(place: Place) -> None:
+    async def scenario(backend: Backend) -> None:
+        run = new_run()
+        await backend.admit(run, "reject", 10)
+        await finish(backend, run)
+        await backend.save(run, release=True)  # the same write again (a retry after a lost reply): accepted
+        other_end = run.copy()
+        other_end.update(state="ERROR", error="Runner lost", result_json=b"null")
+        with pytest.raises(WriteRefused):
+            await backend.save(other_end)
+        stored = await backend.get(run.run_id)
+        assert stored is not None and (stored.state, stored.error) == ("DONE", None)
+
+    place.run(scenario)
+
+
+def test_a_write_under_another_holders_token_is_refused_and_changes_nothing(place: Place) -> None:
+    async def scenario(backend: Backend) -> None:
+        run = new_run()
+        await backend.admit(run, "reject", 10)
+        run.update(state="RUNNING", started_at=utc_now())
+        await backend.save(run)
+        for state in ("RUNNING", "DONE"):
+            stale = run.copy()
+            stale.holder = uuid.uuid4().hex
+            stale.update(state=state, progress=0.5, finished_at=utc_now() if state == "DONE" else None)
+            with pytest.raises(WriteRefused):
+                await backend.save(stale, release=True)
+        stored = await backend.get(run.run_id)
+        assert stored is not None and (stored.state, stored.progress) == ("RUNNING", None)
+        assert run.holder is not None and backend.holds(run.holder) and await backend.check_lease(run)
+
+    place.run(scenario)
+
+
+def test_the_lease_is_held_until_the_run_ends_and_lost_once_another_claimed_the_run(place: Place) -> None:
+    """Shared: a holder whose slot expired (it was paused) and whose run another replica claimed and recorded
+    has lost its lease, and its own writes of the run are refused."""
+    async def scenario(backend: Backend) -> None:
+        run = new_run()
+        await backend.admit(run, "reject", 10)
+        assert await backend.check_lease(run)
+        if backend.shared:
+            peer = place.open()
+            await peer.start()
+            try:
+                assert run.holder is not None
+                await backend.release(run.holder)  # as if its key expired while the holder was paused
+                backend_holder = run.holder
+                (orphan,) = await peer.claim_orphans()
+                orphan.update(state="ERROR", finished_at=utc_now(), error="Runner lost")
+                await peer.save(orphan)
+            finally:
+                await peer.close()
+            run.holder = backend_holder
+            assert not await backend.check_lease(run)
+            run.update(state="DONE", finished_at=utc_now())
+            with pytest.raises(WriteRefused):
+                await backend.save(run, release=True)
+            stored = await backend.get(run.run_id)
+            assert stored is not None and stored.error == "Runner lost"
+        else:
+            await finish(backend, run)
+            assert not await backend.check_lease(run)
+
+    place.run(scenario)
 
 
 # --- cancel flags ----------------------------------------------------------------------------------------------

@@ -280,19 +280,20 @@ def test_the_call_that_found_the_loss_knows_it_even_when_run_again(redis_server:
     key = lambda *parts: ":".join((prefix, *parts))  # noqa: E731
     admit, take = client.register_script(ADMIT_SCRIPT), client.register_script(TAKE_SCRIPT)
     admit_keys = [key("queue"), key("run", "r"), key("runs"), key("seq"), key("unfinished"), key("lock"),
-                  key("generation"), key("fence")]
+                  key("generation"), key("fence"), key("fencing")]
     admit_args = ['{"state":"PENDING"}', '{"state":"PENDING"}', "r", "reject", 10, "token", 3000, 1, key("queued"),
-                  "", "", 0, "gen-admit"]
-    take_keys = [key("queue"), key("unfinished"), key("lock"), key("generation"), key("fence")]
+                  "", "", 0, "gen-admit", 0]
+    take_keys = [key("queue"), key("unfinished"), key("lock"), key("generation"), key("fence"), key("fencing")]
     try:
         first = admit(keys=admit_keys, args=admit_args)
         assert first[0] == 0 and first[2:] == ["gen-admit", 1]  # fenced: busy; this call found the loss
         again = admit(keys=admit_keys, args=admit_args)
         assert again[0] == 0 and again[2] == "gen-admit"  # the re-run: the generation this call made
         client.delete(key("generation"), key("fence"))
-        first = take(keys=take_keys, args=["token", 3000, 1, 0, "gen-take"])
-        assert first[2:] == ["gen-take", 1]
-        assert take(keys=take_keys, args=["token", 3000, 1, 0, "gen-take"])[2] == "gen-take"
+        take_args = ["token", 3000, 1, 0, "gen-take", 0, key("run", "")]
+        first = take(keys=take_keys, args=take_args)
+        assert first[2:4] == ["gen-take", 1]
+        assert take(keys=take_keys, args=take_args)[2] == "gen-take"
     finally:
         client.close()
 

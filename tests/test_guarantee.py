@@ -12,11 +12,12 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from conftest import RedisServer, ServerProcess, log_time, new_user
+from conftest import RedisServer, ServerProcess, log_time, new_user, wait_until
 from redis_proxy import RedisProxy
 
 AGENTS = "fixture_agents,fixture_resource_agents"
@@ -27,19 +28,9 @@ def uses(ledger: Path) -> dict[str, list[float]]:
     spans: dict[str, list[float]] = {}
     if ledger.exists():
         for line in ledger.read_text().splitlines():
-            what, run_id, when, _pid = line.split()
+            what, run_id, when, _pid, *_token = line.split()
             spans.setdefault(run_id, []).append(float(when))
     return spans
-
-
-def wait_until(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def post(srv: ServerProcess, agent_type: str, **input) -> httpx.Response:
@@ -366,14 +357,22 @@ def test_a_take_sent_again_after_its_reply_was_lost_answers_the_run_it_took(redi
     prefix = f"test-{uuid.uuid4().hex[:8]}"
     take = client.register_script(TAKE_SCRIPT)
     keys = [f"{prefix}:queue", f"{prefix}:unfinished", f"{prefix}:lock", f"{prefix}:lock:1", f"{prefix}:generation",
-            f"{prefix}:fence"]
+            f"{prefix}:fence", f"{prefix}:fencing"]
+
+    def take_as(token: str) -> list[Any]:
+        return take(keys=keys, args=[token, 30000, 2, 0, "gen-2", 0, f"{prefix}:run:"])
+
     try:
         client.set(f"{prefix}:generation", "gen-1")  # as every replica writes it as it starts
+        client.set(f"{prefix}:run:run-1", '{"run_id":"run-1","fencing_token":null}')
         client.rpush(f"{prefix}:queue", "run-1", "run-2")
-        assert take(keys=keys, args=["token-a", 30000, 2, 0, "gen-2"]) == ["run-1", 0, "gen-1", 0]
-        assert take(keys=keys, args=["token-a", 30000, 2, 0, "gen-2"]) == ["run-1", 0, "gen-1", 0]  # the retry
+        first = take_as("token-a")
+        assert first[:4] == ["run-1", 0, "gen-1", 0] and first[4] > 0
+        assert take_as("token-a") == first  # the retry: the same run, slot and token
+        assert client.get(f"{prefix}:run:run-1") == '{"run_id":"run-1","fencing_token":%d}' % first[4]
         assert client.lrange(f"{prefix}:queue", 0, -1) == ["run-2"] and client.get(f"{prefix}:lock:1") is None
-        assert take(keys=keys, args=["token-b", 30000, 2, 0, "gen-2"]) == ["run-2", 1, "gen-1", 0]
+        second = take_as("token-b")
+        assert second[:4] == ["run-2", 1, "gen-1", 0] and second[4] > first[4]
     finally:
         client.close()
 

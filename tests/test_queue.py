@@ -31,7 +31,7 @@ def post(srv: ServerProcess, agent_type: str, on_busy: str | None = None, **inpu
 def spans(ledger: Path) -> list[tuple[float, float, str]]:
     runs: dict[str, dict[str, float]] = {}
     for line in ledger.read_text().splitlines():
-        what, run_id, when, _pid = line.split()
+        what, run_id, when, _pid, *_token = line.split()
         runs.setdefault(run_id, {})[what] = float(when)
     return sorted((times["start"], times["end"], run_id) for run_id, times in runs.items())
 

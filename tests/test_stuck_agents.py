@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import RedisServer, ServerProcess, log_time, new_user
+from conftest import RedisServer, ServerProcess, log_time, new_user, wait_until
 
 AGENTS = "fixture_agents,fixture_resource_agents"
 FOREVER = 3600  # seconds: longer than any test's server lives
@@ -30,15 +30,6 @@ def ledger_lines(ledger: Path, run_id: str) -> list[str]:
     if not ledger.exists():
         return []
     return [line.split()[0] for line in ledger.read_text().splitlines() if line.split()[1] == run_id]
-
-
-def wait_until(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def post(srv: ServerProcess, agent_type: str, **input) -> httpx.Response:

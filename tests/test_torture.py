@@ -5,7 +5,7 @@ ignoring cancellation) to one ledger. Meanwhile the test cancels runs through
 the other replica, lets runs time out, drops every Redis connection through a
 proxy mid-transaction, makes Redis refuse writes for two seconds, and SIGTERMs
 the replica that holds the lock (starting a new one). At the end every
-accepted run is terminal and the ledger's intervals never overlap; a use
+accepted run is terminal, the ledger's intervals never overlap and their fencing tokens only grow; a use
 cut short by its process's end counts until that process was seen gone.
 """
 
@@ -177,13 +177,15 @@ def test_no_two_uses_of_the_resource_overlap_under_chaos(tmp_path: Path) -> None
 
         spans = []
         for run_id, lines in parse_ledger(ledger).items():
-            start, pid = lines["start"]
-            end = lines.get("end", (fleet.gone_at.get(pid), pid))[0]
+            start, pid, token = lines["start"]
+            end = lines.get("end", (fleet.gone_at.get(pid), pid, token))[0]
             assert end is not None, f"run {run_id} still uses the resource in a live process"
-            spans.append((start, end, run_id))
+            spans.append((start, end, run_id, token))
         spans.sort()
-        for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        for (_, end, first, _), (start, _, second, _) in zip(spans, spans[1:]):
             assert start >= end, f"{second} started {end - start:.3f} s before {first} ended"
+        tokens = [token for _, _, _, token in spans]  # along the ledger of uses, fencing tokens only grow
+        assert all(earlier < later for earlier, later in zip(tokens, tokens[1:])), list(zip(spans, tokens))
 
         logs = [line for srv in fleet.all for line in srv.log_lines()]
         seen = {line["event"] for line in logs}
@@ -198,11 +200,12 @@ def test_no_two_uses_of_the_resource_overlap_under_chaos(tmp_path: Path) -> None
         redis.stop()
 
 
-def parse_ledger(ledger: Path) -> dict[str, dict[str, tuple[float, int]]]:
-    runs: dict[str, dict[str, tuple[float, int]]] = {}
+def parse_ledger(ledger: Path) -> dict[str, dict[str, tuple[float, int, int]]]:
+    """Each run's start and end: when, by which process, under which fencing token."""
+    runs: dict[str, dict[str, tuple[float, int, int]]] = {}
     for line in ledger.read_text().splitlines():
-        what, run_id, when, pid = line.split()
-        runs.setdefault(run_id, {})[what] = (float(when), int(pid))
+        what, run_id, when, pid, token = line.split()
+        runs.setdefault(run_id, {})[what] = (float(when), int(pid), int(token))
     return runs
 
 

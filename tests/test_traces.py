@@ -173,8 +173,9 @@ async def test_a_run_span_lasts_from_acceptance_to_its_end_with_queue_wait_execu
     assert run_span.context.trace_id == int(CLIENT_TRACE, 16)  # the client's trace goes on into the run
     assert run_span.parent is not None and run_span.parent.span_id == post.context.span_id
     assert [link.context.span_id for link in run_span.links] == [post.context.span_id]
+    assert isinstance(run["fencing_token"], int)
     assert dict(run_span.attributes or {}) == {"run_id": run["run_id"], "agent_type": "sleeper", "state": "DONE",
-                                               "queue_position": 1}
+                                               "queue_position": 1, "fencing_token": run["fencing_token"]}
     assert {"run queue wait", "run execution", "run terminal write"} <= set(found)
     for name in ("run queue wait", "run execution", "run terminal write"):
         assert found[name].parent is not None and found[name].parent.span_id == run_span.context.span_id, name
@@ -262,6 +263,7 @@ async def test_the_run_span_crosses_replicas_in_redis_mode(spans: InMemorySpanEx
         settings.current = settings.Settings.from_env({"AGENT_SLEEP_SECONDS": "0", **shared})
         run = await wait_run(b, queued["run_id"])
         assert run["state"] == "DONE" and "trace" not in run  # read from Redis, where the record has it
+        assert isinstance(run["fencing_token"], int)  # minted in Redis, in the record the trace context rides in
         await wait_run(b, blocker["run_id"])
         assert all("trace" not in listed for listed in (await b.get("/agents/runs")).json()["runs"])
     found = wait_for_span(spans, queued["run_id"])
@@ -270,6 +272,7 @@ async def test_the_run_span_crosses_replicas_in_redis_mode(spans: InMemorySpanEx
     assert found["run"].parent is not None and found["run"].parent.span_id == post.context.span_id
     assert {"run queue wait", "run execution", "run terminal write"} <= set(found)
     assert found["run"].attributes["state"] == "DONE"
+    assert found["run"].attributes["fencing_token"] == run["fencing_token"]
 
 
 def test_which_variables_turn_tracing_on() -> None:

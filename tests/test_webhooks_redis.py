@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import redis
 
-from service.backends.redis.scripts import CLAIM_WEBHOOK_SCRIPT, FINISH_SCRIPT, REPORT_WEBHOOK_SCRIPT, TRIM_SCRIPT
+from service.backends.redis.scripts import FINISH_SCRIPT, TRIM_SCRIPT
+from service.backends.redis.side_scripts import CLAIM_WEBHOOK_SCRIPT, REPORT_WEBHOOK_SCRIPT
 
 from conftest import RedisServer, ServerProcess, new_user
 from redis_proxy import RedisProxy

@@ -31,4 +31,5 @@ def open_backend(config: Settings, log: logging.Logger = LOG) -> Backend:
                                 idempotency_ttl_seconds=config.idempotency_ttl_seconds)
         return backend
     return MemoryBackend(config.run_retention, config.run_retention_bytes, slots=config.max_concurrent_runs,
-                         idempotency_ttl_seconds=config.idempotency_ttl_seconds, log=log)
+                         idempotency_ttl_seconds=config.idempotency_ttl_seconds, log=log,
+                         fencing_state_path=config.fencing_state_path or None)

@@ -146,11 +146,13 @@ class Backend(Protocol):
         """"busy" or "full" when ``admit`` would refuse now and can tell without I/O, else None."""
 
     async def admit(self, run: Run, on_busy: str, queue_max: int, claim: builtins.list[Any] | None = None) -> str:
-        """In one step: "started" on a free slot (``run.holder`` set), else "queued" as ``on_busy`` allows, else
-        "busy" or "full"; "lost" when ``claim`` (IdempotencyKeys.admit_args) is no longer the request's."""
+        """In one step: "started" on a free slot (``run.holder`` and ``run.fencing_token`` set), else "queued"
+        as ``on_busy`` allows, else "busy" or "full"; "lost" when ``claim`` (IdempotencyKeys.admit_args) is no
+        longer the request's."""
 
     async def take(self) -> Run | None:
-        """The head of the queue on a free slot (``holder`` set), or None: one step, so never two takers."""
+        """The head of the queue on a free slot (``holder`` and ``fencing_token`` set), or None: one step, so never
+        two takers. A slot given out mints a fencing token above every token minted before, restarts included."""
 
     async def dequeue(self, run_id: str, **changes: Any) -> Run | None:
         """A waiting run out of the queue and stored with ``changes`` (its terminal state) in one step."""
@@ -168,6 +170,10 @@ class Backend(Protocol):
 
     async def release(self, token: str) -> None: ...
 
+    async def check_lease(self, run: Run) -> bool:
+        """Whether ``run`` holds its slot right now (asked of the store: one round trip in Redis mode).
+        Raises StoreUnavailable."""
+
     def holds(self, token: str) -> bool:
         """Whether this process still holds the slot of ``token`` (not released yet)."""
 
@@ -179,7 +185,8 @@ class Backend(Protocol):
     async def add(self, run: Run) -> None: ...
 
     async def save(self, run: Run, release: bool = False) -> None:
-        """Store a change; a terminal state with ``release`` frees the run's slot in the same step."""
+        """Store a change; a terminal state with ``release`` frees the run's slot in the same step.
+        Raises WriteRefused when the run is terminal already or held by another token (nothing is written)."""
 
     def note_progress(self, run: Run) -> None: ...
 

@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.backends.base import Claim, Delivery, FrameSink
+from service.backends.fencing import TokenMinter
 from service.backends.memory_events import MemoryEvents
-from service.backends.records import LOG_BYTES_MAX, LOG_LINES_MAX, MAX_OWED, MAX_OWED_BYTES, Page, Run
+from service.backends.records import (LOG_BYTES_MAX, LOG_LINES_MAX, MAX_OWED, MAX_OWED_BYTES, Page, Run,
+                                      WriteRefused)
 
 LOG_LINE_OVERHEAD_BYTES = 48  # a bytes object and its deque slot, beyond the line
 POLL_SECONDS = 1.0  # the deliverer looks at an empty queue this often at least
@@ -58,7 +60,8 @@ class MemoryBackend:
     renew_interval: float | None = None  # a slot is held until released: nothing to renew
 
     def __init__(self, retention: int, retention_bytes: int = 256 * 1024 * 1024, slots: int = 1,
-                 idempotency_ttl_seconds: float = 86400.0, log: logging.Logger | None = None) -> None:
+                 idempotency_ttl_seconds: float = 86400.0, log: logging.Logger | None = None,
+                 fencing_state_path: str | None = None) -> None:
         self.retention = retention
         self.retention_bytes = retention_bytes
         self.slots = slots
@@ -75,9 +78,10 @@ class MemoryBackend:
         self._finish_events: dict[str, asyncio.Event] = {}
         self._queue: deque[Run] = deque()  # waiting runs, next first
         self._logs: dict[str, RunLog] = {}
+        self.fencing = TokenMinter(fencing_state_path, self.log)
 
     async def start(self) -> None:
-        pass
+        self.fencing.load()
 
     async def close(self) -> None:
         pass
@@ -100,6 +104,7 @@ class MemoryBackend:
         if len(self._held) >= self.slots:
             return False
         run.holder = uuid.uuid4().hex
+        run.update(fencing_token=self.fencing.mint())
         self._held[run.holder] = run.run_id
         return True
 
@@ -111,6 +116,9 @@ class MemoryBackend:
 
     async def renew(self, run: Run) -> bool:
         return False  # never called: renew_interval is None
+
+    async def check_lease(self, run: Run) -> bool:
+        return run.holder is not None and self._held.get(run.holder) == run.run_id
 
     async def claim_orphans(self) -> builtins.list[Run]:
         return []  # one process: no other holder can leave a run behind
@@ -200,8 +208,13 @@ class MemoryBackend:
 
         With ``release``, the run's slot is released in the same step (nothing
         in between yields), so a client that sees the terminal state can start
-        the next run at once.
+        the next run at once. A write by another holder, or of another record once the run is terminal,
+        is refused (WriteRefused): the runner's own record is the stored object, so only a stale copy is.
         """
+        stored = self._runs.get(run.run_id)
+        if stored is not None and stored is not run and (
+                stored.finished or (run.holder is not None and stored.holder not in (None, run.holder))):
+            raise WriteRefused("the run is terminal already, or held by another token")
         self._runs[run.run_id] = run
         if not run.finished:
             return

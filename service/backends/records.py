@@ -25,7 +25,8 @@ RUN_OVERHEAD_BYTES = 600  # a Run object, its dict entry and index slots, beyond
 LOG_LINES_MAX = 500  # log lines kept per run (the newest), and at most LOG_BYTES_MAX of them
 LOG_BYTES_MAX = 256 * 1024
 PUBLIC_FIELDS = ("run_id", "agent_type", "user_id", "input", "state", "result", "error", "progress",
-                 "created_at", "started_at", "finished_at", "queue_position", "cancelled_by", "webhook")
+                 "created_at", "started_at", "finished_at", "queue_position", "cancelled_by", "webhook",
+                 "fencing_token")
 ON_BUSY = ("reject", "enqueue", "interrupt")  # what POST /agents/run does when every slot is taken
 
 
@@ -74,6 +75,7 @@ class Run:
     webhook: str | None = None  # POSTed the run once it is terminal (webhooks.py)
     holder: str | None = None  # token of the run lock taken for this run; not shown to clients
     trace: str | None = None  # the run's trace context (service/tracing.py), stored with it; not shown to clients
+    fencing_token: int | None = None  # minted when the run took its slot (fencing.py); last in its JSON
     _json: bytes | None = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -103,22 +105,25 @@ class Run:
             tail = encode({"error": self.error, "progress": self.progress, "created_at": self.created_at,
                            "started_at": self.started_at, "finished_at": self.finished_at,
                            "queue_position": self.queue_position, "cancelled_by": self.cancelled_by,
-                           "webhook": self.webhook})
+                           "webhook": self.webhook, "fencing_token": self.fencing_token})
             self._json = b"".join((head[:-1], b',"input":', self.input_json, b',"state":', encode(self.state),
                                    b',"result":', self.result_json, b",", tail[1:]))
         return self._json
 
     def record(self) -> bytes:
-        """What a store keeps: the client-facing JSON, with the trace context last when the run has one."""
+        """What a store keeps: the client-facing JSON, with the trace context (when the run has one) just before
+        ``fencing_token``, which stays last (the Redis scripts read and write it there)."""
         if self.trace is None:
             return self.json()
-        return self.json()[:-1] + b',"trace":' + encode(self.trace) + b"}"
+        public = self.json()
+        at = public.rindex(b',"fencing_token":')
+        return public[:at] + b',"trace":' + encode(self.trace) + public[at:]
 
     def copy(self) -> Run:
         return Run(self.run_id, self.agent_type, self.user_id, self.input_json, self.state, self.result_json,
                    self.error, self.progress, self.created_at, self.started_at, self.finished_at,
                    queue_position=self.queue_position, cancelled_by=self.cancelled_by, webhook=self.webhook,
-                   holder=self.holder, trace=self.trace, _json=self._json)
+                   holder=self.holder, fencing_token=self.fencing_token, trace=self.trace, _json=self._json)
 
     @classmethod
     def from_json(cls, raw: bytes, holder: str | None = None) -> Run:
@@ -143,6 +148,7 @@ class Run:
         progress = data.get("progress")
         input = data.get("input")
         position = data.get("queue_position")
+        token = data.get("fencing_token")
         try:
             run = cls(
                 run_id=data["run_id"], agent_type=data["agent_type"], user_id=data["user_id"],
@@ -153,19 +159,21 @@ class Run:
                 created_at=text("created_at") or "", started_at=text("started_at"),
                 finished_at=text("finished_at"), cancelled_by=text("cancelled_by"), webhook=text("webhook"),
                 holder=holder, trace=text("trace"),
+                fencing_token=token if isinstance(token, int) and not isinstance(token, bool) else None,
                 queue_position=position if isinstance(position, int) and not isinstance(position, bool) else None)
         except ValueError:  # a non-finite number somewhere
             raise RunRecordInvalid("holds a number JSON cannot carry") from None
         fields = tuple(data)
         if (isinstance(input, dict) and run.progress == progress and run.queue_position == position
-                and (fields == PUBLIC_FIELDS or (fields == (*PUBLIC_FIELDS, "trace") and run.trace is not None))):
+                and tuple(name for name in fields if name != "trace") == PUBLIC_FIELDS
+                and ("trace" not in data or run.trace is not None)):
             public, trace = split_record(raw) if run.trace is not None else (raw, None)
             if trace == run.trace:
                 run._json = public  # served as read (without the trace context): this version wrote it
         return run
 
 
-TRACE_SUFFIX = re.compile(rb',"trace":"([0-9a-f -]{1,200})"\}\Z')
+TRACE_SUFFIX = re.compile(rb',"trace":"([0-9a-f -]{1,200})"(,"fencing_token":[0-9nul]{1,20})?\}\Z')
 
 
 def split_record(raw: bytes) -> tuple[bytes, str | None]:
@@ -173,7 +181,7 @@ def split_record(raw: bytes) -> tuple[bytes, str | None]:
     match = TRACE_SUFFIX.search(raw)
     if match is None:
         return raw, None
-    return raw[:match.start()] + b"}", match[1].decode()
+    return raw[:match.start()] + (match[2] or b"") + b"}", match[1].decode()
 
 
 class Page:
@@ -243,3 +251,7 @@ class StoreUnavailable(Exception):
 
 class LockLost(Exception):
     """The run lock was taken over or expired while its holder still ran (Redis mode)."""
+
+
+class WriteRefused(Exception):
+    """A write of a run the writer no longer holds: the run is terminal already, or held by another token."""

@@ -33,7 +33,7 @@ from service.backends.base import FrameSink
 from service.cancelling import cancel_and_wait
 from service.backends.records import (GLOBAL_BACKLOG_BYTES, GLOBAL_BACKLOG_FRAMES, RUN_BACKLOG_BYTES,
                                       RUN_BACKLOG_FRAMES, Frame, Run, StoreUnavailable)
-from service.backends.redis.scripts import EVENT_SCRIPT, LOG_SCRIPT
+from service.backends.redis.side_scripts import EVENT_SCRIPT, LOG_SCRIPT
 
 ALL_EVENTS_MAX = 10000  # entries of <prefix>:events: what a reader that lost Redis for a moment can catch up on
 ALL_EVENTS_BYTES = 16 * 1024 * 1024

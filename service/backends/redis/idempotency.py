@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 
 from service.backends.base import Claim
 from service.backends.redis.lock import StoreHealth
-from service.backends.redis.scripts import (IDEMPOTENCY_ACCEPT_SCRIPT, IDEMPOTENCY_CLAIM_SCRIPT,
+from service.backends.redis.side_scripts import (IDEMPOTENCY_ACCEPT_SCRIPT, IDEMPOTENCY_CLAIM_SCRIPT,
                                             IDEMPOTENCY_RELEASE_SCRIPT)
 
 # A pending key older than this whose run does not exist was left by a replica that died before admitting

@@ -21,6 +21,30 @@ local function fence_open(generation, fence, new_generation, ttl_ms)
 end
 """
 
+MINT = """
+-- Fencing tokens: a slot given out mints one, the larger of the counter plus one, Redis's clock in microseconds
+-- and the caller's floor (the highest token its replica has seen) plus one. So each is above every token minted
+-- before it, also after Redis lost the counter (the clock and the floors keep above the old ones). It goes into
+-- the run's record, whose JSON ends with its fencing_token field: with_token writes it there, token_of reads it.
+local function mint(counter, floor)
+  local t = redis.call('TIME')
+  local token = math.max(tonumber(redis.call('GET', counter) or '0') + 1, t[1] * 1000000 + t[2],
+                         tonumber(floor) + 1)
+  redis.call('SET', counter, string.format('%.0f', token))
+  return token
+end
+local function with_token(record, token)
+  local field = '"fencing_token":' .. string.format('%.0f', token) .. '}'
+  local tail = string.sub(record, -40)
+  local at = string.find(tail, '"fencing_token":[%dnul]+}$')
+  if at then return string.sub(record, 1, #record - #tail + at - 1) .. field end
+  return string.sub(record, 1, -2) .. ',' .. field  -- a record of a version without tokens
+end
+local function token_of(record)
+  return tonumber(string.match(string.sub(record or '', -40), '"fencing_token":(%d+)}$')) or 0
+end
+"""
+
 # Admit a run in one step: on a free slot when nobody waits (the record, its index and its holder written
 # with it), else into the queue when ARGV[4] allows and there is room. A retry whose first reply was lost
 # answers what the first call did (a queued run that has left the queue since: {2, 0}; never busy, as the run
@@ -28,16 +52,19 @@ end
 # only while the key is still this request's claim (its run_id is ARGV[3]: not expired, not taken over), and the
 # key is marked accepted for ARGV[12] ms in the same step.
 # ARGV: json now, json queued, run_id, on_busy, queue_max, token, ttl_ms, n, channel, key hash, fingerprint,
-# key ttl_ms, new generation. Returns {outcome, value, generation, lost}: {1, slot} started (under that
-# generation), {2, position} queued, {0, 0} busy, {-1, 0} queue full, {-2, 0} the key's claim was lost; lost is 1
-# when this call found that Redis lost its data (FENCE). The generation is the one in Redis (the new one, when
-# this call made it: a re-run after a lost reply still shows it as this call's). While the fence stands it
-# answers as if every slot were taken: busy, or queued.
-ADMIT_SCRIPT = FENCE + """
+# key ttl_ms, new generation, token floor (MINT). KEYS: queue, run, runs, seq, unfinished, slot 0..n-1, generation,
+# fence, fencing counter. Returns {outcome, value, generation, lost, fencing token}: {1, slot} started (under that
+# generation, its token minted and in the record), {2, position} queued, {0, 0} busy, {-1, 0} queue full, {-2, 0}
+# the key's claim was lost; lost is 1 when this call found that Redis lost its data (FENCE). The generation is
+# the one in Redis (the new one, when this call made it: a re-run after a lost reply still shows it as this
+# call's). While the fence stands it answers as if every slot were taken: busy, or queued.
+ADMIT_SCRIPT = FENCE + MINT + """
 local n = tonumber(ARGV[8])
 if redis.call('EXISTS', KEYS[2]) == 1 then
   for i = 1, n do
-    if redis.call('GET', KEYS[5 + i]) == ARGV[6] then return {1, i - 1, redis.call('GET', KEYS[6 + n]) or '', 0} end
+    if redis.call('GET', KEYS[5 + i]) == ARGV[6] then
+      return {1, i - 1, redis.call('GET', KEYS[6 + n]) or '', 0, token_of(redis.call('GET', KEYS[2]))}
+    end
   end
   local pos = redis.call('LPOS', KEYS[1], ARGV[3])
   return {2, pos and pos + 1 or 0, redis.call('GET', KEYS[6 + n]) or '', 0}
@@ -53,11 +80,12 @@ local waiting = redis.call('LLEN', KEYS[1])
 if waiting == 0 and open then
   for i = 1, n do
     if redis.call('SET', KEYS[5 + i], ARGV[6], 'NX', 'PX', ARGV[7]) then
-      redis.call('SET', KEYS[2], ARGV[1])
+      local token = mint(KEYS[8 + n], ARGV[14])
+      redis.call('SET', KEYS[2], with_token(ARGV[1], token))
       redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[4]), ARGV[3])
       redis.call('HSET', KEYS[5], ARGV[3], ARGV[6])
       accept_key()
-      return {1, i - 1, redis.call('GET', KEYS[6 + n]), 0}
+      return {1, i - 1, redis.call('GET', KEYS[6 + n]), 0, token}
     end
   end
 end
@@ -140,24 +168,34 @@ return oldest
 # same token (by redis-py, or by the next dispatch with ARGV[4] = '1'): it answers the run that token took, on
 # its slot, or on a free one if that slot expired meanwhile (no other replica touches a run while its token is
 # in the unfinished index), so the head of the line is never skipped nor left holding a slot for nothing.
-# No slot is given out while the fence stands (FENCE).
-# KEYS: queue, unfinished, slot 0..n-1, generation, fence. ARGV: token, ttl_ms, n, retry, new generation.
-# Returns {run_id, slot, generation, lost}, run_id '' (and slot -1) when none was taken; generation and lost as
-# in ADMIT_SCRIPT.
-TAKE_SCRIPT = FENCE + """
+# No slot is given out while the fence stands (FENCE). A slot given out mints a fencing token (MINT), written into
+# the run's record; the answer to a take whose slot it still holds repeats the token.
+# KEYS: queue, unfinished, slot 0..n-1, generation, fence, fencing counter. ARGV: token, ttl_ms, n, retry, new
+# generation, token floor, run key prefix.
+# Returns {run_id, slot, generation, lost, fencing token}, run_id '' (and slot -1) when none was taken; generation
+# and lost as in ADMIT_SCRIPT.
+TAKE_SCRIPT = FENCE + MINT + """
 local n = tonumber(ARGV[3])
 local open, lost = fence_open(KEYS[3 + n], KEYS[4 + n], ARGV[5], ARGV[2])
 local generation = redis.call('GET', KEYS[3 + n])
+local function token_for(id)
+  local record = redis.call('GET', ARGV[7] .. id)
+  local token = mint(KEYS[5 + n], ARGV[6])
+  if record then redis.call('SET', ARGV[7] .. id, with_token(record, token)) end
+  return token
+end
 local held
 for i = 1, n do if redis.call('GET', KEYS[2 + i]) == ARGV[1] then held = i end end
 if held or ARGV[4] == '1' then
   local entries = redis.call('HGETALL', KEYS[2])
   for i = 1, #entries, 2 do
     if entries[i + 1] == ARGV[1] then
-      if held then return {entries[i], held - 1, generation, lost} end
+      if held then
+        return {entries[i], held - 1, generation, lost, token_of(redis.call('GET', ARGV[7] .. entries[i]))}
+      end
       for s = 1, open and n or 0 do
         if redis.call('SET', KEYS[2 + s], ARGV[1], 'NX', 'PX', ARGV[2]) then
-          return {entries[i], s - 1, generation, 0}
+          return {entries[i], s - 1, generation, 0, token_for(entries[i])}
         end
       end
       return {'', -1, generation, lost}
@@ -169,7 +207,7 @@ for i = 1, n do
   if redis.call('SET', KEYS[2 + i], ARGV[1], 'NX', 'PX', ARGV[2]) then
     local id = redis.call('LPOP', KEYS[1])
     redis.call('HSET', KEYS[2], id, ARGV[1])
-    return {id, i - 1, generation, 0}
+    return {id, i - 1, generation, 0, token_for(id)}
   end
 end
 return {'', -1, generation, 0}
@@ -186,10 +224,27 @@ return {'', -1, generation, 0}
 # past either, the delivery is not owed and the reply says so, for the caller to log and count.
 # When the generation is no longer the one the run's holder knows (ARGV[9]; '' or absent: not known), Redis lost
 # its data since: a record missing was lost with it, not dropped by retention, and is written back and listed.
+# The write is the holder's only (ARGV[10], the token the run is held under in the unfinished index; '' for a run
+# that never held a slot): once the index names another token (an orphan claim) or none (the run is terminal),
+# it is refused and changes nothing but the release of the caller's slot, unless the record stored is this very
+# write (a retry after a lost reply; or retention dropped it since) or Redis lost its data (the generation changed
+# and the index with it).
 # KEYS: run, finished, unfinished, cancel, sizes, bytes, seq, lock, logbytes, webhooks, webhook, run events bytes,
-# generation, runs. ARGV: json, run_id, channel, token, size, webhook url, max owed, max owed bytes, generation.
-# Returns {finished runs, their bytes, owed}: owed 1 (a delivery is owed now), -1 (refused: past the bound), 0.
+# generation, runs. ARGV: json, run_id, channel, token, size, webhook url, max owed, max owed bytes, generation,
+# holder. Returns {finished runs, their bytes, owed}: owed 1 (a delivery is owed now), -1 (refused: past the bound),
+# 0, or -2: the write was refused.
 FINISH_SCRIPT = """
+local holder = ARGV[10] or ''
+if holder ~= '' then
+  local owner = redis.call('HGET', KEYS[3], ARGV[2])
+  local data_lost = (ARGV[9] or '') ~= '' and redis.call('GET', KEYS[13]) ~= ARGV[9]
+  if owner ~= holder and (owner or not data_lost) then
+    if ARGV[4] ~= '' and redis.call('GET', KEYS[8]) == ARGV[4] then redis.call('DEL', KEYS[8]) end
+    local stored = redis.call('GET', KEYS[1])
+    if stored and stored ~= ARGV[1] then return {0, 0, -2} end
+    return {redis.call('ZCARD', KEYS[2]), tonumber(redis.call('GET', KEYS[6]) or '0'), 0}
+  end
+end
 local stored = redis.call('EXISTS', KEYS[1]) == 1
 if (ARGV[9] or '') ~= '' and redis.call('GET', KEYS[13]) ~= ARGV[9] then
   stored = true
@@ -227,8 +282,8 @@ return {redis.call('ZCARD', KEYS[2]), tonumber(redis.call('GET', KEYS[6]) or '0'
 
 # Cancel a run still waiting in the queue: take it out and store its terminal state (FINISH_SCRIPT) in one step,
 # so a run never leaves the line without an end. A retry whose first reply was lost finds the record it stored.
-# KEYS: FINISH_SCRIPT's, then queue. ARGV: FINISH_SCRIPT's. Returns FINISH_SCRIPT's answer, or nil when the run
-# no longer waits (taken, or cancelled by another request).
+# KEYS: FINISH_SCRIPT's, then queue. ARGV: FINISH_SCRIPT's (holder ''). Returns FINISH_SCRIPT's answer, or nil
+# when the run no longer waits (taken, or cancelled by another request).
 CANCEL_WAITING_SCRIPT = """
 if redis.call('LREM', KEYS[15], 1, ARGV[2]) == 0 and redis.call('GET', KEYS[1]) ~= ARGV[1] then return nil end
 """ + FINISH_SCRIPT
@@ -254,114 +309,6 @@ while dropped < 1000 do
   dropped = dropped + 1
 end
 return dropped
-"""
-
-
-# Webhook deliveries (webhooks.py): ``webhooks`` is a zset of run ids by due time (ms, Redis's clock, so
-# replicas' clocks never matter), ``webhook:<id>`` a hash (url, body, attempt, lease), ``webhooks:bytes`` the
-# bytes of the owed bodies (FINISH bounds them; a delivery that ends gives its bytes back). Claiming a due
-# delivery moves its due time past the lease, so no other replica sees it due while the claimer's attempt
-# can last; a claimer that dies leaves it due again once the lease ends.
-# KEYS: webhooks. ARGV: lease_ms, lease token, webhook key prefix, max attempts.
-# Returns {1, id, attempt, url, body} claimed, {2, id, attempts} given up (the last claimer died mid-attempt),
-# {0, ms until the next is due or -1} nothing due.
-CLAIM_WEBHOOK_SCRIPT = """
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1)
-if #due == 0 then
-  local next = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  if #next == 0 then return {0, -1} end
-  return {0, tonumber(next[2]) - now}
-end
-local id = due[1]
-local key = ARGV[3] .. id
-local made = tonumber(redis.call('HGET', key, 'attempt') or '-1')
-if made < 0 then
-  redis.call('ZREM', KEYS[1], id)
-  return {0, 0}
-end
-if made >= tonumber(ARGV[4]) then
-  redis.call('ZREM', KEYS[1], id)
-  if redis.call('DECRBY', KEYS[1] .. ':bytes', redis.call('HSTRLEN', key, 'body')) < 0 then
-    redis.call('SET', KEYS[1] .. ':bytes', 0)  -- owed by a version that did not count them
-  end
-  redis.call('DEL', key)
-  return {2, id, made}
-end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), id)
-redis.call('HSET', key, 'attempt', made + 1, 'lease', ARGV[2])
-return {1, id, made + 1, redis.call('HGET', key, 'url'), redis.call('HGET', key, 'body')}
-"""
-
-# Record an attempt's outcome, only while the lease is still the caller's: ARGV[2] 'done' ends the delivery,
-# else it is due again in ARGV[2] ms. KEYS: webhooks, webhook. ARGV: lease token, 'done' or delay_ms, run_id.
-# Returns 1, or 0 when the lease had passed to another replica (the outcome is theirs to record).
-REPORT_WEBHOOK_SCRIPT = """
-if redis.call('HGET', KEYS[2], 'lease') ~= ARGV[1] then return 0 end
-if ARGV[2] == 'done' then
-  if redis.call('DECRBY', KEYS[1] .. ':bytes', redis.call('HSTRLEN', KEYS[2], 'body')) < 0 then
-    redis.call('SET', KEYS[1] .. ':bytes', 0)  -- owed by a version that did not count them
-  end
-  redis.call('DEL', KEYS[2])
-  redis.call('ZREM', KEYS[1], ARGV[3])
-  return 1
-end
-local t = redis.call('TIME')
-redis.call('ZADD', KEYS[1], t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[2]), ARGV[3])
-redis.call('HDEL', KEYS[2], 'lease')
-return 1
-"""
-
-# Keep one line an agent logged for its run (if the run is still stored): at most ARGV[3] lines and ARGV[4]
-# bytes per run, the oldest dropped first; a finished run's counted size follows.
-# KEYS: log, logbytes, sizes, bytes, run. ARGV: line, run_id, max_lines, max_bytes.
-LOG_SCRIPT = """
-if redis.call('EXISTS', KEYS[5]) == 0 then return 0 end
-redis.call('RPUSH', KEYS[1], ARGV[1])
-local delta = #ARGV[1]
-local total = redis.call('HINCRBY', KEYS[2], ARGV[2], delta)
-while redis.call('LLEN', KEYS[1]) > tonumber(ARGV[3]) or total > tonumber(ARGV[4]) do
-  local old = redis.call('LPOP', KEYS[1])
-  if not old then break end
-  total = redis.call('HINCRBY', KEYS[2], ARGV[2], -#old)
-  delta = delta - #old
-end
-if delta ~= 0 and redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then
-  redis.call('HINCRBY', KEYS[3], ARGV[2], delta)
-  redis.call('INCRBY', KEYS[4], delta)
-end
-return 1
-"""
-
-# Append one event to the stream of all events (the id is made here), to its run's stream and, for a run
-# event, to the stream of run events, under the same id; each stream is capped by entries and by bytes
-# (a companion key <stream>:bytes), the oldest dropped first. The run's stream expires ARGV[11] s after
-# its last event (and goes with the run at retention).
-# KEYS: all, runs, run. ARGV: kind, run_id, state, data, all n, all bytes, runs n, runs bytes, run n,
-# run bytes, run ttl. Returns the id.
-EVENT_SCRIPT = """
-local function add(key, id, n, b)
-  local added = redis.pcall('XADD', key, id, 'k', ARGV[1], 'r', ARGV[2], 's', ARGV[3], 'd', ARGV[4])
-  if type(added) == 'table' and added.err then return nil end
-  local bytes_key = key .. ':bytes'
-  local size = redis.call('INCRBY', bytes_key, #ARGV[4])
-  local len = redis.call('XLEN', key)
-  while len > 1 and (len > tonumber(n) or size > tonumber(b)) do
-    local oldest = redis.call('XRANGE', key, '-', '+', 'COUNT', 1)[1]
-    redis.call('XDEL', key, oldest[1])
-    size = redis.call('INCRBY', bytes_key, -#oldest[2][8])
-    len = len - 1
-  end
-  return added
-end
-local id = add(KEYS[1], '*', ARGV[5], ARGV[6])
-if not id then return nil end
-if ARGV[1] == 'run' then add(KEYS[2], id, ARGV[7], ARGV[8]) end
-add(KEYS[3], id, ARGV[9], ARGV[10])
-redis.call('EXPIRE', KEYS[3], ARGV[11])
-redis.call('EXPIRE', KEYS[3] .. ':bytes', ARGV[11])
-return id
 """
 
 
@@ -409,39 +356,24 @@ return {2, generation, lost}
 """
 
 
-# Idempotency-Keys (idempotency.py). Claim a key. KEYS: the key's hash. ARGV: fingerprint, run_id, pending_ms
-# (how long a pending claim lives), stale_ms, run key prefix. A pending entry whose run does not exist and that
-# is older than stale_ms is taken over. Safe to retry after a lost reply: an entry already holding ARGV[2] is this
-# request's own claim.
-IDEMPOTENCY_CLAIM_SCRIPT = """
-local entry = redis.call('HMGET', KEYS[1], 'fingerprint', 'run_id', 'state')
-if entry[1] and entry[2] ~= ARGV[2] then
-  local admitted = entry[3] == 'accepted' or redis.call('EXISTS', ARGV[5] .. entry[2]) == 1
-  local age = tonumber(ARGV[3]) - redis.call('PTTL', KEYS[1])
-  if admitted or age < tonumber(ARGV[4]) then
-    if entry[1] ~= ARGV[1] then return {'mismatch', entry[2]} end
-    if admitted then return {'accepted', entry[2]} end
-    return {'pending', entry[2]}
-  end
+# Store a change of a run that is not terminal (RUNNING, progress) only while the run is still the writer's: its
+# holder token (ARGV[3]) is the run's in the unfinished index. Refused once the index names another token (an
+# orphan claim) or none (the run was stored terminal), unless Redis lost its data since the holder's generation
+# (ARGV[4]) and the index with it: then it is written, and the holder's renewal writes the index back.
+# KEYS: run, unfinished, generation. ARGV: json, run_id, holder token, generation. Returns 1 written, 0 refused.
+SAVE_SCRIPT = """
+local owner = redis.call('HGET', KEYS[2], ARGV[2])
+if owner == ARGV[3] or (not owner and ARGV[4] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[4]) then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return 1
 end
-redis.call('HSET', KEYS[1], 'fingerprint', ARGV[1], 'run_id', ARGV[2], 'state', 'pending')
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return {'new', ARGV[2]}
-"""
-
-# The run was admitted: the key is accepted for the TTL, unless another request holds it now.
-# KEYS: the key's hash. ARGV: fingerprint, run_id, ttl_ms.
-IDEMPOTENCY_ACCEPT_SCRIPT = """
-local holder = redis.call('HGET', KEYS[1], 'run_id')
-if holder and holder ~= ARGV[2] then return 0 end
-redis.call('HSET', KEYS[1], 'fingerprint', ARGV[1], 'run_id', ARGV[2], 'state', 'accepted')
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
-"""
-
-# The request was refused: delete the key if it is still its pending claim. KEYS: the key's hash. ARGV: run_id.
-IDEMPOTENCY_RELEASE_SCRIPT = """
-local entry = redis.call('HMGET', KEYS[1], 'run_id', 'state')
-if entry[1] == ARGV[1] and entry[2] == 'pending' then return redis.call('DEL', KEYS[1]) end
 return 0
+"""
+
+# Whether a run still holds its slot right now (BaseAgent.ensure_lease): the slot key holds its token, with time
+# left, and the unfinished index still names that token (no orphan claim, not terminal).
+# KEYS: slot, unfinished. ARGV: token, run_id. Returns the milliseconds left on the lease, or 0 when it is lost.
+LEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('HGET', KEYS[2], ARGV[2]) ~= ARGV[1] then return 0 end
+return math.max(redis.call('PTTL', KEYS[1]), 0)
 """

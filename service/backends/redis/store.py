@@ -14,18 +14,18 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from service.backends.base import FrameSink
-from service.cancelling import cancel_and_wait
-from service.backends.records import MAX_OWED, MAX_OWED_BYTES, Page, Run, StoreUnavailable
+from service.backends.records import MAX_OWED, MAX_OWED_BYTES, Page, Run, StoreUnavailable, WriteRefused
 from service.backends.redis.events import RedisEvents
 from service.backends.redis.idempotency import RedisIdempotencyKeys
+from service.backends.redis.listener import listen
 from service.backends.redis.lock import RedisRunLock, StoreHealth
 from service.backends.redis.reads import CoalescedReads, RecordReader
 from service.backends.redis.scripts import (ADMIT_SCRIPT, CANCEL_WAITING_SCRIPT, FINISH_SCRIPT, INTERRUPT_SCRIPT,
-                                            ORPHANS_SCRIPT, TAKE_SCRIPT, TRIM_SCRIPT)
+                                            LEASE_SCRIPT, ORPHANS_SCRIPT, SAVE_SCRIPT, TAKE_SCRIPT, TRIM_SCRIPT)
 from service.backends.redis.webhooks import RedisDeliveries
+from service.cancelling import cancel_and_wait
 
 
 class RedisBackend:
@@ -75,6 +75,9 @@ class RedisBackend:
         self._orphans = client.register_script(ORPHANS_SCRIPT)
         self._cancel_waiting = client.register_script(CANCEL_WAITING_SCRIPT)
         self._interrupt = client.register_script(INTERRUPT_SCRIPT)
+        self._save = client.register_script(SAVE_SCRIPT)
+        self._lease = client.register_script(LEASE_SCRIPT)
+        self.highest_token = 0  # the highest fencing token this replica has seen: a floor for the next (MINT)
 
     def key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -85,7 +88,7 @@ class RedisBackend:
         with contextlib.suppress(StoreUnavailable):
             async with self.health.guard():
                 await self.client.set(self.key("generation"), uuid.uuid4().hex, nx=True)
-        self._listener = asyncio.create_task(self._listen(), name="redis-listener")
+        self._listener = asyncio.create_task(listen(self), name="redis-listener")
 
     async def close(self) -> None:
         if self._listener is not None:
@@ -111,47 +114,13 @@ class RedisBackend:
     async def release(self, token: str) -> None:
         await self._lock.release(token)
 
-    async def _listen(self) -> None:
-        """Wake local waiters when any replica finishes a run; pass cancel requests to the runner.
-
-        Without it a cross-replica cancel waits for the next lock renewal, so it must not die: a
-        message it cannot decode is skipped, and any other failure is logged and it subscribes again.
-        """
-        finished, cancel, queued = (self.key(name).encode() for name in ("finished", "cancel", "queued"))
-        while True:
-            try:
-                async with self.client.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(finished, cancel, queued)
-                    self._wake_all()  # anything finished while we were not subscribed
-                    async for message in pubsub.listen():
-                        try:
-                            run_id = message["data"].decode()
-                        except UnicodeDecodeError:
-                            self.health.log.warning("pubsub_message_ignored",
-                                                    extra={"channel": message["channel"].decode(errors="replace")})
-                            continue
-                        if message["channel"] == finished:
-                            self._wake(run_id)
-                            self.on_work()
-                        elif message["channel"] == cancel:
-                            run_id, _, by = run_id.partition(" ")
-                            self.on_cancel(run_id, by or None)
-                        elif message["channel"] == queued:
-                            self.on_work()
-            except (RedisError, OSError):
-                await asyncio.sleep(0.5)
-            except Exception as exc:
-                self.health.log.error("pubsub_listener_restarted", exc_info=exc,
-                                      extra={"error": f"{type(exc).__name__}: {exc}"})
-                await asyncio.sleep(0.5)
-
-    def _wake(self, run_id: str) -> None:
+    def wake(self, run_id: str) -> None:
         for event in self._waiters.get(run_id, ()):
             event.set()
 
-    def _wake_all(self) -> None:
+    def wake_all(self) -> None:
         for run_id in list(self._waiters):
-            self._wake(run_id)
+            self.wake(run_id)
 
     async def add(self, run: Run) -> None:
         async with self.health.guard():
@@ -173,7 +142,8 @@ class RedisBackend:
             while run.run_id in self._progress_dirty:  # changes made during a write get one more write
                 self._progress_dirty.discard(run.run_id)
                 async with self.health.guard():
-                    await self.client.set(self.key("run", run.run_id), run.record())
+                    if not await self._save_unfinished(run):
+                        return  # no longer this holder's run: its next write is refused and says so
         except StoreUnavailable:
             pass  # progress is best effort; the next state change writes the whole run
         finally:
@@ -181,21 +151,42 @@ class RedisBackend:
 
     async def save(self, run: Run, release: bool = False) -> None:
         """Store a change; a terminal state also updates the indexes, publishes, trims to retention,
-        and (with ``release``) releases the run's slot, all in one atomic script that is safe to retry."""
+        and (with ``release``) releases the run's slot, all in one atomic script that is safe to retry.
         self._progress_dirty.discard(run.run_id)
         pending = self._progress_writes.get(run.run_id)
         if pending is not None:  # a progress write in flight must land before this one
             await asyncio.gather(pending, return_exceptions=True)
+        Raises WriteRefused when the run is no longer its holder's: terminal already, or claimed by another.
+        """
         async with self.health.guard():
             if not run.finished:
-                await self.client.set(self.key("run", run.run_id), run.record())
+                if not await self._save_unfinished(run):
+                    raise WriteRefused("the run is terminal already, or held by another token")
                 return
             token = run.holder if release and run.holder is not None else ""
             keys, args = self._finish_call(run, token)
-            finished_count, finished_bytes, owed = await self._finish(keys=keys, args=args)
+            finished_count, finished_bytes, owed = await self._finish(keys=keys, args=[*args, run.holder or ""])
             if token:
                 self._lock.forget(token)
+            if owed == -2:
+                raise WriteRefused("the run is terminal already, or held by another token")
             await self._after_finish(run, finished_count, finished_bytes, owed)
+
+    async def _save_unfinished(self, run: Run) -> bool:
+        """Write a run that is not terminal while it is still its holder's (SAVE_SCRIPT); False when refused."""
+        generation = self._lock.generation_of(run.holder) if run.holder else ""
+        return bool(await self._save(keys=[self.key("run", run.run_id), self.key("unfinished"),
+                                           self._lock.generation_key],
+                                     args=[run.record(), run.run_id, run.holder or "", generation]))
+
+    async def check_lease(self, run: Run) -> bool:
+        """Whether ``run`` holds its slot right now, asked of Redis in one round trip (LEASE_SCRIPT)."""
+        if run.holder is None or run.holder not in self._lock.tokens():
+            return False
+        async with self.health.guard():
+            left = await self._lease(keys=[self._lock.key_of(run.holder), self.key("unfinished")],
+                                     args=[run.holder, run.run_id])
+        return bool(left)
 
     def _finish_call(self, run: Run, token: str) -> tuple[builtins.list[str], builtins.list[bytes | str | int]]:
         """FINISH_SCRIPT's keys and arguments for ``run``'s terminal state; ``token``: the slot released with it."""
@@ -322,15 +313,17 @@ class RedisBackend:
         waiting = Run.from_json(run.record())
         waiting.update(queue_position=0)  # stored as "queued"; the position is read from the queue
         async with self.health.guard():
-            outcome, value, generation, lost = await self._admit(
+            outcome, value, generation, lost, *minted = await self._admit(
                 keys=[self.key("queue"), self.key("run", run.run_id), self.key("runs"), self.key("seq"),
-                      self.key("unfinished"), *self._lock.keys, self._lock.generation_key, self._lock.fence_key],
+                      self.key("unfinished"), *self._lock.keys, self._lock.generation_key, self._lock.fence_key,
+                      self.key("fencing")],
                 args=[run.record(), waiting.record(), run.run_id, on_busy, queue_max, token,
                       int(self._lock.ttl_seconds * 1000), len(self._lock.keys), self.key("queued"),
-                      *(claim or ["", "", 0]), new_generation])
+                      *(claim or ["", "", 0]), new_generation, self.highest_token])
         self.health.data_lost(lost, generation, new_generation, "admit", self._lock.ttl_seconds)
         if outcome == 1:
             run.holder = token
+            run.update(fencing_token=self._seen(minted[0]))
             self._lock.adopt(token, int(value), generation.decode())
             return "started"
         if outcome == 2:
@@ -348,10 +341,11 @@ class RedisBackend:
         token = self._take_token = self._take_token or uuid.uuid4().hex
         new_generation = uuid.uuid4().hex
         async with self.health.guard():
-            taken, slot, generation, lost = await self._take(
+            taken, slot, generation, lost, *minted = await self._take(
                 keys=[self.key("queue"), self.key("unfinished"), *self._lock.keys, self._lock.generation_key,
-                      self._lock.fence_key],
-                args=[token, int(self._lock.ttl_seconds * 1000), len(self._lock.keys), int(retry), new_generation])
+                      self._lock.fence_key, self.key("fencing")],
+                args=[token, int(self._lock.ttl_seconds * 1000), len(self._lock.keys), int(retry), new_generation,
+                      self.highest_token, self.key("run", "")])
         self.health.data_lost(lost, generation, new_generation, "take", self._lock.ttl_seconds)
         if not taken:
             self._take_token = None
@@ -364,8 +358,13 @@ class RedisBackend:
             await self._lock.release(token)
             return None
         run.holder = token
-        run.update(queue_position=None)
+        run.update(queue_position=None, fencing_token=self._seen(minted[0]))
         return run
+
+    def _seen(self, token: int) -> int:
+        """A fencing token minted for this replica: the floor of the next one it asks for."""
+        self.highest_token = max(self.highest_token, token)
+        return token
 
     async def dequeue(self, run_id: str, **changes: object) -> Run | None:
         """Take a waiting run out of the queue and store it with ``changes`` (its terminal state) in one script,
@@ -421,15 +420,15 @@ class RedisBackend:
     async def claim_orphans(self) -> builtins.list[Run]:
         """Unfinished runs whose holder holds no slot any more, passed atomically to a claim of this call (alive
         for a lock TTL) until their terminal state is stored; a retry after a lost reply answers them again."""
-        token = uuid.uuid4().hex
+        claim = uuid.uuid4().hex
         async with self.health.guard():
-            flat = await self._orphans(keys=[self.key("unfinished"), self.key("claim", token), *self._lock.all_keys],
-                                       args=[token, int(self._lock.ttl_seconds * 1000), self.key("claim", ""),
+            flat = await self._orphans(keys=[self.key("unfinished"), self.key("claim", claim), *self._lock.all_keys],
+                                       args=[claim, int(self._lock.ttl_seconds * 1000), self.key("claim", ""),
                                              *self._lock.tokens()])
             pairs = [(flat[i].decode(), flat[i + 1].decode()) for i in range(0, len(flat), 2)]
             raws = cast("list[bytes | None]",
                         await self.client.mget([self.key("run", run_id) for run_id, _ in pairs]) if pairs else [])
-            runs = [self.read(run_id, raw, holder=token) for (run_id, token), raw in zip(pairs, raws)]
+            runs = [self.read(run_id, raw, holder=claim) for (run_id, _), raw in zip(pairs, raws)]  # the claim's now
             done = [run_id for (run_id, _), run in zip(pairs, runs) if run is None or run.finished]
             if done:  # unreadable, or recorded already: nothing to recover, out of the index
                 await self.client.hdel(self.key("unfinished"), *done)

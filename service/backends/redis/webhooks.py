@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 from service.backends.base import Delivery
 from service.backends.records import MAX_ATTEMPTS, Run
 from service.backends.redis.lock import StoreHealth
-from service.backends.redis.scripts import CLAIM_WEBHOOK_SCRIPT, REPORT_WEBHOOK_SCRIPT
+from service.backends.redis.side_scripts import CLAIM_WEBHOOK_SCRIPT, REPORT_WEBHOOK_SCRIPT
 
 POLL_SECONDS = 1.0  # with nothing owed, the queue is looked at this often (other replicas' deliveries)
 

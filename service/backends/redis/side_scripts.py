@@ -1,0 +1,151 @@
+"""The Lua scripts beside the run and slot steps (scripts.py): webhook deliveries, log lines, events and
+Idempotency-Keys, each one atomic step across replicas with its KEYS and ARGV.
+
+Each is safe to run again after its reply was lost (redis-py retries a command whose connection dropped).
+"""
+
+
+# Webhook deliveries (webhooks.py): ``webhooks`` is a zset of run ids by due time (ms, Redis's clock, so
+# replicas' clocks never matter), ``webhook:<id>`` a hash (url, body, attempt, lease), ``webhooks:bytes`` the
+# bytes of the owed bodies (FINISH bounds them; a delivery that ends gives its bytes back). Claiming a due
+# delivery moves its due time past the lease, so no other replica sees it due while the claimer's attempt
+# can last; a claimer that dies leaves it due again once the lease ends.
+# KEYS: webhooks. ARGV: lease_ms, lease token, webhook key prefix, max attempts.
+# Returns {1, id, attempt, url, body} claimed, {2, id, attempts} given up (the last claimer died mid-attempt),
+# {0, ms until the next is due or -1} nothing due.
+CLAIM_WEBHOOK_SCRIPT = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1)
+if #due == 0 then
+  local next = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  if #next == 0 then return {0, -1} end
+  return {0, tonumber(next[2]) - now}
+end
+local id = due[1]
+local key = ARGV[3] .. id
+local made = tonumber(redis.call('HGET', key, 'attempt') or '-1')
+if made < 0 then
+  redis.call('ZREM', KEYS[1], id)
+  return {0, 0}
+end
+if made >= tonumber(ARGV[4]) then
+  redis.call('ZREM', KEYS[1], id)
+  if redis.call('DECRBY', KEYS[1] .. ':bytes', redis.call('HSTRLEN', key, 'body')) < 0 then
+    redis.call('SET', KEYS[1] .. ':bytes', 0)  -- owed by a version that did not count them
+  end
+  redis.call('DEL', key)
+  return {2, id, made}
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), id)
+redis.call('HSET', key, 'attempt', made + 1, 'lease', ARGV[2])
+return {1, id, made + 1, redis.call('HGET', key, 'url'), redis.call('HGET', key, 'body')}
+"""
+
+# Record an attempt's outcome, only while the lease is still the caller's: ARGV[2] 'done' ends the delivery,
+# else it is due again in ARGV[2] ms. KEYS: webhooks, webhook. ARGV: lease token, 'done' or delay_ms, run_id.
+# Returns 1, or 0 when the lease had passed to another replica (the outcome is theirs to record).
+REPORT_WEBHOOK_SCRIPT = """
+if redis.call('HGET', KEYS[2], 'lease') ~= ARGV[1] then return 0 end
+if ARGV[2] == 'done' then
+  if redis.call('DECRBY', KEYS[1] .. ':bytes', redis.call('HSTRLEN', KEYS[2], 'body')) < 0 then
+    redis.call('SET', KEYS[1] .. ':bytes', 0)  -- owed by a version that did not count them
+  end
+  redis.call('DEL', KEYS[2])
+  redis.call('ZREM', KEYS[1], ARGV[3])
+  return 1
+end
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[1], t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[2]), ARGV[3])
+redis.call('HDEL', KEYS[2], 'lease')
+return 1
+"""
+
+# Keep one line an agent logged for its run (if the run is still stored): at most ARGV[3] lines and ARGV[4]
+# bytes per run, the oldest dropped first; a finished run's counted size follows.
+# KEYS: log, logbytes, sizes, bytes, run. ARGV: line, run_id, max_lines, max_bytes.
+LOG_SCRIPT = """
+if redis.call('EXISTS', KEYS[5]) == 0 then return 0 end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+local delta = #ARGV[1]
+local total = redis.call('HINCRBY', KEYS[2], ARGV[2], delta)
+while redis.call('LLEN', KEYS[1]) > tonumber(ARGV[3]) or total > tonumber(ARGV[4]) do
+  local old = redis.call('LPOP', KEYS[1])
+  if not old then break end
+  total = redis.call('HINCRBY', KEYS[2], ARGV[2], -#old)
+  delta = delta - #old
+end
+if delta ~= 0 and redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then
+  redis.call('HINCRBY', KEYS[3], ARGV[2], delta)
+  redis.call('INCRBY', KEYS[4], delta)
+end
+return 1
+"""
+
+# Append one event to the stream of all events (the id is made here), to its run's stream and, for a run
+# event, to the stream of run events, under the same id; each stream is capped by entries and by bytes
+# (a companion key <stream>:bytes), the oldest dropped first. The run's stream expires ARGV[11] s after
+# its last event (and goes with the run at retention).
+# KEYS: all, runs, run. ARGV: kind, run_id, state, data, all n, all bytes, runs n, runs bytes, run n,
+# run bytes, run ttl. Returns the id.
+EVENT_SCRIPT = """
+local function add(key, id, n, b)
+  local added = redis.pcall('XADD', key, id, 'k', ARGV[1], 'r', ARGV[2], 's', ARGV[3], 'd', ARGV[4])
+  if type(added) == 'table' and added.err then return nil end
+  local bytes_key = key .. ':bytes'
+  local size = redis.call('INCRBY', bytes_key, #ARGV[4])
+  local len = redis.call('XLEN', key)
+  while len > 1 and (len > tonumber(n) or size > tonumber(b)) do
+    local oldest = redis.call('XRANGE', key, '-', '+', 'COUNT', 1)[1]
+    redis.call('XDEL', key, oldest[1])
+    size = redis.call('INCRBY', bytes_key, -#oldest[2][8])
+    len = len - 1
+  end
+  return added
+end
+local id = add(KEYS[1], '*', ARGV[5], ARGV[6])
+if not id then return nil end
+if ARGV[1] == 'run' then add(KEYS[2], id, ARGV[7], ARGV[8]) end
+add(KEYS[3], id, ARGV[9], ARGV[10])
+redis.call('EXPIRE', KEYS[3], ARGV[11])
+redis.call('EXPIRE', KEYS[3] .. ':bytes', ARGV[11])
+return id
+"""
+
+
+# Idempotency-Keys (idempotency.py). Claim a key. KEYS: the key's hash. ARGV: fingerprint, run_id, pending_ms
+# (how long a pending claim lives), stale_ms, run key prefix. A pending entry whose run does not exist and that
+# is older than stale_ms is taken over. Safe to retry after a lost reply: an entry already holding ARGV[2] is this
+# request's own claim.
+IDEMPOTENCY_CLAIM_SCRIPT = """
+local entry = redis.call('HMGET', KEYS[1], 'fingerprint', 'run_id', 'state')
+if entry[1] and entry[2] ~= ARGV[2] then
+  local admitted = entry[3] == 'accepted' or redis.call('EXISTS', ARGV[5] .. entry[2]) == 1
+  local age = tonumber(ARGV[3]) - redis.call('PTTL', KEYS[1])
+  if admitted or age < tonumber(ARGV[4]) then
+    if entry[1] ~= ARGV[1] then return {'mismatch', entry[2]} end
+    if admitted then return {'accepted', entry[2]} end
+    return {'pending', entry[2]}
+  end
+end
+redis.call('HSET', KEYS[1], 'fingerprint', ARGV[1], 'run_id', ARGV[2], 'state', 'pending')
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {'new', ARGV[2]}
+"""
+
+# The run was admitted: the key is accepted for the TTL, unless another request holds it now.
+# KEYS: the key's hash. ARGV: fingerprint, run_id, ttl_ms.
+IDEMPOTENCY_ACCEPT_SCRIPT = """
+local holder = redis.call('HGET', KEYS[1], 'run_id')
+if holder and holder ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'fingerprint', ARGV[1], 'run_id', ARGV[2], 'state', 'accepted')
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+# The request was refused: delete the key if it is still its pending claim. KEYS: the key's hash. ARGV: run_id.
+IDEMPOTENCY_RELEASE_SCRIPT = """
+local entry = redis.call('HMGET', KEYS[1], 'run_id', 'state')
+if entry[1] == ARGV[1] and entry[2] == 'pending' then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
