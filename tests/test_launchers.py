@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -90,11 +91,18 @@ def stdout_lines(server: ServerProcess) -> list[dict[str, Any]]:
     return [json.loads(line) for line in server.log_path.read_text().splitlines() if line.strip()]
 
 
-def wait_exit(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{proc.args} did not exit within {timeout} s")
+def run_until_exit(argv: list[str], output: Path, timeout: float = 30, **env: str) -> int:
+    """Start a launcher (in a session of its own), wait for it to exit, and return its status; one that does
+    not exit in time is killed with its workers, and the test fails."""
+    with open(output, "wb") as out:
+        proc = subprocess.Popen(argv, cwd=HERE, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(TESTS), **env})
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail(f"{argv} did not exit within {timeout} s")
 
 
 QUICK_REFUSAL = {"SHUTDOWN_GRACE_SECONDS": "0"}  # a claim held is waited for as long as its holder may drain
@@ -158,10 +166,7 @@ def test_a_bad_setting_stops_the_launcher_with_exit_2(tmp_path: Path, launcher: 
 @pytest.mark.parametrize("launcher", ["uvicorn", "gunicorn", "hypercorn"])
 def test_a_bad_setting_stops_every_worker_of_a_supervisor(tmp_path: Path, launcher: str) -> None:
     argv = [part.replace("{port}", str(free_port())) for part in WORKERS[launcher]]
-    with open(tmp_path / "out", "wb") as out:
-        proc = subprocess.Popen(argv, cwd=HERE, stdout=out, stderr=subprocess.STDOUT,
-                                env={"PATH": "/usr/bin:/bin", "ON_BUSY": "sometimes", "PYTHONPATH": str(TESTS)})
-        wait_exit(proc)
+    run_until_exit(argv, tmp_path / "out", ON_BUSY="sometimes")
     output = (tmp_path / "out").read_text()
     refusals = [json.loads(line) for line in output.splitlines() if '"invalid_configuration"' in line]
     assert refusals and refusals[0]["variable"] == "ON_BUSY", output
@@ -170,11 +175,7 @@ def test_a_bad_setting_stops_every_worker_of_a_supervisor(tmp_path: Path, launch
 @pytest.mark.parametrize("launcher", ["uvicorn", "gunicorn", "hypercorn"])
 def test_memory_mode_refuses_a_second_worker_process(tmp_path: Path, launcher: str) -> None:
     argv = [part.replace("{port}", str(free_port())) for part in WORKERS[launcher]]
-    with open(tmp_path / "out", "wb") as out:
-        proc = subprocess.Popen(argv, cwd=HERE, stdout=out, stderr=subprocess.STDOUT,
-                                env={"PATH": "/usr/bin:/bin", "AGENT_MODULES": "fixture_agents",
-                                     "PYTHONPATH": str(TESTS), **QUICK_REFUSAL})
-        code = wait_exit(proc)
+    code = run_until_exit(argv, tmp_path / "out", AGENT_MODULES="fixture_agents", **QUICK_REFUSAL)
     output = (tmp_path / "out").read_text()
     refusals = [json.loads(line) for line in output.splitlines() if '"invalid_configuration"' in line]
     assert refusals, output
@@ -189,10 +190,7 @@ def test_a_second_memory_mode_launcher_on_the_same_port_is_refused(tmp_path: Pat
     argv = [part.replace("{port}", str(port)) for part in LAUNCHERS["gunicorn"]] + ["--reuse-port"]
     first = launch(tmp_path, "first", argv, port, **QUICK_REFUSAL)
     try:
-        with open(tmp_path / "second", "wb") as out:
-            second = subprocess.Popen(argv, cwd=HERE, stdout=out, stderr=subprocess.STDOUT,
-                                      env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(TESTS), **QUICK_REFUSAL})
-            assert wait_exit(second) == 3  # gunicorn's "Worker failed to boot"
+        assert run_until_exit(argv, tmp_path / "second", **QUICK_REFUSAL) == 3  # gunicorn's "Worker failed to boot"
         output = (tmp_path / "second").read_text()
         refusals = [json.loads(line) for line in output.splitlines() if '"invalid_configuration"' in line]
         assert refusals and refusals[0]["variable"] == "REDIS_URL", output
@@ -204,11 +202,8 @@ def test_a_second_memory_mode_launcher_on_the_same_port_is_refused(tmp_path: Pat
 
 def test_memory_mode_workers_on_a_unix_socket_are_refused_too(tmp_path: Path) -> None:
     path = tmp_path / "runner.sock"
-    with open(tmp_path / "out", "wb") as out:
-        proc = subprocess.Popen(LAUNCHERS["uvicorn"][:4] + ["--uds", str(path), "--workers", "2"], cwd=HERE,
-                                stdout=out, stderr=subprocess.STDOUT,
-                                env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(TESTS), **QUICK_REFUSAL})
-        wait_exit(proc)
+    run_until_exit(LAUNCHERS["uvicorn"][:4] + ["--uds", str(path), "--workers", "2"], tmp_path / "out",
+                   **QUICK_REFUSAL)
     refusals = [json.loads(line) for line in (tmp_path / "out").read_text().splitlines()
                 if '"invalid_configuration"' in line]
     assert refusals and f"unix:{path}" in refusals[0]["detail"]
