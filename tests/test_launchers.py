@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from conftest import HERE, TESTS, RedisServer, ServerProcess, free_port, require_redis_server
+from conftest import HERE, TESTS, RedisServer, ServerProcess, free_port, require_redis_server, wait_until
 
 TOKEN = "launcher-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -89,6 +89,20 @@ def running(port: int, prefix: str) -> int:
 def stdout_lines(server: ServerProcess) -> list[dict[str, Any]]:
     """Every line the service wrote on stdout, each parsed as JSON (a line that is not JSON fails the test)."""
     return [json.loads(line) for line in server.log_path.read_text().splitlines() if line.strip()]
+
+
+def refusals_in(output: str) -> list[dict[str, Any]]:
+    """The ``invalid_configuration`` lines among a launcher's output (its supervisor's own lines are not JSON)."""
+    return [json.loads(line) for line in output.splitlines() if '"invalid_configuration"' in line]
+
+
+def wait_started(server: ServerProcess, count: int, timeout: float) -> None:
+    """Until ``count`` service_started lines were written (a worker each); fails at once if the launcher exits."""
+    def started() -> bool:
+        assert server.proc.poll() is None, (server.log_path.read_text(), server.stderr_text())
+        return len([line for line in stdout_lines(server) if line["event"] == "service_started"]) >= count
+
+    wait_until(started, timeout, f"{count} service_started line(s)")
 
 
 def run_until_exit(argv: list[str], output: Path, timeout: float = 30, **env: str) -> int:
@@ -159,7 +173,7 @@ def test_a_bad_setting_stops_the_launcher_with_exit_2(tmp_path: Path, launcher: 
     done = subprocess.run(argv, cwd=HERE, capture_output=True, text=True, timeout=60,
                           env={"PATH": "/usr/bin:/bin", "MAX_CONCURRENT_RUNS": "many", "PYTHONPATH": str(TESTS)})
     assert done.returncode == 2, (done.stdout, done.stderr)
-    refusals = [json.loads(line) for line in done.stdout.splitlines() if '"invalid_configuration"' in line]
+    refusals = refusals_in(done.stdout)
     assert refusals and refusals[0]["variable"] == "MAX_CONCURRENT_RUNS"
 
 
@@ -168,7 +182,7 @@ def test_a_bad_setting_stops_every_worker_of_a_supervisor(tmp_path: Path, launch
     argv = [part.replace("{port}", str(free_port())) for part in WORKERS[launcher]]
     run_until_exit(argv, tmp_path / "out", ON_BUSY="sometimes")
     output = (tmp_path / "out").read_text()
-    refusals = [json.loads(line) for line in output.splitlines() if '"invalid_configuration"' in line]
+    refusals = refusals_in(output)
     assert refusals and refusals[0]["variable"] == "ON_BUSY", output
 
 
@@ -177,7 +191,7 @@ def test_memory_mode_refuses_a_second_worker_process(tmp_path: Path, launcher: s
     argv = [part.replace("{port}", str(free_port())) for part in WORKERS[launcher]]
     code = run_until_exit(argv, tmp_path / "out", AGENT_MODULES="fixture_agents", **QUICK_REFUSAL)
     output = (tmp_path / "out").read_text()
-    refusals = [json.loads(line) for line in output.splitlines() if '"invalid_configuration"' in line]
+    refusals = refusals_in(output)
     assert refusals, output
     assert refusals[0]["variable"] == "REDIS_URL" and "one process" in refusals[0]["detail"]
     if launcher == "gunicorn":  # the refused worker exits 3, the status that makes gunicorn stop (with 3)
@@ -192,7 +206,7 @@ def test_a_second_memory_mode_launcher_on_the_same_port_is_refused(tmp_path: Pat
     try:
         assert run_until_exit(argv, tmp_path / "second", **QUICK_REFUSAL) == 3  # gunicorn's "Worker failed to boot"
         output = (tmp_path / "second").read_text()
-        refusals = [json.loads(line) for line in output.splitlines() if '"invalid_configuration"' in line]
+        refusals = refusals_in(output)
         assert refusals and refusals[0]["variable"] == "REDIS_URL", output
         assert f"127.0.0.1:{port}" in refusals[0]["detail"]
         assert request(first.port, "GET", "/healthz")[0] == 200  # the first one serves on
@@ -204,8 +218,7 @@ def test_memory_mode_workers_on_a_unix_socket_are_refused_too(tmp_path: Path) ->
     path = tmp_path / "runner.sock"
     run_until_exit(LAUNCHERS["uvicorn"][:4] + ["--uds", str(path), "--workers", "2"], tmp_path / "out",
                    **QUICK_REFUSAL)
-    refusals = [json.loads(line) for line in (tmp_path / "out").read_text().splitlines()
-                if '"invalid_configuration"' in line]
+    refusals = refusals_in((tmp_path / "out").read_text())
     assert refusals and f"unix:{path}" in refusals[0]["detail"]
 
 
@@ -217,11 +230,7 @@ def test_memory_mode_on_two_addresses_with_one_port_is_two_services(tmp_path: Pa
             argv = [part.replace("127.0.0.1:{port}", f"{host}:{port}") for part in LAUNCHERS["gunicorn"]]
             servers.append(launch(tmp_path, host, argv, port))
             if host == "127.0.0.2":  # ServerProcess waited on 127.0.0.1: wait for this one's start line
-                deadline = time.monotonic() + 15
-                while not [line for line in stdout_lines(servers[-1]) if line["event"] == "service_started"]:
-                    assert servers[-1].proc.poll() is None, servers[-1].log_path.read_text()
-                    assert time.monotonic() < deadline
-                    time.sleep(0.05)
+                wait_started(servers[-1], 1, timeout=15)
         assert all(server.proc.poll() is None for server in servers)
     finally:
         for server in servers:
@@ -233,11 +242,7 @@ def test_a_graceful_reload_waits_for_the_old_worker_instead_of_stopping_the_serv
     server = launch(tmp_path, "gunicorn", LAUNCHERS["gunicorn"], SHUTDOWN_GRACE_SECONDS="1")
     try:
         server.proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 20
-        while len([line for line in stdout_lines(server) if line["event"] == "service_started"]) < 2:
-            assert server.proc.poll() is None, (server.log_path.read_text(), server.stderr_text())
-            assert time.monotonic() < deadline, server.log_path.read_text()
-            time.sleep(0.05)
+        wait_started(server, 2, timeout=20)
         assert request(server.port, "GET", "/healthz")[0] == 200
         assert not [line for line in stdout_lines(server) if line["event"] == "invalid_configuration"]
     finally:
@@ -270,10 +275,7 @@ def test_redis_mode_with_two_workers_runs_one_agent(tmp_path: Path, redis_server
     server = launch(tmp_path, launcher, WORKERS[launcher], API_TOKEN=TOKEN, REDIS_URL=redis_server.url,
                     REDIS_PREFIX=f"test-{uuid.uuid4().hex[:8]}")
     try:
-        deadline = time.monotonic() + 15  # both workers up: each wrote service_started
-        while len([line for line in stdout_lines(server) if line["event"] == "service_started"]) < 2:
-            assert time.monotonic() < deadline, server.log_path.read_text()
-            time.sleep(0.05)
+        wait_started(server, 2, timeout=15)  # both workers up: each wrote service_started
         statuses = burst(server.port, "")
         assert sorted(statuses) == [202] + [409] * 29, statuses
         assert running(server.port, "") == 1
