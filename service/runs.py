@@ -174,7 +174,7 @@ class Runner:
                     started = run.started_at or utc_now()
                     run.update(state="RUNNING", started_at=started)
                     try:
-                        await self.backend.save(run)
+                        asked, by = await self.save_running(run, active.waited)
                     except WriteRefused as exc:
                         self.refuse(active, exc)
                         return True
@@ -182,9 +182,8 @@ class Runner:
                     log.info("run_started", extra={**run_fields(run), "fencing_token": run.fencing_token})
                     if active.waited:
                         metrics.QUEUE_WAIT.observe(seconds_between(run.created_at, started))
-                        asked, by = await self.backend.cancel_requested(run.run_id)  # sent while it changed hands
-                        if asked:
-                            self.request_stop(run.run_id, by=by)
+                    if asked:
+                        self.request_stop(run.run_id, by=by)
                 return True
             except StoreUnavailable as exc:
                 if time.monotonic() < deadline and active.stop_reason is None:
@@ -193,6 +192,21 @@ class Runner:
                         continue
                 log.error("run_start_failed", extra={**run_fields(run), "detail": str(exc)})
                 return False
+
+    async def save_running(self, run: Run, waited: bool) -> tuple[bool, str | None]:
+        """Store RUNNING; for a run that waited in the queue, also whether a cancel (or an interrupt, by which run)
+        was asked while it changed hands, read at the same time: this process runs it already, so a cancel asked
+        from now on reaches it directly, and one asked before left its flag."""
+        if not waited:
+            await self.backend.save(run)
+            return False, None
+        saved, flag = await asyncio.gather(self.backend.save(run), self.backend.cancel_requested(run.run_id),
+                                           return_exceptions=True)
+        for outcome in (saved, flag):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        assert not isinstance(flag, BaseException)
+        return flag
 
     def refuse(self, active: ActiveRun, exc: WriteRefused) -> None:
         """A write of the run was refused: it is terminal, or another holder's. Log it and stop the agent."""

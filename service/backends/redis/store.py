@@ -143,6 +143,8 @@ class RedisBackend:
         try:
             while run.run_id in self._progress_dirty:  # changes made during a write get one more write
                 self._progress_dirty.discard(run.run_id)
+                if run.finished:  # its terminal write carries the progress (and alone frees the slot with it)
+                    return
                 async with self.health.guard():
                     if not await self._save_unfinished(run):
                         return  # no longer this holder's run: its next write is refused and says so
@@ -154,12 +156,12 @@ class RedisBackend:
     async def save(self, run: Run, release: bool = False) -> None:
         """Store a change; a terminal state also updates the indexes, publishes, trims to retention,
         and (with ``release``) releases the run's slot, all in one atomic script that is safe to retry.
-        self._progress_dirty.discard(run.run_id)
-        pending = self._progress_writes.get(run.run_id)
-        if pending is not None:  # a progress write in flight must land before this one
-            await asyncio.gather(pending, return_exceptions=True)
         Raises WriteRefused when the run is no longer its holder's: terminal already, or claimed by another.
         """
+        self._progress_dirty.discard(run.run_id)
+        pending = self._progress_writes.get(run.run_id)
+        if pending is not None:  # a progress write in flight lands first: it never overwrites this one
+            await asyncio.gather(pending, return_exceptions=True)
         async with self.health.guard():
             if not run.finished:
                 if not await self._save_unfinished(run):
