@@ -197,9 +197,9 @@ class Runner:
         """Store RUNNING; for a run that waited in the queue, also whether a cancel (or an interrupt, by which run)
         was asked while it changed hands, read at the same time: this process runs it already, so a cancel asked
         from now on reaches it directly, and one asked before left its flag."""
-        if not waited:
+        if not waited or not self.backend.shared:  # in this process both answer at once: no need to overlap
             await self.backend.save(run)
-            return False, None
+            return await self.backend.cancel_requested(run.run_id) if waited else (False, None)
         saved, flag = await asyncio.gather(self.backend.save(run), self.backend.cancel_requested(run.run_id),
                                            return_exceptions=True)
         for outcome in (saved, flag):
