@@ -19,6 +19,7 @@ Streams and come back through one reader task per replica
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import threading
 import time
@@ -34,9 +35,17 @@ CLIENT_MAX_FRAMES = 1000  # frames a client may have waiting while its writer is
 CLIENT_MAX_BYTES = 4 * 1024 * 1024  # bytes of frames a client may have waiting (one frame always fits)
 MAX_STREAMS = 1000  # open event streams per process; past it 503, so streams never take every connection
 LOG_LINE_MAX_BYTES = 64 * 1024  # a longer self.log line is replaced by a short line saying its size
+STREAM_RETRY_MS = 2000  # the retry: every stream sends first, how long an EventSource waits to reconnect
 PROGRESS_INTERVAL = 0.05  # progress frames of one run are coalesced to at most one per interval
 LOGS_STORED_SECONDS = 2.0  # how long a run's terminal state waits for its log lines to be kept (Redis writes late)
 CLOSE_FLUSH_SECONDS = 1.0  # at shutdown, how long clients get to take their last frames
+
+
+class Ended(enum.Enum):
+    ENDED = "ended"
+
+
+ENDED = Ended.ENDED  # a run's stream has nothing more for this client (204)
 
 
 class Subscriber:
@@ -210,12 +219,39 @@ class EventHub:
 
     # --- what a new client gets first ----------------------------------------------------------------------
 
-    async def first_run_frames(self, run_id: str, after: tuple[int, int] | None,
-                               read_run: Callable[[str], Awaitable[Run | None]]) -> list[Frame] | None:
-        """The frames a new client of ``run_id`` gets first: those after ``after`` when they are all still
-        kept, else the run as it stands now; None if there is no such run. Subscribe before calling this."""
+    async def first_run_frames(self, run_id: str, after: tuple[int, int] | None, from_now: bool,
+                               read_run: Callable[[str], Awaitable[Run | None]]) -> list[Frame] | None | Ended:
+        """The frames a new client of ``run_id`` gets first; None if there is no such run, ENDED if there is
+        nothing more for it (it resumes after the run's terminal event: 204). Subscribe before calling this.
+
+        The backlog is read before the run, so an event it holds is reflected in the run, and any later one
+        arrives live. Without ``after``: every kept event of the run (with a ``gap`` frame first when its
+        first ones are gone), or with ``from_now`` the run as it stands.
+        """
         assert self.transport is not None
-        return await self.transport.first_run_frames(run_id, after, read_run)
+        if after is not None:
+            backlog = await self.transport.run_backlog(run_id, after)
+            run = await read_run(run_id)
+            if run is None:
+                return None
+            if run.finished and not any(frame.terminal for frame in backlog.frames):
+                return ENDED  # it had the terminal event (or its id is long gone and the run is over)
+            if backlog.found:
+                return backlog.frames
+            return [Frame.gap(run_id, None), Frame.snapshot(backlog.newest or "0-0", run)]
+        if from_now:
+            newest = await self.transport.newest_run_event(run_id)
+            run = await read_run(run_id)
+            return None if run is None else [Frame.snapshot(newest or "0-0", run)]
+        backlog = await self.transport.run_backlog(run_id, None)
+        run = await read_run(run_id)
+        if run is None:
+            return None
+        first_kept = backlog.frames[0].id if backlog.frames else None
+        frames = backlog.frames if backlog.found else [Frame.gap(run_id, first_kept), *backlog.frames]
+        if not backlog.frames or (run.finished and not any(frame.terminal for frame in backlog.frames)):
+            frames.append(Frame.snapshot(backlog.newest or "0-0", run))  # nothing kept, or its end never came
+        return frames
 
     async def first_global_frames(self, after: tuple[int, int] | None) -> list[Frame]:
         if after is None or self.transport is None:

@@ -450,8 +450,14 @@ def test_an_event_comes_back_with_an_id_its_log_line_is_kept_and_a_client_resume
             assert (first.kind, second.kind) == ("run", "log") and first.key < second.key
             assert first.wire.endswith(b"data: " + run.json() + b"\n\n")
             assert await backend.logs(run.run_id) == [b'{"event":"hello"}']
-            resumed = await transport.first_run_frames(run.run_id, first.key, backend.get)
-            assert resumed is not None and [frame.id for frame in resumed] == [second.id]
+            resumed = await transport.run_backlog(run.run_id, first.key)
+            assert resumed.found and [frame.id for frame in resumed.frames] == [second.id]
+            whole = await transport.run_backlog(run.run_id, None)
+            assert whole.found and [frame.id for frame in whole.frames] == [first.id, second.id]
+            assert whole.newest == second.id == await transport.newest_run_event(run.run_id)
+            assert not (await transport.run_backlog(run.run_id, (1, 0))).found  # an id it never had
+            nothing = await transport.run_backlog(new_run().run_id, None)
+            assert (nothing.frames, nothing.found, nothing.newest) == ([], False, None)
             assert [frame.id for frame in await transport.global_after((0, 0))] == [first.id]  # run events only
             assert sink.ended == []
         finally:
