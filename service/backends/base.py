@@ -105,7 +105,8 @@ class EventTransport(Protocol):
         """Until what was sent has reached the sink, at most ``timeout``."""
 
     async def run_backlog(self, run_id: str, after: tuple[int, int] | None) -> RunBacklog:
-        """The run's kept frames after ``after`` (all of them for None), oldest first, read in one go."""
+        """The run's kept frames from ``after`` on (``after`` itself first when it is kept; all of them for
+        None), oldest first, read in one go."""
 
     async def newest_run_event(self, run_id: str) -> str | None:
         """The id of the run's newest kept event; None when none is kept."""

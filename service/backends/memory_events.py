@@ -43,6 +43,9 @@ class Backlog:
     def after(self, key: tuple[int, int]) -> list[Frame]:
         return [frame for frame in self.frames if frame.key > key]
 
+    def since(self, key: tuple[int, int]) -> list[Frame]:
+        return [frame for frame in self.frames if frame.key >= key]
+
     def has(self, key: tuple[int, int]) -> bool:
         return any(frame.key == key for frame in self.frames)
 
@@ -108,7 +111,7 @@ class MemoryEvents:
             return RunBacklog([], False, None)
         if after is None:
             return RunBacklog(list(backlog.frames), not backlog.trimmed, backlog.frames[-1].id)
-        return RunBacklog(backlog.after(after), backlog.has(after), backlog.frames[-1].id)
+        return RunBacklog(backlog.since(after), backlog.has(after), backlog.frames[-1].id)
 
     async def newest_run_event(self, run_id: str) -> str | None:
         backlog = self._backlogs.get(run_id)

@@ -257,8 +257,8 @@ class Frame:
 
 @dataclass(slots=True)
 class RunBacklog:
-    """What an event transport keeps of one run: its frames after an id (or all), whether that id is among them
-    (or, for all, whether they start with the run's first event), and the newest id (None: nothing kept)."""
+    """What an event transport keeps of one run: its frames from an id on (or all), whether that id is among
+    them (or, for all, whether they start with the run's first event), and the newest id (None: nothing kept)."""
 
     frames: list[Frame]
     found: bool

@@ -209,8 +209,8 @@ class RedisEvents:
     # --- what a new client gets first ----------------------------------------------------------------------
 
     async def run_backlog(self, run_id: str, after: tuple[int, int] | None) -> RunBacklog:
-        """The run's kept frames after ``after`` (or all), in one transaction with what says whether they are
-        whole: the entry ``after`` itself, or (for all) the stream's record of trimmed entries."""
+        """The run's kept frames from ``after`` on (or all), in one transaction with what says whether they are
+        whole: the entry ``after`` itself comes first, or (for all) the stream's record of trimmed entries."""
         stream = self.key("events", "run", run_id)
         async with self.client.pipeline(transaction=True) as pipe:
             if after is None:
@@ -218,18 +218,17 @@ class RedisEvents:
                 pipe.xinfo_stream(stream)  # an error reply when there is no stream: then nothing is kept anyway
             else:
                 wanted = f"{after[0]}-{after[1]}"
-                pipe.xrange(stream, f"({wanted}", "+", count=RUN_BACKLOG_FRAMES)
-                pipe.xrange(stream, wanted, wanted)
+                pipe.xrange(stream, wanted, "+", count=RUN_BACKLOG_FRAMES + 1)
             pipe.xrevrange(stream, count=1)
-            entries, check, newest = await _guarded(pipe.execute(raise_on_error=False))
+            entries, *check, newest = await _guarded(pipe.execute(raise_on_error=False))
         for reply in (entries, newest):
             if isinstance(reply, Exception):
                 raise StoreUnavailable(str(reply))
         frames = [frame for entry_id, fields in entries if (frame := _frame(entry_id, fields)) is not None]
         if after is None:
-            found = bool(entries) and isinstance(check, dict) and _whole(check, frames[0] if frames else None)
+            found = bool(entries) and isinstance(check[0], dict) and _whole(check[0], frames[0] if frames else None)
         else:
-            found = bool(check) and not isinstance(check, Exception)
+            found = bool(entries) and _key(entries[0][0]) == after
         return RunBacklog(frames, found, newest[0][0].decode() if newest else None)
 
     async def newest_run_event(self, run_id: str) -> str | None:
