@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import signal
+import subprocess
+import sys
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -15,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import ServerProcess, new_user, wait_until
+from conftest import HERE, ServerProcess, new_user, wait_until
 from test_dashboard import AGENTS, TOKEN, WAIT_MS, Tab, browser, start  # noqa: F401 - browser is a fixture
 
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -165,3 +167,13 @@ def test_the_chart_counts_the_last_hours_runs_per_minute_by_state_with_duration_
         tab.expect_no_reload_and_no_errors()
     finally:
         srv.stop(signal.SIGKILL)
+
+
+def test_the_docs_screenshot_tool_shoots_the_real_page(tmp_path: Path, browser: Any) -> None:  # noqa: F811
+    """tools/dashboard_screenshot.py made docs/dashboard.png; it still runs against today's page."""
+    out = tmp_path / "dashboard.png"
+    shot = subprocess.run([sys.executable, HERE / "tools" / "dashboard_screenshot.py", "--out", out], cwd=HERE,
+                          capture_output=True, text=True, timeout=120)
+    assert shot.returncode == 0, shot.stdout + shot.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 50_000
+    assert (HERE / "docs" / "dashboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
