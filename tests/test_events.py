@@ -554,12 +554,18 @@ def test_every_stream_starts_with_a_retry_field(events_server) -> None:
     assert one.retry == every.retry == 2000
 
 
-def test_a_watcher_connecting_after_the_agent_logged_gets_the_whole_run_from_its_first_event(events_server) -> None:
-    srv = events_server
+def watched_after_two_lines(srv: ServerProcess, query: str) -> tuple[str, SSEReader]:
+    """A run of four lines, and its stream (with ``query``) opened once two are logged, read to its end."""
     run_id = post(srv, "chatty", lines=4, seconds=0.3)
     wait_until(lambda: len(srv.client.get(f"/agents/logs/{run_id}").json()["lines"]) >= 2, 10, "two lines logged")
-    late = SSEReader(f"{srv.url}/agents/events/{run_id}")
-    late.wait_ended()
+    reader = SSEReader(f"{srv.url}/agents/events/{run_id}{query}")
+    reader.wait_ended()
+    return run_id, reader
+
+
+def test_a_watcher_connecting_after_the_agent_logged_gets_the_whole_run_from_its_first_event(events_server) -> None:
+    srv = events_server
+    run_id, late = watched_after_two_lines(srv, "")
     assert late.status == 200 and late.clean, late.error
     kinds = [event for event, _, _ in late.frames]
     assert kinds[0] == "run" and run_frames(late)[0]["state"] in ("PENDING", "RUNNING")  # accepted
@@ -574,10 +580,7 @@ def test_a_watcher_connecting_after_the_agent_logged_gets_the_whole_run_from_its
 
 def test_from_now_starts_with_the_run_as_it_stands(events_server) -> None:
     srv = events_server
-    run_id = post(srv, "chatty", lines=4, seconds=0.3)
-    wait_until(lambda: len(srv.client.get(f"/agents/logs/{run_id}").json()["lines"]) >= 2, 10, "two lines logged")
-    now = SSEReader(f"{srv.url}/agents/events/{run_id}?from=now")
-    now.wait_ended()
+    run_id, now = watched_after_two_lines(srv, "?from=now")
     assert now.frames[0][0] == "run" and now.frames[0][2]["state"] == "RUNNING"
     assert [data.get("n") for event, _, data in now.frames if event == "log"][0] >= 2  # not the earlier lines
     assert run_frames(now)[-1]["state"] == "DONE"
