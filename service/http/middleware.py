@@ -1,5 +1,5 @@
-"""Pure ASGI middleware: bearer-token auth on /agents routes, the root path, proxy headers, the access log line
-(and the request's span while tracing is on)."""
+"""Pure ASGI middleware: bearer-token auth on /agents routes, the root path, proxy headers, CORS, the access log
+line (and the request's span while tracing is on)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 from json.encoder import encode_basestring_ascii as json_string
 from typing import Any, cast
 
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
@@ -84,6 +85,60 @@ class ForwardedClient:
             trusting: Any = ProxyHeadersMiddleware(cast(Any, self.app), trusted_hosts=list(trusted))
             self._trusting = (trusted, trusting)
         await self._trusting[1](scope, receive, send)
+
+
+# What a page on an allowed origin may send and read: the request headers of the API (the token, JSON, a
+# retry's key, a stream's resume point, a trace), and the answer headers it documents.
+CORS_REQUEST_HEADERS = ("Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID", "traceparent",
+                        "tracestate")
+CORS_EXPOSED_HEADERS = ("Location", "Retry-After", "Idempotent-Replayed", "WWW-Authenticate", "traceparent")
+CORS_MAX_AGE_SECONDS = 600  # how long a browser may keep a preflight's answer (Chromium caps it at 2 hours)
+
+
+class Cors:
+    """With CORS_ALLOW_ORIGINS set, Starlette's CORSMiddleware answers preflights and marks the answers to the
+    origins listed; without it, no CORS header is sent and a preflight is an ordinary (405) request.
+
+    A preflight needs no token (browsers never send one with it): the route's token check comes after. One the
+    middleware refuses (a method or header not allowed) is answered as JSON ``{"detail": ...}`` like every error.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._allowing: tuple[tuple[str, ...], ASGIApp] | None = None  # built for the setting in force
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        origins = settings.current.cors_allow_origins
+        if not origins or scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self._allowing is None or self._allowing[0] != origins:
+            allowing = CORSMiddleware(self.app, allow_origins=list(origins), allow_methods=["GET", "POST"],
+                                      allow_headers=list(CORS_REQUEST_HEADERS),
+                                      expose_headers=list(CORS_EXPOSED_HEADERS), max_age=CORS_MAX_AGE_SECONDS)
+            self._allowing = (origins, allowing)
+        preflight = scope["method"] == "OPTIONS" and any(
+            name == b"access-control-request-method" for name, _ in scope["headers"])
+        await self._allowing[1](scope, receive, refusal_as_json(send) if preflight else send)
+
+
+def refusal_as_json(send: Send) -> Send:
+    """``send``, with a refused preflight's plain-text answer (400 "Disallowed CORS ...") turned into JSON."""
+    refused: list[Message] = []
+
+    async def send_json(message: Message) -> None:
+        if message["type"] == "http.response.start" and message["status"] == 400:
+            refused.append(message)
+            return
+        if refused and message["type"] == "http.response.body":
+            detail = message.get("body", b"").decode("utf-8", "replace")
+            response = json_response({"detail": f"{detail} (preflight refused)"}, 400, headers={"Vary": "Origin"})
+            await send({"type": "http.response.start", "status": 400, "headers": response.raw_headers})
+            await send({"type": "http.response.body", "body": response.body})
+            return
+        await send(message)
+
+    return send_json
 
 
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
