@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 import agents
-from service import settings, tracing
+from service import metrics, settings, tracing
 from service.cancelling import cancel_and_wait
 from service.backends import Backend
 from service.backends.records import StoreUnavailable
@@ -139,6 +139,7 @@ routes = [  # the router tries them in order: the busiest first; every /agents r
 
 def build_app(version: str) -> Starlette:
     """The ASGI app; the settings it follows are read by each request, once the launcher has read them."""
+    metrics.set_build_info(version)
     app = Starlette(
         routes=routes,
         exception_handlers={HTTPException: http_error, StoreUnavailable: store_unavailable,

@@ -153,7 +153,7 @@ class AccessLog:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self._requests: dict[tuple[str, str, int], Any] = {}  # labelled counters, looked up once each
+        self._requests: dict[tuple[str, str, int], tuple[Any, Any]] = {}  # labelled series, looked up once each
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -181,10 +181,14 @@ class AccessLog:
             # a label per method the service knows: another server's parser (h11) lets any token through
             key = (method if method in HTTP_METHODS else "other", route.path if route is not None else "<unmatched>",
                    status)
-            counter = self._requests.get(key)
-            if counter is None:
-                counter = self._requests[key] = metrics.HTTP_REQUESTS_TOTAL.labels(key[0], key[1], str(status))
-            counter.inc()
+            series = self._requests.get(key)
+            if series is None:
+                labels = (key[0], key[1], str(status))
+                series = self._requests[key] = (metrics.HTTP_REQUESTS_TOTAL.labels(*labels),
+                                                metrics.HTTP_REQUEST_DURATION.labels(*labels))
+            duration = time.perf_counter() - started
+            series[0].inc()
+            series[1].observe(duration)
             path = scope["path"]
             logged = json_string(path) if len(path) <= LOGGED_PATH_CHARS else \
                 f'{json_string(logged_path(path))}, "path_chars": {len(path)}'
@@ -192,7 +196,7 @@ class AccessLog:
             address = json_string(logged_text(client[0], LOGGED_TOKEN_CHARS)) if client else "null"
             log_hot("http_request", f'"method": {json_string(logged_text(method, LOGGED_TOKEN_CHARS))}, '
                                     f'"path": {logged}, "status": {status}, "client": {address}, '
-                                    f'"duration_ms": {round((time.perf_counter() - started) * 1000, 2)}')
+                                    f'"duration_ms": {round(duration * 1000, 2)}')
             if traced is not None:  # the line above is written inside the request's span
                 tracing.end_request(*traced, scope, status, error)
 
