@@ -69,22 +69,41 @@ class RootPath:
         await self.app(scope, receive, send)
 
 
-class ForwardedClient:
-    """With FORWARDED_ALLOW_IPS set, a trusted proxy's X-Forwarded-For and -Proto set the client and scheme."""
+class SettingMiddleware:
+    """A middleware that wraps an inner one built for a setting's value (read per request, as every setting is),
+    built again when the value changes; with the setting empty, requests go straight to the app."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self._trusting: tuple[tuple[str, ...], Any] | None = None  # built for the setting in force
+        self._built: tuple[tuple[str, ...], Any] | None = None  # (the value, the middleware built for it)
+
+    def setting(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def build(self, value: tuple[str, ...]) -> Any:
+        raise NotImplementedError
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        trusted = settings.current.forwarded_allow_ips
-        if not trusted or scope["type"] != "http":
+        value = self.setting()
+        if not value or scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self._trusting is None or self._trusting[0] != trusted:
-            trusting: Any = ProxyHeadersMiddleware(cast(Any, self.app), trusted_hosts=list(trusted))
-            self._trusting = (trusted, trusting)
-        await self._trusting[1](scope, receive, send)
+        if self._built is None or self._built[0] != value:
+            self._built = (value, self.build(value))
+        await self.handle(self._built[1], scope, receive, send)
+
+    async def handle(self, built: Any, scope: Scope, receive: Receive, send: Send) -> None:
+        await built(scope, receive, send)
+
+
+class ForwardedClient(SettingMiddleware):
+    """With FORWARDED_ALLOW_IPS set, a trusted proxy's X-Forwarded-For and -Proto set the client and scheme."""
+
+    def setting(self) -> tuple[str, ...]:
+        return settings.current.forwarded_allow_ips
+
+    def build(self, value: tuple[str, ...]) -> Any:
+        return ProxyHeadersMiddleware(cast(Any, self.app), trusted_hosts=list(value))
 
 
 # What a page on an allowed origin may send and read: the request headers of the API (the token, JSON, a
@@ -95,7 +114,7 @@ CORS_EXPOSED_HEADERS = ("Location", "Retry-After", "Idempotent-Replayed", "WWW-A
 CORS_MAX_AGE_SECONDS = 600  # how long a browser may keep a preflight's answer (Chromium caps it at 2 hours)
 
 
-class Cors:
+class Cors(SettingMiddleware):
     """With CORS_ALLOW_ORIGINS set, Starlette's CORSMiddleware answers preflights and marks the answers to the
     origins listed; without it, no CORS header is sent and a preflight is an ordinary (405) request.
 
@@ -103,23 +122,18 @@ class Cors:
     middleware refuses (a method or header not allowed) is answered as JSON ``{"detail": ...}`` like every error.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-        self._allowing: tuple[tuple[str, ...], ASGIApp] | None = None  # built for the setting in force
+    def setting(self) -> tuple[str, ...]:
+        return settings.current.cors_allow_origins
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        origins = settings.current.cors_allow_origins
-        if not origins or scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        if self._allowing is None or self._allowing[0] != origins:
-            allowing = CORSMiddleware(self.app, allow_origins=list(origins), allow_methods=["GET", "POST"],
-                                      allow_headers=list(CORS_REQUEST_HEADERS),
-                                      expose_headers=list(CORS_EXPOSED_HEADERS), max_age=CORS_MAX_AGE_SECONDS)
-            self._allowing = (origins, allowing)
+    def build(self, value: tuple[str, ...]) -> Any:
+        return CORSMiddleware(self.app, allow_origins=list(value), allow_methods=["GET", "POST"],
+                              allow_headers=list(CORS_REQUEST_HEADERS), expose_headers=list(CORS_EXPOSED_HEADERS),
+                              max_age=CORS_MAX_AGE_SECONDS)
+
+    async def handle(self, built: Any, scope: Scope, receive: Receive, send: Send) -> None:
         preflight = scope["method"] == "OPTIONS" and any(
             name == b"access-control-request-method" for name, _ in scope["headers"])
-        await self._allowing[1](scope, receive, refusal_as_json(send) if preflight else send)
+        await built(scope, receive, refusal_as_json(send) if preflight else send)
 
 
 def refusal_as_json(send: Send) -> Send:
