@@ -1,11 +1,11 @@
 """CORS_ALLOW_ORIGINS: a page on another origin calls the API and reads a stream, in a real headless Chromium.
 
-Pages are served from 127.0.0.1 on ports of their own (another port is another origin); ``localhost`` on the
-same port is yet another origin, one that is never listed.
+Pages are served from 127.0.0.1 on ports of their own: another port is another origin.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -25,9 +25,9 @@ TOKEN = "cors-test-token"
 PAGE = b"<!doctype html><title>another origin</title><p>a web app on another origin</p>"
 
 
-@pytest.fixture(scope="module")
-def page_origin() -> Iterator[str]:
-    """An empty page served on 127.0.0.1 on a port of its own: the origin the tests' scripts run in."""
+@contextlib.contextmanager
+def page_server() -> Iterator[str]:
+    """An empty page served on 127.0.0.1 on a port of its own; yields its origin."""
     class Page(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             self.send_response(200)
@@ -41,9 +41,25 @@ def page_origin() -> Iterator[str]:
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def page_origin() -> Iterator[str]:
+    """The origin the tests' scripts run in, listed in CORS_ALLOW_ORIGINS."""
+    with page_server() as origin:
+        yield origin
+
+
+@pytest.fixture(scope="module")
+def unlisted_origin() -> Iterator[str]:
+    """Another 127.0.0.1 port: another origin, never listed."""
+    with page_server() as origin:
+        yield origin
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +128,9 @@ def test_a_page_on_an_allowed_origin_reads_a_run_stream_with_event_source(
     assert result.get("run", {}).get("run_id") == run_id and result["run"]["state"] == "DONE", result
 
 
-def test_a_page_on_an_origin_not_listed_is_blocked(browser, page_origin: str,
+def test_a_page_on_an_origin_not_listed_is_blocked(browser, unlisted_origin: str,
                                                    cors_servers: dict[str, ServerProcess]) -> None:
-    other_origin = page_origin.replace("127.0.0.1", "localhost")
-    page = open_page(browser, other_origin)
+    page = open_page(browser, unlisted_origin)
     blocked = page.evaluate("""async ([api, token]) => {
       try { await fetch(`${api}/agents`, {headers: {"Authorization": `Bearer ${token}`}}); return "read"; }
       catch (error) { return error.name; }
