@@ -92,7 +92,8 @@ def test_a_delivery_taken_over_by_another_replica_keeps_its_webhook_id(replicas,
 
 
 @pytest.mark.parametrize("secret", ["whsec_not*base64!", "whsec_" + base64.b64encode(b"too short").decode(),
-                                    f"{STANDARD_SECRET},short"])
+                                    f"{STANDARD_SECRET},short"],
+                         ids=["not base64", "a key under 16 bytes", "the second of two too short"])
 def test_a_bad_webhook_secret_stops_start_with_exit_2(secret: str) -> None:
     result = subprocess.run([sys.executable, "agent_runner.py"], cwd=HERE, capture_output=True, text=True, timeout=30,
                             env={**os.environ, "PORT": str(free_port()), "PYTHONPATH": str(TESTS), **HOOKS,
