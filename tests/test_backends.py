@@ -19,7 +19,7 @@ import pytest
 from conftest import RedisServer
 from service.backends import Backend
 from service.backends.memory import MemoryBackend
-from service.backends.records import Frame, Run, WriteRefused, utc_now
+from service.backends.records import RUN_BACKLOG_FRAMES, Frame, Run, WriteRefused, utc_now
 
 LOG = logging.getLogger("agent_runner.test_backends")
 Scenario = Callable[[Backend], Awaitable[Any]]
@@ -431,6 +431,31 @@ class Sink:
 
     def end_all(self, reason: str) -> None:
         self.ended.append(reason)
+
+
+def test_a_runs_backlog_is_whole_only_while_it_starts_with_the_runs_first_event(place: Place) -> None:
+    """The replay's `gap`: a backlog that lost its first events says so (trimmed by its caps; in Redis also a
+    stream that expired while the run was silent and began again, its first entry long after the run's start)."""
+    async def scenario(backend: Backend) -> None:
+        transport = backend.event_transport(Sink())
+        await transport.start()
+        try:
+            run = new_run()
+            await backend.admit(run, "reject", 10)
+            for n in range(RUN_BACKLOG_FRAMES + 1):
+                transport.send("log", run.run_id, "", b'{"n":%d}' % n)
+            await transport.written(5.0)
+            trimmed = await transport.run_backlog(run.run_id, None)
+            assert not trimmed.found and len(trimmed.frames) == RUN_BACKLOG_FRAMES
+            late = new_run()
+            late.created_at = "2026-01-01T00:00:00.000Z"  # its events began long after it was created
+            transport.send("run", late.run_id, late.state, late.json())
+            await transport.written(2.0)
+            assert (await transport.run_backlog(late.run_id, None)).found is (backend.name == "memory")
+        finally:
+            await transport.stop()
+
+    place.run(scenario)
 
 
 def test_an_event_comes_back_with_an_id_its_log_line_is_kept_and_a_client_resumes_after_it(place: Place) -> None:
