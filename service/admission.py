@@ -26,7 +26,7 @@ from service.backends.records import Run, StoreUnavailable, utc_now
 from service.logs import log
 from service.runs import STOP_WAIT_SECONDS, Runner, run_fields
 
-QUEUE_FRAMES_INTERVAL = 0.25  # the waiting runs' position frames, at most this often
+QUEUE_FRAMES_INTERVAL = 0.25  # the watched waiting runs' position frames, at most this often
 ORPHANS_INTERVAL = 1.0  # dispatch looks for runs whose replica died this often
 
 
@@ -47,7 +47,7 @@ class Admission:
         self.hub = runner.hub
         self.accepting_runs = True
         self.admitting = 0
-        self.queue_frames_from: int | None = None  # a pass is due, for the runs from this position on
+        self.queue_frames_due = False  # a pass over the watched waiting runs' positions is due
         self.queue_frame_tasks: set[asyncio.Task[None]] = set()
 
     async def admit(self, agent_cls: type[agents.BaseAgent], user_id: str, agent_input: dict[str, Any],
@@ -79,9 +79,12 @@ class Admission:
             log.info("run_queued", extra={**run_fields(run), "queue_position": run.queue_position})
             self.runner.work_waiting.set()
             try:  # the run is accepted: a store failure from here on must not answer 503 (the client would resend it)
-                metrics.QUEUE_DEPTH.set(await self.backend.queue_length())
+                if on_busy == "enqueue" and run.queue_position is not None:
+                    metrics.QUEUE_DEPTH.set(run.queue_position)  # it joined at the end of the line
+                else:
+                    metrics.QUEUE_DEPTH.set(await self.backend.queue_length())
                 if on_busy == "interrupt":
-                    self.publish_queue(from_position=2)  # the run went to the head: every other one moved back
+                    self.publish_queue()  # the run went to the head: every other one moved back
                     await self.interrupt_oldest(run)
             except StoreUnavailable as exc:  # it waits in line all the same; an interrupt then stops no run
                 log.warning("run_queued_store_unavailable", extra={**run_fields(run), "on_busy": on_busy,
@@ -171,6 +174,7 @@ class Admission:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.runner.work_waiting.wait(), 1.0)
             self.runner.work_waiting.clear()
+            self.publish_queue()  # the queue may have moved, here or on another replica
             try:
                 taken = 0
                 while self.accepting_runs:
@@ -182,10 +186,12 @@ class Admission:
                     finally:
                         self.admitting -= 1
                     taken += 1
-                if taken:
-                    self.publish_queue(from_position=1)
-                metrics.QUEUE_DEPTH.set(await self.backend.queue_length())
-                if time.monotonic() >= orphans_due:  # a run whose replica died ends even if no other run starts
+                    if not self.backend.take_again:  # no slot free, or nobody waits: the next take would find none
+                        break
+                tick = time.monotonic() >= orphans_due
+                if taken or tick:
+                    metrics.QUEUE_DEPTH.set(await self.backend.queue_length())
+                if tick:  # a run whose replica died ends even if no other run starts
                     orphans_due = time.monotonic() + ORPHANS_INTERVAL
                     await self.runner.recover_orphans()
             except StoreUnavailable:
@@ -197,17 +203,18 @@ class Admission:
         with tracing.current(active.span):  # its agent starts on the next turn of the loop, after this line
             log.info("run_dequeued", extra=run_fields(run))
 
-    def publish_queue(self, from_position: int) -> None:
-        """The queue moved: a run frame for each waiting run from ``from_position`` on, soon (best effort).
+    def publish_queue(self) -> None:
+        """The queue may have moved: the new positions of the waiting runs that this process's stream clients
+        watch, soon (best effort), as frames of their own to those clients only.
 
-        Moves within QUEUE_FRAMES_INTERVAL share one pass: a queue of n draining
-        run by run would otherwise cost n frames (and in Redis mode n event
-        writes and a read of n records) for every run that leaves it.
+        Nothing is published for a run nobody here watches, so a handoff costs the same whatever the queue's
+        length: each process refreshes its own clients (its stream clients of a waiting run; every waiting run
+        when it has a client of the stream of all runs), and moves within QUEUE_FRAMES_INTERVAL share one pass.
+        Status and list read positions from the queue itself.
         """
-        if self.queue_frames_from is not None:  # a pass is due: it covers this move too
-            self.queue_frames_from = min(self.queue_frames_from, from_position)
+        if self.queue_frames_due or not self.hub.watches_queue():
             return
-        self.queue_frames_from = from_position
+        self.queue_frames_due = True
         asyncio.get_running_loop().call_later(QUEUE_FRAMES_INTERVAL, self.start_queue_frames)
 
     def start_queue_frames(self) -> None:
@@ -216,14 +223,17 @@ class Admission:
         task.add_done_callback(self.queue_frame_tasks.discard)
 
     async def publish_queue_frames(self) -> None:
-        from_position, self.queue_frames_from = self.queue_frames_from or 1, None
+        self.queue_frames_due = False
         with contextlib.suppress(StoreUnavailable):
-            for run in await self.backend.waiting():
-                if run.queue_position is not None and run.queue_position >= from_position:
-                    self.hub.publish_run(run)
+            if self.hub.watches_all():
+                self.hub.deliver_positions(await self.backend.waiting(), everyone=True)
+                return
+            watched = await asyncio.gather(*(self.backend.get(run_id) for run_id in self.hub.watched_runs()))
+            self.hub.deliver_positions([run for run in watched if run is not None and run.queue_position is not None],
+                                       everyone=False)
 
-    async def cancel_waiting(self, run_id: str, position: int = 1) -> Run | None:
-        """Cancel a run still in the queue at ``position`` (CANCELLED at once); None if it no longer waits."""
+    async def cancel_waiting(self, run_id: str) -> Run | None:
+        """Cancel a run still in the queue (CANCELLED at once); None if it no longer waits."""
         write_started = time.time_ns()
         run = await self.backend.dequeue(run_id, state="CANCELLED", finished_at=utc_now())
         if run is None:
@@ -231,7 +241,7 @@ class Admission:
         if tracing.tracer is not None:
             tracing.unexecuted_run(run, write_started)
         self.hub.publish_run(run)
-        self.publish_queue(from_position=position)
+        self.publish_queue()
         metrics.QUEUE_DEPTH.set(await self.backend.queue_length())
         metrics.RUNS_TOTAL.labels(run.agent_type, run.state).inc()
         log.info("run_cancelled", extra={**run_fields(run), "state": run.state, "duration_ms": 0.0})

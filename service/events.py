@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import logging
 import threading
 import time
@@ -61,6 +62,7 @@ class Subscriber:
         self.wake = asyncio.Event()
         self.sending = False  # its writer waits on a send: the client is not reading as fast as frames come
         self.ended: str | None = None  # "disconnected", "slow", "shutdown" or "unavailable"
+        self.position: int | None = None  # a run's stream: the queue position in the last run frame it was given
 
     def take(self) -> list[Frame]:
         frames = list(self.frames)
@@ -82,6 +84,7 @@ class EventHub:
         self._all_clients: set[Subscriber] = set()
         self._progress: dict[str, asyncio.TimerHandle | asyncio.Handle] = {}
         self._progress_at: dict[str, float] = {}
+        self._all_positions: dict[str, int | None] = {}  # the waiting runs' positions the all-runs clients were given
 
     def start(self, keepalive: float, transport: EventTransport) -> None:
         self.loop = asyncio.get_running_loop()
@@ -145,11 +148,55 @@ class EventHub:
         """Hand a frame to the clients that want it; a client that cannot keep up is dropped."""
         clients = self._run_clients.get(frame.run_id)
         if clients:
+            position = position_in(frame) if frame.kind == "run" else None
             for client in list(clients):
+                if frame.kind == "run":
+                    client.position = position
                 self._offer(client, frame)
         if frame.kind == "run":
             for client in list(self._all_clients):
                 self._offer(client, frame)
+
+    # --- queue positions (admission.publish_queue): frames of this process's own, for its clients only --------
+
+    def watches_queue(self) -> bool:
+        """Whether a client here may want a waiting run's new position (any client of the stream of all runs,
+        or of one run's)."""
+        return bool(self._all_clients or self._run_clients)
+
+    def watches_all(self) -> bool:
+        return bool(self._all_clients)
+
+    def watched_runs(self) -> list[str]:
+        """The runs whose streams clients here follow."""
+        return list(self._run_clients)
+
+    def seen_first(self, client: Subscriber, first: list[Frame]) -> None:
+        """A run's stream starts with ``first``: the position it shows is the one the client has."""
+        runs = [frame for frame in first if frame.kind == "run"]
+        if runs:
+            client.position = position_in(runs[-1])
+
+    def deliver_positions(self, waiting: list[Run], everyone: bool) -> None:
+        """The waiting runs' positions as they stand: a frame to each of their run streams' clients whose last
+        frame showed another position and, with ``everyone``, to the clients of the stream of all runs (each run
+        once per change of its position)."""
+        shown: dict[str, int | None] = {}
+        for run in waiting:
+            frame: Frame | None = None
+            for client in list(self._run_clients.get(run.run_id, ())):
+                if client.position != run.queue_position:
+                    frame = frame or Frame.position(run)
+                    client.position = run.queue_position
+                    self._offer(client, frame)
+            if everyone:
+                shown[run.run_id] = run.queue_position
+                if self._all_positions.get(run.run_id) != run.queue_position:
+                    frame = frame or Frame.position(run)
+                    for client in list(self._all_clients):
+                        self._offer(client, frame)
+        if everyone:
+            self._all_positions = shown
 
     def _offer(self, client: Subscriber, frame: Frame) -> None:
         """Queue ``frame`` for ``client``, or drop the client if it is behind.
@@ -300,6 +347,15 @@ class EventHub:
         await self.close()
         if self.transport is not None:
             await self.transport.stop()
+
+
+def position_in(frame: Frame) -> int | None:
+    """The queue position a run frame shows."""
+    try:
+        position = json.loads(frame.wire.partition(b"\ndata: ")[2])["queue_position"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return position if isinstance(position, int) else None
 
 
 class RunLogCapture(logging.Handler):

@@ -169,12 +169,12 @@ class Runner:
         deadline = time.monotonic() + max(settings.current.lock_ttl_seconds, 5.0)
         while True:
             try:
-                await self.recover_orphans()
+                await self.recover_orphans(starting=run)
                 if active.stop_reason is None:
                     started = run.started_at or utc_now()
                     run.update(state="RUNNING", started_at=started)
                     try:
-                        await self.backend.save(run)
+                        asked, by = await self.save_running(run, active.waited)
                     except WriteRefused as exc:
                         self.refuse(active, exc)
                         return True
@@ -182,15 +182,31 @@ class Runner:
                     log.info("run_started", extra={**run_fields(run), "fencing_token": run.fencing_token})
                     if active.waited:
                         metrics.QUEUE_WAIT.observe(seconds_between(run.created_at, started))
-                        asked, by = await self.backend.cancel_requested(run.run_id)  # sent while it changed hands
-                        if asked:
-                            self.request_stop(run.run_id, by=by)
+                    if asked:
+                        self.request_stop(run.run_id, by=by)
                 return True
             except StoreUnavailable as exc:
-                if time.monotonic() >= deadline or active.stop_reason is not None:
-                    log.error("run_start_failed", extra={**run_fields(run), "detail": str(exc)})
-                    return False
-                await asyncio.sleep(STORE_RETRY_SECONDS)
+                if time.monotonic() < deadline and active.stop_reason is None:
+                    await asyncio.sleep(STORE_RETRY_SECONDS)
+                    if active.stop_reason is None:  # stopped meanwhile (its lock lost): RUNNING was never stored
+                        continue
+                log.error("run_start_failed", extra={**run_fields(run), "detail": str(exc)})
+                return False
+
+    async def save_running(self, run: Run, waited: bool) -> tuple[bool, str | None]:
+        """Store RUNNING; for a run that waited in the queue, also whether a cancel (or an interrupt, by which run)
+        was asked while it changed hands, read at the same time: this process runs it already, so a cancel asked
+        from now on reaches it directly, and one asked before left its flag."""
+        if not waited or not self.backend.shared:  # in this process both answer at once: no need to overlap
+            await self.backend.save(run)
+            return await self.backend.cancel_requested(run.run_id) if waited else (False, None)
+        saved, flag = await asyncio.gather(self.backend.save(run), self.backend.cancel_requested(run.run_id),
+                                           return_exceptions=True)
+        for outcome in (saved, flag):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        assert not isinstance(flag, BaseException)
+        return flag
 
     def refuse(self, active: ActiveRun, exc: WriteRefused) -> None:
         """A write of the run was refused: it is terminal, or another holder's. Log it and stop the agent."""
@@ -221,13 +237,14 @@ class Runner:
         self.backend.note_progress(run)
         self.hub.publish_progress(run)
 
-    async def recover_orphans(self) -> None:
+    async def recover_orphans(self, starting: Run | None = None) -> None:
         """Mark ERROR the unfinished runs whose holder no longer holds a slot (a replica died).
 
-        Called as a run starts and, by dispatch, at least once a second: a run whose replica died ends even
-        when no other run starts.
+        Called as a run starts (``starting``: before it records RUNNING, so an orphan's RUNNING record never
+        stands beside it; the backend looks only when the step that gave out its slot saw a sign of one) and, by
+        dispatch, at least once a second: a run whose replica died ends even when no other run starts.
         """
-        for orphan in await self.backend.claim_orphans():
+        for orphan in await self.backend.claim_orphans(starting):
             orphan.update(state="ERROR", finished_at=utc_now(), queue_position=None,
                           error="Runner lost: the replica running it lost the run's lease (it stopped, or stopped "
                                 "renewing)")

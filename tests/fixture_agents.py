@@ -185,3 +185,13 @@ class ConcurrencyProbe(BaseAgent):
         finally:
             cls.running -= 1
             self.log.info("probe_end", most=cls.most, running=cls.running)
+
+
+@register
+class Stamped(BaseAgent):
+    agent_type = "stamped"
+    description = "Returns at once with the wall-clock times it started and ended (tools/bench.py's handoff gaps)."
+
+    async def run(self) -> Any:
+        started = time.time()
+        return {"started": started, "ended": time.time()}

@@ -20,13 +20,20 @@ FIGURES = {
     "rss": {"retention", "runs_first", "runs_second", "rss_first_mb", "rss_second_mb", "growth"},
     "queued_throughput": {"runs", "memory", "redis"},
     "footprint": {"site_packages_mb"}, "redis_get_status": {"memory_rps", "redis_rps", "ratio"},
+    "bare_status": LOAD, "drain": {"short", "long", "memory", "redis", "redis_short", "redis_2", "flatness"},
 }
+DRAIN = {"rps", "client_rps", "commands_per_run", "gap_mean_ms", "gap_p50_ms", "gap_p99_ms"}
 TARGETS = {  # every row whose target is checked, and the target it prints
     "GET status req/s": ">= 0.90", "GET status p99 ms": "<= 1.5", "POST busy (409) req/s": ">= 0.80",
     "POST busy (409) p99 ms": "<= 1.5", "launch to /healthz ms": "<= 1.25",
     "queued runs/s, memory (vs back to back)": ">= 1.0", "queued runs/s, Redis (vs back to back)": ">= 1.0",
     "RSS MB after 500/2500 runs": "<= +10 %", "site-packages MB": "<= 32",
     "Redis GET status req/s (vs memory)": ">= 0.50",
+    "GET status vs bare ASGI req/s": ">= 0.70", "GET status vs bare ASGI p99 ms": "<= 1.5",
+    "drain Redis commands/run, 1 replica": "<= 30",
+    "drain handoff gap p50 ms, Redis 1 replica": "<= 0.5", "drain handoff gap p99 ms, Redis 1 replica": "<= 2",
+    "drain handoff gap p50 ms, Redis 2 replicas": "<= 0.5", "drain handoff gap p99 ms, Redis 2 replicas": "<= 2",
+    "drain runs/s, Redis 100 queued (vs 20)": ">= 0.90",
 }
 
 
@@ -59,7 +66,7 @@ def test_quick_bench_measures_every_figure_and_prints_them_as_the_table(tmp_path
     assert {name: set(values) for name, values in figures.items()} == FIGURES  # every one measured, none skipped
 
     # Plausible measurements: a wrong unit, an empty wrk run or a crashed server falls outside these.
-    for name in ("get_status", "post_busy"):
+    for name in ("get_status", "bare_status", "post_busy"):
         load = figures[name]
         assert 50 < load["baseline_rps"] < 1e6 and 50 < load["service_rps"] < 1e6, load
         assert 0.01 < load["baseline_p99_ms"] < 5000 and 0.01 < load["service_p99_ms"] < 5000, load
@@ -82,6 +89,14 @@ def test_quick_bench_measures_every_figure_and_prints_them_as_the_table(tmp_path
         assert 1 < queued[mode]["back_to_back_rps"] < 1e5 and 1 < queued[mode]["queued_rps"] < 1e5, queued
         assert abs(queued[mode]["ratio"] - queued[mode]["queued_rps"] / queued[mode]["back_to_back_rps"]) < 1e-9
 
+    drain = figures["drain"]
+    assert (drain["short"], drain["long"]) == (20, 100)
+    for mode in ("memory", "redis", "redis_short", "redis_2"):
+        assert set(drain[mode]) == DRAIN, drain
+        assert 1 < drain[mode]["rps"] < 1e5 and 0 <= drain[mode]["gap_p50_ms"] <= drain[mode]["gap_p99_ms"] < 5000
+    assert drain["memory"]["commands_per_run"] == 0 and 1 < drain["redis"]["commands_per_run"] < 10000, drain
+    assert abs(drain["flatness"] - drain["redis"]["rps"] / drain["redis_short"]["rps"]) < 1e-9
+
     # The table shows exactly those figures.
     rows = table_rows(result.stdout)
     expected = {
@@ -98,6 +113,21 @@ def test_quick_bench_measures_every_figure_and_prints_them_as_the_table(tmp_path
         "RSS MB after 500/2500 runs": [rss["rss_first_mb"], rss["rss_second_mb"], rss["growth"] * 100],
         "site-packages MB": [None, figures["footprint"]["site_packages_mb"], None],
         "Redis GET status req/s (vs memory)": [in_redis["memory_rps"], in_redis["redis_rps"], in_redis["ratio"]],
+        "GET status vs bare ASGI req/s": [figures["bare_status"][key] for key in ("baseline_rps", "service_rps",
+                                                                                  "rps_ratio")],
+        "GET status vs bare ASGI p99 ms": [figures["bare_status"][key] for key in ("baseline_p99_ms",
+                                                                                   "service_p99_ms", "p99_ratio")],
+        "drain runs/s, memory, 100 queued": [None, drain["memory"]["rps"], None],
+        "drain handoff gap ms, memory (p50 / p99)": [None, drain["memory"]["gap_p50_ms"], None],
+        **{f"drain runs/s, Redis {name} (vs memory)": [drain["memory"]["rps"], drain[mode]["rps"],
+                                                        drain[mode]["rps"] / drain["memory"]["rps"]]
+           for mode, name in (("redis", "1 replica"), ("redis_2", "2 replicas"))},
+        **{f"drain Redis commands/run, {name}": [None, drain[mode]["commands_per_run"], None]
+           for mode, name in (("redis", "1 replica"), ("redis_2", "2 replicas"))},
+        **{f"drain handoff gap {p} ms, Redis {name}": [None, drain[mode][f"gap_{p}_ms"], None]
+           for mode, name in (("redis", "1 replica"), ("redis_2", "2 replicas")) for p in ("p50", "p99")},
+        "drain runs/s, Redis 100 queued (vs 20)": [drain["redis_short"]["rps"], drain["redis"]["rps"],
+                                                   drain["flatness"]],
     }
     assert set(rows) == {"figure", *expected}
     for label, values in expected.items():
@@ -114,6 +144,12 @@ def test_quick_bench_measures_every_figure_and_prints_them_as_the_table(tmp_path
         "RSS MB after 500/2500 runs": rss["growth"] * 100,
         "site-packages MB": figures["footprint"]["site_packages_mb"],
         "Redis GET status req/s (vs memory)": in_redis["ratio"],
+        "GET status vs bare ASGI req/s": figures["bare_status"]["rps_ratio"],
+        "GET status vs bare ASGI p99 ms": figures["bare_status"]["p99_ratio"],
+        "drain Redis commands/run, 1 replica": drain["redis"]["commands_per_run"],
+        **{f"drain handoff gap {p} ms, Redis {name}": drain[mode][f"gap_{p}_ms"]
+           for mode, name in (("redis", "1 replica"), ("redis_2", "2 replicas")) for p in ("p50", "p99")},
+        "drain runs/s, Redis 100 queued (vs 20)": drain["flatness"],
     }
     for label, target in TARGETS.items():
         assert rows[label][3] == target, (label, rows[label])
@@ -142,3 +178,18 @@ def test_the_tracing_figure_measures_tracing_off_against_on(tmp_path: Path) -> N
     rows = table_rows(result.stdout)
     assert rows["GET status req/s, tracing on (vs off)"][3] == "printed"
     assert shows(rows["runs/s back to back, tracing on (vs off)"][2], figure["runs_ratio"])
+
+
+def test_peer_drains_are_timed_from_the_stamps_of_their_jobs() -> None:
+    """``--peers`` (not run here: it installs Celery and arq) times every system the same way."""
+    sys.path.insert(0, str(HERE / "tools"))
+    from bench import gaps_and_rate, peer_rows
+
+    figure = gaps_and_rate([(2.0, 2.001), (1.0, 1.001), (1.002, 1.003)])
+    assert figure["overlaps"] == 0 and abs(figure["rps"] - 2 / 1.001) < 1e-9
+    assert abs(figure["gap_p50_ms"] - 997) < 1e-6 and abs(figure["gap_mean_ms"] - (1 + 997) / 2) < 1e-6
+    assert gaps_and_rate([(1.0, 1.5), (1.2, 1.3)])["overlaps"] == 1  # two jobs at once: a broken slot
+    same = {"rps": 100.0, "commands_per_run": 10.0, "gap_p50_ms": 1.0, "gap_p99_ms": 2.0}
+    lines = peer_rows({"agent-runner": {**same, "rps": 200.0}, "agent-runner x2": same, "celery": same,
+                       "arq": {**same, "rps": 400.0}})
+    assert lines[1] == ("agent-runner", "200", "10.0", "1.00", "2.00", "2.00", "0.50")

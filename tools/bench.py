@@ -39,9 +39,10 @@ from typing import Any
 HERE = Path(__file__).resolve().parent.parent  # the repository root: servers start there
 TESTS = HERE / "tests"  # AGENT_MODULES=fixture_agents is imported from here
 BASELINE = Path(__file__).resolve().parent / "bench_baseline.py"
+BARE = Path(__file__).resolve().parent / "bench_bare.py"
 RUN_BODY = json.dumps({"agent_type": "sleeper", "user_id": str(uuid.uuid4()), "input": {"seconds": 3600}})
-FIGURES = ("get_status", "post_busy", "launch", "runs_per_second", "queued_throughput", "rss", "footprint",
-           "redis_get_status")
+FIGURES = ("get_status", "bare_status", "post_busy", "launch", "runs_per_second", "queued_throughput", "drain", "rss",
+           "footprint", "redis_get_status")
 OPTIONAL = ("tracing",)  # measured with --only
 
 
@@ -65,7 +66,7 @@ class Server:
     def __init__(self, kind: str, **env: str) -> None:
         self.port = free_port()
         command = ([sys.executable, "agent_runner.py"] if kind == "service"
-                   else [sys.executable, str(BASELINE), str(self.port)])
+                   else [sys.executable, str(BARE if kind == "bare" else BASELINE), str(self.port)])
         full_env = {**os.environ, "PORT": str(self.port), "AGENT_MODULES": "fixture_agents", "PYTHONPATH": str(TESTS),
                     "AGENT_SLEEP_SECONDS": "0", "SHUTDOWN_GRACE_SECONDS": "0", **env}
         self._conn: http.client.HTTPConnection | None = None
@@ -234,6 +235,19 @@ def fig_get_status(opts: argparse.Namespace) -> dict[str, Any]:
         service.stop()
 
 
+def fig_bare_status(opts: argparse.Namespace) -> dict[str, Any]:
+    """GET status against a bare ASGI app (no framework) answering the same body: what the framework costs."""
+    bare, service = Server("bare"), Server("service")
+    try:
+        bare_url = f"http://127.0.0.1:{bare.port}/run"
+        service_url = f"http://127.0.0.1:{service.port}/agents/status/{done_run(service)}"
+        warm_up(opts, bare_url, service_url)
+        return interleave(opts.runs, lambda: wrk(bare_url, opts.seconds), lambda: wrk(service_url, opts.seconds))
+    finally:
+        bare.stop()
+        service.stop()
+
+
 def fig_post_busy(opts: argparse.Namespace) -> dict[str, Any]:
     baseline, service = Server("baseline"), Server("service")
     try:
@@ -318,6 +332,93 @@ def fig_queued_throughput(opts: argparse.Namespace) -> dict[str, Any]:
         if "redis" not in result:
             result["redis"] = {"skipped": "redis-server is not installed"}
         return result
+
+
+def redis_commands(url: str) -> int:
+    """The commands a Redis has run so far (INFO commandstats, INFO itself aside; scripts' own calls included)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    return sum(int(entry["calls"]) for name, entry in stats.items() if name != "cmdstat_info")
+
+
+def stamped_run() -> dict[str, Any]:
+    return {"agent_type": "stamped", "user_id": str(uuid.uuid4()), "input": {}, "on_busy": "enqueue"}
+
+
+def all_runs(server: Server, count: int) -> list[dict[str, Any]]:
+    """The newest ``count`` runs, oldest first."""
+    runs: list[dict[str, Any]] = []
+    before = ""
+    while len(runs) < count:
+        page = json.loads(server.request("GET", f"/agents/runs?limit=1000{before}")[1])["runs"]
+        if not page:
+            break
+        runs += page
+        before = f"&before={page[-1]['run_id']}"
+    return runs[:count][::-1]
+
+
+def drain_once(servers: list[Server], count: int, url: str | None) -> dict[str, float]:
+    """``count`` instant runs wait behind a blocker on ``servers[0]``; the blocker is cancelled and every server
+    drains the queue, one run at a time. Runs/s and the handoff gaps (one run's agent returning to the next one's
+    starting) come from the times each agent stamped; Redis commands per run from INFO commandstats."""
+    client = servers[0]
+    blocker = client.post_json("/agents/run", json.loads(RUN_BODY))["run_id"]
+    for position in range(1, count + 1):
+        accepted = client.post_json("/agents/run", stamped_run())
+        assert accepted["queue_position"] == position, accepted
+    last = accepted["run_id"]
+    commands = redis_commands(url) if url else 0
+    started = time.perf_counter()
+    client.post_json(f"/agents/cancel/{blocker}", {}, expect=200)
+    status, body = client.request("GET", f"/agents/status/{last}?wait=60")
+    elapsed = time.perf_counter() - started
+    assert status == 200 and json.loads(body)["state"] == "DONE", body
+    commands = redis_commands(url) - commands if url else 0
+    stamps = [run["result"] for run in all_runs(client, count)]
+    assert len(stamps) == count and all(stamp and "started" in stamp for stamp in stamps), "not every run was stamped"
+    stamps.sort(key=operator.itemgetter("started"))
+    gaps = sorted((after["started"] - before["ended"]) * 1000 for before, after in zip(stamps, stamps[1:]))
+    assert gaps[0] >= 0, "two runs overlapped"
+    return {"rps": (count - 1) / (stamps[-1]["ended"] - stamps[0]["started"]), "client_rps": count / elapsed,
+            "commands_per_run": commands / count, "gap_mean_ms": statistics.fmean(gaps),
+            "gap_p50_ms": gaps[len(gaps) // 2], "gap_p99_ms": gaps[min(len(gaps) - 1, int(len(gaps) * 0.99))]}
+
+
+def drain_figure(replicas: int, count: int, rounds: int, url: str | None) -> dict[str, float]:
+    """Medians over ``rounds`` drains of ``count`` runs, on fresh servers (memory mode: one, its own state)."""
+    samples = []
+    for _ in range(rounds):
+        env = {"QUEUE_MAX": str(count), **(redis_env(url) if url else {})}
+        servers = [Server("service", **env) for _ in range(replicas)]
+        try:
+            done_run(servers[0])  # warm-up: the first run pays for imports
+            samples.append(drain_once(servers, count, url))
+        finally:
+            for server in servers:
+                server.stop()
+    return {key: statistics.median(sample[key] for sample in samples) for key in samples[0]}
+
+
+def fig_drain(opts: argparse.Namespace) -> dict[str, Any]:
+    """The one-slot drain: runs/s, Redis commands per run and handoff gaps, with ``long`` and ``short`` queues."""
+    short, long = (20, 100) if opts.quick else (50, 1000)
+    rounds = 1 if opts.quick else 3
+    result: dict[str, Any] = {"short": short, "long": long, "memory": drain_figure(1, long, rounds, None)}
+    if shutil.which("redis-server") is None:
+        result["redis"] = {"skipped": "redis-server is not installed"}
+        return result
+    with redis_server() as url:
+        result["redis"] = drain_figure(1, long, rounds, url)
+        result["redis_short"] = drain_figure(1, short, rounds, url)
+        result["redis_2"] = drain_figure(2, long, rounds, url)
+    result["flatness"] = result["redis"]["rps"] / result["redis_short"]["rps"]
+    return result
 
 
 def fig_rss(opts: argparse.Namespace) -> dict[str, Any]:
@@ -439,6 +540,78 @@ def fig_tracing(opts: argparse.Namespace) -> dict[str, Any]:
             "runs_ratio": runs_ratio["rps"]}
 
 
+# --- peers -----------------------------------------------------------------
+
+PEERS = {"celery": "requirements-bench.txt", "arq": "requirements-bench-arq.txt"}
+PEERS_HOME = HERE / ".bench-peers"
+
+
+def peer_python(peer: str) -> Path:
+    """The Python of the peer's own virtualenv (made from its pinned requirements on first use)."""
+    venv = PEERS_HOME / peer
+    python = venv / "bin" / "python"
+    if not python.exists():
+        print(f"  installing {peer} into {venv} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "-r", str(HERE / "tools" / PEERS[peer])],
+                       check=True)
+    return python
+
+
+def gaps_and_rate(stamps: list[tuple[float, float]]) -> dict[str, float]:
+    """Runs/s and handoff gaps (ms) from the (started, ended) times of each job or run."""
+    stamps = sorted(stamps)
+    gaps = sorted((after[0] - before[1]) * 1000 for before, after in zip(stamps, stamps[1:]))
+    return {"rps": (len(stamps) - 1) / (stamps[-1][1] - stamps[0][0]), "gap_mean_ms": statistics.fmean(gaps),
+            "gap_p50_ms": gaps[len(gaps) // 2], "gap_p99_ms": gaps[min(len(gaps) - 1, int(len(gaps) * 0.99))],
+            "overlaps": sum(gap < 0 for gap in gaps)}
+
+
+def peer_drain(peer: str, count: int, url: str) -> dict[str, float]:
+    """One drain of ``count`` jobs by the peer's one-slot worker (tools/bench_peers.py)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "stamps.json"
+        commands = redis_commands(url)
+        subprocess.run([str(peer_python(peer)), str(HERE / "tools" / "bench_peers.py"), peer, url, str(count),
+                        str(out)], check=True, timeout=300)
+        commands = redis_commands(url) - commands
+        stamps = [tuple(pair) for pair in json.loads(out.read_text())]
+    assert len(stamps) == count, f"{peer}: {len(stamps)} of {count} jobs ran"
+    return {**gaps_and_rate(stamps), "commands_per_run": commands / count}
+
+
+def peers_figure(opts: argparse.Namespace) -> dict[str, Any]:
+    """The same drain on agent-runner (1 and 2 replicas) and on each peer, in alternating rounds on one
+    redis-server; medians of the rounds."""
+    count = 100 if opts.quick else 1000
+    rounds = 1 if opts.quick else 3
+    systems = ["agent-runner", "agent-runner x2", *PEERS]
+    samples: dict[str, list[dict[str, float]]] = {system: [] for system in systems}
+    with redis_server() as url:
+        for round_ in range(rounds):
+            for system in systems if round_ % 2 == 0 else systems[::-1]:
+                if system.startswith("agent-runner"):
+                    replicas = 2 if system.endswith("x2") else 1
+                    samples[system].append(drain_figure(replicas, count, 1, url))
+                else:
+                    base = url.rsplit("/", 1)[0]
+                    samples[system].append(peer_drain(system, count, f"{base}/{1 + list(PEERS).index(system)}"))
+    result: dict[str, Any] = {"runs": count}
+    for system, taken in samples.items():
+        result[system] = {key: statistics.median(sample[key] for sample in taken) for key in taken[0]}
+    return result
+
+
+def peer_rows(r: dict[str, Any]) -> list[tuple[str, ...]]:
+    lines = [("system", "runs/s", "commands/run", "gap p50 ms", "gap p99 ms", "vs celery", "vs arq")]
+    for system in ("agent-runner", "agent-runner x2", *PEERS):
+        d = r[system]
+        lines.append((system, f"{d['rps']:.0f}", f"{d['commands_per_run']:.1f}", f"{d['gap_p50_ms']:.2f}",
+                      f"{d['gap_p99_ms']:.2f}", f"{d['rps'] / r['celery']['rps']:.2f}",
+                      f"{d['rps'] / r['arq']['rps']:.2f}"))
+    return lines
+
+
 # --- table -----------------------------------------------------------------
 
 COMPARE = {">=": operator.ge, "<=": operator.le}
@@ -467,6 +640,8 @@ def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
     table = [("figure", "baseline", "service", "ratio", "target", "holds")]
     if "get_status" in results:
         table += load_rows("GET status", results["get_status"], ">= 0.90")
+    if "bare_status" in results:
+        table += load_rows("GET status vs bare ASGI", results["bare_status"], ">= 0.70")
     if "post_busy" in results:
         table += load_rows("POST busy (409)", results["post_busy"], ">= 0.80")
     if "launch" in results:
@@ -484,6 +659,8 @@ def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
             else:
                 table.append(row(f"queued runs/s, {name} (vs back to back)", f"{r['back_to_back_rps']:.0f}",
                                  f"{r['queued_rps']:.0f}", f"{r['ratio']:.2f}", ">= 1.0", r["ratio"]))
+    if "drain" in results:
+        table += drain_rows(results["drain"])
     if "rss" in results:
         r = results["rss"]
         table.append(row(f"RSS MB after {r['runs_first']}/{r['runs_second']} runs", f"{r['rss_first_mb']:.1f}",
@@ -511,8 +688,32 @@ def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
     return table
 
 
-def table(results: dict[str, Any]) -> str:
-    lines = rows(results)
+def drain_rows(r: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The one-slot drain: Redis mode's runs/s against memory mode's, commands per run, gaps and flatness."""
+    memory, long = r["memory"], r["long"]
+    lines = [row(f"drain runs/s, memory, {long} queued", "", f"{memory['rps']:.0f}", "", "printed"),
+             row("drain handoff gap ms, memory (p50 / p99)", "", f"{memory['gap_p50_ms']:.2f} / "
+                 f"{memory['gap_p99_ms']:.2f}", "", "printed")]
+    if "skipped" in r["redis"]:
+        return [*lines, row("drain, Redis", "", r["redis"]["skipped"], "", "printed")]
+    for key, name in (("redis", "1 replica"), ("redis_2", "2 replicas")):
+        d = r[key]
+        lines += [row(f"drain runs/s, Redis {name} (vs memory)", f"{memory['rps']:.0f}", f"{d['rps']:.0f}",
+                      f"{d['rps'] / memory['rps']:.2f}", "printed"),
+                  row(f"drain Redis commands/run, {name}", "", f"{d['commands_per_run']:.1f}", "",
+                      "<= 30" if key == "redis" else "printed", d["commands_per_run"] if key == "redis" else None),
+                  row(f"drain handoff gap p50 ms, Redis {name}", "", f"{d['gap_p50_ms']:.2f}", "", "<= 0.5",
+                      d["gap_p50_ms"]),
+                  row(f"drain handoff gap p99 ms, Redis {name}", "", f"{d['gap_p99_ms']:.2f}", "", "<= 2",
+                      d["gap_p99_ms"])]
+    short = r["redis_short"]
+    lines.append(row(f"drain runs/s, Redis {long} queued (vs {r['short']})", f"{short['rps']:.0f}",
+                     f"{r['redis']['rps']:.0f}", f"{r['flatness']:.2f}", ">= 0.90", r["flatness"]))
+    return lines
+
+
+def table(results: dict[str, Any], lines: list[tuple[str, ...]] | None = None) -> str:
+    lines = lines or rows(results)
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     text = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(line, widths)) + " |" for line in lines]
     text.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
@@ -526,11 +727,16 @@ def main() -> None:
     parser.add_argument("--only", choices=FIGURES + OPTIONAL, action="append",
                         help="measure only this figure (repeatable)")
     parser.add_argument("--output", default=str(HERE / "bench-results.json"))
+    parser.add_argument("--peers", action="store_true",
+                        help="the one-slot drain against Celery and arq (installed from tools/requirements-bench*.txt)")
     opts = parser.parse_args()
+    if opts.peers:
+        peers_main(opts)
+        return
     opts.runs = opts.runs or (1 if opts.quick else 6)
     opts.seconds, opts.warmup = (1, 0) if opts.quick else (5, 3)  # quick: a smoke run, one 1 s sample, no warm-up
     wanted = opts.only or list(FIGURES)
-    needs_wrk = {"get_status", "post_busy", "redis_get_status"} & set(wanted)
+    needs_wrk = {"get_status", "bare_status", "post_busy", "redis_get_status"} & set(wanted)
     if needs_wrk and shutil.which("wrk") is None:
         sys.exit("bench.py: wrk is not installed (apt-get install wrk); it is needed for: " + ", ".join(needs_wrk))
     results: dict[str, Any] = {}
@@ -548,6 +754,25 @@ def main() -> None:
     missed = [name for name, target in targets.items() if not target["holds"]]
     print(f"targets: {len(targets) - len(missed)} of {len(targets)} hold" + (f"; missed: {', '.join(missed)}"
                                                                            if missed else ""))
+    print(f"written to {opts.output}")
+
+
+def peers_main(opts: argparse.Namespace) -> None:
+    """``--peers``: the drain on agent-runner and its peers, printed with the ratios; written to --output."""
+    if shutil.which("redis-server") is None:
+        sys.exit("bench.py --peers: redis-server is not installed")
+    results = peers_figure(opts)
+    lines = peer_rows(results)
+    vs_celery = {system: results[system]["rps"] / results["celery"]["rps"] for system in ("agent-runner",
+                                                                                          "agent-runner x2")}
+    report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "python": platform.python_version(),
+              "cores": os.cpu_count(), "load_average": os.getloadavg(), "quick": opts.quick,
+              "results": {"peers": results}}
+    Path(opts.output).write_text(json.dumps(report, indent=2) + "\n")
+    print(table(results, lines))
+    for system, ratio in vs_celery.items():
+        print(f"target: {system} drains at least at Celery's rate (>= 1.00): {ratio:.2f}, "
+              + ("holds" if ratio >= 1.0 else "NO"))
     print(f"written to {opts.output}")
 
 

@@ -110,7 +110,7 @@ class EventTransport(Protocol):
         """Publish one event (never waits, never raises); it comes back to the sink with its id."""
 
     async def written(self, timeout: float) -> None:
-        """Until the events sent so far are kept (their log lines with their run), at most ``timeout``."""
+        """Until the log lines sent so far are kept with their run, at most ``timeout``."""
 
     async def flush(self, timeout: float) -> None:
         """Until what was sent has reached the sink, at most ``timeout``."""
@@ -136,6 +136,7 @@ class Backend(Protocol):
     name: str  # "memory" or "redis": what service_started logs as the store
     shared: bool
     renew_interval: float | None
+    take_again: bool  # set by take (see there)
     on_cancel: Callable[[str, str | None], object]  # a cancel (or, with ``by``, an interrupt) of a run, from anywhere
     on_work: Callable[[], None]  # a run was queued or a slot freed: look at the queue
     on_finished: Callable[[Run], None]  # a run with a webhook was stored terminal: its delivery is owed
@@ -167,7 +168,11 @@ class Backend(Protocol):
 
     async def take(self) -> Run | None:
         """The head of the queue on a free slot (``holder`` and ``fencing_token`` set), or None: one step, so never
-        two takers. A slot given out mints a fencing token above every token minted before, restarts included."""
+        two takers. A slot given out mints a fencing token above every token minted before, restarts included.
+
+        After a take that answered a run, ``take_again`` says whether another take could start one now (a run
+        waits and a slot is free); False spares the caller a take that would answer None (a backend that cannot
+        tell leaves it True). The caller asks again when woken (``on_work``) or on its periodic tick."""
 
     async def dequeue(self, run_id: str, **changes: Any) -> Run | None:
         """A waiting run out of the queue and stored with ``changes`` (its terminal state) in one step."""
@@ -192,8 +197,12 @@ class Backend(Protocol):
     def holds(self, token: str) -> bool:
         """Whether this process still holds the slot of ``token`` (not released yet)."""
 
-    async def claim_orphans(self) -> builtins.list[Run]:
-        """Unfinished runs whose holder holds no slot any more (its replica died), claimed for the caller."""
+    async def claim_orphans(self, starting: Run | None = None) -> builtins.list[Run]:
+        """Unfinished runs whose holder holds no slot any more (its replica died), claimed for the caller.
+
+        ``starting``: the run about to record RUNNING on the slot ``admit`` or ``take`` just gave it. A backend may
+        then answer [] without looking when giving out that slot showed no sign of a run left behind (Redis:
+        more unfinished runs than slots held); without it, it always looks (dispatch's periodic call)."""
 
     # --- the run store -----------------------------------------------------------------------------------------
 

@@ -58,6 +58,7 @@ class MemoryBackend:
     name = "memory"
     shared = False  # one process: what it does not run, nobody runs
     renew_interval: float | None = None  # a slot is held until released: nothing to renew
+    take_again = True  # set by take
 
     def __init__(self, retention: int, retention_bytes: int = 256 * 1024 * 1024, slots: int = 1,
                  idempotency_ttl_seconds: float = 86400.0, log: logging.Logger | None = None,
@@ -120,7 +121,7 @@ class MemoryBackend:
     async def check_lease(self, run: Run) -> bool:
         return run.holder is not None and self._held.get(run.holder) == run.run_id
 
-    async def claim_orphans(self) -> builtins.list[Run]:
+    async def claim_orphans(self, starting: Run | None = None) -> builtins.list[Run]:
         return []  # one process: no other holder can leave a run behind
 
     async def interrupt_oldest(self, by: str, stopping: builtins.list[str]) -> str | None:
@@ -162,6 +163,7 @@ class MemoryBackend:
         run = self._queue.popleft()
         run.update(queue_position=None)
         self._number_queue()
+        self.take_again = bool(self._queue) and len(self._held) < self.slots
         return run
 
     async def dequeue(self, run_id: str, **changes: Any) -> Run | None:

@@ -229,7 +229,7 @@ def parse_event_id(raw: str | None) -> tuple[int, int] | None:
 class Frame:
     """One event as it goes on the wire, encoded once and shared by every client that receives it."""
 
-    __slots__ = ("id", "key", "kind", "run_id", "terminal", "wire")
+    __slots__ = ("id", "key", "kind", "run_id", "terminal", "wire", "local")
 
     def __init__(self, event_id: str, kind: str, run_id: str, state: str, data: bytes) -> None:
         self.id = event_id
@@ -237,12 +237,20 @@ class Frame:
         self.kind = kind  # "run", "log" or "gap"
         self.run_id = run_id
         self.terminal = kind == "run" and state in TERMINAL_STATES
-        self.wire = b"id: %s\nevent: %s\ndata: %s\n\n" % (event_id.encode(), kind.encode(), data)
+        self.local = not event_id  # made by this process for its own clients: no id, never replayed
+        id_line = b"id: %s\n" % event_id.encode() if event_id else b""
+        self.wire = b"%sevent: %s\ndata: %s\n\n" % (id_line, kind.encode(), data)
 
     @classmethod
     def snapshot(cls, event_id: str, run: Run) -> Frame:
         """A ``run`` frame of the run as it stands (read from the store), under the id of the last event seen."""
         return cls(event_id, "run", run.run_id, run.state, run.json())
+
+    @classmethod
+    def position(cls, run: Run) -> Frame:
+        """A waiting run's new queue position, for this process's clients: a ``run`` frame without an id (a
+        client resuming from the id before it gets the run as it stands)."""
+        return cls("", "run", run.run_id, run.state, run.json())
 
     @classmethod
     def gap(cls, run_id: str, first_kept: str | None) -> Frame:

@@ -84,10 +84,11 @@ class EventStream:
         chunks = [prefix] if prefix else []
         done = False
         for frame in frames:
-            if check and frame.key <= self.last:
+            if check and not frame.local and frame.key <= self.last:
                 continue  # the first frames (replay or snapshot) already covered it
             chunks.append(frame.wire)
-            self.last = max(self.last, frame.key)
+            if not frame.local:
+                self.last = max(self.last, frame.key)
             if frame.terminal and self.client.run_id is not None:
                 done = True
                 break
@@ -159,6 +160,7 @@ async def run_events(request: Request) -> Response | EventStream:
         if first is ENDED:  # per the SSE spec, an EventSource stops reconnecting on a 204
             return Response(status_code=204, headers={"Cache-Control": "no-store"})
         raise HTTPException(404, f"Run {request.path_params['run_id']} not found")
+    hub.seen_first(client, first)
     return EventStream(hub, client, first, runtime.backend.get)
 
 

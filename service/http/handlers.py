@@ -112,7 +112,7 @@ async def cancel_run(request: Request) -> Response:
         raise HTTPException(409, f"Run {run.run_id} already finished ({run.state})")
     log.info("cancel_requested", extra=run_fields(run))
     if run.queue_position is not None and \
-            (waiting := await runtime.admission.cancel_waiting(run.run_id, run.queue_position)) is not None:
+            (waiting := await runtime.admission.cancel_waiting(run.run_id)) is not None:
         return json_response(waiting.json())
     if not runtime.runner.request_stop(run.run_id):  # another replica runs it (or it is just leaving the queue)
         await runtime.backend.request_cancel(run.run_id)

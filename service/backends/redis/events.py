@@ -28,7 +28,8 @@ from datetime import datetime
 from typing import Any, cast
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisError
 
 from service.backends.base import FrameSink
 from service.cancelling import cancel_and_wait
@@ -61,8 +62,8 @@ class RedisEvents:
         self.available = False  # the reader follows Redis; while False new streams are refused (503)
         self._outbox: deque[tuple[str, str, str, bytes]] = deque()
         self._outbox_bytes = 0  # data of the events in the outbox and in the batch being written
-        self._queued = 0  # events put in the outbox so far
-        self._done = 0  # of those, the ones whose write is over (stored, or lost with a failed batch)
+        self._logs_queued = 0  # log lines put in the outbox so far (a terminal state waits for them: written)
+        self._logs_done = 0  # of those, the ones whose write is over (stored, or lost with a failed batch)
         self._batch_done = asyncio.Event()
         self._outbox_ready = asyncio.Event()
         self._writing = False
@@ -100,7 +101,8 @@ class RedisEvents:
             return
         self._outbox.append((kind, run_id, state, data))
         self._outbox_bytes += len(data)
-        self._queued += 1
+        if kind == "log":
+            self._logs_queued += 1
         self._outbox_ready.set()
 
     async def _write_forever(self) -> None:
@@ -115,23 +117,22 @@ class RedisEvents:
                 finally:
                     self._outbox_bytes -= sum(len(data) for _, _, _, data in batch)  # counted until written
                     self._writing = False
-                    self._done += len(batch)
+                    self._logs_done += sum(1 for kind, _, _, _ in batch if kind == "log")
                     self._batch_done.set()
 
     async def _write(self, batch: list[tuple[str, str, str, bytes]]) -> None:
+        calls: list[tuple[AsyncScript, list[str], list[Any]]] = []
+        for kind, run_id, state, data in batch:
+            if kind == "log":
+                calls.append((self._log_line, [self.key("log", run_id), self.key("logbytes"), self.key("sizes"),
+                                               self.key("bytes"), self.key("run", run_id)],
+                               [data, run_id, LOG_LINES_MAX, LOG_BYTES_MAX]))
+            streams = [self.key("events"), self.key("events", "runs"), self.key("events", "run", run_id)]
+            calls.append((self._event, streams,
+                          [kind, run_id, state, data, ALL_EVENTS_MAX, ALL_EVENTS_BYTES, GLOBAL_BACKLOG_FRAMES,
+                           GLOBAL_BACKLOG_BYTES, RUN_BACKLOG_FRAMES, RUN_BACKLOG_BYTES, RUN_STREAM_TTL_SECONDS]))
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for kind, run_id, state, data in batch:
-                    if kind == "log":
-                        await self._log_line(keys=[self.key("log", run_id), self.key("logbytes"), self.key("sizes"),
-                                                   self.key("bytes"), self.key("run", run_id)],
-                                             args=[data, run_id, LOG_LINES_MAX, LOG_BYTES_MAX], client=pipe)
-                    await self._event(
-                        keys=[self.key("events"), self.key("events", "runs"), self.key("events", "run", run_id)],
-                        args=[kind, run_id, state, data, ALL_EVENTS_MAX, ALL_EVENTS_BYTES, GLOBAL_BACKLOG_FRAMES,
-                              GLOBAL_BACKLOG_BYTES, RUN_BACKLOG_FRAMES, RUN_BACKLOG_BYTES, RUN_STREAM_TTL_SECONDS],
-                        client=pipe)
-                replies = await pipe.execute(raise_on_error=False)
+            replies = await self._run_scripts(calls)
         except (RedisError, OSError) as exc:
             self._failed(exc, len(batch))
             return
@@ -147,6 +148,24 @@ class RedisEvents:
                 if key > self._last_written:
                     self._last_written = key
 
+    async def _run_scripts(self, calls: list[tuple[AsyncScript, list[str], list[Any]]]) -> list[Any]:
+        """Each call as an EVALSHA in one pipeline (no SCRIPT EXISTS first); the calls whose script Redis does not
+        have (NOSCRIPT: a restart, SCRIPT FLUSH) are sent again, in order, once it is loaded."""
+        replies = await self._pipeline(calls)
+        missing = [index for index, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            for script in {calls[index][0] for index in missing}:
+                await self.client.script_load(script.script)
+            for index, reply in zip(missing, await self._pipeline([calls[index] for index in missing])):
+                replies[index] = reply
+        return replies
+
+    async def _pipeline(self, calls: list[tuple[AsyncScript, list[str], list[Any]]]) -> list[Any]:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for script, keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            return await pipe.execute(raise_on_error=False)
+
     def _failed(self, exc: BaseException, count: int) -> None:
         if not self._write_failed:
             self._write_failed = True
@@ -154,10 +173,11 @@ class RedisEvents:
                                                           "events_lost": count})
 
     async def written(self, timeout: float) -> None:
-        """Wait (up to ``timeout``) until the events sent so far have been written to Redis (or given up)."""
-        target = self._queued
+        """Wait (up to ``timeout``) until the log lines sent so far have been written to Redis (or given up); at
+        once when none is waiting, so a run that logged nothing ends without waiting for its other events."""
+        target = self._logs_queued
         deadline = time.monotonic() + timeout
-        while self._done < target and (left := deadline - time.monotonic()) > 0:
+        while self._logs_done < target and (left := deadline - time.monotonic()) > 0:
             self._batch_done.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._batch_done.wait(), left)

@@ -45,6 +45,20 @@ local function token_of(record)
 end
 """
 
+# A Lua function for the scripts that give out slots: whether a run may have been left behind by a holder that
+# is gone (ORPHANS_SCRIPT would find it), told in O(slots): more unfinished runs than slots held. The run starting
+# on the slot just given out then looks for orphans before it records RUNNING, so an orphan's RUNNING record and the
+# new run's are never both shown; when there is none to suspect, that look (a scan of the unfinished index) is
+# left to the periodic one. Slots are KEYS[first..last] of the caller. Returns the flag (1 or 0) and the number of
+# those slots held.
+ORPHANS_SUSPECT = """
+local function orphans_suspect(unfinished, first, last)
+  local held = 0
+  for i = first, last do held = held + redis.call('EXISTS', KEYS[i]) end
+  return redis.call('HLEN', unfinished) > held and 1 or 0, held
+end
+"""
+
 # Admit a run in one step: on a free slot when nobody waits (the record, its index and its holder written
 # with it), else into the queue when ARGV[4] allows and there is room. A retry whose first reply was lost
 # answers what the first call did (a queued run that has left the queue since: {2, 0}; never busy, as the run
@@ -53,17 +67,19 @@ end
 # key is marked accepted for ARGV[12] ms in the same step.
 # ARGV: json now, json queued, run_id, on_busy, queue_max, token, ttl_ms, n, channel, key hash, fingerprint,
 # key ttl_ms, new generation, token floor (MINT). KEYS: queue, run, runs, seq, unfinished, slot 0..n-1, generation,
-# fence, fencing counter. Returns {outcome, value, generation, lost, fencing token}: {1, slot} started (under that
+# fence, fencing counter. Returns {outcome, value, generation, lost, fencing token, suspect}: {1, slot} started (under that
 # generation, its token minted and in the record), {2, position} queued, {0, 0} busy, {-1, 0} queue full, {-2, 0}
 # the key's claim was lost; lost is 1 when this call found that Redis lost its data (FENCE). The generation is
 # the one in Redis (the new one, when this call made it: a re-run after a lost reply still shows it as this
-# call's). While the fence stands it answers as if every slot were taken: busy, or queued.
-ADMIT_SCRIPT = FENCE + MINT + """
+# call's). While the fence stands it answers as if every slot were taken: busy, or queued. suspect: as in
+# TAKE_SCRIPT (ORPHANS_SUSPECT), on a started run.
+ADMIT_SCRIPT = FENCE + MINT + ORPHANS_SUSPECT + """
 local n = tonumber(ARGV[8])
 if redis.call('EXISTS', KEYS[2]) == 1 then
   for i = 1, n do
     if redis.call('GET', KEYS[5 + i]) == ARGV[6] then
-      return {1, i - 1, redis.call('GET', KEYS[6 + n]) or '', 0, token_of(redis.call('GET', KEYS[2]))}
+      return {1, i - 1, redis.call('GET', KEYS[6 + n]) or '', 0, token_of(redis.call('GET', KEYS[2])),
+              (orphans_suspect(KEYS[5], 6, 5 + n))}
     end
   end
   local pos = redis.call('LPOS', KEYS[1], ARGV[3])
@@ -85,7 +101,7 @@ if waiting == 0 and open then
       redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[4]), ARGV[3])
       redis.call('HSET', KEYS[5], ARGV[3], ARGV[6])
       accept_key()
-      return {1, i - 1, redis.call('GET', KEYS[6 + n]), 0, token}
+      return {1, i - 1, redis.call('GET', KEYS[6 + n]), 0, token, (orphans_suspect(KEYS[5], 6, 5 + n))}
     end
   end
 end
@@ -172,17 +188,23 @@ return oldest
 # the run's record; the answer to a take whose slot it still holds repeats the token.
 # KEYS: queue, unfinished, slot 0..n-1, generation, fence, fencing counter. ARGV: token, ttl_ms, n, retry, new
 # generation, token floor, run key prefix.
-# Returns {run_id, slot, generation, lost, fencing token}, run_id '' (and slot -1) when none was taken; generation
-# and lost as in ADMIT_SCRIPT.
-TAKE_SCRIPT = FENCE + MINT + """
+# Returns {run_id, slot, generation, lost, fencing token, suspect, again}, run_id '' (and slot -1) when none was
+# taken; generation and lost as in ADMIT_SCRIPT; suspect (ORPHANS_SUSPECT): 1 when a run may have been left behind;
+# again: 1 when another take could start a run now (a run waits and a slot is free), else 0 (no take is asked for
+# until something changes: a run queued, a slot freed).
+TAKE_SCRIPT = FENCE + MINT + ORPHANS_SUSPECT + """
 local n = tonumber(ARGV[3])
 local open, lost = fence_open(KEYS[3 + n], KEYS[4 + n], ARGV[5], ARGV[2])
 local generation = redis.call('GET', KEYS[3 + n])
-local function token_for(id)
-  local record = redis.call('GET', ARGV[7] .. id)
-  local token = mint(KEYS[5 + n], ARGV[6])
-  if record then redis.call('SET', ARGV[7] .. id, with_token(record, token)) end
-  return token
+local function taken(id, slot, found_lost, token)
+  if token == nil then
+    local record = redis.call('GET', ARGV[7] .. id)
+    token = mint(KEYS[5 + n], ARGV[6])
+    if record then redis.call('SET', ARGV[7] .. id, with_token(record, token)) end
+  end
+  local suspect, held = orphans_suspect(KEYS[2], 3, 2 + n)
+  local again = (open and held < n and redis.call('LLEN', KEYS[1]) > 0) and 1 or 0
+  return {id, slot, generation, found_lost, token, suspect, again}
 end
 local held
 for i = 1, n do if redis.call('GET', KEYS[2 + i]) == ARGV[1] then held = i end end
@@ -191,11 +213,11 @@ if held or ARGV[4] == '1' then
   for i = 1, #entries, 2 do
     if entries[i + 1] == ARGV[1] then
       if held then
-        return {entries[i], held - 1, generation, lost, token_of(redis.call('GET', ARGV[7] .. entries[i]))}
+        return taken(entries[i], held - 1, lost, token_of(redis.call('GET', ARGV[7] .. entries[i])))
       end
       for s = 1, open and n or 0 do
         if redis.call('SET', KEYS[2 + s], ARGV[1], 'NX', 'PX', ARGV[2]) then
-          return {entries[i], s - 1, generation, 0, token_for(entries[i])}
+          return taken(entries[i], s - 1, 0)
         end
       end
       return {'', -1, generation, lost}
@@ -207,7 +229,7 @@ for i = 1, n do
   if redis.call('SET', KEYS[2 + i], ARGV[1], 'NX', 'PX', ARGV[2]) then
     local id = redis.call('LPOP', KEYS[1])
     redis.call('HSET', KEYS[2], id, ARGV[1])
-    return {id, i - 1, generation, 0, token_for(id)}
+    return taken(id, i - 1, 0)
   end
 end
 return {'', -1, generation, 0}

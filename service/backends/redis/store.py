@@ -67,6 +67,8 @@ class RedisBackend:
         self._progress_dirty: set[str] = set()
         self._listener: asyncio.Task[None] | None = None
         self._take_token: str | None = None  # a take not answered yet (take)
+        self._suspects: set[str] = set()  # slots given out with a run maybe left behind (claim_orphans)
+        self.take_again = True  # after a take that answered a run: whether another could start one now
         self._reads = CoalescedReads(client)  # concurrent record reads share one MGET
         self._finish = client.register_script(FINISH_SCRIPT)
         self._trim = client.register_script(TRIM_SCRIPT)
@@ -141,6 +143,8 @@ class RedisBackend:
         try:
             while run.run_id in self._progress_dirty:  # changes made during a write get one more write
                 self._progress_dirty.discard(run.run_id)
+                if run.finished:  # its terminal write carries the progress (and alone frees the slot with it)
+                    return
                 async with self.health.guard():
                     if not await self._save_unfinished(run):
                         return  # no longer this holder's run: its next write is refused and says so
@@ -152,12 +156,12 @@ class RedisBackend:
     async def save(self, run: Run, release: bool = False) -> None:
         """Store a change; a terminal state also updates the indexes, publishes, trims to retention,
         and (with ``release``) releases the run's slot, all in one atomic script that is safe to retry.
-        self._progress_dirty.discard(run.run_id)
-        pending = self._progress_writes.get(run.run_id)
-        if pending is not None:  # a progress write in flight must land before this one
-            await asyncio.gather(pending, return_exceptions=True)
         Raises WriteRefused when the run is no longer its holder's: terminal already, or claimed by another.
         """
+        self._progress_dirty.discard(run.run_id)
+        pending = self._progress_writes.get(run.run_id)
+        if pending is not None:  # a progress write in flight lands first: it never overwrites this one
+            await asyncio.gather(pending, return_exceptions=True)
         async with self.health.guard():
             if not run.finished:
                 if not await self._save_unfinished(run):
@@ -168,6 +172,7 @@ class RedisBackend:
             finished_count, finished_bytes, owed = await self._finish(keys=keys, args=args)
             if token:
                 self._lock.forget(token)
+                self._suspects.discard(token)
             if owed == -2:
                 raise WriteRefused("the run is terminal already, or held by another token")
             await self._after_finish(run, finished_count, finished_bytes, owed)
@@ -228,11 +233,15 @@ class RedisBackend:
         if not waiting:
             return
         async with self.health.guard():
-            queue = [member.decode()
-                     for member in cast("list[bytes]", await self.client.lrange(self.key("queue"), 0, -1))]
-        positions = {run_id: position for position, run_id in enumerate(queue, 1)}
-        for run in waiting:
-            run.update(queue_position=positions.get(run.run_id))
+            if len(waiting) == 1:
+                found = [cast("int | None", await self.client.lpos(self.key("queue"), waiting[0].run_id))]
+            else:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for run in waiting:
+                        pipe.lpos(self.key("queue"), run.run_id)
+                    found = cast("list[int | None]", await pipe.execute())
+        for run, index in zip(waiting, found):
+            run.update(queue_position=None if index is None else index + 1)
 
     def read(self, run_id: str, raw: bytes | None, holder: str | None = None) -> Run | None:
         """A stored record as a Run; an unreadable one is logged once (run_record_invalid) and skipped."""
@@ -327,6 +336,7 @@ class RedisBackend:
         if outcome == 1:
             run.holder = token
             run.update(fencing_token=self._seen(minted[0]))
+            self._note_suspect(token, minted[1])
             self._lock.adopt(token, int(value), generation.decode())
             return "started"
         if outcome == 2:
@@ -355,14 +365,23 @@ class RedisBackend:
             return None
         run_id = taken.decode()
         self._lock.adopt(token, int(slot), generation.decode())
-        run = await self.get(run_id)
+        fencing_token, suspect, self.take_again = minted[0], minted[1], bool(minted[2])
+        async with self.health.guard():  # a failed read keeps the token: the next take answers this run again
+            run = self.read(run_id, await self._reads.get(self.key("run", run_id)))  # its position: none now
         self._take_token = None
-        if run is None:  # unreadable: give the slot back; the run stays unfinished for orphan recovery
+        if run is None:  # missing or unreadable: give the slot back; the run stays unfinished for orphan recovery
             await self._lock.release(token)
             return None
         run.holder = token
-        run.update(queue_position=None, fencing_token=self._seen(minted[0]))
+        run.update(queue_position=None, fencing_token=self._seen(fencing_token))
+        self._note_suspect(token, suspect)
         return run
+
+    def _note_suspect(self, token: str, suspect: int) -> None:
+        """Whether the script that gave out the slot of ``token`` saw a sign of a run left behind (ORPHANS_SUSPECT):
+        claim_orphans for the run starting on it looks only then."""
+        if suspect:
+            self._suspects.add(token)
 
     def _seen(self, token: int) -> int:
         """A fencing token minted for this replica: the floor of the next one it asks for."""
@@ -420,9 +439,16 @@ class RedisBackend:
                                            args=[self.key("cancel", ""), by, self.key("cancel"), *stopping])
         return picked.decode() if picked is not None else None
 
-    async def claim_orphans(self) -> builtins.list[Run]:
+    async def claim_orphans(self, starting: Run | None = None) -> builtins.list[Run]:
         """Unfinished runs whose holder holds no slot any more, passed atomically to a claim of this call (alive
-        for a lock TTL) until their terminal state is stored; a retry after a lost reply answers them again."""
+        for a lock TTL) until their terminal state is stored; a retry after a lost reply answers them again.
+
+        With ``starting`` (a run about to record RUNNING on the slot it was just given), the scan is made only
+        when the script that gave out that slot saw more unfinished runs than slots held (ORPHANS_SUSPECT)."""
+        if starting is not None and starting.holder is not None:
+            if starting.holder not in self._suspects:
+                return []
+            self._suspects.discard(starting.holder)
         claim = uuid.uuid4().hex
         async with self.health.guard():
             flat = await self._orphans(keys=[self.key("unfinished"), self.key("claim", claim), *self._lock.all_keys],
