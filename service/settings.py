@@ -106,6 +106,8 @@ SETTINGS_TABLE = (
 
 LOG_FORMATS = ("auto", "json", "console")
 WEBHOOK_SECRET_MIN_CHARS = 16
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://", "redis+cluster://",
+                 "rediss+cluster://")
 MAX_CONCURRENT_RUNS_LIMIT = 64  # in Redis mode, every replica counts a run on any of these slots as alive
 
 
@@ -215,8 +217,8 @@ class Settings:
         if webhook_secret is not None and not allowed_hosts:
             raise ConfigError("WEBHOOK_ALLOWED_HOSTS", "is required when WEBHOOK_SECRET is set (webhooks are on)")
         redis_url = env.get("REDIS_URL", "").strip() or None
-        if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError("REDIS_URL", "must start with redis://, rediss:// or unix://")
+        if redis_url is not None and not redis_url.lower().startswith(REDIS_SCHEMES):
+            raise ConfigError("REDIS_URL", f"must start with {', '.join(REDIS_SCHEMES[:-1])} or {REDIS_SCHEMES[-1]}")
         return cls(
             host=host,
             port=_env_number(env, "PORT", cls.port, integer=True, minimum=1, maximum=65535),

@@ -33,6 +33,7 @@ from service.backends.base import FrameSink
 from service.cancelling import cancel_and_wait
 from service.backends.records import (GLOBAL_BACKLOG_BYTES, GLOBAL_BACKLOG_FRAMES, RUN_BACKLOG_BYTES,
                                       RUN_BACKLOG_FRAMES, Frame, Run, StoreUnavailable)
+from service.backends.redis.connect import Endpoint, open_client
 from service.backends.redis.side_scripts import EVENT_SCRIPT, LOG_SCRIPT
 
 ALL_EVENTS_MAX = 10000  # entries of <prefix>:events: what a reader that lost Redis for a moment can catch up on
@@ -51,9 +52,10 @@ Entries = list[tuple[bytes, dict[bytes, bytes]]]  # a stream's entries as XRANGE
 class RedisEvents:
     """The writer and reader tasks of one replica, and the backlog reads a new client needs."""
 
-    def __init__(self, client: Redis, url: str, prefix: str, events: FrameSink, log: logging.Logger) -> None:
+    def __init__(self, client: Redis, endpoint: Endpoint, prefix: str, events: FrameSink,
+                 log: logging.Logger) -> None:
         self.client = client  # the store's pooled client, for writes and backlog reads
-        self.reader_client = Redis.from_url(url, socket_timeout=READ_BLOCK_MS / 1000 + 3, socket_connect_timeout=2)
+        self.reader_client = open_client(endpoint, socket_timeout=READ_BLOCK_MS / 1000 + 3, pooled=False)
         self.prefix = prefix
         self.events = events
         self.log = log
