@@ -101,7 +101,8 @@ def open_client(endpoint: Endpoint, socket_timeout: float = 2, pooled: bool = Tr
     if endpoint.kind == "sentinel":
         sentinel_options = {**timeouts, **{key: value for key, value in endpoint.options.items()
                                            if key.startswith("ssl")}}
-        sentinel = Sentinel(list(endpoint.nodes), sentinel_kwargs=sentinel_options)
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(endpoint.nodes), sentinel_kwargs=sentinel_options)
         return cast(Redis, sentinel.master_for(endpoint.master, **endpoint.options, **timeouts, **_retry()))
     if endpoint.kind == "cluster":
         nodes = [ClusterNode(host, port) for host, port in endpoint.nodes]
