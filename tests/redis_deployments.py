@@ -5,13 +5,14 @@ Every process listens on 127.0.0.1 on a free port, in a directory of the test's 
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
-from conftest import free_port, missing_tool, wait_until
+from conftest import DOCS, free_port, missing_tool, wait_until
 
 
 def require(*tools: str) -> None:
@@ -26,6 +27,17 @@ def cli(port: int, *args: str, **options: str) -> str:
     done = subprocess.run(["redis-cli", "-p", str(port), *extra, "--raw", *args], capture_output=True, text=True,
                           timeout=10)
     return done.stdout.strip()
+
+
+def acl_words(name: str, password: str, prefix: str, cluster: bool = False) -> list[str]:
+    """docs/redis-tls-acl.md's ACL SETUSER line for user ``name`` on ``prefix`` (plus what a cluster adds)."""
+    page = (DOCS / "redis-tls-acl.md").read_text()
+    (line,) = re.findall(r"^ACL SETUSER agent-runner .*$", page, re.MULTILINE)
+    words = (line.replace(" agent-runner ", f" {name} ").replace(">PASSWORD", f">{password}")
+             .replace("~agent-runner:*", f"~{prefix}:*").replace("&agent-runner:*", f"&{prefix}:*").split())
+    if cluster:
+        words += re.search(r"add `(\+cluster\|slots\s+\+command)`", page)[1].split()  # type: ignore[index]
+    return words
 
 
 class Node:

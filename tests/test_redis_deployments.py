@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from conftest import RedisServer, ServerProcess, new_user, require_redis_server, wait_until
-from redis_deployments import ClusterSet, Node, SentinelSet, cli
+from redis_deployments import ClusterSet, Node, SentinelSet, acl_words, cli
 
 AGENTS = "fixture_agents,fixture_resource_agents"
 TERMINAL = {"DONE", "ERROR", "CANCELLED", "TIMEOUT", "INTERRUPTED"}
@@ -120,6 +120,17 @@ def test_cluster_keeps_runs_through_a_resharding_and_a_failover_of_the_prefix_sl
     assert most_at_once(ledger) == 2
     listed = {run["run_id"] for run in servers[1].client.get("/agents/runs", params={"limit": 100}).json()["runs"]}
     assert listed == set(accepted)  # nothing accepted was lost on the way
+
+
+def test_a_cluster_service_under_the_documented_acl_user_runs(service, cluster: ClusterSet) -> None:
+    prefix, password = f"test-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    for node in cluster.nodes:  # ACL users are per node: each gets the line
+        assert cli(node.port, *acl_words("runner", password, f"{{{prefix}}}", cluster=True)) == "OK"
+    url = cluster.url.replace("redis+cluster://", f"redis+cluster://runner:{password}@")
+    srv = service(url, REDIS_PREFIX=prefix)
+    assert srv.client.get("/readyz").status_code == 200
+    assert srv.run_to_end("sleeper", seconds=0)["state"] == "DONE"
+    assert "NoPermissionError" not in srv.log_path.read_text() and not srv.events("store_unavailable")
 
 
 def not_ready(srv: ServerProcess, reason: str) -> None:
