@@ -19,7 +19,7 @@ COPY service ./service
 RUN python -m compileall -q .
 ENV PATH="/venv/bin:$PATH" \
     PYTHONDONTWRITEBYTECODE=1 \
-    HOST=0.0.0.0 \
+    HOST=:: \
     PORT=8000
 USER 10001
 EXPOSE 8000

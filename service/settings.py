@@ -76,7 +76,8 @@ SETTINGS_TABLE = (
     ("RUN_RETENTION_MB", "256", "size of the finished runs kept (their JSON); past it the oldest are dropped first"),
     ("API_TOKEN", "", "when set, every /agents... endpoint needs Authorization: Bearer <token>"),
     ("SHUTDOWN_GRACE_SECONDS", "30", "on SIGTERM/SIGINT, how long a running run may still take"),
-    ("REDIS_URL", "", "e.g. redis://host:6379/0; when set, the lock and all run records live in Redis"),
+    ("REDIS_URL", "", "e.g. redis://host:6379/0, redis+sentinel://host:26379/mymaster or redis+cluster://host:6379; "
+                      "when set, the lock and all run records live in Redis"),
     ("REDIS_PREFIX", "agent-runner", "prefix of every Redis key, so several deployments can share one Redis"),
     ("LOCK_TTL_SECONDS", "30", "the run lock's expiry in Redis; the holder renews it every TTL/3"),
     ("MAX_CONCURRENT_RUNS", "1", "how many runs may be RUNNING at once (across all replicas in Redis mode)"),

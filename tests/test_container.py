@@ -8,6 +8,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -47,6 +48,16 @@ def test_the_image_copies_every_product_module_and_nothing_else_of_python() -> N
     modules = {module_name(path) for path in product_modules()}
     assert sorted(modules - copied) == [], "modules the image lacks: it would not start"
     assert sorted(copied - modules) == [], "copied, but not a product module"
+
+
+def ipv6_loopback() -> bool:
+    """Whether this host has ::1 (CI's machines do; a container without IPv6 does not)."""
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
 
 
 def test_dockerfile_runtime_rebuilt_without_docker_starts_and_is_healthy(tmp_path: Path) -> None:
@@ -98,7 +109,7 @@ def test_dockerfile_runtime_rebuilt_without_docker_starts_and_is_healthy(tmp_pat
         elif op == "STOPSIGNAL":
             assert args == "SIGTERM"
     assert cmd == ["python", "agent_runner.py"] and healthcheck is not None
-    assert env["HOST"] == "0.0.0.0"
+    assert env["HOST"] == "::"  # IPv6 and IPv4 on one socket (IPv4 alone on a host without IPv6)
     env["PORT"] = str(free_port())
 
     server = subprocess.Popen(cmd, cwd=app, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -117,6 +128,8 @@ def test_dockerfile_runtime_rebuilt_without_docker_starts_and_is_healthy(tmp_pat
             time.sleep(0.1)
         check = subprocess.run(healthcheck, cwd=app, env=env, capture_output=True, timeout=10)
         assert check.returncode == 0, check.stderr
+        if ipv6_loopback():
+            assert httpx.get(f"http://[::1]:{env['PORT']}/healthz").status_code == 200
         server.send_signal(signal.SIGTERM)
         assert server.wait(20) == 0
     finally:
