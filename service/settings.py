@@ -63,7 +63,7 @@ DOCS_ASSETS_DEFAULT = f"https://cdn.jsdelivr.net/npm/swagger-ui-dist@{SWAGGER_UI
 
 # Every environment variable: name, default, meaning. --help, the README and .env.example show this table.
 SETTINGS_TABLE = (
-    ("HOST", "127.0.0.1", "bind address (the Dockerfile sets 0.0.0.0)"),
+    ("HOST", "127.0.0.1", "bind address (the Dockerfile sets ::, IPv6 and IPv4 on one socket)"),
     ("PORT", "8000", "bind port"),
     ("LOG_LEVEL", "info", "debug, info, warning or error"),
     ("AGENT_SLEEP_SECONDS", "5", "how long the built-in agents work (0 allowed)"),

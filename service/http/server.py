@@ -115,7 +115,7 @@ def main(app: Starlette, version: str) -> None:
         else:
             if sock is None:
                 host = "0.0.0.0"
-                log.info("ipv6_unavailable", extra={"detail": "HOST=:: listens on IPv4 (0.0.0.0) only"})
+                log.info("dual_stack_unavailable", extra={"detail": "HOST=:: listens on IPv4 (0.0.0.0) only"})
             sockets = None if sock is None else [sock]
     config = uvicorn.Config(
         app,
