@@ -19,7 +19,7 @@ import pytest
 from conftest import RedisServer, ServerProcess, new_user, require_redis_server, wait_until
 from redis_deployments import ClusterSet, Node, SentinelSet, acl_words, cli
 
-AGENTS = "fixture_agents,fixture_resource_agents"
+AGENTS = "fixture_agents,fixture_resource_agents,fixture_event_agents"
 TERMINAL = {"DONE", "ERROR", "CANCELLED", "TIMEOUT", "INTERRUPTED"}
 
 
@@ -120,6 +120,23 @@ def test_cluster_keeps_runs_through_a_resharding_and_a_failover_of_the_prefix_sl
     assert most_at_once(ledger) == 2
     listed = {run["run_id"] for run in servers[1].client.get("/agents/runs", params={"limit": 100}).json()["runs"]}
     assert listed == set(accepted)  # nothing accepted was lost on the way
+
+
+def test_a_cluster_keeps_a_runs_log_lines_and_events_for_every_replica(service, cluster: ClusterSet) -> None:
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    a, b = (service(cluster.url, REDIS_PREFIX=prefix) for _ in range(2))
+    with b.client.stream("GET", "/agents/events") as stream:  # B's reader follows the stream A's writer fills
+        run_id = a.start_run("chatty", lines=3)
+        assert a.wait_run(run_id)["state"] == "DONE"
+        deadline, seen = time.monotonic() + 10, False
+        for line in stream.iter_lines():  # keep-alive comments come every few seconds: the deadline is checked
+            seen = run_id in line and '"state":"DONE"' in line
+            if seen or time.monotonic() > deadline:
+                break
+    assert seen, "replica B's stream never carried the run's end"
+    lines = b.client.get(f"/agents/logs/{run_id}").json()["lines"]
+    assert [line["event"] for line in lines] == ["line_loop"] * 3 + ["line_thread"]
+    assert not a.events("events_unavailable") and not b.events("events_unavailable")
 
 
 def test_a_cluster_service_under_the_documented_acl_user_runs(service, cluster: ClusterSet) -> None:

@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from service.backends.base import FrameSink
@@ -56,6 +57,7 @@ class RedisEvents:
                  log: logging.Logger) -> None:
         self.client = client  # the store's pooled client, for writes and backlog reads
         self.reader_client = open_client(endpoint, socket_timeout=READ_BLOCK_MS / 1000 + 3, pooled=False)
+        self.in_cluster = endpoint.kind == "cluster"
         self.prefix = prefix
         self.events = events
         self.log = log
@@ -124,14 +126,13 @@ class RedisEvents:
             async with self.client.pipeline(transaction=False) as pipe:
                 for kind, run_id, state, data in batch:
                     if kind == "log":
-                        await self._log_line(keys=[self.key("log", run_id), self.key("logbytes"), self.key("sizes"),
-                                                   self.key("bytes"), self.key("run", run_id)],
-                                             args=[data, run_id, LOG_LINES_MAX, LOG_BYTES_MAX], client=pipe)
-                    await self._event(
-                        keys=[self.key("events"), self.key("events", "runs"), self.key("events", "run", run_id)],
-                        args=[kind, run_id, state, data, ALL_EVENTS_MAX, ALL_EVENTS_BYTES, GLOBAL_BACKLOG_FRAMES,
-                              GLOBAL_BACKLOG_BYTES, RUN_BACKLOG_FRAMES, RUN_BACKLOG_BYTES, RUN_STREAM_TTL_SECONDS],
-                        client=pipe)
+                        await self._queue(pipe, self._log_line, [
+                            self.key("log", run_id), self.key("logbytes"), self.key("sizes"), self.key("bytes"),
+                            self.key("run", run_id)], [data, run_id, LOG_LINES_MAX, LOG_BYTES_MAX])
+                    await self._queue(pipe, self._event, [
+                        self.key("events"), self.key("events", "runs"), self.key("events", "run", run_id)],
+                        [kind, run_id, state, data, ALL_EVENTS_MAX, ALL_EVENTS_BYTES, GLOBAL_BACKLOG_FRAMES,
+                         GLOBAL_BACKLOG_BYTES, RUN_BACKLOG_FRAMES, RUN_BACKLOG_BYTES, RUN_STREAM_TTL_SECONDS])
                 replies = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:
             self._failed(exc, len(batch))
@@ -147,6 +148,14 @@ class RedisEvents:
                 key = _key(reply)
                 if key > self._last_written:
                     self._last_written = key
+
+    async def _queue(self, pipe: Any, script: AsyncScript, keys: list[str], args: list[Any]) -> None:
+        """Queue one script call in ``pipe``: EVALSHA (loaded first, by redis-py), or in a cluster, whose pipelines
+        refuse EVALSHA, EVAL with the script's text."""
+        if self.in_cluster:
+            pipe.execute_command("EVAL", script.script, len(keys), *keys, *args)
+        else:
+            await script(keys=keys, args=args, client=pipe)
 
     def _failed(self, exc: BaseException, count: int) -> None:
         if not self._write_failed:
