@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from conftest import RedisServer, ServerProcess, new_user, require_redis_server, wait_until
+from conftest import RedisServer, ServerProcess, free_port, new_user, require_redis_server, wait_until
 from redis_deployments import ClusterSet, Node, SentinelSet, acl_words, cli
 
 AGENTS = "fixture_agents,fixture_resource_agents,fixture_event_agents"
@@ -164,6 +164,14 @@ def test_readyz_503_on_a_cluster_node_that_does_not_own_the_prefix_slot(service,
     owner = cluster.owner(cluster.slot_of(prefix))["port"]
     other = next(row["port"] for row in cluster.shards() if "master" in row["flags"] and row["port"] != owner)
     not_ready(service(f"redis://127.0.0.1:{other}/0", REDIS_PREFIX=f"{{{prefix}}}"), "MovedError")
+
+
+def test_an_unreachable_cluster_answers_503_not_500_and_the_service_starts_anyway(service) -> None:
+    srv = service(f"redis+cluster://127.0.0.1:{free_port()}")
+    not_ready(srv, "Redis Cluster cannot be connected")
+    response = srv.client.post("/agents/run", json={"agent_type": "sleeper", "user_id": new_user()})
+    assert (response.status_code, response.json()) == (503, {"detail": "Run store unavailable"})
+    assert not srv.events("pubsub_listener_restarted") and not srv.events("unhandled_error")
 
 
 def test_readyz_503_on_a_sentinel_given_as_redis(tmp_path: Path, service) -> None:

@@ -18,9 +18,13 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 SENTINEL_PORT, REDIS_PORT = 26379, 6379
+# What a failing store raises: unreachable, an error reply, or (a cluster client's own, not a RedisError) no
+# reachable node, a slot nobody serves.
+STORE_ERRORS = (RedisError, RedisClusterException, OSError)
 
 
 @dataclass(frozen=True)

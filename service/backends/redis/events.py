@@ -28,13 +28,12 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
 
 from service.backends.base import FrameSink
 from service.cancelling import cancel_and_wait
 from service.backends.records import (GLOBAL_BACKLOG_BYTES, GLOBAL_BACKLOG_FRAMES, RUN_BACKLOG_BYTES,
                                       RUN_BACKLOG_FRAMES, Frame, Run, StoreUnavailable)
-from service.backends.redis.connect import Endpoint, open_client
+from service.backends.redis.connect import STORE_ERRORS, Endpoint, open_client
 from service.backends.redis.side_scripts import EVENT_SCRIPT, LOG_SCRIPT
 
 ALL_EVENTS_MAX = 10000  # entries of <prefix>:events: what a reader that lost Redis for a moment can catch up on
@@ -134,7 +133,7 @@ class RedisEvents:
                         [kind, run_id, state, data, ALL_EVENTS_MAX, ALL_EVENTS_BYTES, GLOBAL_BACKLOG_FRAMES,
                          GLOBAL_BACKLOG_BYTES, RUN_BACKLOG_FRAMES, RUN_BACKLOG_BYTES, RUN_STREAM_TTL_SECONDS])
                 replies = await pipe.execute(raise_on_error=False)
-        except (RedisError, OSError) as exc:
+        except STORE_ERRORS as exc:
             self._failed(exc, len(batch))
             return
         errors = [reply for reply in replies if isinstance(reply, Exception)]
@@ -248,7 +247,7 @@ async def _guarded(awaitable: Any) -> Any:
     """A backlog read; Redis failing is the run store failing (503)."""
     try:
         return await awaitable
-    except (RedisError, OSError) as exc:
+    except STORE_ERRORS as exc:
         raise StoreUnavailable(str(exc)) from exc
 
 

@@ -6,9 +6,9 @@ import logging
 import time
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from service.backends.records import StoreUnavailable
+from service.backends.redis.connect import STORE_ERRORS
 
 # The probe: one write of a key of its own through EVALSHA, as every script of the service writes. A sentinel
 # (unknown command), a read-only replica (READONLY), a user without a command or key permission (NOPERM) or a
@@ -36,7 +36,7 @@ class Readiness:
             error = None
             try:
                 await self._script(keys=[self.key], args=[10000])
-            except (RedisError, OSError) as exc:
+            except STORE_ERRORS as exc:
                 error = f"{type(exc).__name__}: {exc}"
             if error is not None and self._error is None:
                 self.log.error("store_not_ready", extra={"error": error})
