@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import builtins
 import math
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
@@ -57,6 +58,16 @@ class Delivery:
     lease: str | None = None  # a shared queue's claim token; the outcome is recorded only while it holds
     send_by: float = math.inf  # time.monotonic() past which the lease may have passed to another replica
     exhausted: bool = False  # every attempt was made (the last claimer died mid-attempt)
+    message_id: str = ""  # its webhook-id: made when it is owed, stored with it, the same on every attempt
+
+    def __post_init__(self) -> None:
+        if not self.message_id:  # one owed before deliveries had ids: its run's id stands in (one per run)
+            self.message_id = "msg_" + self.run_id.replace("-", "")
+
+
+def new_message_id() -> str:
+    """A delivery's webhook-id, unique across deliveries: ``msg_`` and 32 random hex digits."""
+    return "msg_" + uuid.uuid4().hex
 
 
 class Deliveries(Protocol):
