@@ -226,3 +226,19 @@ def test_sentinel_and_cluster_urls_read_every_node_and_option() -> None:
                                                                        "{svc}")
     assert parse("redis://a:6379/0").key_prefix("svc") == "svc"
 
+
+
+def test_rediss_sentinel_uses_tls_to_the_sentinels_and_to_the_primary() -> None:
+    from redis.asyncio.connection import SSLConnection
+    from redis.asyncio.sentinel import SentinelManagedSSLConnection
+
+    from service.backends.redis.connect import open_client, parse
+
+    client: Any = open_client(parse("rediss+sentinel://app:pw@127.0.0.1:26379/mymaster?ssl_ca_certs=/ca.pem"))
+    pool = client.connection_pool
+    assert pool.connection_class is SentinelManagedSSLConnection
+    assert (pool.connection_kwargs["ssl_ca_certs"], pool.connection_kwargs["password"]) == ("/ca.pem", "pw")
+    (sentinel,) = pool.sentinel_manager.sentinels
+    assert sentinel.connection_pool.connection_class is SSLConnection
+    assert sentinel.connection_pool.connection_kwargs["ssl_ca_certs"] == "/ca.pem"
+    assert sentinel.connection_pool.connection_kwargs["password"] is None  # the sentinels: without credentials
