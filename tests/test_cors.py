@@ -103,7 +103,7 @@ def test_a_page_on_an_allowed_origin_calls_the_api_with_the_token_and_reads_a_st
     run_id = result["accepted"]["run_id"]
     assert result["posted"] == 202 and result["location"] == f"/agents/status/{run_id}"  # an exposed header
     assert result["status"]["state"] == "DONE"
-    assert '"state":"DONE"' in result["stream"] and result["stream"].startswith("id: ")  # the stream, read to its end
+    assert '"state":"DONE"' in result["stream"] and result["stream"].startswith("retry: 2000\n\nid: ")  # read to its end
     assert result["refused"] == 401 and result["refusedBody"] == {"detail": "Missing or invalid bearer token"}
     assert result["challenge"] == "Bearer"
     preflights = wait_until(lambda: [line for line in cors_servers["token"].events("http_request")
@@ -113,7 +113,10 @@ def test_a_page_on_an_allowed_origin_calls_the_api_with_the_token_and_reads_a_st
 
 EVENT_SOURCE = """([url]) => new Promise((resolve) => {
   const source = new EventSource(url);
-  source.addEventListener("run", (event) => { source.close(); resolve({run: JSON.parse(event.data)}); });
+  source.addEventListener("run", (event) => {  // the run's events from its first: resolved on its end
+    const run = JSON.parse(event.data);
+    if (["DONE", "ERROR", "CANCELLED"].includes(run.state)) { source.close(); resolve({run}); }
+  });
   source.onerror = () => { if (source.readyState === EventSource.CLOSED) resolve({error: "closed"}); };
   setTimeout(() => { source.close(); resolve({error: "no event in 5 s"}); }, 5000);
 })"""

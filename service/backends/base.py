@@ -14,11 +14,11 @@ from __future__ import annotations
 import builtins
 import math
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
-from service.backends.records import Frame, Page, Run
+from service.backends.records import Frame, Page, Run, RunBacklog
 
 
 class Claim(NamedTuple):
@@ -115,8 +115,12 @@ class EventTransport(Protocol):
     async def flush(self, timeout: float) -> None:
         """Until what was sent has reached the sink, at most ``timeout``."""
 
-    async def first_run_frames(self, run_id: str, after: tuple[int, int] | None,
-                               read_run: Callable[[str], Awaitable[Run | None]]) -> list[Frame] | None: ...
+    async def run_backlog(self, run_id: str, after: tuple[int, int] | None) -> RunBacklog:
+        """The run's kept frames from ``after`` on (``after`` itself first when it is kept; all of them for
+        None), oldest first, read in one go."""
+
+    async def newest_run_event(self, run_id: str) -> str | None:
+        """The id of the run's newest kept event; None when none is kept."""
 
     async def global_after(self, after: tuple[int, int]) -> list[Frame]: ...
 
