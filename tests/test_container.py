@@ -177,3 +177,30 @@ def test_dockerfile_runtime_rebuilt_without_docker_starts_and_is_healthy(tmp_pat
             server.kill()
     first_line = json.loads(server.stdout.read().splitlines()[0])
     assert first_line["level"] == "info"
+
+
+def test_the_images_dual_stack_socket_takes_ipv4_and_falls_back_without_ipv6(monkeypatch) -> None:
+    import errno
+
+    from service.http import server
+
+    port = free_port()
+    sock = server.dual_stack_socket(port)
+    if sock is not None:  # this host has IPv6: one socket for both families
+        with sock:
+            sock.listen()
+            assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+            with socket.create_connection(("127.0.0.1", port), timeout=2):
+                pass
+            try:
+                server.dual_stack_socket(port)  # the port is taken: that is an error, not a missing IPv6
+            except OSError as exc:
+                assert exc.errno == errno.EADDRINUSE
+            else:
+                raise AssertionError("a taken port was bound again")
+
+    def no_ipv6(*args: object, **kwargs: object) -> socket.socket:
+        raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+
+    monkeypatch.setattr(server.socket, "socket", no_ipv6)
+    assert server.dual_stack_socket(port) is None  # the launcher then listens on 0.0.0.0
