@@ -1,29 +1,39 @@
 # syntax=docker/dockerfile:1
 
-# Build stage: a venv with the runtime requirements only.
-FROM python:3.11.7-slim AS build
-RUN python -m venv /venv
-COPY requirements.txt /tmp/requirements.txt
-RUN /venv/bin/pip install --no-cache-dir --disable-pip-version-check -r /tmp/requirements.txt
-# Tracing needs requirements-otel.txt as well: docs/deployment.md shows an image that adds it.
-
-# Runtime stage: slim Python, the venv, the service; no compilers, no pip cache, not root.
-FROM python:3.11.7-slim
-RUN useradd --create-home --uid 10001 runner
-COPY --from=build /venv /venv
+# Build stage: Debian 12's Python 3.11 at /usr/bin/python3, the interpreter the runtime base has at the same
+# path, so the venv's links hold there. The venv gets the runtime requirements only (WITH_TRACING=1: the
+# OpenTelemetry ones too), then loses pip and setuptools, which nothing uses at run time.
+FROM debian:12.8-slim AS build
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3-venv=3.11.2-1+b1 \
+ && rm -rf /var/lib/apt/lists/*
+ARG WITH_TRACING=""
+RUN python3 -m venv /venv
+COPY requirements.txt requirements-otel.txt /tmp/
+RUN /venv/bin/pip install --no-cache-dir --disable-pip-version-check -r /tmp/requirements.txt \
+ && if [ -n "$WITH_TRACING" ]; then \
+      /venv/bin/pip install --no-cache-dir --disable-pip-version-check -r /tmp/requirements-otel.txt; fi \
+ && /venv/bin/pip uninstall --yes --disable-pip-version-check pip setuptools
 WORKDIR /app
 COPY agent_runner.py agents.py openapi.yaml openapi.json ./
 COPY service ./service
-# Byte-compiled here: at run time nothing is written (PYTHONDONTWRITEBYTECODE, not root), so otherwise every
-# start would compile every module again.
-RUN python -m compileall -q .
-ENV PATH="/venv/bin:$PATH" \
+# Byte-compiled here: at run time nothing is written (PYTHONDONTWRITEBYTECODE, a read-only root), so otherwise
+# every start would compile every module again.
+RUN /venv/bin/python -m compileall -q .
+
+# Runtime stage: distroless Python (no shell, no package manager, no pip), the venv and the service, not root.
+FROM gcr.io/distroless/python3-debian12:nonroot
+COPY --from=build /venv /venv
+COPY --from=build /app /app
+WORKDIR /app
+ENV PATH="/venv/bin:/usr/bin:/bin" \
     PYTHONDONTWRITEBYTECODE=1 \
-    HOST=0.0.0.0 \
+    HOST=:: \
     PORT=8000
 USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=5s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PORT', '8000'), timeout=2)"]
 STOPSIGNAL SIGTERM
+ENTRYPOINT []
 CMD ["python", "agent_runner.py"]

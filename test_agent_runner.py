@@ -376,6 +376,8 @@ BAD_SETTINGS = [
     ({"HOST": "bad host!"}, "HOST"),
     ({"REDIS_URL": "http://127.0.0.1:6379/0"}, "REDIS_URL"),
     ({"REDIS_URL": "redis://127.0.0.1:port/0"}, "REDIS_URL"),
+    ({"REDIS_URL": "redis+sentinel://127.0.0.1:26379"}, "REDIS_URL"),  # no master name
+    ({"REDIS_URL": "redis+cluster://127.0.0.1:7000/1"}, "REDIS_URL"),  # a cluster has only db 0
     ({"LOCK_TTL_SECONDS": "0.1"}, "LOCK_TTL_SECONDS"),
     ({"LOCK_TTL_SECONDS": "soon"}, "LOCK_TTL_SECONDS"),
     ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),

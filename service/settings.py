@@ -66,7 +66,7 @@ DOCS_ASSETS_DEFAULT = f"https://cdn.jsdelivr.net/npm/swagger-ui-dist@{SWAGGER_UI
 
 # Every environment variable: name, default, meaning. --help, the README and .env.example show this table.
 SETTINGS_TABLE = (
-    ("HOST", "127.0.0.1", "bind address (the Dockerfile sets 0.0.0.0)"),
+    ("HOST", "127.0.0.1", "bind address (the Dockerfile sets ::, IPv6 and IPv4 on one socket)"),
     ("PORT", "8000", "bind port"),
     ("LOG_LEVEL", "info", "debug, info, warning or error"),
     ("AGENT_SLEEP_SECONDS", "5", "how long the built-in agents work (0 allowed)"),
@@ -82,7 +82,8 @@ SETTINGS_TABLE = (
      "comma-separated origins (https://app.example.com) whose pages may call the API and read streams; * any; none "
      "when empty"),
     ("SHUTDOWN_GRACE_SECONDS", "30", "on SIGTERM/SIGINT, how long a running run may still take"),
-    ("REDIS_URL", "", "e.g. redis://host:6379/0; when set, the lock and all run records live in Redis"),
+    ("REDIS_URL", "", "e.g. redis://host:6379/0, redis+sentinel://host:26379/mymaster or redis+cluster://host:6379; "
+                      "when set, the lock and all run records live in Redis"),
     ("REDIS_PREFIX", "agent-runner", "prefix of every Redis key, so several deployments can share one Redis"),
     ("LOCK_TTL_SECONDS", "30", "the run lock's expiry in Redis; the holder renews it every TTL/3"),
     ("MAX_CONCURRENT_RUNS", "1", "how many runs may be RUNNING at once (across all replicas in Redis mode)"),
@@ -114,6 +115,8 @@ SETTINGS_TABLE = (
 
 LOG_FORMATS = ("auto", "json", "console")
 WEBHOOK_SECRET_MIN_CHARS = 16
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://", "redis+cluster://",
+                 "rediss+cluster://")
 MAX_CONCURRENT_RUNS_LIMIT = 64  # in Redis mode, every replica counts a run on any of these slots as alive
 
 
@@ -273,8 +276,8 @@ class Settings:
         if webhook_secret is not None and not allowed_hosts:
             raise ConfigError("WEBHOOK_ALLOWED_HOSTS", "is required when WEBHOOK_SECRET is set (webhooks are on)")
         redis_url = env.get("REDIS_URL", "").strip() or None
-        if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError("REDIS_URL", "must start with redis://, rediss:// or unix://")
+        if redis_url is not None and not redis_url.lower().startswith(REDIS_SCHEMES):
+            raise ConfigError("REDIS_URL", f"must start with {', '.join(REDIS_SCHEMES[:-1])} or {REDIS_SCHEMES[-1]}")
         return cls(
             host=host,
             port=_env_number(env, "PORT", cls.port, integer=True, minimum=1, maximum=65535),

@@ -8,6 +8,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import HERE, free_port, missing_tool, module_name, product_modules
+from conftest import DOCS, HERE, free_port, missing_tool, module_name, product_modules
 
 
 def tool(name: str, install: str) -> str:
@@ -24,6 +25,21 @@ def tool(name: str, install: str) -> str:
     if path is None:
         missing_tool(name, install)
     return path
+
+
+def budgets() -> dict[str, float]:
+    """The size budgets docs/deployment.md states: the image (each platform) and its venv, in MB."""
+    text = (DOCS / "deployment.md").read_text()
+    image = re.search(r"image size budget is (\d+) MB", text)
+    venv = re.search(r"venv is at most (\d+) MB", text)
+    assert image and venv, "docs/deployment.md states the image's and the venv's budgets"
+    return {"image": float(image[1]), "venv": float(venv[1])}
+
+
+def test_the_release_workflow_fails_past_the_documented_image_budget() -> None:
+    workflow = (HERE / ".github" / "workflows" / "release.yml").read_text()
+    assert f'BUDGET_MB: "{budgets()["image"]:.0f}"' in workflow
+    assert "docker image inspect --format '{{.Size}}'" in workflow
 
 
 def test_hadolint_finds_nothing_in_the_dockerfile() -> None:
@@ -49,46 +65,81 @@ def test_the_image_copies_every_product_module_and_nothing_else_of_python() -> N
     assert sorted(copied - modules) == [], "copied, but not a product module"
 
 
+def ipv6_loopback() -> bool:
+    """Whether this host has ::1 (CI's machines do; a container without IPv6 does not)."""
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def debian_python() -> str:
+    """Debian 12's python3 (3.11, with python3-venv), the interpreter the image's build stage uses."""
+    python = "/usr/bin/python3"
+    probe = subprocess.run([python, "-c", "import sys, ensurepip; print(sys.version_info[:2] == (3, 11))"],
+                           capture_output=True, text=True) if os.path.exists(python) else None
+    if probe is None or probe.stdout.strip() != "True":
+        missing_tool("Debian 12's python3 (3.11) with venv", "apt-get install python3-venv")
+    return python
+
+
 def test_dockerfile_runtime_rebuilt_without_docker_starts_and_is_healthy(tmp_path: Path) -> None:
     steps = dockerfile_instructions()
     stages = [i for i, (op, _) in enumerate(steps) if op == "FROM"]
     assert len(stages) == 2, "multi-stage: a build stage and a runtime stage"
     build, runtime = steps[stages[0]:stages[1]], steps[stages[1]:]
-    assert re.match(r"python:3\.\d+\.\d+-slim$", runtime[0][1]), "a slim Python base pinned by version"
+    assert re.fullmatch(r"debian:12\.\d+-slim AS build", build[0][1]), "Debian 12's Python, pinned by point release"
+    assert re.fullmatch(r"gcr\.io/distroless/python3-debian12:nonroot", runtime[0][1]), "distroless, Debian 12"
 
-    # Build stage: the same venv and pip install, with paths mapped into tmp_path.
-    venv = tmp_path / "venv"
-    paths = {"/venv": str(venv), "/tmp/requirements.txt": str(HERE / "requirements.txt")}
-    for op, args in build:
-        if op == "RUN":
-            command = shlex.split(args)
-            command = [paths.get(word, word) for word in command]
-            command = [word.replace("/venv/", f"{venv}/") for word in command]
-            if command[:1] == ["python"]:
-                command[0] = sys.executable
-            subprocess.run(command, check=True, capture_output=True)
-
-    # Runtime stage: the copied files, the environment, the command, the health check.
-    app = tmp_path / "app"
+    # Build stage: its RUN steps in a shell, with /venv, /tmp/ and /app mapped into tmp_path, on Debian's
+    # python3 at the path the runtime base has it (the venv links to it); the apt-get step is this host's own.
+    venv, files, app = tmp_path / "venv", tmp_path / "files", tmp_path / "app"
+    files.mkdir()
     app.mkdir()
+    python = debian_python()
+    workdir = tmp_path
+    build_env = {"PATH": f"{os.path.dirname(python)}:{os.environ['PATH']}", "HOME": str(tmp_path)}
+    for op, args in build[1:]:
+        if op == "RUN" and not args.startswith("apt-get update"):
+            command = re.sub(r"/venv\b|/tmp/", lambda hit: str(venv) if hit[0] == "/venv" else f"{files}/", args)
+            subprocess.run(["sh", "-c", command], cwd=workdir, env=build_env, check=True, capture_output=True)
+        elif op == "ARG":
+            name, _, default = args.partition("=")
+            build_env[name] = json.loads(default) if default else ""
+        elif op == "WORKDIR":
+            assert args == "/app"
+            workdir = app
+        elif op == "COPY":
+            *sources, dest = shlex.split(args)
+            target = files if dest == "/tmp/" else workdir / dest
+            for name in sources:
+                if (HERE / name).is_dir():  # a package, as the .dockerignore leaves it
+                    shutil.copytree(HERE / name, target, ignore=shutil.ignore_patterns("__pycache__"))
+                else:
+                    shutil.copy(HERE / name, target)
+    compiled = {path.name.split(".")[0] for path in (app / "__pycache__").glob("*.pyc")}
+    assert compiled == {path.stem for path in app.glob("*.py")}, compiled
+    site = venv / "lib" / "python3.11" / "site-packages"
+    assert not [path.name for path in site.iterdir()
+                if path.name.split("-")[0] in ("pip", "setuptools", "pkg_resources", "_distutils_hack")]
+    assert os.readlink(venv / "bin" / "python3") == python  # where the distroless base has its python3
+    venv_mb = sum(os.lstat(os.path.join(top, name)).st_size  # lib64 is a link to lib: counted once
+                  for top, _, names in os.walk(venv) for name in names) / 1e6
+    assert venv_mb <= budgets()["venv"], f"the runtime venv is {venv_mb:.1f} MB"
+
+    # Runtime stage: the build stage's venv and app, the environment, the command, the health check.
     env = {"PATH": f"{venv}/bin:{os.environ['PATH']}"}
     cmd = healthcheck = None
     for op, args in runtime:
-        if op == "COPY" and not args.startswith("--from"):
-            for name in shlex.split(args)[:-1]:
-                if (HERE / name).is_dir():  # a package, as the .dockerignore leaves it
-                    shutil.copytree(HERE / name, app / name, ignore=shutil.ignore_patterns("__pycache__"))
-                else:
-                    shutil.copy(HERE / name, app / name)
+        if op == "COPY":
+            assert args in ("--from=build /venv /venv", "--from=build /app /app")
         elif op == "ENV":
             for key, value in (pair.split("=", 1) for pair in shlex.split(args)):
-                env[key] = value.replace("$PATH", os.environ["PATH"]).replace("/venv/", f"{venv}/")
-        elif op == "RUN" and args.startswith("python -m compileall"):  # what the runtime starts from
-            command = [sys.executable if word == "python" else str(app) if word == "." else word
-                       for word in shlex.split(args)]
-            subprocess.run(command, check=True, capture_output=True)
-            compiled = {path.name.split(".")[0] for path in (app / "__pycache__").glob("*.pyc")}
-            assert compiled == {path.stem for path in app.glob("*.py")}, compiled
+                env[key] = value.replace("/venv/", f"{venv}/") if key == "PATH" else value
+        elif op == "ENTRYPOINT":
+            assert args == "[]"  # the base's (python3.11) would run before CMD
         elif op == "CMD":
             cmd = json.loads(args)
         elif op == "HEALTHCHECK":
@@ -98,7 +149,7 @@ def test_dockerfile_runtime_rebuilt_without_docker_starts_and_is_healthy(tmp_pat
         elif op == "STOPSIGNAL":
             assert args == "SIGTERM"
     assert cmd == ["python", "agent_runner.py"] and healthcheck is not None
-    assert env["HOST"] == "0.0.0.0"
+    assert env["HOST"] == "::"  # IPv6 and IPv4 on one socket (IPv4 alone on a host without IPv6)
     env["PORT"] = str(free_port())
 
     server = subprocess.Popen(cmd, cwd=app, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -117,6 +168,8 @@ def test_dockerfile_runtime_rebuilt_without_docker_starts_and_is_healthy(tmp_pat
             time.sleep(0.1)
         check = subprocess.run(healthcheck, cwd=app, env=env, capture_output=True, timeout=10)
         assert check.returncode == 0, check.stderr
+        if ipv6_loopback():
+            assert httpx.get(f"http://[::1]:{env['PORT']}/healthz").status_code == 200
         server.send_signal(signal.SIGTERM)
         assert server.wait(20) == 0
     finally:
@@ -124,3 +177,30 @@ def test_dockerfile_runtime_rebuilt_without_docker_starts_and_is_healthy(tmp_pat
             server.kill()
     first_line = json.loads(server.stdout.read().splitlines()[0])
     assert first_line["level"] == "info"
+
+
+def test_the_images_dual_stack_socket_takes_ipv4_and_falls_back_without_ipv6(monkeypatch) -> None:
+    import errno
+
+    from service.http import server
+
+    port = free_port()
+    sock = server.dual_stack_socket(port)
+    if sock is not None:  # this host has IPv6: one socket for both families
+        with sock:
+            sock.listen()
+            assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+            with socket.create_connection(("127.0.0.1", port), timeout=2):
+                pass
+            try:
+                server.dual_stack_socket(port)  # the port is taken: that is an error, not a missing IPv6
+            except OSError as exc:
+                assert exc.errno == errno.EADDRINUSE
+            else:
+                raise AssertionError("a taken port was bound again")
+
+    def no_ipv6(*args: object, **kwargs: object) -> socket.socket:
+        raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+
+    monkeypatch.setattr(server.socket, "socket", no_ipv6)
+    assert server.dual_stack_socket(port) is None  # the launcher then listens on 0.0.0.0

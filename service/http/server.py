@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import socket
 import sys
 from typing import Any
 
@@ -79,14 +81,45 @@ def parse_args(argv: list[str], version: str) -> None:
     parser.parse_args(argv)
 
 
+def dual_stack_socket(port: int) -> socket.socket | None:
+    """A socket on ``::`` that takes IPv4 connections as well; None when this host has no IPv6."""
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    except OSError:
+        return None
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # whatever net.ipv6.bindv6only says
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("::", port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
+            return None
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
 def main(app: Starlette, version: str) -> None:
     if sys.argv[1:]:  # argparse only for --help or --version: most starts have no arguments
         parse_args(sys.argv[1:], version)
     configure(version=version)
     app.state.binds_own_socket = True  # nothing else can serve the socket uvicorn binds below: no claim
+    host = settings.current.host
+    sockets: list[socket.socket] | None = None
+    if host == "::":  # the image's HOST: IPv6 and IPv4 on one socket, or IPv4 alone on a host without IPv6
+        try:
+            sock = dual_stack_socket(settings.current.port)
+        except OSError:  # the port is taken: uvicorn's own bind below reports it and exits 3
+            sock = None
+        else:
+            if sock is None:
+                host = "0.0.0.0"
+                log.info("dual_stack_unavailable", extra={"detail": "HOST=:: listens on IPv4 (0.0.0.0) only"})
+            sockets = None if sock is None else [sock]
     config = uvicorn.Config(
         app,
-        host=settings.current.host,
+        host=host,
         port=settings.current.port,
         log_config=process_logging_config(),
         access_log=False,
@@ -98,4 +131,4 @@ def main(app: Starlette, version: str) -> None:
         timeout_graceful_shutdown=5,
         server_header=False,
     )
-    Server(config, app).run()
+    Server(config, app).run(sockets=sockets)

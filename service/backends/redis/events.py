@@ -35,6 +35,7 @@ from service.backends.base import FrameSink
 from service.cancelling import cancel_and_wait
 from service.backends.records import (GLOBAL_BACKLOG_BYTES, GLOBAL_BACKLOG_FRAMES, RUN_BACKLOG_BYTES,
                                       RUN_BACKLOG_FRAMES, Frame, RunBacklog, StoreUnavailable)
+from service.backends.redis.connect import STORE_ERRORS, Endpoint, open_client
 from service.backends.redis.side_scripts import EVENT_SCRIPT, LOG_SCRIPT
 
 ALL_EVENTS_MAX = 10000  # entries of <prefix>:events: what a reader that lost Redis for a moment can catch up on
@@ -53,9 +54,11 @@ Entries = list[tuple[bytes, dict[bytes, bytes]]]  # a stream's entries as XRANGE
 class RedisEvents:
     """The writer and reader tasks of one replica, and the backlog reads a new client needs."""
 
-    def __init__(self, client: Redis, url: str, prefix: str, events: FrameSink, log: logging.Logger) -> None:
+    def __init__(self, client: Redis, endpoint: Endpoint, prefix: str, events: FrameSink,
+                 log: logging.Logger) -> None:
         self.client = client  # the store's pooled client, for writes and backlog reads
-        self.reader_client = Redis.from_url(url, socket_timeout=READ_BLOCK_MS / 1000 + 3, socket_connect_timeout=2)
+        self.reader_client = open_client(endpoint, socket_timeout=READ_BLOCK_MS / 1000 + 3, pooled=False)
+        self.in_cluster = endpoint.kind == "cluster"
         self.prefix = prefix
         self.events = events
         self.log = log
@@ -133,7 +136,7 @@ class RedisEvents:
                            GLOBAL_BACKLOG_BYTES, RUN_BACKLOG_FRAMES, RUN_BACKLOG_BYTES, RUN_STREAM_TTL_SECONDS]))
         try:
             replies = await self._run_scripts(calls)
-        except (RedisError, OSError) as exc:
+        except STORE_ERRORS as exc:
             self._failed(exc, len(batch))
             return
         errors = [reply for reply in replies if isinstance(reply, Exception)]
@@ -163,7 +166,10 @@ class RedisEvents:
     async def _pipeline(self, calls: list[tuple[AsyncScript, list[str], list[Any]]]) -> list[Any]:
         async with self.client.pipeline(transaction=False) as pipe:
             for script, keys, args in calls:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
+                if self.in_cluster:  # a cluster's pipelines refuse EVALSHA: EVAL with the script's text
+                    pipe.execute_command("EVAL", script.script, len(keys), *keys, *args)
+                else:
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
             return await pipe.execute(raise_on_error=False)
 
     def _failed(self, exc: BaseException, count: int) -> None:
@@ -265,7 +271,7 @@ async def _guarded(awaitable: Any) -> Any:
     """A backlog read; Redis failing is the run store failing (503)."""
     try:
         return await awaitable
-    except (RedisError, OSError) as exc:
+    except STORE_ERRORS as exc:
         raise StoreUnavailable(str(exc)) from exc
 
 

@@ -7,8 +7,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
+from service.backends.redis.connect import STORE_ERRORS
 from service.backends.redis.lock import StoreHealth
 
 
@@ -36,6 +36,7 @@ async def listen(backend: Listener) -> None:
     finished, cancel, queued = (backend.key(name).encode() for name in ("finished", "cancel", "queued"))
     while True:
         try:
+            await backend.client.ping()  # a cluster client learns the slots here: its pubsub does not
             async with backend.client.pubsub(ignore_subscribe_messages=True) as pubsub:
                 await pubsub.subscribe(finished, cancel, queued)
                 backend.wake_all()  # anything finished while we were not subscribed
@@ -54,7 +55,7 @@ async def listen(backend: Listener) -> None:
                         backend.on_cancel(run_id, by or None)
                     elif message["channel"] == queued:
                         backend.on_work()
-        except (RedisError, OSError):
+        except STORE_ERRORS:
             await asyncio.sleep(0.5)
         except Exception as exc:
             backend.health.log.error("pubsub_listener_restarted", exc_info=exc,

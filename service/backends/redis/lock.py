@@ -12,9 +12,10 @@ from collections.abc import AsyncIterator
 
 from redis.asyncio import Redis
 from redis.asyncio.lock import Lock as RedisLock
-from redis.exceptions import LockError, RedisError
+from redis.exceptions import LockError
 
 from service.backends.records import LockLost, Run, StoreUnavailable
+from service.backends.redis.connect import STORE_ERRORS
 from service.backends.redis.scripts import RENEW_SCRIPT
 from service.settings import MAX_CONCURRENT_RUNS_LIMIT
 
@@ -30,7 +31,7 @@ class StoreHealth:
     async def guard(self) -> AsyncIterator[None]:
         try:
             yield
-        except (RedisError, OSError) as exc:  # unreachable, or an error reply (READONLY, MISCONF, OOM...)
+        except STORE_ERRORS as exc:  # unreachable, or an error reply (READONLY, MISCONF, OOM...)
             if isinstance(exc, LockError):
                 raise
             if self.healthy:

@@ -17,10 +17,12 @@ from redis.asyncio import Redis
 
 from service.backends.base import FrameSink, new_message_id
 from service.backends.records import MAX_OWED, MAX_OWED_BYTES, Page, Run, StoreUnavailable, WriteRefused
+from service.backends.redis.connect import Endpoint
 from service.backends.redis.events import RedisEvents
 from service.backends.redis.idempotency import RedisIdempotencyKeys
 from service.backends.redis.listener import listen
 from service.backends.redis.lock import RedisRunLock, StoreHealth
+from service.backends.redis.readiness import Readiness
 from service.backends.redis.reads import CoalescedReads, RecordReader
 from service.backends.redis.scripts import (ADMIT_SCRIPT, CANCEL_WAITING_SCRIPT, FINISH_SCRIPT, INTERRUPT_SCRIPT,
                                             LEASE_SCRIPT, ORPHANS_SCRIPT, SAVE_SCRIPT, TAKE_SCRIPT, TRIM_SCRIPT)
@@ -44,10 +46,11 @@ class RedisBackend:
     name = "redis"
     shared = True  # every replica on the same Redis (and prefix) shares slots, queue and runs
 
-    def __init__(self, client: Redis, url: str, prefix: str, lock: RedisRunLock, retention: int, retention_bytes: int,
-                 health: StoreHealth, log: logging.Logger, idempotency_ttl_seconds: float = 86400.0) -> None:
+    def __init__(self, client: Redis, endpoint: Endpoint, prefix: str, lock: RedisRunLock, retention: int,
+                 retention_bytes: int, health: StoreHealth, log: logging.Logger,
+                 idempotency_ttl_seconds: float = 86400.0) -> None:
         self.client = client
-        self.url = url
+        self.endpoint = endpoint
         self.prefix = prefix
         self._lock = lock
         self.renew_interval: float | None = lock.renew_interval
@@ -79,6 +82,7 @@ class RedisBackend:
         self._interrupt = client.register_script(INTERRUPT_SCRIPT)
         self._save = client.register_script(SAVE_SCRIPT)
         self._lease = client.register_script(LEASE_SCRIPT)
+        self._readiness = Readiness(client, self.key("ready"), log)
         self.highest_token = 0  # the highest fencing token this replica has seen: a floor for the next (MINT)
 
     def key(self, *parts: str) -> str:
@@ -98,11 +102,10 @@ class RedisBackend:
         await self.client.aclose()
 
     async def check(self) -> None:
-        async with self.health.guard():
-            await self.client.ping()
+        await self._readiness.check()
 
     def event_transport(self, sink: FrameSink) -> RedisEvents:
-        return RedisEvents(self.client, self.url, self.prefix, sink, self.log)
+        return RedisEvents(self.client, self.endpoint, self.prefix, sink, self.log)
 
     def webhook_deliveries(self, timeout_seconds: float) -> RedisDeliveries:
         return RedisDeliveries(self.client, self.key, self.health, timeout_seconds)
