@@ -29,7 +29,7 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
 from service.backends.base import FrameSink
 from service.cancelling import cancel_and_wait
