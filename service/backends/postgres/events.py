@@ -1,0 +1,261 @@
+"""Postgres mode's event transport: run events in the table ``events``, so every replica streams every run.
+
+Publishing never waits: events queue in this process and one writer task inserts them in batches, each batch
+one transaction under the row lock ``locks.events``, so ids (a sequence) commit in order and a reader that
+follows the table by id never skips one; the batch ends with a NOTIFY. Each replica's reader reads what is
+new when notified (and once a second regardless). A run keeps its newest RUN_BACKLOG_FRAMES events, dropped
+with the run at retention; the table keeps ALL_EVENTS_MAX events in all. A log line is kept in ``run_logs``
+in the same transaction. Events are best effort: when the database fails, events are dropped (logged once),
+the local streams end cleanly, and the runs go on; the run store stays the truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from service.backends.base import FrameSink
+from service.backends.postgres.database import Connection, Database
+from service.backends.postgres.listener import Listener
+from service.backends.records import (GLOBAL_BACKLOG_FRAMES, LOG_BYTES_MAX, LOG_LINES_MAX, RUN_BACKLOG_FRAMES,
+                                      Frame, Run, StoreUnavailable)
+from service.cancelling import cancel_and_wait
+
+ALL_EVENTS_MAX = 100000  # events kept in all (a run's own are dropped with it before that, at retention)
+SEND_QUEUE_MAX = 10000  # events waiting for the writer; past it new ones are dropped
+SEND_QUEUE_BYTES = 16 * 1024 * 1024
+BATCH = 200
+POLL_SECONDS = 1.0  # the reader looks for new events this often even without a notification
+COLUMNS = "id, run_id, kind, state, data"
+Row = tuple[int, str, str, str, bytes]
+
+
+class PostgresEvents:
+    """The writer and reader tasks of one replica, and the backlog reads a new client needs."""
+
+    def __init__(self, db: Database, sink: FrameSink, log: logging.Logger, listener: Listener) -> None:
+        self.db = db
+        self.sink = sink
+        self.log = log
+        self.listener = listener
+        self.available = False  # the listener follows the database; while False new streams are refused (503)
+        self._outbox: deque[tuple[str, str, str, bytes]] = deque()
+        self._outbox_bytes = 0
+        self._queued = 0
+        self._done = 0
+        self._batch_done = asyncio.Event()
+        self._outbox_ready = asyncio.Event()
+        self._new_events = asyncio.Event()
+        self._writing = False
+        self._last_written = 0
+        self._last_read: int | None = None
+        self._write_failed = False
+        self._dropped = 0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self.listener.on_events = self._new_events.set
+        self.listener.on_connected = self._connected
+        self.available = self.listener.connected
+        self._tasks = [asyncio.create_task(self._write_forever(), name="events-writer"),
+                       asyncio.create_task(self._read_forever(), name="events-reader")]
+        deadline = time.monotonic() + 2.0  # streams opened right after start find the reader following
+        while not (self.available and self._last_read is not None) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            await cancel_and_wait(task)
+
+    def _connected(self, connected: bool) -> None:
+        if connected == self.available:
+            return
+        self.available = connected
+        if connected:
+            self._new_events.set()
+        else:
+            self.sink.end_all("unavailable")
+
+    # --- writing -------------------------------------------------------------------------------------------
+
+    def send(self, kind: str, run_id: str, state: str, data: bytes) -> None:
+        if len(self._outbox) >= SEND_QUEUE_MAX or self._outbox_bytes + len(data) > SEND_QUEUE_BYTES:
+            self._dropped += 1
+            if self._dropped == 1:
+                self.log.warning("events_dropped", extra={"detail": "too many events waiting for the database"})
+            return
+        self._outbox.append((kind, run_id, state, data))
+        self._outbox_bytes += len(data)
+        self._queued += 1
+        self._outbox_ready.set()
+
+    async def _write_forever(self) -> None:
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            while self._outbox:
+                batch = [self._outbox.popleft() for _ in range(min(BATCH, len(self._outbox)))]
+                self._writing = True
+                try:
+                    await self._write(batch)
+                finally:
+                    self._outbox_bytes -= sum(len(data) for _, _, _, data in batch)
+                    self._writing = False
+                    self._done += len(batch)
+                    self._batch_done.set()
+
+    async def _write(self, batch: list[tuple[str, str, str, bytes]]) -> None:
+        async def write(connection: Connection) -> int:
+            await self.db.lock(connection, "events")
+            cursor = await connection.execute(
+                "INSERT INTO events (id, run_id, kind, state, data) "
+                "SELECT nextval('event_ids'), r, k, s, d FROM unnest(%s::text[], %s::text[], %s::text[], %s::bytea[]) "
+                "WITH ORDINALITY AS batch(k, r, s, d, o) ORDER BY o RETURNING id",
+                ([kind for kind, _, _, _ in batch], [run_id for _, run_id, _, _ in batch],
+                 [state for _, _, state, _ in batch], [data for _, _, _, data in batch]))
+            newest = max(int(row[0]) for row in await cursor.fetchall())
+            logged = [(run_id, data) for kind, run_id, _, data in batch if kind == "log"]
+            if logged:
+                await connection.execute(
+                    "INSERT INTO run_logs (run_id, line) SELECT r, d FROM unnest(%s::text[], %s::bytea[]) "
+                    "WITH ORDINALITY AS lines(r, d, o) WHERE EXISTS (SELECT 1 FROM runs WHERE runs.run_id = r) "
+                    "ORDER BY o", ([run_id for run_id, _ in logged], [data for _, data in logged]))
+                await connection.execute(
+                    "DELETE FROM run_logs WHERE id IN (SELECT id FROM (SELECT id, "
+                    "row_number() OVER (PARTITION BY run_id ORDER BY id DESC) AS n, "
+                    "sum(length(line)) OVER (PARTITION BY run_id ORDER BY id DESC) AS b "
+                    "FROM run_logs WHERE run_id = ANY(%s)) AS kept WHERE n > %s OR b > %s)",
+                    (list({run_id for run_id, _ in logged}), LOG_LINES_MAX, LOG_BYTES_MAX))
+                await connection.execute(
+                    "UPDATE runs SET log_bytes = (SELECT coalesce(sum(length(line)), 0) FROM run_logs "
+                    "WHERE run_logs.run_id = runs.run_id) WHERE run_id = ANY(%s)",
+                    (list({run_id for run_id, _ in logged}),))
+            await connection.execute(
+                "DELETE FROM events WHERE id IN (SELECT id FROM (SELECT id, "
+                "row_number() OVER (PARTITION BY run_id ORDER BY id DESC) AS n "
+                "FROM events WHERE run_id = ANY(%s)) AS kept WHERE n > %s)",
+                (list({run_id for _, run_id, _, _ in batch}), RUN_BACKLOG_FRAMES))
+            await connection.execute("DELETE FROM events WHERE id <= %s", (newest - ALL_EVENTS_MAX,))
+            await connection.execute("SELECT pg_notify(%s, %s)", (self.listener.channel("events"), str(newest)))
+            return newest
+
+        try:
+            newest = await self.db.run(write)
+        except StoreUnavailable as exc:
+            if not self._write_failed:
+                self._write_failed = True
+                self.log.warning("events_unavailable", extra={"error": str(exc), "events_lost": len(batch)})
+            return
+        if self._write_failed:
+            self._write_failed = False
+            self.log.info("events_recovered")
+        self._last_written = max(self._last_written, newest)
+
+    async def written(self, timeout: float) -> None:
+        """Wait (up to ``timeout``) until the events sent so far are written (or given up)."""
+        target = self._queued
+        deadline = time.monotonic() + timeout
+        while self._done < target and (left := deadline - time.monotonic()) > 0:
+            self._batch_done.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._batch_done.wait(), left)
+
+    async def flush(self, timeout: float) -> None:
+        """Wait (up to ``timeout``) until what was sent is in the table and back through the reader."""
+        deadline = time.monotonic() + timeout
+        while (self._outbox or self._writing or (self._last_read or 0) < self._last_written) and \
+                time.monotonic() < deadline and self.available:
+            await asyncio.sleep(0.01)
+
+    # --- reading -------------------------------------------------------------------------------------------
+
+    async def _read_forever(self) -> None:
+        while True:
+            try:
+                if self._last_read is None:  # start at the end: what happened before is in the backlogs
+                    self._last_read = await self.db.run(_newest_id, transaction=False)
+                self._new_events.clear()
+                while True:
+                    rows = await self.db.run(self._rows_after, transaction=False)
+                    for row in rows:
+                        self._last_read = row[0]
+                        frame = _frame(row)
+                        if frame is not None:
+                            self.sink.deliver(frame)
+                    if len(rows) < 1000:
+                        break
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the database gone or erroring: the listener's state ends the streams
+                pass
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._new_events.wait(), POLL_SECONDS)
+
+    async def _rows_after(self, connection: Connection) -> list[Row]:
+        cursor = await connection.execute(f"SELECT {COLUMNS} FROM events WHERE id > %s ORDER BY id LIMIT 1000",
+                                          (self._last_read or 0,))
+        return [_row(row) for row in await cursor.fetchall()]
+
+    # --- what a new client gets first ----------------------------------------------------------------------
+
+    async def first_run_frames(self, run_id: str, after: tuple[int, int] | None,
+                               read_run: Callable[[str], Awaitable[Run | None]]) -> list[Frame] | None:
+        """As EventHub.first_run_frames: the run's events after ``after`` when it is still kept, else a snapshot
+        of the run under the id of its newest event (read before the run: a later event arrives live)."""
+        if after is not None and after[1] == 0:
+            async def backlog(connection: Connection) -> list[Row] | None:
+                found = await (await connection.execute("SELECT 1 FROM events WHERE id = %s AND run_id = %s",
+                                                        (after[0], run_id))).fetchone()
+                if found is None:
+                    return None
+                cursor = await connection.execute(
+                    f"SELECT {COLUMNS} FROM events WHERE run_id = %s AND id > %s ORDER BY id LIMIT %s",
+                    (run_id, after[0], RUN_BACKLOG_FRAMES))
+                return [_row(row) for row in await cursor.fetchall()]
+
+            rows = await self.db.run(backlog)
+            if rows is not None and (run := await read_run(run_id)) is not None:
+                frames = [frame for row in rows if (frame := _frame(row)) is not None]
+                if not run.finished or any(frame.terminal for frame in frames):
+                    return frames  # else the client had the terminal frame: the run again, then the end
+
+        async def newest(connection: Connection) -> int:
+            row = await (await connection.execute("SELECT max(id) FROM events WHERE run_id = %s",
+                                                  (run_id,))).fetchone()
+            return int(row[0]) if row is not None and row[0] is not None else 0
+
+        last_id = await self.db.run(newest, transaction=False)
+        run = await read_run(run_id)
+        return None if run is None else [Frame.snapshot(f"{last_id}-0", run)]
+
+    async def global_after(self, after: tuple[int, int]) -> list[Frame]:
+        """The newest GLOBAL_BACKLOG_FRAMES run events after ``after``, oldest first."""
+        async def rows(connection: Connection) -> list[Row]:
+            cursor = await connection.execute(
+                f"SELECT {COLUMNS} FROM events WHERE kind = 'run' AND id > %s ORDER BY id DESC LIMIT %s",
+                (after[0] if after[1] == 0 else after[0] + 1, GLOBAL_BACKLOG_FRAMES))
+            return [_row(row) for row in reversed(await cursor.fetchall())]
+
+        return [frame for row in await self.db.run(rows, transaction=False) if (frame := _frame(row)) is not None]
+
+
+async def _newest_id(connection: Connection) -> int:
+    row = await (await connection.execute("SELECT coalesce(max(id), 0) FROM events")).fetchone()
+    return int(row[0]) if row is not None else 0
+
+
+def _row(row: tuple[Any, ...]) -> Row:
+    return int(row[0]), str(row[1]), str(row[2]), str(row[3]), bytes(row[4])
+
+
+def _frame(row: Row) -> Frame | None:
+    """A row as a frame; None for one this version cannot send (a line break would end the SSE frame early)."""
+    event_id, run_id, kind, state, data = row
+    if kind not in ("run", "log") or b"\n" in data or b"\r" in data:
+        return None
+    return Frame(f"{event_id}-0", kind, run_id, state, data)

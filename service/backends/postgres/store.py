@@ -1,0 +1,599 @@
+"""Postgres mode's backend: slots, queue, runs and cancel flags in tables of DATABASE_SCHEMA, shared by every replica.
+
+Every step that gives out or frees a slot, or moves the queue, is one transaction that first takes the row lock
+``locks.admission`` (FOR UPDATE): replicas take these steps one at a time, so QUEUE_MAX and MAX_CONCURRENT_RUNS
+hold exactly under any burst. Reads and a holder's own non-terminal writes take no lock. Leases use the
+database's clock (clock_timestamp()), so the replicas' clocks never matter. Imported only when DATABASE_URL is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from service.backends.base import FrameSink
+from service.backends.postgres.database import Connection, Database
+from service.backends.postgres.events import PostgresEvents
+from service.backends.postgres.keys import PostgresDeliveries, PostgresIdempotencyKeys
+from service.backends.postgres.listener import Listener
+from service.backends.postgres.schema import migrate
+from service.backends.records import (MAX_OWED, MAX_OWED_BYTES, LockLost, Page, Run, RunRecordInvalid,
+                                      StoreUnavailable, WriteRefused)
+from service.cancelling import cancel_and_wait
+
+FREE_SLOT = """
+UPDATE slots SET token = %(token)s, expires_at = clock_timestamp() + %(ttl)s * interval '1 second'
+WHERE slot = (SELECT slot FROM slots WHERE slot < %(slots)s AND (token IS NULL OR expires_at <= clock_timestamp())
+              ORDER BY slot LIMIT 1)
+RETURNING slot
+"""
+# The next fencing token: the sequence's next value, raised (setval) to the database's clock in microseconds and
+# above the highest token the caller has seen, so it stays above every earlier one even if the sequence was lost.
+MINT = """
+SELECT CASE WHEN n >= f THEN n ELSE setval('fencing_tokens', f) END
+FROM (SELECT nextval('fencing_tokens') AS n,
+             greatest(%s + 1, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint) AS f) AS mint
+"""
+LIVE_TOKENS = "SELECT token FROM slots WHERE token IS NOT NULL AND expires_at > clock_timestamp()"
+POSITION = "(SELECT count(*) FROM runs AS ahead WHERE ahead.queue_rank < runs.queue_rank) + 1"
+RETRY_MIGRATION_SECONDS = 1.0
+
+
+class PostgresBackend:
+    """Runs as rows of ``runs`` (their record is the client-facing JSON), trimmed to ``retention`` finished runs."""
+
+    POLL_SECONDS = 1.0  # waiters re-read the run this often in case a notification was missed
+    name = "postgres"
+    shared = True  # every replica on the same database and schema shares slots, queue and runs
+
+    def __init__(self, db: Database, slots: int, lock_ttl_seconds: float, retention: int, retention_bytes: int,
+                 log: logging.Logger, idempotency_ttl_seconds: float = 86400.0) -> None:
+        self.db = db
+        self.slots = slots
+        self.ttl_seconds = lock_ttl_seconds
+        self.renew_interval: float | None = lock_ttl_seconds / 3
+        self.retention = retention
+        self.retention_bytes = retention_bytes
+        self.log = log
+        self.on_cancel: Callable[[str, str | None], object] = lambda run_id, by: None
+        self.on_work: Callable[[], None] = lambda: None
+        self.on_finished: Callable[[Run], None] = lambda run: None
+        self.on_not_owed: Callable[[Run, str], None] = lambda run, detail: None
+        self.idempotency_keys = PostgresIdempotencyKeys(db, idempotency_ttl_seconds)
+        self.listener = Listener(db, log, self)
+        self._held: set[str] = set()  # tokens of the slots this replica holds (until it releases them)
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._progress: dict[str, asyncio.Task[None]] = {}
+        self._progress_dirty: set[str] = set()
+        self._migrating: asyncio.Task[None] | None = None
+        self._invalid_logged: set[str] = set()
+        self.highest_token = 0
+
+    # --- life ------------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the pool and bring the schema to this version (ConfigError on a newer one); a database not
+        reachable yet is migrated as soon as it is (requests get 503 meanwhile)."""
+        await self.db.open()
+        try:
+            await self._migrate()
+        except StoreUnavailable:
+            self._migrating = asyncio.create_task(self._migrate_when_reachable(), name="postgres-migrate")
+        await self.listener.start()
+
+    async def _migrate(self) -> None:
+        async with self.db.guard():
+            connection = await self.db.connect()
+            try:
+                await migrate(connection, self.db.schema)
+            finally:
+                await connection.close()
+
+    async def _migrate_when_reachable(self) -> None:
+        while True:
+            await asyncio.sleep(RETRY_MIGRATION_SECONDS)
+            with contextlib.suppress(StoreUnavailable):
+                await self._migrate()
+                return
+
+    async def close(self) -> None:
+        if self._migrating is not None:
+            await cancel_and_wait(self._migrating)
+        await self.listener.stop()
+        await self.db.close()
+
+    async def check(self) -> None:
+        await self.db.run(lambda connection: connection.execute("SELECT 1 FROM locks LIMIT 1"), transaction=False)
+
+    def event_transport(self, sink: FrameSink) -> PostgresEvents:
+        return PostgresEvents(self.db, sink, self.log, self.listener)
+
+    def webhook_deliveries(self, timeout_seconds: float) -> PostgresDeliveries:
+        return PostgresDeliveries(self.db, timeout_seconds)
+
+    # --- what the listener hears -----------------------------------------------------------------------------
+
+    def wake(self, run_id: str) -> None:
+        for event in self._waiters.get(run_id, ()):
+            event.set()
+
+    def wake_all(self) -> None:
+        for run_id in list(self._waiters):
+            self.wake(run_id)
+
+    # --- slots and the queue -----------------------------------------------------------------------------------
+
+    def refusal(self, on_busy: str, queue_max: int) -> str | None:
+        return None  # only the admission transaction can tell, one step with the other replicas
+
+    async def _mint(self, connection: Connection) -> int:
+        row = await (await connection.execute(MINT, (self.highest_token,))).fetchone()
+        assert row is not None
+        self.highest_token = max(self.highest_token, int(row[0]))
+        return int(row[0])
+
+    async def _take_slot(self, connection: Connection, token: str) -> bool:
+        cursor = await connection.execute(FREE_SLOT, {"token": token, "ttl": self.ttl_seconds, "slots": self.slots})
+        return await cursor.fetchone() is not None
+
+    async def admit(self, run: Run, on_busy: str, queue_max: int, claim: builtins.list[Any] | None = None) -> str:
+        """As MemoryBackend.admit, across replicas: one transaction under the admission lock. A retry after a
+        lost reply finds the run stored and answers what the first attempt did."""
+        token = uuid.uuid4().hex
+
+        async def admit(connection: Connection) -> tuple[str, int | None, int | None]:
+            await self.db.lock(connection)
+            row = await (await connection.execute(
+                f"SELECT holder, CASE WHEN queue_rank IS NULL THEN NULL ELSE {POSITION} END FROM runs "
+                "WHERE run_id = %s", (run.run_id,))).fetchone()
+            if row is not None:  # a retry: the first attempt was committed
+                return ("started", None, None) if row[0] == token else ("queued", row[1], None)
+            if claim and not await self.idempotency_keys.holds_claim(connection, claim[0], run.run_id):
+                return "lost", None, None
+            waiting_row = await (await connection.execute(
+                "SELECT count(*) FROM runs WHERE queue_rank IS NOT NULL")).fetchone()
+            waiting = int(waiting_row[0]) if waiting_row is not None else 0
+            if waiting == 0 and await self._take_slot(connection, token):
+                fencing = await self._mint(connection)
+                started = run.copy()
+                started.update(fencing_token=fencing)
+                await connection.execute("INSERT INTO runs (run_id, record, holder) VALUES (%s, %s, %s)",
+                                         (run.run_id, started.record(), token))
+                if claim:
+                    await self.idempotency_keys.accept_in(connection, claim[0], claim[1], run.run_id)
+                return "started", None, fencing
+            if on_busy == "reject":
+                return "busy", None, None
+            if waiting >= queue_max:
+                return "full", None, None
+            queued = run.copy()
+            queued.update(queue_position=0)  # stored as "queued"; the position is read from the queue
+            rank = "-nextval('queue_seq')" if on_busy == "interrupt" else "nextval('queue_seq')"
+            await connection.execute(f"INSERT INTO runs (run_id, record, queue_rank) VALUES (%s, %s, {rank})",
+                                     (run.run_id, queued.record()))
+            if claim:
+                await self.idempotency_keys.accept_in(connection, claim[0], claim[1], run.run_id)
+            await connection.execute("SELECT pg_notify(%s, %s)", (self.listener.channel("queued"), run.run_id))
+            return "queued", 1 if on_busy == "interrupt" else waiting + 1, None
+
+        outcome, position, fencing = await self.db.run(admit)
+        if outcome == "started":
+            run.holder = token
+            self._held.add(token)
+            if fencing is not None:
+                run.update(fencing_token=fencing)
+            else:
+                stored = await self.get(run.run_id)
+                run.update(fencing_token=stored.fencing_token if stored is not None else None)
+        elif outcome == "queued":
+            run.update(queue_position=position or None)
+        return outcome
+
+    async def take(self) -> Run | None:
+        """The head of the queue on a free slot, or None: one transaction under the admission lock."""
+        token = uuid.uuid4().hex
+
+        async def take(connection: Connection) -> Run | None:
+            await self.db.lock(connection)
+            row = await (await connection.execute(
+                "SELECT run_id, record FROM runs WHERE holder = %s AND finished_seq IS NULL", (token,))).fetchone()
+            if row is not None:  # a retry: the first attempt was committed
+                return self._read(row[0], row[1], holder=token)
+            row = await (await connection.execute(
+                "SELECT run_id, record FROM runs WHERE queue_rank IS NOT NULL ORDER BY queue_rank LIMIT 1")).fetchone()
+            if row is None or not await self._take_slot(connection, token):
+                return None
+            run = self._read(row[0], row[1], holder=token)
+            if run is None:  # unreadable: out of the queue, left for orphan recovery under a dead token
+                await connection.execute("UPDATE runs SET queue_rank = NULL, holder = %s WHERE run_id = %s",
+                                         (uuid.uuid4().hex, row[0]))
+                await connection.execute("UPDATE slots SET token = NULL, expires_at = NULL WHERE token = %s", (token,))
+                return None
+            run.update(queue_position=None, fencing_token=await self._mint(connection))
+            await connection.execute("UPDATE runs SET record = %s, holder = %s, queue_rank = NULL WHERE run_id = %s",
+                                     (run.record(), token, run.run_id))
+            return run
+
+        run = await self.db.run(take)
+        if run is not None:
+            self._held.add(token)
+        return run
+
+    async def dequeue(self, run_id: str, **changes: Any) -> Run | None:
+        """A waiting run out of the queue with its terminal state, in one transaction; None if it no longer waits."""
+        async def dequeue(connection: Connection) -> tuple[Run | None, tuple[int, int, int]]:
+            await self.db.lock(connection)
+            row = await (await connection.execute(
+                "SELECT record FROM runs WHERE run_id = %s AND queue_rank IS NOT NULL FOR UPDATE",
+                (run_id,))).fetchone()
+            run = self._read(run_id, row[0]) if row is not None else None
+            if run is None:
+                return None, (0, 0, 0)
+            run.update(queue_position=None, **changes)
+            return run, await self._finish(connection, run, "")
+
+        run, answer = await self.db.run(dequeue)
+        if run is not None:
+            await self._after_finish(run, *answer)
+        return run
+
+    async def queue_length(self) -> int:
+        async def count(connection: Connection) -> int:
+            row = await (await connection.execute("SELECT count(*) FROM runs WHERE queue_rank IS NOT NULL")).fetchone()
+            return int(row[0]) if row is not None else 0
+
+        return await self.db.run(count, transaction=False)
+
+    async def waiting(self) -> builtins.list[Run]:
+        async def waiting(connection: Connection) -> builtins.list[tuple[str, bytes]]:
+            cursor = await connection.execute(
+                "SELECT run_id, record FROM runs WHERE queue_rank IS NOT NULL ORDER BY queue_rank")
+            return [(str(row[0]), bytes(row[1])) for row in await cursor.fetchall()]
+
+        runs = []
+        for position, (run_id, raw) in enumerate(await self.db.run(waiting, transaction=False), 1):
+            run = self._read(run_id, raw)
+            if run is not None:
+                run.update(queue_position=position)
+                runs.append(run)
+        return runs
+
+    async def interrupt_oldest(self, by: str, stopping: builtins.list[str]) -> str | None:
+        """The earliest admitted run holding a live slot on any replica, not ``by``, not stopping and not asked to
+        stop yet, asked to stop for ``by`` (a cancel row and a notification) in one step; a retry answers it."""
+        async def interrupt(connection: Connection) -> str | None:
+            await self.db.lock(connection)
+            row = await (await connection.execute("SELECT run_id FROM cancels WHERE by_run = %s", (by,))).fetchone()
+            if row is not None:
+                return str(row[0])
+            row = await (await connection.execute(
+                f"SELECT run_id FROM runs WHERE finished_seq IS NULL AND holder IN ({LIVE_TOKENS}) "
+                "AND run_id <> %s AND run_id <> ALL(%s) AND run_id NOT IN (SELECT run_id FROM cancels) "
+                "ORDER BY seq LIMIT 1", (by, list(stopping)))).fetchone()
+            if row is None:
+                return None
+            await connection.execute("INSERT INTO cancels (run_id, by_run) VALUES (%s, %s)", (row[0], by))
+            await connection.execute("SELECT pg_notify(%s, %s)", (self.listener.channel("cancel"), f"{row[0]} {by}"))
+            return str(row[0])
+
+        return await self.db.run(interrupt)
+
+    # --- leases --------------------------------------------------------------------------------------------
+
+    def holds(self, token: str) -> bool:
+        return token in self._held
+
+    async def renew(self, run: Run) -> bool:
+        """Extend the lease of ``run``'s slot; True when it had lapsed and was taken back (the run still this
+        holder's and a slot free). Raises LockLost when another holds the run or no slot is free."""
+        token = run.holder
+        assert token is not None
+        if token not in self._held:
+            return False
+
+        async def renew(connection: Connection) -> bool | None:
+            cursor = await connection.execute(
+                "UPDATE slots SET expires_at = clock_timestamp() + %s * interval '1 second' "
+                "WHERE token = %s AND expires_at > clock_timestamp() RETURNING slot", (self.ttl_seconds, token))
+            if await cursor.fetchone() is not None:
+                return False
+            await self.db.lock(connection)
+            owner = await (await connection.execute(
+                "SELECT holder FROM runs WHERE run_id = %s AND finished_seq IS NULL", (run.run_id,))).fetchone()
+            if owner is None or owner[0] != token:
+                return None
+            await connection.execute("UPDATE slots SET token = NULL, expires_at = NULL WHERE token = %s", (token,))
+            return True if await self._take_slot(connection, token) else None
+
+        taken_back = await self.db.run(renew)
+        if taken_back is None:
+            raise LockLost("the lease lapsed and the run is another's, or every slot is taken")
+        return taken_back
+
+    async def release(self, token: str) -> None:
+        if token not in self._held:
+            return
+        self._held.discard(token)
+        with contextlib.suppress(StoreUnavailable):  # unreachable: the lease expires by itself
+            await self.db.run(lambda connection: connection.execute(
+                "UPDATE slots SET token = NULL, expires_at = NULL WHERE token = %s", (token,)), transaction=False)
+
+    async def check_lease(self, run: Run) -> bool:
+        """Whether ``run`` holds its slot right now: its lease has not passed and the run is still its holder's."""
+        if run.holder is None or run.holder not in self._held:
+            return False
+
+        async def check(connection: Connection) -> bool:
+            row = await (await connection.execute(
+                f"SELECT EXISTS (SELECT 1 FROM slots WHERE token = %s AND expires_at > clock_timestamp()) "
+                "AND EXISTS (SELECT 1 FROM runs WHERE run_id = %s AND holder = %s AND finished_seq IS NULL)",
+                (run.holder, run.run_id, run.holder))).fetchone()
+            return bool(row is not None and row[0])
+
+        return await self.db.run(check, transaction=False)
+
+    async def claim_orphans(self) -> builtins.list[Run]:
+        """Unfinished runs whose holder holds no live slot (and no live claim), passed to a claim of this call for a
+        lock TTL while the caller records them; if the caller dies, its claim lapses and they are orphans again."""
+        claim = uuid.uuid4().hex
+
+        async def orphans(connection: Connection) -> builtins.list[tuple[str, bytes]]:
+            cursor = await connection.execute(
+                "SELECT 1 FROM runs WHERE finished_seq IS NULL AND holder IS NOT NULL AND holder <> ALL(%s) "
+                f"AND holder NOT IN ({LIVE_TOKENS}) AND (claimed_until IS NULL OR claimed_until <= clock_timestamp())"
+                " LIMIT 1", (list(self._held),))
+            if await cursor.fetchone() is None:
+                return []  # the usual answer, without the admission lock
+            await self.db.lock(connection)
+            cursor = await connection.execute(
+                "UPDATE runs SET holder = %s, claimed_until = clock_timestamp() + %s * interval '1 second' "
+                "WHERE finished_seq IS NULL AND holder IS NOT NULL AND holder <> ALL(%s) "
+                f"AND holder NOT IN ({LIVE_TOKENS}) AND (claimed_until IS NULL OR claimed_until <= clock_timestamp())"
+                " RETURNING run_id, record", (claim, self.ttl_seconds, list(self._held)))
+            return [(str(row[0]), bytes(row[1])) for row in await cursor.fetchall()]
+
+        runs = [self._read(run_id, raw, holder=claim) for run_id, raw in await self.db.run(orphans)]
+        return [run for run in runs if run is not None and not run.finished]
+
+    # --- the run store ---------------------------------------------------------------------------------------
+
+    async def add(self, run: Run) -> None:
+        await self.db.run(lambda connection: connection.execute(
+            "INSERT INTO runs (run_id, record, holder) VALUES (%s, %s, %s) ON CONFLICT (run_id) DO NOTHING",
+            (run.run_id, run.record(), run.holder)))
+
+    def note_progress(self, run: Run) -> None:
+        """Write a progress change soon, coalescing bursts; save() waits for the write so order holds."""
+        self._progress_dirty.add(run.run_id)
+        if run.run_id not in self._progress:
+            self._progress[run.run_id] = asyncio.create_task(self._write_progress(run))
+
+    async def _write_progress(self, run: Run) -> None:
+        try:
+            while run.run_id in self._progress_dirty:
+                self._progress_dirty.discard(run.run_id)
+                if not await self._save_unfinished(run):
+                    return
+        except StoreUnavailable:
+            pass  # best effort: the next state change writes the whole run
+        finally:
+            self._progress.pop(run.run_id, None)
+
+    async def _save_unfinished(self, run: Run) -> bool:
+        cursor = await self.db.run(lambda connection: connection.execute(
+            "UPDATE runs SET record = %s WHERE run_id = %s AND holder IS NOT DISTINCT FROM %s "
+            "AND finished_seq IS NULL AND queue_rank IS NULL", (run.record(), run.run_id, run.holder)),
+            transaction=False)
+        return cursor.rowcount == 1
+
+    async def save(self, run: Run, release: bool = False) -> None:
+        """Store a change; a terminal state also frees the slot (with ``release``), clears the cancel flag, owes the
+        webhook delivery, counts the run for retention and notifies, in one transaction. A retry of the same
+        terminal write is accepted; any other write of a run not the writer's raises WriteRefused."""
+        self._progress_dirty.discard(run.run_id)
+        pending = self._progress.get(run.run_id)
+        if pending is not None:
+            await asyncio.gather(pending, return_exceptions=True)
+        if not run.finished:
+            if not await self._save_unfinished(run):
+                raise WriteRefused("the run is terminal already, or held by another token")
+            return
+        token = run.holder if release and run.holder is not None else ""
+
+        async def finish(connection: Connection) -> tuple[int, int, int]:
+            await self.db.lock(connection)
+            return await self._finish(connection, run, token)
+
+        answer = await self.db.run(finish)
+        if token:
+            self._held.discard(token)
+        if answer[2] == -2:
+            raise WriteRefused("the run is terminal already, or held by another token")
+        await self._after_finish(run, *answer)
+
+    async def _finish(self, connection: Connection, run: Run, token: str) -> tuple[int, int, int]:
+        """A terminal state stored under the admission lock: (finished runs, their bytes, owed) as Redis's FINISH:
+        owed 1 a delivery is owed, -1 past the bound, 0 none, -2 the write was refused."""
+        if token:
+            await connection.execute("UPDATE slots SET token = NULL, expires_at = NULL WHERE token = %s", (token,))
+        record = run.record()
+        row = await (await connection.execute(
+            "SELECT holder, finished_seq, record, log_bytes FROM runs WHERE run_id = %s FOR UPDATE",
+            (run.run_id,))).fetchone()
+        if row is None:
+            return 0, 0, 0  # dropped by retention since (a retry), or never stored: nothing to write back
+        holder, finished_seq, stored, log_bytes = row
+        if finished_seq is not None or (run.holder is not None and holder != run.holder):
+            if bytes(stored) == record:
+                return 0, 0, 0  # this very write, again
+            return 0, 0, -2
+        size = run.size + int(log_bytes)
+        await connection.execute(
+            "UPDATE runs SET record = %s, holder = NULL, claimed_until = NULL, queue_rank = NULL, size = %s, "
+            "finished_seq = nextval('finish_seq') WHERE run_id = %s", (record, size, run.run_id))
+        await connection.execute("DELETE FROM cancels WHERE run_id = %s", (run.run_id,))
+        totals = await (await connection.execute(
+            "UPDATE totals SET finished_count = finished_count + 1, finished_bytes = finished_bytes + %s "
+            "WHERE name = 'finished' RETURNING finished_count, finished_bytes", (size,))).fetchone()
+        owed = 0
+        if run.webhook is not None:
+            owed_row = await (await connection.execute(
+                "SELECT count(*), coalesce(sum(length(body)), 0) FROM webhooks")).fetchone()
+            assert owed_row is not None
+            if owed_row[0] >= MAX_OWED or owed_row[1] + len(record) > MAX_OWED_BYTES:
+                owed = -1
+            else:
+                await connection.execute(
+                    "INSERT INTO webhooks (run_id, url, body, due_at) VALUES (%s, %s, %s, clock_timestamp()) "
+                    "ON CONFLICT (run_id) DO NOTHING", (run.run_id, run.webhook, record))
+                owed = 1
+        await connection.execute("SELECT pg_notify(%s, %s)", (self.listener.channel("finished"), run.run_id))
+        assert totals is not None
+        return int(totals[0]), int(totals[1]), owed
+
+    async def _after_finish(self, run: Run, finished_count: int, finished_bytes: int, owed: int) -> None:
+        if owed == -1:
+            self.on_not_owed(run, f"too many deliveries owed already (at most {MAX_OWED}, {MAX_OWED_BYTES} bytes)")
+        elif owed == 1:
+            self.on_finished(run)
+        if finished_count > self.retention or finished_bytes > self.retention_bytes:
+            await self.db.run(self._trim)
+
+    async def _trim(self, connection: Connection) -> None:
+        """Drop the oldest finished runs (with their log lines and events) past retention, in one transaction."""
+        await self.db.lock(connection)
+        totals = await (await connection.execute(
+            "SELECT finished_count, finished_bytes FROM totals WHERE name = 'finished'")).fetchone()
+        assert totals is not None
+        count, total = int(totals[0]), int(totals[1])
+        cursor = await connection.execute(
+            "SELECT run_id, size FROM runs WHERE finished_seq IS NOT NULL ORDER BY finished_seq LIMIT 1000")
+        dropped: builtins.list[str] = []
+        for run_id, size in await cursor.fetchall():
+            if count <= self.retention and total <= self.retention_bytes:
+                break
+            dropped.append(run_id)
+            count, total = count - 1, total - int(size)
+        if dropped:
+            await connection.execute("DELETE FROM runs WHERE run_id = ANY(%s)", (dropped,))
+            await connection.execute("DELETE FROM run_logs WHERE run_id = ANY(%s)", (dropped,))
+            await connection.execute("DELETE FROM events WHERE run_id = ANY(%s)", (dropped,))
+            await connection.execute("UPDATE totals SET finished_count = %s, finished_bytes = %s "
+                                     "WHERE name = 'finished'", (count, total))
+
+    def _read(self, run_id: str, raw: bytes | None, holder: str | None = None) -> Run | None:
+        """A stored record as a Run; an unreadable one is logged once (run_record_invalid) and skipped."""
+        if raw is None:
+            return None
+        try:
+            return Run.from_json(bytes(raw), holder=holder)
+        except RunRecordInvalid as exc:
+            if run_id not in self._invalid_logged and len(self._invalid_logged) < 10000:
+                self._invalid_logged.add(run_id)
+                self.log.error("run_record_invalid", extra={"key": f"{self.db.schema}.runs:{run_id}",
+                                                            "detail": str(exc)})
+            return None
+
+    async def get(self, run_id: str) -> Run | None:
+        async def get(connection: Connection) -> tuple[bytes, int | None] | None:
+            row = await (await connection.execute(
+                f"SELECT record, CASE WHEN queue_rank IS NULL THEN NULL ELSE {POSITION} END FROM runs "
+                "WHERE run_id = %s", (run_id,))).fetchone()
+            return None if row is None else (bytes(row[0]), row[1])
+
+        found = await self.db.run(get, transaction=False)
+        if found is None:
+            return None
+        run = self._read(run_id, found[0])
+        if run is not None and found[1] is not None:
+            run.update(queue_position=int(found[1]))
+        return run
+
+    async def wait_finished(self, run_id: str, timeout: float) -> Run | None:
+        event = asyncio.Event()
+        self._waiters.setdefault(run_id, set()).add(event)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            while True:
+                run = await self.get(run_id)
+                left = deadline - loop.time()
+                if run is None or run.finished or left <= 0:
+                    return run
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), min(left, self.POLL_SECONDS))
+                event.clear()
+        finally:
+            waiters = self._waiters[run_id]
+            waiters.discard(event)
+            if not waiters:
+                del self._waiters[run_id]
+
+    async def list(self, page: Page, before: str | None = None) -> builtins.list[Run]:
+        """As MemoryBackend.list; fetched in small batches so a page of large runs stays small in memory."""
+        batch = min(max(page.limit, 10), 50)
+
+        async def rows(connection: Connection, top: int | None) -> builtins.list[tuple[str, bytes, int, int | None]]:
+            cursor = await connection.execute(
+                f"SELECT run_id, record, seq, CASE WHEN queue_rank IS NULL THEN NULL ELSE {POSITION} END FROM runs "
+                "WHERE seq < %s ORDER BY seq DESC LIMIT %s", (top if top is not None else 2 ** 62, batch))
+            return [(str(r[0]), bytes(r[1]), int(r[2]), r[3]) for r in await cursor.fetchall()]
+
+        async def listing(connection: Connection) -> None:
+            top: int | None = None
+            if before is not None:
+                row = await (await connection.execute("SELECT seq FROM runs WHERE run_id = %s", (before,))).fetchone()
+                if row is None:
+                    return
+                top = int(row[0])
+            while True:
+                found = await rows(connection, top)
+                for run_id, raw, _, position in found:
+                    run = self._read(run_id, raw)
+                    if run is None:
+                        continue
+                    if position is not None:
+                        run.update(queue_position=int(position))
+                    if not page.offer(run):
+                        return
+                if len(found) < batch:
+                    return
+                top = found[-1][2]
+
+        await self.db.run(listing, transaction=False)
+        return page.runs
+
+    async def logs(self, run_id: str) -> builtins.list[bytes] | None:
+        async def logs(connection: Connection) -> builtins.list[bytes] | None:
+            if await (await connection.execute("SELECT 1 FROM runs WHERE run_id = %s", (run_id,))).fetchone() is None:
+                return None
+            cursor = await connection.execute("SELECT line FROM run_logs WHERE run_id = %s ORDER BY id", (run_id,))
+            return [bytes(row[0]) for row in await cursor.fetchall()]
+
+        return await self.db.run(logs)
+
+    # --- cancel flags ----------------------------------------------------------------------------------------
+
+    async def request_cancel(self, run_id: str, by: str | None = None) -> None:
+        """Ask whichever replica runs ``run_id`` to cancel it: a row its renewal reads, and a notification."""
+        async def cancel(connection: Connection) -> None:
+            await connection.execute(
+                "INSERT INTO cancels (run_id, by_run) VALUES (%s, %s) "
+                "ON CONFLICT (run_id) DO UPDATE SET by_run = excluded.by_run", (run_id, by))
+            await connection.execute("SELECT pg_notify(%s, %s)",
+                                     (self.listener.channel("cancel"), f"{run_id} {by}" if by else run_id))
+
+        await self.db.run(cancel)
+
+    async def cancel_requested(self, run_id: str) -> tuple[bool, str | None]:
+        async def asked(connection: Connection) -> tuple[bool, str | None]:
+            row = await (await connection.execute("SELECT by_run FROM cancels WHERE run_id = %s",
+                                                  (run_id,))).fetchone()
+            return (False, None) if row is None else (True, row[0])
+
+        return await self.db.run(asked, transaction=False)
