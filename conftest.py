@@ -374,6 +374,14 @@ def new_schema() -> str:
     return f"test_{uuid.uuid4().hex[:8]}"
 
 
+def own_namespace(backend: dict[str, str]) -> dict[str, str]:
+    """A place of its own in the backend's store (a Redis key prefix, a PostgreSQL schema); nothing in memory mode.
+    Servers started with the same one share their state, as replicas."""
+    if "DATABASE_URL" in backend:
+        return {"DATABASE_SCHEMA": new_schema()}
+    return {"REDIS_PREFIX": f"test-{uuid.uuid4().hex[:8]}"} if backend else {}
+
+
 @pytest.fixture(scope="module", params=["memory", "redis", "postgres"])
 def backend(request: pytest.FixtureRequest) -> dict[str, str]:
     """The environment that selects a store backend: every server test runs against each."""
@@ -392,9 +400,7 @@ def start_server(tmp_path: Path, backend: dict[str, str]) -> Iterator[Any]:
     servers: list[ServerProcess] = []
 
     def start(**env: str) -> ServerProcess:
-        fresh = {"DATABASE_SCHEMA": new_schema()} if "DATABASE_URL" in backend else \
-            {"REDIS_PREFIX": f"test-{uuid.uuid4().hex[:8]}"} if backend else {}
-        server = ServerProcess(tmp_path / f"server-{len(servers)}.log", **{**backend, **fresh, **env})
+        server = ServerProcess(tmp_path / f"server-{len(servers)}.log", **{**backend, **own_namespace(backend), **env})
         servers.append(server)
         return server
 

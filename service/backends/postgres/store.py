@@ -454,23 +454,20 @@ class PostgresBackend:
                 owed = 1
         await connection.execute("SELECT pg_notify(%s, %s)", (self.listener.channel("finished"), run.run_id))
         assert totals is not None
-        return int(totals[0]), int(totals[1]), owed
+        count, total = int(totals[0]), int(totals[1])
+        if count > self.retention or total > self.retention_bytes:
+            count, total = await self._trim(connection, count, total)
+        return count, total, owed
 
     async def _after_finish(self, run: Run, finished_count: int, finished_bytes: int, owed: int) -> None:
         if owed == -1:
             self.on_not_owed(run, f"too many deliveries owed already (at most {MAX_OWED}, {MAX_OWED_BYTES} bytes)")
         elif owed == 1:
             self.on_finished(run)
-        if finished_count > self.retention or finished_bytes > self.retention_bytes:
-            await self.db.run(self._trim)
 
-    async def _trim(self, connection: Connection) -> None:
-        """Drop the oldest finished runs (with their log lines and events) past retention, in one transaction."""
-        await self.db.lock(connection)
-        totals = await (await connection.execute(
-            "SELECT finished_count, finished_bytes FROM totals WHERE name = 'finished'")).fetchone()
-        assert totals is not None
-        count, total = int(totals[0]), int(totals[1])
+    async def _trim(self, connection: Connection, count: int, total: int) -> tuple[int, int]:
+        """Drop the oldest finished runs (with their log lines and events) past retention, inside the terminal
+        state's transaction: a client that sees the terminal state sees the runs it pushed out gone."""
         cursor = await connection.execute(
             "SELECT run_id, size FROM runs WHERE finished_seq IS NOT NULL ORDER BY finished_seq LIMIT 1000")
         dropped: builtins.list[str] = []
@@ -485,6 +482,7 @@ class PostgresBackend:
             await connection.execute("DELETE FROM events WHERE run_id = ANY(%s)", (dropped,))
             await connection.execute("UPDATE totals SET finished_count = %s, finished_bytes = %s "
                                      "WHERE name = 'finished'", (count, total))
+        return count, total
 
     def _read(self, run_id: str, raw: bytes | None, holder: str | None = None) -> Run | None:
         """A stored record as a Run; an unreadable one is logged once (run_record_invalid) and skipped."""
