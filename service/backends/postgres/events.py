@@ -22,16 +22,22 @@ from typing import Any
 from service.backends.base import FrameSink
 from service.backends.postgres.database import Connection, Database
 from service.backends.postgres.listener import Listener
-from service.backends.records import (GLOBAL_BACKLOG_FRAMES, LOG_BYTES_MAX, LOG_LINES_MAX, RUN_BACKLOG_FRAMES,
-                                      Frame, Run, StoreUnavailable)
+from service.backends.records import (GLOBAL_BACKLOG_BYTES, GLOBAL_BACKLOG_FRAMES, LOG_BYTES_MAX, LOG_LINES_MAX,
+                                      RUN_BACKLOG_BYTES, RUN_BACKLOG_FRAMES, Frame, Run, StoreUnavailable)
 from service.cancelling import cancel_and_wait
 
 ALL_EVENTS_MAX = 100000  # events kept in all (a run's own are dropped with it before that, at retention)
 SEND_QUEUE_MAX = 10000  # events waiting for the writer; past it new ones are dropped
 SEND_QUEUE_BYTES = 16 * 1024 * 1024
-BATCH = 200
+BATCH = 200  # events per transaction at most, and BATCH_BYTES of their data (one event at least)
+BATCH_BYTES = 1024 * 1024
 POLL_SECONDS = 1.0  # the reader looks for new events this often even without a notification
 COLUMNS = "id, run_id, kind, state, data"
+# A backlog's newest events with the bytes of those up to each (newest first): kept while within the byte bound,
+# the newest always (as Redis mode's capped streams)
+BACKLOG = (f"SELECT {COLUMNS} FROM (SELECT {COLUMNS}, sum(length(data)) OVER (ORDER BY id DESC) AS kept "
+           f"FROM (SELECT {COLUMNS} FROM events WHERE {{}} AND id > %s ORDER BY id DESC LIMIT %s) AS newest) "
+           "AS counted WHERE kept <= %s OR kept = length(data) ORDER BY id")
 Row = tuple[int, str, str, str, bytes]
 
 
@@ -99,7 +105,12 @@ class PostgresEvents:
             await self._outbox_ready.wait()
             self._outbox_ready.clear()
             while self._outbox:
-                batch = [self._outbox.popleft() for _ in range(min(BATCH, len(self._outbox)))]
+                batch: list[tuple[str, str, str, bytes]] = []
+                size = 0
+                while self._outbox and len(batch) < BATCH and (
+                        not batch or size + len(self._outbox[0][3]) <= BATCH_BYTES):
+                    batch.append(self._outbox.popleft())
+                    size += len(batch[-1][3])
                 self._writing = True
                 try:
                     await self._write(batch)
@@ -214,8 +225,8 @@ class PostgresEvents:
                 if found is None:
                     return None
                 cursor = await connection.execute(
-                    f"SELECT {COLUMNS} FROM events WHERE run_id = %s AND id > %s ORDER BY id LIMIT %s",
-                    (run_id, after[0], RUN_BACKLOG_FRAMES))
+                    BACKLOG.format("run_id = %s"),
+                    (run_id, after[0], RUN_BACKLOG_FRAMES, RUN_BACKLOG_BYTES))
                 return [_row(row) for row in await cursor.fetchall()]
 
             rows = await self.db.run(backlog)
@@ -237,9 +248,9 @@ class PostgresEvents:
         """The newest GLOBAL_BACKLOG_FRAMES run events after ``after``, oldest first."""
         async def rows(connection: Connection) -> list[Row]:
             cursor = await connection.execute(
-                f"SELECT {COLUMNS} FROM events WHERE kind = 'run' AND id > %s ORDER BY id DESC LIMIT %s",
-                (after[0] if after[1] == 0 else after[0] + 1, GLOBAL_BACKLOG_FRAMES))
-            return [_row(row) for row in reversed(await cursor.fetchall())]
+                BACKLOG.format("kind = 'run'"),
+                (after[0] if after[1] == 0 else after[0] + 1, GLOBAL_BACKLOG_FRAMES, GLOBAL_BACKLOG_BYTES))
+            return [_row(row) for row in await cursor.fetchall()]
 
         return [frame for row in await self.db.run(rows, transaction=False) if (frame := _frame(row)) is not None]
 
