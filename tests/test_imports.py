@@ -20,8 +20,7 @@ from service import settings
 from service.runtime import close_runtime, open_runtime
 
 def loaded():
-    return sorted({name.split(".")[0] for name in sys.modules} & {"redis", "prometheus_client", "psycopg",
-                                                                   "psycopg_pool"})
+    return sorted({name.split(".")[0] for name in sys.modules} & {"redis", "prometheus_client", "psycopg"})
 
 after_import = loaded()
 settings.current = settings.Settings.from_env(os.environ)
@@ -55,7 +54,7 @@ def test_redis_mode_loads_redis_to_check_redis_url_at_import(redis_server: Redis
 def test_postgres_mode_loads_psycopg_and_not_redis(postgres_server: PostgresServer) -> None:
     """DATABASE_URL is parsed by libpq's parser (through psycopg) at import; redis-py is never loaded."""
     loaded = loaded_modules(DATABASE_URL=postgres_server.url, DATABASE_SCHEMA=f"test_{uuid.uuid4().hex[:8]}")
-    assert loaded == {"after_import": ["psycopg", "psycopg_pool"], "after_start": ["psycopg", "psycopg_pool"]}
+    assert loaded == {"after_import": ["psycopg"], "after_start": ["psycopg"]}
 
 
 # Layers, lowest first: a module imports its own layer or lower ones, never a higher one.
@@ -118,7 +117,7 @@ def test_only_each_store_backend_imports_its_driver_and_only_the_http_layer_star
     from conftest import module_name, product_modules
 
     owners = {"redis": "service/backends/redis/", "psycopg": "service/backends/postgres/",
-              "psycopg_pool": "service/backends/postgres/", "starlette": "service/http/", "uvicorn": "service/http/",
+              "starlette": "service/http/", "uvicorn": "service/http/",
               "opentelemetry": "service/tracing.py"}  # and that one only while tracing is on (test_traces.py)
     strays = []
     for path in product_modules():

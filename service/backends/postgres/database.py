@@ -7,15 +7,15 @@ target_session_attrs, options...) means what libpq's documentation says.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import psycopg
-from psycopg import AsyncConnection, sql
+from psycopg import AsyncConnection, pq, sql
 from psycopg.rows import TupleRow
-from psycopg_pool import AsyncConnectionPool
 
 from service.backends.records import StoreUnavailable
 
@@ -24,32 +24,34 @@ Connection = AsyncConnection[TupleRow]
 STATEMENT_TIMEOUT_MS = 5000  # a statement (or a wait for a lock) longer than this fails: 503, not a hang
 IDLE_IN_TRANSACTION_MS = 10000  # a replica paused inside a transaction gives its row locks back after this
 CONNECT_TIMEOUT_SECONDS = 3
-POOL_MAX = 20
+POOL_MAX = 20  # connections of one replica at most (a request waits POOL_WAIT_SECONDS for one, then 503)
+POOL_WAIT_SECONDS = 5.0
 
 
 class Database:
-    """The pool of one replica, and ``transaction``/``run``: a unit of work, retried once on a dropped connection
-    (a pooled connection left over from before a restart of the database), its failures as StoreUnavailable."""
+    """The pool of one replica, and ``run``: a unit of work, retried once on a dropped connection (a pooled
+    connection left over from before a restart of the database, or killed), its failures as StoreUnavailable."""
 
     def __init__(self, url: str, schema: str, log: logging.Logger) -> None:
         self.url = url
         self.schema = schema
         self.log = log
         self.healthy = True
-        self.pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
-            url, min_size=2, max_size=POOL_MAX, timeout=CONNECT_TIMEOUT_SECONDS + 2, open=False,
-            kwargs=connect_kwargs(url), configure=self._configure, reconnect_timeout=0)
+        self.pool = Pool(self.connect, POOL_MAX, POOL_WAIT_SECONDS)
 
     async def _configure(self, connection: Connection) -> None:
+        """The schema, and the time bounds unless DATABASE_URL set its own (``options=-c statement_timeout=...``)."""
         await connection.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
-        await connection.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
-        await connection.execute(f"SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_MS}")
-
-    async def open(self) -> None:
-        await self.pool.open(wait=False)
+        cursor = await connection.execute("SELECT current_setting('statement_timeout'), "
+                                          "current_setting('idle_in_transaction_session_timeout')")
+        row = await cursor.fetchone()
+        if row is not None and row[0] == "0":
+            await connection.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
+        if row is not None and row[1] == "0":
+            await connection.execute(f"SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_MS}")
 
     async def close(self) -> None:
-        await self.pool.close(timeout=2)
+        await self.pool.close()
 
     async def connect(self) -> Connection:
         """A connection of its own (not pooled), on the schema: for LISTEN and for migrations."""
@@ -85,6 +87,7 @@ class Database:
                 except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                     if attempt == 2 or not dropped(exc):
                         raise
+                    await self.pool.close_idle()  # the idle ones were likely dropped with it: new ones instead
             raise AssertionError("unreachable")
 
     async def lock(self, connection: Connection, name: str = "admission") -> None:
@@ -106,3 +109,42 @@ def connect_kwargs(url: str) -> dict[str, Any]:
         kwargs["connect_timeout"] = CONNECT_TIMEOUT_SECONDS
     return kwargs
 
+
+
+class Pool:
+    """At most ``size`` connections, idle ones kept for the next caller; one is made when none is idle. Made on
+    demand, so a database that is down fails the caller at once (connection refused) instead of making it wait
+    for a background reconnection; a connection that broke, or was left inside a transaction, is not kept."""
+
+    def __init__(self, connect: Callable[[], Awaitable[Connection]], size: int, wait_seconds: float) -> None:
+        self._connect = connect
+        self._wait_seconds = wait_seconds
+        self._idle: list[Connection] = []
+        self._free = asyncio.Semaphore(size)
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[Connection]:
+        await asyncio.wait_for(self._free.acquire(), self._wait_seconds)
+        try:
+            while self._idle and self._idle[-1].closed:
+                self._idle.pop()
+            connection = self._idle.pop() if self._idle else await self._connect()
+            try:
+                yield connection
+            finally:
+                if connection.closed or connection.info.transaction_status != pq.TransactionStatus.IDLE:
+                    with contextlib.suppress(Exception):
+                        await connection.close()
+                else:
+                    self._idle.append(connection)
+        finally:
+            self._free.release()
+
+    async def close_idle(self) -> None:
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+    async def close(self) -> None:
+        await self.close_idle()

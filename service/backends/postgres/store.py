@@ -79,7 +79,6 @@ class PostgresBackend:
     async def start(self) -> None:
         """Open the pool and bring the schema to this version (ConfigError on a newer one); a database not
         reachable yet is migrated as soon as it is (requests get 503 meanwhile)."""
-        await self.db.open()
         try:
             await self._migrate()
         except StoreUnavailable:
