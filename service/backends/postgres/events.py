@@ -122,6 +122,7 @@ class PostgresEvents:
 
     async def _write(self, batch: list[tuple[str, str, str, bytes]]) -> None:
         async def write(connection: Connection) -> int:
+            await connection.execute("SET LOCAL synchronous_commit TO off")  # best effort: no wait for the disk
             await self.db.lock(connection, "events")
             cursor = await connection.execute(
                 "INSERT INTO events (id, run_id, kind, state, data) "

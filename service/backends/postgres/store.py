@@ -21,9 +21,10 @@ from service.backends.postgres.database import Connection, Database
 from service.backends.postgres.events import PostgresEvents
 from service.backends.postgres.keys import PostgresDeliveries, PostgresIdempotencyKeys
 from service.backends.postgres.listener import Listener
+from service.backends.postgres.reads import POSITION, CoalescedReads, RecordReader
 from service.backends.postgres.schema import migrate
-from service.backends.records import (MAX_OWED, MAX_OWED_BYTES, LockLost, Page, Run, RunRecordInvalid,
-                                      StoreUnavailable, WriteRefused)
+from service.backends.records import (MAX_OWED, MAX_OWED_BYTES, LockLost, Page, Run, StoreUnavailable,
+                                      WriteRefused)
 from service.cancelling import cancel_and_wait
 
 FREE_SLOT = """
@@ -40,7 +41,6 @@ FROM (SELECT nextval('fencing_tokens') AS n,
              greatest(%s + 1, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint) AS f) AS mint
 """
 LIVE_TOKENS = "SELECT token FROM slots WHERE token IS NOT NULL AND expires_at > clock_timestamp()"
-POSITION = "(SELECT count(*) FROM runs AS ahead WHERE ahead.queue_rank < runs.queue_rank) + 1"
 RETRY_MIGRATION_SECONDS = 1.0
 
 
@@ -71,7 +71,8 @@ class PostgresBackend:
         self._progress: dict[str, asyncio.Task[None]] = {}
         self._progress_dirty: set[str] = set()
         self._migrating: asyncio.Task[None] | None = None
-        self._invalid_logged: set[str] = set()
+        self._records = RecordReader(log, f"{db.schema}.runs")
+        self._reads = CoalescedReads(db)
         self.highest_token = 0
 
     # --- life ------------------------------------------------------------------------------------------------
@@ -384,11 +385,17 @@ class PostgresBackend:
             self._progress.pop(run.run_id, None)
 
     async def _save_unfinished(self, run: Run) -> bool:
-        cursor = await self.db.run(lambda connection: connection.execute(
-            "UPDATE runs SET record = %s WHERE run_id = %s AND holder IS NOT DISTINCT FROM %s "
-            "AND finished_seq IS NULL AND queue_rank IS NULL", (run.record(), run.run_id, run.holder)),
-            transaction=False)
-        return cursor.rowcount == 1
+        """A change of a run that is not terminal (RUNNING, progress), while it is still the writer's; committed
+        without waiting for the disk: lost with a crash of the server, the run is still ended by its holder or,
+        if that died too, as an orphan."""
+        async def save(connection: Connection) -> bool:
+            await connection.execute("SET LOCAL synchronous_commit TO off")
+            cursor = await connection.execute(
+                "UPDATE runs SET record = %s WHERE run_id = %s AND holder IS NOT DISTINCT FROM %s "
+                "AND finished_seq IS NULL AND queue_rank IS NULL", (run.record(), run.run_id, run.holder))
+            return cursor.rowcount == 1
+
+        return await self.db.run(save)
 
     async def save(self, run: Run, release: bool = False) -> None:
         """Store a change; a terminal state also frees the slot (with ``release``), clears the cancel flag, owes the
@@ -485,25 +492,11 @@ class PostgresBackend:
 
     def _read(self, run_id: str, raw: bytes | None, holder: str | None = None) -> Run | None:
         """A stored record as a Run; an unreadable one is logged once (run_record_invalid) and skipped."""
-        if raw is None:
-            return None
-        try:
-            return Run.from_json(bytes(raw), holder=holder)
-        except RunRecordInvalid as exc:
-            if run_id not in self._invalid_logged and len(self._invalid_logged) < 10000:
-                self._invalid_logged.add(run_id)
-                self.log.error("run_record_invalid", extra={"key": f"{self.db.schema}.runs:{run_id}",
-                                                            "detail": str(exc)})
-            return None
+        return self._records.read(run_id, raw, holder)
 
     async def get(self, run_id: str) -> Run | None:
-        async def get(connection: Connection) -> tuple[bytes, int | None] | None:
-            row = await (await connection.execute(
-                f"SELECT record, CASE WHEN queue_rank IS NULL THEN NULL ELSE {POSITION} END FROM runs "
-                "WHERE run_id = %s", (run_id,))).fetchone()
-            return None if row is None else (bytes(row[0]), row[1])
-
-        found = await self.db.run(get, transaction=False)
+        """The run (with its queue position while it waits), or None; concurrent reads share one query."""
+        found = await self._reads.get(run_id)
         if found is None:
             return None
         run = self._read(run_id, found[0])
