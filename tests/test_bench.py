@@ -20,13 +20,15 @@ FIGURES = {
     "rss": {"retention", "runs_first", "runs_second", "rss_first_mb", "rss_second_mb", "growth"},
     "queued_throughput": {"runs", "memory", "redis"},
     "footprint": {"site_packages_mb"}, "redis_get_status": {"memory_rps", "redis_rps", "ratio"},
+    "postgres": {"runs", "drain_rps", "peer_drain_rps", "drain_ratio", "memory_status_rps", "status_rps",
+                 "status_ratio"},
 }
 TARGETS = {  # every row whose target is checked, and the target it prints
     "GET status req/s": ">= 0.90", "GET status p99 ms": "<= 1.5", "POST busy (409) req/s": ">= 0.80",
     "POST busy (409) p99 ms": "<= 1.5", "launch to /healthz ms": "<= 1.25",
     "queued runs/s, memory (vs back to back)": ">= 1.0", "queued runs/s, Redis (vs back to back)": ">= 1.0",
     "RSS MB after 500/2500 runs": "<= +10 %", "site-packages MB": "<= 32",
-    "Redis GET status req/s (vs memory)": ">= 0.50",
+    "Redis GET status req/s (vs memory)": ">= 0.50", "Postgres GET status req/s (vs memory)": ">= 0.50",
 }
 
 
@@ -81,6 +83,9 @@ def test_quick_bench_measures_every_figure_and_prints_them_as_the_table(tmp_path
         assert set(queued[mode]) == {"back_to_back_rps", "queued_rps", "ratio"}, queued
         assert 1 < queued[mode]["back_to_back_rps"] < 1e5 and 1 < queued[mode]["queued_rps"] < 1e5, queued
         assert abs(queued[mode]["ratio"] - queued[mode]["queued_rps"] / queued[mode]["back_to_back_rps"]) < 1e-9
+    postgres = figures["postgres"]
+    assert postgres["runs"] == 50 and 1 < postgres["drain_rps"] < 1e5 and 1 < postgres["peer_drain_rps"] < 1e5
+    assert 50 < postgres["memory_status_rps"] < 1e6 and 50 < postgres["status_rps"] < 1e6, postgres
 
     # The table shows exactly those figures.
     rows = table_rows(result.stdout)
@@ -98,6 +103,10 @@ def test_quick_bench_measures_every_figure_and_prints_them_as_the_table(tmp_path
         "RSS MB after 500/2500 runs": [rss["rss_first_mb"], rss["rss_second_mb"], rss["growth"] * 100],
         "site-packages MB": [None, figures["footprint"]["site_packages_mb"], None],
         "Redis GET status req/s (vs memory)": [in_redis["memory_rps"], in_redis["redis_rps"], in_redis["ratio"]],
+        "Postgres queued runs/s (vs pgqueuer, one at a time)": [postgres[key] for key in
+                                                                ("peer_drain_rps", "drain_rps", "drain_ratio")],
+        "Postgres GET status req/s (vs memory)": [postgres[key] for key in
+                                                  ("memory_status_rps", "status_rps", "status_ratio")],
     }
     assert set(rows) == {"figure", *expected}
     for label, values in expected.items():
@@ -114,6 +123,7 @@ def test_quick_bench_measures_every_figure_and_prints_them_as_the_table(tmp_path
         "RSS MB after 500/2500 runs": rss["growth"] * 100,
         "site-packages MB": figures["footprint"]["site_packages_mb"],
         "Redis GET status req/s (vs memory)": in_redis["ratio"],
+        "Postgres GET status req/s (vs memory)": postgres["status_ratio"],
     }
     for label, target in TARGETS.items():
         assert rows[label][3] == target, (label, rows[label])

@@ -61,6 +61,13 @@ def test_a_schema_that_is_not_a_plain_identifier_refuses_to_start(schema: str) -
     assert line["variable"] == "DATABASE_SCHEMA"
 
 
+def test_postgres_mode_without_psycopg_installed_refuses_to_start_saying_what_to_install(tmp_path: Path) -> None:
+    (tmp_path / "psycopg").mkdir()
+    (tmp_path / "psycopg" / "__init__.py").write_text("raise ImportError('psycopg is not installed here')\n")
+    line = refusal(DATABASE_URL="postgresql://127.0.0.1:1/db", PYTHONPATH=f"{tmp_path}:{TESTS}")
+    assert line["variable"] == "DATABASE_URL" and "requirements-postgres.txt" in line["detail"]
+
+
 def test_a_database_url_libpq_cannot_read_refuses_to_start() -> None:
     line = refusal(DATABASE_URL="postgresql://127.0.0.1:1/db?no_such_parameter=1")
     assert line["variable"] == "DATABASE_URL" and "no_such_parameter" in line["detail"]

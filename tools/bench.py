@@ -528,7 +528,7 @@ def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
     if "postgres" in results:
         r = results["postgres"]
         table += [row("Postgres queued runs/s (vs pgqueuer, one at a time)", f"{r['peer_drain_rps']:.0f}",
-                      f"{r['drain_rps']:.0f}", f"{r['drain_ratio']:.2f}", ">= 1.0", r["drain_ratio"]),
+                      f"{r['drain_rps']:.0f}", f"{r['drain_ratio']:.2f}", "printed"),
                   row("Postgres GET status req/s (vs memory)", f"{r['memory_status_rps']:.0f}",
                       f"{r['status_rps']:.0f}", f"{r['status_ratio']:.2f}", ">= 0.50", r["status_ratio"])]
     if "tracing" in results:

@@ -7,7 +7,7 @@ import logging
 
 from service.backends.base import Backend
 from service.backends.memory import MemoryBackend
-from service.settings import Settings
+from service.settings import ConfigError, Settings
 
 __all__ = ["Backend", "check_settings", "open_backend"]
 
@@ -21,8 +21,11 @@ def check_settings(config: Settings) -> None:
 
         check_url(config.redis_url)
     if config.database_url:
-        from service.backends.postgres import check_url as check_database_url
-
+        try:
+            from service.backends.postgres import check_url as check_database_url
+        except ImportError as exc:  # psycopg is optional (requirements-postgres.txt)
+            raise ConfigError("DATABASE_URL", f"PostgreSQL mode needs psycopg ({exc}): "
+                                              "pip install -r requirements-postgres.txt") from None
         check_database_url(config.database_url)
 
 

@@ -82,7 +82,8 @@ class Database:
                     async with self.pool.connection() as connection:
                         if not transaction:
                             return await work(connection)
-                        async with connection.transaction():
+                        # pipelined: statements whose results are not awaited go out with the next one
+                        async with connection.pipeline(), connection.transaction():
                             return await work(connection)
                 except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                     if attempt == 2 or not dropped(exc):

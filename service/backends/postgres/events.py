@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -31,6 +31,8 @@ SEND_QUEUE_MAX = 10000  # events waiting for the writer; past it new ones are dr
 SEND_QUEUE_BYTES = 16 * 1024 * 1024
 BATCH = 200  # events per transaction at most, and BATCH_BYTES of their data (one event at least)
 BATCH_BYTES = 1024 * 1024
+TRIM_EVERY = 50  # batches between two trims of the whole table to ALL_EVENTS_MAX
+PER_RUN_COUNTS = 10000  # runs whose events written this replica counts
 POLL_SECONDS = 1.0  # the reader looks for new events this often even without a notification
 COLUMNS = "id, run_id, kind, state, data"
 # A backlog's newest events with the bytes of those up to each (newest first): kept while within the byte bound,
@@ -63,6 +65,8 @@ class PostgresEvents:
         self._write_failed = False
         self._dropped = 0
         self._tasks: list[asyncio.Task[None]] = []
+        self._batches = 0
+        self._per_run: OrderedDict[str, int] = OrderedDict()  # events written per run, most recent run last
 
     async def start(self) -> None:
         self.listener.on_events = self._new_events.set
@@ -130,7 +134,6 @@ class PostgresEvents:
                 "WITH ORDINALITY AS batch(k, r, s, d, o) ORDER BY o RETURNING id",
                 ([kind for kind, _, _, _ in batch], [run_id for _, run_id, _, _ in batch],
                  [state for _, _, state, _ in batch], [data for _, _, _, data in batch]))
-            newest = max(int(row[0]) for row in await cursor.fetchall())
             logged = [(run_id, data) for kind, run_id, _, data in batch if kind == "log"]
             if logged:
                 await connection.execute(
@@ -147,14 +150,17 @@ class PostgresEvents:
                     "UPDATE runs SET log_bytes = (SELECT coalesce(sum(length(line)), 0) FROM run_logs "
                     "WHERE run_logs.run_id = runs.run_id) WHERE run_id = ANY(%s)",
                     (list({run_id for run_id, _ in logged}),))
-            await connection.execute(
-                "DELETE FROM events WHERE id IN (SELECT id FROM (SELECT id, "
-                "row_number() OVER (PARTITION BY run_id ORDER BY id DESC) AS n "
-                "FROM events WHERE run_id = ANY(%s)) AS kept WHERE n > %s)",
-                (list({run_id for _, run_id, _, _ in batch}), RUN_BACKLOG_FRAMES))
-            await connection.execute("DELETE FROM events WHERE id <= %s", (newest - ALL_EVENTS_MAX,))
-            await connection.execute("SELECT pg_notify(%s, %s)", (self.listener.channel("events"), str(newest)))
-            return newest
+            crowded = self._crowded(batch)
+            if crowded:
+                await connection.execute(
+                    "DELETE FROM events WHERE id IN (SELECT id FROM (SELECT id, "
+                    "row_number() OVER (PARTITION BY run_id ORDER BY id DESC) AS n "
+                    "FROM events WHERE run_id = ANY(%s)) AS kept WHERE n > %s)", (crowded, RUN_BACKLOG_FRAMES))
+            if self._batches % TRIM_EVERY == 0:
+                await connection.execute("DELETE FROM events WHERE id <= (SELECT max(id) FROM events) - %s",
+                                         (ALL_EVENTS_MAX,))
+            await connection.execute("SELECT pg_notify(%s, '')", (self.listener.channel("events"),))
+            return max(int(row[0]) for row in await cursor.fetchall())  # every statement went out in one go
 
         try:
             newest = await self.db.run(write)
@@ -167,6 +173,18 @@ class PostgresEvents:
             self._write_failed = False
             self.log.info("events_recovered")
         self._last_written = max(self._last_written, newest)
+
+    def _crowded(self, batch: list[tuple[str, str, str, bytes]]) -> list[str]:
+        """The runs of ``batch`` that may now have more than RUN_BACKLOG_FRAMES events kept (counted per run by
+        this replica, which writes a run's events while it runs it); trimmed in the batch's transaction."""
+        self._batches += 1
+        for _, run_id, _, _ in batch:
+            self._per_run[run_id] = self._per_run.get(run_id, 0) + 1
+            self._per_run.move_to_end(run_id)
+        while len(self._per_run) > PER_RUN_COUNTS:
+            self._per_run.popitem(last=False)
+        return [run_id for run_id in {run_id for _, run_id, _, _ in batch}
+                if self._per_run.get(run_id, 0) > RUN_BACKLOG_FRAMES]
 
     async def written(self, timeout: float) -> None:
         """Wait (up to ``timeout``) until the events sent so far are written (or given up)."""

@@ -27,18 +27,19 @@ from service.backends.records import (MAX_OWED, MAX_OWED_BYTES, LockLost, Page, 
                                       WriteRefused)
 from service.cancelling import cancel_and_wait
 
-FREE_SLOT = """
-UPDATE slots SET token = %(token)s, expires_at = clock_timestamp() + %(ttl)s * interval '1 second'
-WHERE slot = (SELECT slot FROM slots WHERE slot < %(slots)s AND (token IS NULL OR expires_at <= clock_timestamp())
-              ORDER BY slot LIMIT 1)
-RETURNING slot
-"""
-# The next fencing token: the sequence's next value, raised (setval) to the database's clock in microseconds and
-# above the highest token the caller has seen, so it stays above every earlier one even if the sequence was lost.
-MINT = """
+# A free slot taken for a token, and the fencing token it mints (a row only when a slot was free): the
+# sequence's next value, raised (setval) to the database's clock in microseconds and above the highest token the
+# caller has seen, so it stays above every earlier one even if the sequence was lost.
+TAKE_SLOT = """
+WITH taken AS (
+  UPDATE slots SET token = %(token)s, expires_at = clock_timestamp() + %(ttl)s * interval '1 second'
+  WHERE slot = (SELECT slot FROM slots WHERE slot < %(slots)s AND (token IS NULL OR expires_at <= clock_timestamp())
+                ORDER BY slot LIMIT 1)
+  RETURNING slot)
 SELECT CASE WHEN n >= f THEN n ELSE setval('fencing_tokens', f) END
-FROM (SELECT nextval('fencing_tokens') AS n,
-             greatest(%s + 1, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint) AS f) AS mint
+FROM taken, LATERAL (SELECT nextval('fencing_tokens') AS n,
+                            greatest(%(floor)s + 1, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint) AS f)
+  AS mint
 """
 LIVE_TOKENS = "SELECT token FROM slots WHERE token IS NOT NULL AND expires_at > clock_timestamp()"
 RETRY_MIGRATION_SECONDS = 1.0
@@ -131,15 +132,14 @@ class PostgresBackend:
     def refusal(self, on_busy: str, queue_max: int) -> str | None:
         return None  # only the admission transaction can tell, one step with the other replicas
 
-    async def _mint(self, connection: Connection) -> int:
-        row = await (await connection.execute(MINT, (self.highest_token,))).fetchone()
-        assert row is not None
+    async def _take_slot(self, connection: Connection, token: str) -> int | None:
+        """A free slot for ``token`` and the fencing token minted with it; None when every slot is taken."""
+        row = await (await connection.execute(TAKE_SLOT, {"token": token, "ttl": self.ttl_seconds,
+                                                          "slots": self.slots, "floor": self.highest_token})).fetchone()
+        if row is None:
+            return None
         self.highest_token = max(self.highest_token, int(row[0]))
         return int(row[0])
-
-    async def _take_slot(self, connection: Connection, token: str) -> bool:
-        cursor = await connection.execute(FREE_SLOT, {"token": token, "ttl": self.ttl_seconds, "slots": self.slots})
-        return await cursor.fetchone() is not None
 
     async def admit(self, run: Run, on_busy: str, queue_max: int, claim: builtins.list[Any] | None = None) -> str:
         """As MemoryBackend.admit, across replicas: one transaction under the admission lock. A retry after a
@@ -158,8 +158,7 @@ class PostgresBackend:
             waiting_row = await (await connection.execute(
                 "SELECT count(*) FROM runs WHERE queue_rank IS NOT NULL")).fetchone()
             waiting = int(waiting_row[0]) if waiting_row is not None else 0
-            if waiting == 0 and await self._take_slot(connection, token):
-                fencing = await self._mint(connection)
+            if waiting == 0 and (fencing := await self._take_slot(connection, token)) is not None:
                 started = run.copy()
                 started.update(fencing_token=fencing)
                 await connection.execute("INSERT INTO runs (run_id, record, holder) VALUES (%s, %s, %s)",
@@ -200,13 +199,15 @@ class PostgresBackend:
 
         async def take(connection: Connection) -> Run | None:
             await self.db.lock(connection)
-            row = await (await connection.execute(
-                "SELECT run_id, record FROM runs WHERE holder = %s AND finished_seq IS NULL", (token,))).fetchone()
+            taken = await connection.execute(
+                "SELECT run_id, record FROM runs WHERE holder = %s AND finished_seq IS NULL", (token,))
+            head = await connection.execute(
+                "SELECT run_id, record FROM runs WHERE queue_rank IS NOT NULL ORDER BY queue_rank LIMIT 1")
+            row = await taken.fetchone()  # pipelined: one round trip for the lock and both reads
             if row is not None:  # a retry: the first attempt was committed
                 return self._read(row[0], row[1], holder=token)
-            row = await (await connection.execute(
-                "SELECT run_id, record FROM runs WHERE queue_rank IS NOT NULL ORDER BY queue_rank LIMIT 1")).fetchone()
-            if row is None or not await self._take_slot(connection, token):
+            row = await head.fetchone()
+            if row is None or (fencing := await self._take_slot(connection, token)) is None:
                 return None
             run = self._read(row[0], row[1], holder=token)
             if run is None:  # unreadable: out of the queue, left for orphan recovery under a dead token
@@ -214,7 +215,7 @@ class PostgresBackend:
                                          (uuid.uuid4().hex, row[0]))
                 await connection.execute("UPDATE slots SET token = NULL, expires_at = NULL WHERE token = %s", (token,))
                 return None
-            run.update(queue_position=None, fencing_token=await self._mint(connection))
+            run.update(queue_position=None, fencing_token=fencing)
             await connection.execute("UPDATE runs SET record = %s, holder = %s, queue_rank = NULL WHERE run_id = %s",
                                      (run.record(), token, run.run_id))
             return run
@@ -308,7 +309,7 @@ class PostgresBackend:
             if owner is None or owner[0] != token:
                 return None
             await connection.execute("UPDATE slots SET token = NULL, expires_at = NULL WHERE token = %s", (token,))
-            return True if await self._take_slot(connection, token) else None
+            return True if await self._take_slot(connection, token) is not None else None
 
         taken_back = await self.db.run(renew)
         if taken_back is None:
@@ -342,13 +343,14 @@ class PostgresBackend:
         lock TTL while the caller records them; if the caller dies, its claim lapses and they are orphans again."""
         claim = uuid.uuid4().hex
 
-        async def orphans(connection: Connection) -> builtins.list[tuple[str, bytes]]:
+        async def any_orphan(connection: Connection) -> bool:
             cursor = await connection.execute(
                 "SELECT 1 FROM runs WHERE finished_seq IS NULL AND holder IS NOT NULL AND holder <> ALL(%s) "
                 f"AND holder NOT IN ({LIVE_TOKENS}) AND (claimed_until IS NULL OR claimed_until <= clock_timestamp())"
                 " LIMIT 1", (list(self._held),))
-            if await cursor.fetchone() is None:
-                return []  # the usual answer, without the admission lock
+            return await cursor.fetchone() is not None
+
+        async def orphans(connection: Connection) -> builtins.list[tuple[str, bytes]]:
             await self.db.lock(connection)
             cursor = await connection.execute(
                 "UPDATE runs SET holder = %s, claimed_until = clock_timestamp() + %s * interval '1 second' "
@@ -357,6 +359,8 @@ class PostgresBackend:
                 " RETURNING run_id, record", (claim, self.ttl_seconds, list(self._held)))
             return [(str(row[0]), bytes(row[1])) for row in await cursor.fetchall()]
 
+        if not await self.db.run(any_orphan, transaction=False):
+            return []  # the usual answer: one read, no lock
         runs = [self._read(run_id, raw, holder=claim) for run_id, raw in await self.db.run(orphans)]
         return [run for run in runs if run is not None and not run.finished]
 
@@ -385,17 +389,14 @@ class PostgresBackend:
             self._progress.pop(run.run_id, None)
 
     async def _save_unfinished(self, run: Run) -> bool:
-        """A change of a run that is not terminal (RUNNING, progress), while it is still the writer's; committed
-        without waiting for the disk: lost with a crash of the server, the run is still ended by its holder or,
-        if that died too, as an orphan."""
+        """A change of a run that is not terminal (RUNNING, progress), while it is still the writer's."""
         async def save(connection: Connection) -> bool:
-            await connection.execute("SET LOCAL synchronous_commit TO off")
             cursor = await connection.execute(
                 "UPDATE runs SET record = %s WHERE run_id = %s AND holder IS NOT DISTINCT FROM %s "
-                "AND finished_seq IS NULL AND queue_rank IS NULL", (run.record(), run.run_id, run.holder))
-            return cursor.rowcount == 1
+                "AND finished_seq IS NULL AND queue_rank IS NULL RETURNING 1", (run.record(), run.run_id, run.holder))
+            return await cursor.fetchone() is not None
 
-        return await self.db.run(save)
+        return await self.db.run(save, transaction=False)
 
     async def save(self, run: Run, release: bool = False) -> None:
         """Store a change; a terminal state also frees the slot (with ``release``), clears the cancel flag, owes the
