@@ -19,6 +19,7 @@ Streams and come back through one reader task per replica
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import threading
 import time
@@ -27,16 +28,26 @@ from collections.abc import Awaitable, Callable
 
 from service import metrics
 from service.backends.base import EventTransport
-from service.backends.records import Frame, Run, encode
+from service.backends.records import Frame, Run, RunBacklog, encode
 from service.logs import LogFormatter, log, log_timestamp
 
 CLIENT_MAX_FRAMES = 1000  # frames a client may have waiting while its writer is stuck on a send
 CLIENT_MAX_BYTES = 4 * 1024 * 1024  # bytes of frames a client may have waiting (one frame always fits)
 MAX_STREAMS = 1000  # open event streams per process; past it 503, so streams never take every connection
 LOG_LINE_MAX_BYTES = 64 * 1024  # a longer self.log line is replaced by a short line saying its size
+STREAM_RETRY_MS = 2000  # the retry: every stream sends first, how long an EventSource waits to reconnect
 PROGRESS_INTERVAL = 0.05  # progress frames of one run are coalesced to at most one per interval
 LOGS_STORED_SECONDS = 2.0  # how long a run's terminal state waits for its log lines to be kept (Redis writes late)
-CLOSE_FLUSH_SECONDS = 1.0  # at shutdown, how long clients get to take their last frames
+CLOSE_FLUSH_SECONDS = 1.0
+BACKLOG_WRITTEN_SECONDS = 1.0  # how long a new run stream waits for this process's events to reach the backlog
+TERMINAL_EVENT_WAIT_SECONDS = 1.0  # how long it waits for a finished run's terminal event to reach the backlog  # at shutdown, how long clients get to take their last frames
+
+
+class Ended(enum.Enum):
+    ENDED = "ended"
+
+
+ENDED = Ended.ENDED  # a run's stream has nothing more for this client (204)
 
 
 class Subscriber:
@@ -210,12 +221,54 @@ class EventHub:
 
     # --- what a new client gets first ----------------------------------------------------------------------
 
-    async def first_run_frames(self, run_id: str, after: tuple[int, int] | None,
-                               read_run: Callable[[str], Awaitable[Run | None]]) -> list[Frame] | None:
-        """The frames a new client of ``run_id`` gets first: those after ``after`` when they are all still
-        kept, else the run as it stands now; None if there is no such run. Subscribe before calling this."""
+    async def first_run_frames(self, run_id: str, after: tuple[int, int] | None, from_now: bool,
+                               read_run: Callable[[str], Awaitable[Run | None]]) -> list[Frame] | None | Ended:
+        """The frames a new client of ``run_id`` gets first; None if there is no such run, ENDED if there is
+        nothing more for it (it resumes after the run's terminal event: 204). Subscribe before calling this.
+
+        The backlog is read before the run, so an event it holds is reflected in the run, and any later one
+        arrives live. Without ``after``: every kept event of the run (with a ``gap`` frame first when its
+        first ones are gone), or with ``from_now`` the run as it stands.
+        """
         assert self.transport is not None
-        return await self.transport.first_run_frames(run_id, after, read_run)
+        if from_now and after is None:
+            newest = await self.transport.newest_run_event(run_id)
+            run = await read_run(run_id)
+            return None if run is None else [Frame.snapshot(newest or "0-0", run)]
+        await self.transport.written(BACKLOG_WRITTEN_SECONDS)  # this process's events so far, in the backlog
+        backlog, run = await self._backlog_to_the_end(run_id, after, read_run)
+        if run is None:
+            return None
+        frames = backlog.frames
+        ended = run.finished and not any(frame.terminal for frame in frames)  # (its terminal event was lost)
+        if after is not None:
+            if backlog.found and (frames[0].terminal or ended):
+                return ENDED  # it had the terminal event
+            if backlog.found:
+                return frames[1:]
+            if ended:
+                return ENDED  # its id is long gone and the run is over: GET /agents/status/{run_id} has the end
+        if not backlog.found:
+            frames = [Frame.gap(run_id, frames[0].id if frames else None), *frames]
+        if len(frames) == 1 and not backlog.found or ended:
+            frames.append(Frame.snapshot(backlog.newest or "0-0", run))  # nothing kept, or its end never came
+        return frames
+
+    async def _backlog_to_the_end(self, run_id: str, after: tuple[int, int] | None,
+                                  read_run: Callable[[str], Awaitable[Run | None]]) -> tuple[RunBacklog, Run | None]:
+        """The run's backlog, then the run. A run is stored finished a moment before its terminal event is
+        published (by whichever replica ran it): a finished run whose backlog lacks that event is read again
+        for up to TERMINAL_EVENT_WAIT_SECONDS, so a client does not get the end twice (as the run stored,
+        then as the event)."""
+        assert self.transport is not None
+        deadline = time.monotonic() + TERMINAL_EVENT_WAIT_SECONDS
+        while True:
+            backlog = await self.transport.run_backlog(run_id, after)
+            run = await read_run(run_id)
+            if run is None or not run.finished or any(frame.terminal for frame in backlog.frames) or \
+                    time.monotonic() >= deadline:
+                return backlog, run
+            await asyncio.sleep(0.05)
 
     async def first_global_frames(self, after: tuple[int, int] | None) -> list[Frame]:
         if after is None or self.transport is None:

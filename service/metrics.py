@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+HTTP_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 QUEUE_WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 
@@ -116,8 +117,19 @@ EVENT_STREAMS_DROPPED = Counter("agent_runner_event_streams_dropped_total",
                                 "Event streams closed because the client fell too far behind.")
 HTTP_REQUESTS_TOTAL = Counter("agent_runner_http_requests_total", "HTTP requests answered.",
                               ("method", "route", "status"))
+HTTP_REQUEST_DURATION = Histogram(
+    "agent_runner_http_request_duration_seconds",
+    "Time from a request's arrival to the end of its answer (a stream: its whole life), by route template.",
+    ("method", "route", "status"), buckets=HTTP_DURATION_BUCKETS)
+BUILD_INFO = Gauge("agent_runner_build_info", "The running version of agent-runner (always 1).", ("version",))
 ALL = (RUNS_TOTAL, REJECTED_TOTAL, RUN_DURATION, RUNNING, QUEUE_DEPTH, QUEUE_WAIT, WEBHOOK_ATTEMPTS,
-       WEBHOOKS_UNDELIVERED, EVENT_STREAMS, EVENT_STREAMS_DROPPED, HTTP_REQUESTS_TOTAL)
+       WEBHOOKS_UNDELIVERED, EVENT_STREAMS, EVENT_STREAMS_DROPPED, HTTP_REQUESTS_TOTAL, HTTP_REQUEST_DURATION,
+       BUILD_INFO)
+
+
+def set_build_info(version: str) -> None:
+    """agent_runner_build_info{version="..."} 1, the one series of this process's version."""
+    BUILD_INFO.labels(version).set(1)
 
 
 class ServiceCollector:
@@ -136,12 +148,16 @@ class ServiceCollector:
 _collector: ServiceCollector | None = None
 
 
-def render() -> tuple[bytes, str]:
-    """The exposition text and its content type (prometheus_client is imported on the first call)."""
+def render(accept: str = "") -> tuple[bytes, str]:
+    """The exposition text and its content type for the request's ``Accept`` header, negotiated as
+    prometheus_client negotiates it: OpenMetrics when asked for ``application/openmetrics-text``, else the
+    classic text format (prometheus_client is imported on the first call)."""
     global _collector
     import prometheus_client
+    from prometheus_client.exposition import choose_encoder
 
     if _collector is None:
         _collector = ServiceCollector()
         prometheus_client.REGISTRY.register(_collector)
-    return prometheus_client.generate_latest(), prometheus_client.CONTENT_TYPE_LATEST
+    encoder, content_type = choose_encoder(accept)
+    return encoder(prometheus_client.REGISTRY), content_type

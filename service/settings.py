@@ -6,11 +6,14 @@ replaces it at start (under every launcher), nothing else does.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import importlib
 import ipaddress
 import math
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +78,9 @@ SETTINGS_TABLE = (
     ("RUN_RETENTION", "10000", "finished runs kept; the oldest finished run is dropped first"),
     ("RUN_RETENTION_MB", "256", "size of the finished runs kept (their JSON); past it the oldest are dropped first"),
     ("API_TOKEN", "", "when set, every /agents... endpoint needs Authorization: Bearer <token>"),
+    ("CORS_ALLOW_ORIGINS", "",
+     "comma-separated origins (https://app.example.com) whose pages may call the API and read streams; * any; none "
+     "when empty"),
     ("SHUTDOWN_GRACE_SECONDS", "30", "on SIGTERM/SIGINT, how long a running run may still take"),
     ("REDIS_URL", "", "e.g. redis://host:6379/0; when set, the lock and all run records live in Redis"),
     ("REDIS_PREFIX", "agent-runner", "prefix of every Redis key, so several deployments can share one Redis"),
@@ -90,7 +96,9 @@ SETTINGS_TABLE = (
     ("QUEUE_MAX", "100", "how many runs may wait in the queue; past it an enqueue is refused with 409"),
     ("LOG_FORMAT", "auto", "json, console (one readable line per event) or auto (console when stdout is a terminal)"),
     ("NO_COLOR", "", "when set (not empty), console log lines have no colours"),
-    ("WEBHOOK_SECRET", "", "signs webhook deliveries (HMAC-SHA256, 16+ characters); webhooks are refused while unset"),
+    ("WEBHOOK_SECRET", "",
+     "signs webhook deliveries (HMAC-SHA256): whsec_<base64> or 16+ characters; several comma-separated "
+     "(rotation); webhooks are refused while unset"),
     ("WEBHOOK_ALLOWED_HOSTS", "",
      "comma-separated hosts webhooks may call (required with WEBHOOK_SECRET): a name, *.domain, or * for any"),
     ("WEBHOOK_BACKOFF_SECONDS", "10", "wait before a webhook's 2nd attempt; it doubles for each next (6 at most)"),
@@ -114,6 +122,33 @@ LOG_FORMATS = ("auto", "json", "console")
 SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,39}")  # short enough for its NOTIFY channels (63 bytes at most)
 WEBHOOK_SECRET_MIN_CHARS = 16
 MAX_CONCURRENT_RUNS_LIMIT = 64  # in Redis mode, every replica counts a run on any of these slots as alive
+
+
+WEBHOOK_SECRET_PREFIX = "whsec_"  # the Standard Webhooks form: the key is the base64 after it
+
+
+def webhook_key(secret: str) -> bytes:
+    """The HMAC key of one WEBHOOK_SECRET entry: the base64-decoded part of ``whsec_<base64>``, else its UTF-8."""
+    if secret.startswith(WEBHOOK_SECRET_PREFIX):
+        encoded = secret[len(WEBHOOK_SECRET_PREFIX):]
+        return base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)  # padding may be left out
+    return secret.encode()
+
+
+def _webhook_secrets(raw: str) -> tuple[str, ...]:
+    """WEBHOOK_SECRET as its comma-separated secrets, each checked: valid base64 after whsec_, and a key of
+    16 bytes or more (a plain secret: 16 characters or more)."""
+    secrets = tuple(entry.strip() for entry in raw.split(",") if entry.strip())
+    for number, secret in enumerate(secrets, 1):
+        try:
+            key = webhook_key(secret)
+        except (binascii.Error, ValueError):
+            raise ConfigError("WEBHOOK_SECRET", f"secret {number} starts with {WEBHOOK_SECRET_PREFIX} but the rest is "
+                                                "not valid base64") from None
+        if len(key) < WEBHOOK_SECRET_MIN_CHARS:
+            raise ConfigError("WEBHOOK_SECRET", f"secret {number} must be at least {WEBHOOK_SECRET_MIN_CHARS} "
+                                                "characters long (a whsec_ one: 16 bytes once decoded)")
+    return secrets
 
 
 def _allowed_hosts(raw: str) -> tuple[str, ...]:
@@ -148,6 +183,28 @@ def _root_path(raw: str) -> str:
     return path
 
 
+def _cors_allow_origins(raw: str) -> tuple[str, ...]:
+    """CORS_ALLOW_ORIGINS as origins as browsers send them (lower case, no trailing slash), or ``*``."""
+    origins = []
+    for entry in raw.split(","):
+        origin = entry.strip().rstrip("/").lower()
+        if not origin:
+            continue
+        if origin != "*":
+            try:
+                parts = urllib.parse.urlsplit(origin)
+                valid = (parts.scheme in ("http", "https") and parts.port != 0 and not parts.path
+                         and not parts.query and not parts.fragment and "@" not in parts.netloc
+                         and _is_host(parts.hostname or ""))
+            except ValueError:  # a port that is not a number
+                valid = False
+            if not valid:
+                raise ConfigError("CORS_ALLOW_ORIGINS", "each entry must be an origin such as https://app.example.com "
+                                                        f"(scheme, host, optional port, no path) or *; got {entry.strip()!r}")
+        origins.append(origin)
+    return tuple(origins)
+
+
 def _forwarded_allow_ips(raw: str) -> tuple[str, ...]:
     """FORWARDED_ALLOW_IPS as addresses and networks (``*`` trusts every peer)."""
     entries = tuple(entry.strip() for entry in raw.split(",") if entry.strip())
@@ -177,6 +234,7 @@ class Settings:
     run_retention: int = 10000
     run_retention_bytes: int = 256 * 1024 * 1024
     api_token: str | None = field(default=None, repr=False)
+    cors_allow_origins: tuple[str, ...] = ()
     shutdown_grace_seconds: float = 30.0
     redis_url: str | None = field(default=None, repr=False)
     redis_prefix: str = "agent-runner"
@@ -189,6 +247,7 @@ class Settings:
     log_format: str = "auto"
     no_color: bool = False
     webhook_secret: str | None = field(default=None, repr=False)
+    webhook_secrets: tuple[str, ...] = field(default=(), repr=False)  # WEBHOOK_SECRET's entries: each signs every delivery
     webhook_allowed_hosts: tuple[str, ...] = ()
     webhook_backoff_seconds: float = 10.0
     webhook_timeout_seconds: float = 5.0
@@ -217,9 +276,8 @@ class Settings:
         log_format = env.get("LOG_FORMAT", "").strip().lower() or cls.log_format
         if log_format not in LOG_FORMATS:
             raise ConfigError("LOG_FORMAT", f"must be one of {', '.join(LOG_FORMATS)}; got {log_format!r}")
-        webhook_secret = env.get("WEBHOOK_SECRET") or None
-        if webhook_secret is not None and len(webhook_secret) < WEBHOOK_SECRET_MIN_CHARS:
-            raise ConfigError("WEBHOOK_SECRET", f"must be at least {WEBHOOK_SECRET_MIN_CHARS} characters long")
+        webhook_secrets = _webhook_secrets(env.get("WEBHOOK_SECRET", ""))
+        webhook_secret = ",".join(webhook_secrets) or None
         allowed_hosts = _allowed_hosts(env.get("WEBHOOK_ALLOWED_HOSTS", ""))
         if webhook_secret is not None and not allowed_hosts:
             raise ConfigError("WEBHOOK_ALLOWED_HOSTS", "is required when WEBHOOK_SECRET is set (webhooks are on)")
@@ -250,6 +308,7 @@ class Settings:
             run_retention_bytes=round(_env_number(env, "RUN_RETENTION_MB", 256, integer=False, minimum=1)
                                       * 1024 * 1024),
             api_token=env.get("API_TOKEN") or None,
+            cors_allow_origins=_cors_allow_origins(env.get("CORS_ALLOW_ORIGINS", "")),
             shutdown_grace_seconds=_env_number(env, "SHUTDOWN_GRACE_SECONDS", cls.shutdown_grace_seconds,
                                                integer=False, minimum=0),
             redis_url=redis_url,
@@ -265,6 +324,7 @@ class Settings:
             log_format=log_format,
             no_color=bool(env.get("NO_COLOR")),
             webhook_secret=webhook_secret,
+            webhook_secrets=webhook_secrets,
             webhook_allowed_hosts=allowed_hosts,
             webhook_backoff_seconds=_env_number(env, "WEBHOOK_BACKOFF_SECONDS", cls.webhook_backoff_seconds,
                                                 integer=False, minimum=0, above_minimum=True, maximum=3600),

@@ -9,16 +9,16 @@ exponentially; the run's state never waits on any of this.
 
 A traced run's delivery carries the run span's ``traceparent`` header (docs/tracing.md).
 
-Signature: ``Agent-Runner-Signature: t=<unix time>,v1=<hex HMAC-SHA256 of
-"<t>.<body>" with WEBHOOK_SECRET>``, made afresh for each attempt.
+Signatures (service/webhook_signing.py): ``Agent-Runner-Signature`` and the
+Standard Webhooks ``webhook-id``/``webhook-timestamp``/``webhook-signature``,
+made afresh for each attempt with every WEBHOOK_SECRET; the id is the
+delivery's, the same on every attempt.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
 import time
 from typing import Any
@@ -31,16 +31,11 @@ from service.backends.records import MAX_ATTEMPTS, Run, StoreUnavailable, split_
 from service.logs import log
 from service.tracing import traceparent
 from service.webhook_http import WebhookRefused, WebhookUnresolved, check_url, post, resolve
+from service.webhook_signing import signature_headers
 
 MAX_PARALLEL = 16  # attempts in flight at once per process; a slow receiver holds one for the timeout at most
 POLL_SECONDS = 1.0  # the queue is looked at this often at least (Redis: other replicas' deliveries, leases)
 REPORT_RETRY_SECONDS = 0.5
-
-
-def signature(secret: str, timestamp: int, body: bytes) -> str:
-    """The Agent-Runner-Signature header value for ``body`` sent at ``timestamp``."""
-    digest = hmac.new(secret.encode(), str(timestamp).encode() + b"." + body, hashlib.sha256).hexdigest()
-    return f"t={timestamp},v1={digest}"
 
 
 def backoff_seconds(attempt: int) -> float:
@@ -111,7 +106,7 @@ class Deliverer:
                 target = check_url(delivery.url, config.webhook_allowed_hosts)
                 addresses = await resolve(target, config.webhook_timeout_seconds)
                 body, trace = split_record(delivery.body)  # the record's trace context is not the client's
-                headers = {"Agent-Runner-Signature": signature(config.webhook_secret or "", int(time.time()), body)}
+                headers = signature_headers(config.webhook_secrets, delivery.message_id, int(time.time()), body)
                 if trace is not None:
                     headers["traceparent"] = traceparent(trace) or ""
                 status = await post(target, addresses, body, headers, send_by=delivery.send_by)

@@ -20,7 +20,7 @@ import pytest
 from conftest import PostgresServer, RedisServer
 from service.backends import Backend
 from service.backends.memory import MemoryBackend
-from service.backends.records import Frame, Run, WriteRefused, utc_now
+from service.backends.records import RUN_BACKLOG_FRAMES, Frame, Run, WriteRefused, utc_now
 
 LOG = logging.getLogger("agent_runner.test_backends")
 Scenario = Callable[[Backend], Awaitable[Any]]
@@ -452,6 +452,31 @@ class Sink:
         self.ended.append(reason)
 
 
+def test_a_runs_backlog_is_whole_only_while_it_starts_with_the_runs_first_event(place: Place) -> None:
+    """The replay's `gap`: a backlog that lost its first events says so (trimmed by its caps; in Redis also a
+    stream that expired while the run was silent and began again, its first entry long after the run's start)."""
+    async def scenario(backend: Backend) -> None:
+        transport = backend.event_transport(Sink())
+        await transport.start()
+        try:
+            run = new_run()
+            await backend.admit(run, "reject", 10)
+            for n in range(RUN_BACKLOG_FRAMES + 1):
+                transport.send("log", run.run_id, "", b'{"n":%d}' % n)
+            await transport.written(5.0)
+            trimmed = await transport.run_backlog(run.run_id, None)
+            assert not trimmed.found and len(trimmed.frames) == RUN_BACKLOG_FRAMES
+            late = new_run()
+            late.created_at = "2026-01-01T00:00:00.000Z"  # its events began long after it was created
+            transport.send("run", late.run_id, late.state, late.json())
+            await transport.written(2.0)
+            assert (await transport.run_backlog(late.run_id, None)).found is (backend.name == "memory")
+        finally:
+            await transport.stop()
+
+    place.run(scenario)
+
+
 def test_an_event_comes_back_with_an_id_its_log_line_is_kept_and_a_client_resumes_after_it(place: Place) -> None:
     async def scenario(backend: Backend) -> None:
         sink = Sink()
@@ -469,8 +494,14 @@ def test_an_event_comes_back_with_an_id_its_log_line_is_kept_and_a_client_resume
             assert (first.kind, second.kind) == ("run", "log") and first.key < second.key
             assert first.wire.endswith(b"data: " + run.json() + b"\n\n")
             assert await backend.logs(run.run_id) == [b'{"event":"hello"}']
-            resumed = await transport.first_run_frames(run.run_id, first.key, backend.get)
-            assert resumed is not None and [frame.id for frame in resumed] == [second.id]
+            resumed = await transport.run_backlog(run.run_id, first.key)
+            assert resumed.found and [frame.id for frame in resumed.frames] == [first.id, second.id]  # from it on
+            whole = await transport.run_backlog(run.run_id, None)
+            assert whole.found and [frame.id for frame in whole.frames] == [first.id, second.id]
+            assert whole.newest == second.id == await transport.newest_run_event(run.run_id)
+            assert not (await transport.run_backlog(run.run_id, (1, 0))).found  # an id it never had
+            nothing = await transport.run_backlog(new_run().run_id, None)
+            assert (nothing.frames, nothing.found, nothing.newest) == ([], False, None)
             assert [frame.id for frame in await transport.global_after((0, 0))] == [first.id]  # run events only
             assert sink.ended == []
         finally:

@@ -38,10 +38,10 @@ def run(command: list[Any], cwd: Path, **env: str) -> subprocess.CompletedProces
                           timeout=180)
 
 
-def documented_example(language: str) -> str:
-    """The code block in `language` from the clients page (docs/clients.md)."""
+def documented_examples(language: str) -> list[str]:
+    """The code blocks in `language` from the clients page (docs/clients.md): a session, then a stream reader."""
     section = CLIENTS_PAGE.read_text()
-    return next(code for name, code in re.findall(r"```(\w+)\n(.*?)```", section, re.S) if name == language)
+    return [code for name, code in re.findall(r"```(\w+)\n(.*?)```", section, re.S) if name == language]
 
 
 def test_openapi_json_is_openapi_yaml_as_json_and_needs_no_token(tmp_path: Path) -> None:
@@ -73,13 +73,15 @@ def python_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert generated.returncode == 0, generated.stdout + generated.stderr
     assert "warning" not in (generated.stdout + generated.stderr).lower(), generated.stdout + generated.stderr
     shutil.copy(SESSIONS / "flow.py", work / "client" / "flow.py")
-    (work / "client" / "documented_example.py").write_text(documented_example("python"))
+    example, stream_reader = documented_examples("python")
+    (work / "client" / "documented_example.py").write_text(example)
+    (work / "client" / "documented_stream.py").write_text(stream_reader)  # flow.py reads streams with it
     return work / "client"
 
 
 def test_python_client_its_session_and_the_documented_example_pass_mypy_strict(python_client: Path) -> None:
     checked = run([sys.executable, "-m", "mypy", "--strict", "--cache-dir", python_client.parent / "mypy-cache",
-                   "flow.py", "documented_example.py", "agent_runner_client"], python_client)
+                   "flow.py", "documented_example.py", "documented_stream.py", "agent_runner_client"], python_client)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert checked.stdout.startswith("Success: no issues found"), checked.stdout
 
@@ -122,7 +124,10 @@ def typescript_client(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, s
     (work / "node_modules").symlink_to(NODE_MODULES)
     for name in ("flow.mts", "tsconfig.json"):
         shutil.copy(SESSIONS / name, work / name)
-    (work / "documented_example.mts").write_text(documented_example("ts"))
+    example, stream_reader, reading = documented_examples("ts")  # the reading goes on from the example's client
+    (work / "documented_example.mts").write_text(
+        f'{example}\nimport {{ readEvents }} from "./documented_stream.mjs";\n{reading}')
+    (work / "documented_stream.mts").write_text(stream_reader)  # flow.mts reads streams with it
     generated = run(["node", NODE_MODULES / "openapi-typescript" / "bin" / "cli.js", SPEC, "-o", "agent-runner.d.ts"],
                     work)
     assert generated.returncode == 0, generated.stdout + generated.stderr
@@ -134,7 +139,7 @@ def test_typescript_types_the_session_and_the_documented_example_pass_tsc_strict
         typescript_client: tuple[Path, Any]) -> None:
     work, compiled = typescript_client
     assert compiled.returncode == 0, compiled.stdout + compiled.stderr
-    assert (work / "flow.mjs").exists() and (work / "documented_example.mjs").exists()
+    assert all((work / name).exists() for name in ("flow.mjs", "documented_example.mjs", "documented_stream.mjs"))
     assert json.loads((work / "tsconfig.json").read_text())["compilerOptions"]["strict"] is True
 
 
@@ -155,6 +160,7 @@ def check_session_on_the_server(server: ServerProcess, session: dict[str, Any], 
     runs = httpx.get(server.url + "/agents/runs", params={"user_id": session["user_id"]}, headers=headers).json()
     assert [run["run_id"] for run in runs["runs"]] == session["runs"][::-1]
     assert {run["state"] for run in runs["runs"]} == {"DONE"}
+    assert session["streamed"][-1] == "DONE" and session["streamed"][0] in ("PENDING", "RUNNING")  # read live
     assert server.wait_for_event("run_rejected", user_id=session["user_id"])
     assert server.wait_for_event("unsupported_agent_type", agent_type="no-such-agent", user_id=session["user_id"])
     if token:

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import RedisServer, ServerProcess, new_user, own_namespace
+from conftest import RedisServer, ServerProcess, new_user, own_namespace, wait_until
 
 AGENTS = "fixture_agents,fixture_event_agents"
 TERMINAL = {"DONE", "ERROR", "CANCELLED"}
@@ -29,6 +29,7 @@ class SSEReader:
         self.url, self.headers = url, headers or {}
         self.items: list[tuple[Any, ...]] = []
         self.status: int | None = None
+        self.retry: int | None = None  # the stream's retry: field
         self.ended = threading.Event()  # the server ended the response (cleanly: ``clean``)
         self.clean = False
         self.error: BaseException | None = None
@@ -47,9 +48,11 @@ class SSEReader:
                     if line.startswith(":"):
                         self.items.append(("comment", line[1:].strip()))
                     elif line == "":
-                        if fields:
+                        if "retry" in fields:
+                            self.retry = int(fields["retry"])
+                        if "data" in fields:  # as in EventSource: a frame without data is no event
                             self.items.append((fields.get("event"), fields.get("id"), json.loads(fields["data"])))
-                            fields = {}
+                        fields = {}
                     else:
                         name, _, value = line.partition(": ")
                         fields[name] = value
@@ -156,7 +159,8 @@ def test_log_frames_carry_the_agents_lines_including_one_from_a_thread(events_se
     assert logs == stdout  # the same JSON objects as on stdout
     kinds = [event for event, _, _ in reader.frames]
     assert kinds[-1] == "run" and kinds.index("log") < len(kinds) - 1  # the lines come before the end
-    assert srv.client.get(f"/agents/logs/{run_id}").json() == {"run_id": run_id, "lines": logs}
+    assert srv.client.get(f"/agents/logs/{run_id}").json() == {"run_id": run_id, "last_event_id": reader.frames[-1][1],
+                                                              "lines": logs}
 
 
 def test_last_event_id_replays_what_was_missed_then_continues(events_server) -> None:
@@ -178,7 +182,8 @@ def test_last_event_id_replays_what_was_missed_then_continues(events_server) -> 
     assert run_frames(resumed)[-1]["state"] == "DONE"
     unknown = SSEReader(f"{srv.url}/agents/events/{run_id}", {"Last-Event-ID": "garbage"})
     unknown.wait_ended()
-    assert [data["state"] for event, _, data in unknown.frames] == ["DONE"]  # the run as it stands, then the end
+    assert [data.get("n") for event, _, data in unknown.frames if event == "log"] == [0, 1, 2, 3, 4, 5, None]
+    assert run_frames(unknown)[-1]["state"] == "DONE"  # ignored: the whole run, as for a first connect
 
 
 def test_unknown_run_is_404_like_status_and_bad_ids_400(events_server) -> None:
@@ -396,8 +401,7 @@ def test_a_client_resuming_after_the_terminal_frame_gets_an_ended_stream_not_an_
     terminal_id = first.frames[-1][1]
     again = SSEReader(f"{srv.url}/agents/events/{run_id}", {"Last-Event-ID": terminal_id})
     again.wait_ended(timeout=5)
-    assert again.status == 200 and again.clean, again.error
-    assert [data["state"] for data in run_frames(again)] in ([], ["DONE"])
+    assert again.status == 204 and again.clean and again.items == [], again.error  # EventSource stops on a 204
 
 
 @pytest.mark.parametrize("last_event_id", ["99999999999999999999-0", "1-18446744073709551615",
@@ -409,7 +413,8 @@ def test_a_last_event_id_out_of_range_is_ignored_like_garbage(events_server, las
     reader = SSEReader(f"{srv.url}/agents/events/{run_id}", {"Last-Event-ID": last_event_id})
     reader.wait_ended()
     assert reader.status == 200, reader.status
-    assert [data["state"] for data in run_frames(reader)] == ["DONE"]  # the run as it stands, then the end
+    states = [data["state"] for data in run_frames(reader)]
+    assert states[0] in ("PENDING", "RUNNING") and states[-1] == "DONE"  # ignored: the whole run, then the end
     all_runs = SSEReader(f"{srv.url}/agents/events", {"Last-Event-ID": last_event_id})
     all_runs.wait_started()
     assert all_runs.status == 200, all_runs.status  # (it never ends by itself)
@@ -533,3 +538,95 @@ def test_a_finished_runs_log_lines_are_all_stored_by_the_time_it_reads_finished(
         assert [line["event"] for line in lines] == ["line_loop"] * 3 + ["line_thread"]
     finally:
         proxy.close()
+
+
+# --- a late watcher, ?from=now, and the join of the log and the stream -------------------------------------
+
+
+def test_every_stream_starts_with_a_retry_field(events_server) -> None:
+    srv = events_server
+    run_id = srv.run_to_end("sleeper", seconds=0)["run_id"]
+    one = SSEReader(f"{srv.url}/agents/events/{run_id}")
+    one.wait_ended()
+    every = SSEReader(f"{srv.url}/agents/events")
+    every.wait_for(lambda reader: reader.retry is not None, timeout=5)
+    every.close()
+    assert one.retry == every.retry == 2000
+
+
+def watched_after_two_lines(srv: ServerProcess, query: str) -> tuple[str, SSEReader]:
+    """A run of four lines, and its stream (with ``query``) opened once two are logged, read to its end."""
+    run_id = post(srv, "chatty", lines=4, seconds=0.3)
+    wait_until(lambda: len(srv.client.get(f"/agents/logs/{run_id}").json()["lines"]) >= 2, 10, "two lines logged")
+    reader = SSEReader(f"{srv.url}/agents/events/{run_id}{query}")
+    reader.wait_ended()
+    return run_id, reader
+
+
+def test_a_watcher_connecting_after_the_agent_logged_gets_the_whole_run_from_its_first_event(events_server) -> None:
+    srv = events_server
+    run_id, late = watched_after_two_lines(srv, "")
+    assert late.status == 200 and late.clean, late.error
+    kinds = [event for event, _, _ in late.frames]
+    assert kinds[0] == "run" and run_frames(late)[0]["state"] in ("PENDING", "RUNNING")  # accepted
+    assert "gap" not in kinds
+    logs = [data for event, _, data in late.frames if event == "log"]
+    assert logs == srv.client.get(f"/agents/logs/{run_id}").json()["lines"]  # every line, each once
+    assert [line.get("n") for line in logs] == [0, 1, 2, 3, None]
+    assert [data["state"] in TERMINAL for data in run_frames(late)].count(True) == 1
+    ids = [key(event_id) for _, event_id, _ in late.frames]
+    assert ids == sorted(set(ids))
+
+
+def test_from_now_starts_with_the_run_as_it_stands(events_server) -> None:
+    srv = events_server
+    run_id, now = watched_after_two_lines(srv, "?from=now")
+    assert now.frames[0][0] == "run" and now.frames[0][2]["state"] == "RUNNING"
+    assert [data.get("n") for event, _, data in now.frames if event == "log"][0] >= 2  # not the earlier lines
+    assert run_frames(now)[-1]["state"] == "DONE"
+    bad = srv.client.get(f"/agents/events/{run_id}", params={"from": "yesterday"})
+    assert bad.status_code == 400 and bad.json() == {"detail": "from must be 'start' or 'now'"}
+
+
+def test_a_finished_runs_stream_is_its_history_once_and_a_reconnect_after_it_gets_204(events_server) -> None:
+    srv = events_server
+    run_id = srv.run_to_end("chatty", lines=2)["run_id"]
+    first = SSEReader(f"{srv.url}/agents/events/{run_id}")
+    first.wait_ended()
+    states = [data["state"] for data in run_frames(first)]
+    assert states[0] in ("PENDING", "RUNNING") and states[-1] == "DONE" and len([s for s in states if s in TERMINAL]) == 1
+    assert [data.get("n") for event, _, data in first.frames if event == "log"] == [0, 1, None]
+    for resume in (first.frames[-1][1], "garbage-but-an-id-1"):
+        again = SSEReader(f"{srv.url}/agents/events/{run_id}", {"Last-Event-ID": resume})
+        again.wait_ended()
+        if resume.startswith("garbage"):
+            assert again.status == 200 and run_frames(again) == run_frames(first)  # no id of ours: a first connect
+        else:
+            assert again.status == 204 and again.items == []
+
+
+def test_a_run_whose_first_events_were_trimmed_starts_with_a_gap_frame(events_server) -> None:
+    srv = events_server
+    run_id = srv.run_to_end("flood", lines=300)["run_id"]
+    reader = SSEReader(f"{srv.url}/agents/events/{run_id}")
+    reader.wait_ended()
+    event, event_id, gap = reader.frames[0]
+    assert (event, event_id) == ("gap", None)
+    assert gap == {"run_id": run_id, "first_kept_event_id": reader.frames[1][1], "logs": f"/agents/logs/{run_id}"}
+    assert len(reader.frames) == 1 + 200 and run_frames(reader)[-1]["state"] == "DONE"
+    again = SSEReader(f"{srv.url}/agents/events/{run_id}", {"Last-Event-ID": reader.frames[-1][1]})
+    again.wait_ended()
+    assert again.status == 204
+
+
+def test_the_logs_last_event_id_joins_the_log_and_the_stream_without_a_gap(events_server, backend) -> None:
+    srv = events_server
+    run_id = post(srv, "chatty", lines=12, seconds=0.1)
+    wait_until(lambda: len(srv.client.get(f"/agents/logs/{run_id}").json()["lines"]) >= 3, 10, "three lines logged")
+    log = srv.client.get(f"/agents/logs/{run_id}").json()
+    rest = SSEReader(f"{srv.url}/agents/events/{run_id}", {"Last-Event-ID": log["last_event_id"]})
+    rest.wait_ended()
+    joined = [line.get("n") for line in log["lines"]] + \
+        [data.get("n") for event, _, data in rest.frames if event == "log"]
+    assert sorted(set(joined), key=lambda n: 99 if n is None else n) == [*range(12), None]  # no line missing
+    assert joined == [*range(12), None] or backend, joined  # exactly once in memory mode (Redis: see events.md)

@@ -378,7 +378,8 @@ def test_the_first_scrape_declares_every_series_and_shows_the_unlabelled_ones(st
         "agent_runner_queue_depth": "gauge", "agent_runner_queue_wait_seconds": "histogram",
         "agent_runner_webhook_attempts_total": "counter", "agent_runner_webhooks_undelivered_total": "counter",
         "agent_runner_event_streams": "gauge", "agent_runner_event_streams_dropped_total": "counter",
-        "agent_runner_http_requests_total": "counter"}
+        "agent_runner_http_requests_total": "counter", "agent_runner_http_request_duration_seconds": "histogram",
+        "agent_runner_build_info": "gauge"}
     assert list(types).index("process_cpu_seconds_total") < list(types).index("agent_runner_runs_total")
     for line in ("agent_runner_rejected_total 0.0", "agent_runner_running 0.0", "agent_runner_queue_depth 0.0",
                  'agent_runner_queue_wait_seconds_bucket{le="0.01"} 0.0',

@@ -118,15 +118,16 @@ def test_the_claim_and_report_scripts_lease_count_and_give_up(redis_server: Redi
     claim, report = client.register_script(CLAIM_WEBHOOK_SCRIPT), client.register_script(REPORT_WEBHOOK_SCRIPT)
     try:
         assert claim(keys=[zset], args=[5000, "t1", key, 6]) == [0, -1]  # nothing owed
-        client.hset(key + "run-a", mapping={"url": "http://x/", "body": b"{}", "attempt": 0})
+        client.hset(key + "run-a", mapping={"url": "http://x/", "body": b"{}", "attempt": 0, "id": "msg_a"})
         client.zadd(zset, {"run-a": 0})
-        assert claim(keys=[zset], args=[5000, "t1", key, 6]) == [1, b"run-a", 1, b"http://x/", b"{}"]
+        assert claim(keys=[zset], args=[5000, "t1", key, 6]) == [1, b"run-a", 1, b"http://x/", b"{}", b"msg_a"]
         waiting = claim(keys=[zset], args=[5000, "t2", key, 6])  # leased: not due for another replica
         assert waiting[0] == 0 and 4000 < waiting[1] <= 5000
         assert report(keys=[zset, key + "run-a"], args=["t2", "done", "run-a"]) == 0  # not t2's lease
         assert client.exists(key + "run-a") == 1
         assert report(keys=[zset, key + "run-a"], args=["t1", 0, "run-a"]) == 1  # due again at once
-        assert claim(keys=[zset], args=[5000, "t3", key, 6])[:3] == [1, b"run-a", 2]
+        again = claim(keys=[zset], args=[5000, "t3", key, 6])
+        assert again[:3] == [1, b"run-a", 2] and again[5] == b"msg_a"  # the second attempt keeps its webhook-id
         assert report(keys=[zset, key + "run-a"], args=["t3", "done", "run-a"]) == 1
         assert client.exists(key + "run-a") == 0 and client.zcard(zset) == 0
         # every attempt made (the last claimer died): given up, and forgotten

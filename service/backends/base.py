@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import builtins
 import math
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
-from service.backends.records import Frame, Page, Run
+from service.backends.records import Frame, Page, Run, RunBacklog
 
 
 class Claim(NamedTuple):
@@ -57,6 +58,16 @@ class Delivery:
     lease: str | None = None  # a shared queue's claim token; the outcome is recorded only while it holds
     send_by: float = math.inf  # time.monotonic() past which the lease may have passed to another replica
     exhausted: bool = False  # every attempt was made (the last claimer died mid-attempt)
+    message_id: str = ""  # its webhook-id: made when it is owed, stored with it, the same on every attempt
+
+    def __post_init__(self) -> None:
+        if not self.message_id:  # one owed before deliveries had ids: its run's id stands in (one per run)
+            self.message_id = "msg_" + self.run_id.replace("-", "")
+
+
+def new_message_id() -> str:
+    """A delivery's webhook-id, unique across deliveries: ``msg_`` and 32 random hex digits."""
+    return "msg_" + uuid.uuid4().hex
 
 
 class Deliveries(Protocol):
@@ -104,8 +115,12 @@ class EventTransport(Protocol):
     async def flush(self, timeout: float) -> None:
         """Until what was sent has reached the sink, at most ``timeout``."""
 
-    async def first_run_frames(self, run_id: str, after: tuple[int, int] | None,
-                               read_run: Callable[[str], Awaitable[Run | None]]) -> list[Frame] | None: ...
+    async def run_backlog(self, run_id: str, after: tuple[int, int] | None) -> RunBacklog:
+        """The run's kept frames from ``after`` on (``after`` itself first when it is kept; all of them for
+        None), oldest first, read in one go."""
+
+    async def newest_run_event(self, run_id: str) -> str | None:
+        """The id of the run's newest kept event; None when none is kept."""
 
     async def global_after(self, after: tuple[int, int]) -> list[Frame]: ...
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from service.backends.base import Claim, Delivery, FrameSink
+from service.backends.base import Claim, Delivery, FrameSink, new_message_id
 from service.backends.fencing import TokenMinter
 from service.backends.memory_events import MemoryEvents
 from service.backends.records import (LOG_BYTES_MAX, LOG_LINES_MAX, MAX_OWED, MAX_OWED_BYTES, Page, Run,
@@ -373,7 +373,7 @@ class MemoryDeliveries:
         if len(self._due) >= MAX_OWED or self._bytes + len(body) > MAX_OWED_BYTES:  # memory stays bounded
             self.on_not_owed(run, f"too many deliveries owed already ({len(self._due)}, {self._bytes} bytes)")
             return
-        self._push(time.monotonic(), Delivery(run.run_id, run.webhook, body))
+        self._push(time.monotonic(), Delivery(run.run_id, run.webhook, body, message_id=new_message_id()))
         self.on_owed()
 
     def _push(self, due: float, delivery: Delivery) -> None:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from service.backends.base import FrameSink
 from service.backends.records import (GLOBAL_BACKLOG_BYTES, GLOBAL_BACKLOG_FRAMES, RUN_BACKLOG_BYTES,
-                                      RUN_BACKLOG_FRAMES, Frame, Run)
+                                      RUN_BACKLOG_FRAMES, Frame, RunBacklog)
 
 RUN_BACKLOGS_BYTES = 8 * 1024 * 1024  # all runs' backlogs together: least recent dropped first
 FINISHED_BACKLOGS = 50  # finished runs whose backlog is kept; an older one resumes from its end
@@ -22,11 +22,12 @@ FINISHED_BACKLOGS = 50  # finished runs whose backlog is kept; an older one resu
 class Backlog:
     """The last frames of a stream, bounded by count and bytes (the newest frame is always kept)."""
 
-    __slots__ = ("frames", "bytes", "max_frames", "max_bytes")
+    __slots__ = ("frames", "bytes", "max_frames", "max_bytes", "trimmed")
 
     def __init__(self, max_frames: int, max_bytes: int) -> None:
         self.frames: deque[Frame] = deque()
         self.bytes = 0
+        self.trimmed = False  # its first frames were dropped
         self.max_frames, self.max_bytes = max_frames, max_bytes
 
     def add(self, frame: Frame) -> int:
@@ -36,10 +37,14 @@ class Backlog:
         self.bytes += len(frame.wire)
         while len(self.frames) > 1 and (len(self.frames) > self.max_frames or self.bytes > self.max_bytes):
             self.bytes -= len(self.frames.popleft().wire)
+            self.trimmed = True
         return self.bytes - before
 
     def after(self, key: tuple[int, int]) -> list[Frame]:
         return [frame for frame in self.frames if frame.key > key]
+
+    def since(self, key: tuple[int, int]) -> list[Frame]:
+        return [frame for frame in self.frames if frame.key >= key]
 
     def has(self, key: tuple[int, int]) -> bool:
         return any(frame.key == key for frame in self.frames)
@@ -100,18 +105,17 @@ class MemoryEvents:
     async def flush(self, timeout: float) -> None:
         pass  # delivered as it was sent
 
-    async def first_run_frames(self, run_id: str, after: tuple[int, int] | None,
-                               read_run: Callable[[str], Awaitable[Run | None]]) -> list[Frame] | None:
+    async def run_backlog(self, run_id: str, after: tuple[int, int] | None) -> RunBacklog:
         backlog = self._backlogs.get(run_id)
-        if after is not None and backlog is not None and backlog.has(after) and \
-                (run := await read_run(run_id)) is not None:
-            frames = backlog.after(after)
-            if not run.finished or any(frame.terminal for frame in frames):
-                return frames
-            # a client that had the terminal frame (an EventSource reconnects): the run again, then the end
-        last_id = backlog.frames[-1].id if backlog is not None and backlog.frames else f"{self._epoch}-0"
-        run = await read_run(run_id)
-        return None if run is None else [Frame.snapshot(last_id, run)]
+        if backlog is None or not backlog.frames:  # never had one (a run of an earlier process), or dropped
+            return RunBacklog([], False, None)
+        if after is None:
+            return RunBacklog(list(backlog.frames), not backlog.trimmed, backlog.frames[-1].id)
+        return RunBacklog(backlog.since(after), backlog.has(after), backlog.frames[-1].id)
+
+    async def newest_run_event(self, run_id: str) -> str | None:
+        backlog = self._backlogs.get(run_id)
+        return backlog.frames[-1].id if backlog is not None and backlog.frames else None
 
     async def global_after(self, after: tuple[int, int]) -> list[Frame]:
         return self._global.after(after)

@@ -234,7 +234,7 @@ class Frame:
     def __init__(self, event_id: str, kind: str, run_id: str, state: str, data: bytes) -> None:
         self.id = event_id
         self.key = parse_event_id(event_id) or (0, 0)
-        self.kind = kind  # "run" or "log"
+        self.kind = kind  # "run", "log" or "gap"
         self.run_id = run_id
         self.terminal = kind == "run" and state in TERMINAL_STATES
         self.wire = b"id: %s\nevent: %s\ndata: %s\n\n" % (event_id.encode(), kind.encode(), data)
@@ -243,6 +243,26 @@ class Frame:
     def snapshot(cls, event_id: str, run: Run) -> Frame:
         """A ``run`` frame of the run as it stands (read from the store), under the id of the last event seen."""
         return cls(event_id, "run", run.run_id, run.state, run.json())
+
+    @classmethod
+    def gap(cls, run_id: str, first_kept: str | None) -> Frame:
+        """A ``gap`` frame: the run's events before ``first_kept`` are no longer kept. It has no id, so an
+        EventSource's Last-Event-ID stays that of the event before it."""
+        frame = cls("0-0", "gap", run_id, "", b'{"run_id":"%s","first_kept_event_id":%s,"logs":"/agents/logs/%s"}'
+                    % (run_id.encode(), b'"%s"' % first_kept.encode() if first_kept else b"null", run_id.encode()))
+        frame.id, frame.key = "", (-1, -1)
+        frame.wire = frame.wire.partition(b"\n")[2]  # without its "id:" line
+        return frame
+
+
+@dataclass(slots=True)
+class RunBacklog:
+    """What an event transport keeps of one run: its frames from an id on (or all), whether that id is among
+    them (or, for all, whether they start with the run's first event), and the newest id (None: nothing kept)."""
+
+    frames: list[Frame]
+    found: bool
+    newest: str | None
 
 
 class StoreUnavailable(Exception):

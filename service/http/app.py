@@ -18,7 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 import agents
-from service import settings, tracing
+from service import metrics, settings, tracing
 from service.cancelling import cancel_and_wait
 from service.backends import Backend
 from service.backends.records import StoreUnavailable
@@ -27,7 +27,7 @@ from service.http.docs import docs, openapi_json, openapi_spec
 from service.http.event_stream import all_events, run_events, run_logs
 from service.http.handlers import (cancel_run, get_status, healthz, list_agents, list_runs, metrics_page,
                                    post_run, readyz)
-from service.http.middleware import AccessLog, ForwardedClient, RootPath, logged_path, token_required
+from service.http.middleware import AccessLog, Cors, ForwardedClient, RootPath, logged_path, token_required
 from service.http.single_process import claim_server_sockets
 from service.http.startup import refuse_to_start
 from service.http.validation import json_response
@@ -143,6 +143,7 @@ routes = [  # the router tries them in order: the busiest first; every /agents r
 
 def build_app(version: str) -> Starlette:
     """The ASGI app; the settings it follows are read by each request, once the launcher has read them."""
+    metrics.set_build_info(version)
     app = Starlette(
         routes=routes,
         exception_handlers={HTTPException: http_error, StoreUnavailable: store_unavailable,
@@ -150,6 +151,7 @@ def build_app(version: str) -> Starlette:
         lifespan=lifespan_of(version),
     )
     app.router.redirect_slashes = False  # its redirects take their host from the Host header: /metrics/ is a 404
+    app.add_middleware(Cors)  # innermost: the client and path are set, and its preflights are logged
     app.add_middleware(AccessLog)  # added last is outermost: the log line sees the client and path set below
     app.add_middleware(RootPath)
     app.add_middleware(ForwardedClient)

@@ -19,12 +19,13 @@ from starlette.types import Receive, Scope, Send
 
 from service.http.validation import check_uuid, json_response
 from service.backends.records import Frame, Run, StoreUnavailable, parse_event_id
-from service.events import MAX_STREAMS, EventHub, Subscriber
+from service.events import ENDED, MAX_STREAMS, STREAM_RETRY_MS, EventHub, Subscriber
 from service.runtime import from_state
 
 HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-store"),
            (b"x-accel-buffering", b"no")]  # proxies such as nginx would otherwise hold frames back
 KEEPALIVE = b": keep-alive\n\n"
+RETRY = b"retry: %d\n\n" % STREAM_RETRY_MS  # an EventSource reconnects after this many ms (its default is ~3 s)
 COALESCE_SECONDS = 0.01  # a woken stream waits this long for more frames: one write (one syscall) for a burst
 ABORT_SCOPE_KEY = "agent_runner.abort"  # set by limits.LimitedHttpToolsProtocol: closes the connection
 
@@ -50,7 +51,7 @@ class EventStream:
         try:
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
             self.last: tuple[int, int] = (-1, -1)
-            done = await self._write(send, self._take_first(), check=False)
+            done = await self._write(send, self._take_first(), check=False, prefix=RETRY)
             while not done and client.ended not in ("slow", "disconnected"):
                 if not client.frames:
                     if client.ended is not None:
@@ -77,10 +78,10 @@ class EventStream:
         first, self.first = self.first, []
         return first
 
-    async def _write(self, send: Send, frames: list[Frame], check: bool) -> bool:
-        """Send ``frames`` as one chunk (skipping, with ``check``, those sent already); True after a run's
-        terminal frame."""
-        chunks = []
+    async def _write(self, send: Send, frames: list[Frame], check: bool, prefix: bytes = b"") -> bool:
+        """Send ``frames`` as one chunk after ``prefix`` (skipping, with ``check``, those sent already); True
+        after a run's terminal frame."""
+        chunks = [prefix] if prefix else []
         done = False
         for frame in frames:
             if check and frame.key <= self.last:
@@ -137,20 +138,26 @@ def open_stream(hub: EventHub, request: Request, run_id: str | None) -> Subscrib
 
 
 async def run_events(request: Request) -> Response | EventStream:
-    """GET /agents/events/{run_id}: the run now, then each change and log line; ends after the terminal frame."""
+    """GET /agents/events/{run_id}: the run's kept events from its first (``?from=now``: the run now), then
+    each change and log line; ends after the terminal frame. A resume after that frame gets 204."""
     run_id = check_uuid(request.path_params["run_id"], "run_id")
+    start = request.query_params.get("from", "start")
+    if start not in ("start", "now"):
+        raise HTTPException(400, "from must be 'start' or 'now'")
     runtime = from_state(request.app.state)
     hub = runtime.hub
     client = open_stream(hub, request, run_id)
     try:
         async with runtime.large_reads:  # a replay may be megabytes: a few at a time
             first = await hub.first_run_frames(run_id, parse_event_id(request.headers.get("last-event-id")),
-                                               runtime.backend.get)
+                                               start == "now", runtime.backend.get)
     except BaseException:
         hub.unsubscribe(client)
         raise
-    if first is None:
+    if first is None or first is ENDED:
         hub.unsubscribe(client)
+        if first is ENDED:  # per the SSE spec, an EventSource stops reconnecting on a 204
+            return Response(status_code=204, headers={"Cache-Control": "no-store"})
         raise HTTPException(404, f"Run {request.path_params['run_id']} not found")
     return EventStream(hub, client, first, runtime.backend.get)
 
@@ -170,9 +177,16 @@ async def all_events(request: Request) -> EventStream:
 
 
 async def run_logs(request: Request) -> Response:
-    """GET /agents/logs/{run_id}: the lines its agent logged (the newest 500 / 256 KB), oldest first."""
+    """GET /agents/logs/{run_id}: the lines its agent logged (the newest 500 / 256 KB), oldest first, and the id
+    of the run's newest event, from which its stream (Last-Event-ID) goes on without a gap."""
     run_id = check_uuid(request.path_params["run_id"], "run_id")
-    lines = await from_state(request.app.state).backend.logs(run_id)
+    runtime = from_state(request.app.state)
+    transport = runtime.hub.transport
+    # read before the lines: a line is kept before its event is, so no line after this id is missing below
+    newest = await transport.newest_run_event(run_id) if transport is not None else None
+    lines = await runtime.backend.logs(run_id)
     if lines is None:
         raise HTTPException(404, f"Run {request.path_params['run_id']} not found")
-    return json_response(b'{"run_id":"' + run_id.encode() + b'","lines":[' + b",".join(lines) + b"]}")
+    cursor = b'"%s"' % newest.encode() if newest else b"null"
+    return json_response(b'{"run_id":"' + run_id.encode() + b'","last_event_id":' + cursor + b',"lines":['
+                         + b",".join(lines) + b"]}")

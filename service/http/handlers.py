@@ -159,5 +159,5 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics_page(request: Request) -> Response:
-    body, media_type = metrics.render()
-    return Response(body, media_type=media_type)
+    body, media_type = metrics.render(request.headers.get("accept", ""))
+    return Response(body, media_type=media_type, headers={"Vary": "Accept"})

@@ -1,5 +1,5 @@
-"""Pure ASGI middleware: bearer-token auth on /agents routes, the root path, proxy headers, the access log line
-(and the request's span while tracing is on)."""
+"""Pure ASGI middleware: bearer-token auth on /agents routes, the root path, proxy headers, CORS, the access log
+line (and the request's span while tracing is on)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 from json.encoder import encode_basestring_ascii as json_string
 from typing import Any, cast
 
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
@@ -68,22 +69,90 @@ class RootPath:
         await self.app(scope, receive, send)
 
 
-class ForwardedClient:
-    """With FORWARDED_ALLOW_IPS set, a trusted proxy's X-Forwarded-For and -Proto set the client and scheme."""
+class SettingMiddleware:
+    """A middleware that wraps an inner one built for a setting's value (read per request, as every setting is),
+    built again when the value changes; with the setting empty, requests go straight to the app."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self._trusting: tuple[tuple[str, ...], Any] | None = None  # built for the setting in force
+        self._built: tuple[tuple[str, ...], Any] | None = None  # (the value, the middleware built for it)
+
+    def setting(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def build(self, value: tuple[str, ...]) -> Any:
+        raise NotImplementedError
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        trusted = settings.current.forwarded_allow_ips
-        if not trusted or scope["type"] != "http":
+        value = self.setting()
+        if not value or scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self._trusting is None or self._trusting[0] != trusted:
-            trusting: Any = ProxyHeadersMiddleware(cast(Any, self.app), trusted_hosts=list(trusted))
-            self._trusting = (trusted, trusting)
-        await self._trusting[1](scope, receive, send)
+        if self._built is None or self._built[0] != value:
+            self._built = (value, self.build(value))
+        await self.handle(self._built[1], scope, receive, send)
+
+    async def handle(self, built: Any, scope: Scope, receive: Receive, send: Send) -> None:
+        await built(scope, receive, send)
+
+
+class ForwardedClient(SettingMiddleware):
+    """With FORWARDED_ALLOW_IPS set, a trusted proxy's X-Forwarded-For and -Proto set the client and scheme."""
+
+    def setting(self) -> tuple[str, ...]:
+        return settings.current.forwarded_allow_ips
+
+    def build(self, value: tuple[str, ...]) -> Any:
+        return ProxyHeadersMiddleware(cast(Any, self.app), trusted_hosts=list(value))
+
+
+# What a page on an allowed origin may send and read: the request headers of the API (the token, JSON, a
+# retry's key, a stream's resume point, a trace), and the answer headers it documents.
+CORS_REQUEST_HEADERS = ("Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID", "traceparent",
+                        "tracestate")
+CORS_EXPOSED_HEADERS = ("Location", "Retry-After", "Idempotent-Replayed", "WWW-Authenticate", "traceparent")
+CORS_MAX_AGE_SECONDS = 600  # how long a browser may keep a preflight's answer (Chromium caps it at 2 hours)
+
+
+class Cors(SettingMiddleware):
+    """With CORS_ALLOW_ORIGINS set, Starlette's CORSMiddleware answers preflights and marks the answers to the
+    origins listed; without it, no CORS header is sent and a preflight is an ordinary (405) request.
+
+    A preflight needs no token (browsers never send one with it): the route's token check comes after. One the
+    middleware refuses (a method or header not allowed) is answered as JSON ``{"detail": ...}`` like every error.
+    """
+
+    def setting(self) -> tuple[str, ...]:
+        return settings.current.cors_allow_origins
+
+    def build(self, value: tuple[str, ...]) -> Any:
+        return CORSMiddleware(self.app, allow_origins=list(value), allow_methods=["GET", "POST"],
+                              allow_headers=list(CORS_REQUEST_HEADERS), expose_headers=list(CORS_EXPOSED_HEADERS),
+                              max_age=CORS_MAX_AGE_SECONDS)
+
+    async def handle(self, built: Any, scope: Scope, receive: Receive, send: Send) -> None:
+        preflight = scope["method"] == "OPTIONS" and any(
+            name == b"access-control-request-method" for name, _ in scope["headers"])
+        await built(scope, receive, refusal_as_json(send) if preflight else send)
+
+
+def refusal_as_json(send: Send) -> Send:
+    """``send``, with a refused preflight's plain-text answer (400 "Disallowed CORS ...") turned into JSON."""
+    refused: list[Message] = []
+
+    async def send_json(message: Message) -> None:
+        if message["type"] == "http.response.start" and message["status"] == 400:
+            refused.append(message)
+            return
+        if refused and message["type"] == "http.response.body":
+            detail = message.get("body", b"").decode("utf-8", "replace")
+            response = json_response({"detail": f"{detail} (preflight refused)"}, 400, headers={"Vary": "Origin"})
+            await send({"type": "http.response.start", "status": 400, "headers": response.raw_headers})
+            await send({"type": "http.response.body", "body": response.body})
+            return
+        await send(message)
+
+    return send_json
 
 
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
@@ -98,7 +167,7 @@ class AccessLog:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self._requests: dict[tuple[str, str, int], Any] = {}  # labelled counters, looked up once each
+        self._requests: dict[tuple[str, str, int], tuple[Any, Any]] = {}  # labelled series, looked up once each
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -126,10 +195,14 @@ class AccessLog:
             # a label per method the service knows: another server's parser (h11) lets any token through
             key = (method if method in HTTP_METHODS else "other", route.path if route is not None else "<unmatched>",
                    status)
-            counter = self._requests.get(key)
-            if counter is None:
-                counter = self._requests[key] = metrics.HTTP_REQUESTS_TOTAL.labels(key[0], key[1], str(status))
-            counter.inc()
+            series = self._requests.get(key)
+            if series is None:
+                labels = (key[0], key[1], str(status))
+                series = self._requests[key] = (metrics.HTTP_REQUESTS_TOTAL.labels(*labels),
+                                                metrics.HTTP_REQUEST_DURATION.labels(*labels))
+            duration = time.perf_counter() - started
+            series[0].inc()
+            series[1].observe(duration)
             path = scope["path"]
             logged = json_string(path) if len(path) <= LOGGED_PATH_CHARS else \
                 f'{json_string(logged_path(path))}, "path_chars": {len(path)}'
@@ -137,7 +210,7 @@ class AccessLog:
             address = json_string(logged_text(client[0], LOGGED_TOKEN_CHARS)) if client else "null"
             log_hot("http_request", f'"method": {json_string(logged_text(method, LOGGED_TOKEN_CHARS))}, '
                                     f'"path": {logged}, "status": {status}, "client": {address}, '
-                                    f'"duration_ms": {round((time.perf_counter() - started) * 1000, 2)}')
+                                    f'"duration_ms": {round(duration * 1000, 2)}')
             if traced is not None:  # the line above is written inside the request's span
                 tracing.end_request(*traced, scope, status, error)
 

@@ -25,7 +25,8 @@ from service.webhook_http import WebhookRefused, check_url, resolve
 MAX_JSON_DEPTH = 32  # request bodies nested deeper are refused with 400
 REQUEST_FIELDS = ("agent_type", "user_id", "input", "on_busy", "webhook")
 ON_BUSY_VALUES = ("reject", "enqueue", "interrupt")
-IDEMPOTENCY_KEY_RE = re.compile(r"[\x20-\x7e]{1,255}")  # printable ASCII
+IDEMPOTENCY_KEY_CHARS = 255  # a key: 1 to this many printable ASCII characters
+IDEMPOTENCY_HEADER_RE = re.compile(r"[\x20-\x7e]{1,%d}" % (2 * IDEMPOTENCY_KEY_CHARS + 2))  # its quoted form too
 UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
@@ -190,13 +191,42 @@ async def check_webhook_resolves(webhook: str) -> None:
 
 
 def check_idempotency_key(values: list[str]) -> str:
-    """The one Idempotency-Key header's value: 1 to 255 printable ASCII characters."""
+    """The key the one Idempotency-Key header names: 1 to 255 printable ASCII characters, sent as they are
+    (a token, as before the draft) or as a Structured Field string (RFC 8941: ``"abc"``, with ``\\"`` and
+    ``\\\\`` escapes), which the IETF draft defines; ``"abc"`` and ``abc`` are the same key."""
     if len(values) != 1:
         raise HTTPException(400, f"Send one Idempotency-Key header, not {len(values)}")
-    if not IDEMPOTENCY_KEY_RE.fullmatch(values[0]):
-        raise HTTPException(400, "Idempotency-Key must be 1 to 255 printable ASCII characters, "
-                                 f"got {short(values[0])}")
-    return values[0]
+    value = values[0]
+    key = unquote_sf_string(value) if value.startswith('"') and IDEMPOTENCY_HEADER_RE.fullmatch(value) else value
+    if not IDEMPOTENCY_HEADER_RE.fullmatch(value) or not 1 <= len(key) <= IDEMPOTENCY_KEY_CHARS:
+        raise HTTPException(400, f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_CHARS} printable ASCII characters, "
+                                 f"bare or as a quoted string, got {short(value)}")
+    return key
+
+
+def unquote_sf_string(value: str) -> str:
+    """The characters an RFC 8941 sf-string (``"..."``, printable ASCII, ``\\"`` and ``\\\\`` escapes) holds;
+    HTTPException 400 for one that is unterminated, has another escape, or anything after its closing quote."""
+    chars: list[str] = []
+    escaped = False
+    for position, char in enumerate(value[1:], 1):
+        if escaped:
+            if char not in '"\\':
+                raise HTTPException(400, f"Idempotency-Key {short(value)}: \\{char} is not an escape a quoted "
+                                         'string may hold (only \\" and \\\\)')
+            chars.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == '"':
+            if position != len(value) - 1:
+                raise HTTPException(400, f"Idempotency-Key {short(value)} has characters after its closing quote")
+            if not chars:
+                raise HTTPException(400, 'Idempotency-Key "" is empty: a key has 1 character or more')
+            return "".join(chars)
+        else:
+            chars.append(char)
+    raise HTTPException(400, f"Idempotency-Key {short(value)} is an unterminated quoted string")
 
 
 def parse_wait(raw: str | None) -> float | None:

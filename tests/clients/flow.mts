@@ -8,6 +8,7 @@ import assert from "node:assert/strict";
 
 import createClient from "openapi-fetch";
 import type { components, paths } from "./agent-runner.js";
+import { readEvents, type StreamEvent } from "./documented_stream.mjs"; // the reader on docs/clients.md
 
 type Run = components["schemas"]["Run"];
 
@@ -72,9 +73,33 @@ if (!(run.started_at && run.finished_at && run.created_at <= run.started_at && r
   fail(`first run times: ${run.created_at} ${run.started_at} ${run.finished_at}`);
 }
 
+async function streamed(runId: string, lastEventId?: string): Promise<StreamEvent[]> {
+  const { data, response } = await client.GET("/agents/events/{run_id}", {
+    params: { path: { run_id: runId }, header: lastEventId ? { "Last-Event-ID": lastEventId } : {} },
+    parseAs: "stream",
+  });
+  if (response.status !== 200 && response.status !== 204) fail(`stream of ${runId}: ${response.status}`);
+  const events: StreamEvent[] = [];
+  for await (const event of readEvents(data)) events.push(event);
+  return events;
+}
+
 const second = await start({ agent_type: "sleeper", user_id: user }); // no input: the agent gets {}
-const secondRun = await waitUntilFinished(second);
-assert.deepEqual(secondRun.input, {});
+const live = await streamed(second); // read while it runs, to its terminal event
+const liveRuns = live.flatMap((event) => (event.event === "run" ? [event.data] : []));
+const states = liveRuns.map((item) => item.state);
+if (live[0]?.event !== "run" || states.at(-1) !== "DONE" || states.filter((s) => TERMINAL.includes(s)).length !== 1 ||
+    live.some((event) => event.event === "gap")) {
+  fail(`second run's stream: ${JSON.stringify(live)}`);
+}
+assert.deepEqual(liveRuns.at(-1)?.input, {});
+const history = await streamed(first); // a finished run: its whole history, once
+if (history.flatMap((event) => (event.event === "run" ? [event.data.state] : [])).at(-1) !== "DONE" ||
+    history.some((event) => event.event === "log" && event.data.run_id !== first)) {
+  fail(`first run's stream: ${JSON.stringify(history)}`);
+}
+const lastId = live.at(-1)?.event === "run" ? (live.at(-1) as components["schemas"]["RunEvent"]).id : undefined;
+assert.deepEqual(await streamed(second, lastId), []); // a resume after the terminal event: 204, nothing
 
 const listed = await client.GET("/agents/runs", { params: { query: { state: "DONE", user_id: user, limit: 10 } } });
 expectStatus(listed.response, 200, listed.error);
@@ -88,4 +113,4 @@ const unknown = await client.POST("/agents/run", { body: { agent_type: "no-such-
 expectStatus(unknown.response, 400, unknown.data);
 if (!unknown.error?.detail.includes("no-such-agent")) fail(`unknown agent: ${JSON.stringify(unknown.error)}`);
 
-console.log(JSON.stringify({ user_id: user, runs: [first, second] }));
+console.log(JSON.stringify({ user_id: user, runs: [first, second], streamed: states }));

@@ -17,8 +17,10 @@ from typing import Any, NoReturn, TypeVar
 
 from agent_runner_client import AuthenticatedClient, Client
 from agent_runner_client.api.runs import cancel_run, get_run_status, list_agents, list_runs, start_run
-from agent_runner_client.models import AgentList, Error, Run, RunAccepted, RunList, RunRequest, RunRequestInput, State
+from agent_runner_client.models import (AgentList, Error, GapEvent, LogEvent, Run, RunAccepted, RunEvent, RunList,
+                                        RunRequest, RunRequestInput, State)
 from agent_runner_client.types import Response
+from documented_stream import run_events  # the reader on docs/clients.md
 
 BUSY = "An agent is already running, please retry later"
 TERMINAL = (State.DONE, State.ERROR, State.CANCELLED)
@@ -79,8 +81,20 @@ def main() -> None:
         fail(f"first run times: {run.created_at} {run.started_at} {run.finished_at}")
 
     second = start(client, RunRequest(agent_type="sleeper", user_id=user))  # no input: the agent gets {}
-    if wait_until_finished(client, second.run_id).input_.to_dict() != {}:
+    live = list(run_events(client, str(second.run_id)))  # read while it runs, to its terminal event
+    runs = [event.data for event in live if isinstance(event, RunEvent)]
+    states = [run.state for run in runs]
+    if not isinstance(live[0], RunEvent) or states[-1] != State.DONE or any(isinstance(e, GapEvent) for e in live) \
+            or [state in TERMINAL for state in states].count(True) != 1:
+        fail(f"second run's stream: {live}")
+    if runs[-1].input_.to_dict() != {}:
         fail("second run: input is not {}")
+    history = list(run_events(client, str(first.run_id)))  # a finished run: its whole history, once
+    if [event.data.state for event in history if isinstance(event, RunEvent)][-1:] != [State.DONE] or \
+            not all(event.data.run_id == first.run_id for event in history if isinstance(event, LogEvent)):
+        fail(f"first run's stream: {history}")
+    if not isinstance(live[-1], RunEvent) or list(run_events(client, str(second.run_id), last_event_id=live[-1].id)):
+        fail("a resume after the terminal event is not empty (204)")
 
     listed = parsed(list_runs.sync_detailed(client=client, state=State.DONE, user_id=user, limit=10), 200, RunList)
     if [item.run_id for item in listed.runs] != [second.run_id, first.run_id]:
@@ -94,7 +108,8 @@ def main() -> None:
     if "no-such-agent" not in parsed(unknown, 400, Error).detail:
         fail(f"unknown agent: {unknown.content!r}")
 
-    print(json.dumps({"user_id": str(user), "runs": [str(first.run_id), str(second.run_id)]}))
+    print(json.dumps({"user_id": str(user), "runs": [str(first.run_id), str(second.run_id)],
+                      "streamed": [state.value for state in states]}))
 
 
 if __name__ == "__main__":

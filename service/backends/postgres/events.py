@@ -16,14 +16,13 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from service.backends.base import FrameSink
 from service.backends.postgres.database import Connection, Database
 from service.backends.postgres.listener import Listener
 from service.backends.records import (GLOBAL_BACKLOG_BYTES, GLOBAL_BACKLOG_FRAMES, LOG_BYTES_MAX, LOG_LINES_MAX,
-                                      RUN_BACKLOG_BYTES, RUN_BACKLOG_FRAMES, Frame, Run, StoreUnavailable)
+                                      RUN_BACKLOG_BYTES, RUN_BACKLOG_FRAMES, Frame, RunBacklog, StoreUnavailable)
 from service.cancelling import cancel_and_wait
 
 ALL_EVENTS_MAX = 100000  # events kept in all (a run's own are dropped with it before that, at retention)
@@ -35,6 +34,9 @@ TRIM_EVERY = 50  # batches between two trims of the whole table to ALL_EVENTS_MA
 PER_RUN_COUNTS = 10000  # runs whose events written this replica counts
 POLL_SECONDS = 1.0  # the reader looks for new events this often even without a notification
 COLUMNS = "id, run_id, kind, state, data"
+# After a delete of events (``dropped``): their runs' backlogs no longer start with their first event
+MARK_TRIMMED = ("UPDATE runs SET events_trimmed = true WHERE run_id IN (SELECT DISTINCT run_id FROM dropped) "
+                "AND NOT events_trimmed")
 # A backlog's newest events with the bytes of those up to each (newest first): kept while within the byte bound,
 # the newest always (as Redis mode's capped streams)
 BACKLOG = (f"SELECT {COLUMNS} FROM (SELECT {COLUMNS}, sum(length(data)) OVER (ORDER BY id DESC) AS kept "
@@ -62,6 +64,7 @@ class PostgresEvents:
         self._writing = False
         self._last_written = 0
         self._last_read: int | None = None
+        self._epoch = 0  # read with the newest id as the reader starts (ids: _id)
         self._write_failed = False
         self._dropped = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -153,12 +156,14 @@ class PostgresEvents:
             crowded = self._crowded(batch)
             if crowded:
                 await connection.execute(
-                    "DELETE FROM events WHERE id IN (SELECT id FROM (SELECT id, "
+                    "WITH dropped AS (DELETE FROM events WHERE id IN (SELECT id FROM (SELECT id, "
                     "row_number() OVER (PARTITION BY run_id ORDER BY id DESC) AS n "
-                    "FROM events WHERE run_id = ANY(%s)) AS kept WHERE n > %s)", (crowded, RUN_BACKLOG_FRAMES))
+                    "FROM events WHERE run_id = ANY(%s)) AS kept WHERE n > %s) RETURNING run_id) "
+                    f"{MARK_TRIMMED}", (crowded, RUN_BACKLOG_FRAMES))
             if self._batches % TRIM_EVERY == 0:
-                await connection.execute("DELETE FROM events WHERE id <= (SELECT max(id) FROM events) - %s",
-                                         (ALL_EVENTS_MAX,))
+                await connection.execute(
+                    "WITH dropped AS (DELETE FROM events WHERE id <= (SELECT max(id) FROM events) - %s "
+                    f"RETURNING run_id) {MARK_TRIMMED}", (ALL_EVENTS_MAX,))
             await connection.execute("SELECT pg_notify(%s, '')", (self.listener.channel("events"),))
             return max(int(row[0]) for row in await cursor.fetchall())  # every statement went out in one go
 
@@ -208,13 +213,13 @@ class PostgresEvents:
         while True:
             try:
                 if self._last_read is None:  # start at the end: what happened before is in the backlogs
-                    self._last_read = await self.db.run(_newest_id, transaction=False)
+                    self._epoch, self._last_read = await self.db.run(_epoch_and_newest_id, transaction=False)
                 self._new_events.clear()
                 while True:
                     rows = await self.db.run(self._rows_after, transaction=False)
                     for row in rows:
                         self._last_read = row[0]
-                        frame = _frame(row)
+                        frame = self._frame(row)
                         if frame is not None:
                             self.sink.deliver(frame)
                     if len(rows) < 1000:
@@ -233,59 +238,81 @@ class PostgresEvents:
 
     # --- what a new client gets first ----------------------------------------------------------------------
 
-    async def first_run_frames(self, run_id: str, after: tuple[int, int] | None,
-                               read_run: Callable[[str], Awaitable[Run | None]]) -> list[Frame] | None:
-        """As EventHub.first_run_frames: the run's events after ``after`` when it is still kept, else a snapshot
-        of the run under the id of its newest event (read before the run: a later event arrives live)."""
-        if after is not None and after[1] == 0:
-            async def backlog(connection: Connection) -> list[Row] | None:
-                found = await (await connection.execute("SELECT 1 FROM events WHERE id = %s AND run_id = %s",
-                                                        (after[0], run_id))).fetchone()
-                if found is None:
-                    return None
-                cursor = await connection.execute(
-                    BACKLOG.format("run_id = %s"),
-                    (run_id, after[0], RUN_BACKLOG_FRAMES, RUN_BACKLOG_BYTES))
-                return [_row(row) for row in await cursor.fetchall()]
+    async def run_backlog(self, run_id: str, after: tuple[int, int] | None) -> RunBacklog:
+        """The run's kept frames from ``after`` on (or all), oldest first, within RUN_BACKLOG_FRAMES and
+        RUN_BACKLOG_BYTES (the newest kept), read in one transaction with what says whether they are whole: the
+        event ``after`` comes first, or (for all) nothing of the run was ever trimmed or cut here."""
+        async def backlog(connection: Connection) -> tuple[list[Row], bool, int | None]:
+            cursor = await connection.execute(BACKLOG.format("run_id = %s"),
+                                              (run_id, self._seq(after) - 1 if after else 0, RUN_BACKLOG_FRAMES + 1,
+                                               RUN_BACKLOG_BYTES))
+            rows = [_row(row) for row in await cursor.fetchall()]
+            state = await (await connection.execute(
+                "SELECT (SELECT count(*) FROM events WHERE run_id = %s), (SELECT max(id) FROM events WHERE run_id = %s),"
+                " (SELECT NOT events_trimmed FROM runs WHERE run_id = %s)", (run_id, run_id, run_id))).fetchone()
+            assert state is not None
+            whole = bool(state[2]) and int(state[0]) == len(rows)
+            return rows, whole, state[1]
 
-            rows = await self.db.run(backlog)
-            if rows is not None and (run := await read_run(run_id)) is not None:
-                frames = [frame for row in rows if (frame := _frame(row)) is not None]
-                if not run.finished or any(frame.terminal for frame in frames):
-                    return frames  # else the client had the terminal frame: the run again, then the end
+        rows, whole, newest = await self.db.run(backlog)
+        if after is not None:
+            rows = rows if rows and self._key(rows[0][0]) == after else []
+            found = bool(rows)
+        else:
+            rows, found = rows[-RUN_BACKLOG_FRAMES:], whole and len(rows) <= RUN_BACKLOG_FRAMES
+        frames = [frame for row in rows if (frame := self._frame(row)) is not None]
+        return RunBacklog(frames, found, self._id(newest) if newest is not None else None)
 
-        async def newest(connection: Connection) -> int:
+    async def newest_run_event(self, run_id: str) -> str | None:
+        async def newest(connection: Connection) -> int | None:
             row = await (await connection.execute("SELECT max(id) FROM events WHERE run_id = %s",
                                                   (run_id,))).fetchone()
-            return int(row[0]) if row is not None and row[0] is not None else 0
+            return None if row is None or row[0] is None else int(row[0])
 
-        last_id = await self.db.run(newest, transaction=False)
-        run = await read_run(run_id)
-        return None if run is None else [Frame.snapshot(f"{last_id}-0", run)]
+        found = await self.db.run(newest, transaction=False)
+        return None if found is None else self._id(found)
 
     async def global_after(self, after: tuple[int, int]) -> list[Frame]:
         """The newest GLOBAL_BACKLOG_FRAMES run events after ``after``, oldest first."""
         async def rows(connection: Connection) -> list[Row]:
             cursor = await connection.execute(
                 BACKLOG.format("kind = 'run'"),
-                (after[0] if after[1] == 0 else after[0] + 1, GLOBAL_BACKLOG_FRAMES, GLOBAL_BACKLOG_BYTES))
+                (self._seq(after), GLOBAL_BACKLOG_FRAMES, GLOBAL_BACKLOG_BYTES))
             return [_row(row) for row in await cursor.fetchall()]
 
-        return [frame for row in await self.db.run(rows, transaction=False) if (frame := _frame(row)) is not None]
+        return [frame for row in await self.db.run(rows, transaction=False)
+                if (frame := self._frame(row)) is not None]
+
+    # --- event ids: "<epoch>-<n>", the epoch the schema's creation in ms, n from the sequence event_ids ----------
+
+    def _id(self, seq: int) -> str:
+        return f"{self._epoch}-{seq}"
+
+    def _key(self, seq: int) -> tuple[int, int]:
+        return self._epoch, seq
+
+    def _seq(self, after: tuple[int, int]) -> int:
+        """The sequence number after which ``after`` resumes: its own for an id of this schema, 0 (all) for one
+        older, past everything for one newer (a schema dropped and made again has a later epoch)."""
+        if after[0] == self._epoch:
+            return after[1]
+        return 0 if after[0] < self._epoch else 2 ** 62
+
+    def _frame(self, row: Row) -> Frame | None:
+        """A row as a frame; None for one this version cannot send (a line break would end the SSE frame)."""
+        event_id, run_id, kind, state, data = row
+        if kind not in ("run", "log") or b"\n" in data or b"\r" in data:
+            return None
+        return Frame(self._id(event_id), kind, run_id, state, data)
 
 
-async def _newest_id(connection: Connection) -> int:
-    row = await (await connection.execute("SELECT coalesce(max(id), 0) FROM events")).fetchone()
-    return int(row[0]) if row is not None else 0
+async def _epoch_and_newest_id(connection: Connection) -> tuple[int, int]:
+    row = await (await connection.execute(
+        "SELECT (SELECT (extract(epoch FROM applied_at) * 1000)::bigint FROM schema_version WHERE version = 1), "
+        "(SELECT coalesce(max(id), 0) FROM events)")).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
 
 
 def _row(row: tuple[Any, ...]) -> Row:
     return int(row[0]), str(row[1]), str(row[2]), str(row[3]), bytes(row[4])
-
-
-def _frame(row: Row) -> Frame | None:
-    """A row as a frame; None for one this version cannot send (a line break would end the SSE frame early)."""
-    event_id, run_id, kind, state, data = row
-    if kind not in ("run", "log") or b"\n" in data or b"\r" in data:
-        return None
-    return Frame(f"{event_id}-0", kind, run_id, state, data)

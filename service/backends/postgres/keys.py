@@ -111,14 +111,14 @@ class PostgresDeliveries:
 
         async def claim(connection: Connection) -> tuple[Delivery | None, float]:
             row = await (await connection.execute(
-                "SELECT run_id, attempt, url, body FROM webhooks WHERE due_at <= clock_timestamp() "
+                "SELECT run_id, attempt, url, body, message_id FROM webhooks WHERE due_at <= clock_timestamp() "
                 "ORDER BY due_at LIMIT 1 FOR UPDATE SKIP LOCKED")).fetchone()
             if row is None:
                 due = await (await connection.execute(
                     "SELECT extract(epoch FROM min(due_at) - clock_timestamp()) FROM webhooks")).fetchone()
                 wait = float(due[0]) if due is not None and due[0] is not None else POLL_SECONDS
                 return None, max(0.0, min(wait, POLL_SECONDS))
-            run_id, made, url, body = str(row[0]), int(row[1]), str(row[2]), bytes(row[3])
+            run_id, made, url, body, message_id = str(row[0]), int(row[1]), str(row[2]), bytes(row[3]), row[4] or ""
             if made >= MAX_ATTEMPTS:
                 await connection.execute("DELETE FROM webhooks WHERE run_id = %s", (run_id,))
                 return Delivery(run_id, "", b"", attempt=made, exhausted=True), 0.0
@@ -127,7 +127,7 @@ class PostgresDeliveries:
                 "due_at = clock_timestamp() + %s * interval '1 second' WHERE run_id = %s",
                 (token, self.lease_seconds, run_id))
             return Delivery(run_id, url, body, attempt=made + 1, lease=token,
-                            send_by=claimed_at + self.lease_seconds - 1), 0.0
+                            send_by=claimed_at + self.lease_seconds - 1, message_id=message_id), 0.0
 
         return await self.db.run(claim)
 

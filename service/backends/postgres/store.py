@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from service.backends.base import FrameSink
+from service.backends.base import FrameSink, new_message_id
 from service.backends.postgres.database import Connection, Database
 from service.backends.postgres.events import PostgresEvents
 from service.backends.postgres.keys import PostgresDeliveries, PostgresIdempotencyKeys
@@ -456,8 +456,9 @@ class PostgresBackend:
                 owed = -1
             else:
                 await connection.execute(
-                    "INSERT INTO webhooks (run_id, url, body, due_at) VALUES (%s, %s, %s, clock_timestamp()) "
-                    "ON CONFLICT (run_id) DO NOTHING", (run.run_id, run.webhook, record))
+                    "INSERT INTO webhooks (run_id, url, body, due_at, message_id) "
+                    "VALUES (%s, %s, %s, clock_timestamp(), %s) ON CONFLICT (run_id) DO NOTHING",
+                    (run.run_id, run.webhook, record, new_message_id()))
                 owed = 1
         await connection.execute("SELECT pg_notify(%s, %s)", (self.listener.channel("finished"), run.run_id))
         assert totals is not None

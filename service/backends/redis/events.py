@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any, cast
 
 from redis.asyncio import Redis
@@ -32,7 +33,7 @@ from redis.exceptions import RedisError
 from service.backends.base import FrameSink
 from service.cancelling import cancel_and_wait
 from service.backends.records import (GLOBAL_BACKLOG_BYTES, GLOBAL_BACKLOG_FRAMES, RUN_BACKLOG_BYTES,
-                                      RUN_BACKLOG_FRAMES, Frame, Run, StoreUnavailable)
+                                      RUN_BACKLOG_FRAMES, Frame, RunBacklog, StoreUnavailable)
 from service.backends.redis.side_scripts import EVENT_SCRIPT, LOG_SCRIPT
 
 ALL_EVENTS_MAX = 10000  # entries of <prefix>:events: what a reader that lost Redis for a moment can catch up on
@@ -207,25 +208,32 @@ class RedisEvents:
 
     # --- what a new client gets first ----------------------------------------------------------------------
 
-    async def first_run_frames(self, run_id: str, after: tuple[int, int] | None,
-                               read_run: Callable[[str], Awaitable[Run | None]]) -> list[Frame] | None:
-        """As EventHub.first_run_frames; reading the newest id before the run keeps the two consistent:
-        an event up to that id is reflected in the run read after it, any later one arrives live."""
+    async def run_backlog(self, run_id: str, after: tuple[int, int] | None) -> RunBacklog:
+        """The run's kept frames from ``after`` on (or all), in one transaction with what says whether they are
+        whole: the entry ``after`` itself comes first, or (for all) the stream's record of trimmed entries."""
         stream = self.key("events", "run", run_id)
-        if after is not None:
-            wanted = f"{after[0]}-{after[1]}"
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.xrange(stream, wanted, wanted)
-                pipe.xrange(stream, f"({wanted}", "+", count=RUN_BACKLOG_FRAMES)
-                found, entries = await _guarded(pipe.execute())
-            if found and (run := await read_run(run_id)) is not None:
-                frames = [frame for entry_id, fields in entries if (frame := _frame(entry_id, fields)) is not None]
-                if not run.finished or any(frame.terminal for frame in frames):
-                    return frames  # else the client had the terminal frame: the run again, then the end
-        newest = await _guarded(self.client.xrevrange(stream, count=1))
-        last_id = newest[0][0].decode() if newest else "0-0"
-        run = await read_run(run_id)
-        return None if run is None else [Frame.snapshot(last_id, run)]
+        async with self.client.pipeline(transaction=True) as pipe:
+            if after is None:
+                pipe.xrange(stream, "-", "+", count=RUN_BACKLOG_FRAMES)
+                pipe.xinfo_stream(stream)  # an error reply when there is no stream: then nothing is kept anyway
+            else:
+                wanted = f"{after[0]}-{after[1]}"
+                pipe.xrange(stream, wanted, "+", count=RUN_BACKLOG_FRAMES + 1)
+            pipe.xrevrange(stream, count=1)
+            entries, *check, newest = await _guarded(pipe.execute(raise_on_error=False))
+        for reply in (entries, newest):
+            if isinstance(reply, Exception):
+                raise StoreUnavailable(str(reply))
+        frames = [frame for entry_id, fields in entries if (frame := _frame(entry_id, fields)) is not None]
+        if after is None:
+            found = bool(entries) and isinstance(check[0], dict) and _whole(check[0], frames[0] if frames else None)
+        else:
+            found = bool(entries) and _key(entries[0][0]) == after
+        return RunBacklog(frames, found, newest[0][0].decode() if newest else None)
+
+    async def newest_run_event(self, run_id: str) -> str | None:
+        newest = await _guarded(self.client.xrevrange(self.key("events", "run", run_id), count=1))
+        return newest[0][0].decode() if newest else None
 
     async def global_after(self, after: tuple[int, int]) -> list[Frame]:
         entries = await _guarded(self.client.xrange(self.key("events", "runs"), f"({after[0]}-{after[1]}", "+",
@@ -239,6 +247,22 @@ async def _guarded(awaitable: Any) -> Any:
         return await awaitable
     except (RedisError, OSError) as exc:
         raise StoreUnavailable(str(exc)) from exc
+
+
+def _whole(info: dict[Any, Any], first: Frame | None) -> bool:
+    """Whether a run's stream still starts with the run's first event: no entry was ever trimmed from it
+    (XINFO's max-deleted-entry-id, Redis 7), and it is not a stream that expired and began again (its first
+    entry, a run event, is less than the stream's lifetime younger than the run)."""
+    deleted = info.get("max-deleted-entry-id", info.get(b"max-deleted-entry-id"))
+    if deleted is None or _key(deleted if isinstance(deleted, bytes) else str(deleted).encode()) != (0, 0):
+        return False  # trimmed (or a Redis before 7 that does not say)
+    if first is None or first.kind != "run":
+        return False
+    try:
+        created = datetime.fromisoformat(json.loads(first.wire.partition(b"\ndata: ")[2])["created_at"])
+    except (ValueError, KeyError, TypeError):
+        return False
+    return first.key[0] - created.timestamp() * 1000 < RUN_STREAM_TTL_SECONDS * 1000
 
 
 def _key(entry_id: bytes) -> tuple[int, int]:

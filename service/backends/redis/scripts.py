@@ -229,9 +229,11 @@ return {'', -1, generation, 0}
 # it is refused and changes nothing but the release of the caller's slot, unless the record stored is this very
 # write (a retry after a lost reply; or retention dropped it since) or Redis lost its data (the generation changed
 # and the index with it).
+# The delivery owed keeps its webhook-id (ARGV[11]; '' or absent: none, its run's id stands in), so every attempt,
+# whichever replica makes it, sends the same one.
 # KEYS: run, finished, unfinished, cancel, sizes, bytes, seq, lock, logbytes, webhooks, webhook, run events bytes,
 # generation, runs. ARGV: json, run_id, channel, token, size, webhook url, max owed, max owed bytes, generation,
-# holder. Returns {finished runs, their bytes, owed}: owed 1 (a delivery is owed now), -1 (refused: past the bound),
+# holder, delivery id. Returns {finished runs, their bytes, owed}: owed 1 (a delivery is owed now), -1 (refused: past the bound),
 # 0, or -2: the write was refused.
 FINISH_SCRIPT = """
 local holder = ARGV[10] or ''
@@ -269,6 +271,7 @@ if stored and redis.call('HSETNX', KEYS[5], ARGV[2], size) == 1 then
     else
       local now = redis.call('TIME')
       redis.call('HSET', KEYS[11], 'url', ARGV[6], 'body', ARGV[1], 'attempt', 0)
+      if (ARGV[11] or '') ~= '' then redis.call('HSET', KEYS[11], 'id', ARGV[11]) end
       redis.call('ZADD', KEYS[10], now[1] * 1000 + math.floor(now[2] / 1000), ARGV[2])
       redis.call('INCRBY', owed_bytes, #ARGV[1])
       owed = 1

@@ -6,12 +6,12 @@ Each is safe to run again after its reply was lost (redis-py retries a command w
 
 
 # Webhook deliveries (webhooks.py): ``webhooks`` is a zset of run ids by due time (ms, Redis's clock, so
-# replicas' clocks never matter), ``webhook:<id>`` a hash (url, body, attempt, lease), ``webhooks:bytes`` the
+# replicas' clocks never matter), ``webhook:<id>`` a hash (url, body, attempt, lease, and the delivery's webhook-id), ``webhooks:bytes`` the
 # bytes of the owed bodies (FINISH bounds them; a delivery that ends gives its bytes back). Claiming a due
 # delivery moves its due time past the lease, so no other replica sees it due while the claimer's attempt
 # can last; a claimer that dies leaves it due again once the lease ends.
 # KEYS: webhooks. ARGV: lease_ms, lease token, webhook key prefix, max attempts.
-# Returns {1, id, attempt, url, body} claimed, {2, id, attempts} given up (the last claimer died mid-attempt),
+# Returns {1, id, attempt, url, body, webhook-id (absent when none was stored)} claimed, {2, id, attempts} given up (the last claimer died mid-attempt),
 # {0, ms until the next is due or -1} nothing due.
 CLAIM_WEBHOOK_SCRIPT = """
 local t = redis.call('TIME')
@@ -39,7 +39,8 @@ if made >= tonumber(ARGV[4]) then
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), id)
 redis.call('HSET', key, 'attempt', made + 1, 'lease', ARGV[2])
-return {1, id, made + 1, redis.call('HGET', key, 'url'), redis.call('HGET', key, 'body')}
+return {1, id, made + 1, redis.call('HGET', key, 'url'), redis.call('HGET', key, 'body'),
+        redis.call('HGET', key, 'id')}
 """
 
 # Record an attempt's outcome, only while the lease is still the caller's: ARGV[2] 'done' ends the delivery,

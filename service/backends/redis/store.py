@@ -15,7 +15,7 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
-from service.backends.base import FrameSink
+from service.backends.base import FrameSink, new_message_id
 from service.backends.records import MAX_OWED, MAX_OWED_BYTES, Page, Run, StoreUnavailable, WriteRefused
 from service.backends.redis.events import RedisEvents
 from service.backends.redis.idempotency import RedisIdempotencyKeys
@@ -164,8 +164,8 @@ class RedisBackend:
                     raise WriteRefused("the run is terminal already, or held by another token")
                 return
             token = run.holder if release and run.holder is not None else ""
-            keys, args = self._finish_call(run, token)
-            finished_count, finished_bytes, owed = await self._finish(keys=keys, args=[*args, run.holder or ""])
+            keys, args = self._finish_call(run, token, run.holder or "")
+            finished_count, finished_bytes, owed = await self._finish(keys=keys, args=args)
             if token:
                 self._lock.forget(token)
             if owed == -2:
@@ -188,15 +188,18 @@ class RedisBackend:
                                      args=[run.holder, run.run_id])
         return bool(left)
 
-    def _finish_call(self, run: Run, token: str) -> tuple[builtins.list[str], builtins.list[bytes | str | int]]:
-        """FINISH_SCRIPT's keys and arguments for ``run``'s terminal state; ``token``: the slot released with it."""
+    def _finish_call(self, run: Run, token: str,
+                     holder: str) -> tuple[builtins.list[str], builtins.list[bytes | str | int]]:
+        """FINISH_SCRIPT's keys and arguments for ``run``'s terminal state; ``token``: the slot released with it,
+        ``holder``: the token the run is held under ('' for a run that never held a slot)."""
         return ([self.key("run", run.run_id), self.key("finished"), self.key("unfinished"),
                  self.key("cancel", run.run_id), self.key("sizes"), self.key("bytes"), self.key("seq"),
                  self._lock.key_of(token) if token else self.key("lock"),
                  self.key("logbytes"), self.key("webhooks"), self.key("webhook", run.run_id),
                  self.key("events", "run", run.run_id, "bytes"), self.key("generation"), self.key("runs")],
                 [run.record(), run.run_id, self.key("finished"), token, run.size, run.webhook or "", MAX_OWED,
-                 MAX_OWED_BYTES, self._lock.generation_of(run.holder) if run.holder else ""])  # releasing or not
+                 MAX_OWED_BYTES, self._lock.generation_of(run.holder) if run.holder else "",  # releasing or not
+                 holder, new_message_id()])  # the id is stored only when the delivery is owed, by the first call
 
     async def _after_finish(self, run: Run, finished_count: int, finished_bytes: int, owed: int) -> None:
         """After a terminal state was stored: wake the webhook deliverer (or report the delivery refused), trim."""
@@ -373,7 +376,7 @@ class RedisBackend:
         if run is None or run.queue_position is None:
             return None
         run.update(queue_position=None, **changes)
-        keys, args = self._finish_call(run, "")
+        keys, args = self._finish_call(run, "", "")
         async with self.health.guard():
             answer = await self._cancel_waiting(keys=[*keys, self.key("queue")], args=args)
             if answer is None:

@@ -1,7 +1,7 @@
 """Redis mode's webhook delivery queue, shared by every replica.
 
 The FINISH script owes a delivery in the same step as the terminal state:
-``<prefix>:webhook:<run_id>`` (url, body, attempt) and ``<prefix>:webhooks``
+``<prefix>:webhook:<run_id>`` (url, body, attempt, webhook-id) and ``<prefix>:webhooks``
 (run ids by due time). A replica claims a due delivery with a lease (the
 CLAIM script moves its due time past the lease and counts the attempt), so
 two live replicas never send it at once; if the claimer dies, the delivery
@@ -57,8 +57,9 @@ class RedisDeliveries:
         run_id = reply[1].decode()
         if reply[0] == 2:
             return Delivery(run_id, "", b"", attempt=int(reply[2]), exhausted=True), 0.0
+        message_id = reply[5].decode() if len(reply) > 5 and reply[5] else ""  # none: owed by an older version
         return Delivery(run_id, reply[3].decode(), reply[4], attempt=int(reply[2]), lease=token,
-                        send_by=claimed_at + self.lease_seconds - 1), 0.0
+                        send_by=claimed_at + self.lease_seconds - 1, message_id=message_id), 0.0
 
     async def report(self, delivery: Delivery, retry_in: float | None) -> None:
         async with self.health.guard():
