@@ -248,7 +248,7 @@ class PostgresServer:
     owned by that user under /tmp, where the user can reach it), and every program runs through ``runuser``.
     """
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, standby_of: PostgresServer | None = None) -> None:
         found = postgres_bin()
         assert found is not None
         self.bin = found
@@ -261,8 +261,12 @@ class PostgresServer:
             os.chown(self.directory, 65534, 65534)  # nobody
             self.as_user = ["runuser", "-u", "nobody", "--"]
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-        self._program("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync",
-                      "--no-instructions", "-E", "UTF8")
+        if standby_of is None:
+            self._program("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync",
+                          "--no-instructions", "-E", "UTF8")
+        else:  # a streaming replica of that server, which ``promote`` makes a primary
+            self._program("pg_basebackup", "-h", "127.0.0.1", "-p", str(standby_of.port), "-U", "postgres",
+                          "-D", str(self.data), "-R", "-X", "stream", "--no-sync")
         self.start()
 
     def _program(self, name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
@@ -279,6 +283,9 @@ class PostgresServer:
             log = (self.directory / "postgres.log")
             raise RuntimeError(f"postgres did not start: {result.stdout.decode()}\n"
                                f"{log.read_text() if log.exists() else ''}")
+
+    def promote(self) -> None:
+        self._program("pg_ctl", "-D", str(self.data), "-w", "promote")
 
     def stop(self, mode: str = "fast") -> None:
         self._program("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop", check=False)

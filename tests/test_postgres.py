@@ -245,3 +245,33 @@ def test_a_statement_that_times_out_is_a_503_and_the_run_ends_once(tmp_path: Pat
         assert srv.run_to_end("sleeper", seconds=0)["state"] == "DONE"
     finally:
         srv.stop(signal.SIGKILL)
+
+
+def test_a_failover_to_a_promoted_standby_keeps_every_accepted_run(tmp_path: Path,
+                                                                   own_postgres: PostgresServer) -> None:
+    """DATABASE_URL names both servers (libpq tries them in turn, read-write only). The primary dies with a run
+    going and one queued; the standby, caught up, is promoted: the run ends once, the queued one runs."""
+    standby = PostgresServer(standby_of=own_postgres)
+    try:
+        url = (f"postgresql://postgres@127.0.0.1:{own_postgres.port},127.0.0.1:{standby.port}/postgres"
+               "?target_session_attrs=read-write&connect_timeout=2")
+        srv = ServerProcess(tmp_path / "server.log", DATABASE_URL=url, DATABASE_SCHEMA=new_schema(),
+                            LOCK_TTL_SECONDS="6")
+        try:
+            running = post(srv, "sleeper", seconds=2).json()["run_id"]
+            srv.wait_state(running, "RUNNING")
+            queued = post(srv, "sleeper", seconds=0, on_busy="enqueue").json()["run_id"]
+            wait_until(lambda: own_postgres.sql(
+                "SELECT count(*) FROM pg_stat_replication WHERE replay_lsn = pg_current_wal_lsn()") == "1",
+                10, "the standby caught up")  # replication is asynchronous: what it has not replayed is lost
+            own_postgres.stop("immediate")
+            standby.promote()
+            run = srv.wait_run(running, timeout=30)
+            assert run["state"] in TERMINAL
+            assert len(wait_until(lambda: terminal_lines(srv, running), 5, "the terminal line")) == 1
+            assert srv.wait_run(queued, timeout=30)["state"] == "DONE"
+            assert srv.run_to_end("sleeper", seconds=0)["state"] == "DONE"
+        finally:
+            srv.stop(signal.SIGKILL)
+    finally:
+        standby.close()

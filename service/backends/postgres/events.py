@@ -243,6 +243,7 @@ class PostgresEvents:
         RUN_BACKLOG_BYTES (the newest kept), read in one transaction with what says whether they are whole: the
         event ``after`` comes first, or (for all) nothing of the run was ever trimmed or cut here."""
         async def backlog(connection: Connection) -> tuple[list[Row], bool, int | None]:
+            await connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")  # both reads, one snapshot
             cursor = await connection.execute(BACKLOG.format("run_id = %s"),
                                               (run_id, self._seq(after) - 1 if after else 0, RUN_BACKLOG_FRAMES + 1,
                                                RUN_BACKLOG_BYTES))
