@@ -16,15 +16,15 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from service.backends.base import FrameSink, new_message_id
+from service.backends.base import FrameSink
 from service.backends.postgres.database import Connection, Database
 from service.backends.postgres.events import PostgresEvents
 from service.backends.postgres.keys import PostgresDeliveries, PostgresIdempotencyKeys
 from service.backends.postgres.listener import Listener
-from service.backends.postgres.reads import POSITION, CoalescedReads, RecordReader
+from service.backends.postgres.reads import POSITION, CoalescedReads, RecordReader, RunReads
+from service.backends.postgres.terminal import TerminalSteps
 from service.backends.postgres.schema import migrate
-from service.backends.records import (MAX_OWED, MAX_OWED_BYTES, LockLost, Page, Run, StoreUnavailable,
-                                      WriteRefused)
+from service.backends.records import MAX_OWED, MAX_OWED_BYTES, LockLost, Run, StoreUnavailable, WriteRefused
 from service.cancelling import cancel_and_wait
 
 # A free slot taken for a token, and the fencing token it mints (a row only when a slot was free): the
@@ -45,10 +45,9 @@ LIVE_TOKENS = "SELECT token FROM slots WHERE token IS NOT NULL AND expires_at > 
 RETRY_MIGRATION_SECONDS = 1.0
 
 
-class PostgresBackend:
+class PostgresBackend(TerminalSteps, RunReads):
     """Runs as rows of ``runs`` (their record is the client-facing JSON), trimmed to ``retention`` finished runs."""
 
-    POLL_SECONDS = 1.0  # waiters re-read the run this often in case a notification was missed
     name = "postgres"
     shared = True  # every replica on the same database and schema shares slots, queue and runs
 
@@ -250,20 +249,6 @@ class PostgresBackend:
 
         return await self.db.run(count, transaction=False)
 
-    async def waiting(self) -> builtins.list[Run]:
-        async def waiting(connection: Connection) -> builtins.list[tuple[str, bytes]]:
-            cursor = await connection.execute(
-                "SELECT run_id, record FROM runs WHERE queue_rank IS NOT NULL ORDER BY queue_rank")
-            return [(str(row[0]), bytes(row[1])) for row in await cursor.fetchall()]
-
-        runs = []
-        for position, (run_id, raw) in enumerate(await self.db.run(waiting, transaction=False), 1):
-            run = self._read(run_id, raw)
-            if run is not None:
-                run.update(queue_position=position)
-                runs.append(run)
-        return runs
-
     async def interrupt_oldest(self, by: str, stopping: builtins.list[str]) -> str | None:
         """The earliest admitted run holding a live slot on any replica, not ``by``, not stopping and not asked to
         stop yet, asked to stop for ``by`` (a cancel row and a notification) in one step; a retry answers it."""
@@ -423,151 +408,11 @@ class PostgresBackend:
             raise WriteRefused("the run is terminal already, or held by another token")
         await self._after_finish(run, *answer)
 
-    async def _finish(self, connection: Connection, run: Run, token: str) -> tuple[int, int, int]:
-        """A terminal state stored under the admission lock: (finished runs, their bytes, owed) as Redis's FINISH:
-        owed 1 a delivery is owed, -1 past the bound, 0 none, -2 the write was refused."""
-        if token:
-            await connection.execute("UPDATE slots SET token = NULL, expires_at = NULL WHERE token = %s", (token,))
-        record = run.record()
-        row = await (await connection.execute(
-            "SELECT holder, finished_seq, record, log_bytes FROM runs WHERE run_id = %s FOR UPDATE",
-            (run.run_id,))).fetchone()
-        if row is None:
-            return 0, 0, 0  # dropped by retention since (a retry), or never stored: nothing to write back
-        holder, finished_seq, stored, log_bytes = row
-        if finished_seq is not None or (run.holder is not None and holder != run.holder):
-            if bytes(stored) == record:
-                return 0, 0, 0  # this very write, again
-            return 0, 0, -2
-        size = run.size + int(log_bytes)
-        await connection.execute(
-            "UPDATE runs SET record = %s, holder = NULL, claimed_until = NULL, queue_rank = NULL, size = %s, "
-            "finished_seq = nextval('finish_seq') WHERE run_id = %s", (record, size, run.run_id))
-        await connection.execute("DELETE FROM cancels WHERE run_id = %s", (run.run_id,))
-        totals = await (await connection.execute(
-            "UPDATE totals SET finished_count = finished_count + 1, finished_bytes = finished_bytes + %s "
-            "WHERE name = 'finished' RETURNING finished_count, finished_bytes", (size,))).fetchone()
-        owed = 0
-        if run.webhook is not None:
-            owed_row = await (await connection.execute(
-                "SELECT count(*), coalesce(sum(length(body)), 0) FROM webhooks")).fetchone()
-            assert owed_row is not None
-            if owed_row[0] >= MAX_OWED or owed_row[1] + len(record) > MAX_OWED_BYTES:
-                owed = -1
-            else:
-                await connection.execute(
-                    "INSERT INTO webhooks (run_id, url, body, due_at, message_id) "
-                    "VALUES (%s, %s, %s, clock_timestamp(), %s) ON CONFLICT (run_id) DO NOTHING",
-                    (run.run_id, run.webhook, record, new_message_id()))
-                owed = 1
-        await connection.execute("SELECT pg_notify(%s, %s)", (self.listener.channel("finished"), run.run_id))
-        assert totals is not None
-        count, total = int(totals[0]), int(totals[1])
-        if count > self.retention or total > self.retention_bytes:
-            count, total = await self._trim(connection, count, total)
-        return count, total, owed
-
     async def _after_finish(self, run: Run, finished_count: int, finished_bytes: int, owed: int) -> None:
         if owed == -1:
             self.on_not_owed(run, f"too many deliveries owed already (at most {MAX_OWED}, {MAX_OWED_BYTES} bytes)")
         elif owed == 1:
             self.on_finished(run)
-
-    async def _trim(self, connection: Connection, count: int, total: int) -> tuple[int, int]:
-        """Drop the oldest finished runs (with their log lines and events) past retention, inside the terminal
-        state's transaction: a client that sees the terminal state sees the runs it pushed out gone."""
-        cursor = await connection.execute(
-            "SELECT run_id, size FROM runs WHERE finished_seq IS NOT NULL ORDER BY finished_seq LIMIT 1000")
-        dropped: builtins.list[str] = []
-        for run_id, size in await cursor.fetchall():
-            if count <= self.retention and total <= self.retention_bytes:
-                break
-            dropped.append(run_id)
-            count, total = count - 1, total - int(size)
-        if dropped:
-            await connection.execute("DELETE FROM runs WHERE run_id = ANY(%s)", (dropped,))
-            await connection.execute("DELETE FROM run_logs WHERE run_id = ANY(%s)", (dropped,))
-            await connection.execute("DELETE FROM events WHERE run_id = ANY(%s)", (dropped,))
-            await connection.execute("UPDATE totals SET finished_count = %s, finished_bytes = %s "
-                                     "WHERE name = 'finished'", (count, total))
-        return count, total
-
-    def _read(self, run_id: str, raw: bytes | None, holder: str | None = None) -> Run | None:
-        """A stored record as a Run; an unreadable one is logged once (run_record_invalid) and skipped."""
-        return self._records.read(run_id, raw, holder)
-
-    async def get(self, run_id: str) -> Run | None:
-        """The run (with its queue position while it waits), or None; concurrent reads share one query."""
-        found = await self._reads.get(run_id)
-        if found is None:
-            return None
-        run = self._read(run_id, found[0])
-        if run is not None and found[1] is not None:
-            run.update(queue_position=int(found[1]))
-        return run
-
-    async def wait_finished(self, run_id: str, timeout: float) -> Run | None:
-        event = asyncio.Event()
-        self._waiters.setdefault(run_id, set()).add(event)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        try:
-            while True:
-                run = await self.get(run_id)
-                left = deadline - loop.time()
-                if run is None or run.finished or left <= 0:
-                    return run
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), min(left, self.POLL_SECONDS))
-                event.clear()
-        finally:
-            waiters = self._waiters[run_id]
-            waiters.discard(event)
-            if not waiters:
-                del self._waiters[run_id]
-
-    async def list(self, page: Page, before: str | None = None) -> builtins.list[Run]:
-        """As MemoryBackend.list; fetched in small batches so a page of large runs stays small in memory."""
-        batch = min(max(page.limit, 10), 50)
-
-        async def rows(connection: Connection, top: int | None) -> builtins.list[tuple[str, bytes, int, int | None]]:
-            cursor = await connection.execute(
-                f"SELECT run_id, record, seq, CASE WHEN queue_rank IS NULL THEN NULL ELSE {POSITION} END FROM runs "
-                "WHERE seq < %s ORDER BY seq DESC LIMIT %s", (top if top is not None else 2 ** 62, batch))
-            return [(str(r[0]), bytes(r[1]), int(r[2]), r[3]) for r in await cursor.fetchall()]
-
-        async def listing(connection: Connection) -> None:
-            top: int | None = None
-            if before is not None:
-                row = await (await connection.execute("SELECT seq FROM runs WHERE run_id = %s", (before,))).fetchone()
-                if row is None:
-                    return
-                top = int(row[0])
-            while True:
-                found = await rows(connection, top)
-                for run_id, raw, _, position in found:
-                    run = self._read(run_id, raw)
-                    if run is None:
-                        continue
-                    if position is not None:
-                        run.update(queue_position=int(position))
-                    if not page.offer(run):
-                        return
-                if len(found) < batch:
-                    return
-                top = found[-1][2]
-
-        await self.db.run(listing, transaction=False)
-        return page.runs
-
-    async def logs(self, run_id: str) -> builtins.list[bytes] | None:
-        async def logs(connection: Connection) -> builtins.list[bytes] | None:
-            if await (await connection.execute("SELECT 1 FROM runs WHERE run_id = %s", (run_id,))).fetchone() is None:
-                return None
-            cursor = await connection.execute("SELECT line FROM run_logs WHERE run_id = %s ORDER BY id", (run_id,))
-            return [bytes(row[0]) for row in await cursor.fetchall()]
-
-        return await self.db.run(logs)
 
     # --- cancel flags ----------------------------------------------------------------------------------------
 
