@@ -320,6 +320,29 @@ def require_redis_server() -> None:
         missing_tool("redis-server", "apt-get install redis-server")
 
 
+# The black-box files whose ``backend`` matrix runs over PostgreSQL too: the service's contract (admission,
+# the queue, runs and their lifecycle, events, Idempotency-Keys, webhooks, the guarantee). The others (the
+# dashboard in a browser, generated clients, logs, traces, HTTP hardening, fuzzing) do not depend on the store
+# beyond it, and run over memory and Redis only, to keep the suite's time.
+POSTGRES_MATRIX = {"test_agent_runner.py", "test_queue.py", "test_lifecycle.py", "test_events.py",
+                   "test_idempotency.py", "test_webhooks.py", "test_guarantee.py"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the postgres leg of the backend matrix outside POSTGRES_MATRIX (deselected, not skipped)."""
+    kept, dropped = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("backend") == "postgres" and \
+                item.path.name not in POSTGRES_MATRIX:
+            dropped.append(item)
+        else:
+            kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """After the run, one line per group of skipped tests and what to install to run it."""
     groups: Counter[str] = Counter()
