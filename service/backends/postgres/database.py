@@ -104,11 +104,14 @@ def dropped(exc: BaseException) -> bool:
 
 
 def connect_kwargs(url: str) -> dict[str, Any]:
-    """What every connection adds to DATABASE_URL: autocommit, and a connect timeout unless the URL sets one."""
-    kwargs: dict[str, Any] = {"autocommit": True}
-    if "connect_timeout" not in psycopg.conninfo.conninfo_to_dict(url):
-        kwargs["connect_timeout"] = CONNECT_TIMEOUT_SECONDS
-    return kwargs
+    """What every connection adds to DATABASE_URL: autocommit, and a connect timeout and keepalives unless the
+    URL sets its own."""
+    given = psycopg.conninfo.conninfo_to_dict(url)
+    # TCP keepalives: a connection to a server that vanished without a word (a failover, a cut network) is
+    # found dead in about 20 s, not hours; the listener's above all, which otherwise only waits
+    defaults = {"connect_timeout": CONNECT_TIMEOUT_SECONDS, "keepalives": 1, "keepalives_idle": 10,
+                "keepalives_interval": 5, "keepalives_count": 2}
+    return {"autocommit": True, **{name: value for name, value in defaults.items() if name not in given}}
 
 
 

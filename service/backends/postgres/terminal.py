@@ -77,6 +77,7 @@ class TerminalSteps:
             await connection.execute("DELETE FROM runs WHERE run_id = ANY(%s)", (dropped,))
             await connection.execute("DELETE FROM run_logs WHERE run_id = ANY(%s)", (dropped,))
             await connection.execute("DELETE FROM events WHERE run_id = ANY(%s)", (dropped,))
+            await connection.execute("DELETE FROM cancels WHERE run_id = ANY(%s)", (dropped,))  # asked after its end
             await connection.execute("UPDATE totals SET finished_count = %s, finished_bytes = %s "
                                      "WHERE name = 'finished'", (count, total))
         return count, total
