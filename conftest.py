@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -230,6 +231,83 @@ class RedisServer:
             client.close()
 
 
+def postgres_bin() -> Path | None:
+    """The directory of PostgreSQL's server programs (initdb, pg_ctl): Debian's newest, else whichever is on PATH."""
+    for directory in sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name)
+                            if p.parent.name.isdigit() else 0, reverse=True):
+        if (directory / "initdb").exists() and (directory / "pg_ctl").exists():
+            return directory
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb is not None and shutil.which("pg_ctl") else None
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL cluster (initdb + pg_ctl) on a free port of 127.0.0.1, in a temporary directory.
+
+    PostgreSQL refuses to run as root: as root the cluster belongs to ``nobody`` (its directory made and
+    owned by that user under /tmp, where the user can reach it), and every program runs through ``runuser``.
+    """
+
+    def __init__(self, port: int | None = None, standby_of: PostgresServer | None = None) -> None:
+        found = postgres_bin()
+        assert found is not None
+        self.bin = found
+        self.port = port or free_port()
+        self.directory = Path(tempfile.mkdtemp(prefix="agent-runner-pg-"))
+        self.data = self.directory / "data"
+        self.socket_dir = self.directory
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:
+            os.chown(self.directory, 65534, 65534)  # nobody
+            self.as_user = ["runuser", "-u", "nobody", "--"]
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        if standby_of is None:
+            self._program("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "--no-sync",
+                          "--no-instructions", "-E", "UTF8")
+        else:  # a streaming replica of that server, which ``promote`` makes a primary
+            self._program("pg_basebackup", "-h", "127.0.0.1", "-p", str(standby_of.port), "-U", "postgres",
+                          "-D", str(self.data), "-R", "-X", "stream", "--no-sync")
+        self.start()
+
+    def _program(self, name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([*self.as_user, str(self.bin / name), *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, check=check, cwd=self.directory, timeout=60)
+
+    def start(self) -> None:
+        # fsync off: a test cluster needs no durability across a crash of the machine, only across its own restarts
+        options = (f"-p {self.port} -k {self.socket_dir} -c listen_addresses=127.0.0.1 -c fsync=off "
+                   "-c full_page_writes=off -c max_connections=400 -c shared_buffers=32MB")
+        result = self._program("pg_ctl", "-D", str(self.data), "-l", str(self.directory / "postgres.log"), "-w",
+                               "-t", "30", "-o", options, "start", check=False)
+        if result.returncode != 0:
+            log = (self.directory / "postgres.log")
+            raise RuntimeError(f"postgres did not start: {result.stdout.decode()}\n"
+                               f"{log.read_text() if log.exists() else ''}")
+
+    def promote(self) -> None:
+        self._program("pg_ctl", "-D", str(self.data), "-w", "promote")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._program("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop", check=False)
+
+    def sql(self, statement: str) -> str:
+        """``statement`` run by psql; its output, unaligned and without headers."""
+        result = subprocess.run(["psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", self.url, "-c", statement],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False, timeout=30)
+        if result.returncode != 0:
+            raise RuntimeError(f"psql failed: {result.stdout.decode()}")
+        return result.stdout.decode().strip()
+
+    def close(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def require_postgres() -> None:
+    if postgres_bin() is None or shutil.which("psql") is None:
+        missing_tool("PostgreSQL (initdb, pg_ctl, psql)", "apt-get install postgresql")
+
+
 def missing_tool(what: str, install: str) -> NoReturn:
     """Fail in CI (nothing the suite needs may be skipped there); elsewhere skip, saying what to install."""
     if os.environ.get("CI"):
@@ -240,6 +318,29 @@ def missing_tool(what: str, install: str) -> NoReturn:
 def require_redis_server() -> None:
     if shutil.which("redis-server") is None:
         missing_tool("redis-server", "apt-get install redis-server")
+
+
+# The black-box files whose ``backend`` matrix runs over PostgreSQL too: the service's contract (admission,
+# the queue, runs and their lifecycle, events, Idempotency-Keys, webhooks, the guarantee). The others (the
+# dashboard in a browser, generated clients, logs, traces, HTTP hardening, fuzzing) do not depend on the store
+# beyond it, and run over memory and Redis only, to keep the suite's time.
+POSTGRES_MATRIX = {"test_agent_runner.py", "test_queue.py", "test_lifecycle.py", "test_events.py",
+                   "test_idempotency.py", "test_webhooks.py", "test_guarantee.py"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the postgres leg of the backend matrix outside POSTGRES_MATRIX (deselected, not skipped)."""
+    kept, dropped = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("backend") == "postgres" and \
+                item.path.name not in POSTGRES_MATRIX:
+            dropped.append(item)
+        else:
+            kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
@@ -281,11 +382,44 @@ def persistent_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
-@pytest.fixture(scope="module", params=["memory", "redis"])
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL for the session; each server process gets its own schema (DATABASE_SCHEMA) in it."""
+    require_postgres()
+    server = PostgresServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL of the test's own, for tests that stop and restart it."""
+    require_postgres()
+    server = PostgresServer()
+    yield server
+    server.close()
+
+
+def new_schema() -> str:
+    return f"test_{uuid.uuid4().hex[:8]}"
+
+
+def own_namespace(backend: dict[str, str]) -> dict[str, str]:
+    """A place of its own in the backend's store (a Redis key prefix, a PostgreSQL schema); nothing in memory mode.
+    Servers started with the same one share their state, as replicas."""
+    if "DATABASE_URL" in backend:
+        return {"DATABASE_SCHEMA": new_schema()}
+    return {"REDIS_PREFIX": f"test-{uuid.uuid4().hex[:8]}"} if backend else {}
+
+
+@pytest.fixture(scope="module", params=["memory", "redis", "postgres"])
 def backend(request: pytest.FixtureRequest) -> dict[str, str]:
-    """The environment that selects a store backend: every server test runs against both."""
+    """The environment that selects a store backend: every server test runs against each."""
     if request.param == "memory":
         return {}
+    if request.param == "postgres":
+        postgres = request.getfixturevalue("postgres_server")
+        return {"DATABASE_URL": postgres.url, "DATABASE_SCHEMA": new_schema()}
     redis = request.getfixturevalue("redis_server")
     return {"REDIS_URL": redis.url, "REDIS_PREFIX": f"test-{uuid.uuid4().hex[:8]}"}
 
@@ -296,8 +430,7 @@ def start_server(tmp_path: Path, backend: dict[str, str]) -> Iterator[Any]:
     servers: list[ServerProcess] = []
 
     def start(**env: str) -> ServerProcess:
-        fresh = {"REDIS_PREFIX": f"test-{uuid.uuid4().hex[:8]}"} if backend else {}
-        server = ServerProcess(tmp_path / f"server-{len(servers)}.log", **{**backend, **fresh, **env})
+        server = ServerProcess(tmp_path / f"server-{len(servers)}.log", **{**backend, **own_namespace(backend), **env})
         servers.append(server)
         return server
 

@@ -458,7 +458,8 @@ def test_every_setting_is_in_the_configuration_page_and_env_example_with_its_def
     page = (DOCS / "configuration.md").read_text()
     env_example = (HERE / ".env.example").read_text()
     for name, default, _ in settings.SETTINGS_TABLE:
-        shown = f"`{default}`" if default else "(unset)" if name in ("API_TOKEN", "REDIS_URL") else "(empty)"
+        shown = f"`{default}`" if default else "(unset)" if name in ("API_TOKEN", "REDIS_URL", "DATABASE_URL") \
+            else "(empty)"
         assert re.search(rf"^\| `{name}` \| {re.escape(shown)} \|", page, re.M), name
         assert f"\n#{name}={default}\n" in env_example, name
     defaults = settings.Settings.from_env({})

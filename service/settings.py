@@ -85,8 +85,14 @@ SETTINGS_TABLE = (
     ("REDIS_URL", "", "e.g. redis://host:6379/0, redis+sentinel://host:26379/mymaster or redis+cluster://host:6379; "
                       "when set, the lock and all run records live in Redis"),
     ("REDIS_PREFIX", "agent-runner", "prefix of every Redis key, so several deployments can share one Redis"),
-    ("LOCK_TTL_SECONDS", "30", "the run lock's expiry in Redis; the holder renews it every TTL/3"),
-    ("MAX_CONCURRENT_RUNS", "1", "how many runs may be RUNNING at once (across all replicas in Redis mode)"),
+    ("DATABASE_URL", "",
+     "e.g. postgresql://user:pass@host:5432/db?sslmode=require; when set, the lock and all run records live in "
+     "PostgreSQL (not with REDIS_URL)"),
+    ("DATABASE_SCHEMA", "agent_runner", "the PostgreSQL schema of every table, so several deployments can share one "
+                                        "database"),
+    ("LOCK_TTL_SECONDS", "30", "the run lock's expiry in Redis or PostgreSQL; the holder renews it every TTL/3"),
+    ("MAX_CONCURRENT_RUNS", "1",
+     "how many runs may be RUNNING at once (across all replicas in Redis or PostgreSQL mode)"),
     ("ON_BUSY", "reject", "what POST /agents/run does when every slot is taken: reject, enqueue or interrupt"),
     ("QUEUE_MAX", "100", "how many runs may wait in the queue; past it an enqueue is refused with 409"),
     ("LOG_FORMAT", "auto", "json, console (one readable line per event) or auto (console when stdout is a terminal)"),
@@ -114,6 +120,7 @@ SETTINGS_TABLE = (
 )
 
 LOG_FORMATS = ("auto", "json", "console")
+SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,39}")  # short enough for its NOTIFY channels (63 bytes at most)
 WEBHOOK_SECRET_MIN_CHARS = 16
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://", "redis+cluster://",
                  "rediss+cluster://")
@@ -234,6 +241,8 @@ class Settings:
     shutdown_grace_seconds: float = 30.0
     redis_url: str | None = field(default=None, repr=False)
     redis_prefix: str = "agent-runner"
+    database_url: str | None = field(default=None, repr=False)
+    database_schema: str = "agent_runner"
     lock_ttl_seconds: float = 30.0
     max_concurrent_runs: int = 1
     on_busy: str = "reject"
@@ -278,6 +287,15 @@ class Settings:
         redis_url = env.get("REDIS_URL", "").strip() or None
         if redis_url is not None and not redis_url.lower().startswith(REDIS_SCHEMES):
             raise ConfigError("REDIS_URL", f"must start with {', '.join(REDIS_SCHEMES[:-1])} or {REDIS_SCHEMES[-1]}")
+        database_url = env.get("DATABASE_URL", "").strip() or None
+        if database_url is not None and not database_url.startswith(("postgresql://", "postgres://")):
+            raise ConfigError("DATABASE_URL", "must start with postgresql:// or postgres://")
+        if database_url is not None and redis_url is not None:
+            raise ConfigError("DATABASE_URL", "REDIS_URL is set too: choose one store (Redis or PostgreSQL)")
+        database_schema = env.get("DATABASE_SCHEMA", "").strip() or cls.database_schema
+        if not SCHEMA_NAME.fullmatch(database_schema):
+            raise ConfigError("DATABASE_SCHEMA", "must be a lower-case SQL identifier (a letter or _, then letters, "
+                                                 f"digits or _; at most 40 characters), got {database_schema!r}")
         return cls(
             host=host,
             port=_env_number(env, "PORT", cls.port, integer=True, minimum=1, maximum=65535),
@@ -298,6 +316,8 @@ class Settings:
                                                integer=False, minimum=0),
             redis_url=redis_url,
             redis_prefix=env.get("REDIS_PREFIX", "").strip() or cls.redis_prefix,
+            database_url=database_url,
+            database_schema=database_schema,
             lock_ttl_seconds=_env_number(env, "LOCK_TTL_SECONDS", cls.lock_ttl_seconds,
                                          integer=False, minimum=0.3),
             max_concurrent_runs=_env_number(env, "MAX_CONCURRENT_RUNS", cls.max_concurrent_runs, integer=True,

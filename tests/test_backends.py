@@ -1,7 +1,8 @@
 """The Backend contract: every case runs over every backend, in this process, in milliseconds.
 
-A new backend passes this file before anything else. ``place`` opens memory, or Redis (a redis-server of
-the session, each case under a key prefix of its own); where the backends differ by design (a shared one
+A new backend passes this file before anything else. ``place`` opens memory, Redis (a redis-server of
+the session, each case under a key prefix of its own) or PostgreSQL (a cluster of the session, each case in a
+schema of its own); where the backends differ by design (a shared one
 has replicas to hear from), the case says so with ``backend.shared``.
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from conftest import RedisServer
+from conftest import PostgresServer, RedisServer
 from service.backends import Backend
 from service.backends.memory import MemoryBackend
 from service.backends.records import RUN_BACKLOG_FRAMES, Frame, Run, WriteRefused, utc_now
@@ -26,14 +27,21 @@ Scenario = Callable[[Backend], Awaitable[Any]]
 
 
 class Place:
-    """Where backends are opened: this process's memory, or one Redis under one prefix (replicas share it)."""
+    """Where backends are opened: this process's memory, one Redis under one prefix, or one PostgreSQL under one
+    schema (replicas share it)."""
 
-    def __init__(self, redis: RedisServer | None, state: Path) -> None:
+    def __init__(self, redis: RedisServer | None, state: Path, postgres: PostgresServer | None = None) -> None:
         self.redis = redis
+        self.postgres = postgres
         self.prefix = f"test-{uuid.uuid4().hex[:8]}"
+        self.schema = f"test_{uuid.uuid4().hex[:8]}"
         self.fencing_state = state / "fencing-token"  # memory mode's highest token, kept across restarts
 
     def open(self, slots: int = 1, lock_ttl_seconds: float = 30.0) -> Backend:
+        if self.postgres is not None:
+            from service.backends.postgres import open_postgres
+
+            return open_postgres(self.postgres.url, self.schema, lock_ttl_seconds, 100, 1 << 30, LOG, slots=slots)
         if self.redis is None:
             return MemoryBackend(retention=100, slots=slots, fencing_state_path=str(self.fencing_state))
         from service.backends.redis import open_redis
@@ -54,8 +62,10 @@ class Place:
         return asyncio.run(opened())
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "postgres"])
 def place(request: pytest.FixtureRequest, tmp_path: Path) -> Place:
+    if request.param == "postgres":
+        return Place(None, tmp_path, request.getfixturevalue("postgres_server"))
     return Place(request.getfixturevalue("redis_server") if request.param == "redis" else None, tmp_path)
 
 
@@ -272,10 +282,19 @@ def test_fencing_tokens_stay_above_every_earlier_one_after_a_restart_and_a_loss_
                 redis.command("DEL", key)
 
         assert asyncio.run(token_after_start(lose_everything)) > second
+    if place.postgres is not None:
+        postgres = place.postgres
+
+        async def drop_the_schema() -> None:
+            postgres.sql(f"DROP SCHEMA {place.schema} CASCADE")
+
+        assert asyncio.run(token_after_start(drop_the_schema)) > second
     far_ahead = second + 10 ** 12  # a token no clock reaches for days: only the kept state yields more
 
     async def raise_the_kept_state() -> None:
-        if place.redis is None:
+        if place.postgres is not None:
+            place.postgres.sql(f"SELECT setval('{place.schema}.fencing_tokens', {far_ahead})")
+        elif place.redis is None:
             place.fencing_state.write_text(f"{far_ahead}\n")
         else:
             place.redis.command("SET", f"{place.prefix}:fencing", str(far_ahead))

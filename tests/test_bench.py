@@ -21,6 +21,8 @@ FIGURES = {
     "queued_throughput": {"runs", "memory", "redis"},
     "footprint": {"site_packages_mb"}, "redis_get_status": {"memory_rps", "redis_rps", "ratio"},
     "bare_status": LOAD, "drain": {"short", "long", "memory", "redis", "redis_short", "redis_2", "flatness"},
+    "postgres": {"runs", "drain_rps", "peer_drain_rps", "drain_ratio", "memory_status_rps", "status_rps",
+                 "status_ratio"},
 }
 DRAIN = {"rps", "client_rps", "commands_per_run", "gap_mean_ms", "gap_p50_ms", "gap_p99_ms"}
 TARGETS = {  # every row whose target is checked, and the target it prints
@@ -28,7 +30,7 @@ TARGETS = {  # every row whose target is checked, and the target it prints
     "POST busy (409) p99 ms": "<= 1.5", "launch to /healthz ms": "<= 1.25",
     "queued runs/s, memory (vs back to back)": ">= 1.0", "queued runs/s, Redis (vs back to back)": ">= 1.0",
     "RSS MB after 500/2500 runs": "<= +10 %", "site-packages MB": "<= 32",
-    "Redis GET status req/s (vs memory)": ">= 0.50",
+    "Redis GET status req/s (vs memory)": ">= 0.50", "Postgres GET status req/s (vs memory)": ">= 0.50",
     "GET status vs bare ASGI req/s": ">= 0.70", "GET status vs bare ASGI p99 ms": "<= 1.5",
     "drain Redis commands/run, 1 replica": "<= 30",
     "drain handoff gap p50 ms, Redis 1 replica": "<= 0.5", "drain handoff gap p99 ms, Redis 1 replica": "<= 2",
@@ -88,6 +90,9 @@ def test_quick_bench_measures_every_figure_and_prints_them_as_the_table(tmp_path
         assert set(queued[mode]) == {"back_to_back_rps", "queued_rps", "ratio"}, queued
         assert 1 < queued[mode]["back_to_back_rps"] < 1e5 and 1 < queued[mode]["queued_rps"] < 1e5, queued
         assert abs(queued[mode]["ratio"] - queued[mode]["queued_rps"] / queued[mode]["back_to_back_rps"]) < 1e-9
+    postgres = figures["postgres"]
+    assert postgres["runs"] == 50 and 1 < postgres["drain_rps"] < 1e5 and 1 < postgres["peer_drain_rps"] < 1e5
+    assert 50 < postgres["memory_status_rps"] < 1e6 and 50 < postgres["status_rps"] < 1e6, postgres
 
     drain = figures["drain"]
     assert (drain["short"], drain["long"]) == (20, 100)
@@ -128,6 +133,10 @@ def test_quick_bench_measures_every_figure_and_prints_them_as_the_table(tmp_path
            for mode, name in (("redis", "1 replica"), ("redis_2", "2 replicas")) for p in ("p50", "p99")},
         "drain runs/s, Redis 100 queued (vs 20)": [drain["redis_short"]["rps"], drain["redis"]["rps"],
                                                    drain["flatness"]],
+        "Postgres queued runs/s (vs pgqueuer, one at a time)": [postgres[key] for key in
+                                                                ("peer_drain_rps", "drain_rps", "drain_ratio")],
+        "Postgres GET status req/s (vs memory)": [postgres[key] for key in
+                                                  ("memory_status_rps", "status_rps", "status_ratio")],
     }
     assert set(rows) == {"figure", *expected}
     for label, values in expected.items():
@@ -150,6 +159,7 @@ def test_quick_bench_measures_every_figure_and_prints_them_as_the_table(tmp_path
         **{f"drain handoff gap {p} ms, Redis {name}": drain[mode][f"gap_{p}_ms"]
            for mode, name in (("redis", "1 replica"), ("redis_2", "2 replicas")) for p in ("p50", "p99")},
         "drain runs/s, Redis 100 queued (vs 20)": drain["flatness"],
+        "Postgres GET status req/s (vs memory)": postgres["status_ratio"],
     }
     for label, target in TARGETS.items():
         assert rows[label][3] == target, (label, rows[label])

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import RedisServer, ServerProcess, new_user, wait_until
+from conftest import RedisServer, ServerProcess, new_user, own_namespace, wait_until
 
 AGENTS = "fixture_agents,fixture_event_agents"
 TERMINAL = {"DONE", "ERROR", "CANCELLED"}
@@ -101,7 +101,7 @@ def post(srv: ServerProcess, agent_type: str, **input: Any) -> str:
 def events_server(tmp_path_factory: pytest.TempPathFactory, backend: dict[str, str]) -> Iterator[ServerProcess]:
     """One server with the event agents, shared by a module's tests: each reads only its own runs' frames and
     lines, and leaves the server idle (every run it starts has ended)."""
-    fresh = {"REDIS_PREFIX": f"test-{uuid.uuid4().hex[:8]}"} if backend else {}
+    fresh = own_namespace(backend)
     srv = ServerProcess(tmp_path_factory.mktemp("events") / "server.log", **{**backend, **fresh}, AGENT_MODULES=AGENTS)
     yield srv
     srv.stop(signal.SIGKILL)

@@ -1,4 +1,5 @@
-"""What the service imports: redis-py only in Redis mode, prometheus_client only for /metrics, one way, no cycle."""
+"""What the service imports: redis-py only in Redis mode, psycopg only in Postgres mode, prometheus_client only for
+/metrics, one way, no cycle."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import subprocess
 import sys
 import uuid
 
-from conftest import HERE, RedisServer
+from conftest import HERE, PostgresServer, RedisServer
 
 # In a fresh interpreter: import the service, then open its runtime as the lifespan does; print which of the
 # optional libraries were loaded after the import and after the start.
@@ -19,7 +20,7 @@ from service import settings
 from service.runtime import close_runtime, open_runtime
 
 def loaded():
-    return sorted({name.split(".")[0] for name in sys.modules} & {"redis", "prometheus_client"})
+    return sorted({name.split(".")[0] for name in sys.modules} & {"redis", "prometheus_client", "psycopg"})
 
 after_import = loaded()
 settings.current = settings.Settings.from_env(os.environ)
@@ -33,7 +34,7 @@ print(json.dumps({"after_import": after_import, "after_start": loaded()}))
 
 
 def loaded_modules(**env: str) -> dict[str, list[str]]:
-    inherited = {key: value for key, value in os.environ.items() if key != "REDIS_URL"}
+    inherited = {key: value for key, value in os.environ.items() if key not in ("REDIS_URL", "DATABASE_URL")}
     done = subprocess.run([sys.executable, "-c", PROBE], cwd=HERE, env={**inherited, **env},
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -48,6 +49,12 @@ def test_redis_mode_loads_redis_to_check_redis_url_at_import(redis_server: Redis
     """Every launcher imports the app, which reads its settings then: REDIS_URL is parsed by redis-py's parser."""
     loaded = loaded_modules(REDIS_URL=redis_server.url, REDIS_PREFIX=f"test-{uuid.uuid4().hex[:8]}")
     assert loaded == {"after_import": ["redis"], "after_start": ["redis"]}
+
+
+def test_postgres_mode_loads_psycopg_and_not_redis(postgres_server: PostgresServer) -> None:
+    """DATABASE_URL is parsed by libpq's parser (through psycopg) at import; redis-py is never loaded."""
+    loaded = loaded_modules(DATABASE_URL=postgres_server.url, DATABASE_SCHEMA=f"test_{uuid.uuid4().hex[:8]}")
+    assert loaded == {"after_import": ["psycopg"], "after_start": ["psycopg"]}
 
 
 # Layers, lowest first: a module imports its own layer or lower ones, never a higher one.
@@ -104,12 +111,13 @@ def test_no_module_imports_itself_through_others() -> None:
     graphlib.TopologicalSorter(graph).prepare()  # raises CycleError naming the cycle
 
 
-def test_only_the_redis_backend_imports_redis_py_and_only_the_http_layer_starlette_or_uvicorn() -> None:
+def test_only_each_store_backend_imports_its_driver_and_only_the_http_layer_starlette_or_uvicorn() -> None:
     import ast
 
     from conftest import module_name, product_modules
 
-    owners = {"redis": "service/backends/redis/", "starlette": "service/http/", "uvicorn": "service/http/",
+    owners = {"redis": "service/backends/redis/", "psycopg": "service/backends/postgres/",
+              "starlette": "service/http/", "uvicorn": "service/http/",
               "opentelemetry": "service/tracing.py"}  # and that one only while tracing is on (test_traces.py)
     strays = []
     for path in product_modules():

@@ -14,7 +14,8 @@ import uuid
 import httpx
 import pytest
 
-from conftest import ServerProcess, log_time, new_user
+from conftest import ServerProcess, log_time, new_user, own_namespace
+from service.backends import Backend
 from service.backends.memory import MemoryBackend
 from service.backends.records import Page, Run, utc_now
 
@@ -222,7 +223,12 @@ def test_retention_trim_keeps_pending_and_running_runs(backend: dict[str, str]) 
     pending, running, *finished = (new_run() for _ in range(5))
 
     async def scenario() -> tuple[list[bool], list[str]]:
-        if backend:
+        store: Backend
+        if "DATABASE_URL" in backend:
+            from service.backends.postgres import open_postgres
+            store = open_postgres(backend["DATABASE_URL"], f"{backend['DATABASE_SCHEMA']}_trim", 30, 1, 2**30,
+                                  logging.getLogger("test"))
+        elif backend:
             from service.backends.redis import open_redis
             _, store = open_redis(backend["REDIS_URL"], f"{backend['REDIS_PREFIX']}-trim", 30, 1, 2**30,
                                   logging.getLogger("test"))
@@ -271,7 +277,7 @@ TOKEN = "s3cret-token-value-42"
 
 @pytest.fixture(scope="module")
 def token_server(tmp_path_factory, backend: dict[str, str]) -> ServerProcess:
-    own_prefix = {"REDIS_PREFIX": f"test-{uuid.uuid4().hex[:8]}"} if backend else {}  # not the module server's
+    own_prefix = own_namespace(backend)  # not the module server's
     srv = ServerProcess(tmp_path_factory.mktemp("auth") / "server.log", API_TOKEN=TOKEN, **{**backend, **own_prefix})
     yield srv
     srv.stop(signal.SIGKILL)

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import TLS, RedisServer, ServerProcess, log_time, new_user
+from conftest import RedisServer, ServerProcess, TLS, log_time, new_user, own_namespace
 from redis_proxy import RedisProxy
 
 AGENTS = "fixture_agents,fixture_resource_agents"
@@ -168,11 +168,11 @@ def test_metrics_show_queue_depth_and_wait(start_server) -> None:
 
 
 def one_or_two(start_server, backend: dict[str, str], **env: str) -> list[ServerProcess]:
-    """One server in memory mode; in Redis mode two replicas sharing one prefix."""
+    """One server in memory mode; in Redis or PostgreSQL mode two replicas sharing one store."""
     if not backend:
         return [start_server(**env)]
-    prefix = f"test-{uuid.uuid4().hex[:8]}"
-    return [start_server(REDIS_PREFIX=prefix, **env) for _ in range(2)]
+    shared = own_namespace(backend)
+    return [start_server(**shared, **env) for _ in range(2)]
 
 
 @pytest.mark.parametrize("slots", [1, 3])

@@ -2,8 +2,9 @@
 
 Agents write start/end lines from their own code (coroutines and threads, some
 ignoring cancellation) to one ledger. Meanwhile the test cancels runs through
-the other replica, lets runs time out, drops every Redis connection through a
-proxy mid-transaction, makes Redis refuse writes for two seconds, and SIGTERMs
+the other replica, lets runs time out, drops every store connection (Redis: through a proxy mid-transaction;
+PostgreSQL: pg_terminate_backend), makes the store refuse writes for two seconds (Redis: min-replicas-to-write;
+PostgreSQL: the slot and run tables locked away, so statements time out), and SIGTERMs
 the replica that holds the lock (starting a new one). At the end every
 accepted run is terminal, the ledger's intervals never overlap and their fencing tokens only grow; a use
 cut short by its process's end counts until that process was seen gone.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import random
 import signal
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,26 +23,80 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import TERMINAL, RedisServer, ServerProcess, new_user, require_redis_server
+from conftest import (TERMINAL, PostgresServer, RedisServer, ServerProcess, new_user, require_postgres,
+                      require_redis_server)
 from redis_proxy import RedisProxy
 
 CHAOS_SECONDS = 24
 ENV = {"AGENT_MODULES": "fixture_agents,fixture_resource_agents", "LOCK_TTL_SECONDS": "1.5",
-       "RUN_TIMEOUT_SECONDS": "1", "SHUTDOWN_GRACE_SECONDS": "0.3", "REDIS_PREFIX": "torture"}
+       "RUN_TIMEOUT_SECONDS": "1", "SHUTDOWN_GRACE_SECONDS": "0.3"}
+
+
+class RedisChaos:
+    """The store a fleet shares, and what the chaos does to it: Redis, behind a proxy."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        require_redis_server()
+        self.redis = RedisServer(tmp_path)
+        self.proxy = RedisProxy(self.redis.port)
+        self.env = {"REDIS_URL": self.proxy.url, "REDIS_PREFIX": "torture"}
+
+    def cut(self) -> None:
+        self.proxy.cut_all()
+
+    def refuse(self) -> None:
+        self.redis.command("CONFIG", "SET", "min-replicas-to-write", "1")
+
+    def accept(self) -> None:
+        self.redis.command("CONFIG", "SET", "min-replicas-to-write", "0")
+
+    def close(self) -> None:
+        self.proxy.close()
+        self.redis.stop()
+
+
+class PostgresChaos:
+    """PostgreSQL, its statements bounded to 300 ms (DATABASE_URL's options): connections killed, and the slot
+    and run tables locked by another session for a while (every statement on them times out meanwhile)."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        require_postgres()
+        self.postgres = PostgresServer()
+        self.env = {"DATABASE_URL": self.postgres.url + "?options=-c%20statement_timeout%3D300",
+                    "DATABASE_SCHEMA": "torture"}
+        self.locker: subprocess.Popen[bytes] | None = None
+
+    def cut(self) -> None:
+        self.postgres.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()")
+
+    def refuse(self) -> None:
+        self.locker = subprocess.Popen(
+            ["psql", "-X", "-q", self.postgres.url, "-c", "BEGIN; LOCK TABLE torture.slots, torture.runs "
+             "IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(1.9); COMMIT;"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def accept(self) -> None:
+        if self.locker is not None:
+            self.locker.wait(10)
+
+    def close(self) -> None:
+        self.accept()
+        self.postgres.close()
 
 
 class Fleet:
     """The replicas, restarted when one exits; remembers when each process was seen gone."""
 
-    def __init__(self, tmp_path: Path, url: str) -> None:
-        self.tmp_path, self.url = tmp_path, url
+    def __init__(self, tmp_path: Path, store: dict[str, str]) -> None:
+        self.tmp_path, self.store = tmp_path, store
         self.replicas: list[ServerProcess] = []
         self.all: list[ServerProcess] = []
         self.gone_at: dict[int, float] = {}  # pid -> time the process had exited
         self.restarts = 0
 
     def start(self) -> ServerProcess:
-        srv = ServerProcess(self.tmp_path / f"replica-{len(self.all)}.log", REDIS_URL=self.url, **ENV)
+        srv = ServerProcess(self.tmp_path / f"replica-{len(self.all)}.log", **self.store, **ENV)
         self.all.append(srv)
         self.replicas.append(srv)
         threading.Thread(target=self._watch, args=(srv,), daemon=True).start()
@@ -109,11 +165,10 @@ def random_agent(rng: random.Random, ledger: Path) -> tuple[str, dict]:
     return "coroutine-worker", {**base, "stubborn": kind == "stubborn"}
 
 
-def test_no_two_uses_of_the_resource_overlap_under_chaos(tmp_path: Path) -> None:
-    require_redis_server()
-    redis = RedisServer(tmp_path)
-    proxy = RedisProxy(redis.port)
-    fleet = Fleet(tmp_path, proxy.url)
+@pytest.mark.parametrize("store", ["redis", "postgres"])
+def test_no_two_uses_of_the_resource_overlap_under_chaos(tmp_path: Path, store: str) -> None:
+    chaos = RedisChaos(tmp_path) if store == "redis" else PostgresChaos(tmp_path)
+    fleet = Fleet(tmp_path, chaos.env)
     ledger = tmp_path / "ledger"
     rng = random.Random(11)
     accepted: list[str] = []
@@ -128,13 +183,13 @@ def test_no_two_uses_of_the_resource_overlap_under_chaos(tmp_path: Path) -> None
             for at in [at for at in events if at <= elapsed]:
                 act = events.pop(at)
                 if act == "cut":
-                    proxy.cut_all()
+                    chaos.cut()
                 elif act == "refuse":  # during a 1.4 s stubborn run: a lock renewal (every 0.5 s) meets it
                     start_stubborn_run(fleet, ledger, accepted)
-                    redis.command("CONFIG", "SET", "min-replicas-to-write", "1")
+                    chaos.refuse()
                     events[time.monotonic() - started + 2.0] = "accept"
                 elif act == "accept":
-                    redis.command("CONFIG", "SET", "min-replicas-to-write", "0")
+                    chaos.accept()
                 elif act == "sigterm":  # the replica running a 1.4 s stubborn run started for it
                     holder = start_stubborn_run(fleet, ledger, accepted)
                     holder.proc.send_signal(signal.SIGTERM)
@@ -196,8 +251,7 @@ def test_no_two_uses_of_the_resource_overlap_under_chaos(tmp_path: Path) -> None
         print(f"torture: {len(accepted)} runs {states}, {len(spans)} uses, {fleet.restarts} restarts")
     finally:
         fleet.stop_all()
-        proxy.close()
-        redis.stop()
+        chaos.close()
 
 
 def parse_ledger(ledger: Path) -> dict[str, dict[str, tuple[float, int, int]]]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from conftest import DOCS, ServerProcess, missing_tool, new_user
+from conftest import DOCS, ServerProcess, missing_tool, new_user, own_namespace
 
 SECRET = "test-secret-" + uuid.uuid4().hex
 HOOKS = {"WEBHOOK_SECRET": SECRET, "WEBHOOK_ALLOWED_HOSTS": "127.0.0.1,localhost", "WEBHOOK_BACKOFF_SECONDS": "0.2"}
@@ -118,7 +118,7 @@ def start_hooked_run(server: ServerProcess, webhook: str, **fields: Any) -> str:
 def delivering_server(tmp_path_factory: pytest.TempPathFactory, backend: dict[str, str]) -> Any:
     """One server with webhooks on, shared by tests that read only their own receiver and their run's log lines,
     and wait until their delivery is over (delivered or given up)."""
-    fresh = {"REDIS_PREFIX": f"test-{uuid.uuid4().hex[:8]}"} if backend else {}
+    fresh = own_namespace(backend)
     server = ServerProcess(tmp_path_factory.mktemp("delivering") / "server.log", **{**backend, **fresh}, **HOOKS)
     yield server
     server.stop(signal.SIGKILL)

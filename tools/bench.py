@@ -42,7 +42,7 @@ BASELINE = Path(__file__).resolve().parent / "bench_baseline.py"
 BARE = Path(__file__).resolve().parent / "bench_bare.py"
 RUN_BODY = json.dumps({"agent_type": "sleeper", "user_id": str(uuid.uuid4()), "input": {"seconds": 3600}})
 FIGURES = ("get_status", "bare_status", "post_busy", "launch", "runs_per_second", "queued_throughput", "drain", "rss",
-           "footprint", "redis_get_status")
+           "footprint", "redis_get_status", "postgres")
 OPTIONAL = ("tracing",)  # measured with --only
 
 
@@ -476,6 +476,33 @@ def fig_redis_get_status(opts: argparse.Namespace) -> dict[str, Any]:
             in_redis.stop()
 
 
+def fig_postgres(opts: argparse.Namespace) -> dict[str, Any]:
+    """Postgres mode: its one-slot drain against pgqueuer draining no-op jobs one at a time, on one PostgreSQL
+    in the same run; and its GET status against memory mode's."""
+    from bench_postgres import peer_drain, postgres_server  # tools/, beside this script
+
+    count = 50 if opts.quick else 300
+    with postgres_server() as url:
+        env = {"DATABASE_URL": url, "DATABASE_SCHEMA": f"bench_{uuid.uuid4().hex[:8]}"}
+        memory, service = Server("service"), Server("service", QUEUE_MAX=str(count), **env)
+        try:
+            through_queue(service, max(10, count // 10))  # warm-up, both sides
+            peer_drain(url, max(10, count // 10))
+            peer, drain, ratio = paired(opts.runs, lambda: {"rps": peer_drain(url, count)},
+                                        lambda: {"rps": through_queue(service, count)})
+            memory_url = f"http://127.0.0.1:{memory.port}/agents/status/{done_run(memory)}"
+            postgres_url = f"http://127.0.0.1:{service.port}/agents/status/{done_run(service)}"
+            warm_up(opts, memory_url, postgres_url)
+            status = interleave(opts.runs, lambda: wrk(memory_url, opts.seconds),
+                                lambda: wrk(postgres_url, opts.seconds))
+        finally:
+            memory.stop()
+            service.stop()
+    return {"runs": count, "drain_rps": drain["rps"], "peer_drain_rps": peer["rps"], "drain_ratio": ratio["rps"],
+            "memory_status_rps": status["baseline_rps"], "status_rps": status["service_rps"],
+            "status_ratio": status["rps_ratio"]}
+
+
 @contextlib.contextmanager
 def otlp_sink() -> Iterator[str]:
     """A collector that takes OTLP/HTTP exports and drops them; yields its endpoint."""
@@ -675,6 +702,12 @@ def rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
         else:
             table.append(row("Redis GET status req/s (vs memory)", f"{r['memory_rps']:.0f}", f"{r['redis_rps']:.0f}",
                              f"{r['ratio']:.2f}", ">= 0.50", r["ratio"]))
+    if "postgres" in results:
+        r = results["postgres"]
+        table += [row("Postgres queued runs/s (vs pgqueuer, one at a time)", f"{r['peer_drain_rps']:.0f}",
+                      f"{r['drain_rps']:.0f}", f"{r['drain_ratio']:.2f}", "printed"),
+                  row("Postgres GET status req/s (vs memory)", f"{r['memory_status_rps']:.0f}",
+                      f"{r['status_rps']:.0f}", f"{r['status_ratio']:.2f}", ">= 0.50", r["status_ratio"])]
     if "tracing" in results:
         r = results["tracing"]
         table += [row("GET status req/s, tracing on (vs off)", f"{r['off_rps']:.0f}", f"{r['on_rps']:.0f}",
@@ -736,7 +769,7 @@ def main() -> None:
     opts.runs = opts.runs or (1 if opts.quick else 6)
     opts.seconds, opts.warmup = (1, 0) if opts.quick else (5, 3)  # quick: a smoke run, one 1 s sample, no warm-up
     wanted = opts.only or list(FIGURES)
-    needs_wrk = {"get_status", "bare_status", "post_busy", "redis_get_status"} & set(wanted)
+    needs_wrk = {"get_status", "bare_status", "post_busy", "redis_get_status", "postgres"} & set(wanted)
     if needs_wrk and shutil.which("wrk") is None:
         sys.exit("bench.py: wrk is not installed (apt-get install wrk); it is needed for: " + ", ".join(needs_wrk))
     results: dict[str, Any] = {}

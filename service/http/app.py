@@ -34,6 +34,7 @@ from service.http.validation import json_response
 from service.logs import flush_stdout_regularly, log, write_hot_lines
 from service.runs import run_fields
 from service.runtime import NotStarted, Runtime, close_runtime, open_runtime, stop_delivering
+from service.settings import ConfigError
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -83,7 +84,10 @@ async def lifespan(app: Starlette, version: str) -> AsyncIterator[None]:
         if not backend.shared and not getattr(app.state, "binds_own_socket", False):
             await refuse_second_memory_process()
 
-    runtime = app.state.runtime = await open_runtime(settings.current, before_start=one_process_for_memory_mode)
+    try:
+        runtime = app.state.runtime = await open_runtime(settings.current, before_start=one_process_for_memory_mode)
+    except ConfigError as exc:  # what only the store can tell (a schema newer than this version knows)
+        refuse_to_start(exc.variable, exc.detail)
     log.info("service_started", extra={
         "version": version, "store": runtime.backend.name, "agent_types": sorted(agents.registry),
         "agent_sleep_seconds": settings.current.agent_sleep_seconds})

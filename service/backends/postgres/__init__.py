@@ -1,0 +1,32 @@
+"""Postgres mode: every replica on one PostgreSQL database (and schema) shares slots, queue, runs, events and
+webhook deliveries.
+
+The only package that imports psycopg; ``open_backend`` imports it only when DATABASE_URL is set.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import psycopg
+
+from service.backends.postgres.database import Database
+from service.backends.postgres.store import PostgresBackend
+from service.settings import ConfigError
+
+__all__ = ["PostgresBackend", "check_url", "open_postgres"]
+
+
+def check_url(url: str) -> None:
+    """DATABASE_URL as libpq will read it (an unknown parameter, a malformed URL); ConfigError if not."""
+    try:
+        psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        raise ConfigError("DATABASE_URL", str(exc).strip()) from None
+
+
+def open_postgres(url: str, schema: str, lock_ttl_seconds: float, retention: int, retention_bytes: int,
+                  log: logging.Logger, slots: int = 1, idempotency_ttl_seconds: float = 86400.0) -> PostgresBackend:
+    """The backend on a pool of ``url``, its tables in ``schema``; not started yet."""
+    return PostgresBackend(Database(url, schema, log), slots, lock_ttl_seconds, retention, retention_bytes, log,
+                           idempotency_ttl_seconds)

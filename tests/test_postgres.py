@@ -1,0 +1,277 @@
+"""Postgres mode: its configuration, its schema and migrations, replicas on one database, and its faults.
+
+The backend matrix runs the black-box suite over PostgreSQL too; this file covers what only this mode has:
+DATABASE_URL and DATABASE_SCHEMA, the migrations and the schema version, and the database failing under a
+run (a restart, connections killed by pg_terminate_backend, statements timing out, a replica killed), each
+keeping the same promises as Redis mode: one terminal state per accepted run, nothing accepted lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import HERE, TERMINAL, TESTS, PostgresServer, ServerProcess, new_schema, wait_until
+
+LOG = logging.getLogger("agent_runner.test_postgres")
+
+
+TERMINAL_EVENTS = {"agent_complete", "agent_error", "run_cancelled", "run_timeout", "run_interrupted", "run_orphaned"}
+
+
+def terminal_lines(server: ServerProcess, run_id: str) -> list[dict[str, Any]]:
+    """The log lines that recorded ``run_id``'s terminal state (one per run, whatever happened), as written so far
+    (info lines are flushed in batches)."""
+    return [line for line in server.log_lines() if line.get("run_id") == run_id and line["event"] in TERMINAL_EVENTS]
+
+
+def refusal(**env: str) -> dict[str, Any]:
+    """Start the service with ``env``; it must exit 2 with one invalid_configuration line, returned."""
+    inherited = {key: value for key, value in os.environ.items() if key not in ("REDIS_URL", "DATABASE_URL")}
+    done = subprocess.run([sys.executable, "agent_runner.py"], cwd=HERE, capture_output=True, text=True, timeout=30,
+                          env={**inherited, "PORT": "1", "AGENT_MODULES": "fixture_agents", "PYTHONPATH": str(TESTS),
+                               **env})
+    assert done.returncode == 2, done.stdout + done.stderr
+    (line,) = [json.loads(line) for line in done.stdout.splitlines() if '"invalid_configuration"' in line]
+    return line
+
+
+def test_redis_url_and_database_url_together_refuse_to_start() -> None:
+    line = refusal(REDIS_URL="redis://127.0.0.1:1/0", DATABASE_URL="postgresql://127.0.0.1:1/db")
+    assert line["variable"] == "DATABASE_URL" and "REDIS_URL" in line["detail"]
+
+
+@pytest.mark.parametrize("schema", ["Agent", "1runs", "agent-runner", "a" * 41, "x;drop"])
+def test_a_schema_that_is_not_a_plain_identifier_refuses_to_start(schema: str) -> None:
+    line = refusal(DATABASE_URL="postgresql://127.0.0.1:1/db", DATABASE_SCHEMA=schema)
+    assert line["variable"] == "DATABASE_SCHEMA"
+
+
+def test_postgres_mode_without_psycopg_installed_refuses_to_start_saying_what_to_install(tmp_path: Path) -> None:
+    (tmp_path / "psycopg").mkdir()
+    (tmp_path / "psycopg" / "__init__.py").write_text("raise ImportError('psycopg is not installed here')\n")
+    line = refusal(DATABASE_URL="postgresql://127.0.0.1:1/db", PYTHONPATH=f"{tmp_path}:{TESTS}")
+    assert line["variable"] == "DATABASE_URL" and "requirements-postgres.txt" in line["detail"]
+
+
+def test_a_database_url_libpq_cannot_read_refuses_to_start() -> None:
+    line = refusal(DATABASE_URL="postgresql://127.0.0.1:1/db?no_such_parameter=1")
+    assert line["variable"] == "DATABASE_URL" and "no_such_parameter" in line["detail"]
+
+
+# --- the schema --------------------------------------------------------------------------------------------------
+
+def open_backend(url: str, schema: str, **kwargs: Any) -> Any:
+    from service.backends.postgres import open_postgres
+
+    return open_postgres(url, schema, kwargs.pop("lock_ttl_seconds", 30.0), 100, 1 << 30, LOG, **kwargs)
+
+
+def test_replicas_starting_together_apply_each_migration_once(postgres_server: PostgresServer) -> None:
+    from service.backends.postgres.schema import migrations
+
+    schema = new_schema()
+
+    async def start_four() -> None:
+        backends = [open_backend(postgres_server.url, schema) for _ in range(4)]
+        await asyncio.gather(*(backend.start() for backend in backends))
+        for backend in backends:
+            await backend.close()
+
+    asyncio.run(start_four())
+    applied = postgres_server.sql(f"SELECT version FROM {schema}.schema_version ORDER BY version").split()
+    assert applied == [str(version) for version, _, _ in migrations()] and applied
+    tables = postgres_server.sql(f"SELECT count(*) FROM pg_tables WHERE schemaname = '{schema}'")
+    assert int(tables) >= 10
+    assert postgres_server.sql("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == "0"
+
+
+def test_a_schema_newer_than_this_version_refuses_to_start(postgres_server: PostgresServer) -> None:
+    schema = new_schema()
+
+    async def start_once() -> None:
+        backend = open_backend(postgres_server.url, schema)
+        await backend.start()
+        await backend.close()
+
+    asyncio.run(start_once())
+    postgres_server.sql(f"INSERT INTO {schema}.schema_version (version, name) VALUES (9999, '9999_future.sql')")
+    line = refusal(DATABASE_URL=postgres_server.url, DATABASE_SCHEMA=schema)
+    assert line["variable"] == "DATABASE_SCHEMA" and "9999" in line["detail"] and "newer" in line["detail"]
+
+
+# --- replicas on one database ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def two_replicas(tmp_path: Path, postgres_server: PostgresServer) -> Any:
+    started: list[ServerProcess] = []
+
+    def start(url: str = postgres_server.url, schema: str | None = None, count: int = 2,
+              **env: str) -> list[ServerProcess]:
+        schema = schema or new_schema()
+        new = [ServerProcess(tmp_path / f"replica-{len(started) + i}.log", DATABASE_URL=url, DATABASE_SCHEMA=schema,
+                             **env) for i in range(count)]
+        started.extend(new)
+        return new
+
+    yield start
+    for server in started:
+        server.stop(signal.SIGKILL)
+
+
+def post(server: ServerProcess, agent_type: str = "sleeper", **input: Any) -> httpx.Response:
+    on_busy = input.pop("on_busy", "reject")
+    return server.client.post("/agents/run", json={"agent_type": agent_type, "user_id": str(uuid.uuid4()),
+                                                   "input": input, "on_busy": on_busy})
+
+
+def test_a_cancel_and_a_wait_reach_the_replica_running_the_run(two_replicas: Any) -> None:
+    first, second = two_replicas()
+    running = post(first, "hanging").json()["run_id"]
+    first.wait_state(running, "RUNNING")
+    started = time.monotonic()
+    waiting = threading.Thread(target=lambda: second.client.get(f"/agents/status/{running}", params={"wait": 10}))
+    waiting.start()
+    assert second.client.post(f"/agents/cancel/{running}").status_code in (200, 202)
+    waiting.join(15)
+    assert first.wait_run(running)["state"] == "CANCELLED"
+    assert time.monotonic() - started < 3  # heard at once (NOTIFY), not at the next renewal or poll
+    assert second.client.get(f"/agents/status/{running}").json()["state"] == "CANCELLED"
+
+
+def test_a_replica_killed_mid_run_leaves_its_run_runner_lost_after_the_ttl(two_replicas: Any) -> None:
+    holder, other = two_replicas(LOCK_TTL_SECONDS="1.5")
+    run_id = post(holder, "hanging").json()["run_id"]
+    holder.wait_state(run_id, "RUNNING")
+    waiting = post(holder, "sleeper", seconds=0, on_busy="enqueue").json()["run_id"]
+    holder.stop(signal.SIGKILL)
+    killed_at = time.monotonic()
+    lost = other.wait_run(run_id, timeout=15)
+    assert lost["state"] == "ERROR" and lost["error"].startswith("Runner lost")
+    assert time.monotonic() - killed_at > 0.5  # not before its lease could have ended
+    assert other.wait_run(waiting, timeout=15)["state"] == "DONE"  # accepted, so not lost with its replica
+
+
+# --- faults ------------------------------------------------------------------------------------------------------
+
+def terminate_connections(postgres: PostgresServer) -> int:
+    """Kill every client connection but psql's own (pg_terminate_backend); how many were killed."""
+    return int(postgres.sql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                            "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"))
+
+
+def test_a_run_and_the_queue_survive_a_restart_of_the_database(tmp_path: Path, own_postgres: PostgresServer) -> None:
+    srv = ServerProcess(tmp_path / "server.log", DATABASE_URL=own_postgres.url, DATABASE_SCHEMA=new_schema(),
+                        LOCK_TTL_SECONDS="4")
+    try:
+        running = post(srv, "sleeper", seconds=2).json()["run_id"]
+        srv.wait_state(running, "RUNNING")
+        queued = post(srv, "sleeper", seconds=0, on_busy="enqueue").json()["run_id"]
+        own_postgres.stop("fast")
+        time.sleep(0.3)
+        assert srv.client.get(f"/agents/status/{running}").status_code == 503  # the store is gone: said so
+        own_postgres.start()
+        assert srv.wait_run(running)["state"] == "DONE"  # renewed within half its TTL: it kept its slot
+        assert srv.wait_run(queued)["state"] == "DONE"
+        assert srv.run_to_end("sleeper", seconds=0)["state"] == "DONE"
+        events = {line["event"] for line in srv.log_lines()}
+        assert {"store_unavailable", "store_recovered"} <= events
+        assert len(wait_until(lambda: terminal_lines(srv, running), 5, "the terminal line")) == 1
+    finally:
+        srv.stop(signal.SIGKILL)
+
+
+def test_connections_killed_by_pg_terminate_backend_cost_no_run_and_no_request(
+        tmp_path: Path, postgres_server: PostgresServer) -> None:
+    srv = ServerProcess(tmp_path / "server.log", DATABASE_URL=postgres_server.url, DATABASE_SCHEMA=new_schema(),
+                        LOCK_TTL_SECONDS="3")
+    try:
+        running = post(srv, "sleeper", seconds=1.5).json()["run_id"]
+        srv.wait_state(running, "RUNNING")
+        for _ in range(3):
+            assert terminate_connections(postgres_server) > 0
+            # a pooled connection found killed is replaced and the request tried once more: no 503
+            assert srv.client.get(f"/agents/status/{running}").status_code == 200
+            time.sleep(0.3)
+        assert srv.wait_run(running)["state"] == "DONE"
+        replay = srv.client.get(f"/agents/events/{running}", timeout=10)  # from the run's first kept event
+        assert replay.status_code == 200 and replay.text.count("event: run") >= 3, replay.text  # PENDING to DONE
+        assert srv.run_to_end("sleeper", seconds=0)["state"] == "DONE"
+    finally:
+        srv.stop(signal.SIGKILL)
+
+
+def test_a_statement_that_times_out_is_a_503_and_the_run_ends_once(tmp_path: Path,
+                                                                  postgres_server: PostgresServer) -> None:
+    """DATABASE_URL's libpq options reach the server (a 300 ms statement_timeout): a table locked by someone else
+    for 2 s makes statements time out, answered 503 in JSON, not a hang; the run still ends in one state."""
+    schema = new_schema()
+    url = postgres_server.url + "?options=" + urllib.parse.quote("-c statement_timeout=300")
+    srv = ServerProcess(tmp_path / "server.log", DATABASE_URL=url, DATABASE_SCHEMA=schema, LOCK_TTL_SECONDS="6")
+    try:
+        running = post(srv, "sleeper", seconds=1).json()["run_id"]
+        srv.wait_state(running, "RUNNING")
+        locker = subprocess.Popen(["psql", "-X", "-q", postgres_server.url, "-c",
+                                   f"BEGIN; LOCK TABLE {schema}.runs IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(2); "
+                                   "COMMIT;"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_until(lambda: postgres_server.sql(
+                "SELECT count(*) FROM pg_locks WHERE mode = 'AccessExclusiveLock' AND granted "
+                f"AND relation = '{schema}.runs'::regclass") == "1", 5, "the table locked")
+            started = time.monotonic()
+            response = srv.client.get(f"/agents/status/{running}")
+            assert response.status_code == 503 and "detail" in response.json()
+            assert time.monotonic() - started < 1.5
+        finally:
+            locker.wait(10)
+        run = srv.wait_run(running)
+        assert run["state"] in TERMINAL
+        assert len(wait_until(lambda: terminal_lines(srv, running), 5, "the terminal line")) == 1
+        assert "canceling statement due to statement timeout" in json.dumps(srv.events("store_unavailable"))
+        assert srv.run_to_end("sleeper", seconds=0)["state"] == "DONE"
+    finally:
+        srv.stop(signal.SIGKILL)
+
+
+def test_a_failover_to_a_promoted_standby_keeps_every_accepted_run(tmp_path: Path,
+                                                                   own_postgres: PostgresServer) -> None:
+    """DATABASE_URL names both servers (libpq tries them in turn, read-write only). The primary dies with a run
+    going and one queued; the standby, caught up, is promoted: the run ends once, the queued one runs."""
+    standby = PostgresServer(standby_of=own_postgres)
+    try:
+        url = (f"postgresql://postgres@127.0.0.1:{own_postgres.port},127.0.0.1:{standby.port}/postgres"
+               "?target_session_attrs=read-write&connect_timeout=2")
+        srv = ServerProcess(tmp_path / "server.log", DATABASE_URL=url, DATABASE_SCHEMA=new_schema(),
+                            LOCK_TTL_SECONDS="6")
+        try:
+            running = post(srv, "sleeper", seconds=2).json()["run_id"]
+            srv.wait_state(running, "RUNNING")
+            queued = post(srv, "sleeper", seconds=0, on_busy="enqueue").json()["run_id"]
+            wait_until(lambda: own_postgres.sql(
+                "SELECT count(*) FROM pg_stat_replication WHERE replay_lsn = pg_current_wal_lsn()") == "1",
+                10, "the standby caught up")  # replication is asynchronous: what it has not replayed is lost
+            own_postgres.stop("immediate")
+            standby.promote()
+            run = srv.wait_run(running, timeout=30)
+            assert run["state"] in TERMINAL
+            assert len(wait_until(lambda: terminal_lines(srv, running), 5, "the terminal line")) == 1
+            assert srv.wait_run(queued, timeout=30)["state"] == "DONE"
+            assert srv.run_to_end("sleeper", seconds=0)["state"] == "DONE"
+        finally:
+            srv.stop(signal.SIGKILL)
+    finally:
+        standby.close()
