@@ -325,7 +325,8 @@ def require_redis_server() -> None:
 # dashboard in a browser, generated clients, logs, traces, HTTP hardening, fuzzing) do not depend on the store
 # beyond it, and run over memory and Redis only, to keep the suite's time.
 POSTGRES_MATRIX = {"test_agent_runner.py", "test_queue.py", "test_lifecycle.py", "test_events.py",
-                   "test_idempotency.py", "test_webhooks.py", "test_guarantee.py"}
+                   "test_idempotency.py", "test_webhooks.py", "test_guarantee.py", "test_queue_positions.py",
+                   "test_eventsource.py"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -5,10 +5,9 @@ across two replicas (a move made on one is seen by the other's clients)."""
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any
 
-from conftest import ServerProcess, new_user
+from conftest import ServerProcess, new_user, own_namespace
 from service.admission import QUEUE_FRAMES_INTERVAL
 from test_events import SSEReader, run_frames
 
@@ -53,7 +52,7 @@ def check(servers: list[ServerProcess], expected: dict[str, int], streams: dict[
 
 def test_positions_follow_cancels_an_interrupt_and_the_drain_for_every_reader(
         start_server: Any, backend: dict[str, str]) -> None:
-    prefix = {"REDIS_PREFIX": f"test-{uuid.uuid4().hex[:8]}"} if backend else {}
+    prefix = own_namespace(backend)  # one store place for both replicas (a Redis prefix, a PostgreSQL schema)
     servers = [start_server(AGENT_MODULES=AGENTS, **prefix) for _ in range(2 if backend else 1)]
     a, b = servers[0], servers[-1]
     blocker = a.start_run("hanging")

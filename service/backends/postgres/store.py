@@ -50,6 +50,7 @@ class PostgresBackend(TerminalSteps, RunReads):
 
     name = "postgres"
     shared = True  # every replica on the same database and schema shares slots, queue and runs
+    take_again = True  # it cannot tell from a take whether another could start a run: the caller asks again
 
     def __init__(self, db: Database, slots: int, lock_ttl_seconds: float, retention: int, retention_bytes: int,
                  log: logging.Logger, idempotency_ttl_seconds: float = 86400.0) -> None:
@@ -323,9 +324,10 @@ class PostgresBackend(TerminalSteps, RunReads):
 
         return await self.db.run(check, transaction=False)
 
-    async def claim_orphans(self) -> builtins.list[Run]:
+    async def claim_orphans(self, starting: Run | None = None) -> builtins.list[Run]:
         """Unfinished runs whose holder holds no live slot (and no live claim), passed to a claim of this call for a
-        lock TTL while the caller records them; if the caller dies, its claim lapses and they are orphans again."""
+        lock TTL while the caller records them; if the caller dies, its claim lapses and they are orphans again.
+        It always looks, ``starting`` or not (one indexed query)."""
         claim = uuid.uuid4().hex
 
         async def any_orphan(connection: Connection) -> bool:
