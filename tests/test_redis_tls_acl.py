@@ -5,6 +5,7 @@ permission makes /readyz answer 503 (issue 26).
 
 from __future__ import annotations
 
+import re
 import shutil
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ServerProcess, free_port, missing_tool, require_redis_server, wait_until
+from conftest import HERE, ServerProcess, free_port, missing_tool, require_redis_server, wait_until
 from redis_deployments import acl_words
 
 
@@ -119,3 +120,13 @@ def test_a_user_without_a_permission_the_service_needs_gets_readyz_503(tmp_path:
     response = srv.client.get("/readyz")
     assert (response.status_code, response.json()) == (503, {"detail": "Run store unavailable"})
     assert "NoPermissionError" in srv.wait_for_event("store_not_ready")["error"]
+
+
+def test_the_documented_acl_line_allows_every_command_the_lua_scripts_call() -> None:
+    """Redis checks a script's commands against the caller's ACL one by one, and a script refused part-way keeps
+    what it wrote before: a command of the scripts missing from the line would take slots and answer 503."""
+    allowed = {word[1:].lower() for word in acl_words("agent-runner", "x", "agent-runner") if word.startswith("+")}
+    sources = "".join(path.read_text() for path in (HERE / "service" / "backends" / "redis").glob("*.py"))
+    called = {name.lower() for name in re.findall(r"redis\.call\('(\w+)'", sources)}
+    assert called, "no redis.call found: the scripts moved"
+    assert called - allowed == set(), f"the ACL line in docs/redis-tls-acl.md lacks {sorted(called - allowed)}"

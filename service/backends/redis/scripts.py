@@ -49,13 +49,14 @@ end
 # is gone (ORPHANS_SCRIPT would find it), told in O(slots): more unfinished runs than slots held. The run starting
 # on the slot just given out then looks for orphans before it records RUNNING, so an orphan's RUNNING record and the
 # new run's are never both shown; when there is none to suspect, that look (a scan of the unfinished index) is
-# left to the periodic one. Slots are KEYS[first..last] of the caller. Returns the flag (1 or 0) and the number of
-# those slots held.
+# left to the periodic one. Slots are KEYS[first..last] of the caller; unfinished_count is the unfinished index's
+# size after the caller's writes, read (HLEN) before any of them, so a failure of that read (a missing ACL
+# permission) leaves nothing half written. Returns the flag (1 or 0) and the number of those slots held.
 ORPHANS_SUSPECT = """
-local function orphans_suspect(unfinished, first, last)
+local function orphans_suspect(unfinished_count, first, last)
   local held = 0
   for i = first, last do held = held + redis.call('EXISTS', KEYS[i]) end
-  return redis.call('HLEN', unfinished) > held and 1 or 0, held
+  return unfinished_count > held and 1 or 0, held
 end
 """
 
@@ -74,12 +75,13 @@ end
 # call's). While the fence stands it answers as if every slot were taken: busy, or queued. suspect: as in
 # TAKE_SCRIPT (ORPHANS_SUSPECT), on a started run.
 ADMIT_SCRIPT = FENCE + MINT + ORPHANS_SUSPECT + """
+local unfinished_count = redis.call('HLEN', KEYS[5])
 local n = tonumber(ARGV[8])
 if redis.call('EXISTS', KEYS[2]) == 1 then
   for i = 1, n do
     if redis.call('GET', KEYS[5 + i]) == ARGV[6] then
       return {1, i - 1, redis.call('GET', KEYS[6 + n]) or '', 0, token_of(redis.call('GET', KEYS[2])),
-              (orphans_suspect(KEYS[5], 6, 5 + n))}
+              (orphans_suspect(unfinished_count, 6, 5 + n))}
     end
   end
   local pos = redis.call('LPOS', KEYS[1], ARGV[3])
@@ -101,7 +103,7 @@ if waiting == 0 and open then
       redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[4]), ARGV[3])
       redis.call('HSET', KEYS[5], ARGV[3], ARGV[6])
       accept_key()
-      return {1, i - 1, redis.call('GET', KEYS[6 + n]), 0, token, (orphans_suspect(KEYS[5], 6, 5 + n))}
+      return {1, i - 1, redis.call('GET', KEYS[6 + n]), 0, token, (orphans_suspect(unfinished_count + 1, 6, 5 + n))}
     end
   end
 end
@@ -193,16 +195,17 @@ return oldest
 # again: 1 when another take could start a run now (a run waits and a slot is free), else 0 (no take is asked for
 # until something changes: a run queued, a slot freed).
 TAKE_SCRIPT = FENCE + MINT + ORPHANS_SUSPECT + """
+local unfinished_count = redis.call('HLEN', KEYS[2])
 local n = tonumber(ARGV[3])
 local open, lost = fence_open(KEYS[3 + n], KEYS[4 + n], ARGV[5], ARGV[2])
 local generation = redis.call('GET', KEYS[3 + n])
-local function taken(id, slot, found_lost, token)
+local function taken(id, slot, found_lost, token, added)
   if token == nil then
     local record = redis.call('GET', ARGV[7] .. id)
     token = mint(KEYS[5 + n], ARGV[6])
     if record then redis.call('SET', ARGV[7] .. id, with_token(record, token)) end
   end
-  local suspect, held = orphans_suspect(KEYS[2], 3, 2 + n)
+  local suspect, held = orphans_suspect(unfinished_count + (added or 0), 3, 2 + n)
   local again = (open and held < n and redis.call('LLEN', KEYS[1]) > 0) and 1 or 0
   return {id, slot, generation, found_lost, token, suspect, again}
 end
@@ -229,7 +232,7 @@ for i = 1, n do
   if redis.call('SET', KEYS[2 + i], ARGV[1], 'NX', 'PX', ARGV[2]) then
     local id = redis.call('LPOP', KEYS[1])
     redis.call('HSET', KEYS[2], id, ARGV[1])
-    return taken(id, i - 1, 0)
+    return taken(id, i - 1, 0, nil, 1)
   end
 end
 return {'', -1, generation, 0}
