@@ -114,3 +114,27 @@ def test_after_a_script_flush_no_event_is_kept_before_its_log_line(own_redis: Re
         assert seen and seen[-1] == (3, 3)
 
     with_writer(own_redis, scenario)
+
+
+def test_a_call_refused_for_noscript_is_applied_when_a_later_one_of_its_batch_was(own_redis: RedisServer) -> None:
+    async def scenario(client: Any, writer: RedisEvents, lines: Lines) -> None:
+        await writer._write([("log", "r1", "", b"warm")])
+        await client.script_flush()
+        real = writer._pipeline
+        sent: list[int] = []
+
+        async def loaded_midway(calls: Any) -> list[Any]:  # another replica loads the script mid-pipeline
+            sent.append(len(calls))
+            if len(sent) > 1:
+                return await real(calls)
+            first = await real(calls[:1])
+            await client.script_load(calls[0][0].script)
+            return [*first, *await real(calls[1:])]
+
+        writer._pipeline = loaded_midway  # type: ignore[method-assign]
+        await writer._write([("log", "r1", "", b"line-1"), ("log", "r1", "", b"line-2")])
+        assert sent == [2, 1]
+        assert sorted(await client.lrange("t:log:r1", 0, -1)) == [b"line-1", b"line-2", b"warm"]
+        assert await client.xlen("t:events:run:r1") == 3
+
+    with_writer(own_redis, scenario)
