@@ -105,7 +105,7 @@ def test_the_events_reader_stops_when_its_xread_loses_the_cancel(own_redis: Redi
         _, store = open_redis(own_redis.url, f"t-{uuid.uuid4().hex[:8]}", 2.0, 10, 1 << 20,
                               logging.getLogger("test"))
         hub = EventHub()
-        reader = RedisEvents(store.client, own_redis.url, store.prefix, hub, logging.getLogger("test"))
+        reader = RedisEvents(store.client, store.endpoint, store.prefix, hub, logging.getLogger("test"))
         xread = LosesOneCancel()
         reader.reader_client.xread = lambda *args, **kwargs: xread([])
         hub.start(15.0, reader)

@@ -81,7 +81,8 @@ def shoot(url: str, chatty: str, out: Path) -> None:
         page.get_by_role("button", name="Connect").click()
         expect(page.locator("#status")).to_have_attribute("data-state", "live", timeout=10_000)
         page.locator(f'#running li[data-run-id="{chatty}"]').get_by_role("button", name=f"Show run {chatty}").click()
-        page.wait_for_function("document.querySelectorAll('#log li').length >= 4", timeout=10_000)
+        # a locator, not wait_for_function: a string predicate is eval'd, which the page's CSP refuses
+        expect(page.locator("#log li").nth(3)).to_be_attached(timeout=10_000)
         expect(page.locator("#chart rect").first).to_be_visible()
         page.get_by_label("Agent", exact=True).select_option("sleeper")
         page.get_by_label("Input (JSON)").fill('{"seconds": 2}')
