@@ -1,9 +1,10 @@
 """The Lua scripts beside the run and slot steps (scripts.py): webhook deliveries, log lines, events and
 Idempotency-Keys, each one atomic step across replicas with its KEYS and ARGV.
 
-Each is safe to run again after its reply was lost (redis-py retries a command whose connection dropped or timed
-out, possibly while the first copy still runs): the webhook and Idempotency-Key steps by what they check, the events
-writer's by its sequence numbers.
+redis-py sends a command again when its connection drops or times out, possibly while the first copy still runs.
+The events writer's script applies each call once by its sequence number; the Idempotency-Key steps find their own
+earlier write; a webhook claim that runs twice uses up one more attempt of its delivery (within the attempt limit),
+and a report that runs twice answers 0 the second time.
 """
 
 
