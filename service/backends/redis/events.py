@@ -6,10 +6,13 @@ backlog of GET /agents/events) and ``<prefix>:events:run:<id>`` (one run's
 events: its backlog, expiring RUN_STREAM_TTL_SECONDS after its last event and
 dropped with the run). One script appends an event to all three under the
 same id, so an id means the same event everywhere. Each stream is capped by
-entries and bytes. A run's log lines are kept in ``<prefix>:log:<id>``.
+entries and bytes. A run's log lines are kept in ``<prefix>:log:<id>``, each by
+the same script call as its event and before it.
 
 Publishing never waits: events queue in this process and one writer task
-sends them in batches. One reader task per replica follows ``<prefix>:events``
+sends them in batches, each call numbered, so a batch redis-py sends again after a
+timeout (``<prefix>:writer:<id>`` holds the highest number applied) stores nothing
+twice. One reader task per replica follows ``<prefix>:events``
 with a blocking XREAD on its own connection and hands each event to the sink
 (the event hub), which fans it out to the local clients. Events are best effort: when Redis
 fails, events are dropped (logged once), the local streams end cleanly, and
@@ -23,6 +26,7 @@ import contextlib
 import json
 import logging
 import time
+import uuid
 from collections import deque
 from datetime import datetime
 from typing import Any, cast
@@ -36,7 +40,7 @@ from service.cancelling import cancel_and_wait
 from service.backends.records import (GLOBAL_BACKLOG_BYTES, GLOBAL_BACKLOG_FRAMES, RUN_BACKLOG_BYTES,
                                       RUN_BACKLOG_FRAMES, Frame, RunBacklog, StoreUnavailable)
 from service.backends.redis.connect import STORE_ERRORS, Endpoint, open_client
-from service.backends.redis.side_scripts import EVENT_SCRIPT, LOG_SCRIPT
+from service.backends.redis.side_scripts import WRITE_SCRIPT
 
 ALL_EVENTS_MAX = 10000  # entries of <prefix>:events: what a reader that lost Redis for a moment can catch up on
 ALL_EVENTS_BYTES = 16 * 1024 * 1024
@@ -47,6 +51,8 @@ SEND_QUEUE_MAX = 10000  # events waiting for the writer; past it new ones are dr
 SEND_QUEUE_BYTES = 16 * 1024 * 1024  # their data, the batch being written included (10000 lines of 64 KiB: 640 MB)
 BATCH = 200  # events per pipeline
 READ_BLOCK_MS = 2000
+WRITER_MARK_TTL_SECONDS = 600  # a writer's mark outlives any copy of its calls still on the way
+SEQ = 11  # where a call's sequence number is in its ARGV
 RETRY_SECONDS = 0.5
 Entries = list[tuple[bytes, dict[bytes, bytes]]]  # a stream's entries as XRANGE and XREAD answer them
 
@@ -74,8 +80,9 @@ class RedisEvents:
         self._last_read: tuple[int, int] = (0, 0)
         self._write_failed = False
         self._dropped = 0
-        self._event = client.register_script(EVENT_SCRIPT)
-        self._log_line = client.register_script(LOG_SCRIPT)
+        self._script = client.register_script(WRITE_SCRIPT)
+        self._mark = self.key("writer", uuid.uuid4().hex)  # this process's writer: its calls' high-water mark
+        self._seq = 0  # the number of the last call made
         self._tasks: list[asyncio.Task[None]] = []
 
     def key(self, *parts: str) -> str:
@@ -126,14 +133,13 @@ class RedisEvents:
     async def _write(self, batch: list[tuple[str, str, str, bytes]]) -> None:
         calls: list[tuple[AsyncScript, list[str], list[Any]]] = []
         for kind, run_id, state, data in batch:
-            if kind == "log":
-                calls.append((self._log_line, [self.key("log", run_id), self.key("logbytes"), self.key("sizes"),
-                                               self.key("bytes"), self.key("run", run_id)],
-                               [data, run_id, LOG_LINES_MAX, LOG_BYTES_MAX]))
-            streams = [self.key("events"), self.key("events", "runs"), self.key("events", "run", run_id)]
-            calls.append((self._event, streams,
+            keys = [self.key("events"), self.key("events", "runs"), self.key("events", "run", run_id), self._mark,
+                    self.key("log", run_id), self.key("logbytes"), self.key("sizes"), self.key("bytes"),
+                    self.key("run", run_id)]
+            calls.append((self._script, keys,
                           [kind, run_id, state, data, ALL_EVENTS_MAX, ALL_EVENTS_BYTES, GLOBAL_BACKLOG_FRAMES,
-                           GLOBAL_BACKLOG_BYTES, RUN_BACKLOG_FRAMES, RUN_BACKLOG_BYTES, RUN_STREAM_TTL_SECONDS]))
+                           GLOBAL_BACKLOG_BYTES, RUN_BACKLOG_FRAMES, RUN_BACKLOG_BYTES, RUN_STREAM_TTL_SECONDS,
+                           self._next_seq(), WRITER_MARK_TTL_SECONDS, LOG_LINES_MAX, LOG_BYTES_MAX]))
         try:
             replies = await self._run_scripts(calls)
         except STORE_ERRORS as exc:
@@ -151,15 +157,23 @@ class RedisEvents:
                 if key > self._last_written:
                     self._last_written = key
 
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
     async def _run_scripts(self, calls: list[tuple[AsyncScript, list[str], list[Any]]]) -> list[Any]:
         """Each call as an EVALSHA in one pipeline (no SCRIPT EXISTS first); the calls whose script Redis does not
-        have (NOSCRIPT: a restart, SCRIPT FLUSH) are sent again, in order, once it is loaded."""
+        have (NOSCRIPT: a restart, SCRIPT FLUSH) are sent again, in order, once it is loaded. NOSCRIPT means the
+        call did nothing, so each goes again under a new number: a later call of the batch that did apply (the
+        script loaded by another replica meanwhile) raised the mark past its old one."""
         replies = await self._pipeline(calls)
         missing = [index for index, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
             for script in {calls[index][0] for index in missing}:
                 await self.client.script_load(script.script)
-            for index, reply in zip(missing, await self._pipeline([calls[index] for index in missing])):
+            again = [(script, keys, [*args[:SEQ], self._next_seq(), *args[SEQ + 1:]])
+                     for script, keys, args in (calls[index] for index in missing)]
+            for index, reply in zip(missing, await self._pipeline(again)):
                 replies[index] = reply
         return replies
 

@@ -1,7 +1,10 @@
 """The Lua scripts beside the run and slot steps (scripts.py): webhook deliveries, log lines, events and
 Idempotency-Keys, each one atomic step across replicas with its KEYS and ARGV.
 
-Each is safe to run again after its reply was lost (redis-py retries a command whose connection dropped).
+redis-py sends a command again when its connection drops or times out, possibly while the first copy still runs.
+The events writer's script applies each call once by its sequence number; the Idempotency-Key steps find their own
+earlier write; a webhook claim that runs twice uses up one more attempt of its delivery (within the attempt limit),
+and a report that runs twice answers 0 the second time.
 """
 
 
@@ -62,34 +65,41 @@ redis.call('HDEL', KEYS[2], 'lease')
 return 1
 """
 
-# Keep one line an agent logged for its run (if the run is still stored): at most ARGV[3] lines and ARGV[4]
-# bytes per run, the oldest dropped first; a finished run's counted size follows.
-# KEYS: log, logbytes, sizes, bytes, run. ARGV: line, run_id, max_lines, max_bytes.
-LOG_SCRIPT = """
-if redis.call('EXISTS', KEYS[5]) == 0 then return 0 end
-redis.call('RPUSH', KEYS[1], ARGV[1])
-local delta = #ARGV[1]
-local total = redis.call('HINCRBY', KEYS[2], ARGV[2], delta)
-while redis.call('LLEN', KEYS[1]) > tonumber(ARGV[3]) or total > tonumber(ARGV[4]) do
-  local old = redis.call('LPOP', KEYS[1])
-  if not old then break end
-  total = redis.call('HINCRBY', KEYS[2], ARGV[2], -#old)
-  delta = delta - #old
+# Append one event, and before it (for a log line, if the run is still stored) the line itself, so a line is
+# never kept after its event (GET /agents/logs relies on it). The event goes to the stream of all events (the id is
+# made here), to its run's stream and, for a run event, to the stream of run events, under the same id; each
+# stream is capped by entries and by bytes (a companion key <stream>:bytes), the oldest dropped first. The run's
+# stream expires ARGV[11] s after its last event (and goes with the run at retention). A run keeps at most
+# ARGV[14] lines and ARGV[15] bytes of them, the oldest dropped first; a finished run's counted size follows.
+# Each call carries its writer's sequence number (ARGV[12]); the writer's mark (KEYS[4], one SET, expiring
+# ARGV[13] s after the last call) holds the highest one applied, and a call at or below it writes nothing: the
+# copy of a pipeline that redis-py sends again after a timeout, while the first copy still runs, stores nothing
+# twice, and the calls apply in the writer's order whichever copy they come from.
+# KEYS: all, runs, run, writer mark, log, logbytes, sizes, bytes, run record. ARGV: kind, run_id, state, data,
+# all n, all bytes, runs n, runs bytes, run n, run bytes, run ttl, seq, mark ttl, max lines, max log bytes.
+# Returns the id, or nil when the call was applied before (or the event could not be added).
+WRITE_SCRIPT = """
+local seq = tonumber(ARGV[12])
+local last = tonumber(redis.call('SET', KEYS[4], seq, 'GET', 'EX', ARGV[13]) or '0')
+if last >= seq then
+  redis.call('SET', KEYS[4], last, 'EX', ARGV[13])
+  return nil
 end
-if delta ~= 0 and redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then
-  redis.call('HINCRBY', KEYS[3], ARGV[2], delta)
-  redis.call('INCRBY', KEYS[4], delta)
+if ARGV[1] == 'log' and redis.call('EXISTS', KEYS[9]) == 1 then
+  redis.call('RPUSH', KEYS[5], ARGV[4])
+  local delta = #ARGV[4]
+  local total = redis.call('HINCRBY', KEYS[6], ARGV[2], delta)
+  while redis.call('LLEN', KEYS[5]) > tonumber(ARGV[14]) or total > tonumber(ARGV[15]) do
+    local old = redis.call('LPOP', KEYS[5])
+    if not old then break end
+    total = redis.call('HINCRBY', KEYS[6], ARGV[2], -#old)
+    delta = delta - #old
+  end
+  if delta ~= 0 and redis.call('HEXISTS', KEYS[7], ARGV[2]) == 1 then
+    redis.call('HINCRBY', KEYS[7], ARGV[2], delta)
+    redis.call('INCRBY', KEYS[8], delta)
+  end
 end
-return 1
-"""
-
-# Append one event to the stream of all events (the id is made here), to its run's stream and, for a run
-# event, to the stream of run events, under the same id; each stream is capped by entries and by bytes
-# (a companion key <stream>:bytes), the oldest dropped first. The run's stream expires ARGV[11] s after
-# its last event (and goes with the run at retention).
-# KEYS: all, runs, run. ARGV: kind, run_id, state, data, all n, all bytes, runs n, runs bytes, run n,
-# run bytes, run ttl. Returns the id.
-EVENT_SCRIPT = """
 local function add(key, id, n, b)
   local added = redis.pcall('XADD', key, id, 'k', ARGV[1], 'r', ARGV[2], 's', ARGV[3], 'd', ARGV[4])
   if type(added) == 'table' and added.err then return nil end
