@@ -275,3 +275,58 @@ def test_a_failover_to_a_promoted_standby_keeps_every_accepted_run(tmp_path: Pat
             srv.stop(signal.SIGKILL)
     finally:
         standby.close()
+
+
+# --- leases that straddle their expiry -------------------------------------------------------------------------
+
+def new_run() -> Any:
+    from service.backends.records import Run
+
+    return Run.new(str(uuid.uuid4()), "sleeper", str(uuid.uuid4()), {"n": 1}, holder=None)
+
+
+async def renewal_committed_after_expiry(url: str, schema: str, contender: Any) -> tuple[Any, Any, Any]:
+    """Replica one holds the only slot; its renewal matches a second before the lease lapses but commits only after
+    ``contender`` (a step of replica two) has begun. What the contender answered, the run, and the slot's token."""
+    from psycopg import AsyncConnection
+
+    one, two = open_backend(url, schema), open_backend(url, schema)
+    await one.start()
+    await two.start()
+    try:
+        run = new_run()
+        assert await one.admit(run, "enqueue", 10) == "started"
+        renewal = await AsyncConnection.connect(url, autocommit=True)
+        try:
+            await renewal.execute(f"SET search_path TO {schema}")
+            await renewal.execute("UPDATE slots SET expires_at = clock_timestamp() + interval '1 second' "
+                                  "WHERE token = %s", (run.holder,))
+            await renewal.execute("BEGIN")
+            cursor = await renewal.execute(  # the renewal's statement (store.py), its commit delayed
+                "UPDATE slots SET expires_at = clock_timestamp() + 30 * interval '1 second' "
+                "WHERE token = %s AND expires_at > clock_timestamp() RETURNING slot", (run.holder,))
+            assert await cursor.fetchone() is not None
+            await asyncio.sleep(1.3)  # the committed lease has lapsed; the renewal has not committed yet
+            step = asyncio.create_task(contender(two))
+            await asyncio.sleep(0.5)
+            await renewal.execute("COMMIT")
+            answer = await asyncio.wait_for(step, 10)
+            cursor = await renewal.execute("SELECT token FROM slots WHERE expires_at > clock_timestamp()")
+            return answer, run, [row[0] for row in await cursor.fetchall()]
+        finally:
+            await renewal.close()
+    finally:
+        await one.close()
+        await two.close()
+
+
+def test_a_renewal_committed_while_an_admission_waits_keeps_its_slot(postgres_server: PostgresServer) -> None:
+    answer, run, live = asyncio.run(renewal_committed_after_expiry(
+        postgres_server.url, new_schema(), lambda two: two.admit(new_run(), "enqueue", 10)))
+    assert answer == "queued" and live == [run.holder]
+
+
+def test_a_renewal_committed_while_orphans_are_claimed_keeps_its_run(postgres_server: PostgresServer) -> None:
+    answer, run, live = asyncio.run(renewal_committed_after_expiry(
+        postgres_server.url, new_schema(), lambda two: two.claim_orphans()))
+    assert answer == [] and live == [run.holder]
