@@ -330,3 +330,38 @@ def test_a_renewal_committed_while_orphans_are_claimed_keeps_its_run(postgres_se
     answer, run, live = asyncio.run(renewal_committed_after_expiry(
         postgres_server.url, new_schema(), lambda two: two.claim_orphans()))
     assert answer == [] and live == [run.holder]
+
+
+def test_a_take_whose_reply_is_lost_is_answered_by_the_next_take(postgres_server: PostgresServer) -> None:
+    """The take commits but its reply is lost: the next take answers the same run (its token is kept), so the run
+    runs instead of ending as an orphan ("Runner lost") after the TTL."""
+    from service.backends.records import StoreUnavailable, utc_now
+
+    async def scenario() -> tuple[Any, Any, list[Any]]:
+        backend = open_backend(postgres_server.url, new_schema(), lock_ttl_seconds=1.0)
+        await backend.start()
+        try:
+            running, waiting = new_run(), new_run()
+            assert await backend.admit(running, "enqueue", 10) == "started"
+            assert await backend.admit(waiting, "enqueue", 10) == "queued"
+            running.update(state="DONE", finished_at=utc_now())
+            await backend.save(running, release=True)
+            run = backend.db.run
+
+            async def reply_lost(work: Any, transaction: bool = True) -> Any:
+                await run(work, transaction)  # committed
+                raise StoreUnavailable("the connection was lost before the reply")
+
+            backend.db.run = reply_lost
+            with pytest.raises(StoreUnavailable):
+                await backend.take()
+            backend.db.run = run
+            taken = await backend.take()
+            await asyncio.sleep(1.5)  # the TTL of the first take's token has passed
+            return taken, waiting, await backend.claim_orphans()
+        finally:
+            await backend.close()
+
+    taken, waiting, orphans = asyncio.run(scenario())
+    assert taken is not None and taken.run_id == waiting.run_id and taken.holder is not None
+    assert orphans == []

@@ -78,6 +78,7 @@ class PostgresBackend(TerminalSteps, RunReads):
         self._records = RecordReader(log, f"{db.schema}.runs")
         self._reads = CoalescedReads(db)
         self.highest_token = 0
+        self._take_token: str | None = None  # a take not answered yet (take)
 
     # --- life ------------------------------------------------------------------------------------------------
 
@@ -197,8 +198,12 @@ class PostgresBackend(TerminalSteps, RunReads):
         return outcome
 
     async def take(self) -> Run | None:
-        """The head of the queue on a free slot, or None: one transaction under the admission lock."""
-        token = uuid.uuid4().hex
+        """The head of the queue on a free slot, or None: one transaction under the admission lock.
+
+        The token is kept until a take is answered: a take whose reply was lost is asked again with it at the next
+        call, and answers the same run (not left to end as an orphan when the token's lease lapses).
+        """
+        token = self._take_token = self._take_token or uuid.uuid4().hex
 
         async def take(connection: Connection) -> Run | None:
             await self.db.lock(connection)
@@ -224,6 +229,7 @@ class PostgresBackend(TerminalSteps, RunReads):
             return run
 
         run = await self.db.run(take)
+        self._take_token = None
         if run is not None:
             self._held.add(token)
         return run
