@@ -365,3 +365,78 @@ def test_a_take_whose_reply_is_lost_is_answered_by_the_next_take(postgres_server
     taken, waiting, orphans = asyncio.run(scenario())
     assert taken is not None and taken.run_id == waiting.run_id and taken.holder is not None
     assert orphans == []
+
+
+# --- a black-holed database ----------------------------------------------------------------------------------
+
+def test_a_renewal_into_a_black_holed_database_answers_by_its_deadline(postgres_server: PostgresServer,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The network to the database drops everything and resets nothing: a renewal bounded by keep_lock's answer_by
+    gives up at that bound (not after psycopg's cancel, ~10 s), a unit of work nobody bounds fails after the
+    client's own bound (not after TCP's retransmissions, ~15 min), and a new connection after its connect timeout
+    (once, not once more as if a pooled connection had been found dropped)."""
+    from redis_proxy import RedisProxy
+    from service.backends.postgres import database
+    from service.backends.records import StoreUnavailable
+
+    monkeypatch.setattr(database, "WORK_TIMEOUT_SECONDS", 1.5)
+    proxy = RedisProxy(postgres_server.port)
+    url = f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres"
+
+    async def scenario() -> list[float]:
+        backend = open_backend(url, new_schema())
+        await backend.start()
+        try:
+            run = new_run()
+            assert await backend.admit(run, "enqueue", 10) == "started"
+            await asyncio.gather(backend.check(), backend.check())  # two pooled connections, idle
+            proxy.freeze()
+            took = []
+            began = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(backend.renew(run), 1)
+            took.append(time.monotonic() - began)
+            for _ in range(2):  # on the other pooled connection, then on a new one
+                began = time.monotonic()
+                with pytest.raises(StoreUnavailable):
+                    await backend.check()
+                took.append(time.monotonic() - began)
+            return took
+        finally:
+            proxy.thaw()
+            await backend.close()
+
+    try:
+        renewal, pooled, new = asyncio.run(scenario())
+    finally:
+        proxy.close()
+    assert renewal < 2 and pooled < 2.5 and new < 4  # connect_timeout: 3 s
+
+
+def test_a_database_black_holed_after_a_renewal_stops_the_agent_before_its_lease_lapses(
+        tmp_path: Path, postgres_server: PostgresServer) -> None:
+    """The network freezes just as the renewal's cancel check goes out (no reply, no reset): the agent is stopped
+    (lock_lost) before its lease could lapse, however long the frozen connection would wait."""
+    from redis_proxy import RedisProxy
+
+    proxy = RedisProxy(postgres_server.port)
+    ledger = tmp_path / "ledger"
+    srv = ServerProcess(tmp_path / "server.log", DATABASE_URL=f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres",
+                        DATABASE_SCHEMA=new_schema(), LOCK_TTL_SECONDS="3",
+                        AGENT_MODULES="fixture_agents,fixture_resource_agents")
+    frozen_at: list[float] = []
+    try:
+        run_id = post(srv, "coroutine-worker", ledger=str(ledger), seconds=60).json()["run_id"]
+        srv.wait_state(run_id, "RUNNING")
+        proxy.hold(lambda chunk: b"FROM cancels WHERE run_id" in chunk, 0,
+                   lambda: (frozen_at.append(time.time()), proxy.freeze()))
+        wait_until(lambda: frozen_at, 10, "a renewal's cancel check")
+        line = srv.wait_for_event("lock_lost", timeout=10, run_id=run_id)
+        assert line["level"] == "error"
+        end = wait_until(lambda: [float(fields[2]) for fields in map(str.split, ledger.read_text().splitlines())
+                                  if fields[0] == "end"], 10, "the agent to stop")
+        assert end[0] < frozen_at[0] + 3  # stopped before the lease (renewed at most just before) could lapse
+    finally:
+        proxy.thaw()
+        srv.stop(signal.SIGKILL)
+        proxy.close()
