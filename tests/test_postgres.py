@@ -440,3 +440,30 @@ def test_a_database_black_holed_after_a_renewal_stops_the_agent_before_its_lease
         proxy.thaw()
         srv.stop(signal.SIGKILL)
         proxy.close()
+
+
+@pytest.mark.parametrize("setting", ["idle_session_timeout", "idle_in_transaction_session_timeout"])
+def test_a_pooled_connection_the_server_closed_for_idling_costs_no_request(postgres_server: PostgresServer,
+                                                                          setting: str) -> None:
+    """The server ends a connection idle too long (57P05), or one left inside a transaction (25P03): the next unit
+    of work on it is tried once more on a new connection, not answered 503 while the database is fine."""
+    from service.backends.postgres.database import Database
+
+    url = f"{postgres_server.url}?options=-c%20{setting}%3D300"
+
+    async def scenario() -> list[Any]:
+        db = Database(url, "public", LOG)
+        try:
+            async def select(connection: Any) -> Any:
+                return await (await connection.execute("SELECT 1")).fetchone()
+
+            first = await db.run(select, transaction=False)
+            if setting == "idle_in_transaction_session_timeout":  # the pooled connection left inside one
+                (connection,) = db.pool._idle
+                await connection.execute("BEGIN")
+            await asyncio.sleep(1)
+            return [first, await db.run(select, transaction=False), db.healthy]
+        finally:
+            await db.close()
+
+    assert asyncio.run(scenario()) == [(1,), (1,), True]

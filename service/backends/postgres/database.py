@@ -86,7 +86,7 @@ class Database:
                 try:
                     async with self.pool.connection() as connection:
                         return await bounded(connection, unit(connection, work, transaction))
-                except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                except psycopg.Error as exc:
                     if attempt == 2 or not pooled or not dropped(exc):  # a new connection failing: no retry
                         raise
                     await self.pool.close_idle()  # the idle ones were likely dropped with it: new ones instead
@@ -123,10 +123,17 @@ async def bounded(connection: Connection, work: Coroutine[Any, Any, T]) -> T:
 
 
 def dropped(exc: BaseException) -> bool:
-    """Whether ``exc`` means the connection was gone (a restart, pg_terminate_backend), not a refusal."""
-    if isinstance(exc, psycopg.errors.AdminShutdown | psycopg.errors.CrashShutdown | psycopg.InterfaceError):
+    """Whether ``exc`` means the connection was gone (a restart, pg_terminate_backend, the server's idle timeouts),
+    not a refusal: a connection exception (class 08), an operator intervention ending it (57P0x), a session ended
+    for idling in a transaction (25P03), or no answer at all (the socket died)."""
+    if isinstance(exc, psycopg.InterfaceError):
         return True
-    return isinstance(exc, psycopg.OperationalError) and exc.sqlstate is None  # no answer: the socket died
+    if not isinstance(exc, psycopg.Error):
+        return False
+    state = exc.sqlstate
+    if state is None:
+        return isinstance(exc, psycopg.OperationalError)
+    return state.startswith(("08", "57P0")) or state == "25P03"
 
 
 def connect_kwargs(url: str) -> dict[str, Any]:
