@@ -375,8 +375,9 @@ class Runner:
                 if reasserted:  # its key was gone from Redis, and nobody else had the slot: taken back
                     log.warning("lock_reasserted", extra={**run_fields(active.run),
                                                           "detail": "the run's slot was gone from Redis; taken back"})
-                with contextlib.suppress(StoreUnavailable):
-                    asked, by = await self.backend.cancel_requested(active.run.run_id)
+                # bounded too: a store that stops answering right after a renewal must not hold off the next one
+                with contextlib.suppress(StoreUnavailable, TimeoutError):
+                    asked, by = await asyncio.wait_for(self.backend.cancel_requested(active.run.run_id), ttl / 10)
                     if asked:
                         self.request_stop(active.run.run_id, by=by)
             if lost and not lost_logged:

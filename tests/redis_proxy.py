@@ -19,7 +19,9 @@ class RedisProxy:
     ``seconds`` before it is forwarded. ``lose_reply(match, then)``: the next matching chunk reaches Redis,
     but its reply does not: once it is back, ``then`` runs and the connection is closed instead (a connection
     dropped after the command ran). ``drop_reply(match, times)``: the same for the next ``times`` matching
-    chunks, with nothing to run. ``cut_all()`` closes every open connection.
+    chunks, with nothing to run. ``cut_all()`` closes every open connection. ``freeze()`` stops forwarding
+    anything either way but keeps every socket open (a black-holed network: no reply, no reset) until ``thaw()``.
+    It forwards any TCP protocol (PostgreSQL too); ``url`` is only for Redis.
     """
 
     def __init__(self, target_port: int, port: int | None = None) -> None:
@@ -33,6 +35,8 @@ class RedisProxy:
         self._losing: dict[socket.socket, Callable[[], None] | None] = {}  # upstream -> then, reply not passed
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self._flowing = threading.Event()
+        self._flowing.set()
         self._server = socket.create_server(("127.0.0.1", self.port))
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
@@ -52,6 +56,12 @@ class RedisProxy:
 
     def drop_reply(self, match: Callable[[bytes], bool], times: int) -> None:
         self.lose_reply(match, None, times)
+
+    def freeze(self) -> None:
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
 
     def cut_all(self) -> None:
         with self._lock:
@@ -95,6 +105,7 @@ class RedisProxy:
                     if then is not None:
                         then()
                     break
+                self._flowing.wait()
                 sink.sendall(chunk)
         except OSError:
             pass

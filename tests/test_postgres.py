@@ -275,3 +275,195 @@ def test_a_failover_to_a_promoted_standby_keeps_every_accepted_run(tmp_path: Pat
             srv.stop(signal.SIGKILL)
     finally:
         standby.close()
+
+
+# --- leases that straddle their expiry -------------------------------------------------------------------------
+
+def new_run() -> Any:
+    from service.backends.records import Run
+
+    return Run.new(str(uuid.uuid4()), "sleeper", str(uuid.uuid4()), {"n": 1}, holder=None)
+
+
+async def renewal_committed_after_expiry(url: str, schema: str, contender: Any) -> tuple[Any, Any, Any]:
+    """Replica one holds the only slot; its renewal matches a second before the lease lapses but commits only after
+    ``contender`` (a step of replica two) has begun. What the contender answered, the run, and the slot's token."""
+    from psycopg import AsyncConnection
+
+    one, two = open_backend(url, schema), open_backend(url, schema)
+    await one.start()
+    await two.start()
+    try:
+        run = new_run()
+        assert await one.admit(run, "enqueue", 10) == "started"
+        renewal = await AsyncConnection.connect(url, autocommit=True)
+        try:
+            await renewal.execute(f"SET search_path TO {schema}")
+            await renewal.execute("UPDATE slots SET expires_at = clock_timestamp() + interval '1 second' "
+                                  "WHERE token = %s", (run.holder,))
+            await renewal.execute("BEGIN")
+            cursor = await renewal.execute(  # the renewal's statement (store.py), its commit delayed
+                "UPDATE slots SET expires_at = clock_timestamp() + 30 * interval '1 second' "
+                "WHERE token = %s AND expires_at > clock_timestamp() RETURNING slot", (run.holder,))
+            assert await cursor.fetchone() is not None
+            await asyncio.sleep(1.3)  # the committed lease has lapsed; the renewal has not committed yet
+            step = asyncio.create_task(contender(two))
+            await asyncio.sleep(0.5)
+            await renewal.execute("COMMIT")
+            answer = await asyncio.wait_for(step, 10)
+            cursor = await renewal.execute("SELECT token FROM slots WHERE expires_at > clock_timestamp()")
+            return answer, run, [row[0] for row in await cursor.fetchall()]
+        finally:
+            await renewal.close()
+    finally:
+        await one.close()
+        await two.close()
+
+
+def test_a_renewal_committed_while_an_admission_waits_keeps_its_slot(postgres_server: PostgresServer) -> None:
+    answer, run, live = asyncio.run(renewal_committed_after_expiry(
+        postgres_server.url, new_schema(), lambda two: two.admit(new_run(), "enqueue", 10)))
+    assert answer == "queued" and live == [run.holder]
+
+
+def test_a_renewal_committed_while_orphans_are_claimed_keeps_its_run(postgres_server: PostgresServer) -> None:
+    answer, run, live = asyncio.run(renewal_committed_after_expiry(
+        postgres_server.url, new_schema(), lambda two: two.claim_orphans()))
+    assert answer == [] and live == [run.holder]
+
+
+def test_a_take_whose_reply_is_lost_is_answered_by_the_next_take(postgres_server: PostgresServer) -> None:
+    """The take commits but its reply is lost: the next take answers the same run (its token is kept), so the run
+    runs instead of ending as an orphan ("Runner lost") after the TTL."""
+    from service.backends.records import StoreUnavailable, utc_now
+
+    async def scenario() -> tuple[Any, Any, list[Any]]:
+        backend = open_backend(postgres_server.url, new_schema(), lock_ttl_seconds=1.0)
+        await backend.start()
+        try:
+            running, waiting = new_run(), new_run()
+            assert await backend.admit(running, "enqueue", 10) == "started"
+            assert await backend.admit(waiting, "enqueue", 10) == "queued"
+            running.update(state="DONE", finished_at=utc_now())
+            await backend.save(running, release=True)
+            run = backend.db.run
+
+            async def reply_lost(work: Any, transaction: bool = True) -> Any:
+                await run(work, transaction)  # committed
+                raise StoreUnavailable("the connection was lost before the reply")
+
+            backend.db.run = reply_lost
+            with pytest.raises(StoreUnavailable):
+                await backend.take()
+            backend.db.run = run
+            taken = await backend.take()
+            await asyncio.sleep(1.5)  # the TTL of the first take's token has passed
+            return taken, waiting, await backend.claim_orphans()
+        finally:
+            await backend.close()
+
+    taken, waiting, orphans = asyncio.run(scenario())
+    assert taken is not None and taken.run_id == waiting.run_id and taken.holder is not None
+    assert orphans == []
+
+
+# --- a black-holed database ----------------------------------------------------------------------------------
+
+def test_a_renewal_into_a_black_holed_database_answers_by_its_deadline(postgres_server: PostgresServer,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The network to the database drops everything and resets nothing: a renewal bounded by keep_lock's answer_by
+    gives up at that bound (not after psycopg's cancel, ~10 s), a unit of work nobody bounds fails after the
+    client's own bound (not after TCP's retransmissions, ~15 min), and a new connection after its connect timeout
+    (once, not once more as if a pooled connection had been found dropped)."""
+    from redis_proxy import RedisProxy
+    from service.backends.postgres import database
+    from service.backends.records import StoreUnavailable
+
+    monkeypatch.setattr(database, "WORK_TIMEOUT_SECONDS", 1.5)
+    proxy = RedisProxy(postgres_server.port)
+    url = f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres"
+
+    async def scenario() -> list[float]:
+        backend = open_backend(url, new_schema())
+        await backend.start()
+        try:
+            run = new_run()
+            assert await backend.admit(run, "enqueue", 10) == "started"
+            await asyncio.gather(backend.check(), backend.check())  # two pooled connections, idle
+            proxy.freeze()
+            took = []
+            began = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(backend.renew(run), 1)
+            took.append(time.monotonic() - began)
+            for _ in range(2):  # on the other pooled connection, then on a new one
+                began = time.monotonic()
+                with pytest.raises(StoreUnavailable):
+                    await backend.check()
+                took.append(time.monotonic() - began)
+            return took
+        finally:
+            proxy.thaw()
+            await backend.close()
+
+    try:
+        renewal, pooled, new = asyncio.run(scenario())
+    finally:
+        proxy.close()
+    assert renewal < 2 and pooled < 2.5 and new < 4  # connect_timeout: 3 s
+
+
+def test_a_database_black_holed_after_a_renewal_stops_the_agent_before_its_lease_lapses(
+        tmp_path: Path, postgres_server: PostgresServer) -> None:
+    """The network freezes just as the renewal's cancel check goes out (no reply, no reset): the agent is stopped
+    (lock_lost) before its lease could lapse, however long the frozen connection would wait."""
+    from redis_proxy import RedisProxy
+
+    proxy = RedisProxy(postgres_server.port)
+    ledger = tmp_path / "ledger"
+    srv = ServerProcess(tmp_path / "server.log", DATABASE_URL=f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres",
+                        DATABASE_SCHEMA=new_schema(), LOCK_TTL_SECONDS="3",
+                        AGENT_MODULES="fixture_agents,fixture_resource_agents")
+    frozen_at: list[float] = []
+    try:
+        run_id = post(srv, "coroutine-worker", ledger=str(ledger), seconds=60).json()["run_id"]
+        srv.wait_state(run_id, "RUNNING")
+        proxy.hold(lambda chunk: b"FROM cancels WHERE run_id" in chunk, 0,
+                   lambda: (frozen_at.append(time.time()), proxy.freeze()))
+        wait_until(lambda: frozen_at, 10, "a renewal's cancel check")
+        line = srv.wait_for_event("lock_lost", timeout=10, run_id=run_id)
+        assert line["level"] == "error"
+        end = wait_until(lambda: [float(fields[2]) for fields in map(str.split, ledger.read_text().splitlines())
+                                  if fields[0] == "end"], 10, "the agent to stop")
+        assert end[0] < frozen_at[0] + 3  # stopped before the lease (renewed at most just before) could lapse
+    finally:
+        proxy.thaw()
+        srv.stop(signal.SIGKILL)
+        proxy.close()
+
+
+@pytest.mark.parametrize("setting", ["idle_session_timeout", "idle_in_transaction_session_timeout"])
+def test_a_pooled_connection_the_server_closed_for_idling_costs_no_request(postgres_server: PostgresServer,
+                                                                          setting: str) -> None:
+    """The server ends a connection idle too long (57P05), or one left inside a transaction (25P03): the next unit
+    of work on it is tried once more on a new connection, not answered 503 while the database is fine."""
+    from service.backends.postgres.database import Database
+
+    url = f"{postgres_server.url}?options=-c%20{setting}%3D300"
+
+    async def scenario() -> list[Any]:
+        db = Database(url, "public", LOG)
+        try:
+            async def select(connection: Any) -> Any:
+                return await (await connection.execute("SELECT 1")).fetchone()
+
+            first = await db.run(select, transaction=False)
+            if setting == "idle_in_transaction_session_timeout":  # the pooled connection left inside one
+                (connection,) = db.pool._idle
+                await connection.execute("BEGIN")
+            await asyncio.sleep(1)
+            return [first, await db.run(select, transaction=False), db.healthy]
+        finally:
+            await db.close()
+
+    assert asyncio.run(scenario()) == [(1,), (1,), True]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import psycopg
@@ -26,6 +26,10 @@ IDLE_IN_TRANSACTION_MS = 10000  # a replica paused inside a transaction gives it
 CONNECT_TIMEOUT_SECONDS = 3
 POOL_MAX = 20  # connections of one replica at most (a request waits POOL_WAIT_SECONDS for one, then 503)
 POOL_WAIT_SECONDS = 5.0
+# a unit of work without an answer after this fails (503) and its connection is closed at once: the bound a
+# black-holed network (no reply, no reset) otherwise lacks, as keepalives only probe idle connections
+WORK_TIMEOUT_SECONDS = 2 * STATEMENT_TIMEOUT_MS / 1000
+TCP_USER_TIMEOUT_MS = 10000  # data unacknowledged this long: the kernel closes the connection (the listener's too)
 
 
 class Database:
@@ -78,15 +82,12 @@ class Database:
         the first was found dropped. Every unit of work here is safe to run again after a lost reply."""
         async with self.guard():
             for attempt in (1, 2):
+                pooled = self.pool.has_idle()
                 try:
                     async with self.pool.connection() as connection:
-                        if not transaction:
-                            return await work(connection)
-                        # pipelined: statements whose results are not awaited go out with the next one
-                        async with connection.pipeline(), connection.transaction():
-                            return await work(connection)
-                except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-                    if attempt == 2 or not dropped(exc):
+                        return await bounded(connection, unit(connection, work, transaction))
+                except psycopg.Error as exc:
+                    if attempt == 2 or not pooled or not dropped(exc):  # a new connection failing: no retry
                         raise
                     await self.pool.close_idle()  # the idle ones were likely dropped with it: new ones instead
             raise AssertionError("unreachable")
@@ -96,21 +97,53 @@ class Database:
         await connection.execute("SELECT 1 FROM locks WHERE name = %s FOR UPDATE", (name,))
 
 
+async def unit(connection: Connection, work: Callable[[Connection], Awaitable[T]], transaction: bool) -> T:
+    if not transaction:
+        return await work(connection)
+    # pipelined: statements whose results are not awaited go out with the next one
+    async with connection.pipeline(), connection.transaction():
+        return await work(connection)
+
+
+async def bounded(connection: Connection, work: Coroutine[Any, Any, T]) -> T:
+    """``work`` on ``connection``, for WORK_TIMEOUT_SECONDS at most (TimeoutError). When it runs out, or the caller
+    is cancelled (a renewal's own deadline), the connection is closed at once: psycopg's way, a cancel request
+    and a wait for the query to end, takes ~10 s more when the network drops everything."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.wait_for(asyncio.shield(task), WORK_TIMEOUT_SECONDS)
+    except BaseException:
+        if not task.done():
+            connection.pgconn.finish()  # no transaction left ACTIVE: psycopg skips its cancel request
+            task.cancel()
+            await asyncio.wait({task}, timeout=1.0)
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: its error (the connection closed under it) is not the caller's
+        raise
+
+
 def dropped(exc: BaseException) -> bool:
-    """Whether ``exc`` means the connection was gone (a restart, pg_terminate_backend), not a refusal."""
-    if isinstance(exc, psycopg.errors.AdminShutdown | psycopg.errors.CrashShutdown | psycopg.InterfaceError):
+    """Whether ``exc`` means the connection was gone (a restart, pg_terminate_backend, the server's idle timeouts),
+    not a refusal: a connection exception (class 08), an operator intervention ending it (57P0x), a session ended
+    for idling in a transaction (25P03), or no answer at all (the socket died)."""
+    if isinstance(exc, psycopg.InterfaceError):
         return True
-    return isinstance(exc, psycopg.OperationalError) and exc.sqlstate is None  # no answer: the socket died
+    if not isinstance(exc, psycopg.Error):
+        return False
+    state = exc.sqlstate
+    if state is None:
+        return isinstance(exc, psycopg.OperationalError)
+    return state.startswith(("08", "57P0")) or state == "25P03"
 
 
 def connect_kwargs(url: str) -> dict[str, Any]:
-    """What every connection adds to DATABASE_URL: autocommit, and a connect timeout and keepalives unless the
-    URL sets its own."""
+    """What every connection adds to DATABASE_URL: autocommit, and a connect timeout, keepalives and a TCP user
+    timeout unless the URL sets its own."""
     given = psycopg.conninfo.conninfo_to_dict(url)
     # TCP keepalives: a connection to a server that vanished without a word (a failover, a cut network) is
     # found dead in about 20 s, not hours; the listener's above all, which otherwise only waits
     defaults = {"connect_timeout": CONNECT_TIMEOUT_SECONDS, "keepalives": 1, "keepalives_idle": 10,
-                "keepalives_interval": 5, "keepalives_count": 2}
+                "keepalives_interval": 5, "keepalives_count": 2, "tcp_user_timeout": TCP_USER_TIMEOUT_MS}
     return {"autocommit": True, **{name: value for name, value in defaults.items() if name not in given}}
 
 
@@ -143,6 +176,9 @@ class Pool:
                     self._idle.append(connection)
         finally:
             self._free.release()
+
+    def has_idle(self) -> bool:
+        return any(not connection.closed for connection in self._idle)
 
     async def close_idle(self) -> None:
         idle, self._idle = self._idle, []

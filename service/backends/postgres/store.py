@@ -29,12 +29,15 @@ from service.cancelling import cancel_and_wait
 
 # A free slot taken for a token, and the fencing token it mints (a row only when a slot was free): the
 # sequence's next value, raised (setval) to the database's clock in microseconds and above the highest token the
-# caller has seen, so it stays above every earlier one even if the sequence was lost.
+# caller has seen, so it stays above every earlier one even if the sequence was lost. The outer UPDATE checks the
+# slot is free again: after waiting for a renewal's row lock PostgreSQL re-checks only its own WHERE on the renewed
+# row, not the subquery's snapshot, and without the check a lease renewed just before it lapsed would be taken.
 TAKE_SLOT = """
 WITH taken AS (
   UPDATE slots SET token = %(token)s, expires_at = clock_timestamp() + %(ttl)s * interval '1 second'
   WHERE slot = (SELECT slot FROM slots WHERE slot < %(slots)s AND (token IS NULL OR expires_at <= clock_timestamp())
                 ORDER BY slot LIMIT 1)
+    AND (token IS NULL OR expires_at <= clock_timestamp())
   RETURNING slot)
 SELECT CASE WHEN n >= f THEN n ELSE setval('fencing_tokens', f) END
 FROM taken, LATERAL (SELECT nextval('fencing_tokens') AS n,
@@ -75,6 +78,7 @@ class PostgresBackend(TerminalSteps, RunReads):
         self._records = RecordReader(log, f"{db.schema}.runs")
         self._reads = CoalescedReads(db)
         self.highest_token = 0
+        self._take_token: str | None = None  # a take not answered yet (take)
 
     # --- life ------------------------------------------------------------------------------------------------
 
@@ -194,8 +198,12 @@ class PostgresBackend(TerminalSteps, RunReads):
         return outcome
 
     async def take(self) -> Run | None:
-        """The head of the queue on a free slot, or None: one transaction under the admission lock."""
-        token = uuid.uuid4().hex
+        """The head of the queue on a free slot, or None: one transaction under the admission lock.
+
+        The token is kept until a take is answered: a take whose reply was lost is asked again with it at the next
+        call, and answers the same run (not left to end as an orphan when the token's lease lapses).
+        """
+        token = self._take_token = self._take_token or uuid.uuid4().hex
 
         async def take(connection: Connection) -> Run | None:
             await self.db.lock(connection)
@@ -221,6 +229,7 @@ class PostgresBackend(TerminalSteps, RunReads):
             return run
 
         run = await self.db.run(take)
+        self._take_token = None
         if run is not None:
             self._held.add(token)
         return run
@@ -339,6 +348,9 @@ class PostgresBackend(TerminalSteps, RunReads):
 
         async def orphans(connection: Connection) -> builtins.list[tuple[str, bytes]]:
             await self.db.lock(connection)
+            # waits for renewals in flight (they take no admission lock), so the next statement's snapshot sees
+            # a lease renewed just before it lapsed as live; renewals wait in turn until this step commits
+            await connection.execute("SELECT 1 FROM slots FOR SHARE")
             cursor = await connection.execute(
                 "UPDATE runs SET holder = %s, claimed_until = clock_timestamp() + %s * interval '1 second' "
                 "WHERE finished_seq IS NULL AND holder IS NOT NULL AND holder <> ALL(%s) "
