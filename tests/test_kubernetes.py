@@ -1,5 +1,5 @@
 """deploy/kubernetes (issue 26): both overlays render, validate offline against the API's schemas
-(kubernetes-validate), and say what docs/kubernetes.md says: one pod and Recreate in memory mode, several pods
+(kubernetes-validate), and say what docs/kubernetes.md says: a StatefulSet of one pod in memory mode, several pods
 and a PodDisruptionBudget in Redis mode, probes, a preStop pause, a grace period that covers the worst stop,
 non-root on a read-only root filesystem.
 
@@ -31,12 +31,14 @@ def rendered(overlay: str) -> dict[tuple[str, str], dict[str, Any]]:
     return {(doc["kind"], doc["metadata"]["name"]): doc for doc in kustomize.render(KUBERNETES / "overlays" / overlay)}
 
 
-def deployment(overlay: str) -> dict[str, Any]:
-    return rendered(overlay)[("Deployment", "agent-runner")]
+def workload(overlay: str) -> dict[str, Any]:
+    """The overlay's one workload: memory's StatefulSet, Redis's Deployment."""
+    (only,) = [doc for (kind, _), doc in rendered(overlay).items() if kind in ("Deployment", "StatefulSet")]
+    return only
 
 
 def container(overlay: str) -> dict[str, Any]:
-    (only,) = deployment(overlay)["spec"]["template"]["spec"]["containers"]
+    (only,) = workload(overlay)["spec"]["template"]["spec"]["containers"]
     return dict(only)
 
 
@@ -50,7 +52,7 @@ def test_each_overlay_validates_against_the_kubernetes_schemas(overlay: str, ver
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_renderer_agrees_with_kubectl_kustomize_where_kubectl_is_installed(overlay: str) -> None:
     ours = rendered(overlay)
-    assert {kind for kind, _ in ours} >= {"Deployment", "Service", "ConfigMap"}
+    assert {kind for kind, _ in ours} >= {"Service", "ConfigMap"} and {kind for kind, _ in ours} & {"Deployment", "StatefulSet"}
     if shutil.which("kubectl") is not None:
         output = subprocess.run(["kubectl", "kustomize", str(KUBERNETES / "overlays" / overlay)], check=True,
                                 capture_output=True, text=True, timeout=60).stdout
@@ -71,16 +73,20 @@ def test_the_renderer_refuses_what_it_does_not_know(tmp_path: Path) -> None:
         kustomize.apply_patch(resource, [{"op": "replace", "path": "/spec/missing", "value": 1}])
 
 
-def test_memory_mode_is_one_pod_replaced_not_rolled() -> None:
-    spec = deployment("memory")["spec"]
-    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+def test_memory_mode_is_a_stateful_set_of_one_pod_replaced_only_once_gone() -> None:
+    resources = rendered("memory")
+    memory = workload("memory")
+    assert memory["kind"] == "StatefulSet" and memory["spec"]["replicas"] == 1
+    pods_service = resources[("Service", memory["spec"]["serviceName"])]["spec"]
+    assert pods_service["clusterIP"] == "None"
+    assert pods_service["selector"] == memory["spec"]["template"]["metadata"]["labels"]
     assert "REDIS_URL" not in str(container("memory").get("env", []))
     assert not [kind for kind, _ in rendered("memory") if kind == "PodDisruptionBudget"]
 
 
 def test_redis_mode_is_several_pods_from_the_secret_with_a_disruption_budget() -> None:
     resources = rendered("redis")
-    spec = deployment("redis")["spec"]
+    spec = workload("redis")["spec"]
     assert spec["replicas"] >= 2 and spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     (redis_url,) = [env for env in container("redis")["env"] if env["name"] == "REDIS_URL"]
     secret_ref = redis_url["valueFrom"]["secretKeyRef"]
@@ -101,7 +107,7 @@ def pre_stop_seconds(overlay: str) -> float:
 def test_the_grace_period_covers_the_documented_formula(overlay: str) -> None:
     """terminationGracePeriodSeconds >= preStop pause + SHUTDOWN_GRACE_SECONDS + 10 (docs/kubernetes.md)."""
     settings = rendered(overlay)[("ConfigMap", "agent-runner")]["data"]
-    grace = deployment(overlay)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    grace = workload(overlay)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     pause = pre_stop_seconds(overlay)
     assert pause >= 1
     assert grace >= pause + float(settings["SHUTDOWN_GRACE_SECONDS"]) + 10
@@ -120,7 +126,7 @@ def test_probes_check_healthz_for_liveness_and_readyz_for_readiness(overlay: str
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_it_runs_as_non_root_on_a_read_only_root_with_tmp_writable_and_resources_set(overlay: str) -> None:
-    pod = deployment(overlay)["spec"]["template"]["spec"]
+    pod = workload(overlay)["spec"]["template"]["spec"]
     dockerfile_user = re.search(r"^USER (\d+)$", (HERE / "Dockerfile").read_text(), re.MULTILINE)[1]  # type: ignore
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert str(pod["securityContext"]["runAsUser"]) == dockerfile_user
@@ -132,3 +138,9 @@ def test_it_runs_as_non_root_on_a_read_only_root_with_tmp_writable_and_resources
     assert "emptyDir" in volume
     resources = container(overlay)["resources"]
     assert resources["requests"]["cpu"] and resources["requests"]["memory"] and resources["limits"]["memory"]
+
+
+def test_the_base_alone_runs_no_pod() -> None:
+    """Applied alone (by mistake), the base must not start memory-mode pods that a rollout would double."""
+    kinds = {doc["kind"] for doc in kustomize.render(KUBERNETES / "base")}
+    assert kinds and not kinds & {"Deployment", "StatefulSet", "ReplicaSet", "Pod", "DaemonSet"}, kinds
