@@ -3,8 +3,10 @@
 Publishing never waits: events queue in this process and one writer task inserts them in batches, each batch
 one transaction under the row lock ``locks.events``, so ids (a sequence) commit in order and a reader that
 follows the table by id never skips one; the batch ends with a NOTIFY. Each replica's reader reads what is
-new when notified (and once a second regardless). A run keeps its newest RUN_BACKLOG_FRAMES events, dropped
-with the run at retention; the table keeps ALL_EVENTS_MAX events in all. A log line is kept in ``run_logs``
+new when notified (and once a second regardless). No trim removes one of the newest FOLLOWED events, so a
+reader up to that many behind (a busy replica) still reads every event; one further behind ends its local streams
+(they resume from their Last-Event-ID, with a ``gap`` frame where events are gone). Past those, a run keeps its
+newest RUN_BACKLOG_FRAMES events, dropped with the run at retention; the table keeps ALL_EVENTS_MAX in all. A log line is kept in ``run_logs``
 in the same transaction. Events are best effort: when the database fails, events are dropped (logged once),
 the local streams end cleanly, and the runs go on; the run store stays the truth.
 """
@@ -26,6 +28,7 @@ from service.backends.records import (GLOBAL_BACKLOG_BYTES, GLOBAL_BACKLOG_FRAME
 from service.cancelling import cancel_and_wait
 
 ALL_EVENTS_MAX = 100000  # events kept in all (a run's own are dropped with it before that, at retention)
+FOLLOWED = 10000  # the newest events no trim removes: a reader behind by fewer misses none
 SEND_QUEUE_MAX = 10000  # events waiting for the writer; past it new ones are dropped
 SEND_QUEUE_BYTES = 16 * 1024 * 1024
 BATCH = 200  # events per transaction at most, and BATCH_BYTES of their data (one event at least)
@@ -158,8 +161,9 @@ class PostgresEvents:
                 await connection.execute(
                     "WITH dropped AS (DELETE FROM events WHERE id IN (SELECT id FROM (SELECT id, "
                     "row_number() OVER (PARTITION BY run_id ORDER BY id DESC) AS n "
-                    "FROM events WHERE run_id = ANY(%s)) AS kept WHERE n > %s) RETURNING run_id) "
-                    f"{MARK_TRIMMED}", (crowded, RUN_BACKLOG_FRAMES))
+                    "FROM events WHERE run_id = ANY(%s)) AS kept WHERE n > %s) "
+                    "AND id <= (SELECT max(id) FROM events) - %s RETURNING run_id) "
+                    f"{MARK_TRIMMED}", (crowded, RUN_BACKLOG_FRAMES, FOLLOWED))
             if self._batches % TRIM_EVERY == 0:
                 await connection.execute(
                     "WITH dropped AS (DELETE FROM events WHERE id <= (SELECT max(id) FROM events) - %s "
@@ -216,7 +220,11 @@ class PostgresEvents:
                     self._epoch, self._last_read = await self.db.run(_epoch_and_newest_id, transaction=False)
                 self._new_events.clear()
                 while True:
-                    rows = await self.db.run(self._rows_after, transaction=False)
+                    newest, rows = await self.db.run(self._rows_after, transaction=False)
+                    if self._last_read is not None and self._last_read < newest - FOLLOWED:
+                        self._behind(newest)
+                        self._last_read = newest - FOLLOWED  # on from what no trim has touched
+                        rows = [row for row in rows if row[0] > self._last_read]
                     for row in rows:
                         self._last_read = row[0]
                         frame = self._frame(row)
@@ -231,10 +239,20 @@ class PostgresEvents:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._new_events.wait(), POLL_SECONDS)
 
-    async def _rows_after(self, connection: Connection) -> list[Row]:
-        cursor = await connection.execute(f"SELECT {COLUMNS} FROM events WHERE id > %s ORDER BY id LIMIT 1000",
-                                          (self._last_read or 0,))
-        return [_row(row) for row in await cursor.fetchall()]
+    async def _rows_after(self, connection: Connection) -> tuple[int, list[Row]]:
+        """The newest id, and up to 1000 rows after the last read, in one snapshot (one statement)."""
+        cursor = await connection.execute(
+            f"SELECT newest, {COLUMNS} FROM (SELECT coalesce(max(id), 0) AS newest FROM events) AS top "
+            f"LEFT JOIN LATERAL (SELECT {COLUMNS} FROM events WHERE id > %s ORDER BY id LIMIT 1000) AS rows ON true "
+            "ORDER BY id", (self._last_read or 0,))
+        found = await cursor.fetchall()
+        return (int(found[0][0]) if found else 0), [_row(row[1:]) for row in found if row[1] is not None]
+
+    def _behind(self, newest: int) -> None:
+        """The reader fell more than FOLLOWED events behind: trims may have taken events it never read, so the
+        local streams end (a client resumes from its Last-Event-ID and is told of a gap) instead of skipping them."""
+        self.log.warning("events_reader_behind", extra={"events_behind": newest - (self._last_read or 0)})
+        self.sink.end_all("behind")
 
     # --- what a new client gets first ----------------------------------------------------------------------
 

@@ -1,0 +1,102 @@
+"""Postgres mode's event transport in process: the table ``events`` followed by each replica's reader, trimmed
+per run and in all without costing a reader (on this replica or another) an event it has not read yet."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from conftest import PostgresServer, new_schema
+
+LOG = logging.getLogger("agent_runner.test_postgres_events")
+
+
+class Sink:
+    """The event hub's place: the frames delivered and the reasons the streams were ended."""
+
+    def __init__(self) -> None:
+        self.frames: list[Any] = []
+        self.ended: list[str] = []
+
+    def deliver(self, frame: Any) -> None:
+        self.frames.append(frame)
+
+    def end_all(self, reason: str) -> None:
+        self.ended.append(reason)
+
+    def lines(self, run_id: str) -> list[int]:
+        return [json.loads(frame.wire.partition(b"data: ")[2])["n"] for frame in self.frames
+                if frame.kind == "log" and frame.run_id == run_id]
+
+
+def with_events(postgres: PostgresServer, test: Callable[[Any, Any, Sink], Awaitable[None]]) -> None:
+    from service.backends.postgres import open_postgres
+
+    async def main() -> None:
+        backend = open_postgres(postgres.url, new_schema(), 30.0, 100, 1 << 30, LOG)
+        await backend.start()
+        sink = Sink()
+        events = backend.event_transport(sink)
+        await events.start()
+        try:
+            await test(backend, events, sink)
+        finally:
+            await events.stop()
+            await backend.close()
+
+    asyncio.run(main())
+
+
+async def pause_reader(events: Any) -> AsyncIterator[None]:
+    """The reader stopped (a replica whose loop is busy), then started again where it was."""
+    from service.cancelling import cancel_and_wait
+
+    await cancel_and_wait(events._tasks[1])
+    yield
+    events._tasks[1] = asyncio.create_task(events._read_forever())
+
+
+async def send_lines(events: Any, run_id: str, count: int, start: int = 0) -> None:
+    for n in range(start, start + count):
+        events.send("log", run_id, "", json.dumps({"n": n}).encode())
+    await events.written(30)
+
+
+def test_a_reader_a_few_batches_behind_still_gets_every_line_of_a_run(postgres_server: PostgresServer) -> None:
+    """Each batch trims its runs to their backlog; a reader that had not read the batch before still must."""
+    async def test(backend: Any, events: Any, sink: Sink) -> None:
+        paused = pause_reader(events)
+        await anext(paused)
+        await send_lines(events, "flood", 1000)  # five batches of 200: the run's backlog is 200
+        with pytest.raises(StopAsyncIteration):
+            await anext(paused)
+        await events.flush(30)
+        assert sink.lines("flood") == list(range(1000))
+        assert sink.ended == []
+
+    with_events(postgres_server, test)
+
+
+def test_a_reader_behind_what_trims_spare_ends_its_streams_instead_of_skipping_events(
+        postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.backends.postgres import events as module
+
+    monkeypatch.setattr(module, "FOLLOWED", 300)
+
+    async def test(backend: Any, events: Any, sink: Sink) -> None:
+        paused = pause_reader(events)
+        await anext(paused)
+        await send_lines(events, "flood", 1000)
+        with pytest.raises(StopAsyncIteration):
+            await anext(paused)
+        await events.flush(30)
+        assert sink.ended == ["behind"]
+        lines = sink.lines("flood")
+        assert lines == list(range(lines[0], 1000)) and lines[0] >= 700  # what it got, it got whole
+
+    with_events(postgres_server, test)
