@@ -86,7 +86,7 @@ def test_a_reader_behind_what_trims_spare_ends_its_streams_instead_of_skipping_e
         postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch) -> None:
     from service.backends.postgres import events as module
 
-    monkeypatch.setattr(module, "FOLLOWED", 300)
+    monkeypatch.setattr(module, "ALL_EVENTS_MAX", 300)
 
     async def test(backend: Any, events: Any, sink: Sink) -> None:
         paused = pause_reader(events)
@@ -98,5 +98,27 @@ def test_a_reader_behind_what_trims_spare_ends_its_streams_instead_of_skipping_e
         assert sink.ended == ["behind"]
         lines = sink.lines("flood")
         assert lines == list(range(lines[0], 1000)) and lines[0] >= 700  # what it got, it got whole
+
+    with_events(postgres_server, test)
+
+
+def test_the_events_table_stays_within_its_byte_bound_whatever_the_size_of_events(
+        postgres_server: PostgresServer) -> None:
+    """Run events carry the whole run (up to 64 KiB of input): the table is bounded in bytes, not only rows."""
+    from service.backends.postgres.events import TRIM_BYTES
+    from service.backends.records import ALL_EVENTS_BYTES
+
+    async def test(backend: Any, events: Any, sink: Sink) -> None:
+        padding = "x" * 60 * 1024
+        for n in range(2000):
+            events.send("run", f"run-{n % 50}", "RUNNING", json.dumps({"n": n, "input": padding}).encode())
+            if n % 100 == 99:
+                await events.written(30)
+        await events.written(30)
+        stored = postgres_server.sql(f"SELECT sum(length(data)), count(*) FROM {backend.db.schema}.events").split("|")
+        assert int(stored[0]) <= ALL_EVENTS_BYTES + TRIM_BYTES, stored
+        assert int(stored[1]) >= ALL_EVENTS_BYTES // (61 * 1024)  # the newest are kept
+        newest = postgres_server.sql(f"SELECT max(id) FROM {backend.db.schema}.events")
+        assert int(newest) >= 2000
 
     with_events(postgres_server, test)
