@@ -122,3 +122,51 @@ def test_the_events_table_stays_within_its_byte_bound_whatever_the_size_of_event
         assert int(newest) >= 2000
 
     with_events(postgres_server, test)
+
+
+# --- the migration's own connection -------------------------------------------------------------------------------
+
+def test_a_migration_waits_for_another_replicas_past_the_statement_timeout(postgres_server: PostgresServer) -> None:
+    """Another replica migrating for longer than statement_timeout holds the advisory lock: this one waits (its
+    lock_timeout bounds the wait), instead of failing the wait as a statement that took too long."""
+    import psycopg
+
+    from service.backends.postgres.schema import advisory_key, migrate
+
+    schema = new_schema()
+
+    async def main() -> None:
+        holder = await psycopg.AsyncConnection.connect(postgres_server.url, autocommit=True)
+        waiter = await psycopg.AsyncConnection.connect(postgres_server.url, autocommit=True)
+        await waiter.execute("SET statement_timeout = 200")  # as DATABASE_URL's options may set it
+        await holder.execute("SELECT pg_advisory_lock(%s)", (advisory_key(schema),))
+        migrating = asyncio.create_task(migrate(waiter, schema))
+        await asyncio.sleep(1.0)
+        assert not migrating.done()
+        await holder.execute("SELECT pg_advisory_unlock(%s)", (advisory_key(schema),))
+        assert await asyncio.wait_for(migrating, 30) >= 3
+        await holder.close()
+        await waiter.close()
+
+    asyncio.run(main())
+
+
+def test_a_migration_gives_up_waiting_for_the_lock_after_its_lock_timeout(
+        postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    import psycopg
+
+    from service.backends.postgres import schema as module
+
+    monkeypatch.setattr(module, "MIGRATION_LOCK_TIMEOUT_MS", 300)
+    schema = new_schema()
+
+    async def main() -> None:
+        holder = await psycopg.AsyncConnection.connect(postgres_server.url, autocommit=True)
+        waiter = await psycopg.AsyncConnection.connect(postgres_server.url, autocommit=True)
+        await holder.execute("SELECT pg_advisory_lock(%s)", (module.advisory_key(schema),))
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            await asyncio.wait_for(module.migrate(waiter, schema), 10)
+        await holder.close()
+        await waiter.close()
+
+    asyncio.run(main())
