@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -170,3 +171,26 @@ def test_a_migration_gives_up_waiting_for_the_lock_after_its_lock_timeout(
         await waiter.close()
 
     asyncio.run(main())
+
+
+def test_a_reader_starting_on_a_table_trimmed_empty_is_not_behind(postgres_server: PostgresServer) -> None:
+    async def test(backend: Any, events: Any, sink: Sink) -> None:
+        await send_lines(events, "old", 300)
+        await events.flush(30)
+        schema = backend.db.schema
+        postgres_server.sql(f"UPDATE {schema}.events_trimmed SET through = (SELECT max(id) FROM {schema}.events); "
+                            f"DELETE FROM {schema}.events")  # as a trim (or retention) leaves it
+        later = Sink()
+        second = backend.event_transport(later)
+        await second.start()
+        try:
+            await send_lines(events, "new", 3)
+            deadline = time.monotonic() + 10  # the other reader's flush follows its own writes only
+            while later.lines("new") != [0, 1, 2] and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert later.lines("new") == [0, 1, 2]
+            assert later.ended == []
+        finally:
+            await second.stop()
+
+    with_events(postgres_server, test)

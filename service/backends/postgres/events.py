@@ -339,7 +339,7 @@ class PostgresEvents:
 async def _epoch_and_newest_id(connection: Connection) -> tuple[int, int]:
     row = await (await connection.execute(
         "SELECT (SELECT (extract(epoch FROM applied_at) * 1000)::bigint FROM schema_version WHERE version = 1), "
-        "(SELECT coalesce(max(id), 0) FROM events)")).fetchone()
+        "(SELECT greatest(coalesce(max(id), 0), (SELECT through FROM events_trimmed)) FROM events)")).fetchone()
     assert row is not None
     return int(row[0]), int(row[1])
 
