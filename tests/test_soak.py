@@ -16,7 +16,8 @@ MIN_RUNS = 2 * RETENTION + 50  # enough to drop 50 runs past the retention bound
 
 def test_short_soak_fills_retention_and_passes_every_check(tmp_path: Path, backend: dict[str, str]) -> None:
     summary_path = tmp_path / "soak.json"
-    store = ["--redis-url", backend["REDIS_URL"]] if backend else []
+    store = [word for name in ("REDIS_URL", "DATABASE_URL") if name in backend
+             for word in (f"--{name.lower().replace('_', '-')}", backend[name])]
     result = subprocess.run([sys.executable, "tools/soak.py", "--minutes", "0.2", "--retention", str(RETENTION),
                              "--min-runs", str(MIN_RUNS),
                              "--json", str(summary_path), *store], cwd=HERE, capture_output=True, text=True,

@@ -2,6 +2,7 @@
 
     python tools/soak.py --minutes 10
     python tools/soak.py --minutes 1 --redis-url redis://127.0.0.1:6379/0
+    python tools/soak.py --minutes 1 --database-url postgresql://runner@127.0.0.1:5432/runner
 
 Runs back to back (agents that succeed, raise, hang into the timeout, return
 garbage), cancels, bursts of concurrent POSTs and status/list polling, all at
@@ -145,6 +146,8 @@ def main() -> int:
                         help="go on past --minutes until this many runs were accepted (a slow machine)")
     parser.add_argument("--retention", type=int, default=2000, help="the server's RUN_RETENTION (default 2000)")
     parser.add_argument("--redis-url", default=None, help="run the server in Redis mode against this Redis")
+    parser.add_argument("--database-url", default=None,
+                        help="run the server in PostgreSQL mode against this database (a schema of its own)")
     parser.add_argument("--json", default=None, help="also write the summary to this file")
     opts = parser.parse_args()
 
@@ -154,6 +157,8 @@ def main() -> int:
            "RUN_TIMEOUT_SECONDS": "0.2", "RUN_RETENTION": str(opts.retention), "SHUTDOWN_GRACE_SECONDS": "5"}
     if opts.redis_url:
         env.update(REDIS_URL=opts.redis_url, REDIS_PREFIX=f"soak-{uuid.uuid4().hex[:8]}")
+    if opts.database_url:
+        env.update(DATABASE_URL=opts.database_url, DATABASE_SCHEMA=f"soak_{uuid.uuid4().hex[:8]}")
     server = subprocess.Popen([sys.executable, "agent_runner.py"], cwd=HERE, env=env, stdout=log_file,
                               stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
