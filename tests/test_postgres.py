@@ -73,6 +73,18 @@ def test_a_database_url_libpq_cannot_read_refuses_to_start() -> None:
     assert line["variable"] == "DATABASE_URL" and "no_such_parameter" in line["detail"]
 
 
+@pytest.mark.parametrize("url", ["postgresql://runner:s3cr3t@[db/app", "postgresql://runner:s3%ZZcret@h/db",
+                                 "host=[db password=s3cr3t bad_option=1"])
+def test_a_database_url_libpq_cannot_read_is_refused_without_its_password(url: str) -> None:
+    from service.backends.postgres import check_url
+    from service.settings import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        check_url(url)
+    detail = str(refused.value)
+    assert "s3cr3t" not in detail and "s3%ZZcret" not in detail and "ZZ" not in detail, detail
+
+
 # --- the schema --------------------------------------------------------------------------------------------------
 
 def open_backend(url: str, schema: str, **kwargs: Any) -> Any:

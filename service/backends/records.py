@@ -215,6 +215,9 @@ RUN_BACKLOG_FRAMES = 200  # frames kept per run
 RUN_BACKLOG_BYTES = 1024 * 1024
 GLOBAL_BACKLOG_FRAMES = 1000  # frames of GET /agents/events kept
 GLOBAL_BACKLOG_BYTES = 4 * 1024 * 1024
+ALL_EVENTS_MAX = 10000  # the newest events of all runs every replica's reader can catch up on, at most
+ALL_EVENTS_BYTES = 16 * 1024 * 1024  # and their data (the newest one always)
+RUN_STREAM_TTL_SECONDS = 600  # Redis mode: a run's event backlog expires this long after its last event
 EVENT_ID = re.compile(r"(\d{1,20})-(\d{1,20})")
 
 

@@ -7,6 +7,7 @@ The only package that imports psycopg; ``open_backend`` imports it only when DAT
 from __future__ import annotations
 
 import logging
+import re
 
 import psycopg
 
@@ -18,11 +19,21 @@ __all__ = ["PostgresBackend", "check_url", "open_postgres"]
 
 
 def check_url(url: str) -> None:
-    """DATABASE_URL as libpq will read it (an unknown parameter, a malformed URL); ConfigError if not."""
+    """DATABASE_URL as libpq will read it (an unknown parameter, a malformed URL); ConfigError if not, whose
+    detail (logged) never holds the password, which libpq's message may echo."""
     try:
         psycopg.conninfo.conninfo_to_dict(url)
     except psycopg.ProgrammingError as exc:
-        raise ConfigError("DATABASE_URL", str(exc).strip()) from None
+        raise ConfigError("DATABASE_URL", without_password(str(exc).strip(), url)) from None
+
+
+def without_password(message: str, url: str) -> str:
+    """``message`` with the password of ``url`` (a URL's userinfo, or ``password=``) replaced by ``***``."""
+    secrets = [match[1] for match in re.finditer(r"://[^:/@\[]*:([^@]*)@", url)]
+    secrets += [match[1] for match in re.finditer(r"password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", url)]
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):
+        message = message.replace(secret, "***")
+    return re.sub(r"(://[^:/@\[\s\"]*:)[^@\s\"]*@", r"\1***@", message)
 
 
 def open_postgres(url: str, schema: str, lock_ttl_seconds: float, retention: int, retention_bytes: int,

@@ -3,8 +3,12 @@
 Publishing never waits: events queue in this process and one writer task inserts them in batches, each batch
 one transaction under the row lock ``locks.events``, so ids (a sequence) commit in order and a reader that
 follows the table by id never skips one; the batch ends with a NOTIFY. Each replica's reader reads what is
-new when notified (and once a second regardless). A run keeps its newest RUN_BACKLOG_FRAMES events, dropped
-with the run at retention; the table keeps ALL_EVENTS_MAX events in all. A log line is kept in ``run_logs``
+new when notified (and once a second regardless). The table keeps at most ALL_EVENTS_BYTES of event data (the
+newest event always) and TABLE_EVENTS_MAX events, as Redis mode's stream of all events. No per-run trim removes
+one of the newest ALL_EVENTS_MAX events, so a reader that many behind (a busy replica) still reads every event
+kept; past those, a run keeps its newest RUN_BACKLOG_FRAMES. Each trim records the highest id it removed
+(``events_trimmed``): a reader behind it ends its local streams, which resume from their Last-Event-ID with a
+``gap`` frame, instead of skipping events without a word. A run's events are dropped with it at retention. A log line is kept in ``run_logs``
 in the same transaction. Events are best effort: when the database fails, events are dropped (logged once),
 the local streams end cleanly, and the runs go on; the run store stays the truth.
 """
@@ -21,22 +25,26 @@ from typing import Any
 from service.backends.base import FrameSink
 from service.backends.postgres.database import Connection, Database
 from service.backends.postgres.listener import Listener
-from service.backends.records import (GLOBAL_BACKLOG_BYTES, GLOBAL_BACKLOG_FRAMES, LOG_BYTES_MAX, LOG_LINES_MAX,
-                                      RUN_BACKLOG_BYTES, RUN_BACKLOG_FRAMES, Frame, RunBacklog, StoreUnavailable)
+from service.backends.records import (ALL_EVENTS_BYTES, ALL_EVENTS_MAX, GLOBAL_BACKLOG_BYTES, GLOBAL_BACKLOG_FRAMES,
+                                      LOG_BYTES_MAX, LOG_LINES_MAX, RUN_BACKLOG_BYTES, RUN_BACKLOG_FRAMES, Frame,
+                                      RunBacklog, StoreUnavailable)
 from service.cancelling import cancel_and_wait
 
-ALL_EVENTS_MAX = 100000  # events kept in all (a run's own are dropped with it before that, at retention)
+TABLE_EVENTS_MAX = 100000  # events kept in all (and ALL_EVENTS_BYTES of their data)
 SEND_QUEUE_MAX = 10000  # events waiting for the writer; past it new ones are dropped
 SEND_QUEUE_BYTES = 16 * 1024 * 1024
 BATCH = 200  # events per transaction at most, and BATCH_BYTES of their data (one event at least)
 BATCH_BYTES = 1024 * 1024
-TRIM_EVERY = 50  # batches between two trims of the whole table to ALL_EVENTS_MAX
+TRIM_BYTES = 1024 * 1024  # data written between two trims of the whole table to ALL_EVENTS_BYTES, at most
+TRIM_EVERY = 50  # batches between two trims of the whole table, at most
 PER_RUN_COUNTS = 10000  # runs whose events written this replica counts
 POLL_SECONDS = 1.0  # the reader looks for new events this often even without a notification
 COLUMNS = "id, run_id, kind, state, data"
-# After a delete of events (``dropped``): their runs' backlogs no longer start with their first event
-MARK_TRIMMED = ("UPDATE runs SET events_trimmed = true WHERE run_id IN (SELECT DISTINCT run_id FROM dropped) "
-                "AND NOT events_trimmed")
+# After a delete of events (``dropped``): their runs' backlogs no longer start with their first event, and a reader
+# that has not read up to the highest id dropped has missed events
+MARK_TRIMMED = ("marked AS (UPDATE runs SET events_trimmed = true WHERE run_id IN (SELECT DISTINCT run_id FROM dropped) "
+                "AND NOT events_trimmed) UPDATE events_trimmed SET through = greatest(through, "
+                "(SELECT max(id) FROM dropped))")
 # A backlog's newest events with the bytes of those up to each (newest first): kept while within the byte bound,
 # the newest always (as Redis mode's capped streams)
 BACKLOG = (f"SELECT {COLUMNS} FROM (SELECT {COLUMNS}, sum(length(data)) OVER (ORDER BY id DESC) AS kept "
@@ -69,6 +77,7 @@ class PostgresEvents:
         self._dropped = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._batches = 0
+        self._unbounded = 0  # data written since the last trim of the whole table
         self._per_run: OrderedDict[str, int] = OrderedDict()  # events written per run, most recent run last
 
     async def start(self) -> None:
@@ -158,12 +167,18 @@ class PostgresEvents:
                 await connection.execute(
                     "WITH dropped AS (DELETE FROM events WHERE id IN (SELECT id FROM (SELECT id, "
                     "row_number() OVER (PARTITION BY run_id ORDER BY id DESC) AS n "
-                    "FROM events WHERE run_id = ANY(%s)) AS kept WHERE n > %s) RETURNING run_id) "
-                    f"{MARK_TRIMMED}", (crowded, RUN_BACKLOG_FRAMES))
-            if self._batches % TRIM_EVERY == 0:
-                await connection.execute(
-                    "WITH dropped AS (DELETE FROM events WHERE id <= (SELECT max(id) FROM events) - %s "
-                    f"RETURNING run_id) {MARK_TRIMMED}", (ALL_EVENTS_MAX,))
+                    "FROM events WHERE run_id = ANY(%s)) AS kept WHERE n > %s) "
+                    "AND id <= (SELECT max(id) FROM events) - %s RETURNING id, run_id), "
+                    f"{MARK_TRIMMED}", (crowded, RUN_BACKLOG_FRAMES, ALL_EVENTS_MAX))
+            self._unbounded += sum(len(data) for _, _, _, data in batch)
+            if self._batches % TRIM_EVERY == 0 or self._unbounded >= TRIM_BYTES:
+                self._unbounded = 0
+                await connection.execute(  # the oldest events past the newest TABLE_EVENTS_MAX or ALL_EVENTS_BYTES
+                    "WITH dropped AS (DELETE FROM events WHERE id <= (SELECT coalesce(max(id), 0) FROM "
+                    "(SELECT id, row_number() OVER (ORDER BY id DESC) AS n, "
+                    "sum(length(data)) OVER (ORDER BY id DESC) AS b FROM events) AS ranked "
+                    "WHERE n > 1 AND (n > %s OR b > %s)) RETURNING id, run_id), "
+                    f"{MARK_TRIMMED}", (TABLE_EVENTS_MAX, ALL_EVENTS_BYTES))
             await connection.execute("SELECT pg_notify(%s, '')", (self.listener.channel("events"),))
             return max(int(row[0]) for row in await cursor.fetchall())  # every statement went out in one go
 
@@ -216,7 +231,11 @@ class PostgresEvents:
                     self._epoch, self._last_read = await self.db.run(_epoch_and_newest_id, transaction=False)
                 self._new_events.clear()
                 while True:
-                    rows = await self.db.run(self._rows_after, transaction=False)
+                    trimmed, rows = await self.db.run(self._rows_after, transaction=False)
+                    if self._last_read is not None and self._last_read < trimmed:
+                        self._behind(trimmed)
+                        self._last_read = trimmed  # on from what no trim has touched
+                        rows = [row for row in rows if row[0] > trimmed]
                     for row in rows:
                         self._last_read = row[0]
                         frame = self._frame(row)
@@ -231,10 +250,20 @@ class PostgresEvents:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._new_events.wait(), POLL_SECONDS)
 
-    async def _rows_after(self, connection: Connection) -> list[Row]:
-        cursor = await connection.execute(f"SELECT {COLUMNS} FROM events WHERE id > %s ORDER BY id LIMIT 1000",
-                                          (self._last_read or 0,))
-        return [_row(row) for row in await cursor.fetchall()]
+    async def _rows_after(self, connection: Connection) -> tuple[int, list[Row]]:
+        """The highest id trimmed, and up to 1000 rows after the last read, in one snapshot (one statement)."""
+        cursor = await connection.execute(
+            f"SELECT through, {COLUMNS} FROM events_trimmed "
+            f"LEFT JOIN LATERAL (SELECT {COLUMNS} FROM events WHERE id > %s ORDER BY id LIMIT 1000) AS rows ON true "
+            "ORDER BY id", (self._last_read or 0,))
+        found = await cursor.fetchall()
+        return (int(found[0][0]) if found else 0), [_row(row[1:]) for row in found if row[1] is not None]
+
+    def _behind(self, trimmed: int) -> None:
+        """A trim took events this reader never read (it fell behind): the local streams end (a client resumes
+        from its Last-Event-ID and is told of a gap) instead of skipping them."""
+        self.log.warning("events_reader_behind", extra={"events_behind": trimmed - (self._last_read or 0)})
+        self.sink.end_all("behind")
 
     # --- what a new client gets first ----------------------------------------------------------------------
 
@@ -310,7 +339,7 @@ class PostgresEvents:
 async def _epoch_and_newest_id(connection: Connection) -> tuple[int, int]:
     row = await (await connection.execute(
         "SELECT (SELECT (extract(epoch FROM applied_at) * 1000)::bigint FROM schema_version WHERE version = 1), "
-        "(SELECT coalesce(max(id), 0) FROM events)")).fetchone()
+        "(SELECT greatest(coalesce(max(id), 0), (SELECT through FROM events_trimmed)) FROM events)")).fetchone()
     assert row is not None
     return int(row[0]), int(row[1])
 

@@ -3,6 +3,9 @@
 ``schema_version`` in the schema records each file applied. A replica applies the files it has that are
 missing (one at a time across replicas: the advisory lock), and refuses to start on a schema newer than
 every file it knows (a replica of an older version beside a newer one): its queries could not be trusted.
+The migration's connection has no statement_timeout (a replica waits for another's migration, and a migration
+may take long) but lock timeouts of its own: for the advisory lock, and shorter for a table's lock (an ALTER
+waiting for one makes every query of the table wait behind it).
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ from pathlib import Path
 
 from psycopg import sql
 
-from service.backends.postgres.database import Connection
+from service.backends.postgres.database import STATEMENT_TIMEOUT_MS, Connection
 from service.settings import ConfigError
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 FILE_NAME = re.compile(r"(\d{4})_[a-z0-9_]+\.sql")
+MIGRATION_LOCK_TIMEOUT_MS = 120000  # waiting for another replica's migration (then: unavailable, tried again)
 
 
 def migrations() -> list[tuple[int, str, str]]:
@@ -40,6 +44,8 @@ async def migrate(connection: Connection, schema: str) -> int:
     schema is newer than this version knows."""
     known = migrations()
     newest = known[-1][0] if known else 0
+    await connection.execute("SET statement_timeout = 0")  # the connection is the migration's own
+    await connection.execute(f"SET lock_timeout = {int(MIGRATION_LOCK_TIMEOUT_MS)}")
     await connection.execute("SELECT pg_advisory_lock(%s)", (advisory_key(schema),))
     try:
         await connection.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
@@ -57,6 +63,7 @@ async def migrate(connection: Connection, schema: str) -> int:
             if version <= current:
                 continue
             async with connection.transaction():
+                await connection.execute(f"SET LOCAL lock_timeout = {STATEMENT_TIMEOUT_MS}")
                 await connection.execute(statements.encode())
                 await connection.execute("INSERT INTO schema_version (version, name) VALUES (%s, %s)",
                                          (version, name))

@@ -37,14 +37,12 @@ from redis.exceptions import NoScriptError
 
 from service.backends.base import FrameSink
 from service.cancelling import cancel_and_wait
-from service.backends.records import (GLOBAL_BACKLOG_BYTES, GLOBAL_BACKLOG_FRAMES, RUN_BACKLOG_BYTES,
-                                      RUN_BACKLOG_FRAMES, Frame, RunBacklog, StoreUnavailable)
+from service.backends.records import (ALL_EVENTS_BYTES, ALL_EVENTS_MAX, GLOBAL_BACKLOG_BYTES, GLOBAL_BACKLOG_FRAMES,
+                                      RUN_BACKLOG_BYTES, RUN_BACKLOG_FRAMES, RUN_STREAM_TTL_SECONDS, Frame, RunBacklog,
+                                      StoreUnavailable)
 from service.backends.redis.connect import STORE_ERRORS, Endpoint, open_client
 from service.backends.redis.side_scripts import WRITE_SCRIPT
 
-ALL_EVENTS_MAX = 10000  # entries of <prefix>:events: what a reader that lost Redis for a moment can catch up on
-ALL_EVENTS_BYTES = 16 * 1024 * 1024
-RUN_STREAM_TTL_SECONDS = 600  # a run's event backlog expires this long after its last event
 LOG_LINES_MAX = 500  # per run, kept with it and counted in its retention size
 LOG_BYTES_MAX = 256 * 1024
 SEND_QUEUE_MAX = 10000  # events waiting for the writer; past it new ones are dropped
