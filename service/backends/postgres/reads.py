@@ -16,6 +16,7 @@ import contextlib
 import logging
 from typing import Any
 
+from service.backends.coalescing import Coalesced
 from service.backends.postgres.database import Connection, Database
 from service.backends.records import Page, Run, RunRecordInvalid
 
@@ -24,31 +25,13 @@ POSITION = "(SELECT count(*) FROM runs AS ahead WHERE ahead.queue_rank < runs.qu
 Found = tuple[bytes, int | None]  # a record and its queue position (None when it does not wait)
 
 
-class CoalescedReads:
+class CoalescedReads(Coalesced[Found]):
     """``await reads.get(run_id)``: the run's record and position, read together with the others asked for
     meanwhile (one query per batch)."""
 
     def __init__(self, db: Database) -> None:
+        super().__init__()
         self.db = db
-        self._ids: list[str] = []
-        self._futures: list[asyncio.Future[Found | None]] = []
-        self._fetches: set[asyncio.Task[None]] = set()  # strong references until each is done
-
-    async def get(self, run_id: str) -> Found | None:
-        loop = asyncio.get_running_loop()
-        if not self._ids:  # the first of a batch: sent once the callers ready now have asked too
-            loop.call_soon(self._send)
-        future: asyncio.Future[Found | None] = loop.create_future()
-        self._ids.append(run_id)
-        self._futures.append(future)
-        return await future
-
-    def _send(self) -> None:
-        ids, futures = self._ids, self._futures
-        self._ids, self._futures = [], []
-        fetch = asyncio.ensure_future(self._fetch(ids, futures))
-        self._fetches.add(fetch)
-        fetch.add_done_callback(self._fetches.discard)
 
     async def _fetch(self, ids: list[str], futures: list[asyncio.Future[Found | None]]) -> None:
         async def read(connection: Connection) -> dict[str, Found]:

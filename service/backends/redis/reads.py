@@ -16,33 +16,16 @@ from typing import cast
 
 from redis.asyncio import Redis
 
+from service.backends.coalescing import Coalesced
 from service.backends.records import Run, RunRecordInvalid
 
 
-class CoalescedReads:
+class CoalescedReads(Coalesced[bytes]):
     """``await reads.get(key)``: a key's value (or None), read together with the others asked for meanwhile."""
 
     def __init__(self, client: Redis) -> None:
+        super().__init__()
         self.client = client
-        self._keys: list[str] = []
-        self._futures: list[asyncio.Future[bytes | None]] = []
-        self._fetches: set[asyncio.Task[None]] = set()  # strong references until each is done
-
-    async def get(self, key: str) -> bytes | None:
-        loop = asyncio.get_running_loop()
-        if not self._keys:  # the first key of a batch: send it once the callers ready now have asked too
-            loop.call_soon(self._send)
-        future: asyncio.Future[bytes | None] = loop.create_future()
-        self._keys.append(key)
-        self._futures.append(future)
-        return await future
-
-    def _send(self) -> None:
-        keys, futures = self._keys, self._futures
-        self._keys, self._futures = [], []
-        fetch = asyncio.ensure_future(self._fetch(keys, futures))
-        self._fetches.add(fetch)
-        fetch.add_done_callback(self._fetches.discard)
 
     async def _fetch(self, keys: list[str], futures: list[asyncio.Future[bytes | None]]) -> None:
         try:
