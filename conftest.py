@@ -320,28 +320,6 @@ def require_redis_server() -> None:
         missing_tool("redis-server", "apt-get install redis-server")
 
 
-# The black-box matrix runs every file over PostgreSQL too, but for one: test_holes.py's HTTP-layer bounds (slow
-# and never-reading clients, malformed HTTP, the process's RSS under unread answers) do not depend on the store
-# beyond what its memory and Redis legs cover, and its RSS bound is measured per process, where Postgres mode's
-# driver adds its own allocations.
-POSTGRES_DESELECTED = {"test_holes.py"}
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Deselect the postgres leg of the backend matrix in POSTGRES_DESELECTED (deselected, not skipped)."""
-    kept, dropped = [], []
-    for item in items:
-        callspec = getattr(item, "callspec", None)
-        if callspec is not None and callspec.params.get("backend") == "postgres" and \
-                item.path.name in POSTGRES_DESELECTED:
-            dropped.append(item)
-        else:
-            kept.append(item)
-    if dropped:
-        config.hook.pytest_deselected(items=dropped)
-        items[:] = kept
-
-
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """After the run, one line per group of skipped tests and what to install to run it."""
     groups: Counter[str] = Counter()

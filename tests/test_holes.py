@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import resource
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -29,6 +32,8 @@ from conftest import ServerProcess, missing_tool, new_user
 from service.http.limits import MAX_CONNECTIONS
 from test_webhooks import Receiver
 from service.webhook_http import WebhookRefused, check_url
+
+ROOT = Path(__file__).resolve().parent.parent
 
 WEBHOOK_SECRET = "holes-webhook-secret-0123456789"
 BODY_TIMEOUT = 1.0  # BODY_TIMEOUT_SECONDS of the module's server
@@ -471,3 +476,12 @@ def test_an_agent_logging_large_lines_faster_than_redis_takes_them_keeps_memory_
     assert grown < 60 * 1024 * 1024, f"peak RSS grew by {grown / 2**20:.0f} MiB"
     if backend:
         assert len(srv.events("events_dropped")) == 1  # best effort: dropped past the bound, said once
+
+
+def test_large_blocks_go_back_to_the_system_unless_the_operator_chose_a_threshold() -> None:
+    script = ("from service.process_memory import return_large_blocks; import os, sys; "
+              "sys.exit(0 if return_large_blocks(os.environ) else 1)")
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    assert subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT).returncode == 0  # glibc: the fixed threshold
+    chosen = subprocess.run([sys.executable, "-c", script], env={**env, "MALLOC_MMAP_THRESHOLD_": "65536"}, cwd=ROOT)
+    assert chosen.returncode == 1  # left as the operator set it

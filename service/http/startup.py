@@ -12,12 +12,14 @@ from service import settings, tracing
 from service.backends import check_settings
 from service.http.single_process import refusal_exit_status
 from service.logs import log, logging_config, write_hot_lines
+from service.process_memory import return_large_blocks
 from service.settings import ConfigError, Settings, load_agent_modules
 
 
 def configure(env: Mapping[str, str] = os.environ, version: str = "") -> None:
     """Read settings, set up logging and tracing, load agent modules; on a bad value log it and exit 2."""
     logging.config.dictConfig(logging_config("info"))
+    return_large_blocks(env)
     try:
         settings.current = Settings.from_env(env)
         check_settings(settings.current)

@@ -255,7 +255,7 @@ class PostgresEvents:
         cursor = await connection.execute(
             f"SELECT through, {COLUMNS} FROM events_trimmed "
             f"LEFT JOIN LATERAL (SELECT {COLUMNS} FROM events WHERE id > %s ORDER BY id LIMIT 1000) AS rows ON true "
-            "ORDER BY id", (self._last_read or 0,))
+            "ORDER BY id", (self._last_read or 0,), binary=True)
         found = await cursor.fetchall()
         return (int(found[0][0]) if found else 0), [_row(row[1:]) for row in found if row[1] is not None]
 
@@ -275,7 +275,7 @@ class PostgresEvents:
             await connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")  # both reads, one snapshot
             cursor = await connection.execute(BACKLOG.format("run_id = %s"),
                                               (run_id, self._seq(after) - 1 if after else 0, RUN_BACKLOG_FRAMES + 1,
-                                               RUN_BACKLOG_BYTES))
+                                               RUN_BACKLOG_BYTES), binary=True)
             rows = [_row(row) for row in await cursor.fetchall()]
             state = await (await connection.execute(
                 "SELECT (SELECT count(*) FROM events WHERE run_id = %s), (SELECT max(id) FROM events WHERE run_id = %s),"
@@ -307,7 +307,7 @@ class PostgresEvents:
         async def rows(connection: Connection) -> list[Row]:
             cursor = await connection.execute(
                 BACKLOG.format("kind = 'run'"),
-                (self._seq(after), GLOBAL_BACKLOG_FRAMES, GLOBAL_BACKLOG_BYTES))
+                (self._seq(after), GLOBAL_BACKLOG_FRAMES, GLOBAL_BACKLOG_BYTES), binary=True)
             return [_row(row) for row in await cursor.fetchall()]
 
         return [frame for row in await self.db.run(rows, transaction=False)

@@ -37,7 +37,7 @@ class CoalescedReads(Coalesced[Found]):
         async def read(connection: Connection) -> dict[str, Found]:
             cursor = await connection.execute(
                 f"SELECT run_id, record, CASE WHEN queue_rank IS NULL THEN NULL ELSE {POSITION} END FROM runs "
-                "WHERE run_id = ANY(%s)", (list(set(ids)),))
+                "WHERE run_id = ANY(%s)", (list(set(ids)),), binary=True)
             return {str(row[0]): (bytes(row[1]), row[2]) for row in await cursor.fetchall()}
 
         try:
@@ -102,7 +102,7 @@ class RunReads:
     async def waiting(self) -> builtins.list[Run]:
         async def waiting(connection: Connection) -> builtins.list[tuple[str, bytes]]:
             cursor = await connection.execute(
-                "SELECT run_id, record FROM runs WHERE queue_rank IS NOT NULL ORDER BY queue_rank")
+                "SELECT run_id, record FROM runs WHERE queue_rank IS NOT NULL ORDER BY queue_rank", binary=True)
             return [(str(row[0]), bytes(row[1])) for row in await cursor.fetchall()]
 
         runs = []
@@ -154,7 +154,7 @@ class RunReads:
         async def rows(connection: Connection, top: int | None) -> builtins.list[tuple[str, bytes, int, int | None]]:
             cursor = await connection.execute(
                 f"SELECT run_id, record, seq, CASE WHEN queue_rank IS NULL THEN NULL ELSE {POSITION} END FROM runs "
-                "WHERE seq < %s ORDER BY seq DESC LIMIT %s", (top if top is not None else 2 ** 62, batch))
+                "WHERE seq < %s ORDER BY seq DESC LIMIT %s", (top if top is not None else 2 ** 62, batch), binary=True)
             return [(str(r[0]), bytes(r[1]), int(r[2]), r[3]) for r in await cursor.fetchall()]
 
         async def listing(connection: Connection) -> None:
@@ -185,7 +185,8 @@ class RunReads:
         async def logs(connection: Connection) -> builtins.list[bytes] | None:
             if await (await connection.execute("SELECT 1 FROM runs WHERE run_id = %s", (run_id,))).fetchone() is None:
                 return None
-            cursor = await connection.execute("SELECT line FROM run_logs WHERE run_id = %s ORDER BY id", (run_id,))
+            cursor = await connection.execute("SELECT line FROM run_logs WHERE run_id = %s ORDER BY id", (run_id,),
+                                              binary=True)
             return [bytes(row[0]) for row in await cursor.fetchall()]
 
         return await self.db.run(logs)
