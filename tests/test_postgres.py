@@ -379,6 +379,128 @@ def test_a_take_whose_reply_is_lost_is_answered_by_the_next_take(postgres_server
     assert orphans == []
 
 
+def committed_then_retried(db: Any) -> Any:
+    """``db.run`` as it goes when a unit of work commits and the reply is lost with the connection: Database.run
+    runs the same work again on a fresh connection, and the caller gets the second attempt's answer."""
+    run = db.run
+
+    async def retried(work: Any, transaction: bool = True) -> Any:
+        await run(work, transaction)
+        return await run(work, transaction)
+
+    return retried
+
+
+async def rows(backend: Any, query: str, *params: Any) -> list[tuple[Any, ...]]:
+    async def read(connection: Any) -> list[tuple[Any, ...]]:
+        return await (await connection.execute(query, params)).fetchall()
+
+    return await backend.db.run(read, transaction=False)
+
+
+def test_an_events_batch_whose_commit_reply_is_lost_is_stored_once(postgres_server: PostgresServer) -> None:
+    """The events writer's batch commits, the reply is lost, the batch is sent again: each event and log line is
+    stored once (a client reading the run's events or logs sees no line twice)."""
+    async def scenario() -> tuple[list[Any], list[Any]]:
+        backend = open_backend(postgres_server.url, new_schema())
+        await backend.start()
+        events = backend.event_transport(type("Sink", (), {"deliver": lambda *a: None, "end_all": lambda *a: None})())
+        await events.start()
+        try:
+            run = new_run()
+            assert await backend.admit(run, "enqueue", 10) == "started"
+            backend.db.run = committed_then_retried(backend.db)
+            for n in range(5):
+                events.send("log", run.run_id, "", json.dumps({"n": n}).encode())
+            await events.written(10)
+            del backend.db.run
+            return (await rows(backend, "SELECT data FROM events WHERE run_id = %s ORDER BY id", run.run_id),
+                    await rows(backend, "SELECT line FROM run_logs WHERE run_id = %s ORDER BY id", run.run_id))
+        finally:
+            await events.stop()
+            await backend.close()
+
+    stored, logged = asyncio.run(scenario())
+    assert [json.loads(bytes(row[0]))["n"] for row in stored] == [0, 1, 2, 3, 4]
+    assert [json.loads(bytes(row[0]))["n"] for row in logged] == [0, 1, 2, 3, 4]
+
+
+def test_a_webhook_claim_whose_commit_reply_is_lost_still_sends_that_delivery(postgres_server: PostgresServer) -> None:
+    """The claim commits (the delivery leased, its attempt counted) and the reply is lost: the claim asked again
+    answers that delivery, instead of leaving it unsent until its lease passes with an attempt burnt."""
+    from service.backends.records import utc_now
+
+    async def scenario() -> tuple[Any, list[Any]]:
+        backend = open_backend(postgres_server.url, new_schema())
+        await backend.start()
+        try:
+            run = new_run()
+            run.webhook = "https://receiver.example/hook"
+            assert await backend.admit(run, "enqueue", 10) == "started"
+            run.update(state="DONE", finished_at=utc_now())
+            await backend.save(run, release=True)
+            deliveries = backend.webhook_deliveries(5.0)
+            backend.db.run = committed_then_retried(backend.db)
+            delivery, _ = await deliveries.claim()
+            del backend.db.run
+            return delivery, await rows(backend, "SELECT attempt, lease FROM webhooks WHERE run_id = %s", run.run_id)
+        finally:
+            await backend.close()
+
+    delivery, stored = asyncio.run(scenario())
+    assert delivery is not None and delivery.attempt == 1
+    assert [tuple(row) for row in stored] == [(1, delivery.lease)]
+
+
+def test_a_dequeue_whose_commit_reply_is_lost_answers_the_run_it_ended(postgres_server: PostgresServer) -> None:
+    """A waiting run is cancelled (out of the queue, CANCELLED) and the reply is lost: the dequeue asked again
+    answers that run, not "no longer waiting" (which would send the cancel on to a run that is over)."""
+    from service.backends.records import utc_now
+
+    async def scenario() -> Any:
+        backend = open_backend(postgres_server.url, new_schema())
+        await backend.start()
+        try:
+            running, waiting = new_run(), new_run()
+            assert await backend.admit(running, "enqueue", 10) == "started"
+            assert await backend.admit(waiting, "enqueue", 10) == "queued"
+            backend.db.run = committed_then_retried(backend.db)
+            ended = await backend.dequeue(waiting.run_id, state="CANCELLED", finished_at=utc_now())
+            del backend.db.run
+            return ended
+        finally:
+            await backend.close()
+
+    ended = asyncio.run(scenario())
+    assert ended is not None and ended.state == "CANCELLED"
+
+
+def test_orphans_claimed_by_a_commit_whose_reply_is_lost_are_answered_by_the_retry(
+        postgres_server: PostgresServer) -> None:
+    """Orphans passed to a claim that commits with its reply lost are answered by the retry, not left claimed by
+    nobody until the claim's TTL passes."""
+    async def scenario() -> tuple[Any, list[Any]]:
+        dead, backend = open_backend(postgres_server.url, new_schema(), lock_ttl_seconds=1.0), None
+        await dead.start()
+        try:
+            run = new_run()
+            assert await dead.admit(run, "enqueue", 10) == "started"
+            backend = open_backend(postgres_server.url, dead.db.schema, lock_ttl_seconds=1.0)
+            await backend.start()
+            await asyncio.sleep(1.3)  # the dead replica's lease has lapsed: its run is an orphan
+            backend.db.run = committed_then_retried(backend.db)
+            orphans = await backend.claim_orphans()
+            del backend.db.run
+            return run, orphans
+        finally:
+            await dead.close()
+            if backend is not None:
+                await backend.close()
+
+    run, orphans = asyncio.run(scenario())
+    assert [orphan.run_id for orphan in orphans] == [run.run_id]
+
+
 # --- a black-holed database ----------------------------------------------------------------------------------
 
 def test_a_renewal_into_a_black_holed_database_answers_by_its_deadline(postgres_server: PostgresServer,

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections import OrderedDict, deque
 from typing import Any
 
@@ -76,7 +77,8 @@ class PostgresEvents:
         self._write_failed = False
         self._dropped = 0
         self._tasks: list[asyncio.Task[None]] = []
-        self._batches = 0
+        self._batches = 0  # batches this writer has sent: each one's number
+        self._writer = uuid.uuid4().hex  # names this process's batches in event_batches
         self._unbounded = 0  # data written since the last trim of the whole table
         self._per_run: OrderedDict[str, int] = OrderedDict()  # events written per run, most recent run last
 
@@ -137,9 +139,25 @@ class PostgresEvents:
                     self._batch_done.set()
 
     async def _write(self, batch: list[tuple[str, str, str, bytes]]) -> None:
+        crowded = self._crowded(batch)
+        number = self._batches
+        self._unbounded += sum(len(data) for _, _, _, data in batch)
+        trim_all = self._batches % TRIM_EVERY == 0 or self._unbounded >= TRIM_BYTES
+        if trim_all:
+            self._unbounded = 0
+        attempts = 0
+
         async def write(connection: Connection) -> int:
+            nonlocal attempts
+            attempts += 1
             await connection.execute("SET LOCAL synchronous_commit TO off")  # best effort: no wait for the disk
             await self.db.lock(connection, "events")
+            if attempts > 1:  # Database.run's retry: the first attempt may have committed, its reply lost
+                row = await (await connection.execute(
+                    "SELECT newest FROM event_batches WHERE writer = %s AND batch = %s", (self._writer, number))
+                ).fetchone()
+                if row is not None:
+                    return int(row[0])
             cursor = await connection.execute(
                 "INSERT INTO events (id, run_id, kind, state, data) "
                 "SELECT nextval('event_ids'), r, k, s, d FROM unnest(%s::text[], %s::text[], %s::text[], %s::bytea[]) "
@@ -162,7 +180,6 @@ class PostgresEvents:
                     "UPDATE runs SET log_bytes = (SELECT coalesce(sum(length(line)), 0) FROM run_logs "
                     "WHERE run_logs.run_id = runs.run_id) WHERE run_id = ANY(%s)",
                     (list({run_id for run_id, _ in logged}),))
-            crowded = self._crowded(batch)
             if crowded:
                 await connection.execute(
                     "WITH dropped AS (DELETE FROM events WHERE id IN (SELECT id FROM (SELECT id, "
@@ -170,15 +187,19 @@ class PostgresEvents:
                     "FROM events WHERE run_id = ANY(%s)) AS kept WHERE n > %s) "
                     "AND id <= (SELECT max(id) FROM events) - %s RETURNING id, run_id), "
                     f"{MARK_TRIMMED}", (crowded, RUN_BACKLOG_FRAMES, ALL_EVENTS_MAX))
-            self._unbounded += sum(len(data) for _, _, _, data in batch)
-            if self._batches % TRIM_EVERY == 0 or self._unbounded >= TRIM_BYTES:
-                self._unbounded = 0
+            if trim_all:
+                await connection.execute("DELETE FROM event_batches WHERE written_at < clock_timestamp() - "
+                                         "interval '1 hour'")  # writers long gone
                 await connection.execute(  # the oldest events past the newest TABLE_EVENTS_MAX or ALL_EVENTS_BYTES
                     "WITH dropped AS (DELETE FROM events WHERE id <= (SELECT coalesce(max(id), 0) FROM "
                     "(SELECT id, row_number() OVER (ORDER BY id DESC) AS n, "
                     "sum(length(data)) OVER (ORDER BY id DESC) AS b FROM events) AS ranked "
                     "WHERE n > 1 AND (n > %s OR b > %s)) RETURNING id, run_id), "
                     f"{MARK_TRIMMED}", (TABLE_EVENTS_MAX, ALL_EVENTS_BYTES))
+            await connection.execute(  # currval: the last id this transaction took, the batch's newest
+                "INSERT INTO event_batches (writer, batch, newest) VALUES (%s, %s, currval('event_ids')) "
+                "ON CONFLICT (writer) DO UPDATE SET batch = excluded.batch, newest = excluded.newest, "
+                "written_at = clock_timestamp()", (self._writer, number))
             await connection.execute("SELECT pg_notify(%s, '')", (self.listener.channel("events"),))
             return max(int(row[0]) for row in await cursor.fetchall())  # every statement went out in one go
 

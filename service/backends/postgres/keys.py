@@ -108,17 +108,28 @@ class PostgresDeliveries:
     async def claim(self) -> tuple[Delivery | None, float]:
         token = uuid.uuid4().hex
         claimed_at = time.monotonic()
+        attempts = 0
+        columns = "SELECT run_id, attempt, url, body, message_id FROM webhooks"
+
+        def leased(row: Any, attempt: int) -> Delivery:
+            return Delivery(str(row[0]), str(row[2]), bytes(row[3]), attempt=attempt, lease=token,
+                            send_by=claimed_at + self.lease_seconds - 1, message_id=row[4] or "")
 
         async def claim(connection: Connection) -> tuple[Delivery | None, float]:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:  # Database.run's retry: the first attempt may have committed, its reply lost
+                row = await (await connection.execute(f"{columns} WHERE lease = %s", (token,))).fetchone()
+                if row is not None:
+                    return leased(row, int(row[1])), 0.0
             row = await (await connection.execute(
-                "SELECT run_id, attempt, url, body, message_id FROM webhooks WHERE due_at <= clock_timestamp() "
-                "ORDER BY due_at LIMIT 1 FOR UPDATE SKIP LOCKED")).fetchone()
+                f"{columns} WHERE due_at <= clock_timestamp() ORDER BY due_at LIMIT 1 FOR UPDATE SKIP LOCKED")).fetchone()
             if row is None:
                 due = await (await connection.execute(
                     "SELECT extract(epoch FROM min(due_at) - clock_timestamp()) FROM webhooks")).fetchone()
                 wait = float(due[0]) if due is not None and due[0] is not None else POLL_SECONDS
                 return None, max(0.0, min(wait, POLL_SECONDS))
-            run_id, made, url, body, message_id = str(row[0]), int(row[1]), str(row[2]), bytes(row[3]), row[4] or ""
+            run_id, made = str(row[0]), int(row[1])
             if made >= MAX_ATTEMPTS:
                 await connection.execute("DELETE FROM webhooks WHERE run_id = %s", (run_id,))
                 return Delivery(run_id, "", b"", attempt=made, exhausted=True), 0.0
@@ -126,8 +137,7 @@ class PostgresDeliveries:
                 "UPDATE webhooks SET attempt = attempt + 1, lease = %s, "
                 "due_at = clock_timestamp() + %s * interval '1 second' WHERE run_id = %s",
                 (token, self.lease_seconds, run_id))
-            return Delivery(run_id, url, body, attempt=made + 1, lease=token,
-                            send_by=claimed_at + self.lease_seconds - 1, message_id=message_id), 0.0
+            return leased(row, made + 1), 0.0
 
         return await self.db.run(claim)
 

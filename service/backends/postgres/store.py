@@ -236,15 +236,23 @@ class PostgresBackend(TerminalSteps, RunReads):
 
     async def dequeue(self, run_id: str, **changes: Any) -> Run | None:
         """A waiting run out of the queue with its terminal state, in one transaction; None if it no longer waits."""
+        ended: builtins.list[Run] = []  # what the first attempt wrote, for a retry to recognise
+
         async def dequeue(connection: Connection) -> tuple[Run | None, tuple[int, int, int]]:
             await self.db.lock(connection)
             row = await (await connection.execute(
                 "SELECT record FROM runs WHERE run_id = %s AND queue_rank IS NOT NULL FOR UPDATE",
                 (run_id,))).fetchone()
+            if row is None and ended:  # Database.run's retry: was it the first attempt that ended it?
+                stored = await (await connection.execute(
+                    "SELECT record FROM runs WHERE run_id = %s AND finished_seq IS NOT NULL", (run_id,))).fetchone()
+                mine = stored is not None and bytes(stored[0]) == ended[0].record()
+                return (ended[0] if mine else None), (0, 0, 0)
             run = self._read(run_id, row[0]) if row is not None else None
             if run is None:
                 return None, (0, 0, 0)
             run.update(queue_position=None, **changes)
+            ended[:] = [run]
             return run, await self._finish(connection, run, "")
 
         run, answer = await self.db.run(dequeue)
@@ -346,8 +354,17 @@ class PostgresBackend(TerminalSteps, RunReads):
                 " LIMIT 1", (list(self._held),))
             return await cursor.fetchone() is not None
 
+        attempts = 0
+
         async def orphans(connection: Connection) -> builtins.list[tuple[str, bytes]]:
+            nonlocal attempts
+            attempts += 1
             await self.db.lock(connection)
+            if attempts > 1:  # Database.run's retry: the first attempt may have committed, its reply lost
+                cursor = await connection.execute(
+                    "SELECT run_id, record FROM runs WHERE holder = %s AND finished_seq IS NULL", (claim,))
+                if found := [(str(row[0]), bytes(row[1])) for row in await cursor.fetchall()]:
+                    return found
             # waits for renewals in flight (they take no admission lock), so the next statement's snapshot sees
             # a lease renewed just before it lapsed as live; renewals wait in turn until this step commits
             await connection.execute("SELECT 1 FROM slots FOR SHARE")
