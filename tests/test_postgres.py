@@ -93,6 +93,19 @@ def open_backend(url: str, schema: str, **kwargs: Any) -> Any:
     return open_postgres(url, schema, kwargs.pop("lock_ttl_seconds", 30.0), 100, 1 << 30, LOG, **kwargs)
 
 
+def migrated_schema(postgres: PostgresServer) -> str:
+    """A new schema brought to this version, as a replica that ran before leaves it."""
+    schema = new_schema()
+
+    async def start_once() -> None:
+        backend = open_backend(postgres.url, schema)
+        await backend.start()
+        await backend.close()
+
+    asyncio.run(start_once())
+    return schema
+
+
 def test_replicas_starting_together_apply_each_migration_once(postgres_server: PostgresServer) -> None:
     from service.backends.postgres.schema import migrations
 
@@ -113,17 +126,65 @@ def test_replicas_starting_together_apply_each_migration_once(postgres_server: P
 
 
 def test_a_schema_newer_than_this_version_refuses_to_start(postgres_server: PostgresServer) -> None:
-    schema = new_schema()
-
-    async def start_once() -> None:
-        backend = open_backend(postgres_server.url, schema)
-        await backend.start()
-        await backend.close()
-
-    asyncio.run(start_once())
+    schema = migrated_schema(postgres_server)
     postgres_server.sql(f"INSERT INTO {schema}.schema_version (version, name) VALUES (9999, '9999_future.sql')")
     line = refusal(DATABASE_URL=postgres_server.url, DATABASE_SCHEMA=schema)
     assert line["variable"] == "DATABASE_SCHEMA" and "9999" in line["detail"] and "newer" in line["detail"]
+
+
+def test_a_schema_newer_than_this_version_found_once_the_database_is_up_refuses_to_start(
+        tmp_path: Path, own_postgres: PostgresServer) -> None:
+    """The database down at start: the replica starts, answers 503 for work on it, and when the database comes up
+    with a schema newer than it knows it refuses as it would at start (exit 2), having admitted nothing."""
+    from service.backends.postgres.schema import migrations
+
+    schema = migrated_schema(own_postgres)
+    own_postgres.sql(f"INSERT INTO {schema}.schema_version (version, name) VALUES (9999, '9999_future.sql')")
+    own_postgres.stop("fast")
+    srv = ServerProcess(tmp_path / "server.log", DATABASE_URL=own_postgres.url, DATABASE_SCHEMA=schema)
+    try:
+        refused = post(srv, "sleeper", seconds=0)
+        assert refused.status_code == 503 and refused.json()["detail"], refused.text
+        own_postgres.start()
+        assert srv.proc.wait(15) == 2
+        (line,) = srv.events("invalid_configuration")
+        newest = str(migrations()[-1][0])
+        assert line["variable"] == "DATABASE_SCHEMA" and "newer" in line["detail"], line
+        assert "9999" in line["detail"] and f"({newest})" in line["detail"], line
+        assert own_postgres.sql(f"SELECT count(*) FROM {schema}.runs") == "0"  # nothing was admitted
+    finally:
+        srv.stop(signal.SIGKILL)
+
+
+def test_until_its_check_of_the_schema_passes_a_replica_answers_503_for_work_on_the_database(
+        tmp_path: Path, own_postgres: PostgresServer) -> None:
+    """The database reachable but the schema's check not done (another replica's migration holds its lock): no
+    run is admitted, no run read, not ready, until the check passes; then the replica serves."""
+    import psycopg
+
+    from service.backends.postgres.schema import advisory_key
+
+    schema = migrated_schema(own_postgres)
+    runner_url = own_postgres.url.replace("postgres@", "runner@")  # a role that does not exist yet: unreachable
+    srv = ServerProcess(tmp_path / "server.log", DATABASE_URL=runner_url, DATABASE_SCHEMA=schema)
+    try:
+        with psycopg.connect(own_postgres.url, autocommit=True) as migrating:
+            migrating.execute("SELECT pg_advisory_lock(%s)", (advisory_key(schema),))
+            migrating.execute("CREATE ROLE runner LOGIN SUPERUSER")
+            wait_until(lambda: own_postgres.sql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'runner' "
+                                                "AND wait_event = 'advisory'") == "1", 10, "the check waiting")
+            admitted = post(srv, "sleeper", seconds=0)
+            assert admitted.status_code == 503 and admitted.json()["detail"], admitted.text
+            status = srv.client.get(f"/agents/status/{uuid.uuid4()}")
+            assert status.status_code == 503 and status.json()["detail"], status.text
+            events = srv.client.get("/agents/events", timeout=5)  # a stream opened would hang here
+            assert events.status_code == 503 and events.json()["detail"], events.text
+            assert srv.client.get("/readyz").status_code == 503
+            assert own_postgres.sql(f"SELECT count(*) FROM {schema}.runs") == "0"
+        wait_until(lambda: srv.client.get("/readyz").status_code == 200, 10, "ready once checked")
+        assert srv.run_to_end("sleeper", seconds=0)["state"] == "DONE"
+    finally:
+        srv.stop(signal.SIGKILL)
 
 
 # --- replicas on one database ------------------------------------------------------------------------------------
@@ -587,6 +648,7 @@ def test_a_pooled_connection_the_server_closed_for_idling_costs_no_request(postg
 
     async def scenario() -> list[Any]:
         db = Database(url, "public", LOG)
+        db.schema_checked = True  # no schema of the service's: only the connections are under test
         try:
             async def select(connection: Any) -> Any:
                 return await (await connection.execute("SELECT 1")).fetchone()

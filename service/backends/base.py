@@ -141,6 +141,10 @@ class Backend(Protocol):
     on_work: Callable[[], None]  # a run was queued or a slot freed: look at the queue
     on_finished: Callable[[Run], None]  # a run with a webhook was stored terminal: its delivery is owed
     on_not_owed: Callable[[Run, str], None]  # its delivery was past the bound on those owed: dropped
+    # (variable, detail): the store, reached only after start, turned out unusable by this version (Postgres: a
+    # schema newer than it knows); the service refuses to start. Until a backend has checked its store, it runs
+    # no work on it (StoreUnavailable), so nothing was admitted when this is called.
+    on_invalid_configuration: Callable[[str, str], object]
 
     @property
     def idempotency_keys(self) -> IdempotencyKeys: ...

@@ -72,6 +72,7 @@ class MemoryBackend:
         self.on_work: Callable[[], None] = lambda: None
         self.on_finished: Callable[[Run], None] = lambda run: None  # first terminal save of a run with a webhook
         self.on_not_owed: Callable[[Run, str], None] = lambda run, detail: None
+        self.on_invalid_configuration: Callable[[str, str], object] = lambda variable, detail: None  # never found later
         self.idempotency_keys = MemoryIdempotencyKeys(idempotency_ttl_seconds, retention, unfinished=self.unfinished)
         self._held: dict[str, str] = {}  # slot token -> the run holding it, oldest first
         self._runs: dict[str, Run] = {}

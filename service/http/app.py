@@ -80,12 +80,13 @@ def lifespan_of(version: str) -> Callable[[Starlette], contextlib.AbstractAsyncC
 
 async def lifespan(app: Starlette, version: str) -> AsyncIterator[None]:
     """Build the runtime (refusing a second memory-mode process), serve, then drain and take it down."""
-    async def one_process_for_memory_mode(backend: Backend) -> None:
+    async def before_start(backend: Backend) -> None:
+        backend.on_invalid_configuration = refuse_to_start  # what the store tells only once reached, after start
         if not backend.shared and not getattr(app.state, "binds_own_socket", False):
             await refuse_second_memory_process()
 
     try:
-        runtime = app.state.runtime = await open_runtime(settings.current, before_start=one_process_for_memory_mode)
+        runtime = app.state.runtime = await open_runtime(settings.current, before_start=before_start)
     except ConfigError as exc:  # what only the store can tell (a schema newer than this version knows)
         refuse_to_start(exc.variable, exc.detail)
     log.info("service_started", extra={

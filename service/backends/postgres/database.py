@@ -34,13 +34,18 @@ TCP_USER_TIMEOUT_MS = 10000  # data unacknowledged this long: the kernel closes 
 
 class Database:
     """The pool of one replica, and ``run``: a unit of work, retried once on a dropped connection (a pooled
-    connection left over from before a restart of the database, or killed), its failures as StoreUnavailable."""
+    connection left over from before a restart of the database, or killed), its failures as StoreUnavailable.
+
+    No work runs before ``schema_checked`` (set once the schema is found at this version, by the migration):
+    until then every unit of work fails as StoreUnavailable, so nothing is read or written in a schema whose
+    version this replica has not checked (one newer than it knows above all)."""
 
     def __init__(self, url: str, schema: str, log: logging.Logger) -> None:
         self.url = url
         self.schema = schema
         self.log = log
         self.healthy = True
+        self.schema_checked = False
         self.pool = Pool(self.connect, POOL_MAX, POOL_WAIT_SECONDS)
 
     async def _configure(self, connection: Connection) -> None:
@@ -80,6 +85,8 @@ class Database:
     async def run(self, work: Callable[[Connection], Awaitable[T]], transaction: bool = True) -> T:
         """``work`` on a pooled connection (in one transaction when asked); once more on a fresh connection when
         the first was found dropped. Every unit of work here is safe to run again after a lost reply."""
+        if not self.schema_checked:
+            raise StoreUnavailable(f"schema {self.schema!r} not checked yet")
         async with self.guard():
             for attempt in (1, 2):
                 pooled = self.pool.has_idle()

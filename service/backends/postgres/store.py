@@ -26,6 +26,7 @@ from service.backends.postgres.terminal import TerminalSteps
 from service.backends.postgres.schema import migrate
 from service.backends.records import MAX_OWED, MAX_OWED_BYTES, LockLost, Run, StoreUnavailable, WriteRefused
 from service.cancelling import cancel_and_wait
+from service.settings import ConfigError
 
 # A free slot taken for a token, and the fencing token it mints (a row only when a slot was free): the
 # sequence's next value, raised (setval) to the database's clock in microseconds and above the highest token the
@@ -68,6 +69,7 @@ class PostgresBackend(TerminalSteps, RunReads):
         self.on_work: Callable[[], None] = lambda: None
         self.on_finished: Callable[[Run], None] = lambda run: None
         self.on_not_owed: Callable[[Run, str], None] = lambda run, detail: None
+        self.on_invalid_configuration: Callable[[str, str], object] = lambda variable, detail: None
         self.idempotency_keys = PostgresIdempotencyKeys(db, idempotency_ttl_seconds)
         self.listener = Listener(db, log, self)
         self._held: set[str] = set()  # tokens of the slots this replica holds (until it releases them)
@@ -83,12 +85,14 @@ class PostgresBackend(TerminalSteps, RunReads):
     # --- life ------------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the pool and bring the schema to this version (ConfigError on a newer one); a database not
-        reachable yet is migrated as soon as it is (requests get 503 meanwhile)."""
+        """Bring the schema to this version (ConfigError on a newer one), then listen. A database not reachable
+        yet is migrated as soon as it is: until then no work runs on it (StoreUnavailable, 503), and a newer
+        schema found then goes to ``on_invalid_configuration``, the work still refused."""
         try:
             await self._migrate()
         except StoreUnavailable:
             self._migrating = asyncio.create_task(self._migrate_when_reachable(), name="postgres-migrate")
+            return
         await self.listener.start()
 
     async def _migrate(self) -> None:
@@ -98,13 +102,20 @@ class PostgresBackend(TerminalSteps, RunReads):
                 await migrate(connection, self.db.schema)
             finally:
                 await connection.close()
+        self.db.schema_checked = True
 
     async def _migrate_when_reachable(self) -> None:
         while True:
             await asyncio.sleep(RETRY_MIGRATION_SECONDS)
-            with contextlib.suppress(StoreUnavailable):
+            try:
                 await self._migrate()
+            except StoreUnavailable:
+                continue
+            except ConfigError as exc:  # a schema newer than this version knows: never worked on
+                self.on_invalid_configuration(exc.variable, exc.detail)
                 return
+            await self.listener.start()  # after the check: event streams are refused (503) until then
+            return
 
     async def close(self) -> None:
         if self._migrating is not None:

@@ -63,6 +63,7 @@ class RedisBackend:
         self.on_work: Callable[[], None] = lambda: None  # a run was queued or a slot freed, on any replica
         self.on_finished: Callable[[Run], None] = lambda run: None  # a run with a webhook was stored terminal
         self.on_not_owed: Callable[[Run, str], None] = lambda run, detail: None  # its delivery was past the bound
+        self.on_invalid_configuration: Callable[[str, str], object] = lambda variable, detail: None  # never found later
         self.idempotency_keys = RedisIdempotencyKeys(client, self.key("idempotency", ""), self.key("run", ""), health,
                                                      idempotency_ttl_seconds)
         self._waiters: dict[str, set[asyncio.Event]] = {}
