@@ -16,7 +16,8 @@ from pathlib import Path
 
 import httpx
 
-from conftest import DOCS, HERE, free_port, missing_tool, module_name, product_modules
+from conftest import (DOCS, HERE, PostgresServer, free_port, missing_tool, module_name, new_schema,
+                      product_modules)
 
 
 def tool(name: str, install: str) -> str:
@@ -85,16 +86,19 @@ def debian_python() -> str:
     return python
 
 
-def test_dockerfile_runtime_rebuilt_without_docker_starts_and_is_healthy(tmp_path: Path) -> None:
+def dockerfile_stages() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The build stage's instructions and the runtime stage's."""
     steps = dockerfile_instructions()
     stages = [i for i, (op, _) in enumerate(steps) if op == "FROM"]
     assert len(stages) == 2, "multi-stage: a build stage and a runtime stage"
-    build, runtime = steps[stages[0]:stages[1]], steps[stages[1]:]
-    assert re.fullmatch(r"debian:12\.\d+-slim AS build", build[0][1]), "Debian 12's Python, pinned by point release"
-    assert re.fullmatch(r"gcr\.io/distroless/python3-debian12:nonroot", runtime[0][1]), "distroless, Debian 12"
+    return steps[stages[0]:stages[1]], steps[stages[1]:]
 
-    # Build stage: its RUN steps in a shell, with /venv, /tmp/ and /app mapped into tmp_path, on Debian's
-    # python3 at the path the runtime base has it (the venv links to it); the apt-get step is this host's own.
+
+def run_build_stage(tmp_path: Path, build_args: dict[str, str]) -> tuple[Path, Path]:
+    """The build stage's RUN steps in a shell, with /venv, /tmp/ and /app mapped into tmp_path, on Debian's
+    python3 at the path the runtime base has it (the venv links to it); the apt-get step is this host's own.
+    ``build_args`` as ``docker build --build-arg``. The venv and the app directory it made."""
+    build, _ = dockerfile_stages()
     venv, files, app = tmp_path / "venv", tmp_path / "files", tmp_path / "app"
     files.mkdir()
     app.mkdir()
@@ -107,7 +111,7 @@ def test_dockerfile_runtime_rebuilt_without_docker_starts_and_is_healthy(tmp_pat
             subprocess.run(["sh", "-c", command], cwd=workdir, env=build_env, check=True, capture_output=True)
         elif op == "ARG":
             name, _, default = args.partition("=")
-            build_env[name] = json.loads(default) if default else ""
+            build_env[name] = build_args.get(name, json.loads(default) if default else "")
         elif op == "WORKDIR":
             assert args == "/app"
             workdir = app
@@ -119,14 +123,44 @@ def test_dockerfile_runtime_rebuilt_without_docker_starts_and_is_healthy(tmp_pat
                     shutil.copytree(HERE / name, target, ignore=shutil.ignore_patterns("__pycache__"))
                 else:
                     shutil.copy(HERE / name, target)
+    return venv, app
+
+
+def venv_megabytes(venv: Path) -> float:
+    return sum(os.lstat(os.path.join(top, name)).st_size  # lib64 is a link to lib: counted once
+               for top, _, names in os.walk(venv) for name in names) / 1e6
+
+
+def wait_for_200(server: subprocess.Popen[bytes], url: str, seconds: float) -> None:
+    """Until ``url`` answers 200; the server's output in the failure if it exits or ``seconds`` pass first."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if httpx.get(url).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if server.poll() is not None or time.monotonic() >= deadline:
+            server.kill()
+            output = server.communicate()[0].decode(errors="replace")[-3000:]
+            raise AssertionError(f"the rebuilt runtime did not answer 200 on {url}:\n{output}")
+        time.sleep(0.1)
+
+
+def test_dockerfile_runtime_rebuilt_without_docker_starts_and_is_healthy(tmp_path: Path) -> None:
+    build, runtime = dockerfile_stages()
+    assert re.fullmatch(r"debian:12\.\d+-slim AS build", build[0][1]), "Debian 12's Python, pinned by point release"
+    assert re.fullmatch(r"gcr\.io/distroless/python3-debian12:nonroot", runtime[0][1]), "distroless, Debian 12"
+    python = debian_python()
+    venv, app = run_build_stage(tmp_path, {})
     compiled = {path.name.split(".")[0] for path in (app / "__pycache__").glob("*.pyc")}
     assert compiled == {path.stem for path in app.glob("*.py")}, compiled
     site = venv / "lib" / "python3.11" / "site-packages"
     assert not [path.name for path in site.iterdir()
                 if path.name.split("-")[0] in ("pip", "setuptools", "pkg_resources", "_distutils_hack")]
+    assert not (site / "psycopg").exists(), "the PostgreSQL driver only with WITH_POSTGRES=1"
     assert os.readlink(venv / "bin" / "python3") == python  # where the distroless base has its python3
-    venv_mb = sum(os.lstat(os.path.join(top, name)).st_size  # lib64 is a link to lib: counted once
-                  for top, _, names in os.walk(venv) for name in names) / 1e6
+    venv_mb = venv_megabytes(venv)
     assert venv_mb <= budgets()["venv"], f"the runtime venv is {venv_mb:.1f} MB"
 
     # Runtime stage: the build stage's venv and app, the environment, the command, the health check.
@@ -154,18 +188,7 @@ def test_dockerfile_runtime_rebuilt_without_docker_starts_and_is_healthy(tmp_pat
 
     server = subprocess.Popen(cmd, cwd=app, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{env['PORT']}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.monotonic() >= deadline:
-                server.kill()
-                output = server.communicate()[0].decode(errors="replace")[-3000:]
-                raise AssertionError(f"the rebuilt runtime did not start:\n{output}")
-            time.sleep(0.1)
+        wait_for_200(server, f"http://127.0.0.1:{env['PORT']}/healthz", 20)
         check = subprocess.run(healthcheck, cwd=app, env=env, capture_output=True, timeout=10)
         assert check.returncode == 0, check.stderr
         if ipv6_loopback():
@@ -177,6 +200,27 @@ def test_dockerfile_runtime_rebuilt_without_docker_starts_and_is_healthy(tmp_pat
             server.kill()
     first_line = json.loads(server.stdout.read().splitlines()[0])
     assert first_line["level"] == "info"
+
+
+def test_with_postgres_1_the_rebuilt_venv_runs_postgres_mode(tmp_path: Path, postgres_server: PostgresServer) -> None:
+    """``docker build --build-arg WITH_POSTGRES=1`` (compose's postgres profile, the Kubernetes postgres overlay):
+    psycopg in the venv, which still has no pip, and the service on it migrates a schema and is ready."""
+    venv, app = run_build_stage(tmp_path, {"WITH_POSTGRES": "1"})
+    site = venv / "lib" / "python3.11" / "site-packages"
+    assert (site / "psycopg").is_dir() and not (site / "pip").exists()
+    port = free_port()
+    env = {"PATH": f"{venv}/bin:{os.environ['PATH']}", "HOST": "127.0.0.1", "PORT": str(port),
+           "DATABASE_URL": postgres_server.url, "DATABASE_SCHEMA": new_schema()}
+    server = subprocess.Popen(["python", "agent_runner.py"], cwd=app, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
+    try:
+        wait_for_200(server, f"http://127.0.0.1:{port}/readyz", 30)
+        assert postgres_server.sql(f"SELECT count(*) FROM {env['DATABASE_SCHEMA']}.schema_version") != "0"
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(20) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
 
 
 def test_the_images_dual_stack_socket_takes_ipv4_and_falls_back_without_ipv6(monkeypatch) -> None:

@@ -1,7 +1,7 @@
-"""deploy/kubernetes (issue 26): both overlays render, validate offline against the API's schemas
-(kubernetes-validate), and say what docs/kubernetes.md says: a StatefulSet of one pod in memory mode, several pods
-and a PodDisruptionBudget in Redis mode, probes, a preStop pause, a grace period that covers the worst stop,
-non-root on a read-only root filesystem.
+"""deploy/kubernetes (issues 26 and 28): every overlay renders, validates offline against the API's schemas
+(kubernetes-validate), and says what docs/kubernetes.md says: a StatefulSet of one pod in memory mode, several pods
+and a PodDisruptionBudget in Redis and PostgreSQL modes, probes, a preStop pause, a grace period that covers the
+worst stop, non-root on a read-only root filesystem, settings the service accepts.
 
 Rendered by tools/kustomize_subset.py (CI's machines have no kubectl), checked against ``kubectl kustomize``
 wherever kubectl is installed.
@@ -20,9 +20,14 @@ import pytest
 import yaml
 
 from conftest import DOCS, HERE, load_script
+from service.backends import check_settings
+from service.backends.postgres import database, schema
+from service.settings import Settings
 
 KUBERNETES = HERE / "deploy" / "kubernetes"
-OVERLAYS = ["memory", "redis"]
+OVERLAYS = ["memory", "redis", "postgres"]
+SHARED_STORE = {"redis": "REDIS_URL", "postgres": "DATABASE_URL"}  # the overlays of several pods, and their store
+WORKLOADS = {"Deployment", "StatefulSet", "ReplicaSet", "Pod", "DaemonSet", "Job", "CronJob"}
 SCHEMA_VERSIONS = ["1.29.0", "1.33.0"]  # the oldest Kubernetes the manifests are for, and a recent one
 kustomize = load_script(HERE / "tools" / "kustomize_subset.py")
 
@@ -32,7 +37,7 @@ def rendered(overlay: str) -> dict[tuple[str, str], dict[str, Any]]:
 
 
 def workload(overlay: str) -> dict[str, Any]:
-    """The overlay's one workload: memory's StatefulSet, Redis's Deployment."""
+    """The overlay's one workload: memory's StatefulSet, Redis's and PostgreSQL's Deployment."""
     (only,) = [doc for (kind, _), doc in rendered(overlay).items() if kind in ("Deployment", "StatefulSet")]
     return only
 
@@ -80,21 +85,60 @@ def test_memory_mode_is_a_stateful_set_of_one_pod_replaced_only_once_gone() -> N
     pods_service = resources[("Service", memory["spec"]["serviceName"])]["spec"]
     assert pods_service["clusterIP"] == "None"
     assert pods_service["selector"] == memory["spec"]["template"]["metadata"]["labels"]
-    assert "REDIS_URL" not in str(container("memory").get("env", []))
     assert not [kind for kind, _ in rendered("memory") if kind == "PodDisruptionBudget"]
 
 
-def test_redis_mode_is_several_pods_from_the_secret_with_a_disruption_budget() -> None:
-    resources = rendered("redis")
-    spec = workload("redis")["spec"]
+def environment(overlay: str) -> dict[str, str]:
+    """The container's environment as the kubelet builds it: the ConfigMap's data, then ``env`` (secrets read)."""
+    resources = rendered(overlay)
+    env = dict(resources[("ConfigMap", container(overlay)["envFrom"][0]["configMapRef"]["name"])]["data"])
+    for entry in container(overlay).get("env", []):
+        if "valueFrom" in entry:
+            secret_ref = entry["valueFrom"]["secretKeyRef"]
+            env[entry["name"]] = resources[("Secret", secret_ref["name"])]["stringData"][secret_ref["key"]]
+        else:
+            env[entry["name"]] = entry["value"]
+    return env
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_overlays_settings_pass_the_services_start_checks_and_name_its_store(overlay: str) -> None:
+    settings = Settings.from_env(environment(overlay))
+    check_settings(settings)  # the URL as the store's client reads it (a Sentinel URL, libpq's parameters)
+    store = SHARED_STORE.get(overlay)
+    assert (settings.redis_url is not None, settings.database_url is not None) == (store == "REDIS_URL",
+                                                                                   store == "DATABASE_URL")
+
+
+@pytest.mark.parametrize("overlay", SHARED_STORE)
+def test_shared_store_modes_are_several_pods_from_the_secret_with_a_disruption_budget(overlay: str) -> None:
+    resources = rendered(overlay)
+    spec = workload(overlay)["spec"]
     assert spec["replicas"] >= 2 and spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
-    (redis_url,) = [env for env in container("redis")["env"] if env["name"] == "REDIS_URL"]
-    secret_ref = redis_url["valueFrom"]["secretKeyRef"]
-    secret = resources[("Secret", secret_ref["name"])]
-    assert secret["stringData"][secret_ref["key"]].startswith(("redis://", "rediss://", "redis+", "rediss+"))
+    (url,) = [env for env in container(overlay)["env"] if env["name"] == SHARED_STORE[overlay]]
+    assert resources[("Secret", url["valueFrom"]["secretKeyRef"]["name"])]["type"] == "Opaque"
     budget = resources[("PodDisruptionBudget", "agent-runner")]["spec"]
     assert budget["selector"]["matchLabels"] == spec["template"]["metadata"]["labels"]
     assert budget["maxUnavailable"] < spec["replicas"]
+
+
+def test_postgres_mode_runs_the_image_with_psycopg_that_the_docs_say_how_to_build() -> None:
+    image = container("postgres")["image"]
+    assert image != container("redis")["image"], "the released image has no PostgreSQL driver"
+    build = f"docker build --build-arg WITH_POSTGRES=1 -t {image} ."
+    assert build in (KUBERNETES / "overlays" / "postgres" / "kustomization.yaml").read_text()
+    assert build in (DOCS / "kubernetes.md").read_text()
+    assert re.search(r'^ARG WITH_POSTGRES=""$', (HERE / "Dockerfile").read_text(), re.MULTILINE)
+
+
+def test_the_postgres_startup_probe_outlasts_a_wait_for_another_pods_migration() -> None:
+    """A pod starting while another migrates waits for the advisory lock in its start (no /healthz yet): connect,
+    the lock's timeout, then each migration's own table lock timeout, and the process's own start (10 s)."""
+    probe = container("postgres")["startupProbe"]
+    window = probe["periodSeconds"] * probe["failureThreshold"]
+    worst_start = (database.CONNECT_TIMEOUT_SECONDS + schema.MIGRATION_LOCK_TIMEOUT_MS / 1000
+                   + len(schema.migrations()) * database.STATEMENT_TIMEOUT_MS / 1000 + 10)
+    assert window >= worst_start, (window, worst_start)
 
 
 def pre_stop_seconds(overlay: str) -> float:
@@ -140,7 +184,9 @@ def test_it_runs_as_non_root_on_a_read_only_root_with_tmp_writable_and_resources
     assert resources["requests"]["cpu"] and resources["requests"]["memory"] and resources["limits"]["memory"]
 
 
-def test_the_base_alone_runs_no_pod() -> None:
-    """Applied alone (by mistake), the base must not start memory-mode pods that a rollout would double."""
-    kinds = {doc["kind"] for doc in kustomize.render(KUBERNETES / "base")}
-    assert kinds and not kinds & {"Deployment", "StatefulSet", "ReplicaSet", "Pod", "DaemonSet"}, kinds
+@pytest.mark.parametrize("shared", ["base", "replicated"])
+def test_the_shared_parts_alone_run_no_pod(shared: str) -> None:
+    """Applied alone (by mistake), the parts the overlays share must not start memory-mode pods."""
+    resources = kustomize.render(KUBERNETES / shared)
+    pods = [(doc["kind"], doc["spec"].get("replicas", 1)) for doc in resources if doc["kind"] in WORKLOADS]
+    assert resources and all(replicas == 0 for _, replicas in pods), pods
