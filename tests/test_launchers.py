@@ -237,6 +237,17 @@ def test_memory_mode_on_two_addresses_with_one_port_is_two_services(tmp_path: Pa
             server.stop()
 
 
+def test_looking_for_server_sockets_leaves_no_descriptor_open(tmp_path: Path) -> None:
+    """The one-process check looks at every descriptor the process holds (files too): it keeps none of them."""
+    from service.http.single_process import server_addresses
+
+    with open(tmp_path / "a-file", "w"), socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        before = sorted(os.listdir("/proc/self/fd"))
+        assert f"127.0.0.1:{server.getsockname()[1]}" in server_addresses()
+        assert sorted(os.listdir("/proc/self/fd")) == before
+
+
 def test_a_graceful_reload_waits_for_the_old_worker_instead_of_stopping_the_service(tmp_path: Path) -> None:
     """gunicorn's SIGHUP (logrotate's postrotate sends it) starts the new worker while the old one drains."""
     server = launch(tmp_path, "gunicorn", LAUNCHERS["gunicorn"], SHUTDOWN_GRACE_SECONDS="1")

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import sys
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -26,8 +27,9 @@ from service.http import dashboard
 from service.http.docs import docs, openapi_json, openapi_spec
 from service.http.event_stream import all_events, run_events, run_logs
 from service.http.handlers import (cancel_run, get_status, healthz, list_agents, list_runs, metrics_page,
-                                   post_run, readyz)
-from service.http.middleware import AccessLog, Cors, ForwardedClient, RootPath, logged_path, token_required
+                                   post_run, readyz, status_answer)
+from service.http.middleware import (AccessLog, Cors, ForwardedClient, RootPath, Shortcut, logged_path,
+                                     token_required)
 from service.http.single_process import claim_server_sockets
 from service.http.startup import refuse_to_start
 from service.http.validation import json_response
@@ -122,8 +124,11 @@ async def refuse_second_memory_process() -> None:
 STOP_MARGIN_SECONDS = 5.0  # beyond the grace: how long a stopping process may take to record and exit
 
 
+# the busiest route: its GET and HEAD requests are answered by the Shortcut middleware, ahead of the router
+status_route = token_required(Route("/agents/status/{run_id}", get_status, methods=["GET"]))
+
 routes = [  # the router tries them in order: the busiest first; every /agents route needs the API token
-    token_required(Route("/agents/status/{run_id}", get_status, methods=["GET"])),
+    status_route,
     token_required(Route("/agents/run", post_run, methods=["POST"])),
     token_required(Route("/agents", list_agents, methods=["GET"])),
     token_required(Route("/agents/cancel/{run_id}", cancel_run, methods=["POST"])),
@@ -141,18 +146,17 @@ routes = [  # the router tries them in order: the busiest first; every /agents r
 ]
 
 
+exception_handlers: dict[Any, Any] = {HTTPException: http_error, StoreUnavailable: store_unavailable,
+                                      NotStarted: not_started, Exception: server_error}
+
 
 def build_app(version: str) -> Starlette:
     """The ASGI app; the settings it follows are read by each request, once the launcher has read them."""
     metrics.set_build_info(version)
-    app = Starlette(
-        routes=routes,
-        exception_handlers={HTTPException: http_error, StoreUnavailable: store_unavailable,
-                            NotStarted: not_started, Exception: server_error},
-        lifespan=lifespan_of(version),
-    )
+    app = Starlette(routes=routes, exception_handlers=exception_handlers, lifespan=lifespan_of(version))
     app.router.redirect_slashes = False  # its redirects take their host from the Host header: /metrics/ is a 404
-    app.add_middleware(Cors)  # innermost: the client and path are set, and its preflights are logged
+    app.add_middleware(Shortcut, route=status_route, answer=status_answer, exception_handlers=exception_handlers)
+    app.add_middleware(Cors)  # inside the log line: the client and path are set, and its preflights are logged
     app.add_middleware(AccessLog)  # added last is outermost: the log line sees the client and path set below
     app.add_middleware(RootPath)
     app.add_middleware(ForwardedClient)

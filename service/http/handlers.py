@@ -9,6 +9,7 @@ from __future__ import annotations
 from json.encoder import encode_basestring_ascii as json_string
 from typing import Any
 
+from starlette.datastructures import QueryParams
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -97,9 +98,14 @@ async def find_run(backend: Backend, run_id: str) -> Run:
 
 
 async def get_status(request: Request) -> Response:
-    backend = from_state(request.app.state).backend
-    run = await find_run(backend, request.path_params["run_id"])
-    wait = parse_wait(request.query_params.get("wait")) if request.scope["query_string"] else None
+    return await status_answer(request.app.state, request.path_params, request.scope["query_string"])
+
+
+async def status_answer(state: Any, path_params: dict[str, Any], query_string: bytes) -> Response:
+    """GET /agents/status/{run_id} from the request's parts (the Shortcut middleware answers it without a Request)."""
+    backend = from_state(state).backend
+    run = await find_run(backend, path_params["run_id"])
+    wait = parse_wait(QueryParams(query_string).get("wait")) if query_string else None
     if wait is not None and not run.finished:
         run = await backend.wait_finished(run.run_id, wait) or run
     return json_response(run.json())

@@ -1,14 +1,19 @@
 """Pure ASGI middleware: bearer-token auth on /agents routes, the root path, proxy headers, CORS, the access log
-line (and the request's span while tracing is on)."""
+line (and the request's span while tracing is on), and the shortcut that answers the busiest route."""
 
 from __future__ import annotations
 
 import hmac
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from json.encoder import encode_basestring_ascii as json_string
 from typing import Any, cast
 
+from starlette._utils import get_route_path
+from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
@@ -32,21 +37,86 @@ class TokenRequired:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        token = settings.current.api_token
-        if token:
-            given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
-            if not hmac.compare_digest(given, b"Bearer " + token.encode()):
-                response = json_response({"detail": "Missing or invalid bearer token"}, 401,
-                                         headers={"WWW-Authenticate": "Bearer"})
-                await response(scope, receive, send)
-                return
+        refusal = token_refusal(scope)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
         await self.app(scope, receive, send)
+
+
+def token_refusal(scope: Scope) -> Response | None:
+    """The 401 for a request without the API token (when API_TOKEN is set), or None to go on."""
+    token = settings.current.api_token
+    if token:
+        given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
+        if not hmac.compare_digest(given, b"Bearer " + token.encode()):
+            return json_response({"detail": "Missing or invalid bearer token"}, 401,
+                                 headers={"WWW-Authenticate": "Bearer"})
+    return None
 
 
 def token_required(route: Route) -> Route:
     """The route, answering 401 without the API token."""
     route.app = TokenRequired(route.app)
     return route
+
+
+RouteAnswer = Callable[[Any, dict[str, Any], bytes], Awaitable[Response]]  # (app state, path params, query string)
+ErrorAnswer = Callable[[Request, Exception], Awaitable[Response]]
+
+
+class Shortcut:
+    """A busy route's GET and HEAD requests answered ahead of Starlette's exception middleware and router, with the
+    route's own token check, answer and error answers, in fewer steps (no Request, no send wrappers).
+
+    ``answer`` is the route's endpoint taking the request's parts; ``exception_handlers`` are the app's: the
+    500 one (``Exception``) stays with Starlette's outermost middleware, as in the app. Any other method goes on
+    to the router (its 405).
+    """
+
+    def __init__(self, app: ASGIApp, route: Route, answer: RouteAnswer,
+                 exception_handlers: Mapping[Any, ErrorAnswer]) -> None:
+        self.app = app
+        self.route = route
+        self.answer = answer
+        self.token_required = isinstance(route.app, TokenRequired)
+        self.methods = route.methods or set()
+        self.status_handlers = {key: handler for key, handler in exception_handlers.items()
+                                if isinstance(key, int) and key != 500}
+        self.class_handlers = {key: handler for key, handler in exception_handlers.items()
+                               if isinstance(key, type) and key is not Exception}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in self.methods:
+            match = self.route.path_regex.match(get_route_path(scope))
+            if match is not None:
+                await self.handle(scope, receive, send, match.groupdict())
+                return
+        await self.app(scope, receive, send)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, matched: dict[str, str]) -> None:
+        # what the router puts in the scope: the access log's route label and the span's name read it
+        convertors = self.route.param_convertors
+        path_params = {**scope.get("path_params", {}), **{key: convertors[key].convert(value)
+                                                           for key, value in matched.items()}}
+        scope["route"], scope["endpoint"], scope["path_params"] = self.route, self.route.endpoint, path_params
+        response = token_refusal(scope) if self.token_required else None
+        if response is None:
+            try:
+                response = await self.answer(scope["app"].state, path_params, scope["query_string"])
+            except Exception as exc:
+                handler = self.error_handler(exc)
+                if handler is None:
+                    raise  # to the 500 handler, as from the route
+                response = await handler(Request(scope, receive, send), exc)
+        await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
+        await send({"type": "http.response.body", "body": response.body})
+
+    def error_handler(self, exc: Exception) -> ErrorAnswer | None:
+        """The handler Starlette's exception middleware would pick for ``exc``."""
+        if isinstance(exc, HTTPException) and exc.status_code in self.status_handlers:
+            return self.status_handlers[exc.status_code]
+        return next((self.class_handlers[cls] for cls in type(exc).__mro__ if cls in self.class_handlers), None)
 
 
 class RootPath:

@@ -42,8 +42,13 @@ def server_addresses() -> set[str]:
             continue
         for descriptor in descriptors:
             try:
-                sock = socket.socket(fileno=os.dup(descriptor))
-            except OSError:  # not a socket (or closed meanwhile)
+                copy = os.dup(descriptor)
+            except OSError:  # closed meanwhile
+                continue
+            try:
+                sock = socket.socket(fileno=copy)
+            except OSError:  # not a socket: the copy is closed here, as socket() leaves it open
+                os.close(copy)
                 continue
             with sock:
                 address = server_address(sock)
