@@ -508,3 +508,47 @@ def test_an_event_comes_back_with_an_id_its_log_line_is_kept_and_a_client_resume
             await transport.stop()
 
     place.run(scenario)
+
+
+# --- Redis only ----------------------------------------------------------------------------------------------
+
+def test_redis_dispatch_is_woken_by_a_slot_freed_elsewhere_not_by_the_echo_of_its_own(redis_server: RedisServer,
+                                                                                     tmp_path: Path) -> None:
+    """A replica's runner wakes its dispatch itself once its terminal write is answered; the "finished" message
+    of that write still wakes the run's waiters but not dispatch again (a take that would find nothing), while
+    one from another replica does."""
+    place = Place(redis_server, tmp_path)
+
+    async def scenario() -> None:
+        here, elsewhere = place.open(), place.open()
+        woken: list[str] = []
+        here.on_work = lambda: woken.append("work")
+        await here.start()
+        await elsewhere.start()
+        try:
+            await asyncio.sleep(0.2)  # both listeners subscribed
+            woken.clear()
+            mine = new_run()
+            assert await here.admit(mine, "reject", 10) == "started"
+            waiter = asyncio.ensure_future(here.wait_finished(mine.run_id, 5.0))
+            await asyncio.sleep(0.05)
+            started = asyncio.get_running_loop().time()
+            await finish(here, mine)
+            stored = await waiter
+            assert stored is not None and stored.state == "DONE"
+            assert asyncio.get_running_loop().time() - started < 0.5  # woken by the message, not the 1 s poll
+            await asyncio.sleep(0.3)
+            assert woken == []
+            theirs = new_run()
+            assert await elsewhere.admit(theirs, "reject", 10) == "started"
+            await finish(elsewhere, theirs)
+            for _ in range(100):
+                if woken:
+                    break
+                await asyncio.sleep(0.01)
+            assert woken == ["work"]
+        finally:
+            await here.close()
+            await elsewhere.close()
+
+    asyncio.run(scenario())
