@@ -129,6 +129,11 @@ def test_runs_are_taken_first_in_first_out_and_an_interrupting_run_goes_first(pl
             await finish(backend, holder)
             run = await backend.take()
             assert run is not None and run.holder is not None and run.queue_position is None
+            assert run.fencing_token is not None and run.created_at and run.state == "PENDING"
+            if backend.name == "redis":  # the take tells the queue's length after it (others: None, ask)
+                assert backend.queue_after_take == await backend.queue_length()
+            else:
+                assert backend.queue_after_take is None
             taken.append(run.run_id)
             holder = run
         assert await backend.take() is None and await backend.queue_length() == 0

@@ -190,24 +190,28 @@ return oldest
 # the run's record; the answer to a take whose slot it still holds repeats the token.
 # KEYS: queue, unfinished, slot 0..n-1, generation, fence, fencing counter. ARGV: token, ttl_ms, n, retry, new
 # generation, token floor, run key prefix.
-# Returns {run_id, slot, generation, lost, fencing token, suspect, again}, run_id '' (and slot -1) when none was
-# taken; generation and lost as in ADMIT_SCRIPT; suspect (ORPHANS_SUSPECT): 1 when a run may have been left behind;
-# again: 1 when another take could start a run now (a run waits and a slot is free), else 0 (no take is asked for
-# until something changes: a run queued, a slot freed).
+# Returns {run_id, slot, generation, lost, fencing token, suspect, again, record, waiting}, run_id '' (and slot -1)
+# when none was taken; generation and lost as in ADMIT_SCRIPT; suspect (ORPHANS_SUSPECT): 1 when a run may have been
+# left behind; again: 1 when another take could start a run now (a run waits and a slot is free), else 0 (no take is
+# asked for until something changes: a run queued, a slot freed); record: the taken run's record as stored, its token
+# in it (nil when it is missing), so the caller needs no read of its own; waiting: the queue's length after the take.
 TAKE_SCRIPT = FENCE + MINT + ORPHANS_SUSPECT + """
 local unfinished_count = redis.call('HLEN', KEYS[2])
 local n = tonumber(ARGV[3])
 local open, lost = fence_open(KEYS[3 + n], KEYS[4 + n], ARGV[5], ARGV[2])
 local generation = redis.call('GET', KEYS[3 + n])
-local function taken(id, slot, found_lost, token, added)
+local function taken(id, slot, found_lost, record, token, added, waiting)
   if token == nil then
-    local record = redis.call('GET', ARGV[7] .. id)
     token = mint(KEYS[5 + n], ARGV[6])
-    if record then redis.call('SET', ARGV[7] .. id, with_token(record, token)) end
+    if record then
+      record = with_token(record, token)
+      redis.call('SET', ARGV[7] .. id, record)
+    end
   end
   local suspect, held = orphans_suspect(unfinished_count + (added or 0), 3, 2 + n)
-  local again = (open and held < n and redis.call('LLEN', KEYS[1]) > 0) and 1 or 0
-  return {id, slot, generation, found_lost, token, suspect, again}
+  waiting = waiting or redis.call('LLEN', KEYS[1])
+  local again = (open and held < n and waiting > 0) and 1 or 0
+  return {id, slot, generation, found_lost, token, suspect, again, record or false, waiting}
 end
 local held
 for i = 1, n do if redis.call('GET', KEYS[2 + i]) == ARGV[1] then held = i end end
@@ -215,24 +219,24 @@ if held or ARGV[4] == '1' then
   local entries = redis.call('HGETALL', KEYS[2])
   for i = 1, #entries, 2 do
     if entries[i + 1] == ARGV[1] then
-      if held then
-        return taken(entries[i], held - 1, lost, token_of(redis.call('GET', ARGV[7] .. entries[i])))
-      end
+      local record = redis.call('GET', ARGV[7] .. entries[i])
+      if held then return taken(entries[i], held - 1, lost, record, token_of(record)) end
       for s = 1, open and n or 0 do
         if redis.call('SET', KEYS[2 + s], ARGV[1], 'NX', 'PX', ARGV[2]) then
-          return taken(entries[i], s - 1, 0)
+          return taken(entries[i], s - 1, 0, record)
         end
       end
       return {'', -1, generation, lost}
     end
   end
 end
-if not open or redis.call('LLEN', KEYS[1]) == 0 then return {'', -1, generation, lost} end
+local waiting = open and redis.call('LLEN', KEYS[1]) or 0
+if waiting == 0 then return {'', -1, generation, lost} end
 for i = 1, n do
   if redis.call('SET', KEYS[2 + i], ARGV[1], 'NX', 'PX', ARGV[2]) then
     local id = redis.call('LPOP', KEYS[1])
     redis.call('HSET', KEYS[2], id, ARGV[1])
-    return taken(id, i - 1, 0, nil, 1)
+    return taken(id, i - 1, 0, redis.call('GET', ARGV[7] .. id), nil, 1, waiting - 1)
   end
 end
 return {'', -1, generation, 0}

@@ -76,6 +76,7 @@ class RedisBackend:
         self._suspects: set[str] = set()  # slots given out with a run maybe left behind (claim_orphans)
         self._freed_here: dict[str, None] = {}  # runs whose slot this replica frees with their end (finished_here)
         self.take_again = True  # after a take that answered a run: whether another could start one now
+        self.queue_after_take: int | None = None  # and the queue's length after it
         self._reads = CoalescedReads(client)  # concurrent record reads share one MGET
         self._finish = client.register_script(FINISH_SCRIPT)
         self._trim = client.register_script(TRIM_SCRIPT)
@@ -378,15 +379,15 @@ class RedisBackend:
                 args=[token, int(self._lock.ttl_seconds * 1000), len(self._lock.keys), int(retry), new_generation,
                       self.highest_token, self.key("run", "")])
         self.health.data_lost(lost, generation, new_generation, "take", self._lock.ttl_seconds)
+        self._take_token = None  # answered: a failed call above keeps it, and the next take answers this run again
         if not taken:
-            self._take_token = None
+            self.queue_after_take = None
             return None
         run_id = taken.decode()
         self._lock.adopt(token, int(slot), generation.decode())
-        fencing_token, suspect, self.take_again = minted[0], minted[1], bool(minted[2])
-        async with self.health.guard():  # a failed read keeps the token: the next take answers this run again
-            run = self.read(run_id, await self._reads.get(self.key("run", run_id)))  # its position: none now
-        self._take_token = None
+        fencing_token, suspect, self.take_again, record, self.queue_after_take = minted
+        self.take_again = bool(self.take_again)
+        run = self.read(run_id, record)  # as the take stored it, its token in it; its position: none now
         if run is None:  # missing or unreadable: give the slot back; the run stays unfinished for orphan recovery
             await self._lock.release(token)
             return None
