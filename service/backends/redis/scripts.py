@@ -8,16 +8,17 @@ command whose connection dropped, and the runner retries a terminal write).
 # it starts (SET NX); Redis without it has lost its data (FLUSHALL, a restart without persistence, a failover), and
 # with it the slot keys of runs that may still be going. The first script to see that makes a new generation and
 # the fence, a key that lives one lock TTL: no slot is given out while it stands, and every live holder renews
-# (RENEW_SCRIPT takes its slot back) well within it. Returns whether slots may be given out, and 1 when this call
-# found the loss (for the caller to log), else 0.
+# (RENEW_SCRIPT takes its slot back) well within it. Returns whether slots may be given out, 1 when this call
+# found the loss (for the caller to log), else 0, and the generation now in Redis.
 FENCE = """
 local function fence_open(generation, fence, new_generation, ttl_ms)
-  if redis.call('EXISTS', generation) == 0 then
+  local current = redis.call('GET', generation)
+  if not current then
     redis.call('SET', generation, new_generation)
     redis.call('SET', fence, new_generation, 'PX', ttl_ms)
-    return false, 1
+    return false, 1, new_generation
   end
-  return redis.call('EXISTS', fence) == 0, 0
+  return redis.call('EXISTS', fence) == 0, 0, current
 end
 """
 
@@ -49,13 +50,15 @@ end
 # is gone (ORPHANS_SCRIPT would find it), told in O(slots): more unfinished runs than slots held. The run starting
 # on the slot just given out then looks for orphans before it records RUNNING, so an orphan's RUNNING record and the
 # new run's are never both shown; when there is none to suspect, that look (a scan of the unfinished index) is
-# left to the periodic one. Slots are KEYS[first..last] of the caller; unfinished_count is the unfinished index's
-# size after the caller's writes, read (HLEN) before any of them, so a failure of that read (a missing ACL
-# permission) leaves nothing half written. Returns the flag (1 or 0) and the number of those slots held.
+# left to the periodic one. Slots are KEYS[first..last] of the caller, the first ``known`` of them (0 when absent)
+# known to be held (the caller tried them in order and found them taken, or took the last): only the others are
+# looked at. unfinished_count is the unfinished index's size after the caller's writes, read (HLEN) before any of
+# them, so a failure of that read (a missing ACL permission) leaves nothing half written. Returns the flag (1 or 0)
+# and the number of those slots held.
 ORPHANS_SUSPECT = """
-local function orphans_suspect(unfinished_count, first, last)
-  local held = 0
-  for i = first, last do held = held + redis.call('EXISTS', KEYS[i]) end
+local function orphans_suspect(unfinished_count, first, last, known)
+  local held = known or 0
+  for i = first + held, last do held = held + redis.call('EXISTS', KEYS[i]) end
   return unfinished_count > held and 1 or 0, held
 end
 """
@@ -93,7 +96,7 @@ local function accept_key()
   redis.call('HSET', ARGV[10], 'fingerprint', ARGV[11], 'run_id', ARGV[3], 'state', 'accepted')
   redis.call('PEXPIRE', ARGV[10], ARGV[12])
 end
-local open, lost = fence_open(KEYS[6 + n], KEYS[7 + n], ARGV[13], ARGV[7])
+local open, lost, generation = fence_open(KEYS[6 + n], KEYS[7 + n], ARGV[13], ARGV[7])
 local waiting = redis.call('LLEN', KEYS[1])
 if waiting == 0 and open then
   for i = 1, n do
@@ -103,11 +106,10 @@ if waiting == 0 and open then
       redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[4]), ARGV[3])
       redis.call('HSET', KEYS[5], ARGV[3], ARGV[6])
       accept_key()
-      return {1, i - 1, redis.call('GET', KEYS[6 + n]), 0, token, (orphans_suspect(unfinished_count + 1, 6, 5 + n))}
+      return {1, i - 1, generation, 0, token, (orphans_suspect(unfinished_count + 1, 6, 5 + n, i))}
     end
   end
 end
-local generation = redis.call('GET', KEYS[6 + n])
 if ARGV[4] == 'reject' then return {0, 0, generation, lost} end
 if waiting >= tonumber(ARGV[5]) then return {-1, 0, generation, lost} end
 redis.call('SET', KEYS[2], ARGV[2])
@@ -198,9 +200,9 @@ return oldest
 TAKE_SCRIPT = FENCE + MINT + ORPHANS_SUSPECT + """
 local unfinished_count = redis.call('HLEN', KEYS[2])
 local n = tonumber(ARGV[3])
-local open, lost = fence_open(KEYS[3 + n], KEYS[4 + n], ARGV[5], ARGV[2])
-local generation = redis.call('GET', KEYS[3 + n])
+local open, lost, generation = fence_open(KEYS[3 + n], KEYS[4 + n], ARGV[5], ARGV[2])
 local function taken(id, slot, found_lost, record, token, added, waiting)
+  local known = token == nil and slot + 1 or 0  -- just taken, trying the slots in order: those before it are held
   if token == nil then
     token = mint(KEYS[5 + n], ARGV[6])
     if record then
@@ -208,7 +210,7 @@ local function taken(id, slot, found_lost, record, token, added, waiting)
       redis.call('SET', ARGV[7] .. id, record)
     end
   end
-  local suspect, held = orphans_suspect(unfinished_count + (added or 0), 3, 2 + n)
+  local suspect, held = orphans_suspect(unfinished_count + (added or 0), 3, 2 + n, known)
   waiting = waiting or redis.call('LLEN', KEYS[1])
   local again = (open and held < n and waiting > 0) and 1 or 0
   return {id, slot, generation, found_lost, token, suspect, again, record or false, waiting}
@@ -266,9 +268,9 @@ return {'', -1, generation, 0}
 # 0, or -2: the write was refused.
 FINISH_SCRIPT = """
 local holder = ARGV[10] or ''
+local data_lost = (ARGV[9] or '') ~= '' and redis.call('GET', KEYS[13]) ~= ARGV[9]
 if holder ~= '' then
   local owner = redis.call('HGET', KEYS[3], ARGV[2])
-  local data_lost = (ARGV[9] or '') ~= '' and redis.call('GET', KEYS[13]) ~= ARGV[9]
   if owner ~= holder and (owner or not data_lost) then
     if ARGV[4] ~= '' and redis.call('GET', KEYS[8]) == ARGV[4] then redis.call('DEL', KEYS[8]) end
     local stored = redis.call('GET', KEYS[1])
@@ -277,7 +279,7 @@ if holder ~= '' then
   end
 end
 local stored = redis.call('EXISTS', KEYS[1]) == 1
-if (ARGV[9] or '') ~= '' and redis.call('GET', KEYS[13]) ~= ARGV[9] then
+if data_lost then
   stored = true
   if not redis.call('ZSCORE', KEYS[14], ARGV[2]) then
     redis.call('ZADD', KEYS[14], redis.call('INCR', KEYS[7]), ARGV[2])
