@@ -286,6 +286,7 @@ if data_lost then
   end
 end
 local owed = 0
+local total  -- the finished runs' bytes, when this call counts them in
 local size = tonumber(ARGV[5]) + tonumber(redis.call('HGET', KEYS[9], ARGV[2]) or '0')
   + tonumber(redis.call('GET', KEYS[12]) or '0')
 redis.call('HDEL', KEYS[3], ARGV[2])
@@ -293,7 +294,7 @@ redis.call('DEL', KEYS[4])
 if stored then redis.call('SET', KEYS[1], ARGV[1]) end
 if stored and redis.call('HSETNX', KEYS[5], ARGV[2], size) == 1 then
   redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[7]), ARGV[2])
-  redis.call('INCRBY', KEYS[6], size)
+  total = redis.call('INCRBY', KEYS[6], size)
   if ARGV[6] ~= '' then
     local owed_bytes = KEYS[10] .. ':bytes'
     if redis.call('ZCARD', KEYS[10]) >= tonumber(ARGV[7])
@@ -311,7 +312,7 @@ if stored and redis.call('HSETNX', KEYS[5], ARGV[2], size) == 1 then
 end
 if ARGV[4] ~= '' and redis.call('GET', KEYS[8]) == ARGV[4] then redis.call('DEL', KEYS[8]) end
 redis.call('PUBLISH', ARGV[3], ARGV[2])
-return {redis.call('ZCARD', KEYS[2]), tonumber(redis.call('GET', KEYS[6]) or '0'), owed}
+return {redis.call('ZCARD', KEYS[2]), total or tonumber(redis.call('GET', KEYS[6]) or '0'), owed}
 """
 
 # Cancel a run still waiting in the queue: take it out and store its terminal state (FINISH_SCRIPT) in one step,
