@@ -189,7 +189,9 @@ return oldest
 # its slot, or on a free one if that slot expired meanwhile (no other replica touches a run while its token is
 # in the unfinished index), so the head of the line is never skipped nor left holding a slot for nothing.
 # No slot is given out while the fence stands (FENCE). A slot given out mints a fencing token (MINT), written into
-# the run's record; the answer to a take whose slot it still holds repeats the token.
+# the run's record; the answer to a take whose slot it still holds repeats the token. When every slot is held by
+# other tokens (and it is no retry), it answers at once, with the generation and without looking for a loss: the
+# fence and the queue are not read (the other replicas' takes after a run ended elsewhere cost three commands).
 # KEYS: queue, unfinished, slot 0..n-1, generation, fence, fencing counter. ARGV: token, ttl_ms, n, retry, new
 # generation, token floor, run key prefix.
 # Returns {run_id, slot, generation, lost, fencing token, suspect, again, record, waiting}, run_id '' (and slot -1)
@@ -198,8 +200,16 @@ return oldest
 # asked for until something changes: a run queued, a slot freed); record: the taken run's record as stored, its token
 # in it (nil when it is missing), so the caller needs no read of its own; waiting: the queue's length after the take.
 TAKE_SCRIPT = FENCE + MINT + ORPHANS_SUSPECT + """
-local unfinished_count = redis.call('HLEN', KEYS[2])
 local n = tonumber(ARGV[3])
+local held, free
+for i = 1, n do
+  local holder = redis.call('GET', KEYS[2 + i])
+  if holder == ARGV[1] then held = i elseif not holder then free = true end
+end
+if not held and not free and ARGV[4] ~= '1' then  -- every slot held by others: nothing to take, nothing to check
+  return {'', -1, redis.call('GET', KEYS[3 + n]) or '', 0}
+end
+local unfinished_count = redis.call('HLEN', KEYS[2])
 local open, lost, generation = fence_open(KEYS[3 + n], KEYS[4 + n], ARGV[5], ARGV[2])
 local function taken(id, slot, found_lost, record, token, added, waiting)
   local known = token == nil and slot + 1 or 0  -- just taken, trying the slots in order: those before it are held
@@ -215,8 +225,6 @@ local function taken(id, slot, found_lost, record, token, added, waiting)
   local again = (open and held < n and waiting > 0) and 1 or 0
   return {id, slot, generation, found_lost, token, suspect, again, record or false, waiting}
 end
-local held
-for i = 1, n do if redis.call('GET', KEYS[2 + i]) == ARGV[1] then held = i end end
 if held or ARGV[4] == '1' then
   local entries = redis.call('HGETALL', KEYS[2])
   for i = 1, #entries, 2 do
