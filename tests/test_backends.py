@@ -304,7 +304,9 @@ def test_fencing_tokens_stay_above_every_earlier_one_after_a_restart_and_a_loss_
         else:
             place.redis.command("SET", f"{place.prefix}:fencing", str(far_ahead))
 
-    assert asyncio.run(token_after_start(raise_the_kept_state)) > far_ahead
+    above = asyncio.run(token_after_start(raise_the_kept_state))
+    assert above > far_ahead
+    assert asyncio.run(token_after_start()) > above  # the kept state follows the token minted above it
 
 
 def test_a_terminal_state_is_written_once_a_second_end_is_refused_and_a_retry_is_not(place: Place) -> None:

@@ -29,9 +29,12 @@ MINT = """
 -- the run's record, whose JSON ends with its fencing_token field: with_token writes it there, token_of reads it.
 local function mint(counter, floor)
   local t = redis.call('TIME')
-  local token = math.max(tonumber(redis.call('GET', counter) or '0') + 1, t[1] * 1000000 + t[2],
-                         tonumber(floor) + 1)
-  redis.call('SET', counter, string.format('%.0f', token))
+  local token = math.max(t[1] * 1000000 + t[2], tonumber(floor) + 1)
+  local before = tonumber(redis.call('SET', counter, string.format('%.0f', token), 'GET') or '0')
+  if before >= token then  -- the counter is ahead (mints within one microsecond, a clock set back): above it
+    token = before + 1
+    redis.call('SET', counter, string.format('%.0f', token))
+  end
   return token
 end
 local function with_token(record, token)
