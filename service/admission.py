@@ -189,7 +189,9 @@ class Admission:
                     if not self.backend.take_again:  # no slot free, or nobody waits: the next take would find none
                         break
                 tick = time.monotonic() >= orphans_due
-                if taken or tick:
+                if taken and not tick and (told := self.backend.queue_after_take) is not None:
+                    metrics.QUEUE_DEPTH.set(told)  # what the last take saw: no read of its own
+                elif taken or tick:
                     metrics.QUEUE_DEPTH.set(await self.backend.queue_length())
                 if tick:  # a run whose replica died ends even if no other run starts
                     orphans_due = time.monotonic() + ORPHANS_INTERVAL

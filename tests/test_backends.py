@@ -129,6 +129,11 @@ def test_runs_are_taken_first_in_first_out_and_an_interrupting_run_goes_first(pl
             await finish(backend, holder)
             run = await backend.take()
             assert run is not None and run.holder is not None and run.queue_position is None
+            assert run.fencing_token is not None and run.created_at and run.state == "PENDING"
+            if backend.name == "redis":  # the take tells the queue's length after it (others: None, ask)
+                assert backend.queue_after_take == await backend.queue_length()
+            else:
+                assert backend.queue_after_take is None
             taken.append(run.run_id)
             holder = run
         assert await backend.take() is None and await backend.queue_length() == 0
@@ -299,7 +304,9 @@ def test_fencing_tokens_stay_above_every_earlier_one_after_a_restart_and_a_loss_
         else:
             place.redis.command("SET", f"{place.prefix}:fencing", str(far_ahead))
 
-    assert asyncio.run(token_after_start(raise_the_kept_state)) > far_ahead
+    above = asyncio.run(token_after_start(raise_the_kept_state))
+    assert above > far_ahead
+    assert asyncio.run(token_after_start()) > above  # the kept state follows the token minted above it
 
 
 def test_a_terminal_state_is_written_once_a_second_end_is_refused_and_a_retry_is_not(place: Place) -> None:
@@ -508,3 +515,47 @@ def test_an_event_comes_back_with_an_id_its_log_line_is_kept_and_a_client_resume
             await transport.stop()
 
     place.run(scenario)
+
+
+# --- Redis only ----------------------------------------------------------------------------------------------
+
+def test_redis_dispatch_is_woken_by_a_slot_freed_elsewhere_not_by_the_echo_of_its_own(redis_server: RedisServer,
+                                                                                     tmp_path: Path) -> None:
+    """A replica's runner wakes its dispatch itself once its terminal write is answered; the "finished" message
+    of that write still wakes the run's waiters but not dispatch again (a take that would find nothing), while
+    one from another replica does."""
+    place = Place(redis_server, tmp_path)
+
+    async def scenario() -> None:
+        here, elsewhere = place.open(), place.open()
+        woken: list[str] = []
+        here.on_work = lambda: woken.append("work")
+        await here.start()
+        await elsewhere.start()
+        try:
+            await asyncio.sleep(0.2)  # both listeners subscribed
+            woken.clear()
+            mine = new_run()
+            assert await here.admit(mine, "reject", 10) == "started"
+            waiter = asyncio.ensure_future(here.wait_finished(mine.run_id, 5.0))
+            await asyncio.sleep(0.05)
+            started = asyncio.get_running_loop().time()
+            await finish(here, mine)
+            stored = await waiter
+            assert stored is not None and stored.state == "DONE"
+            assert asyncio.get_running_loop().time() - started < 0.5  # woken by the message, not the 1 s poll
+            await asyncio.sleep(0.3)
+            assert woken == []
+            theirs = new_run()
+            assert await elsewhere.admit(theirs, "reject", 10) == "started"
+            await finish(elsewhere, theirs)
+            for _ in range(100):
+                if woken:
+                    break
+                await asyncio.sleep(0.01)
+            assert woken == ["work"]
+        finally:
+            await here.close()
+            await elsewhere.close()
+
+    asyncio.run(scenario())

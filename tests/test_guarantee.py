@@ -370,9 +370,18 @@ def test_a_take_sent_again_after_its_reply_was_lost_answers_the_run_it_took(redi
         assert first[:4] == ["run-1", 0, "gen-1", 0] and first[4] > 0
         assert take_as("token-a") == first  # the retry: the same run, slot and token
         assert client.get(f"{prefix}:run:run-1") == '{"run_id":"run-1","fencing_token":%d}' % first[4]
+        assert first[7:] == [client.get(f"{prefix}:run:run-1"), 1]  # the record as stored, and one run waits
         assert client.lrange(f"{prefix}:queue", 0, -1) == ["run-2"] and client.get(f"{prefix}:lock:1") is None
         second = take_as("token-b")
         assert second[:4] == ["run-2", 1, "gen-1", 0] and second[4] > first[4]
+        client.rpush(f"{prefix}:queue", "run-3")
+        assert take_as("token-c") == ["", -1, "gen-1", 0]  # every slot held by others: nothing taken
+        assert client.lrange(f"{prefix}:queue", 0, -1) == ["run-3"]
+        client.delete(f"{prefix}:generation")  # without a free slot it does not look: a renewal or the next take will
+        assert take_as("token-c") == ["", -1, "", 0] and client.get(f"{prefix}:fence") is None
+        client.set(f"{prefix}:generation", "gen-1")
+        retried = take_as("token-a")  # a retry of a take that holds its slot still answers it (again: no slot free)
+        assert retried[:6] == first[:6] and retried[6:] == [0, first[7], 1]
     finally:
         client.close()
 

@@ -137,6 +137,7 @@ class Backend(Protocol):
     shared: bool
     renew_interval: float | None
     take_again: bool  # set by take (see there)
+    queue_after_take: int | None  # set by take: the queue's length after a take that answered a run, None if unknown
     on_cancel: Callable[[str, str | None], object]  # a cancel (or, with ``by``, an interrupt) of a run, from anywhere
     on_work: Callable[[], None]  # a run was queued or a slot freed: look at the queue
     on_finished: Callable[[Run], None]  # a run with a webhook was stored terminal: its delivery is owed

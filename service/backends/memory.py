@@ -59,6 +59,7 @@ class MemoryBackend:
     shared = False  # one process: what it does not run, nobody runs
     renew_interval: float | None = None  # a slot is held until released: nothing to renew
     take_again = True  # set by take
+    queue_after_take: int | None = None  # not told by take: the caller asks queue_length
 
     def __init__(self, retention: int, retention_bytes: int = 256 * 1024 * 1024, slots: int = 1,
                  idempotency_ttl_seconds: float = 86400.0, log: logging.Logger | None = None,

@@ -24,6 +24,8 @@ class Listener(Protocol):
 
     def wake(self, run_id: str) -> None: ...
 
+    def finished_here(self, run_id: str) -> bool: ...
+
     def wake_all(self) -> None: ...
 
 
@@ -49,7 +51,8 @@ async def listen(backend: Listener) -> None:
                         continue
                     if message["channel"] == finished:
                         backend.wake(run_id)
-                        backend.on_work()
+                        if not backend.finished_here(run_id):  # a slot freed elsewhere: look at the queue
+                            backend.on_work()
                     elif message["channel"] == cancel:
                         run_id, _, by = run_id.partition(" ")
                         backend.on_cancel(run_id, by or None)

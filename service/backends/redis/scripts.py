@@ -8,16 +8,17 @@ command whose connection dropped, and the runner retries a terminal write).
 # it starts (SET NX); Redis without it has lost its data (FLUSHALL, a restart without persistence, a failover), and
 # with it the slot keys of runs that may still be going. The first script to see that makes a new generation and
 # the fence, a key that lives one lock TTL: no slot is given out while it stands, and every live holder renews
-# (RENEW_SCRIPT takes its slot back) well within it. Returns whether slots may be given out, and 1 when this call
-# found the loss (for the caller to log), else 0.
+# (RENEW_SCRIPT takes its slot back) well within it. Returns whether slots may be given out, 1 when this call
+# found the loss (for the caller to log), else 0, and the generation now in Redis.
 FENCE = """
 local function fence_open(generation, fence, new_generation, ttl_ms)
-  if redis.call('EXISTS', generation) == 0 then
+  local current = redis.call('GET', generation)
+  if not current then
     redis.call('SET', generation, new_generation)
     redis.call('SET', fence, new_generation, 'PX', ttl_ms)
-    return false, 1
+    return false, 1, new_generation
   end
-  return redis.call('EXISTS', fence) == 0, 0
+  return redis.call('EXISTS', fence) == 0, 0, current
 end
 """
 
@@ -28,9 +29,12 @@ MINT = """
 -- the run's record, whose JSON ends with its fencing_token field: with_token writes it there, token_of reads it.
 local function mint(counter, floor)
   local t = redis.call('TIME')
-  local token = math.max(tonumber(redis.call('GET', counter) or '0') + 1, t[1] * 1000000 + t[2],
-                         tonumber(floor) + 1)
-  redis.call('SET', counter, string.format('%.0f', token))
+  local token = math.max(t[1] * 1000000 + t[2], tonumber(floor) + 1)
+  local before = tonumber(redis.call('SET', counter, string.format('%.0f', token), 'GET') or '0')
+  if before >= token then  -- the counter is ahead (mints within one microsecond, a clock set back): above it
+    token = before + 1
+    redis.call('SET', counter, string.format('%.0f', token))
+  end
   return token
 end
 local function with_token(record, token)
@@ -49,13 +53,15 @@ end
 # is gone (ORPHANS_SCRIPT would find it), told in O(slots): more unfinished runs than slots held. The run starting
 # on the slot just given out then looks for orphans before it records RUNNING, so an orphan's RUNNING record and the
 # new run's are never both shown; when there is none to suspect, that look (a scan of the unfinished index) is
-# left to the periodic one. Slots are KEYS[first..last] of the caller; unfinished_count is the unfinished index's
-# size after the caller's writes, read (HLEN) before any of them, so a failure of that read (a missing ACL
-# permission) leaves nothing half written. Returns the flag (1 or 0) and the number of those slots held.
+# left to the periodic one. Slots are KEYS[first..last] of the caller, the first ``known`` of them (0 when absent)
+# known to be held (the caller tried them in order and found them taken, or took the last): only the others are
+# looked at. unfinished_count is the unfinished index's size after the caller's writes, read (HLEN) before any of
+# them, so a failure of that read (a missing ACL permission) leaves nothing half written. Returns the flag (1 or 0)
+# and the number of those slots held.
 ORPHANS_SUSPECT = """
-local function orphans_suspect(unfinished_count, first, last)
-  local held = 0
-  for i = first, last do held = held + redis.call('EXISTS', KEYS[i]) end
+local function orphans_suspect(unfinished_count, first, last, known)
+  local held = known or 0
+  for i = first + held, last do held = held + redis.call('EXISTS', KEYS[i]) end
   return unfinished_count > held and 1 or 0, held
 end
 """
@@ -93,7 +99,7 @@ local function accept_key()
   redis.call('HSET', ARGV[10], 'fingerprint', ARGV[11], 'run_id', ARGV[3], 'state', 'accepted')
   redis.call('PEXPIRE', ARGV[10], ARGV[12])
 end
-local open, lost = fence_open(KEYS[6 + n], KEYS[7 + n], ARGV[13], ARGV[7])
+local open, lost, generation = fence_open(KEYS[6 + n], KEYS[7 + n], ARGV[13], ARGV[7])
 local waiting = redis.call('LLEN', KEYS[1])
 if waiting == 0 and open then
   for i = 1, n do
@@ -103,11 +109,10 @@ if waiting == 0 and open then
       redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[4]), ARGV[3])
       redis.call('HSET', KEYS[5], ARGV[3], ARGV[6])
       accept_key()
-      return {1, i - 1, redis.call('GET', KEYS[6 + n]), 0, token, (orphans_suspect(unfinished_count + 1, 6, 5 + n))}
+      return {1, i - 1, generation, 0, token, (orphans_suspect(unfinished_count + 1, 6, 5 + n, i))}
     end
   end
 end
-local generation = redis.call('GET', KEYS[6 + n])
 if ARGV[4] == 'reject' then return {0, 0, generation, lost} end
 if waiting >= tonumber(ARGV[5]) then return {-1, 0, generation, lost} end
 redis.call('SET', KEYS[2], ARGV[2])
@@ -187,52 +192,64 @@ return oldest
 # its slot, or on a free one if that slot expired meanwhile (no other replica touches a run while its token is
 # in the unfinished index), so the head of the line is never skipped nor left holding a slot for nothing.
 # No slot is given out while the fence stands (FENCE). A slot given out mints a fencing token (MINT), written into
-# the run's record; the answer to a take whose slot it still holds repeats the token.
+# the run's record; the answer to a take whose slot it still holds repeats the token. When every slot is held by
+# other tokens (and it is no retry), it answers at once, with the generation and without looking for a loss: the
+# fence and the queue are not read (the other replicas' takes after a run ended elsewhere cost three commands).
 # KEYS: queue, unfinished, slot 0..n-1, generation, fence, fencing counter. ARGV: token, ttl_ms, n, retry, new
 # generation, token floor, run key prefix.
-# Returns {run_id, slot, generation, lost, fencing token, suspect, again}, run_id '' (and slot -1) when none was
-# taken; generation and lost as in ADMIT_SCRIPT; suspect (ORPHANS_SUSPECT): 1 when a run may have been left behind;
-# again: 1 when another take could start a run now (a run waits and a slot is free), else 0 (no take is asked for
-# until something changes: a run queued, a slot freed).
+# Returns {run_id, slot, generation, lost, fencing token, suspect, again, record, waiting}, run_id '' (and slot -1)
+# when none was taken; generation and lost as in ADMIT_SCRIPT; suspect (ORPHANS_SUSPECT): 1 when a run may have been
+# left behind; again: 1 when another take could start a run now (a run waits and a slot is free), else 0 (no take is
+# asked for until something changes: a run queued, a slot freed); record: the taken run's record as stored, its token
+# in it (nil when it is missing), so the caller needs no read of its own; waiting: the queue's length after the take.
 TAKE_SCRIPT = FENCE + MINT + ORPHANS_SUSPECT + """
-local unfinished_count = redis.call('HLEN', KEYS[2])
 local n = tonumber(ARGV[3])
-local open, lost = fence_open(KEYS[3 + n], KEYS[4 + n], ARGV[5], ARGV[2])
-local generation = redis.call('GET', KEYS[3 + n])
-local function taken(id, slot, found_lost, token, added)
-  if token == nil then
-    local record = redis.call('GET', ARGV[7] .. id)
-    token = mint(KEYS[5 + n], ARGV[6])
-    if record then redis.call('SET', ARGV[7] .. id, with_token(record, token)) end
-  end
-  local suspect, held = orphans_suspect(unfinished_count + (added or 0), 3, 2 + n)
-  local again = (open and held < n and redis.call('LLEN', KEYS[1]) > 0) and 1 or 0
-  return {id, slot, generation, found_lost, token, suspect, again}
+local held, free
+for i = 1, n do
+  local holder = redis.call('GET', KEYS[2 + i])
+  if holder == ARGV[1] then held = i elseif not holder then free = true end
 end
-local held
-for i = 1, n do if redis.call('GET', KEYS[2 + i]) == ARGV[1] then held = i end end
+if not held and not free and ARGV[4] ~= '1' then  -- every slot held by others: nothing to take, nothing to check
+  return {'', -1, redis.call('GET', KEYS[3 + n]) or '', 0}
+end
+local unfinished_count = redis.call('HLEN', KEYS[2])
+local open, lost, generation = fence_open(KEYS[3 + n], KEYS[4 + n], ARGV[5], ARGV[2])
+local function taken(id, slot, found_lost, record, token, added, waiting)
+  local known = token == nil and slot + 1 or 0  -- just taken, trying the slots in order: those before it are held
+  if token == nil then
+    token = mint(KEYS[5 + n], ARGV[6])
+    if record then
+      record = with_token(record, token)
+      redis.call('SET', ARGV[7] .. id, record)
+    end
+  end
+  local suspect, held = orphans_suspect(unfinished_count + (added or 0), 3, 2 + n, known)
+  waiting = waiting or redis.call('LLEN', KEYS[1])
+  local again = (open and held < n and waiting > 0) and 1 or 0
+  return {id, slot, generation, found_lost, token, suspect, again, record or false, waiting}
+end
 if held or ARGV[4] == '1' then
   local entries = redis.call('HGETALL', KEYS[2])
   for i = 1, #entries, 2 do
     if entries[i + 1] == ARGV[1] then
-      if held then
-        return taken(entries[i], held - 1, lost, token_of(redis.call('GET', ARGV[7] .. entries[i])))
-      end
+      local record = redis.call('GET', ARGV[7] .. entries[i])
+      if held then return taken(entries[i], held - 1, lost, record, token_of(record)) end
       for s = 1, open and n or 0 do
         if redis.call('SET', KEYS[2 + s], ARGV[1], 'NX', 'PX', ARGV[2]) then
-          return taken(entries[i], s - 1, 0)
+          return taken(entries[i], s - 1, 0, record)
         end
       end
       return {'', -1, generation, lost}
     end
   end
 end
-if not open or redis.call('LLEN', KEYS[1]) == 0 then return {'', -1, generation, lost} end
+local waiting = open and redis.call('LLEN', KEYS[1]) or 0
+if waiting == 0 then return {'', -1, generation, lost} end
 for i = 1, n do
   if redis.call('SET', KEYS[2 + i], ARGV[1], 'NX', 'PX', ARGV[2]) then
     local id = redis.call('LPOP', KEYS[1])
     redis.call('HSET', KEYS[2], id, ARGV[1])
-    return taken(id, i - 1, 0, nil, 1)
+    return taken(id, i - 1, 0, redis.call('GET', ARGV[7] .. id), nil, 1, waiting - 1)
   end
 end
 return {'', -1, generation, 0}
@@ -262,9 +279,9 @@ return {'', -1, generation, 0}
 # 0, or -2: the write was refused.
 FINISH_SCRIPT = """
 local holder = ARGV[10] or ''
+local data_lost = (ARGV[9] or '') ~= '' and redis.call('GET', KEYS[13]) ~= ARGV[9]
 if holder ~= '' then
   local owner = redis.call('HGET', KEYS[3], ARGV[2])
-  local data_lost = (ARGV[9] or '') ~= '' and redis.call('GET', KEYS[13]) ~= ARGV[9]
   if owner ~= holder and (owner or not data_lost) then
     if ARGV[4] ~= '' and redis.call('GET', KEYS[8]) == ARGV[4] then redis.call('DEL', KEYS[8]) end
     local stored = redis.call('GET', KEYS[1])
@@ -273,13 +290,14 @@ if holder ~= '' then
   end
 end
 local stored = redis.call('EXISTS', KEYS[1]) == 1
-if (ARGV[9] or '') ~= '' and redis.call('GET', KEYS[13]) ~= ARGV[9] then
+if data_lost then
   stored = true
   if not redis.call('ZSCORE', KEYS[14], ARGV[2]) then
     redis.call('ZADD', KEYS[14], redis.call('INCR', KEYS[7]), ARGV[2])
   end
 end
 local owed = 0
+local total  -- the finished runs' bytes, when this call counts them in
 local size = tonumber(ARGV[5]) + tonumber(redis.call('HGET', KEYS[9], ARGV[2]) or '0')
   + tonumber(redis.call('GET', KEYS[12]) or '0')
 redis.call('HDEL', KEYS[3], ARGV[2])
@@ -287,7 +305,7 @@ redis.call('DEL', KEYS[4])
 if stored then redis.call('SET', KEYS[1], ARGV[1]) end
 if stored and redis.call('HSETNX', KEYS[5], ARGV[2], size) == 1 then
   redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[7]), ARGV[2])
-  redis.call('INCRBY', KEYS[6], size)
+  total = redis.call('INCRBY', KEYS[6], size)
   if ARGV[6] ~= '' then
     local owed_bytes = KEYS[10] .. ':bytes'
     if redis.call('ZCARD', KEYS[10]) >= tonumber(ARGV[7])
@@ -305,7 +323,7 @@ if stored and redis.call('HSETNX', KEYS[5], ARGV[2], size) == 1 then
 end
 if ARGV[4] ~= '' and redis.call('GET', KEYS[8]) == ARGV[4] then redis.call('DEL', KEYS[8]) end
 redis.call('PUBLISH', ARGV[3], ARGV[2])
-return {redis.call('ZCARD', KEYS[2]), tonumber(redis.call('GET', KEYS[6]) or '0'), owed}
+return {redis.call('ZCARD', KEYS[2]), total or tonumber(redis.call('GET', KEYS[6]) or '0'), owed}
 """
 
 # Cancel a run still waiting in the queue: take it out and store its terminal state (FINISH_SCRIPT) in one step,

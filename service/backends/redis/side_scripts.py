@@ -100,12 +100,21 @@ if ARGV[1] == 'log' and redis.call('EXISTS', KEYS[9]) == 1 then
     redis.call('INCRBY', KEYS[8], delta)
   end
 end
-local function add(key, id, n, b)
-  local added = redis.pcall('XADD', key, id, 'k', ARGV[1], 'r', ARGV[2], 's', ARGV[3], 'd', ARGV[4])
+local function add(key, id, n, b, by_xdel)
+  -- Past the entries' cap, the oldest go with the add itself (XADD's exact MAXLEN), their bytes counted out in
+  -- the same INCRBY as the new entry's; then the oldest go one by one (XDEL) while the bytes are past theirs.
+  -- A run's stream (by_xdel) drops each with XDEL, also past the entries' cap: XDEL, not a trim, moves the
+  -- stream's max-deleted-entry-id, which tells a reader its backlog is no longer whole (events.py, _whole).
+  local len, delta, gone = redis.call('XLEN', key) + 1, #ARGV[4], {}
+  local over = math.min(len - tonumber(n), len - 1)  -- the new entry stays
+  if over > 0 and not by_xdel then gone = redis.call('XRANGE', key, '-', '+', 'COUNT', over) end
+  local added = redis.pcall('XADD', key, 'MAXLEN', len - #gone, id, 'k', ARGV[1], 'r', ARGV[2], 's', ARGV[3],
+                            'd', ARGV[4])
   if type(added) == 'table' and added.err then return nil end
+  for _, entry in ipairs(gone) do delta = delta - #entry[2][8] end
+  len = len - #gone
   local bytes_key = key .. ':bytes'
-  local size = redis.call('INCRBY', bytes_key, #ARGV[4])
-  local len = redis.call('XLEN', key)
+  local size = redis.call('INCRBY', bytes_key, delta)
   while len > 1 and (len > tonumber(n) or size > tonumber(b)) do
     local oldest = redis.call('XRANGE', key, '-', '+', 'COUNT', 1)[1]
     redis.call('XDEL', key, oldest[1])
@@ -117,7 +126,7 @@ end
 local id = add(KEYS[1], '*', ARGV[5], ARGV[6])
 if not id then return nil end
 if ARGV[1] == 'run' then add(KEYS[2], id, ARGV[7], ARGV[8]) end
-add(KEYS[3], id, ARGV[9], ARGV[10])
+add(KEYS[3], id, ARGV[9], ARGV[10], true)
 redis.call('EXPIRE', KEYS[3], ARGV[11])
 redis.call('EXPIRE', KEYS[3] .. ':bytes', ARGV[11])
 return id

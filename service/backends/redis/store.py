@@ -30,6 +30,9 @@ from service.backends.redis.webhooks import RedisDeliveries
 from service.cancelling import cancel_and_wait
 
 
+FREED_MARKS = 1024  # terminal writes whose "finished" message is still to come (RedisBackend.finished_here)
+
+
 class RedisBackend:
     """Runs as their client-facing JSON under ``<prefix>:run:<id>``, trimmed to ``retention`` finished runs.
 
@@ -72,7 +75,9 @@ class RedisBackend:
         self._listener: asyncio.Task[None] | None = None
         self._take_token: str | None = None  # a take not answered yet (take)
         self._suspects: set[str] = set()  # slots given out with a run maybe left behind (claim_orphans)
+        self._freed_here: dict[str, None] = {}  # runs whose slot this replica frees with their end (finished_here)
         self.take_again = True  # after a take that answered a run: whether another could start one now
+        self.queue_after_take: int | None = None  # and the queue's length after it
         self._reads = CoalescedReads(client)  # concurrent record reads share one MGET
         self._finish = client.register_script(FINISH_SCRIPT)
         self._trim = client.register_script(TRIM_SCRIPT)
@@ -124,6 +129,12 @@ class RedisBackend:
         for event in self._waiters.get(run_id, ()):
             event.set()
 
+    def finished_here(self, run_id: str) -> bool:
+        """Whether ``run_id``'s "finished" message is the echo of a terminal write of this replica that freed its
+        slot: the runner woke dispatch itself once the write was answered, so the echo need not wake it again (a
+        take that would find nothing). Each write is recognised once; the oldest marks go past FREED_MARKS."""
+        return self._freed_here.pop(run_id, 0) is None
+
     def wake_all(self) -> None:
         for run_id in list(self._waiters):
             self.wake(run_id)
@@ -173,11 +184,16 @@ class RedisBackend:
                 return
             token = run.holder if release and run.holder is not None else ""
             keys, args = self._finish_call(run, token, run.holder or "")
+            if token:  # before the write: its message may come before its answer
+                self._freed_here[run.run_id] = None
+                if len(self._freed_here) > FREED_MARKS:  # messages lost (pub/sub is best effort) leave marks
+                    del self._freed_here[next(iter(self._freed_here))]
             finished_count, finished_bytes, owed = await self._finish(keys=keys, args=args)
             if token:
                 self._lock.forget(token)
                 self._suspects.discard(token)
             if owed == -2:
+                self._freed_here.pop(run.run_id, None)  # refused: it published nothing
                 raise WriteRefused("the run is terminal already, or held by another token")
             await self._after_finish(run, finished_count, finished_bytes, owed)
 
@@ -364,15 +380,15 @@ class RedisBackend:
                 args=[token, int(self._lock.ttl_seconds * 1000), len(self._lock.keys), int(retry), new_generation,
                       self.highest_token, self.key("run", "")])
         self.health.data_lost(lost, generation, new_generation, "take", self._lock.ttl_seconds)
+        self._take_token = None  # answered: a failed call above keeps it, and the next take answers this run again
         if not taken:
-            self._take_token = None
+            self.queue_after_take = None
             return None
         run_id = taken.decode()
         self._lock.adopt(token, int(slot), generation.decode())
-        fencing_token, suspect, self.take_again = minted[0], minted[1], bool(minted[2])
-        async with self.health.guard():  # a failed read keeps the token: the next take answers this run again
-            run = self.read(run_id, await self._reads.get(self.key("run", run_id)))  # its position: none now
-        self._take_token = None
+        fencing_token, suspect, self.take_again, record, self.queue_after_take = minted
+        self.take_again = bool(self.take_again)
+        run = self.read(run_id, record)  # as the take stored it, its token in it; its position: none now
         if run is None:  # missing or unreadable: give the slot back; the run stays unfinished for orphan recovery
             await self._lock.release(token)
             return None
