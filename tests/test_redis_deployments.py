@@ -242,3 +242,13 @@ def test_rediss_sentinel_uses_tls_to_the_sentinels_and_to_the_primary() -> None:
     assert sentinel.connection_pool.connection_class is SSLConnection
     assert sentinel.connection_pool.connection_kwargs["ssl_ca_certs"] == "/ca.pem"
     assert sentinel.connection_pool.connection_kwargs["password"] is None  # the sentinels: without credentials
+
+
+def test_a_cluster_client_sends_no_maintenance_notifications_handshake() -> None:
+    """redis-py 8 sends CLIENT MAINT_NOTIFICATIONS on every new cluster connection (RESP3, "auto"): a round trip
+    that open-source Redis refuses, and during a failover a race in it (the connection closed under the handshake)
+    raised AttributeError out of a POST (a 500, seen in CI). The service's cluster client leaves it out."""
+    from service.backends.redis.connect import open_client, parse
+
+    client: Any = open_client(parse("redis+cluster://127.0.0.1:7000,127.0.0.1:7001"))
+    assert client.maint_notifications_config is not None and not client.maint_notifications_config.enabled

@@ -20,6 +20,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.maint_notifications import MaintNotificationsConfig
 
 SENTINEL_PORT, REDIS_PORT = 26379, 6379
 # What a failing store raises: unreachable, an error reply, or (a cluster client's own, not a RedisError) no
@@ -110,8 +111,11 @@ def open_client(endpoint: Endpoint, socket_timeout: float = 2, pooled: bool = Tr
         return cast(Redis, sentinel.master_for(endpoint.master, **endpoint.options, **timeouts, **_retry()))
     if endpoint.kind == "cluster":
         nodes = [ClusterNode(host, port) for host, port in endpoint.nodes]
+        # no CLIENT MAINT_NOTIFICATIONS handshake on each new connection (redis-py 8's default with RESP3): a
+        # round trip open-source Redis refuses, and a race in it during a failover raised AttributeError
         return cast(Redis, RedisCluster(startup_nodes=nodes, **endpoint.options, **timeouts, **_retry(),
-                                        max_connections=64))
+                                        max_connections=64,
+                                        maint_notifications_config=MaintNotificationsConfig(enabled=False)))
     if not pooled:
         return Redis.from_url(endpoint.url, **timeouts)
     # A blocking pool: a burst of requests waits briefly for a connection instead of failing.
