@@ -5,7 +5,8 @@ mmap, but after the first such block is freed it raises its threshold (up to 32 
 next ones from the heap, which it seldom returns: the process's RSS then keeps the high-water mark of every burst
 of large answers, well past the unsent-bytes budget that bounds what clients may leave unread (docs/api.md). A
 fixed threshold keeps large blocks in mmap, so the RSS follows what is really held. An operator's own
-``MALLOC_MMAP_THRESHOLD_`` wins; other C libraries (musl) are left alone.
+``MALLOC_MMAP_THRESHOLD_`` (or ``glibc.malloc.mmap_threshold`` in ``GLIBC_TUNABLES``) wins; other C
+libraries (musl) are left alone.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ LARGE_BLOCK_BYTES = 256 * 1024  # a syscall pair per block this large is nothing
 
 def return_large_blocks(env: Mapping[str, str] = os.environ) -> bool:
     """Fix glibc's mmap threshold at LARGE_BLOCK_BYTES; whether it was set."""
-    if "MALLOC_MMAP_THRESHOLD_" in env:
+    if "MALLOC_MMAP_THRESHOLD_" in env or "mmap_threshold" in env.get("GLIBC_TUNABLES", ""):
         return False
     try:
         libc = ctypes.CDLL(None)

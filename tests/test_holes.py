@@ -484,6 +484,10 @@ def test_large_blocks_go_back_to_the_system_unless_the_operator_chose_a_threshol
     script = ("from service.process_memory import return_large_blocks; import os, sys; "
               "sys.exit(0 if return_large_blocks(os.environ) else 1)")
     env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
-    assert subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT).returncode == 0  # glibc: the fixed threshold
+    fixed = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT)
+    assert fixed.returncode == 0  # glibc: the threshold fixed
     chosen = subprocess.run([sys.executable, "-c", script], env={**env, "MALLOC_MMAP_THRESHOLD_": "65536"}, cwd=ROOT)
     assert chosen.returncode == 1  # left as the operator set it
+    tuned = subprocess.run([sys.executable, "-c", script], cwd=ROOT,
+                           env={**env, "GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"})
+    assert tuned.returncode == 1

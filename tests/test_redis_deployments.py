@@ -244,11 +244,14 @@ def test_rediss_sentinel_uses_tls_to_the_sentinels_and_to_the_primary() -> None:
     assert sentinel.connection_pool.connection_kwargs["password"] is None  # the sentinels: without credentials
 
 
-def test_a_cluster_client_sends_no_maintenance_notifications_handshake() -> None:
+def test_redis_clients_send_no_maintenance_notifications_handshake() -> None:
     """redis-py 8 sends CLIENT MAINT_NOTIFICATIONS on every new cluster connection (RESP3, "auto"): a round trip
     that open-source Redis refuses, and during a failover a race in it (the connection closed under the handshake)
-    raised AttributeError out of a POST (a 500, seen in CI). The service's cluster client leaves it out."""
+    raised AttributeError out of a POST (a 500, seen in CI). The service's clients leave it out."""
     from service.backends.redis.connect import open_client, parse
 
     client: Any = open_client(parse("redis+cluster://127.0.0.1:7000,127.0.0.1:7001"))
     assert client.maint_notifications_config is not None and not client.maint_notifications_config.enabled
+    for pooled in (True, False):  # a single Redis: the same
+        single = open_client(parse("redis://127.0.0.1:6379/0"), pooled=pooled)
+        assert not single.connection_pool.maint_notifications_enabled()

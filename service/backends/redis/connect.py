@@ -103,6 +103,9 @@ def open_client(endpoint: Endpoint, socket_timeout: float = 2, pooled: bool = Tr
     """A client of ``endpoint``. A cluster client is typed as ``Redis``: the commands the backend sends are the
     same, routed by key (every key in one slot, ``key_prefix``)."""
     timeouts: dict[str, Any] = {"socket_timeout": socket_timeout, "socket_connect_timeout": 2}
+    # no CLIENT MAINT_NOTIFICATIONS handshake on each new connection (redis-py 8's default with RESP3): a round trip
+    # open-source Redis refuses, and a race in it during a cluster failover raised AttributeError (a 500)
+    quiet = {"maint_notifications_config": MaintNotificationsConfig(enabled=False)}
     if endpoint.kind == "sentinel":
         sentinel_options = {**timeouts, **{key: value for key, value in endpoint.options.items()
                                            if key.startswith("ssl")}}
@@ -111,13 +114,11 @@ def open_client(endpoint: Endpoint, socket_timeout: float = 2, pooled: bool = Tr
         return cast(Redis, sentinel.master_for(endpoint.master, **endpoint.options, **timeouts, **_retry()))
     if endpoint.kind == "cluster":
         nodes = [ClusterNode(host, port) for host, port in endpoint.nodes]
-        # no CLIENT MAINT_NOTIFICATIONS handshake on each new connection (redis-py 8's default with RESP3): a
-        # round trip open-source Redis refuses, and a race in it during a failover raised AttributeError
         return cast(Redis, RedisCluster(startup_nodes=nodes, **endpoint.options, **timeouts, **_retry(),
-                                        max_connections=64,
-                                        maint_notifications_config=MaintNotificationsConfig(enabled=False)))
+                                        max_connections=64, **quiet))
     if not pooled:
-        return Redis.from_url(endpoint.url, **timeouts)
+        return Redis.from_url(endpoint.url, **timeouts, **quiet)
     # A blocking pool: a burst of requests waits briefly for a connection instead of failing.
-    pool = BlockingConnectionPool.from_url(endpoint.url, max_connections=64, timeout=5, **timeouts, **_retry())
+    pool = BlockingConnectionPool.from_url(endpoint.url, max_connections=64, timeout=5, **timeouts, **_retry(),
+                                           **quiet)
     return Redis(connection_pool=pool)
