@@ -105,7 +105,7 @@ def open_client(endpoint: Endpoint, socket_timeout: float = 2, pooled: bool = Tr
     timeouts: dict[str, Any] = {"socket_timeout": socket_timeout, "socket_connect_timeout": 2}
     # no CLIENT MAINT_NOTIFICATIONS handshake on each new connection (redis-py 8's default with RESP3): a round trip
     # open-source Redis refuses, and a race in it during a cluster failover raised AttributeError (a 500)
-    quiet = {"maint_notifications_config": MaintNotificationsConfig(enabled=False)}
+    quiet = MaintNotificationsConfig(enabled=False)
     if endpoint.kind == "sentinel":
         sentinel_options = {**timeouts, **{key: value for key, value in endpoint.options.items()
                                            if key.startswith("ssl")}}
@@ -115,10 +115,10 @@ def open_client(endpoint: Endpoint, socket_timeout: float = 2, pooled: bool = Tr
     if endpoint.kind == "cluster":
         nodes = [ClusterNode(host, port) for host, port in endpoint.nodes]
         return cast(Redis, RedisCluster(startup_nodes=nodes, **endpoint.options, **timeouts, **_retry(),
-                                        max_connections=64, **quiet))
+                                        max_connections=64, maint_notifications_config=quiet))
     if not pooled:
-        return Redis.from_url(endpoint.url, **timeouts, **quiet)
+        return Redis.from_url(endpoint.url, **timeouts, maint_notifications_config=quiet)
     # A blocking pool: a burst of requests waits briefly for a connection instead of failing.
     pool = BlockingConnectionPool.from_url(endpoint.url, max_connections=64, timeout=5, **timeouts, **_retry(),
-                                           **quiet)
+                                           maint_notifications_config=quiet)
     return Redis(connection_pool=pool)
