@@ -139,10 +139,11 @@ class PostgresEvents:
                     self._batch_done.set()
 
     async def _write(self, batch: list[tuple[str, str, str, bytes]]) -> None:
-        crowded = self._crowded(batch)
+        self._batches += 1
         number = self._batches
+        crowded = self._crowded(batch)
         self._unbounded += sum(len(data) for _, _, _, data in batch)
-        trim_all = self._batches % TRIM_EVERY == 0 or self._unbounded >= TRIM_BYTES
+        trim_all = number % TRIM_EVERY == 0 or self._unbounded >= TRIM_BYTES
         if trim_all:
             self._unbounded = 0
         attempts = 0
@@ -218,7 +219,6 @@ class PostgresEvents:
     def _crowded(self, batch: list[tuple[str, str, str, bytes]]) -> list[str]:
         """The runs of ``batch`` that may now have more than RUN_BACKLOG_FRAMES events kept (counted per run by
         this replica, which writes a run's events while it runs it); trimmed in the batch's transaction."""
-        self._batches += 1
         for _, run_id, _, _ in batch:
             self._per_run[run_id] = self._per_run.get(run_id, 0) + 1
             self._per_run.move_to_end(run_id)

@@ -133,7 +133,10 @@ class RedisBackend:
         """Whether ``run_id``'s "finished" message is the echo of a terminal write of this replica that freed its
         slot: the runner woke dispatch itself once the write was answered, so the echo need not wake it again (a
         take that would find nothing). Each write is recognised once; the oldest marks go past FREED_MARKS."""
-        return self._freed_here.pop(run_id, 0) is None
+        if run_id not in self._freed_here:
+            return False
+        del self._freed_here[run_id]
+        return True
 
     def wake_all(self) -> None:
         for run_id in list(self._waiters):
