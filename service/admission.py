@@ -49,6 +49,7 @@ class Admission:
         self.admitting = 0
         self.queue_frames_due = False  # a pass over the watched waiting runs' positions is due
         self.queue_frame_tasks: set[asyncio.Task[None]] = set()
+        runner.dispatch = self  # a run that ends hands its slot to the next run (Runner.save_finished)
 
     async def admit(self, agent_cls: type[agents.BaseAgent], user_id: str, agent_input: dict[str, Any],
                     on_busy: str, webhook: str | None = None, run_id: str | None = None,

@@ -24,7 +24,7 @@ import time
 import traceback
 from concurrent.futures import Future
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import agents
 from service import settings
@@ -45,6 +45,18 @@ LOCK_EXPIRED_EXIT_CODE = 70  # the process exits with this when its lock expired
 # What finish_run puts on the terminal line itself; an agent's completion_fields with these names are renamed
 TERMINAL_LINE_FIELDS = frozenset({"run_id", "agent_type", "user_id", "state", "result", "result_json", "error",
                                   "event", "traceback", "duration_ms"})
+STOPS_HEARD_MAX = 1024  # cancels heard for runs this process does not run (yet): remembered, the newest this many
+
+
+class Dispatch(Protocol):
+    """What a run that ends asks of admission (admission.py) to hand its slot to the next run itself."""
+
+    accepting_runs: bool
+    admitting: int
+
+    def begin_waited_run(self, run: Run) -> None: ...
+
+    def publish_queue(self) -> None: ...
 
 class ActiveRun:
     """The run this process is executing, and why it was asked to stop, if it was."""
@@ -65,6 +77,7 @@ class ActiveRun:
         self.waited = False  # it waited in the queue before it got its slot
         self.span: Any = None  # the run's span while tracing is on (service/tracing.py)
         self.refused = False  # a write was refused: the run is another holder's (or terminal); this one stops
+        self.running_stored = False  # the take that gave it its slot stored it RUNNING (Backend.finish_and_take)
 
     def stop(self, reason: str) -> None:
         """Ask the agent to stop; the first reason given decides the run's terminal state.
@@ -99,6 +112,10 @@ class Runner:
         self.hub = hub
         self.active_runs: dict[str, ActiveRun] = {}  # the runs this process executes, oldest first
         self.work_waiting = asyncio.Event()  # set when a run was queued or a slot freed: dispatch looks at the queue
+        self.dispatch: Dispatch | None = None  # set by Admission: a run that ends starts the next one
+        # Cancels (and interrupts: by whom) heard for a run before this process started it: a take answered while
+        # the cancel's message came; the run stops as it starts.
+        self.stops_heard: dict[str, str | None] = {}
 
     def agent_code_running(self) -> bool:
         """True while some code of this process's runs still executes (a run may already be recorded)."""
@@ -109,6 +126,12 @@ class Runner:
               waited: bool = False) -> ActiveRun:
         active = self.active_runs[run.run_id] = ActiveRun(run, agent_cls, agent_input)
         active.waited = waited
+        active.running_stored = waited and run.state == "RUNNING"
+        if run.run_id in self.stops_heard:
+            by = self.stops_heard.pop(run.run_id)
+            if by is not None:
+                active.cancelled_by = by
+            active.stop("interrupt" if by is not None else "cancel")
         if tracing.tracer is not None:
             active.span = tracing.start_run(run, waited)
         # with tracing on, the run's span is current in the run's task and in the agent's, which it creates
@@ -121,6 +144,9 @@ class Runner:
         """Cancel (or, with ``by``, interrupt) ``run_id`` if this process runs it; False when another replica does."""
         active = self.active_runs.get(run_id)
         if active is None:
+            self.stops_heard[run_id] = by
+            if len(self.stops_heard) > STOPS_HEARD_MAX:
+                del self.stops_heard[next(iter(self.stops_heard))]
             return False
         if by is not None and active.stop_reason is None:
             active.cancelled_by = by
@@ -172,12 +198,15 @@ class Runner:
                 await self.recover_orphans(starting=run)
                 if active.stop_reason is None:
                     started = run.started_at or utc_now()
-                    run.update(state="RUNNING", started_at=started)
-                    try:
-                        asked, by = await self.save_running(run, active.waited)
-                    except WriteRefused as exc:
-                        self.refuse(active, exc)
-                        return True
+                    if active.running_stored:  # by its take, which also found no cancel asked
+                        asked, by = False, None
+                    else:
+                        run.update(state="RUNNING", started_at=started)
+                        try:
+                            asked, by = await self.save_running(run, active.waited)
+                        except WriteRefused as exc:
+                            self.refuse(active, exc)
+                            return True
                     self.hub.publish_run(run)
                     log.info("run_started", extra={**run_fields(run), "fencing_token": run.fencing_token})
                     if active.waited:
@@ -286,15 +315,27 @@ class Runner:
             await self.hub.logs_stored(min(LOGS_STORED_SECONDS, settings.current.lock_ttl_seconds / 3))
             run.update(finished_at=utc_now(), **outcome)
             try:
-                stored = await self.save_finished(run, release)
+                stored, taken = await self.save_finished(run, release)
             except WriteRefused as exc:  # another replica recorded its end: that record stands, this one is dropped
                 self.refuse(active, exc)  # (and so does the run span that replica emitted)
                 await self.finish_run(active, outcome)  # now it only lets go of the slot
                 return
+        try:
+            self.log_finished(active, stored, release, taken is None or self.backend.take_again, event, trace,
+                              extra_fields)
+        finally:
+            if taken is not None:  # nothing awaited since its take: it starts before a cancel of it is heard
+                self.begin_taken(taken)
+
+    def log_finished(self, active: ActiveRun, stored: bool, release: bool, wake: bool, event: str, trace: str | None,
+                     extra_fields: dict[str, Any]) -> None:
+        """After the terminal write: publish it, let go of the run (``wake``: dispatch looks at the queue), count
+        it and write its terminal line."""
+        run = active.run
         if stored:
             self.hub.publish_run(run)
         if release:
-            self.clear_active(active)
+            self.clear_active(active, wake)
         duration = time.monotonic() - active.started
         metrics.RUNS_TOTAL.labels(run.agent_type, run.state).inc()
         metrics.RUN_DURATION.labels(run.agent_type).observe(duration)
@@ -309,32 +350,52 @@ class Runner:
         log.log(level, event, extra=fields)
         tracing.end_run(active.span, run)
 
-    def clear_active(self, active: ActiveRun) -> None:
-        """The run's slot is free: forget it, and let dispatch look at the queue."""
+    def clear_active(self, active: ActiveRun, wake: bool = True) -> None:
+        """The run's slot is free: forget it, and (``wake``) let dispatch look at the queue."""
         if self.active_runs.get(active.run.run_id) is active:
             del self.active_runs[active.run.run_id]
             metrics.RUNNING.set(len(self.active_runs))
-        self.work_waiting.set()
+        if wake:
+            self.work_waiting.set()
 
-    async def save_finished(self, run: Run, release: bool) -> bool:
-        """Store a terminal state (and release the run lock in the same step), retrying until both land.
+    def begin_taken(self, run: Run) -> None:
+        """Start the run the terminal write took onto its slot (finish_and_take), as dispatch starts one."""
+        assert self.dispatch is not None
+        self.dispatch.begin_waited_run(run)
+        self.dispatch.publish_queue()
+        if self.backend.queue_after_take is not None:
+            metrics.QUEUE_DEPTH.set(self.backend.queue_after_take)
+
+    async def save_finished(self, run: Run, release: bool) -> tuple[bool, Run | None]:
+        """Store a terminal state (and release the run lock in the same step), retrying until both land. While
+        admission takes runs, the slot released goes to the head of the queue in the same step (finish_and_take):
+        the run taken is answered, for the caller to start.
 
         If the store never comes back within the lock's TTL, the run stays
         unfinished there and the next lock holder marks it ERROR ("runner lost");
         the terminal log line is written anyway. Returns whether it was stored.
         """
+        dispatch = self.dispatch if release and self.dispatch is not None and self.dispatch.accepting_runs else None
         deadline = time.monotonic() + max(settings.current.lock_ttl_seconds, 5.0)
-        while True:
-            try:
-                await self.backend.save(run, release=release)
-                return True
-            except StoreUnavailable:
-                if time.monotonic() >= deadline:
-                    log.error("terminal_state_not_stored", extra={**run_fields(run), "state": run.state})
-                    if release and run.holder is not None:
-                        await self.backend.release(run.holder)
-                    return False
-                await asyncio.sleep(STORE_RETRY_SECONDS)
+        if dispatch is not None:
+            dispatch.admitting += 1  # drain waits for a take in flight: the run taken gets its grace
+        try:
+            while True:
+                try:
+                    if dispatch is not None:
+                        return True, await self.backend.finish_and_take(run)
+                    await self.backend.save(run, release=release)
+                    return True, None
+                except StoreUnavailable:
+                    if time.monotonic() >= deadline:
+                        log.error("terminal_state_not_stored", extra={**run_fields(run), "state": run.state})
+                        if release and run.holder is not None:
+                            await self.backend.release(run.holder)
+                        return False, None
+                    await asyncio.sleep(STORE_RETRY_SECONDS)
+        finally:
+            if dispatch is not None:
+                dispatch.admitting -= 1
 
     async def keep_lock(self, active: ActiveRun) -> None:
         """Renew the run lock while any code of the agent runs; stop the run the moment the lock may be lost.

@@ -129,8 +129,15 @@ def test_runs_are_taken_first_in_first_out_and_an_interrupting_run_goes_first(pl
             await finish(backend, holder)
             run = await backend.take()
             assert run is not None and run.holder is not None and run.queue_position is None
-            assert run.fencing_token is not None and run.created_at and run.state == "PENDING"
-            if backend.name == "redis":  # the take tells the queue's length after it (others: None, ask)
+            assert run.fencing_token is not None and run.created_at
+            if backend.name == "redis":  # the take stored it RUNNING (TAKE_SCRIPT): the runner need not
+                stored = await backend.get(run.run_id)
+                assert run.state == "RUNNING" and run.started_at is not None and stored is not None
+                assert (stored.state, stored.started_at, stored.queue_position) == ("RUNNING", run.started_at, None)
+                assert stored.input_json == run.input_json
+            else:
+                assert run.state == "PENDING"
+            if backend.name != "postgres":  # the take tells the queue's length after it (Postgres: None, ask)
                 assert backend.queue_after_take == await backend.queue_length()
             else:
                 assert backend.queue_after_take is None
@@ -140,6 +147,75 @@ def test_runs_are_taken_first_in_first_out_and_an_interrupting_run_goes_first(pl
         return [taken.index(run.run_id) for run in waiting]
 
     assert place.run(scenario) == [1, 2, 0]
+
+
+def test_a_run_that_ends_hands_its_slot_to_the_head_of_the_queue(place: Place) -> None:
+    """finish_and_take: the terminal write frees the slot and the next run takes it (Redis: in the same script,
+    which stores it RUNNING; Postgres leaves the take to the dispatcher)."""
+    async def scenario(backend: Backend) -> None:
+        running, waiting, last = new_run(), new_run(), new_run()
+        assert await backend.admit(running, "enqueue", 10) == "started"
+        assert await backend.admit(waiting, "enqueue", 10) == "queued"
+        assert await backend.admit(last, "enqueue", 10) == "queued"
+        running.update(state="DONE", finished_at=utc_now(), result_json=b'{"ok":true}')
+        taken = await backend.finish_and_take(running)
+        assert running.holder is not None and not backend.holds(running.holder)
+        stored = await backend.get(running.run_id)
+        assert stored is not None and stored.state == "DONE"
+        if backend.name == "postgres":
+            assert taken is None and await backend.queue_length() == 2
+            return
+        assert taken is not None and taken.run_id == waiting.run_id and taken.holder is not None
+        assert backend.holds(taken.holder) and taken.fencing_token is not None
+        assert await backend.queue_length() == 1 and backend.take_again is False  # its one slot is held
+        assert [run.run_id for run in await backend.waiting()] == [last.run_id]
+        stored = await backend.get(waiting.run_id)
+        assert stored is not None and stored.fencing_token == taken.fencing_token and stored.queue_position is None
+        assert taken.state == stored.state == ("RUNNING" if backend.name == "redis" else "PENDING")
+        assert await backend.admit(new_run(), "reject", 10) == "busy"  # the slot is the taken run's
+
+    place.run(scenario)
+
+
+def test_a_run_stored_running_by_its_take_keeps_an_input_that_looks_like_a_record(place: Place) -> None:
+    """The take finds the record's own state field after an input object that holds the same text (TAKE_SCRIPT's
+    MARK_RUNNING): the input is left as it was, and the record reads back whole."""
+    async def scenario(backend: Backend) -> None:
+        hostile = {"x": 1, "state": "PENDING", "result": None, "error": None, "progress": None,
+                   "created_at": "2026-01-01T00:00:00.000Z", "started_at": None, "finished_at": None,
+                   "queue_position": 0, "nested": {"state": "PENDING", "result": None, "started_at": None},
+                   "text": '","state":"PENDING","result":null,"started_at":null,"queue_position":0,'}
+        running = new_run()
+        waiting = Run.new(str(uuid.uuid4()), "sleeper", str(uuid.uuid4()), hostile, holder=None,
+                          webhook="https://example.com/hook?state=%22PENDING%22")
+        assert await backend.admit(running, "enqueue", 10) == "started"
+        assert await backend.admit(waiting, "enqueue", 10) == "queued"
+        await finish(backend, running)
+        taken = await backend.take()
+        assert taken is not None and taken.run_id == waiting.run_id
+        stored = await backend.get(waiting.run_id)
+        assert stored is not None and stored.input_json == waiting.input_json and stored.webhook == waiting.webhook
+        assert stored.state == taken.state and stored.queue_position is None
+        if backend.name == "redis":
+            assert stored.state == "RUNNING" and stored.started_at == taken.started_at is not None
+
+    place.run(scenario)
+
+
+def test_a_run_whose_cancel_was_asked_as_it_waited_is_not_stored_running_by_its_take(place: Place) -> None:
+    """The runner stores it RUNNING itself and reads the flag as it does (Runner.save_running)."""
+    async def scenario(backend: Backend) -> None:
+        running, waiting = new_run(), new_run()
+        assert await backend.admit(running, "enqueue", 10) == "started"
+        assert await backend.admit(waiting, "enqueue", 10) == "queued"
+        await backend.request_cancel(waiting.run_id)
+        await finish(backend, running)
+        taken = await backend.take()
+        assert taken is not None and taken.state == "PENDING"
+        if backend.shared:  # a flag for whichever replica takes it (memory tells its runner at once)
+            assert await backend.cancel_requested(waiting.run_id) == (True, None)
+
+    place.run(scenario)
 
 
 def test_a_waiting_run_leaves_the_queue_with_its_terminal_state_in_one_step(place: Place) -> None:

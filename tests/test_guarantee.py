@@ -386,6 +386,42 @@ def test_a_take_sent_again_after_its_reply_was_lost_answers_the_run_it_took(redi
         client.close()
 
 
+def test_a_handoff_sent_again_after_its_reply_was_lost_answers_the_run_it_took(redis_server: RedisServer) -> None:
+    """The script that stores a run's end and takes the next run (HANDOFF_SCRIPT) run twice with the same arguments:
+    the second answers the same end and the same run on the same slot and token, and takes nothing more."""
+    import asyncio
+    import logging
+
+    from service.backends.redis import open_redis
+    from service.backends.records import Run, utc_now
+
+    async def scenario() -> tuple[list[Any], list[Any], list[str], bytes | None]:
+        _, store = open_redis(redis_server.url, f"test-{uuid.uuid4().hex[:8]}", 30.0, 100, 1 << 30,
+                              logging.getLogger("test"))
+        await store.start()
+        try:
+            running, *waiting = (Run.new(str(uuid.uuid4()), "sleeper", new_user(), {}, holder=None) for _ in range(3))
+            assert await store.admit(running, "enqueue", 10) == "started"
+            for run in waiting:
+                assert await store.admit(run, "enqueue", 10) == "queued"
+            running.update(state="DONE", finished_at=utc_now())
+            assert running.holder is not None
+            keys, args = store._finish_call(running, running.holder, running.holder)
+            _, take_keys, take_args = store._take_call()
+            first = await store._handoff(keys=[*keys, *take_keys], args=[*args, *take_args])
+            again = await store._handoff(keys=[*keys, *take_keys], args=[*args, *take_args])
+            queue = [member.decode() for member in await store.client.lrange(store.key("queue"), 0, -1)]
+            return first, again, queue, await store.client.get(store.key("run", running.run_id))
+        finally:
+            await store.close()
+
+    first, again, queue, ended = asyncio.run(scenario())
+    assert first == again  # the same end counted once (finished runs, bytes, owed) and the same run, slot, token
+    assert len(queue) == 1 and first[1][0].decode() not in queue
+    assert ended is not None and b'"state":"DONE"' in ended
+    assert b'"state":"RUNNING"' in first[1][7]
+
+
 def test_orphans_claimed_again_after_the_reply_was_lost_are_answered_again(redis_server: RedisServer) -> None:
     """Otherwise the orphans left the unfinished index with the lost reply and stay RUNNING for ever."""
     from service.backends.redis.scripts import ORPHANS_SCRIPT

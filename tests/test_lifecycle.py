@@ -502,3 +502,30 @@ def test_shutdown_with_an_agent_that_ignores_cancellation_records_error_and_exit
     exiting = srv.events("exit_with_agent_running")
     assert [line["run_id"] for line in exiting] == [run_id] and exiting[0]["level"] == "error", exiting
     assert log_time(line) <= log_time(exiting[0])
+
+
+def test_a_cancel_heard_before_its_run_starts_here_stops_the_run_as_it_starts() -> None:
+    """A take's answer and the message of a cancel asked right after it race on two connections: the message may be
+    heard first, while the run is not this process's yet. The runner remembers it, and the run stops as it starts
+    (else it would run until its next lease renewal read the flag)."""
+    import asyncio
+
+    import agents
+    from service.backends.memory import MemoryBackend
+    from service.backends.records import Run
+    from service.events import EventHub
+    from service.runs import Runner
+
+    async def scenario() -> Run:
+        backend = MemoryBackend(retention=10, slots=1)
+        runner = Runner(backend, EventHub())
+        run = Run.new(str(uuid.uuid4()), "policy-checker", str(uuid.uuid4()), {}, holder=None)
+        assert runner.request_stop(run.run_id, by="the-interrupting-run") is False  # not running here (yet)
+        assert await backend.admit(run, "reject", 10) == "started"
+        active = runner.start(run, agents.registry["policy-checker"], {}, waited=True)
+        assert active.driver is not None
+        await asyncio.wait_for(active.driver, 10)
+        return run
+
+    run = asyncio.run(scenario())
+    assert (run.state, run.cancelled_by) == ("CANCELLED", "the-interrupting-run")

@@ -336,9 +336,11 @@ def test_a_replica_that_dies_after_taking_a_run_leaves_it_runner_lost(replicas, 
         running = post(taker, "sleeper", seconds=0.5).json()["run_id"]
         waiting = post(taker, "sleeper", on_busy="enqueue", seconds=0).json()["run_id"]
         status = f"{taker.url}/agents/status/{running}"
-        # The take script that follows the first run's end: the process is killed as it is sent; Redis runs it.
-        proxy.hold(lambda chunk: b":queue" in chunk and b":unfinished" in chunk and b":runs" not in chunk
-                   and httpx.get(status).json()["state"] == "DONE",
+        # The take that follows the first run's end (in the script that stores that end, or a dispatcher's take
+        # after it): the process is killed as it is sent; Redis runs it.
+        handoff = f":run:{running}".encode()
+        proxy.hold(lambda chunk: b":queue" in chunk and ((handoff in chunk and b":fencing" in chunk) or (
+                   b":unfinished" in chunk and b":runs" not in chunk and httpx.get(status).json()["state"] == "DONE")),
                    0.3, lambda: taker.proc.send_signal(signal.SIGKILL))
         assert taker.proc.wait(20) == -signal.SIGKILL
         (other,) = replicas(1, prefix=prefix, LOCK_TTL_SECONDS="1.5")

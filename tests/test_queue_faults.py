@@ -30,6 +30,19 @@ def is_take(chunk: bytes) -> bool:
     return b":queue" in chunk and b":unfinished" in chunk and b":runs" not in chunk and b":seq" not in chunk
 
 
+def is_handoff(chunk: bytes, run_id: str) -> bool:
+    """The script that stores ``run_id``'s end and takes the head of the queue onto its slot, in one step (its
+    keys: the run's, the queue and the fencing counter; Runner.finish_run)."""
+    return f":run:{run_id}".encode() in chunk and b":queue" in chunk and b":fencing" in chunk
+
+
+def take_after(srv: ServerProcess, run_id: str) -> Any:
+    """A proxy matcher: the take that gives the slot ``run_id`` frees to the head of the queue, whether the step
+    that ends the run makes it (its replica, while it takes runs) or a dispatcher after it."""
+    freed = once_done(srv, run_id)
+    return lambda chunk: is_handoff(chunk, run_id) or (is_take(chunk) and freed())
+
+
 def once_done(srv: ServerProcess, run_id: str) -> Any:
     """A proxy matcher's extra condition: true once ``run_id`` is DONE (its slot was just freed)."""
     url = f"{srv.url}/agents/status/{run_id}"
@@ -64,9 +77,8 @@ def test_a_lost_reply_to_taking_the_head_of_the_queue_still_runs_it(replicas, pr
     (srv,) = replicas(1, url=proxy.url, LOCK_TTL_SECONDS="30")
     first = post(srv, "sleeper", seconds=0.4).json()["run_id"]
     waiting = post(srv, "sleeper", on_busy="enqueue", seconds=0).json()["run_id"]
-    freed = once_done(srv, first)
     # The take that follows the first run's end runs in Redis; its answer is lost, and redis-py sends it again.
-    proxy.drop_reply(lambda chunk: is_take(chunk) and freed(), 1)
+    proxy.drop_reply(take_after(srv, first), 1)
     started = time.monotonic()
     run = srv.wait_run(waiting, timeout=15)
     assert proxy.dropped == 1
@@ -80,8 +92,7 @@ def test_a_lost_reply_to_a_take_never_starts_a_later_run_before_the_head(replica
     first = post(srv, "sleeper", seconds=0.4).json()["run_id"]
     hold = post(srv, "hanging").json()["run_id"]
     head, second = (post(srv, "sleeper", on_busy="enqueue", seconds=0).json()["run_id"] for _ in range(2))
-    freed = once_done(srv, first)
-    proxy.drop_reply(lambda chunk: is_take(chunk) and freed(), 1)
+    proxy.drop_reply(take_after(srv, first), 1)
     runs = [srv.wait_run(run_id, timeout=15) for run_id in (head, second)]
     assert proxy.dropped == 1
     assert [(run["state"], run["error"]) for run in runs] == [("DONE", None)] * 2
@@ -94,9 +105,8 @@ def test_a_run_taken_from_the_queue_as_shutdown_starts_gets_the_grace(replicas, 
     (srv,) = replicas(1, url=proxy.url, prefix=prefix, SHUTDOWN_GRACE_SECONDS="10")
     first = post(srv, "sleeper", seconds=0.4).json()["run_id"]
     waiting = post(srv, "sleeper", on_busy="enqueue", seconds=0.3).json()["run_id"]
-    freed = once_done(srv, first)
     # SIGTERM while the take that gives the waiting run its slot is on its way to Redis.
-    proxy.hold(lambda chunk: is_take(chunk) and freed(), 1.0, lambda: srv.proc.send_signal(signal.SIGTERM))
+    proxy.hold(take_after(srv, first), 1.0, lambda: srv.proc.send_signal(signal.SIGTERM))
     assert srv.proc.wait(20) == 0
     (reader,) = replicas(1, prefix=prefix)
     run = reader.client.get(f"/agents/status/{waiting}").json()
@@ -177,8 +187,7 @@ def test_a_run_left_by_a_replica_killed_as_it_took_it_ends_without_another_run(r
     (taker,) = replicas(1, url=proxy.url, prefix=prefix, LOCK_TTL_SECONDS="1.5")
     first = post(taker, "sleeper", seconds=0.4).json()["run_id"]
     waiting = post(taker, "sleeper", on_busy="enqueue", seconds=0).json()["run_id"]
-    freed = once_done(taker, first)
-    proxy.hold(lambda chunk: is_take(chunk) and freed(), 0.3, lambda: taker.proc.send_signal(signal.SIGKILL))
+    proxy.hold(take_after(taker, first), 0.3, lambda: taker.proc.send_signal(signal.SIGKILL))
     assert taker.proc.wait(20) == -signal.SIGKILL
     (other,) = replicas(1, prefix=prefix, LOCK_TTL_SECONDS="1.5")  # up and idle: nobody posts a run
     run = other.wait_run(waiting, timeout=10)  # within the TTL and a second or two, not at the next run
@@ -312,14 +321,13 @@ def test_a_run_taken_from_the_queue_whose_every_answer_is_lost_still_runs_next(r
     (srv,) = replicas(1, url=proxy.url, LOCK_TTL_SECONDS="30")
     first = post(srv, "sleeper", seconds=0.4).json()["run_id"]
     waiting = post(srv, "sleeper", on_busy="enqueue", seconds=0).json()["run_id"]
-    freed = once_done(srv, first)
     # Taken with its slot, then every answer of the take (which carries the run's record) is lost, redis-py's two
     # resends included: the take fails, and its token is kept.
-    proxy.drop_reply(lambda chunk: is_take(chunk) and freed(), 3)
+    proxy.drop_reply(take_after(srv, first), 3)
     deadline = time.monotonic() + 10
     while proxy.dropped < 3:
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    run = srv.wait_run(waiting, timeout=10)  # the next dispatch asks again for what its take got
+    run = srv.wait_run(waiting, timeout=10)  # the next try (of the run's end, or dispatch) asks again for it
     assert (run["state"], run["error"]) == ("DONE", None)
     assert post(srv, "sleeper", seconds=0).status_code == 202  # no slot left held by the failed take

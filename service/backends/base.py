@@ -179,6 +179,13 @@ class Backend(Protocol):
         waits and a slot is free); False spares the caller a take that would answer None (a backend that cannot
         tell leaves it True). The caller asks again when woken (``on_work``) or on its periodic tick."""
 
+    async def finish_and_take(self, run: Run) -> Run | None:
+        """``save(run, release=True)`` for a terminal state, then ``take``: the run that ends hands its slot to the
+        head of the queue, in one step where the backend can (Redis: one script), so no dispatcher wakes for it.
+        A run taken comes back as ``take`` answers it; with state RUNNING (and ``started_at``) when the step stored
+        it so (then the runner does not). None: nothing taken (or the backend leaves the take to the dispatcher).
+        Raises WriteRefused as ``save`` does (nothing taken)."""
+
     async def dequeue(self, run_id: str, **changes: Any) -> Run | None:
         """A waiting run out of the queue and stored with ``changes`` (its terminal state) in one step."""
 

@@ -59,7 +59,7 @@ class MemoryBackend:
     shared = False  # one process: what it does not run, nobody runs
     renew_interval: float | None = None  # a slot is held until released: nothing to renew
     take_again = True  # set by take
-    queue_after_take: int | None = None  # not told by take: the caller asks queue_length
+    queue_after_take: int | None = None  # set by take: the queue's length after it
 
     def __init__(self, retention: int, retention_bytes: int = 256 * 1024 * 1024, slots: int = 1,
                  idempotency_ttl_seconds: float = 86400.0, log: logging.Logger | None = None,
@@ -166,7 +166,12 @@ class MemoryBackend:
         run.update(queue_position=None)
         self._number_queue()
         self.take_again = bool(self._queue) and len(self._held) < self.slots
+        self.queue_after_take = len(self._queue)
         return run
+
+    async def finish_and_take(self, run: Run) -> Run | None:
+        await self.save(run, release=True)
+        return await self.take()
 
     async def dequeue(self, run_id: str, **changes: Any) -> Run | None:
         """Take a waiting run out of the queue and store it with ``changes`` (its terminal state), in one step;

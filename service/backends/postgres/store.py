@@ -246,6 +246,11 @@ class PostgresBackend(TerminalSteps, RunReads):
             self._held.add(token)
         return run
 
+    async def finish_and_take(self, run: Run) -> Run | None:
+        """The terminal write alone: the dispatcher, woken by the slot freed, takes the next run."""
+        await self.save(run, release=True)
+        return None
+
     async def dequeue(self, run_id: str, **changes: Any) -> Run | None:
         """A waiting run out of the queue with its terminal state, in one transaction; None if it no longer waits."""
         ended: builtins.list[Run] = []  # what the first attempt wrote, for a retry to recognise

@@ -55,13 +55,13 @@ end
 # new run's are never both shown; when there is none to suspect, that look (a scan of the unfinished index) is
 # left to the periodic one. Slots are KEYS[first..last] of the caller, the first ``known`` of them (0 when absent)
 # known to be held (the caller tried them in order and found them taken, or took the last): only the others are
-# looked at. unfinished_count is the unfinished index's size after the caller's writes, read (HLEN) before any of
+# looked at (``keys``: the caller's KEYS). unfinished_count is the unfinished index's size after the caller's writes, read (HLEN) before any of
 # them, so a failure of that read (a missing ACL permission) leaves nothing half written. Returns the flag (1 or 0)
 # and the number of those slots held.
 ORPHANS_SUSPECT = """
-local function orphans_suspect(unfinished_count, first, last, known)
+local function orphans_suspect(keys, unfinished_count, first, last, known)
   local held = known or 0
-  for i = first + held, last do held = held + redis.call('EXISTS', KEYS[i]) end
+  for i = first + held, last do held = held + redis.call('EXISTS', keys[i]) end
   return unfinished_count > held and 1 or 0, held
 end
 """
@@ -87,7 +87,7 @@ if redis.call('EXISTS', KEYS[2]) == 1 then
   for i = 1, n do
     if redis.call('GET', KEYS[5 + i]) == ARGV[6] then
       return {1, i - 1, redis.call('GET', KEYS[6 + n]) or '', 0, token_of(redis.call('GET', KEYS[2])),
-              (orphans_suspect(unfinished_count, 6, 5 + n))}
+              (orphans_suspect(KEYS, unfinished_count, 6, 5 + n))}
     end
   end
   local pos = redis.call('LPOS', KEYS[1], ARGV[3])
@@ -109,7 +109,7 @@ if waiting == 0 and open then
       redis.call('ZADD', KEYS[3], redis.call('INCR', KEYS[4]), ARGV[3])
       redis.call('HSET', KEYS[5], ARGV[3], ARGV[6])
       accept_key()
-      return {1, i - 1, generation, 0, token, (orphans_suspect(unfinished_count + 1, 6, 5 + n, i))}
+      return {1, i - 1, generation, 0, token, (orphans_suspect(KEYS, unfinished_count + 1, 6, 5 + n, i))}
     end
   end
 end
@@ -187,6 +187,28 @@ redis.call('PUBLISH', ARGV[3], oldest .. ' ' .. ARGV[2])
 return oldest
 """
 
+# A Lua function for the takes that store a run RUNNING (TAKE): the record as admission queued it, with its state,
+# start time and queue position changed. The record's own state field is the last ',"state":"PENDING","result":null,'
+# in it: after it come only strings (their quotes escaped), numbers and nulls, while the input object before it may
+# hold any text. Returns nil for a record the patterns do not fit (the runner then stores RUNNING itself).
+MARK_RUNNING = """
+local function mark_running(record, started)
+  local at, from = nil, 1
+  while true do
+    local found = string.find(record, ',"state":"PENDING","result":null,', from, true)
+    if not found then break end
+    at, from = found, found + 1
+  end
+  if not at then return nil end
+  local tail = string.gsub(string.sub(record, at), '^,"state":"PENDING"', ',"state":"RUNNING"')
+  local starts, positions
+  tail, starts = string.gsub(tail, '"started_at":null,', '"started_at":"' .. started .. '",', 1)
+  tail, positions = string.gsub(tail, '"queue_position":%d+,', '"queue_position":null,', 1)
+  if starts ~= 1 or positions ~= 1 then return nil end
+  return string.sub(record, 1, at - 1) .. tail
+end
+"""
+
 # Take the head of the queue and a free slot in one step. A take whose answer was lost is asked again with the
 # same token (by redis-py, or by the next dispatch with ARGV[4] = '1'): it answers the run that token took, on
 # its slot, or on a free one if that slot expired meanwhile (no other replica touches a run while its token is
@@ -195,65 +217,79 @@ return oldest
 # the run's record; the answer to a take whose slot it still holds repeats the token. When every slot is held by
 # other tokens (and it is no retry), it answers at once, with the generation and without looking for a loss: the
 # fence and the queue are not read (the other replicas' takes after a run ended elsewhere cost three commands).
+# With a start time (ARGV[8]), a run taken stores RUNNING in the same step (MARK_RUNNING), so the runner's own write
+# of it is saved, unless there is a reason to write it from the runner: an orphan may stand beside it (suspect: the
+# runner claims it first), or a cancel was asked while it waited (the runner reads the flag as it stores RUNNING).
 # KEYS: queue, unfinished, slot 0..n-1, generation, fence, fencing counter. ARGV: token, ttl_ms, n, retry, new
-# generation, token floor, run key prefix.
+# generation, token floor, run key prefix (<prefix>:run:), start time ('' or absent: not stored RUNNING here).
 # Returns {run_id, slot, generation, lost, fencing token, suspect, again, record, waiting}, run_id '' (and slot -1)
 # when none was taken; generation and lost as in ADMIT_SCRIPT; suspect (ORPHANS_SUSPECT): 1 when a run may have been
 # left behind; again: 1 when another take could start a run now (a run waits and a slot is free), else 0 (no take is
 # asked for until something changes: a run queued, a slot freed); record: the taken run's record as stored, its token
-# in it (nil when it is missing), so the caller needs no read of its own; waiting: the queue's length after the take.
-TAKE_SCRIPT = FENCE + MINT + ORPHANS_SUSPECT + """
-local n = tonumber(ARGV[3])
-local held, free
-for i = 1, n do
-  local holder = redis.call('GET', KEYS[2 + i])
-  if holder == ARGV[1] then held = i elseif not holder then free = true end
+# (and RUNNING, when stored so) in it (nil when it is missing), so the caller needs no read of its own; waiting: the
+# queue's length after the take. TAKE is the step as a function of its keys and arguments (HANDOFF_SCRIPT runs it
+# after FINISH).
+TAKE = """
+local function cancel_key(run_prefix, id)  -- <prefix>:cancel:<id>, beside <prefix>:run:<id>
+  return string.sub(run_prefix, 1, -5) .. 'cancel:' .. id
 end
-if not held and not free and ARGV[4] ~= '1' then  -- every slot held by others: nothing to take, nothing to check
-  return {'', -1, redis.call('GET', KEYS[3 + n]) or '', 0}
-end
-local unfinished_count = redis.call('HLEN', KEYS[2])
-local open, lost, generation = fence_open(KEYS[3 + n], KEYS[4 + n], ARGV[5], ARGV[2])
-local function taken(id, slot, found_lost, record, token, added, waiting)
-  local known = token == nil and slot + 1 or 0  -- just taken, trying the slots in order: those before it are held
-  if token == nil then
-    token = mint(KEYS[5 + n], ARGV[6])
-    if record then
-      record = with_token(record, token)
-      redis.call('SET', ARGV[7] .. id, record)
-    end
+local function take(K, A)
+  local n = tonumber(A[3])
+  local held, free
+  for i = 1, n do
+    local holder = redis.call('GET', K[2 + i])
+    if holder == A[1] then held = i elseif not holder then free = true end
   end
-  local suspect, held = orphans_suspect(unfinished_count + (added or 0), 3, 2 + n, known)
-  waiting = waiting or redis.call('LLEN', KEYS[1])
-  local again = (open and held < n and waiting > 0) and 1 or 0
-  return {id, slot, generation, found_lost, token, suspect, again, record or false, waiting}
-end
-if held or ARGV[4] == '1' then
-  local entries = redis.call('HGETALL', KEYS[2])
-  for i = 1, #entries, 2 do
-    if entries[i + 1] == ARGV[1] then
-      local record = redis.call('GET', ARGV[7] .. entries[i])
-      if held then return taken(entries[i], held - 1, lost, record, token_of(record)) end
-      for s = 1, open and n or 0 do
-        if redis.call('SET', KEYS[2 + s], ARGV[1], 'NX', 'PX', ARGV[2]) then
-          return taken(entries[i], s - 1, 0, record)
+  if not held and not free and A[4] ~= '1' then  -- every slot held by others: nothing to take, nothing to check
+    return {'', -1, redis.call('GET', K[3 + n]) or '', 0}
+  end
+  local unfinished_count = redis.call('HLEN', K[2])
+  local open, lost, generation = fence_open(K[3 + n], K[4 + n], A[5], A[2])
+  local function taken(id, slot, found_lost, record, token, added, waiting)
+    local known = token == nil and slot + 1 or 0  -- just taken, trying the slots in order: those before it are held
+    local suspect, held = orphans_suspect(K, unfinished_count + (added or 0), 3, 2 + n, known)
+    if token == nil then
+      token = mint(K[5 + n], A[6])
+      if record then
+        record = with_token(record, token)
+        if (A[8] or '') ~= '' and suspect == 0 and redis.call('EXISTS', cancel_key(A[7], id)) == 0 then
+          record = mark_running(record, A[8]) or record
         end
+        redis.call('SET', A[7] .. id, record)
       end
-      return {'', -1, generation, lost}
+    end
+    waiting = waiting or redis.call('LLEN', K[1])
+    local again = (open and held < n and waiting > 0) and 1 or 0
+    return {id, slot, generation, found_lost, token, suspect, again, record or false, waiting}
+  end
+  if held or A[4] == '1' then
+    local entries = redis.call('HGETALL', K[2])
+    for i = 1, #entries, 2 do
+      if entries[i + 1] == A[1] then
+        local record = redis.call('GET', A[7] .. entries[i])
+        if held then return taken(entries[i], held - 1, lost, record, token_of(record)) end
+        for s = 1, open and n or 0 do
+          if redis.call('SET', K[2 + s], A[1], 'NX', 'PX', A[2]) then
+            return taken(entries[i], s - 1, 0, record)
+          end
+        end
+        return {'', -1, generation, lost}
+      end
     end
   end
-end
-local waiting = open and redis.call('LLEN', KEYS[1]) or 0
-if waiting == 0 then return {'', -1, generation, lost} end
-for i = 1, n do
-  if redis.call('SET', KEYS[2 + i], ARGV[1], 'NX', 'PX', ARGV[2]) then
-    local id = redis.call('LPOP', KEYS[1])
-    redis.call('HSET', KEYS[2], id, ARGV[1])
-    return taken(id, i - 1, 0, redis.call('GET', ARGV[7] .. id), nil, 1, waiting - 1)
+  local waiting = open and redis.call('LLEN', K[1]) or 0
+  if waiting == 0 then return {'', -1, generation, lost} end
+  for i = 1, n do
+    if redis.call('SET', K[2 + i], A[1], 'NX', 'PX', A[2]) then
+      local id = redis.call('LPOP', K[1])
+      redis.call('HSET', K[2], id, A[1])
+      return taken(id, i - 1, 0, redis.call('GET', A[7] .. id), nil, 1, waiting - 1)
+    end
   end
+  return {'', -1, generation, 0}
 end
-return {'', -1, generation, 0}
 """
+TAKE_SCRIPT = FENCE + MINT + ORPHANS_SUSPECT + MARK_RUNNING + TAKE + "return take(KEYS, ARGV)\n"
 
 # Store a terminal state: record, indexes, size, cancel flag, lock release (if the token still holds it),
 # the webhook delivery it owes (ARGV[6], the URL, or '') and the finished message in one step. Safe to run
@@ -277,62 +313,79 @@ return {'', -1, generation, 0}
 # generation, runs. ARGV: json, run_id, channel, token, size, webhook url, max owed, max owed bytes, generation,
 # holder, delivery id. Returns {finished runs, their bytes, owed}: owed 1 (a delivery is owed now), -1 (refused: past the bound),
 # 0, or -2: the write was refused.
-FINISH_SCRIPT = """
-local holder = ARGV[10] or ''
-local data_lost = (ARGV[9] or '') ~= '' and redis.call('GET', KEYS[13]) ~= ARGV[9]
-if holder ~= '' then
-  local owner = redis.call('HGET', KEYS[3], ARGV[2])
-  if owner ~= holder and (owner or not data_lost) then
-    if ARGV[4] ~= '' and redis.call('GET', KEYS[8]) == ARGV[4] then redis.call('DEL', KEYS[8]) end
-    local stored = redis.call('GET', KEYS[1])
-    if stored and stored ~= ARGV[1] then return {0, 0, -2} end
-    return {redis.call('ZCARD', KEYS[2]), tonumber(redis.call('GET', KEYS[6]) or '0'), 0}
-  end
-end
-local stored = redis.call('EXISTS', KEYS[1]) == 1
-if data_lost then
-  stored = true
-  if not redis.call('ZSCORE', KEYS[14], ARGV[2]) then
-    redis.call('ZADD', KEYS[14], redis.call('INCR', KEYS[7]), ARGV[2])
-  end
-end
-local owed = 0
-local total  -- the finished runs' bytes, when this call counts them in
-local size = tonumber(ARGV[5]) + tonumber(redis.call('HGET', KEYS[9], ARGV[2]) or '0')
-  + tonumber(redis.call('GET', KEYS[12]) or '0')
-redis.call('HDEL', KEYS[3], ARGV[2])
-redis.call('DEL', KEYS[4])
-if stored then redis.call('SET', KEYS[1], ARGV[1]) end
-if stored and redis.call('HSETNX', KEYS[5], ARGV[2], size) == 1 then
-  redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[7]), ARGV[2])
-  total = redis.call('INCRBY', KEYS[6], size)
-  if ARGV[6] ~= '' then
-    local owed_bytes = KEYS[10] .. ':bytes'
-    if redis.call('ZCARD', KEYS[10]) >= tonumber(ARGV[7])
-        or tonumber(redis.call('GET', owed_bytes) or '0') + #ARGV[1] > tonumber(ARGV[8]) then
-      owed = -1
-    else
-      local now = redis.call('TIME')
-      redis.call('HSET', KEYS[11], 'url', ARGV[6], 'body', ARGV[1], 'attempt', 0)
-      if (ARGV[11] or '') ~= '' then redis.call('HSET', KEYS[11], 'id', ARGV[11]) end
-      redis.call('ZADD', KEYS[10], now[1] * 1000 + math.floor(now[2] / 1000), ARGV[2])
-      redis.call('INCRBY', owed_bytes, #ARGV[1])
-      owed = 1
+FINISH = """
+local function finish(K, A)
+  local holder = A[10] or ''
+  local data_lost = (A[9] or '') ~= '' and redis.call('GET', K[13]) ~= A[9]
+  if holder ~= '' then
+    local owner = redis.call('HGET', K[3], A[2])
+    if owner ~= holder and (owner or not data_lost) then
+      if A[4] ~= '' and redis.call('GET', K[8]) == A[4] then redis.call('DEL', K[8]) end
+      local stored = redis.call('GET', K[1])
+      if stored and stored ~= A[1] then return {0, 0, -2} end
+      return {redis.call('ZCARD', K[2]), tonumber(redis.call('GET', K[6]) or '0'), 0}
     end
   end
+  local stored = redis.call('EXISTS', K[1]) == 1
+  if data_lost then
+    stored = true
+    if not redis.call('ZSCORE', K[14], A[2]) then
+      redis.call('ZADD', K[14], redis.call('INCR', K[7]), A[2])
+    end
+  end
+  local owed = 0
+  local total  -- the finished runs' bytes, when this call counts them in
+  local size = tonumber(A[5]) + tonumber(redis.call('HGET', K[9], A[2]) or '0')
+    + tonumber(redis.call('GET', K[12]) or '0')
+  redis.call('HDEL', K[3], A[2])
+  redis.call('DEL', K[4])
+  if stored then redis.call('SET', K[1], A[1]) end
+  if stored and redis.call('HSETNX', K[5], A[2], size) == 1 then
+    redis.call('ZADD', K[2], redis.call('INCR', K[7]), A[2])
+    total = redis.call('INCRBY', K[6], size)
+    if A[6] ~= '' then
+      local owed_bytes = K[10] .. ':bytes'
+      if redis.call('ZCARD', K[10]) >= tonumber(A[7])
+          or tonumber(redis.call('GET', owed_bytes) or '0') + #A[1] > tonumber(A[8]) then
+        owed = -1
+      else
+        local now = redis.call('TIME')
+        redis.call('HSET', K[11], 'url', A[6], 'body', A[1], 'attempt', 0)
+        if (A[11] or '') ~= '' then redis.call('HSET', K[11], 'id', A[11]) end
+        redis.call('ZADD', K[10], now[1] * 1000 + math.floor(now[2] / 1000), A[2])
+        redis.call('INCRBY', owed_bytes, #A[1])
+        owed = 1
+      end
+    end
+  end
+  if A[4] ~= '' and redis.call('GET', K[8]) == A[4] then redis.call('DEL', K[8]) end
+  redis.call('PUBLISH', A[3], A[2])
+  return {redis.call('ZCARD', K[2]), total or tonumber(redis.call('GET', K[6]) or '0'), owed}
 end
-if ARGV[4] ~= '' and redis.call('GET', KEYS[8]) == ARGV[4] then redis.call('DEL', KEYS[8]) end
-redis.call('PUBLISH', ARGV[3], ARGV[2])
-return {redis.call('ZCARD', KEYS[2]), total or tonumber(redis.call('GET', KEYS[6]) or '0'), owed}
 """
+FINISH_SCRIPT = FINISH + "return finish(KEYS, ARGV)\n"
 
 # Cancel a run still waiting in the queue: take it out and store its terminal state (FINISH_SCRIPT) in one step,
 # so a run never leaves the line without an end. A retry whose first reply was lost finds the record it stored.
 # KEYS: FINISH_SCRIPT's, then queue. ARGV: FINISH_SCRIPT's (holder ''). Returns FINISH_SCRIPT's answer, or nil
 # when the run no longer waits (taken, or cancelled by another request).
-CANCEL_WAITING_SCRIPT = """
+CANCEL_WAITING_SCRIPT = FINISH + """
 if redis.call('LREM', KEYS[15], 1, ARGV[2]) == 0 and redis.call('GET', KEYS[1]) ~= ARGV[1] then return nil end
-""" + FINISH_SCRIPT
+return finish(KEYS, ARGV)
+"""
+
+
+# A run's end and the next run's start in one step, by the replica whose run ended (runs.Runner.finish_run): FINISH
+# with its slot released, then TAKE (with a start time: the run taken is stored RUNNING). Saves the round trips of
+# a dispatcher waking to take and of the runner storing RUNNING. A refused FINISH takes nothing. Safe to run again
+# after a lost reply as each of its two steps is (a retry sends TAKE's retry flag).
+# KEYS: FINISH's 14, then TAKE's. ARGV: FINISH's 11, then TAKE's. Returns {FINISH's answer, TAKE's answer} (TAKE's
+# left out when FINISH was refused).
+HANDOFF_SCRIPT = FENCE + MINT + ORPHANS_SUSPECT + MARK_RUNNING + FINISH + TAKE + """
+local finished = finish({unpack(KEYS, 1, 14)}, {unpack(ARGV, 1, 11)})
+if finished[3] == -2 then return {finished} end
+return {finished, take({unpack(KEYS, 15)}, {unpack(ARGV, 12)})}
+"""
 
 # Drop the oldest finished runs while more than ARGV[1] of them, or more than ARGV[2] bytes, are kept
 # (at most 1000 per call), with their log lines and event backlog.

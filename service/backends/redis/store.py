@@ -24,8 +24,10 @@ from service.backends.redis.listener import listen
 from service.backends.redis.lock import RedisRunLock, StoreHealth
 from service.backends.redis.readiness import Readiness
 from service.backends.redis.reads import CoalescedReads, RecordReader
-from service.backends.redis.scripts import (ADMIT_SCRIPT, CANCEL_WAITING_SCRIPT, FINISH_SCRIPT, INTERRUPT_SCRIPT,
-                                            LEASE_SCRIPT, ORPHANS_SCRIPT, SAVE_SCRIPT, TAKE_SCRIPT, TRIM_SCRIPT)
+from service.backends.records import utc_now
+from service.backends.redis.scripts import (ADMIT_SCRIPT, CANCEL_WAITING_SCRIPT, FINISH_SCRIPT, HANDOFF_SCRIPT,
+                                            INTERRUPT_SCRIPT, LEASE_SCRIPT, ORPHANS_SCRIPT, SAVE_SCRIPT, TAKE_SCRIPT,
+                                            TRIM_SCRIPT)
 from service.backends.redis.webhooks import RedisDeliveries
 from service.cancelling import cancel_and_wait
 
@@ -74,6 +76,7 @@ class RedisBackend:
         self._progress_dirty: set[str] = set()
         self._listener: asyncio.Task[None] | None = None
         self._take_token: str | None = None  # a take not answered yet (take)
+        self._taking = asyncio.Lock()  # one take at a time (take, finish_and_take): they share the token above
         self._suspects: set[str] = set()  # slots given out with a run maybe left behind (claim_orphans)
         self._freed_here: dict[str, None] = {}  # runs whose slot this replica frees with their end (finished_here)
         self.take_again = True  # after a take that answered a run: whether another could start one now
@@ -83,6 +86,7 @@ class RedisBackend:
         self._trim = client.register_script(TRIM_SCRIPT)
         self._admit = client.register_script(ADMIT_SCRIPT)
         self._take = client.register_script(TAKE_SCRIPT)
+        self._handoff = client.register_script(HANDOFF_SCRIPT)
         self._orphans = client.register_script(ORPHANS_SCRIPT)
         self._cancel_waiting = client.register_script(CANCEL_WAITING_SCRIPT)
         self._interrupt = client.register_script(INTERRUPT_SCRIPT)
@@ -176,10 +180,7 @@ class RedisBackend:
         and (with ``release``) releases the run's slot, all in one atomic script that is safe to retry.
         Raises WriteRefused when the run is no longer its holder's: terminal already, or claimed by another.
         """
-        self._progress_dirty.discard(run.run_id)
-        pending = self._progress_writes.get(run.run_id)
-        if pending is not None:  # a progress write in flight lands first: it never overwrites this one
-            await asyncio.gather(pending, return_exceptions=True)
+        await self._progress_written(run)
         async with self.health.guard():
             if not run.finished:
                 if not await self._save_unfinished(run):
@@ -187,18 +188,54 @@ class RedisBackend:
                 return
             token = run.holder if release and run.holder is not None else ""
             keys, args = self._finish_call(run, token, run.holder or "")
-            if token:  # before the write: its message may come before its answer
-                self._freed_here[run.run_id] = None
-                if len(self._freed_here) > FREED_MARKS:  # messages lost (pub/sub is best effort) leave marks
-                    del self._freed_here[next(iter(self._freed_here))]
-            finished_count, finished_bytes, owed = await self._finish(keys=keys, args=args)
-            if token:
-                self._lock.forget(token)
-                self._suspects.discard(token)
-            if owed == -2:
-                self._freed_here.pop(run.run_id, None)  # refused: it published nothing
-                raise WriteRefused("the run is terminal already, or held by another token")
-            await self._after_finish(run, finished_count, finished_bytes, owed)
+            self._freeing(run, token)
+            answer = await self._finish(keys=keys, args=args)
+            self._finished(run, token, answer)
+            await self._after_finish(run, *answer)
+
+    async def finish_and_take(self, run: Run) -> Run | None:
+        """The terminal write, its slot released, and the take of the next run on it, in one script (HANDOFF_SCRIPT),
+        which stores the run it takes RUNNING. A take already in flight here (dispatch's) keeps its turn: then
+        this is the terminal write alone, and dispatch, woken by the slot freed, takes after it."""
+        if run.holder is None or self._taking.locked():
+            await self.save(run, release=True)
+            return None
+        await self._progress_written(run)
+        async with self._taking, self.health.guard():
+            keys, args = self._finish_call(run, run.holder, run.holder)
+            token, take_keys, take_args = self._take_call()
+            self._freeing(run, run.holder)
+            finished, *took = await self._handoff(keys=[*keys, *take_keys], args=[*args, *take_args])
+            self._finished(run, run.holder, finished)  # refused: nothing was taken
+            taken = await self._taken(token, take_args, took[0], "handoff")
+        with contextlib.suppress(StoreUnavailable):  # a trim left undone is done by the next terminal write
+            await self._after_finish(run, *finished)
+        return taken
+
+    async def _progress_written(self, run: Run) -> None:
+        """A progress write of ``run`` in flight lands first: it never overwrites the write to come."""
+        self._progress_dirty.discard(run.run_id)
+        pending = self._progress_writes.get(run.run_id)
+        if pending is not None:
+            await asyncio.gather(pending, return_exceptions=True)
+
+    def _freeing(self, run: Run, token: str) -> None:
+        """Before a terminal write that frees the slot of ``token`` (none when ''): its "finished" message may come
+        before its answer, and must not wake this replica's dispatch (finished_here)."""
+        if token:
+            self._freed_here[run.run_id] = None
+            if len(self._freed_here) > FREED_MARKS:  # messages lost (pub/sub is best effort) leave marks
+                del self._freed_here[next(iter(self._freed_here))]
+
+    def _finished(self, run: Run, token: str, answer: builtins.list[int]) -> None:
+        """FINISH_SCRIPT answered ``answer`` for ``run``'s terminal write that freed the slot of ``token`` (none
+        when ''); raises WriteRefused when the write was refused."""
+        if token:
+            self._lock.forget(token)
+            self._suspects.discard(token)
+        if answer[2] == -2:
+            self._freed_here.pop(run.run_id, None)  # refused: it published nothing
+            raise WriteRefused("the run is terminal already, or held by another token")
 
     async def _save_unfinished(self, run: Run) -> bool:
         """Write a run that is not terminal while it is still its holder's (SAVE_SCRIPT); False when refused."""
@@ -368,22 +405,34 @@ class RedisBackend:
         return {0: "busy", -1: "full"}.get(outcome, "lost")
 
     async def take(self) -> Run | None:
-        """The head of the queue on a free slot, or None; one script, so a run is taken once.
+        """The head of the queue on a free slot, or None; one script, so a run is taken once. The run taken is
+        stored RUNNING by the same script when nothing asks the runner to write it (TAKE_SCRIPT).
 
         The token is kept until the take is answered: a take whose reply was lost (or whose run could not be
-        read) is asked again with it at the next call, and answers the same run.
+        read) is asked again with it at the next call (take or finish_and_take), and answers the same run.
         """
+        async with self._taking:
+            token, keys, args = self._take_call()
+            async with self.health.guard():
+                answer = await self._take(keys=keys, args=args)
+            return await self._taken(token, args, answer, "take")
+
+    def _take_call(self) -> tuple[str, builtins.list[str], builtins.list[str | int]]:
+        """TAKE_SCRIPT's token, keys and arguments: the token of a take not answered yet, asked again, or a new one."""
         retry = self._take_token is not None
         token = self._take_token = self._take_token or uuid.uuid4().hex
-        new_generation = uuid.uuid4().hex
-        async with self.health.guard():
-            taken, slot, generation, lost, *minted = await self._take(
-                keys=[self.key("queue"), self.key("unfinished"), *self._lock.keys, self._lock.generation_key,
-                      self._lock.fence_key, self.key("fencing")],
-                args=[token, int(self._lock.ttl_seconds * 1000), len(self._lock.keys), int(retry), new_generation,
-                      self.highest_token, self.key("run", "")])
-        self.health.data_lost(lost, generation, new_generation, "take", self._lock.ttl_seconds)
-        self._take_token = None  # answered: a failed call above keeps it, and the next take answers this run again
+        return token, [self.key("queue"), self.key("unfinished"), *self._lock.keys, self._lock.generation_key,
+                       self._lock.fence_key, self.key("fencing")], \
+            [token, int(self._lock.ttl_seconds * 1000), len(self._lock.keys), int(retry), uuid.uuid4().hex,
+             self.highest_token, self.key("run", ""), utc_now()]
+
+    async def _taken(self, token: str, args: builtins.list[str | int], answer: builtins.list[Any],
+                     step: str) -> Run | None:
+        """The run TAKE_SCRIPT, called with ``args``, answered for ``token``, holding its slot, or None. It awaits
+        nothing on the way to a run: its caller starts the run before anything else here runs (a cancel heard)."""
+        taken, slot, generation, lost, *minted = answer
+        self.health.data_lost(lost, generation, str(args[4]), step, self._lock.ttl_seconds)
+        self._take_token = None  # answered: a failed call keeps it, and the next take answers this run again
         if not taken:
             self.queue_after_take = None
             return None
