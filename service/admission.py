@@ -23,7 +23,7 @@ from service import settings
 from service import metrics
 from service import tracing
 from service.backends.records import Run, StoreUnavailable, utc_now
-from service.logs import log
+from service.logs import lifecycle_log, log
 from service.runs import STOP_WAIT_SECONDS, Runner, run_fields
 
 QUEUE_FRAMES_INTERVAL = 0.25  # the watched waiting runs' position frames, at most this often
@@ -76,8 +76,8 @@ class Admission:
         if verdict == "queued":
             if tracing.tracer is not None:
                 tracing.note_accepted(run.run_id, run.queue_position)
-            log.info("run_accepted", extra=run_fields(run))
-            log.info("run_queued", extra={**run_fields(run), "queue_position": run.queue_position})
+            lifecycle_log.info("run_accepted", run_fields(run))
+            lifecycle_log.info("run_queued", {**run_fields(run), "queue_position": run.queue_position})
             self.runner.work_waiting.set()
             try:  # the run is accepted: a store failure from here on must not answer 503 (the client would resend it)
                 if on_busy == "enqueue" and run.queue_position is not None:
@@ -91,7 +91,7 @@ class Admission:
                 log.warning("run_queued_store_unavailable", extra={**run_fields(run), "on_busy": on_busy,
                                                                     "detail": str(exc)})
         elif verdict == "started":
-            log.info("run_accepted", extra=run_fields(run))
+            lifecycle_log.info("run_accepted", run_fields(run))
         return verdict, run
 
     async def admit_once(self, key: str, agent_cls: type[agents.BaseAgent], user_id: str, agent_input: dict[str, Any],
@@ -204,7 +204,7 @@ class Admission:
         agent_input = json.loads(run.input_json)  # written by Run.new: always a JSON object
         active = self.runner.start(run, agents.registry.get(run.agent_type), agent_input, waited=True)
         with tracing.current(active.span):  # its agent starts on the next turn of the loop, after this line
-            log.info("run_dequeued", extra=run_fields(run))
+            lifecycle_log.info("run_dequeued", run_fields(run))
 
     def publish_queue(self) -> None:
         """The queue may have moved: the new positions of the waiting runs that this process's stream clients
@@ -247,7 +247,7 @@ class Admission:
         self.publish_queue()
         metrics.QUEUE_DEPTH.set(await self.backend.queue_length())
         metrics.RUNS_TOTAL.labels(run.agent_type, run.state).inc()
-        log.info("run_cancelled", extra={**run_fields(run), "state": run.state, "duration_ms": 0.0})
+        lifecycle_log.info("run_cancelled", {**run_fields(run), "state": run.state, "duration_ms": 0.0})
         return run
 
     def retry_after(self) -> int:

@@ -34,7 +34,7 @@ from service.agent_work import current_run
 from service.backends.base import Backend
 from service.backends.records import LockLost, Run, StoreUnavailable, WriteRefused, utc_now
 from service.events import LOGS_STORED_SECONDS, EventHub
-from service.logs import log, safe_fields, write_hot_lines
+from service.logs import lifecycle_log, log, safe_fields, write_hot_lines
 
 MAX_RESULT_BYTES = 1024 * 1024  # a larger agent result ends the run as ERROR
 CANCEL_RETRY_SECONDS = 1.0  # an agent that swallows CancelledError is cancelled again this often
@@ -208,7 +208,7 @@ class Runner:
                             self.refuse(active, exc)
                             return True
                     self.hub.publish_run(run)
-                    log.info("run_started", extra={**run_fields(run), "fencing_token": run.fencing_token})
+                    lifecycle_log.info("run_started", {**run_fields(run), "fencing_token": run.fencing_token})
                     if active.waited:
                         metrics.QUEUE_WAIT.observe(seconds_between(run.created_at, started))
                     if asked:
@@ -347,7 +347,7 @@ class Runner:
         if trace is not None:
             fields["traceback"] = trace
         level = logging.INFO if run.state in ("DONE", "CANCELLED") else logging.ERROR
-        log.log(level, event, extra=fields)
+        lifecycle_log.log(level, event, fields)
         tracing.end_run(active.span, run)
 
     def clear_active(self, active: ActiveRun, wake: bool = True) -> None:
