@@ -101,14 +101,16 @@ class EventHub:
 
     # --- publishing (never blocks, never raises into the run) ----------------------------------------------
 
-    def publish_run(self, run: Run) -> None:
-        """A run changed: one ``run`` frame to its stream and to the stream of all runs."""
+    def publish_run(self, run: Run, appended: bool = False) -> None:
+        """A run changed: one ``run`` frame to its stream and to the stream of all runs. ``appended``: the step that
+        stored the change appended its event already (Backend.finish_and_take); it comes back through deliver."""
         pending = self._progress.pop(run.run_id, None)
         if pending is not None:  # this frame carries the latest progress too
             pending.cancel()
         if run.finished:
             self._progress_at.pop(run.run_id, None)
-        self._emit("run", run.run_id, run.state, run.json())
+        if not appended:
+            self._emit("run", run.run_id, run.state, run.json())
 
     def publish_progress(self, run: Run) -> None:
         """A progress change: published at once, or coalesced with the next ones within PROGRESS_INTERVAL."""

@@ -78,6 +78,7 @@ class ActiveRun:
         self.span: Any = None  # the run's span while tracing is on (service/tracing.py)
         self.refused = False  # a write was refused: the run is another holder's (or terminal); this one stops
         self.running_stored = False  # the take that gave it its slot stored it RUNNING (Backend.finish_and_take)
+        self.running_appended = False  # and appended its RUNNING event (Backend.appended_events)
 
     def stop(self, reason: str) -> None:
         """Ask the agent to stop; the first reason given decides the run's terminal state.
@@ -207,7 +208,7 @@ class Runner:
                         except WriteRefused as exc:
                             self.refuse(active, exc)
                             return True
-                    self.hub.publish_run(run)
+                    self.hub.publish_run(run, appended=active.running_appended)
                     lifecycle_log.info("run_started", {**run_fields(run), "fencing_token": run.fencing_token})
                     if active.waited:
                         metrics.QUEUE_WAIT.observe(seconds_between(run.created_at, started))
@@ -315,25 +316,25 @@ class Runner:
             await self.hub.logs_stored(min(LOGS_STORED_SECONDS, settings.current.lock_ttl_seconds / 3))
             run.update(finished_at=utc_now(), **outcome)
             try:
-                stored, taken = await self.save_finished(run, release)
+                stored, taken, appended = await self.save_finished(run, release)
             except WriteRefused as exc:  # another replica recorded its end: that record stands, this one is dropped
                 self.refuse(active, exc)  # (and so does the run span that replica emitted)
                 await self.finish_run(active, outcome)  # now it only lets go of the slot
                 return
         try:
-            self.log_finished(active, stored, release, taken is None or self.backend.take_again, event, trace,
-                              extra_fields)
+            self.log_finished(active, stored, appended, release, taken is None or self.backend.take_again, event,
+                              trace, extra_fields)
         finally:
-            if taken is not None:  # nothing awaited since its take: it starts before a cancel of it is heard
-                self.begin_taken(taken)
+            if taken is not None:
+                self.begin_taken(taken, appended)
 
-    def log_finished(self, active: ActiveRun, stored: bool, release: bool, wake: bool, event: str, trace: str | None,
-                     extra_fields: dict[str, Any]) -> None:
-        """After the terminal write: publish it, let go of the run (``wake``: dispatch looks at the queue), count
-        it and write its terminal line."""
+    def log_finished(self, active: ActiveRun, stored: bool, appended: bool, release: bool, wake: bool, event: str,
+                     trace: str | None, extra_fields: dict[str, Any]) -> None:
+        """After the terminal write: publish it (``appended``: its step appended the event), let go of the run
+        (``wake``: dispatch looks at the queue), count it and write its terminal line."""
         run = active.run
         if stored:
-            self.hub.publish_run(run)
+            self.hub.publish_run(run, appended=appended)
         if release:
             self.clear_active(active, wake)
         duration = time.monotonic() - active.started
@@ -358,18 +359,22 @@ class Runner:
         if wake:
             self.work_waiting.set()
 
-    def begin_taken(self, run: Run) -> None:
-        """Start the run the terminal write took onto its slot (finish_and_take), as dispatch starts one."""
+    def begin_taken(self, run: Run, appended: bool) -> None:
+        """Start the run the terminal write took onto its slot (finish_and_take), as dispatch starts one;
+        ``appended``: the step appended its RUNNING event, if it stored it RUNNING."""
         assert self.dispatch is not None
         self.dispatch.begin_waited_run(run)
+        active = self.active_runs.get(run.run_id)
+        if active is not None:
+            active.running_appended = appended and active.running_stored
         self.dispatch.publish_queue()
         if self.backend.queue_after_take is not None:
             metrics.QUEUE_DEPTH.set(self.backend.queue_after_take)
 
-    async def save_finished(self, run: Run, release: bool) -> tuple[bool, Run | None]:
+    async def save_finished(self, run: Run, release: bool) -> tuple[bool, Run | None, bool]:
         """Store a terminal state (and release the run lock in the same step), retrying until both land. While
         admission takes runs, the slot released goes to the head of the queue in the same step (finish_and_take):
-        the run taken is answered, for the caller to start.
+        the run taken is answered, for the caller to start, with whether the step appended the events.
 
         If the store never comes back within the lock's TTL, the run stays
         unfinished there and the next lock holder marks it ERROR ("runner lost");
@@ -383,15 +388,16 @@ class Runner:
             while True:
                 try:
                     if dispatch is not None:
-                        return True, await self.backend.finish_and_take(run)
+                        taken = await self.backend.finish_and_take(run)
+                        return True, taken, self.backend.appended_events
                     await self.backend.save(run, release=release)
-                    return True, None
+                    return True, None, False
                 except StoreUnavailable:
                     if time.monotonic() >= deadline:
                         log.error("terminal_state_not_stored", extra={**run_fields(run), "state": run.state})
                         if release and run.holder is not None:
                             await self.backend.release(run.holder)
-                        return False, None
+                        return False, None, False
                     await asyncio.sleep(STORE_RETRY_SECONDS)
         finally:
             if dispatch is not None:

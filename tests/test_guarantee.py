@@ -400,23 +400,34 @@ def test_a_handoff_sent_again_after_its_reply_was_lost_answers_the_run_it_took(r
                               logging.getLogger("test"))
         await store.start()
         try:
-            running, *waiting = (Run.new(str(uuid.uuid4()), "sleeper", new_user(), {}, holder=None) for _ in range(3))
+            trace = f"00-{'a' * 32}-{'b' * 16}-01 {'c' * 16}"  # kept in the record, not shown to clients
+            running, *waiting = (Run.new(str(uuid.uuid4()), "sleeper", new_user(), {}, holder=None, trace=trace)
+                                 for _ in range(3))
             assert await store.admit(running, "enqueue", 10) == "started"
             for run in waiting:
                 assert await store.admit(run, "enqueue", 10) == "queued"
             running.update(state="DONE", finished_at=utc_now())
             assert running.holder is not None
-            keys, args = store._finish_call(running, running.holder, running.holder)
-            _, take_keys, take_args = store._take_call()
-            first = await store._handoff(keys=[*keys, *take_keys], args=[*args, *take_args])
-            again = await store._handoff(keys=[*keys, *take_keys], args=[*args, *take_args])
+            store.event_transport(lambda frame: None)  # type: ignore[arg-type]  # its caps; never started
+            _, _, keys, args = store._handoff_call(running, append=True)
+            first = await store._handoff(keys=keys, args=args)
+            again = await store._handoff(keys=keys, args=args)
             queue = [member.decode() for member in await store.client.lrange(store.key("queue"), 0, -1)]
+            events = await store.client.xrange(store.key("events"))
+            assert [(fields[b"r"].decode(), fields[b"s"]) for _, fields in events] == [
+                (running.run_id, b"DONE"), (first[1][0].decode(), b"RUNNING")]  # appended once, by the first
+            assert [entry_id for entry_id, _ in events] == first[2] and again[2] == [None, None]
+            assert await store.client.xlen(store.key("events", "run", running.run_id)) == 1
+            # the record as stored, RUNNING, without its trace: what the runner would have sent
+            assert b'"trace":"00-' in first[1][7] and b'"trace"' not in events[1][1][b"d"]
+            assert events[1][1][b"d"] == first[1][7].replace(f',"trace":"{trace}"'.encode(), b"")
+            assert events[0][1][b"d"] == running.json()
             return first, again, queue, await store.client.get(store.key("run", running.run_id))
         finally:
             await store.close()
 
     first, again, queue, ended = asyncio.run(scenario())
-    assert first == again  # the same end counted once (finished runs, bytes, owed) and the same run, slot, token
+    assert first[:2] == again[:2]  # the same end counted once (finished runs, bytes, owed), the same run, slot, token
     assert len(queue) == 1 and first[1][0].decode() not in queue
     assert ended is not None and b'"state":"DONE"' in ended
     assert b'"state":"RUNNING"' in first[1][7]

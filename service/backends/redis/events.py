@@ -10,7 +10,8 @@ entries and bytes. A run's log lines are kept in ``<prefix>:log:<id>``, each by
 the same script call as its event and before it.
 
 Publishing never waits: events queue in this process and one writer task
-sends them in batches, each call numbered, so a batch redis-py sends again after a
+sends them in batches (but for the two events of a handoff, which the store's
+script appends itself while the writer has nothing waiting: ``idle``), each call numbered, so a batch redis-py sends again after a
 timeout (``<prefix>:writer:<id>`` holds the highest number applied) stores nothing
 twice. One reader task per replica follows ``<prefix>:events``
 with a blocking XREAD on its own connection and hands each event to the sink
@@ -101,6 +102,22 @@ class RedisEvents:
 
     # --- writing -------------------------------------------------------------------------------------------
 
+    def idle(self) -> bool:
+        """Whether every event sent so far is in Redis (or given up): one a script appends itself
+        (store.RedisBackend.finish_and_take) then comes after them, as it would through the writer."""
+        return not self._outbox and not self._writing
+
+    def appended(self, entry_id: bytes) -> None:
+        """A script of the store appended the event ``entry_id`` itself (flush waits for the reader to reach it)."""
+        key = _key(entry_id)
+        if key > self._last_written:
+            self._last_written = key
+
+    def stream_caps(self) -> list[int]:
+        """APPEND_EVENT's caps, as the writer sends them."""
+        return [ALL_EVENTS_MAX, ALL_EVENTS_BYTES, GLOBAL_BACKLOG_FRAMES, GLOBAL_BACKLOG_BYTES, RUN_BACKLOG_FRAMES,
+                RUN_BACKLOG_BYTES, RUN_STREAM_TTL_SECONDS]
+
     def send(self, kind: str, run_id: str, state: str, data: bytes) -> None:
         if len(self._outbox) >= SEND_QUEUE_MAX or self._outbox_bytes + len(data) > SEND_QUEUE_BYTES:
             self._dropped += 1
@@ -134,10 +151,8 @@ class RedisEvents:
             keys = [self.key("events"), self.key("events", "runs"), self.key("events", "run", run_id), self._mark,
                     self.key("log", run_id), self.key("logbytes"), self.key("sizes"), self.key("bytes"),
                     self.key("run", run_id)]
-            calls.append((self._script, keys,
-                          [kind, run_id, state, data, ALL_EVENTS_MAX, ALL_EVENTS_BYTES, GLOBAL_BACKLOG_FRAMES,
-                           GLOBAL_BACKLOG_BYTES, RUN_BACKLOG_FRAMES, RUN_BACKLOG_BYTES, RUN_STREAM_TTL_SECONDS,
-                           self._next_seq(), WRITER_MARK_TTL_SECONDS, LOG_LINES_MAX, LOG_BYTES_MAX]))
+            calls.append((self._script, keys, [kind, run_id, state, data, *self.stream_caps(), self._next_seq(),
+                                               WRITER_MARK_TTL_SECONDS, LOG_LINES_MAX, LOG_BYTES_MAX]))
         try:
             replies = await self._run_scripts(calls)
         except STORE_ERRORS as exc:

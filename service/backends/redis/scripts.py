@@ -4,6 +4,8 @@ Each is safe to run again after its reply was lost (redis-py retries a
 command whose connection dropped, and the runner retries a terminal write).
 """
 
+from service.backends.redis.side_scripts import APPEND_EVENT
+
 # A Lua function for the scripts that give out slots: whether they may. Every replica writes the generation key as
 # it starts (SET NX); Redis without it has lost its data (FLUSHALL, a restart without persistence, a failover), and
 # with it the slot keys of runs that may still be going. The first script to see that makes a new generation and
@@ -230,6 +232,7 @@ end
 # queue's length after the take. TAKE is the step as a function of its keys and arguments (HANDOFF_SCRIPT runs it
 # after FINISH).
 TAKE = """
+local marked_now = false  -- this call stored the run it took RUNNING: HANDOFF_SCRIPT
 local function cancel_key(run_prefix, id)  -- <prefix>:cancel:<id>, beside <prefix>:run:<id>
   return string.sub(run_prefix, 1, -5) .. 'cancel:' .. id
 end
@@ -253,7 +256,8 @@ local function take(K, A)
       if record then
         record = with_token(record, token)
         if (A[8] or '') ~= '' and suspect == 0 and redis.call('EXISTS', cancel_key(A[7], id)) == 0 then
-          record = mark_running(record, A[8]) or record
+          local marked = mark_running(record, A[8])
+          marked_now, record = marked ~= nil, marked or record
         end
         redis.call('SET', A[7] .. id, record)
       end
@@ -314,6 +318,7 @@ TAKE_SCRIPT = FENCE + MINT + ORPHANS_SUSPECT + MARK_RUNNING + TAKE + "return tak
 # holder, delivery id. Returns {finished runs, their bytes, owed}: owed 1 (a delivery is owed now), -1 (refused: past the bound),
 # 0, or -2: the write was refused.
 FINISH = """
+local finished_now = false  -- this call stored the end (not a retry that found it stored): HANDOFF_SCRIPT
 local function finish(K, A)
   local holder = A[10] or ''
   local data_lost = (A[9] or '') ~= '' and redis.call('GET', K[13]) ~= A[9]
@@ -340,6 +345,7 @@ local function finish(K, A)
   redis.call('HDEL', K[3], A[2])
   redis.call('DEL', K[4])
   if stored then redis.call('SET', K[1], A[1]) end
+  finished_now = stored
   if stored and redis.call('HSETNX', K[5], A[2], size) == 1 then
     redis.call('ZADD', K[2], redis.call('INCR', K[7]), A[2])
     total = redis.call('INCRBY', K[6], size)
@@ -379,12 +385,35 @@ return finish(KEYS, ARGV)
 # with its slot released, then TAKE (with a start time: the run taken is stored RUNNING). Saves the round trips of
 # a dispatcher waking to take and of the runner storing RUNNING. A refused FINISH takes nothing. Safe to run again
 # after a lost reply as each of its two steps is (a retry sends TAKE's retry flag).
-# KEYS: FINISH's 14, then TAKE's. ARGV: FINISH's 11, then TAKE's. Returns {FINISH's answer, TAKE's answer} (TAKE's
-# left out when FINISH was refused).
-HANDOFF_SCRIPT = FENCE + MINT + ORPHANS_SUSPECT + MARK_RUNNING + FINISH + TAKE + """
+# With ARGV[20] = '1' (the replica's events writer has nothing waiting: every event published before is in Redis),
+# it also appends the events of the two changes (APPEND_EVENT): the ended run's (its public JSON, ARGV[30], and
+# state, ARGV[22]) when this call stored the end, and the taken run's RUNNING when this call stored it so (its
+# record without the trace field). A retry that finds them stored appends nothing again.
+# KEYS: FINISH's 14, then TAKE's, then the streams of all events and of run events. ARGV: FINISH's 11, TAKE's 8,
+# events ('1' or ''), run stream key prefix, state, caps (APPEND_EVENT's 7), the ended run's public JSON.
+# Returns {FINISH's answer, TAKE's answer, {the ended run's event id, the taken run's}} (an id: false when none
+# was appended; TAKE's answer and the ids left out when FINISH was refused).
+HANDOFF_SCRIPT = FENCE + MINT + ORPHANS_SUSPECT + MARK_RUNNING + FINISH + TAKE + APPEND_EVENT + """
+local function public_of(record)  -- a record without its trace field, which comes last but for fencing_token
+  local at = string.find(record, ',"trace":"[%w%- ]*","fencing_token":[%dnul]+}$')
+  if not at then return record end
+  return string.sub(record, 1, at - 1) .. string.sub(record, (string.find(record, ',"fencing_token":', at, true)))
+end
 local finished = finish({unpack(KEYS, 1, 14)}, {unpack(ARGV, 1, 11)})
 if finished[3] == -2 then return {finished} end
-return {finished, take({unpack(KEYS, 15)}, {unpack(ARGV, 12)})}
+local took = take({unpack(KEYS, 15, #KEYS - 2)}, {unpack(ARGV, 12, 19)})
+local ids = {false, false}
+if ARGV[20] == '1' then
+  local all, runs, caps = KEYS[#KEYS - 1], KEYS[#KEYS], {unpack(ARGV, 23, 29)}
+  if finished_now then
+    ids[1] = append_event(all, runs, ARGV[21] .. ARGV[2], 'run', ARGV[2], ARGV[22], ARGV[30], caps) or false
+  end
+  if marked_now then
+    ids[2] = append_event(all, runs, ARGV[21] .. took[1], 'run', took[1], 'RUNNING', public_of(took[8]), caps)
+      or false
+  end
+end
+return {finished, took, ids}
 """
 
 # Drop the oldest finished runs while more than ARGV[1] of them, or more than ARGV[2] bytes, are kept

@@ -65,12 +65,49 @@ redis.call('HDEL', KEYS[2], 'lease')
 return 1
 """
 
-# Append one event, and before it (for a log line, if the run is still stored) the line itself, so a line is
-# never kept after its event (GET /agents/logs relies on it). The event goes to the stream of all events (the id is
-# made here), to its run's stream and, for a run event, to the stream of run events, under the same id; each
-# stream is capped by entries and by bytes (a companion key <stream>:bytes), the oldest dropped first. The run's
-# stream expires ARGV[11] s after its last event (and goes with the run at retention). A run keeps at most
-# ARGV[14] lines and ARGV[15] bytes of them, the oldest dropped first; a finished run's counted size follows.
+# A Lua function for the scripts that append events (WRITE_SCRIPT below; scripts.HANDOFF_SCRIPT for the runs it ends
+# and starts): one event (kind, run_id, state, data) to the stream of all events (the id is made here), to the
+# stream of run events (a run event only) and to its run's stream, under the same id; each stream is capped by
+# entries and by bytes (a companion key <stream>:bytes), the oldest dropped first. The run's stream expires caps[7] s
+# after its last event (and goes with the run at retention). caps: all n, all bytes, runs n, runs bytes, run n, run
+# bytes, run ttl. Returns the id, or nil when the event could not be added.
+APPEND_EVENT = """
+local function append_event(all, runs, run, kind, run_id, state, data, caps)
+  local function add(key, id, n, b, by_xdel)
+    -- Past the entries' cap, the oldest go with the add itself (XADD's exact MAXLEN), their bytes counted out in
+    -- the same INCRBY as the new entry's; then the oldest go one by one (XDEL) while the bytes are past theirs.
+    -- A run's stream (by_xdel) drops each with XDEL, also past the entries' cap: XDEL, not a trim, moves the
+    -- stream's max-deleted-entry-id, which tells a reader its backlog is no longer whole (events.py, _whole).
+    local len, delta, gone = redis.call('XLEN', key) + 1, #data, {}
+    local over = math.min(len - tonumber(n), len - 1)  -- the new entry stays
+    if over > 0 and not by_xdel then gone = redis.call('XRANGE', key, '-', '+', 'COUNT', over) end
+    local added = redis.pcall('XADD', key, 'MAXLEN', len - #gone, id, 'k', kind, 'r', run_id, 's', state, 'd', data)
+    if type(added) == 'table' and added.err then return nil end
+    for _, entry in ipairs(gone) do delta = delta - #entry[2][8] end
+    len = len - #gone
+    local bytes_key = key .. ':bytes'
+    local size = redis.call('INCRBY', bytes_key, delta)
+    while len > 1 and (len > tonumber(n) or size > tonumber(b)) do
+      local oldest = redis.call('XRANGE', key, '-', '+', 'COUNT', 1)[1]
+      redis.call('XDEL', key, oldest[1])
+      size = redis.call('INCRBY', bytes_key, -#oldest[2][8])
+      len = len - 1
+    end
+    return added
+  end
+  local id = add(all, '*', caps[1], caps[2])
+  if not id then return nil end
+  if kind == 'run' then add(runs, id, caps[3], caps[4]) end
+  add(run, id, caps[5], caps[6], true)
+  redis.call('EXPIRE', run, caps[7])
+  redis.call('EXPIRE', run .. ':bytes', caps[7])
+  return id
+end
+"""
+
+# Append one event (APPEND_EVENT), and before it (for a log line, if the run is still stored) the line itself, so a
+# line is never kept after its event (GET /agents/logs relies on it). A run keeps at most ARGV[14] lines and ARGV[15]
+# bytes of them, the oldest dropped first; a finished run's counted size follows.
 # Each call carries its writer's sequence number (ARGV[12]); the writer's mark (KEYS[4], one SET, expiring
 # ARGV[13] s after the last call) holds the highest one applied, and a call at or below it writes nothing: the
 # copy of a pipeline that redis-py sends again after a timeout, while the first copy still runs, stores nothing
@@ -78,7 +115,7 @@ return 1
 # KEYS: all, runs, run, writer mark, log, logbytes, sizes, bytes, run record. ARGV: kind, run_id, state, data,
 # all n, all bytes, runs n, runs bytes, run n, run bytes, run ttl, seq, mark ttl, max lines, max log bytes.
 # Returns the id, or nil when the call was applied before (or the event could not be added).
-WRITE_SCRIPT = """
+WRITE_SCRIPT = APPEND_EVENT + """
 local seq = tonumber(ARGV[12])
 local last = tonumber(redis.call('SET', KEYS[4], seq, 'GET', 'EX', ARGV[13]) or '0')
 if last >= seq then
@@ -100,36 +137,8 @@ if ARGV[1] == 'log' and redis.call('EXISTS', KEYS[9]) == 1 then
     redis.call('INCRBY', KEYS[8], delta)
   end
 end
-local function add(key, id, n, b, by_xdel)
-  -- Past the entries' cap, the oldest go with the add itself (XADD's exact MAXLEN), their bytes counted out in
-  -- the same INCRBY as the new entry's; then the oldest go one by one (XDEL) while the bytes are past theirs.
-  -- A run's stream (by_xdel) drops each with XDEL, also past the entries' cap: XDEL, not a trim, moves the
-  -- stream's max-deleted-entry-id, which tells a reader its backlog is no longer whole (events.py, _whole).
-  local len, delta, gone = redis.call('XLEN', key) + 1, #ARGV[4], {}
-  local over = math.min(len - tonumber(n), len - 1)  -- the new entry stays
-  if over > 0 and not by_xdel then gone = redis.call('XRANGE', key, '-', '+', 'COUNT', over) end
-  local added = redis.pcall('XADD', key, 'MAXLEN', len - #gone, id, 'k', ARGV[1], 'r', ARGV[2], 's', ARGV[3],
-                            'd', ARGV[4])
-  if type(added) == 'table' and added.err then return nil end
-  for _, entry in ipairs(gone) do delta = delta - #entry[2][8] end
-  len = len - #gone
-  local bytes_key = key .. ':bytes'
-  local size = redis.call('INCRBY', bytes_key, delta)
-  while len > 1 and (len > tonumber(n) or size > tonumber(b)) do
-    local oldest = redis.call('XRANGE', key, '-', '+', 'COUNT', 1)[1]
-    redis.call('XDEL', key, oldest[1])
-    size = redis.call('INCRBY', bytes_key, -#oldest[2][8])
-    len = len - 1
-  end
-  return added
-end
-local id = add(KEYS[1], '*', ARGV[5], ARGV[6])
-if not id then return nil end
-if ARGV[1] == 'run' then add(KEYS[2], id, ARGV[7], ARGV[8]) end
-add(KEYS[3], id, ARGV[9], ARGV[10], true)
-redis.call('EXPIRE', KEYS[3], ARGV[11])
-redis.call('EXPIRE', KEYS[3] .. ':bytes', ARGV[11])
-return id
+return append_event(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
+                    {ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11]})
 """
 
 

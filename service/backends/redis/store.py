@@ -81,6 +81,9 @@ class RedisBackend:
         self._freed_here: dict[str, None] = {}  # runs whose slot this replica frees with their end (finished_here)
         self.take_again = True  # after a take that answered a run: whether another could start one now
         self.queue_after_take: int | None = None  # and the queue's length after it
+        self.appended_events = False  # set by finish_and_take (see Backend)
+        self._events: RedisEvents | None = None  # the event transport, once made: finish_and_take appends events
+        self._handoff_events: dict[str, bool] = {}  # a handoff not answered yet: whether it appends the events
         self._reads = CoalescedReads(client)  # concurrent record reads share one MGET
         self._finish = client.register_script(FINISH_SCRIPT)
         self._trim = client.register_script(TRIM_SCRIPT)
@@ -115,7 +118,8 @@ class RedisBackend:
         await self._readiness.check()
 
     def event_transport(self, sink: FrameSink) -> RedisEvents:
-        return RedisEvents(self.client, self.endpoint, self.prefix, sink, self.log)
+        self._events = RedisEvents(self.client, self.endpoint, self.prefix, sink, self.log)
+        return self._events
 
     def webhook_deliveries(self, timeout_seconds: float) -> RedisDeliveries:
         return RedisDeliveries(self.client, self.key, self.health, timeout_seconds)
@@ -197,20 +201,43 @@ class RedisBackend:
         """The terminal write, its slot released, and the take of the next run on it, in one script (HANDOFF_SCRIPT),
         which stores the run it takes RUNNING. A take already in flight here (dispatch's) keeps its turn: then
         this is the terminal write alone, and dispatch, woken by the slot freed, takes after it."""
+        self.appended_events = False
         if run.holder is None or self._taking.locked():
             await self.save(run, release=True)
             return None
         await self._progress_written(run)
+        events = self._events
+        # The events go with the step when every event published before is in Redis already (so they come after
+        # those); a retry after a failed call does as that call did (its events may be in Redis).
+        append = self._handoff_events.setdefault(run.run_id, events is not None and events.idle())
+        if len(self._handoff_events) > FREED_MARKS:  # handoffs given up on (the store stayed away) leave theirs
+            del self._handoff_events[next(iter(self._handoff_events))]
         async with self._taking, self.health.guard():
-            keys, args = self._finish_call(run, run.holder, run.holder)
-            token, take_keys, take_args = self._take_call()
+            token, take_args, keys, args = self._handoff_call(run, append)
             self._freeing(run, run.holder)
-            finished, *took = await self._handoff(keys=[*keys, *take_keys], args=[*args, *take_args])
-            self._finished(run, run.holder, finished)  # refused: nothing was taken
+            finished, *took = await self._handoff(keys=keys, args=args)
+            self._handoff_events.pop(run.run_id, None)
+            self._finished(run, run.holder, finished)  # refused: nothing was taken, nothing appended
             taken = await self._taken(token, take_args, took[0], "handoff")
+        self.appended_events = append
+        if append and events is not None:
+            for entry_id in took[1]:
+                if entry_id:
+                    events.appended(entry_id)
         with contextlib.suppress(StoreUnavailable):  # a trim left undone is done by the next terminal write
             await self._after_finish(run, *finished)
         return taken
+
+    def _handoff_call(self, run: Run, append: bool) -> tuple[str, builtins.list[str | int], builtins.list[str],
+                                                             builtins.list[bytes | str | int]]:
+        """HANDOFF_SCRIPT's take token, TAKE's arguments, and its keys and arguments for ``run``'s end (``append``:
+        with the events)."""
+        assert run.holder is not None
+        keys, args = self._finish_call(run, run.holder, run.holder)
+        token, take_keys, take_args = self._take_call()
+        caps = self._events.stream_caps() if self._events is not None else [0] * 7
+        return token, take_args, [*keys, *take_keys, self.key("events"), self.key("events", "runs")], \
+            [*args, *take_args, "1" if append else "", self.key("events", "run", ""), run.state, *caps, run.json()]
 
     async def _progress_written(self, run: Run) -> None:
         """A progress write of ``run`` in flight lands first: it never overwrites the write to come."""
