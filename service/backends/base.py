@@ -96,6 +96,9 @@ class FrameSink(Protocol):
 
     def end_all(self, reason: str) -> None: ...
 
+    def listening(self) -> bool:
+        """Whether a stream client here wants frames: while none does, a transport may stop reading them."""
+
 
 class EventTransport(Protocol):
     """How run events reach every stream client (of this process, or of every replica), with their backlogs."""
@@ -114,6 +117,11 @@ class EventTransport(Protocol):
 
     async def flush(self, timeout: float) -> None:
         """Until what was sent has reached the sink, at most ``timeout``."""
+
+    async def follow(self) -> None:
+        """Until each event stored from now on will reach the sink: at once while the transport reads for a client;
+        after a time without one, once it has found where it reads on from (StoreUnavailable if it cannot). A new
+        stream calls it after subscribing and before reading its backlog, so each event is in one or the other."""
 
     async def run_backlog(self, run_id: str, after: tuple[int, int] | None) -> RunBacklog:
         """The run's kept frames from ``after`` on (``after`` itself first when it is kept; all of them for

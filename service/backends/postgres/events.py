@@ -243,6 +243,9 @@ class PostgresEvents:
                 time.monotonic() < deadline and self.available:
             await asyncio.sleep(0.01)
 
+    async def follow(self) -> None:
+        pass  # the reader reads every event, whether a client listens or not
+
     # --- reading -------------------------------------------------------------------------------------------
 
     async def _read_forever(self) -> None:
