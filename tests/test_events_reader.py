@@ -1,6 +1,6 @@
-"""Redis mode's events reader in process: it reads the stream of all events only while a stream client of this
-replica listens, and the first client after an idle time still gets each event once, in order: what the reader
-did not read is in the backlog that client reads once the reader follows again."""
+"""The events reader of Redis and Postgres mode in process: it reads the events of every replica only while a
+stream client of its own replica listens, and the first client after an idle time still gets each event once, in
+order: what the reader did not read is in the backlog that client reads once the reader follows again."""
 
 from __future__ import annotations
 
@@ -13,33 +13,63 @@ from typing import Any
 
 import pytest
 
-from conftest import RedisServer
+from conftest import new_schema
 from service.backends.records import Frame, Run
-from service.backends.redis import open_redis
 from service.backends.redis.events import IDLE_CHECK_SECONDS, RedisEvents
-from service.backends.redis.store import RedisBackend
 from service.events import EventHub
 
 LOG = logging.getLogger("agent_runner.test_events_reader")
-Scenario = Callable[[RedisBackend, EventHub, RedisEvents], Awaitable[None]]
+Scenario = Callable[[Any, EventHub, Any], Awaitable[None]]
 
 
-def with_hub(redis: RedisServer, scenario: Scenario) -> None:
-    """``scenario`` over a started Redis backend and an event hub on its transport, as a replica has them."""
-    async def main() -> None:
-        _, backend = open_redis(redis.url, f"test-{uuid.uuid4().hex[:8]}", 30.0, 100, 1 << 30, LOG)
-        await backend.start()
-        hub = EventHub()
-        transport = backend.event_transport(hub)
-        hub.start(15.0, transport)
-        await transport.start()
-        try:
-            await scenario(backend, hub, transport)
-        finally:
-            await hub.stop()
-            await backend.close()
+@pytest.fixture(params=["redis", "postgres"])
+def with_hub(request: pytest.FixtureRequest) -> Callable[[Scenario], None]:
+    """Runs a scenario over a started backend and an event hub on its transport, as a replica has them."""
+    def run(scenario: Scenario) -> None:
+        async def main() -> None:
+            if request.param == "redis":
+                from service.backends.redis import open_redis
+                _, backend = open_redis(request.getfixturevalue("redis_server").url, f"test-{uuid.uuid4().hex[:8]}",
+                                        30.0, 100, 1 << 30, LOG)
+            else:
+                from service.backends.postgres import open_postgres
+                backend = open_postgres(request.getfixturevalue("postgres_server").url, new_schema(), 30.0, 100,
+                                        1 << 30, LOG)
+            await backend.start()
+            hub = EventHub()
+            transport = backend.event_transport(hub)
+            hub.start(15.0, transport)
+            await transport.start()
+            try:
+                await scenario(backend, hub, transport)
+            finally:
+                await hub.stop()
+                await backend.close()
 
-    asyncio.run(main())
+        asyncio.run(main())
+
+    return run
+
+
+def around_the_position_read(transport: Any, around: Callable[[], Awaitable[None]]) -> None:
+    """``around`` runs just before and just after the reader reads where the events end (to read on from there)."""
+    async def racing(real: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
+        await around()
+        found = await real(*args, **kwargs)
+        await around()
+        return found
+
+    if isinstance(transport, RedisEvents):
+        xrevrange = transport.reader_client.xrevrange
+        transport.reader_client.xrevrange = lambda *a, **k: racing(xrevrange, *a, **k)  # type: ignore[method-assign]
+        return
+    from service.backends.postgres.events import _epoch_and_newest_id
+    run = transport.db.run
+
+    def run_racing(work: Any, *args: Any, **kwargs: Any) -> Awaitable[Any]:
+        return racing(run, work, *args, **kwargs) if work is _epoch_and_newest_id else run(work, *args, **kwargs)
+
+    transport.db.run = run_racing
 
 
 def new_run() -> Run:
@@ -62,8 +92,8 @@ def numbers(frames: list[Frame]) -> list[int]:
     return found
 
 
-def test_the_reader_reads_no_event_while_no_client_listens(redis_server: RedisServer) -> None:
-    async def scenario(backend: RedisBackend, hub: EventHub, transport: RedisEvents) -> None:
+def test_the_reader_reads_no_event_while_no_client_listens(with_hub: Callable[[Scenario], None]) -> None:
+    async def scenario(backend: Any, hub: EventHub, transport: Any) -> None:
         delivered: list[Frame] = []
         hub.deliver = delivered.append  # type: ignore[method-assign]
         run_id = str(uuid.uuid4())
@@ -71,7 +101,7 @@ def test_the_reader_reads_no_event_while_no_client_listens(redis_server: RedisSe
             transport.send("run", run_id, "RUNNING", b'{"n":%d}' % n)
         await transport.flush(5.0)
         await asyncio.sleep(0.3)  # a reader that reads would have read them by now
-        assert await backend.client.xlen(transport.key("events")) == 100  # stored, for the backlogs
+        assert numbers(await transport.global_after((0, 0))) == list(range(100))  # stored, for the backlogs
         assert delivered == []
         client = hub.subscribe(None, None)  # a client comes: the reader reads again, from the end
         await hub.first_global_frames(None)
@@ -81,11 +111,11 @@ def test_the_reader_reads_no_event_while_no_client_listens(redis_server: RedisSe
         assert numbers(delivered) == [100, 101, 102, 103, 104]
         hub.unsubscribe(client)
 
-    with_hub(redis_server, scenario)
+    with_hub(scenario)
 
 
-def test_the_reader_stops_reading_once_the_last_client_has_left(redis_server: RedisServer) -> None:
-    async def scenario(backend: RedisBackend, hub: EventHub, transport: RedisEvents) -> None:
+def test_the_reader_stops_reading_once_the_last_client_has_left(with_hub: Callable[[Scenario], None]) -> None:
+    async def scenario(backend: Any, hub: EventHub, transport: Any) -> None:
         delivered: list[Frame] = []
         hub.deliver = delivered.append  # type: ignore[method-assign]
         client = hub.subscribe(None, None)
@@ -95,7 +125,7 @@ def test_the_reader_stops_reading_once_the_last_client_has_left(redis_server: Re
         await transport.flush(5.0)
         assert numbers(delivered) == [0]
         hub.unsubscribe(client)
-        transport.send("run", run_id, "RUNNING", b'{"n":1}')  # read by the XREAD waiting when the client left
+        transport.send("run", run_id, "RUNNING", b'{"n":1}')  # read, maybe, by the read under way as the client left
         await transport.flush(5.0)
         await asyncio.sleep(0.3)
         for n in range(2, 50):
@@ -104,15 +134,15 @@ def test_the_reader_stops_reading_once_the_last_client_has_left(redis_server: Re
         await asyncio.sleep(0.3)
         assert numbers(delivered) in ([0], [0, 1])
 
-    with_hub(redis_server, scenario)
+    with_hub(scenario)
 
 
 @pytest.mark.parametrize("stream", ["run", "run, resumed", "all runs", "all runs, resumed"])
 def test_a_first_client_after_an_idle_time_gets_each_event_once_though_events_are_stored_as_it_starts(
-        redis_server: RedisServer, stream: str) -> None:
+        with_hub: Callable[[Scenario], None], stream: str) -> None:
     """Events stored before the client, between its subscribing and the reader following again, just after
     that, and after its backlog read: each reaches it once, in order (a resumed client: each after its id)."""
-    async def scenario(backend: RedisBackend, hub: EventHub, transport: RedisEvents) -> None:
+    async def scenario(backend: Any, hub: EventHub, transport: Any) -> None:
         run = new_run()
         assert await backend.admit(run, "reject", 10) == "started"  # stored: the run stream finds it
         for_run = stream.startswith("run")
@@ -128,21 +158,13 @@ def test_a_first_client_after_an_idle_time_gets_each_event_once_though_events_ar
             await transport.flush(5.0)
 
         await store(5)
-        await asyncio.sleep(IDLE_CHECK_SECONDS + 0.5)  # idle, and checked Redis once at least
+        await asyncio.sleep(IDLE_CHECK_SECONDS + 0.5)  # idle (Redis mode: it checked Redis once at least)
         resumed_from = None
         if stream.endswith("resumed"):
-            kept = await backend.client.xrange(transport.key("events", "run", run.run_id) if for_run
-                                               else transport.key("events", "runs"))
-            resumed_from = tuple(int(part) for part in kept[-3][0].split(b"-"))  # the event n=2
-        real = transport.reader_client.xrevrange
-
-        async def racing(*args: Any, **kwargs: Any) -> Any:  # events stored as the reader finds the stream's end
-            await store(3)
-            found = await real(*args, **kwargs)
-            await store(3)
-            return found
-
-        transport.reader_client.xrevrange = racing  # type: ignore[method-assign]
+            kept = (await transport.run_backlog(run.run_id, None)).frames if for_run \
+                else await transport.global_after((0, 0))
+            resumed_from = next(frame.key for frame in kept if numbers([frame]) == [2])
+        around_the_position_read(transport, lambda: store(3))
         client = hub.subscribe(run.run_id if for_run else None, None)
         first: Any = (await hub.first_run_frames(run.run_id, resumed_from, False, backend.get) if for_run
                       else await hub.first_global_frames(resumed_from))
@@ -161,7 +183,7 @@ def test_a_first_client_after_an_idle_time_gets_each_event_once_though_events_ar
             assert got and got[0] <= 8 and got == list(range(got[0], 15))
         hub.unsubscribe(client)
 
-    with_hub(redis_server, scenario)
+    with_hub(scenario)
 
 
 class Recorder:

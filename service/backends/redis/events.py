@@ -39,7 +39,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
-from service.backends.base import FrameSink
+from service.backends.base import Followers, FrameSink
 from service.cancelling import cancel_and_wait
 from service.backends.records import (ALL_EVENTS_BYTES, ALL_EVENTS_MAX, GLOBAL_BACKLOG_BYTES, GLOBAL_BACKLOG_FRAMES,
                                       RUN_BACKLOG_BYTES, RUN_BACKLOG_FRAMES, RUN_STREAM_TTL_SECONDS, Frame, RunBacklog,
@@ -83,8 +83,7 @@ class RedisEvents:
         self._last_written: tuple[int, int] = (0, 0)
         self._last_read: tuple[int, int] = (0, 0)
         self._position: bytes | None = None  # the id the reader reads on from; None while it reads for no client
-        self._waiters: list[asyncio.Future[None]] = []  # new streams waiting for the reader to follow
-        self._wanted = asyncio.Event()  # wakes the idle reader
+        self._followers = Followers(FOLLOW_SECONDS)
         self._write_failed = False
         self._dropped = 0
         self._script = client.register_script(WRITE_SCRIPT)
@@ -222,24 +221,14 @@ class RedisEvents:
     async def follow(self) -> None:
         """Until the events stored from now on will reach the sink: at once while the reader follows the stream;
         else once it has read where the stream ends (StoreUnavailable if it cannot)."""
-        if self._position is not None:
-            return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        self._wanted.set()
-        try:
-            await asyncio.wait_for(waiter, FOLLOW_SECONDS)
-        except TimeoutError:
-            raise StoreUnavailable("the events reader does not follow Redis") from None
-        finally:
-            with contextlib.suppress(ValueError):
-                self._waiters.remove(waiter)
+        if self._position is None:
+            await self._followers.wait()
 
     async def _read_forever(self) -> None:
         stream = self.key("events")
         while True:
             try:
-                if not self._waiters and not self.events.listening():
+                if not self._followers and not self.events.listening():
                     self._position = None  # no client: nothing to read for
                     await self._idle(stream)
                     continue
@@ -248,7 +237,7 @@ class RedisEvents:
                     self._position = newest[0][0] if newest else b"0-0"
                     self._last_read = _key(self._position)
                     self._set_available(True)
-                    self._release(None)
+                    self._followers.release(None)
                 elif not self.available:
                     await self.reader_client.ping()
                 self._set_available(True)
@@ -268,28 +257,17 @@ class RedisEvents:
                 if self.available:
                     self.log.warning("events_reader_lost", extra={"error": f"{type(exc).__name__}: {exc}"})
                 self._set_available(False)
-                self._release(StoreUnavailable(f"{type(exc).__name__}: {exc}"))
+                self._followers.release(StoreUnavailable(f"{type(exc).__name__}: {exc}"))
                 await asyncio.sleep(RETRY_SECONDS)
 
     async def _idle(self, stream: str) -> None:
         """While no client listens: check Redis (new streams are refused while it fails), then wait for a client,
         IDLE_CHECK_SECONDS at most."""
-        self._wanted.clear()  # before the check: a client coming during it is not missed
+        self._followers.wake.clear()  # before the check: a client coming during it is not missed
         await self.reader_client.xlen(stream)  # routed to the stream's node in a cluster, as the reads are
         self._set_available(True)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wanted.wait(), IDLE_CHECK_SECONDS)
-
-    def _release(self, error: Exception | None) -> None:
-        """Answer the new streams waiting for the reader: it follows, or ``error``."""
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if waiter.done():
-                continue
-            if error is None:
-                waiter.set_result(None)
-            else:
-                waiter.set_exception(error)
+            await asyncio.wait_for(self._followers.wake.wait(), IDLE_CHECK_SECONDS)
 
     def _set_available(self, available: bool) -> None:
         if available == self.available:
