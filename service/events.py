@@ -99,6 +99,10 @@ class EventHub:
     def streams(self) -> int:
         return len(self._all_clients) + sum(len(clients) for clients in self._run_clients.values())
 
+    def listening(self) -> bool:
+        """Whether a stream client here wants frames (while none does, the transport need not read any)."""
+        return bool(self._all_clients or self._run_clients)
+
     # --- publishing (never blocks, never raises into the run) ----------------------------------------------
 
     def publish_run(self, run: Run, appended: bool = False) -> None:
@@ -121,6 +125,8 @@ class EventHub:
 
         def publish() -> None:
             self._progress.pop(run.run_id, None)
+            if run.finished:  # its terminal write is under way: its one terminal frame follows that write
+                return
             self._progress_at[run.run_id] = self.loop.time() if self.loop else 0.0
             self.publish_run(run)
 
@@ -164,7 +170,7 @@ class EventHub:
     def watches_queue(self) -> bool:
         """Whether a client here may want a waiting run's new position (any client of the stream of all runs,
         or of one run's)."""
-        return bool(self._all_clients or self._run_clients)
+        return self.listening()
 
     def watches_all(self) -> bool:
         return bool(self._all_clients)
@@ -280,6 +286,7 @@ class EventHub:
         first ones are gone), or with ``from_now`` the run as it stands.
         """
         assert self.transport is not None
+        await self.transport.follow()  # every event stored from here on comes live: the backlog read next has the rest
         if from_now and after is None:
             newest = await self.transport.newest_run_event(run_id)
             run = await read_run(run_id)
@@ -320,9 +327,12 @@ class EventHub:
             await asyncio.sleep(0.05)
 
     async def first_global_frames(self, after: tuple[int, int] | None) -> list[Frame]:
-        if after is None or self.transport is None:
+        """The frames a new client of the stream of all runs gets first: those after ``after``, or none. Subscribe
+        before calling this: once it returns, every event stored from then on reaches the client live."""
+        if self.transport is None:
             return []
-        return await self.transport.global_after(after)
+        await self.transport.follow()
+        return [] if after is None else await self.transport.global_after(after)
 
     # --- shutdown ------------------------------------------------------------------------------------------
 

@@ -466,6 +466,75 @@ def test_a_runs_event_backlog_counts_in_run_retention_mb_in_redis(tmp_path: Any,
         srv.stop(signal.SIGKILL)
 
 
+def kept_ids(redis: RedisServer, stream: str) -> list[str]:
+    return [entry_id.decode() for entry_id, _ in redis.command("XRANGE", stream, "-", "+")]
+
+
+def test_the_first_clients_after_an_idle_time_get_every_event_of_a_run_logging_meanwhile_once_in_order(
+        tmp_path: Any, redis_server: RedisServer) -> None:
+    """A replica reads no event while none of its clients listens; the first ones to come, while a run logs,
+    miss nothing and get nothing twice: from its first event, from a Last-Event-ID, or (all runs) from then on."""
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    srv = ServerProcess(tmp_path / "server.log", REDIS_URL=redis_server.url, REDIS_PREFIX=prefix,
+                        AGENT_MODULES=AGENTS)
+    try:
+        run_id = post(srv, "chatty", lines=100, seconds=0.03)  # its events all kept: fewer than 200
+        time.sleep(2.5)  # no client: the reader idles (and checks Redis) while the run logs
+        resume_at = srv.client.get(f"/agents/logs/{run_id}").json()["last_event_id"]
+        assert resume_at is not None
+        whole = SSEReader(f"{srv.url}/agents/events/{run_id}")
+        resumed = SSEReader(f"{srv.url}/agents/events/{run_id}", {"Last-Event-ID": resume_at})
+        everything = SSEReader(f"{srv.url}/agents/events")
+        everything_resumed = SSEReader(f"{srv.url}/agents/events", {"Last-Event-ID": resume_at})
+        whole.wait_ended()
+        resumed.wait_ended()
+        for reader in (everything, everything_resumed):
+            reader.wait_for(lambda r: [d["state"] for d in run_frames(r)][-1:] == ["DONE"])
+        run_stream = kept_ids(redis_server, f"{prefix}:events:run:{run_id}")
+        assert [event_id for _, event_id, _ in whole.frames] == run_stream  # each event once, in order
+        assert [d["n"] for event, _, d in whole.frames if event == "log" and "n" in d] == list(range(100))
+        assert [event_id for _, event_id, _ in resumed.frames] == run_stream[run_stream.index(resume_at) + 1:]
+        all_runs = kept_ids(redis_server, f"{prefix}:events:runs")
+        assert [event_id for _, event_id, _ in everything_resumed.frames] == \
+            [event_id for event_id in all_runs if key(event_id) > key(resume_at)]
+        live = [event_id for _, event_id, _ in everything.frames]
+        assert live and live == all_runs[all_runs.index(live[0]):]  # from when it came on, nothing missing
+        everything.close()
+        everything_resumed.close()
+    finally:
+        srv.stop(signal.SIGKILL)
+
+
+def test_a_stream_asked_for_after_redis_was_down_through_an_idle_time_gets_503_then_every_event_once(
+        tmp_path: Any, persistent_redis: RedisServer) -> None:
+    """Redis lost while no client listens is noticed all the same: a new stream gets 503 as ever, and once Redis
+    is back the first client of a run logging meanwhile gets each of its events once."""
+    own_redis = persistent_redis
+    srv = ServerProcess(tmp_path / "server.log", REDIS_URL=own_redis.url, AGENT_MODULES=AGENTS,
+                        LOCK_TTL_SECONDS="30")
+    try:
+        done = srv.run_to_end("chatty", lines=2)
+        own_redis.stop()
+        srv.wait_for_event("events_reader_lost")
+        time.sleep(2.5)  # down through an idle time
+        for path in ("/agents/events", f"/agents/events/{done['run_id']}"):
+            response = srv.client.get(path)
+            assert (response.status_code, response.json(), response.headers["retry-after"]) == \
+                (503, {"detail": "Run store unavailable"}, "1")
+        own_redis.start()
+        wait_until(lambda: srv.client.head("/agents/events").status_code == 200, 15, "events available again")
+        run_id = post(srv, "chatty", lines=100, seconds=0.03)
+        time.sleep(2.5)
+        reader = SSEReader(f"{srv.url}/agents/events/{run_id}")
+        reader.wait_ended()
+        assert [event_id for _, event_id, _ in reader.frames] == \
+            kept_ids(own_redis, f"agent-runner:events:run:{run_id}")
+        assert [d["n"] for event, _, d in reader.frames if event == "log" and "n" in d] == list(range(100))
+        assert len(srv.events("events_reader_lost")) == 1
+    finally:
+        srv.stop(signal.SIGKILL)
+
+
 def test_an_agent_logging_thousands_of_lines_without_yielding_keeps_its_stream_clients(events_server) -> None:
     srv = events_server
     everything = SSEReader(f"{srv.url}/agents/events")

@@ -33,6 +33,9 @@ class Sink:
     def end_all(self, reason: str) -> None:
         pass
 
+    def listening(self) -> bool:
+        return True  # as a hub with a client: the transport reads every event
+
 
 class Lines(logging.Handler):
     def __init__(self) -> None:

@@ -11,14 +11,16 @@ A new backend passes ``tests/test_backends.py`` before anything else.
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import contextlib
 import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
-from service.backends.records import Frame, Page, Run, RunBacklog
+from service.backends.records import Frame, Page, Run, RunBacklog, StoreUnavailable
 
 
 class Claim(NamedTuple):
@@ -96,6 +98,9 @@ class FrameSink(Protocol):
 
     def end_all(self, reason: str) -> None: ...
 
+    def listening(self) -> bool:
+        """Whether a stream client here wants frames: while none does, a transport may stop reading them."""
+
 
 class EventTransport(Protocol):
     """How run events reach every stream client (of this process, or of every replica), with their backlogs."""
@@ -115,6 +120,11 @@ class EventTransport(Protocol):
     async def flush(self, timeout: float) -> None:
         """Until what was sent has reached the sink, at most ``timeout``."""
 
+    async def follow(self) -> None:
+        """Until each event stored from now on will reach the sink: at once while the transport reads for a client;
+        after a time without one, once it has found where it reads on from (StoreUnavailable if it cannot). A new
+        stream calls it after subscribing and before reading its backlog, so each event is in one or the other."""
+
     async def run_backlog(self, run_id: str, after: tuple[int, int] | None) -> RunBacklog:
         """The run's kept frames from ``after`` on (``after`` itself first when it is kept; all of them for
         None), oldest first, read in one go."""
@@ -123,6 +133,43 @@ class EventTransport(Protocol):
         """The id of the run's newest kept event; None when none is kept."""
 
     async def global_after(self, after: tuple[int, int]) -> list[Frame]: ...
+
+
+class Followers:
+    """The new streams waiting for an event transport's reader to follow again after a time without clients, and
+    the event that wakes that idle reader."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.wake = asyncio.Event()
+        self._waiting: list[asyncio.Future[None]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._waiting)
+
+    async def wait(self) -> None:
+        """Until the reader says it follows (``release``), ``timeout`` at most; StoreUnavailable if it cannot."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        self.wake.set()
+        try:
+            await asyncio.wait_for(waiter, self.timeout)
+        except TimeoutError:
+            raise StoreUnavailable("the events reader does not follow the store") from None
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiting.remove(waiter)
+
+    def release(self, error: Exception | None) -> None:
+        """Answer the streams waiting: the reader follows, or ``error``."""
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            if waiter.done():
+                continue
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
 
 
 class Backend(Protocol):

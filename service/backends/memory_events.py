@@ -105,6 +105,9 @@ class MemoryEvents:
     async def flush(self, timeout: float) -> None:
         pass  # delivered as it was sent
 
+    async def follow(self) -> None:
+        pass  # each event is delivered as it is sent
+
     async def run_backlog(self, run_id: str, after: tuple[int, int] | None) -> RunBacklog:
         backlog = self._backlogs.get(run_id)
         if backlog is None or not backlog.frames:  # never had one (a run of an earlier process), or dropped

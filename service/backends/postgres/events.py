@@ -3,7 +3,9 @@
 Publishing never waits: events queue in this process and one writer task inserts them in batches, each batch
 one transaction under the row lock ``locks.events``, so ids (a sequence) commit in order and a reader that
 follows the table by id never skips one; the batch ends with a NOTIFY. Each replica's reader reads what is
-new when notified (and once a second regardless). The table keeps at most ALL_EVENTS_BYTES of event data (the
+new when notified (and once a second regardless), while a stream client of the replica listens: without one it
+reads nothing, and the first client that comes waits until it has read the newest id, from which it reads on
+(what is older is in the backlog that client reads next). The table keeps at most ALL_EVENTS_BYTES of event data (the
 newest event always) and TABLE_EVENTS_MAX events, as Redis mode's stream of all events. No per-run trim removes
 one of the newest ALL_EVENTS_MAX events, so a reader that many behind (a busy replica) still reads every event
 kept; past those, a run keeps its newest RUN_BACKLOG_FRAMES. Each trim records the highest id it removed
@@ -23,7 +25,7 @@ import uuid
 from collections import OrderedDict, deque
 from typing import Any
 
-from service.backends.base import FrameSink
+from service.backends.base import Followers, FrameSink
 from service.backends.postgres.database import Connection, Database
 from service.backends.postgres.listener import Listener
 from service.backends.records import (ALL_EVENTS_BYTES, ALL_EVENTS_MAX, GLOBAL_BACKLOG_BYTES, GLOBAL_BACKLOG_FRAMES,
@@ -40,6 +42,7 @@ TRIM_BYTES = 1024 * 1024  # data written between two trims of the whole table to
 TRIM_EVERY = 50  # batches between two trims of the whole table, at most
 PER_RUN_COUNTS = 10000  # runs whose events written this replica counts
 POLL_SECONDS = 1.0  # the reader looks for new events this often even without a notification
+FOLLOW_SECONDS = 10.0  # a new stream waits this long at most for the reader to follow again (then 503)
 COLUMNS = "id, run_id, kind, state, data"
 # After a delete of events (``dropped``): their runs' backlogs no longer start with their first event, and a reader
 # that has not read up to the highest id dropped has missed events
@@ -73,6 +76,8 @@ class PostgresEvents:
         self._writing = False
         self._last_written = 0
         self._last_read: int | None = None
+        self._following = False  # the reader reads every event for the clients here (none: it reads none)
+        self._followers = Followers(FOLLOW_SECONDS)
         self._epoch = 0  # read with the newest id as the reader starts (ids: _id)
         self._write_failed = False
         self._dropped = 0
@@ -237,11 +242,18 @@ class PostgresEvents:
                 await asyncio.wait_for(self._batch_done.wait(), left)
 
     async def flush(self, timeout: float) -> None:
-        """Wait (up to ``timeout``) until what was sent is in the table and back through the reader."""
+        """Wait (up to ``timeout``) until what was sent is in the table and, while a client listens, back through
+        the reader."""
         deadline = time.monotonic() + timeout
-        while (self._outbox or self._writing or (self._last_read or 0) < self._last_written) and \
+        while (self._outbox or self._writing or self._following and (self._last_read or 0) < self._last_written) and \
                 time.monotonic() < deadline and self.available:
             await asyncio.sleep(0.01)
+
+    async def follow(self) -> None:
+        """Until the events stored from now on will reach the sink: at once while the reader follows the table;
+        else once it has read the newest id (StoreUnavailable if it cannot)."""
+        if not self._following:
+            await self._followers.wait()
 
     # --- reading -------------------------------------------------------------------------------------------
 
@@ -250,6 +262,15 @@ class PostgresEvents:
             try:
                 if self._last_read is None:  # start at the end: what happened before is in the backlogs
                     self._epoch, self._last_read = await self.db.run(_epoch_and_newest_id, transaction=False)
+                if not self._followers and not self.sink.listening():
+                    self._following = False  # no client: nothing to read for (the listener watches the database)
+                    self._followers.wake.clear()
+                    await self._followers.wake.wait()
+                    continue
+                if not self._following:  # a client came: on from the end, what is older is in the backlogs
+                    self._epoch, self._last_read = await self.db.run(_epoch_and_newest_id, transaction=False)
+                    self._following = True
+                    self._followers.release(None)
                 self._new_events.clear()
                 while True:
                     trimmed, rows = await self.db.run(self._rows_after, transaction=False)
@@ -266,8 +287,8 @@ class PostgresEvents:
                         break
             except asyncio.CancelledError:
                 raise
-            except Exception:  # the database gone or erroring: the listener's state ends the streams
-                pass
+            except Exception as exc:  # the database gone or erroring: the listener's state ends the streams
+                self._followers.release(StoreUnavailable(f"{type(exc).__name__}: {exc}"))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._new_events.wait(), POLL_SECONDS)
 

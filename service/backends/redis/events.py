@@ -15,9 +15,13 @@ script appends itself while the writer has nothing waiting: ``idle``), each call
 timeout (``<prefix>:writer:<id>`` holds the highest number applied) stores nothing
 twice. One reader task per replica follows ``<prefix>:events``
 with a blocking XREAD on its own connection and hands each event to the sink
-(the event hub), which fans it out to the local clients. Events are best effort: when Redis
-fails, events are dropped (logged once), the local streams end cleanly, and
-the runs go on; the run store stays the truth.
+(the event hub), which fans it out to the local clients. It reads only while a
+client here listens: without one it checks Redis every few seconds (an XLEN,
+so new streams are still refused while Redis is down), and the first client
+that comes waits until it has read where the stream ends, from which it reads
+on: what is older is in the backlog that client reads next. Events are best
+effort: when Redis fails, events are dropped (logged once), the local streams
+end cleanly, and the runs go on; the run store stays the truth.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
-from service.backends.base import FrameSink
+from service.backends.base import Followers, FrameSink
 from service.cancelling import cancel_and_wait
 from service.backends.records import (ALL_EVENTS_BYTES, ALL_EVENTS_MAX, GLOBAL_BACKLOG_BYTES, GLOBAL_BACKLOG_FRAMES,
                                       RUN_BACKLOG_BYTES, RUN_BACKLOG_FRAMES, RUN_STREAM_TTL_SECONDS, Frame, RunBacklog,
@@ -50,6 +54,8 @@ SEND_QUEUE_MAX = 10000  # events waiting for the writer; past it new ones are dr
 SEND_QUEUE_BYTES = 16 * 1024 * 1024  # their data, the batch being written included (10000 lines of 64 KiB: 640 MB)
 BATCH = 200  # events per pipeline
 READ_BLOCK_MS = 2000
+IDLE_CHECK_SECONDS = 2.0  # while no client listens, the reader checks Redis this often (``available``)
+FOLLOW_SECONDS = 10.0  # a new stream waits this long at most for the reader (then 503); its reads time out sooner
 WRITER_MARK_TTL_SECONDS = 600  # a writer's mark outlives any copy of its calls still on the way
 SEQ = 11  # where a call's sequence number is in its ARGV
 RETRY_SECONDS = 0.5
@@ -77,6 +83,8 @@ class RedisEvents:
         self._writing = False
         self._last_written: tuple[int, int] = (0, 0)
         self._last_read: tuple[int, int] = (0, 0)
+        self._position: bytes | None = None  # the id the reader reads on from; None while it reads for no client
+        self._followers = Followers(FOLLOW_SECONDS)
         self._write_failed = False
         self._dropped = 0
         self._script = client.register_script(WRITE_SCRIPT)
@@ -90,7 +98,7 @@ class RedisEvents:
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._write_forever(), name="events-writer"),
                        asyncio.create_task(self._read_forever(), name="events-reader")]
-        deadline = time.monotonic() + 2.0  # streams opened right after start find the reader following
+        deadline = time.monotonic() + 2.0  # streams opened right after start find Redis checked
         while not self.available and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
 
@@ -216,30 +224,44 @@ class RedisEvents:
                 await asyncio.wait_for(self._batch_done.wait(), left)
 
     async def flush(self, timeout: float) -> None:
-        """Wait (up to ``timeout``) until what was published is in Redis and back through the reader."""
+        """Wait (up to ``timeout``) until what was published is in Redis and, while a client listens, back through
+        the reader."""
         deadline = time.monotonic() + timeout
-        while (self._outbox or self._writing or self._last_read < self._last_written) and \
-                time.monotonic() < deadline and self.available:
+        while (self._outbox or self._writing or self._position is not None and self._last_read < self._last_written) \
+                and time.monotonic() < deadline and self.available:
             await asyncio.sleep(0.01)
 
     # --- reading -------------------------------------------------------------------------------------------
 
+    async def follow(self) -> None:
+        """Until the events stored from now on will reach the sink: at once while the reader follows the stream;
+        else once it has read where the stream ends (StoreUnavailable if it cannot)."""
+        if self._position is None:
+            await self._followers.wait()
+
     async def _read_forever(self) -> None:
         stream = self.key("events")
-        last: bytes | None = None
         while True:
             try:
-                if last is None:  # start at the end: what happened before is in the backlogs
+                if not self._followers and not self.events.listening():
+                    self._position = None  # no client: nothing to read for
+                    await self._idle(stream)
+                    continue
+                if self._position is None:  # a client came: on from the end, what is older is in the backlogs
                     newest = cast(Entries, await self.reader_client.xrevrange(stream, count=1))
-                    last = newest[0][0] if newest else b"0-0"
+                    self._position = newest[0][0] if newest else b"0-0"
+                    self._last_read = _key(self._position)
+                    self._set_available(True)
+                    self._followers.release(None)
                 elif not self.available:
                     await self.reader_client.ping()
                 self._set_available(True)
                 replies = cast("list[tuple[bytes, Entries]] | None",
-                               await self.reader_client.xread({stream: last}, count=1000, block=READ_BLOCK_MS))
+                               await self.reader_client.xread({stream: self._position}, count=1000,
+                                                              block=READ_BLOCK_MS))
                 for _, entries in replies or ():
                     for entry_id, fields in entries:
-                        last = entry_id
+                        self._position = entry_id
                         frame = _frame(entry_id, fields)
                         self._last_read = _key(entry_id)
                         if frame is not None:
@@ -250,7 +272,17 @@ class RedisEvents:
                 if self.available:
                     self.log.warning("events_reader_lost", extra={"error": f"{type(exc).__name__}: {exc}"})
                 self._set_available(False)
+                self._followers.release(StoreUnavailable(f"{type(exc).__name__}: {exc}"))
                 await asyncio.sleep(RETRY_SECONDS)
+
+    async def _idle(self, stream: str) -> None:
+        """While no client listens: check Redis (new streams are refused while it fails), then wait for a client,
+        IDLE_CHECK_SECONDS at most."""
+        self._followers.wake.clear()  # before the check: a client coming during it is not missed
+        await self.reader_client.xlen(stream)  # routed to the stream's node in a cluster, as the reads are
+        self._set_available(True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._followers.wake.wait(), IDLE_CHECK_SECONDS)
 
     def _set_available(self, available: bool) -> None:
         if available == self.available:
