@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -322,11 +323,11 @@ class Runner:
                 await self.finish_run(active, outcome)  # now it only lets go of the slot
                 return
         try:
-            self.log_finished(active, stored, appended, release, taken is None or self.backend.take_again, event,
-                              trace, extra_fields)
+            self.log_finished(active, stored, run.run_id in appended, release,
+                              taken is None or self.backend.take_again, event, trace, extra_fields)
         finally:
-            if taken is not None:
-                self.begin_taken(taken, appended)
+            if taken is not None:  # in a context of its own, not this run's (its span is no parent of the next)
+                contextvars.Context().run(self.begin_taken, taken, taken.run_id in appended)
 
     def log_finished(self, active: ActiveRun, stored: bool, appended: bool, release: bool, wake: bool, event: str,
                      trace: str | None, extra_fields: dict[str, Any]) -> None:
@@ -371,10 +372,10 @@ class Runner:
         if self.backend.queue_after_take is not None:
             metrics.QUEUE_DEPTH.set(self.backend.queue_after_take)
 
-    async def save_finished(self, run: Run, release: bool) -> tuple[bool, Run | None, bool]:
+    async def save_finished(self, run: Run, release: bool) -> tuple[bool, Run | None, frozenset[str]]:
         """Store a terminal state (and release the run lock in the same step), retrying until both land. While
         admission takes runs, the slot released goes to the head of the queue in the same step (finish_and_take):
-        the run taken is answered, for the caller to start, with whether the step appended the events.
+        the run taken is answered, for the caller to start, with the runs whose events the step appended.
 
         If the store never comes back within the lock's TTL, the run stays
         unfinished there and the next lock holder marks it ERROR ("runner lost");
@@ -391,13 +392,13 @@ class Runner:
                         taken = await self.backend.finish_and_take(run)
                         return True, taken, self.backend.appended_events
                     await self.backend.save(run, release=release)
-                    return True, None, False
+                    return True, None, frozenset()
                 except StoreUnavailable:
                     if time.monotonic() >= deadline:
                         log.error("terminal_state_not_stored", extra={**run_fields(run), "state": run.state})
                         if release and run.holder is not None:
                             await self.backend.release(run.holder)
-                        return False, None, False
+                        return False, None, frozenset()
                     await asyncio.sleep(STORE_RETRY_SECONDS)
         finally:
             if dispatch is not None:

@@ -406,17 +406,19 @@ def test_a_handoff_sent_again_after_its_reply_was_lost_answers_the_run_it_took(r
             assert await store.admit(running, "enqueue", 10) == "started"
             for run in waiting:
                 assert await store.admit(run, "enqueue", 10) == "queued"
+                await store.client.xadd(store.key("events", "run", run.run_id),  # its accepted event, as sent
+                                        {"k": "run", "r": run.run_id, "s": "PENDING", "d": run.json()})
             running.update(state="DONE", finished_at=utc_now())
             assert running.holder is not None
             store.event_transport(lambda frame: None)  # type: ignore[arg-type]  # its caps; never started
-            _, _, keys, args = store._handoff_call(running, append=True)
+            _, keys, args = store._handoff_call(running, uuid.uuid4().hex, retry=False, append=True)
             first = await store._handoff(keys=keys, args=args)
             again = await store._handoff(keys=keys, args=args)
             queue = [member.decode() for member in await store.client.lrange(store.key("queue"), 0, -1)]
             events = await store.client.xrange(store.key("events"))
             assert [(fields[b"r"].decode(), fields[b"s"]) for _, fields in events] == [
                 (running.run_id, b"DONE"), (first[1][0].decode(), b"RUNNING")]  # appended once, by the first
-            assert [entry_id for entry_id, _ in events] == first[2] and again[2] == [None, None]
+            assert [entry_id for entry_id, _ in events] == first[2] == again[2]  # both say they are in Redis
             assert await store.client.xlen(store.key("events", "run", running.run_id)) == 1
             # the record as stored, RUNNING, without its trace: what the runner would have sent
             assert b'"trace":"00-' in first[1][7] and b'"trace"' not in events[1][1][b"d"]
@@ -427,10 +429,144 @@ def test_a_handoff_sent_again_after_its_reply_was_lost_answers_the_run_it_took(r
             await store.close()
 
     first, again, queue, ended = asyncio.run(scenario())
-    assert first[:2] == again[:2]  # the same end counted once (finished runs, bytes, owed), the same run, slot, token
+    assert first == again  # the same end counted once (finished runs, bytes, owed), the same run, slot, token
     assert len(queue) == 1 and first[1][0].decode() not in queue
     assert ended is not None and b'"state":"DONE"' in ended
     assert b'"state":"RUNNING"' in first[1][7]
+
+
+class Lossy:
+    """A registered script whose next ``times`` calls run in Redis and then lose their reply (a ConnectionError, as
+    redis-py raises once its resends failed too)."""
+
+    def __init__(self, script: Any, times: int = 1) -> None:
+        self.script, self.times = script, times
+
+    async def __call__(self, **kwargs: Any) -> Any:
+        import redis
+
+        answer = await self.script(**kwargs)
+        if self.times > 0:
+            self.times -= 1
+            raise redis.ConnectionError("reply lost")
+        return answer
+
+
+def handoff_scenario(redis_server: RedisServer, scenario: Any, retention: int = 100) -> Any:
+    """``scenario(store, runs)`` on a started Redis backend under a prefix of its own, with one run started and
+    ``waiting`` queued behind it (each with its accepted event in its stream, as the hub sends it)."""
+    import asyncio
+    import logging
+
+    from service.backends.redis import open_redis
+    from service.backends.records import Run
+
+    async def opened() -> Any:
+        _, store = open_redis(redis_server.url, f"test-{uuid.uuid4().hex[:8]}", 30.0, retention, 1 << 30,
+                              logging.getLogger("test"), slots=2)
+        await store.start()
+        store.event_transport(lambda frame: None)  # type: ignore[arg-type]  # its caps; never started
+        try:
+            runs = [Run.new(str(uuid.uuid4()), "sleeper", new_user(), {"i": i}, holder=None) for i in range(4)]
+            for run in runs:
+                await store.admit(run, "enqueue", 10)
+                if run.queue_position is not None:
+                    await store.client.xadd(store.key("events", "run", run.run_id),
+                                            {"k": "run", "r": run.run_id, "s": "PENDING", "d": run.json()})
+            return await scenario(store, runs)
+        finally:
+            await store.close()
+
+    return asyncio.run(opened())
+
+
+async def running_events(store: Any, run_id: str) -> list[bytes]:
+    return [fields[b"s"] for _, fields in await store.client.xrange(store.key("events", "run", run_id))]
+
+
+def test_a_failed_trim_after_a_handoff_still_answers_the_run_it_took(redis_server: RedisServer) -> None:
+    """The trim after a terminal write is best effort; its failure (a raw redis-py error: a dropped connection, a
+    failover's READONLY) must not cost the run the handoff took its start: it holds a slot and is stored RUNNING."""
+    import redis
+
+    from service.backends.records import utc_now
+
+    async def scenario(store: Any, runs: list[Any]) -> Any:
+        async def trim(**kwargs: Any) -> Any:
+            raise redis.ConnectionError("gone")
+
+        store._trim = trim
+        runs[0].update(state="DONE", finished_at=utc_now())
+        return await store.finish_and_take(runs[0]), runs
+
+    taken, runs = handoff_scenario(redis_server, scenario, retention=0)
+    assert taken is not None and taken.run_id == runs[2].run_id and taken.state == "RUNNING"
+
+
+def test_a_handoff_and_a_dispatch_take_whose_replies_were_lost_each_answer_their_own_run(
+        redis_server: RedisServer) -> None:
+    """Two slots, runs 0 and 1 on them, 2 and 3 waiting. Dispatch's take of run 2 loses its reply; run 0 ends and its
+    handoff takes run 3 and loses its reply too. Each retry answers its own run once (before, the two shared one
+    token: the handoff answered dispatch's run, whose RUNNING event nobody sent, or dispatch answered the
+    handoff's and sent RUNNING twice), and each run's RUNNING event is in its stream once."""
+    from service.backends.records import utc_now
+
+    async def scenario(store: Any, runs: list[Any]) -> Any:
+        runs[1].update(state="DONE", finished_at=utc_now())
+        await store.save(runs[1], release=True)  # its slot free for dispatch's take (no handoff: the runner's)
+        take, handoff = store._take, store._handoff
+        store._take, store._handoff = Lossy(take), Lossy(handoff)
+        with pytest.raises(Exception):
+            await store.take()
+        runs[0].update(state="DONE", finished_at=utc_now())
+        with pytest.raises(Exception):
+            await store.finish_and_take(runs[0])
+        assert await store.take() is not None  # dispatch asks again: its own run
+        dispatched = store.appended_events, (await store.get(runs[2].run_id))
+        handed = await store.finish_and_take(runs[0])  # the runner's retry of the end: the handoff's run
+        return dispatched, handed, store.appended_events, [await running_events(store, run.run_id) for run in runs]
+
+    (appended_before, dispatched), handed, appended, streams = handoff_scenario(redis_server, scenario)
+    assert dispatched.state == "RUNNING" and handed is not None and handed.run_id != dispatched.run_id
+    assert streams[2] == [b"PENDING"]  # dispatch's take appends no event: its runner sends RUNNING
+    assert streams[3] == [b"PENDING", b"RUNNING"] and handed.run_id in appended  # the handoff's, once
+    assert streams[0] == [b"DONE"]
+
+
+def test_a_handoff_retried_after_its_slot_expired_answers_its_run_as_stored(redis_server: RedisServer) -> None:
+    """The handoff's reply is lost and its slot expires before the retry (a store away for a lock TTL): the retry
+    takes a free slot for the same run and answers its record as stored, RUNNING, its input as the client sent it
+    (not marked again: the record's own state is no longer PENDING, and an input can hold that text), with one
+    RUNNING event."""
+    import json as json_module
+
+    from service.backends.records import Run, utc_now
+
+    hostile = {"x": 0, "state": "PENDING", "result": None, "started_at": None, "queue_position": 1, "y": 0}
+
+    async def scenario(store: Any, runs: list[Any]) -> Any:
+        queued = Run.new(str(uuid.uuid4()), "sleeper", new_user(), hostile, holder=None)
+        for run in runs[2:]:
+            await store.dequeue(run.run_id, state="CANCELLED", finished_at=utc_now())
+        assert await store.admit(queued, "enqueue", 10) == "queued"  # both slots held
+        await store.client.xadd(store.key("events", "run", queued.run_id),
+                                {"k": "run", "r": queued.run_id, "s": "PENDING", "d": queued.json()})
+        store._handoff = Lossy(store._handoff)
+        runs[0].update(state="DONE", finished_at=utc_now())
+        with pytest.raises(Exception):
+            await store.finish_and_take(runs[0])
+        token = store._handoffs[runs[0].holder][0]
+        for slot in store._lock.keys:  # the taken run's slot expired meanwhile
+            if await store.client.get(slot) == token.encode():
+                await store.client.delete(slot)
+        taken = await store.finish_and_take(runs[0])
+        stored = await store.get(queued.run_id)
+        return taken, stored, await running_events(store, queued.run_id)
+
+    taken, stored, events = handoff_scenario(redis_server, scenario)
+    assert taken is not None and stored is not None and taken.run_id == stored.run_id
+    assert json_module.loads(stored.input_json) == hostile and stored.state == "RUNNING"
+    assert events == [b"PENDING", b"RUNNING"]
 
 
 def test_orphans_claimed_again_after_the_reply_was_lost_are_answered_again(redis_server: RedisServer) -> None:

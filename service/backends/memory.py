@@ -60,7 +60,7 @@ class MemoryBackend:
     renew_interval: float | None = None  # a slot is held until released: nothing to renew
     take_again = True  # set by take
     queue_after_take: int | None = None  # set by take: the queue's length after it
-    appended_events = False  # the hub sends every event (finish_and_take appends none)
+    appended_events: frozenset[str] = frozenset()  # the hub sends every event (finish_and_take appends none)
 
     def __init__(self, retention: int, retention_bytes: int = 256 * 1024 * 1024, slots: int = 1,
                  idempotency_ttl_seconds: float = 86400.0, log: logging.Logger | None = None,

@@ -56,7 +56,7 @@ class PostgresBackend(TerminalSteps, RunReads):
     shared = True  # every replica on the same database and schema shares slots, queue and runs
     take_again = True  # it cannot tell from a take whether another could start a run: the caller asks again
     queue_after_take: int | None = None  # not told by take: the caller asks queue_length
-    appended_events = False  # the hub sends every event (finish_and_take appends none)
+    appended_events: frozenset[str] = frozenset()  # the hub sends every event (finish_and_take appends none)
 
     def __init__(self, db: Database, slots: int, lock_ttl_seconds: float, retention: int, retention_bytes: int,
                  log: logging.Logger, idempotency_ttl_seconds: float = 86400.0) -> None:

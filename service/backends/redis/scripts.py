@@ -219,9 +219,10 @@ end
 # the run's record; the answer to a take whose slot it still holds repeats the token. When every slot is held by
 # other tokens (and it is no retry), it answers at once, with the generation and without looking for a loss: the
 # fence and the queue are not read (the other replicas' takes after a run ended elsewhere cost three commands).
-# With a start time (ARGV[8]), a run taken stores RUNNING in the same step (MARK_RUNNING), so the runner's own write
-# of it is saved, unless there is a reason to write it from the runner: an orphan may stand beside it (suspect: the
-# runner claims it first), or a cancel was asked while it waited (the runner reads the flag as it stores RUNNING).
+# With a start time (ARGV[8]), a run taken from the queue is stored RUNNING in the same step (MARK_RUNNING), so the
+# runner's own write of it is saved, unless there is a reason to write it from the runner: an orphan may stand
+# beside it (suspect: the runner claims it first), or a cancel was asked while it waited (the runner reads the flag as
+# it stores RUNNING). A retry answers the record as stored (RUNNING or not): it is never marked twice.
 # KEYS: queue, unfinished, slot 0..n-1, generation, fence, fencing counter. ARGV: token, ttl_ms, n, retry, new
 # generation, token floor, run key prefix (<prefix>:run:), start time ('' or absent: not stored RUNNING here).
 # Returns {run_id, slot, generation, lost, fencing token, suspect, again, record, waiting}, run_id '' (and slot -1)
@@ -255,7 +256,7 @@ local function take(K, A)
       token = mint(K[5 + n], A[6])
       if record then
         record = with_token(record, token)
-        if (A[8] or '') ~= '' and suspect == 0 and redis.call('EXISTS', cancel_key(A[7], id)) == 0 then
+        if added and (A[8] or '') ~= '' and suspect == 0 and redis.call('EXISTS', cancel_key(A[7], id)) == 0 then
           local marked = mark_running(record, A[8])
           marked_now, record = marked ~= nil, marked or record
         end
@@ -388,7 +389,9 @@ return finish(KEYS, ARGV)
 # With ARGV[20] = '1' (the replica's events writer has nothing waiting: every event published before is in Redis),
 # it also appends the events of the two changes (APPEND_EVENT): the ended run's (its public JSON, ARGV[30], and
 # state, ARGV[22]) when this call stored the end, and the taken run's RUNNING when this call stored it so (its
-# record without the trace field). A retry that finds them stored appends nothing again.
+# record without the trace field) and the run's stream has its first event already. A retry appends nothing again.
+# The ids answered are those of the two events when they are in Redis (appended by this call or by the call it
+# retries), else false: the runner sends those itself.
 # KEYS: FINISH's 14, then TAKE's, then the streams of all events and of run events. ARGV: FINISH's 11, TAKE's 8,
 # events ('1' or ''), run stream key prefix, state, caps (APPEND_EVENT's 7), the ended run's public JSON.
 # Returns {FINISH's answer, TAKE's answer, {the ended run's event id, the taken run's}} (an id: false when none
@@ -402,15 +405,26 @@ end
 local finished = finish({unpack(KEYS, 1, 14)}, {unpack(ARGV, 1, 11)})
 if finished[3] == -2 then return {finished} end
 local took = take({unpack(KEYS, 15, #KEYS - 2)}, {unpack(ARGV, 12, 19)})
+local function appended(stream, state)  -- the stream's newest event, when it is the run's change to state
+  local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1]
+  if newest and newest[2][6] == state then return newest[1] end
+  return false
+end
 local ids = {false, false}
 if ARGV[20] == '1' then
   local all, runs, caps = KEYS[#KEYS - 1], KEYS[#KEYS], {unpack(ARGV, 23, 29)}
+  local ended, started = ARGV[21] .. ARGV[2], ARGV[21] .. took[1]
   if finished_now then
-    ids[1] = append_event(all, runs, ARGV[21] .. ARGV[2], 'run', ARGV[2], ARGV[22], ARGV[30], caps) or false
+    ids[1] = append_event(all, runs, ended, 'run', ARGV[2], ARGV[22], ARGV[30], caps) or false
+  else  -- a retry: the call it retries appended it, if it stored the end
+    ids[1] = appended(ended, ARGV[22])
   end
-  if marked_now then
-    ids[2] = append_event(all, runs, ARGV[21] .. took[1], 'run', took[1], 'RUNNING', public_of(took[8]), caps)
-      or false
+  if marked_now then  -- after the run's first event only (its replica may not have sent that one yet)
+    if redis.call('EXISTS', started) == 1 then
+      ids[2] = append_event(all, runs, started, 'run', took[1], 'RUNNING', public_of(took[8]), caps) or false
+    end
+  elseif took[1] ~= '' then
+    ids[2] = appended(started, 'RUNNING')
   end
 end
 return {finished, took, ids}

@@ -75,15 +75,17 @@ class RedisBackend:
         self._progress_writes: dict[str, asyncio.Task[None]] = {}
         self._progress_dirty: set[str] = set()
         self._listener: asyncio.Task[None] | None = None
-        self._take_token: str | None = None  # a take not answered yet (take)
-        self._taking = asyncio.Lock()  # one take at a time (take, finish_and_take): they share the token above
+        self._take_token: str | None = None  # dispatch's take not answered yet (take)
+        self._taking = asyncio.Lock()  # one of dispatch's takes at a time: they share the token above
         self._suspects: set[str] = set()  # slots given out with a run maybe left behind (claim_orphans)
         self._freed_here: dict[str, None] = {}  # runs whose slot this replica frees with their end (finished_here)
         self.take_again = True  # after a take that answered a run: whether another could start one now
         self.queue_after_take: int | None = None  # and the queue's length after it
-        self.appended_events = False  # set by finish_and_take (see Backend)
+        self.appended_events: frozenset[str] = frozenset()  # set by finish_and_take (see Backend)
         self._events: RedisEvents | None = None  # the event transport, once made: finish_and_take appends events
-        self._handoff_events: dict[str, bool] = {}  # a handoff not answered yet: whether it appends the events
+        # Handoffs not answered yet, by the token of the run that ends: their take's token, and whether they
+        # append the events (finish_and_take). A retry asks again with both; one given up on goes to dispatch.
+        self._handoffs: dict[str, tuple[str, bool]] = {}
         self._reads = CoalescedReads(client)  # concurrent record reads share one MGET
         self._finish = client.register_script(FINISH_SCRIPT)
         self._trim = client.register_script(TRIM_SCRIPT)
@@ -131,6 +133,12 @@ class RedisBackend:
         return await self._lock.renew(run)
 
     async def release(self, token: str) -> None:
+        """Let go of the slot of ``token``; a handoff of its run given up on (the store stayed away) leaves its take
+        to dispatch, whose next take asks again with its token (or, if one of its own is pending, to orphan
+        recovery: the run it may have taken ends "Runner lost" a lock TTL later)."""
+        pending = self._handoffs.pop(token, None)
+        if pending is not None and self._take_token is None:
+            self._take_token = pending[0]
         await self._lock.release(token)
 
     def wake(self, run_id: str) -> None:
@@ -199,44 +207,49 @@ class RedisBackend:
 
     async def finish_and_take(self, run: Run) -> Run | None:
         """The terminal write, its slot released, and the take of the next run on it, in one script (HANDOFF_SCRIPT),
-        which stores the run it takes RUNNING. A take already in flight here (dispatch's) keeps its turn: then
-        this is the terminal write alone, and dispatch, woken by the slot freed, takes after it."""
-        self.appended_events = False
-        if run.holder is None or self._taking.locked():
+        which stores the run it takes RUNNING and, when the events writer has nothing waiting (so they come after
+        every event published before), appends the two events.
+
+        The take has a token of its own, kept until the handoff is answered: a retry of the same end (the runner's,
+        after a failure) asks again with it and answers the same run; a handoff given up on (``release``) passes
+        it to dispatch's next take. Dispatch's takes keep theirs, so neither answers a run the other took.
+        """
+        self.appended_events = frozenset()
+        if run.holder is None:
             await self.save(run, release=True)
             return None
         await self._progress_written(run)
-        events = self._events
-        # The events go with the step when every event published before is in Redis already (so they come after
-        # those); a retry after a failed call does as that call did (its events may be in Redis).
-        append = self._handoff_events.setdefault(run.run_id, events is not None and events.idle())
-        if len(self._handoff_events) > FREED_MARKS:  # handoffs given up on (the store stayed away) leave theirs
-            del self._handoff_events[next(iter(self._handoff_events))]
-        async with self._taking, self.health.guard():
-            token, take_args, keys, args = self._handoff_call(run, append)
+        retry = run.holder in self._handoffs
+        token, append = self._handoffs.setdefault(
+            run.holder, (uuid.uuid4().hex, self._events is not None and self._events.idle()))
+        async with self.health.guard():
+            take_args, keys, args = self._handoff_call(run, token, retry, append)
             self._freeing(run, run.holder)
             finished, *took = await self._handoff(keys=keys, args=args)
-            self._handoff_events.pop(run.run_id, None)
+            del self._handoffs[run.holder]
             self._finished(run, run.holder, finished)  # refused: nothing was taken, nothing appended
             taken = await self._taken(token, take_args, took[0], "handoff")
-        self.appended_events = append
-        if append and events is not None:
-            for entry_id in took[1]:
-                if entry_id:
-                    events.appended(entry_id)
+            ended_id, taken_id = took[1]
+        appended = set()
+        for run_id, entry_id in ((run.run_id, ended_id), (taken.run_id if taken else "", taken_id)):
+            if entry_id and self._events is not None:  # in Redis, by this call or by the one it retries
+                self._events.appended(entry_id)
+                appended.add(run_id)
+        self.appended_events = frozenset(appended)
         with contextlib.suppress(StoreUnavailable):  # a trim left undone is done by the next terminal write
-            await self._after_finish(run, *finished)
+            async with self.health.guard():
+                await self._after_finish(run, *finished)
         return taken
 
-    def _handoff_call(self, run: Run, append: bool) -> tuple[str, builtins.list[str | int], builtins.list[str],
-                                                             builtins.list[bytes | str | int]]:
-        """HANDOFF_SCRIPT's take token, TAKE's arguments, and its keys and arguments for ``run``'s end (``append``:
-        with the events)."""
+    def _handoff_call(self, run: Run, token: str, retry: bool, append: bool) -> tuple[
+            builtins.list[str | int], builtins.list[str], builtins.list[bytes | str | int]]:
+        """HANDOFF_SCRIPT's arguments of TAKE, and its keys and arguments, for ``run``'s end and a take under
+        ``token`` (``retry``: asked before), ``append``: with the events."""
         assert run.holder is not None
         keys, args = self._finish_call(run, run.holder, run.holder)
-        token, take_keys, take_args = self._take_call()
+        take_keys, take_args = self._take_call(token, retry)
         caps = self._events.stream_caps() if self._events is not None else [0] * 7
-        return token, take_args, [*keys, *take_keys, self.key("events"), self.key("events", "runs")], \
+        return take_args, [*keys, *take_keys, self.key("events"), self.key("events", "runs")], \
             [*args, *take_args, "1" if append else "", self.key("events", "run", ""), run.state, *caps, run.json()]
 
     async def _progress_written(self, run: Run) -> None:
@@ -439,17 +452,18 @@ class RedisBackend:
         read) is asked again with it at the next call (take or finish_and_take), and answers the same run.
         """
         async with self._taking:
-            token, keys, args = self._take_call()
+            retry = self._take_token is not None
+            token = self._take_token = self._take_token or uuid.uuid4().hex
+            keys, args = self._take_call(token, retry)
             async with self.health.guard():
                 answer = await self._take(keys=keys, args=args)
+            self._take_token = None  # answered: a failed call keeps it, and the next take answers this run again
             return await self._taken(token, args, answer, "take")
 
-    def _take_call(self) -> tuple[str, builtins.list[str], builtins.list[str | int]]:
-        """TAKE_SCRIPT's token, keys and arguments: the token of a take not answered yet, asked again, or a new one."""
-        retry = self._take_token is not None
-        token = self._take_token = self._take_token or uuid.uuid4().hex
-        return token, [self.key("queue"), self.key("unfinished"), *self._lock.keys, self._lock.generation_key,
-                       self._lock.fence_key, self.key("fencing")], \
+    def _take_call(self, token: str, retry: bool) -> tuple[builtins.list[str], builtins.list[str | int]]:
+        """TAKE_SCRIPT's keys and arguments for a take under ``token`` (``retry``: asked before, its answer lost)."""
+        return [self.key("queue"), self.key("unfinished"), *self._lock.keys, self._lock.generation_key,
+                self._lock.fence_key, self.key("fencing")], \
             [token, int(self._lock.ttl_seconds * 1000), len(self._lock.keys), int(retry), uuid.uuid4().hex,
              self.highest_token, self.key("run", ""), utc_now()]
 
@@ -459,7 +473,6 @@ class RedisBackend:
         nothing on the way to a run: its caller starts the run before anything else here runs (a cancel heard)."""
         taken, slot, generation, lost, *minted = answer
         self.health.data_lost(lost, generation, str(args[4]), step, self._lock.ttl_seconds)
-        self._take_token = None  # answered: a failed call keeps it, and the next take answers this run again
         if not taken:
             self.queue_after_take = None
             return None
