@@ -468,10 +468,19 @@ def seconds_between(earlier: str, later: str) -> float:
 
 async def supervise(active: ActiveRun, timeout: float) -> None:
     """Wait for the agent to end, time out, or be stopped; return only once none of its code runs."""
-    code = asyncio.ensure_future(agent_stopped(active))
+    assert active.agent_task is not None
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     stop_requested = asyncio.ensure_future(active.stop_requested.wait())
+    code: asyncio.Future[None] | None = None
     try:
-        await asyncio.wait({code, stop_requested}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        # Most agents end by themselves and leave no executor work: their task is then all there is to wait for.
+        await asyncio.wait({active.agent_task, stop_requested}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if active.agent_task.done() and not active.running_work():
+            return
+        code = asyncio.ensure_future(agent_stopped(active))
+        if not active.stop_requested.is_set() and (left := deadline - loop.time()) > 0:
+            await asyncio.wait({code, stop_requested}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
         if not code.done() and not active.stop_requested.is_set():
             active.stop("timeout")
         waited = 0.0
@@ -487,7 +496,8 @@ async def supervise(active: ActiveRun, timeout: float) -> None:
                     "threads": len(active.running_work())})
     finally:
         stop_requested.cancel()
-        code.cancel()
+        if code is not None:
+            code.cancel()
 
 
 async def agent_stopped(active: ActiveRun) -> None:

@@ -97,7 +97,9 @@ def test_cancel_and_wait_gives_up_at_its_deadline_on_a_task_that_refuses_every_c
     assert asyncio.run(scenario()) == (False, True)
 
 
-def test_the_events_reader_stops_when_its_xread_loses_the_cancel(own_redis: RedisServer) -> None:
+@pytest.mark.parametrize("command", ["xread", "xlen"])
+def test_the_events_reader_stops_when_its_read_loses_the_cancel(own_redis: RedisServer, command: str) -> None:
+    """XREAD while a stream client listens; XLEN, the reader's check of Redis while none does."""
     from service.backends.redis.events import RedisEvents
     from service.backends.redis import open_redis
 
@@ -106,13 +108,15 @@ def test_the_events_reader_stops_when_its_xread_loses_the_cancel(own_redis: Redi
                               logging.getLogger("test"))
         hub = EventHub()
         reader = RedisEvents(store.client, store.endpoint, store.prefix, hub, logging.getLogger("test"))
-        xread = LosesOneCancel()
-        reader.reader_client.xread = lambda *args, **kwargs: xread([])
+        read = LosesOneCancel()
+        setattr(reader.reader_client, command, lambda *args, **kwargs: read([] if command == "xread" else 0))
+        if command == "xread":
+            hub.subscribe(None, None)  # a client of the stream of all runs: the reader follows the stream
         hub.start(15.0, reader)
         await reader.start()
-        assert reader.available
+        await asyncio.wait_for(read.waiting.wait(), 5)  # in the read when the stop comes
         await stop_within(5, hub.stop())
-        assert xread.lost and all(task.done() for task in reader._tasks)
+        assert read.lost and all(task.done() for task in reader._tasks)
         await store.client.aclose()
 
     asyncio.run(scenario())
