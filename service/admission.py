@@ -24,7 +24,8 @@ from service import metrics
 from service import tracing
 from service.backends.records import Run, StoreUnavailable, utc_now
 from service.logs import lifecycle_log, log
-from service.runs import STOP_WAIT_SECONDS, Runner, run_fields
+from service.runs import STOP_WAIT_SECONDS, Runner
+from service.supervision import run_fields
 
 QUEUE_FRAMES_INTERVAL = 0.25  # the watched waiting runs' position frames, at most this often
 ORPHANS_INTERVAL = 1.0  # dispatch looks for runs whose replica died this often
@@ -157,7 +158,7 @@ class Admission:
     async def interrupt_oldest(self, run: Run) -> None:
         """Stop the oldest running run not already stopping for ``run``, which waits at the head of the queue."""
         # Picked (and, when shared, flagged) in one step: two interrupts, on two replicas, never pick the same run
-        stopping = [active.run.run_id for active in self.runner.active_runs.values() if active.stop_requested.is_set()]
+        stopping = [active.run.run_id for active in self.runner.active_runs.values() if active.stop_requested.done()]
         oldest = await self.backend.interrupt_oldest(run.run_id, stopping)
         if oldest is None:  # none left to stop: the run starts when a slot frees up
             return

@@ -8,7 +8,7 @@ not its coroutine, not the executor work it started (``asyncio.to_thread``,
 ``run_in_executor(None, ...)``).
 
 ``Runner`` reads top to bottom: start, execute_run, finish_run, the lease
-renewal (keep_lock); the steps it calls (supervise, judge) follow the class.
+renewal (keep_lock); the steps it takes around the agent (supervise, judge) are in supervision.py.
 """
 
 from __future__ import annotations
@@ -16,14 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import json
 import logging
 import os
 import sys
-import threading
 import time
 import traceback
-from concurrent.futures import Future
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -31,21 +29,15 @@ import agents
 from service import settings
 from service import metrics
 from service import tracing
-from service.agent_work import current_run
 from service.backends.base import Backend
 from service.backends.records import LockLost, Run, StoreUnavailable, WriteRefused, utc_now
 from service.events import LOGS_STORED_SECONDS, EventHub
-from service.logs import lifecycle_log, log, safe_fields, write_hot_lines
+from service.logs import lifecycle_log, log, write_hot_lines
+from service.supervision import ActiveRun, judge, run_agent, run_fields, supervise
 
-MAX_RESULT_BYTES = 1024 * 1024  # a larger agent result ends the run as ERROR
-CANCEL_RETRY_SECONDS = 1.0  # an agent that swallows CancelledError is cancelled again this often
-STILL_RUNNING_LOG_SECONDS = 10.0  # how often a stopped run whose code goes on is logged (agent_still_running)
 STOP_WAIT_SECONDS = 5.0  # at shutdown, how long an interrupted agent may take to stop
 STORE_RETRY_SECONDS = 0.5  # how often a store write that must land is retried
 LOCK_EXPIRED_EXIT_CODE = 70  # the process exits with this when its lock expired under a running agent
-# What finish_run puts on the terminal line itself; an agent's completion_fields with these names are renamed
-TERMINAL_LINE_FIELDS = frozenset({"run_id", "agent_type", "user_id", "state", "result", "result_json", "error",
-                                  "event", "traceback", "duration_ms"})
 STOPS_HEARD_MAX = 1024  # cancels heard for runs this process does not run (yet): remembered, the newest this many
 
 
@@ -58,53 +50,6 @@ class Dispatch(Protocol):
     def begin_waited_run(self, run: Run) -> None: ...
 
     def publish_queue(self) -> None: ...
-
-class ActiveRun:
-    """The run this process is executing, and why it was asked to stop, if it was."""
-
-    def __init__(self, run: Run, agent_cls: type[agents.BaseAgent] | None, agent_input: dict[str, Any]) -> None:
-        self.run = run
-        self.agent_cls = agent_cls  # None: queued by a replica that has an agent type this one lacks
-        self.agent_input = agent_input  # the parsed input, for the agent; the run keeps it encoded
-        self.stop_reason: str | None = None  # "cancel", "interrupt", "timeout", "shutdown" or "lock_lost"
-        self.cancelled_by: str | None = None  # with "interrupt": the run that took this one's place
-        self.stop_requested = asyncio.Event()
-        self.stopping = threading.Event()  # the agent's view of stop_requested, readable from threads
-        self.agent_task: asyncio.Task[Any] | None = None
-        self.executor_work: list[Future[Any]] = []  # appended from any thread, pruned on the loop
-        self.driver: asyncio.Task[None] | None = None
-        self.code_stopped = asyncio.Event()  # set once neither the coroutine nor its executor work runs
-        self.started = time.monotonic()
-        self.waited = False  # it waited in the queue before it got its slot
-        self.span: Any = None  # the run's span while tracing is on (service/tracing.py)
-        self.refused = False  # a write was refused: the run is another holder's (or terminal); this one stops
-        self.running_stored = False  # the take that gave it its slot stored it RUNNING (Backend.finish_and_take)
-        self.running_appended = False  # and appended its RUNNING event (Backend.appended_events)
-
-    def stop(self, reason: str) -> None:
-        """Ask the agent to stop; the first reason given decides the run's terminal state.
-
-        The agent is cancelled once, here: a second request (the same cancel arriving by pub/sub and by
-        the flag read at renewal, a timeout after a cancel) must not cut the cleanup it is running in
-        ``finally``. An agent that ignores the first is cancelled again by ``supervise``, every second.
-        """
-        if self.stop_reason is None:
-            self.stop_reason = reason
-        if self.stop_requested.is_set():
-            return
-        self.stop_requested.set()
-        self.stopping.set()
-        if self.agent_task is not None:
-            self.agent_task.cancel()
-
-    def running_work(self) -> list[Future[Any]]:
-        self.executor_work = [future for future in self.executor_work if not future.done()]
-        return self.executor_work
-
-
-def run_fields(run: Run) -> dict[str, Any]:
-    return {"run_id": run.run_id, "agent_type": run.agent_type, "user_id": run.user_id}
-
 
 class Runner:
     """Starts runs on the slots admission took, and sees each to exactly one terminal state."""
@@ -159,7 +104,7 @@ class Runner:
         """Run the agent, record exactly one terminal state, log it, release the lock."""
         run = active.run
         outcome: dict[str, Any] = {"state": "ERROR", "error": "Run ended without an outcome"}
-        keeper = asyncio.create_task(self.keep_lock(active)) if self.backend.renew_interval else None
+        stop_keeping = self.keep_lock_soon(active) if self.backend.renew_interval else None
         try:
             if not await self.start_running(active):
                 outcome = {"state": "ERROR", "event": "agent_error",
@@ -188,8 +133,8 @@ class Runner:
             if active.agent_task is None or (active.agent_task.done() and not active.running_work()):
                 active.code_stopped.set()  # not when this task itself was cancelled under a running agent
             await self.finish_run(active, outcome)
-            if keeper is not None:
-                keeper.cancel()
+            if stop_keeping is not None:
+                stop_keeping()
 
     async def start_running(self, active: ActiveRun) -> bool:
         """Recover orphans and record RUNNING, retrying a store blip; False if the store stayed away."""
@@ -249,7 +194,7 @@ class Runner:
 
     async def lease_lost(self, active: ActiveRun) -> str | None:
         """Why ``active`` no longer holds its slot right now, or None while it does (BaseAgent.ensure_lease)."""
-        if active.stop_requested.is_set():
+        if active.stop_requested.done():
             return "the run is stopping"
         try:
             held = await asyncio.wait_for(self.backend.check_lease(active.run),
@@ -259,7 +204,7 @@ class Runner:
         if not held:
             active.stop("lock_lost")
             return "the lease expired or was taken over"
-        return "the run is stopping" if active.stop_requested.is_set() else None
+        return "the run is stopping" if active.stop_requested.done() else None
 
     def report_progress(self, run: Run, fraction: float) -> None:
         if run.finished:  # code the agent left behind (a thread of its own, or after a shutdown) reports late
@@ -404,7 +349,23 @@ class Runner:
             if dispatch is not None:
                 dispatch.admitting -= 1
 
-    async def keep_lock(self, active: ActiveRun) -> None:
+    def keep_lock_soon(self, active: ActiveRun) -> Callable[[], None]:
+        """keep_lock from its first renewal on (a timer until then: most runs end before it, and never start its
+        task); returns what stops it."""
+        interval = self.backend.renew_interval
+        assert interval is not None
+        since = time.monotonic()
+        keeper: list[asyncio.Task[None]] = []
+        timer = asyncio.get_running_loop().call_later(
+            interval, lambda: keeper.append(asyncio.create_task(self.keep_lock(active, since))))
+
+        def stop() -> None:
+            timer.cancel()
+            for task in keeper:
+                task.cancel()
+        return stop
+
+    async def keep_lock(self, active: ActiveRun, since: float | None = None) -> None:
         """Renew the run lock while any code of the agent runs; stop the run the moment the lock may be lost.
 
         Any failure to renew (Redis unreachable, or answering an error such as
@@ -417,11 +378,16 @@ class Runner:
         interval = self.backend.renew_interval
         ttl = settings.current.lock_ttl_seconds
         assert interval is not None and active.run.holder is not None
-        renewed_at = time.monotonic()
+        renewed_at = time.monotonic() if since is None else since  # since: the slot was taken then
         failure: str | None = None
         lost_logged = False  # once per run, whatever it was stopping for already
+        first = True
         while not active.code_stopped.is_set():
-            await asyncio.sleep(interval if failure is None else min(interval, ttl / 10))
+            if first:  # the first renewal is due one interval after the slot was taken
+                first = False
+                await asyncio.sleep(max(0.0, renewed_at + interval - time.monotonic()))
+            else:
+                await asyncio.sleep(interval if failure is None else min(interval, ttl / 10))
             if time.monotonic() - renewed_at >= ttl and not active.code_stopped.is_set():
                 exit_lock_expired(active)
             try:
@@ -454,97 +420,11 @@ class Runner:
                 active.stop("lock_lost")
 
 
-async def run_agent(active: ActiveRun, agent: agents.BaseAgent) -> Any:
-    current_run.set(active)  # this task's context, copied into executor work it submits
-    return await agent.run()
-
-
 def seconds_between(earlier: str, later: str) -> float:
     try:
         return max(0.0, (datetime.fromisoformat(later) - datetime.fromisoformat(earlier)).total_seconds())
     except ValueError:  # a record from elsewhere with an odd timestamp
         return 0.0
-
-
-async def supervise(active: ActiveRun, timeout: float) -> None:
-    """Wait for the agent to end, time out, or be stopped; return only once none of its code runs."""
-    assert active.agent_task is not None
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    stop_requested = asyncio.ensure_future(active.stop_requested.wait())
-    code: asyncio.Future[None] | None = None
-    try:
-        # Most agents end by themselves and leave no executor work: their task is then all there is to wait for.
-        await asyncio.wait({active.agent_task, stop_requested}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        if active.agent_task.done() and not active.running_work():
-            return
-        code = asyncio.ensure_future(agent_stopped(active))
-        if not active.stop_requested.is_set() and (left := deadline - loop.time()) > 0:
-            await asyncio.wait({code, stop_requested}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
-        if not code.done() and not active.stop_requested.is_set():
-            active.stop("timeout")
-        waited = 0.0
-        while not code.done():  # an agent may swallow CancelledError or sit in a thread: keep asking
-            await asyncio.wait({code}, timeout=CANCEL_RETRY_SECONDS)
-            waited += CANCEL_RETRY_SECONDS
-            assert active.agent_task is not None
-            if not active.agent_task.done():
-                active.agent_task.cancel()
-            if not code.done() and waited % STILL_RUNNING_LOG_SECONDS < CANCEL_RETRY_SECONDS:
-                log.warning("agent_still_running", extra={
-                    **run_fields(active.run), "stop_reason": active.stop_reason, "waited_s": round(waited),
-                    "threads": len(active.running_work())})
-    finally:
-        stop_requested.cancel()
-        if code is not None:
-            code.cancel()
-
-
-async def agent_stopped(active: ActiveRun) -> None:
-    """Returns once the agent's coroutine has ended and every piece of executor work it started has returned."""
-    assert active.agent_task is not None
-    await asyncio.wait({active.agent_task})
-    while work := active.running_work():
-        await asyncio.wait([asyncio.wrap_future(future) for future in work])
-
-
-def judge(active: ActiveRun, agent: agents.BaseAgent | None) -> dict[str, Any]:
-    """The terminal state, error and log event for a run whose agent has stopped."""
-    if active.stop_reason == "cancel":
-        return {"state": "CANCELLED", "event": "run_cancelled"}
-    if active.stop_reason == "interrupt":
-        return {"state": "CANCELLED", "event": "run_cancelled", "cancelled_by": active.cancelled_by}
-    if active.stop_reason == "timeout":
-        return {"state": "ERROR", "event": "run_timeout",
-                "error": f"Run timed out after {settings.current.run_timeout_seconds:g} seconds"}
-    if active.stop_reason == "shutdown":
-        return {"state": "ERROR", "event": "run_interrupted", "error": "Run interrupted by shutdown"}
-    if active.stop_reason == "lock_lost":
-        return {"state": "ERROR", "event": "agent_error", "error": "Run stopped: lock lost"}
-    task = active.agent_task
-    assert task is not None and agent is not None
-    if task.cancelled():
-        return {"state": "ERROR", "event": "agent_error", "error": "Agent was cancelled unexpectedly"}
-    exc = task.exception()
-    if isinstance(exc, agents.LeaseLost):
-        return {"state": "ERROR", "event": "agent_error", "error": f"Run stopped: lease lost ({exc})"}
-    if exc is not None:
-        return {"state": "ERROR", "event": "agent_error", "error": f"{type(exc).__name__}: {exc}",
-                "traceback": "".join(traceback.format_exception(exc))}
-    result = task.result()
-    try:
-        encoded = json.dumps(result, allow_nan=False, separators=(",", ":")).encode()
-    except (TypeError, ValueError, RecursionError) as exc:
-        return {"state": "ERROR", "event": "agent_error",
-                "error": f"Agent result is not JSON-serialisable: {type(exc).__name__}: {exc}"}
-    if len(encoded) > MAX_RESULT_BYTES:
-        return {"state": "ERROR", "event": "agent_error",
-                "error": f"Agent result is too large: {len(encoded)} bytes (limit {MAX_RESULT_BYTES})"}
-    try:
-        extra = safe_fields(agent.completion_fields(result), taken=TERMINAL_LINE_FIELDS)
-    except Exception as exc:  # a broken completion_fields must not cost the run its outcome
-        extra = {"completion_fields_error": f"{type(exc).__name__}: {exc}"}
-    return {"state": "DONE", "event": "agent_complete", "result_json": encoded, **extra}
 
 
 def exit_lock_expired(active: ActiveRun) -> None:

@@ -34,7 +34,7 @@ from service.http.single_process import claim_server_sockets
 from service.http.startup import refuse_to_start
 from service.http.validation import json_response
 from service.logs import flush_stdout_regularly, log, write_hot_lines
-from service.runs import run_fields
+from service.supervision import run_fields
 from service.runtime import NotStarted, Runtime, close_runtime, open_runtime, stop_delivering
 from service.settings import ConfigError
 

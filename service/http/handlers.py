@@ -21,7 +21,7 @@ from service.backends.records import STATES, Page, Run
 from service.http.validation import (check_idempotency_key, check_uuid, check_webhook_resolves, header,
                                      json_response, parse_limit, parse_run_request, parse_wait, read_json, short)
 from service.logs import log, log_hot
-from service.runs import run_fields
+from service.supervision import run_fields
 from service.runtime import Runtime, from_state
 
 CANCEL_WAIT_SECONDS = 5.0  # how long POST /agents/cancel waits for the agent to stop

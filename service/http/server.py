@@ -16,7 +16,7 @@ from service import settings
 from service.http.limits import LimitedHttpToolsProtocol
 from service.http.startup import configure, process_logging_config
 from service.logs import log, write_hot_lines
-from service.runs import run_fields
+from service.supervision import run_fields
 from service.runtime import Runtime
 from service.settings import SETTINGS_TABLE
 
