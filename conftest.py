@@ -24,6 +24,20 @@ from typing import Any, NoReturn
 import httpx
 import pytest
 
+
+def pytest_configure(config: Any) -> None:
+    """Each xdist worker gets a temporary directory of its own (TMPDIR, inherited by the servers it starts).
+    Memory mode's one-process claims (service/http/single_process.py) live there and are held until their process
+    ends: a worker whose in-process app claimed the address of a proxy it held would otherwise refuse, for good,
+    that port to the other worker, whose proxy the OS may hand it later (its app would exit 2 on it)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        path = os.path.join(tempfile.gettempdir(), f"agent-runner-tests-{worker}")
+        os.makedirs(path, exist_ok=True)
+        os.environ["TMPDIR"] = path
+        tempfile.tempdir = None  # gettempdir() reads TMPDIR again
+
+
 HERE = Path(__file__).resolve().parent
 TESTS = HERE / "tests"  # the fixture agents (AGENT_MODULES=fixture_agents) live here
 DOCS = HERE / "docs"  # the documentation pages; drift tests read their tables and snippets

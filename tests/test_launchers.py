@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -110,7 +111,8 @@ def run_until_exit(argv: list[str], output: Path, timeout: float = 30, **env: st
     not exit in time is killed with its workers, and the test fails."""
     with open(output, "wb") as out:
         proc = subprocess.Popen(argv, cwd=HERE, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(TESTS), **env})
+                                env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(TESTS),
+                                     "TMPDIR": tempfile.gettempdir(), **env})  # where the others' claims are
         try:
             return proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -369,3 +371,18 @@ def test_without_a_lifespan_nothing_is_served_unguarded(tmp_path: Path) -> None:
         assert request(server.port, "GET", "/healthz")[0] == 200  # the process is alive
     finally:
         server.stop()
+
+
+def test_a_second_lifespan_in_the_same_process_keeps_the_sockets_it_claimed() -> None:
+    """A process that claimed a server socket's address (memory mode's one-process check) and runs a lifespan again
+    (an in-process app, a test harness) claims it again at once. Before, its own lock refused it: the process
+    waited the grace and exited 2, as if another process served its socket (an xdist worker died of it)."""
+    import asyncio
+    import socket
+
+    from service.http.single_process import claim_server_sockets
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        first = asyncio.run(claim_server_sockets(0.0))
+        again = asyncio.run(claim_server_sockets(0.0))
+        assert (first, again) == (None, None), server.getsockname()

@@ -465,7 +465,8 @@ def test_an_events_batch_whose_commit_reply_is_lost_is_stored_once(postgres_serv
     async def scenario() -> tuple[list[Any], list[Any]]:
         backend = open_backend(postgres_server.url, new_schema())
         await backend.start()
-        events = backend.event_transport(type("Sink", (), {"deliver": lambda *a: None, "end_all": lambda *a: None})())
+        events = backend.event_transport(type("Sink", (), {"deliver": lambda *a: None, "end_all": lambda *a: None,
+                                                            "listening": lambda *a: False})())
         await events.start()
         try:
             run = new_run()

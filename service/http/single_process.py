@@ -29,7 +29,7 @@ import time
 from types import FrameType
 from typing import IO, Any
 
-_claims: list[IO[str]] = []  # locked files, held until the process ends
+_claims: dict[str, IO[str]] = {}  # the addresses this process claimed: their locked files, held until it ends
 
 
 def server_addresses() -> set[str]:
@@ -89,7 +89,10 @@ def claim_directory() -> str:
 
 
 def claim(address: str) -> bool:
-    """Hold ``address`` for this process until it ends; False when another process holds it."""
+    """Hold ``address`` for this process until it ends; False when another process holds it (a second lifespan in
+    this process, its claims held already, claims what it holds: a lock file opened again would refuse it)."""
+    if address in _claims:
+        return True
     name = hashlib.sha256(address.encode()).hexdigest()[:32]
     held = open(os.path.join(claim_directory(), f"memory-mode-{name}.lock"), "a")
     try:
@@ -97,7 +100,7 @@ def claim(address: str) -> bool:
     except OSError:
         held.close()
         return False
-    _claims.append(held)
+    _claims[address] = held
     return True
 
 
