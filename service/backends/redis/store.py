@@ -449,7 +449,8 @@ class RedisBackend:
         stored RUNNING by the same script when nothing asks the runner to write it (TAKE_SCRIPT).
 
         The token is kept until the take is answered: a take whose reply was lost (or whose run could not be
-        read) is asked again with it at the next call (take or finish_and_take), and answers the same run.
+        read) is asked again with it at dispatch's next take, and answers the same run (a handoff has a token of its
+        own: finish_and_take).
         """
         async with self._taking:
             retry = self._take_token is not None
