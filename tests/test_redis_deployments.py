@@ -236,12 +236,43 @@ def test_rediss_sentinel_uses_tls_to_the_sentinels_and_to_the_primary() -> None:
 
     client: Any = open_client(parse("rediss+sentinel://app:pw@127.0.0.1:26379/mymaster?ssl_ca_certs=/ca.pem"))
     pool = client.connection_pool
-    assert pool.connection_class is SentinelManagedSSLConnection
+    assert issubclass(pool.connection_class, SentinelManagedSSLConnection)
     assert (pool.connection_kwargs["ssl_ca_certs"], pool.connection_kwargs["password"]) == ("/ca.pem", "pw")
     (sentinel,) = pool.sentinel_manager.sentinels
     assert sentinel.connection_pool.connection_class is SSLConnection
     assert sentinel.connection_pool.connection_kwargs["ssl_ca_certs"] == "/ca.pem"
     assert sentinel.connection_pool.connection_kwargs["password"] is None  # the sentinels: without credentials
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "rediss://127.0.0.1:6380/0", "unix:///tmp/redis.sock",
+                                 "redis+sentinel://127.0.0.1:26379/mymaster", "rediss+sentinel://127.0.0.1:26379/m",
+                                 "redis+cluster://127.0.0.1:7000,127.0.0.1:7001", "rediss+cluster://127.0.0.1:7000"])
+def test_every_client_packs_commands_in_c_into_the_bytes_redis_py_would_send(url: str) -> None:
+    """redis-py's asyncio connections pack each command in Python (40 µs for a handoff's arguments); the service's
+    pack it with hiredis, whatever the kind of Redis, and send the same bytes."""
+    from redis.asyncio.connection import Connection
+    from redis.exceptions import DataError
+
+    from service.backends.redis.connect import open_client, parse
+
+    client: Any = open_client(parse(url))
+    if "cluster" in url:
+        classes = [client.nodes_manager.connection_kwargs["connection_class"],
+                   *(node.connection_class for node in client.nodes_manager.startup_nodes.values())]
+    else:
+        classes = [client.connection_pool.connection_class]
+    commands = [("EVALSHA", "f" * 40, 2, "k:1", b"k:2", 7, -3, 0.5, "caf\u00e9", b"\x00\xff", memoryview(b"mv"), ""),
+                ("SCRIPT LOAD", "return 1"), (b"CONFIG GET", "maxmemory"), ("SET", "k", "x" * 100_000)]
+    python = Connection()
+    for connection_class in classes:
+        connection = object.__new__(connection_class)  # pack_command reads nothing of the connection's
+        connection.__dict__.update(python.__dict__)
+        assert type(connection).pack_command is not Connection.pack_command
+        for command in commands:
+            assert b"".join(connection.pack_command(*command)) == b"".join(python.pack_command(*command))
+        for bad in (True, None, object()):
+            with pytest.raises(DataError):
+                connection.pack_command("SET", "k", bad)
 
 
 def test_redis_clients_send_no_maintenance_notifications_handshake() -> None:

@@ -18,9 +18,14 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import DataError
 from redis.exceptions import RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.maint_notifications import MaintNotificationsConfig
+from redis.utils import HIREDIS_AVAILABLE
+
+if HIREDIS_AVAILABLE:
+    import hiredis
 
 SENTINEL_PORT, REDIS_PORT = 26379, 6379
 # What a failing store raises: unreachable, an error reply, or (a cluster client's own, not a RedisError) no
@@ -92,6 +97,46 @@ def parse(url: str) -> Endpoint:
     return Endpoint(url, kind, tls == "rediss", nodes, path[0] if kind == "sentinel" else "", options)
 
 
+class _PackedInC:
+    """A connection that packs its commands with hiredis, as redis-py's synchronous connections do when it is
+    installed (its asyncio ones pack in Python): 5 µs instead of 40 for a handoff's 55 arguments, on the path from
+    one run's end to the next one's start. The same bytes; an argument of no known type is a DataError, as before."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        name = args[0].encode() if isinstance(args[0], str) else args[0]
+        if b" " in name:  # CONFIG GET, SCRIPT LOAD...: sent as two words
+            args = (*name.split(), *args[1:])
+        try:
+            return [hiredis.pack_command(args)]
+        except TypeError as exc:
+            raise DataError(str(exc)) from None
+
+
+_PACKED_IN_C: dict[type[Any], type[Any]] = {}
+
+
+def _packed_in_c(connection_class: type[Any]) -> type[Any]:
+    packed = _PACKED_IN_C.get(connection_class)
+    if packed is None:
+        packed = _PACKED_IN_C[connection_class] = type(connection_class.__name__, (_PackedInC, connection_class), {})
+    return packed
+
+
+def _pack_in_c(client: Redis) -> Redis:
+    """``client``, its connections (made from now on) packing commands in C when hiredis is installed."""
+    if not HIREDIS_AVAILABLE:
+        return client
+    if isinstance(client, RedisCluster):
+        options = client.nodes_manager.connection_kwargs
+        options["connection_class"] = _packed_in_c(options["connection_class"])
+        for node in client.nodes_manager.startup_nodes.values():
+            node.connection_class = _packed_in_c(node.connection_class)
+    else:
+        pool = client.connection_pool
+        pool.connection_class = _packed_in_c(pool.connection_class)
+    return client
+
+
 def _retry() -> dict[str, Any]:
     # Retry twice on a dropped connection, so pooled connections left over from before a Redis restart or a
     # failover do not turn into 503s.
@@ -111,14 +156,14 @@ def open_client(endpoint: Endpoint, socket_timeout: float = 2, pooled: bool = Tr
                                            if key.startswith("ssl")}}
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             list(endpoint.nodes), sentinel_kwargs=sentinel_options)
-        return cast(Redis, sentinel.master_for(endpoint.master, **endpoint.options, **timeouts, **_retry()))
+        return _pack_in_c(cast(Redis, sentinel.master_for(endpoint.master, **endpoint.options, **timeouts, **_retry())))
     if endpoint.kind == "cluster":
         nodes = [ClusterNode(host, port) for host, port in endpoint.nodes]
-        return cast(Redis, RedisCluster(startup_nodes=nodes, **endpoint.options, **timeouts, **_retry(),
-                                        max_connections=64, maint_notifications_config=quiet))
+        return _pack_in_c(cast(Redis, RedisCluster(startup_nodes=nodes, **endpoint.options, **timeouts, **_retry(),
+                                                   max_connections=64, maint_notifications_config=quiet)))
     if not pooled:
-        return Redis.from_url(endpoint.url, **timeouts, maint_notifications_config=quiet)
+        return _pack_in_c(Redis.from_url(endpoint.url, **timeouts, maint_notifications_config=quiet))
     # A blocking pool: a burst of requests waits briefly for a connection instead of failing.
     pool = BlockingConnectionPool.from_url(endpoint.url, max_connections=64, timeout=5, **timeouts, **_retry(),
                                            maint_notifications_config=quiet)
-    return Redis(connection_pool=pool)
+    return _pack_in_c(Redis(connection_pool=pool))
