@@ -6,6 +6,17 @@ command whose connection dropped, and the runner retries a terminal write).
 
 from service.backends.redis.side_scripts import APPEND_EVENT
 
+# What the steps of one script call tell each other (HANDOFF_SCRIPT runs FINISH, then TAKE), so the second does not
+# ask Redis again: the generation key's value (generation_in: read once; FENCE writes it when it makes a new one) and
+# the slot key FINISH let go of (free now). Every script of the steps below starts with it.
+STEP_STATE = """
+local generation_read, generation_known, released_slot = false, false, false
+local function generation_in(key)
+  if not generation_known then generation_read, generation_known = redis.call('GET', key), true end
+  return generation_read
+end
+"""
+
 # A Lua function for the scripts that give out slots: whether they may. Every replica writes the generation key as
 # it starts (SET NX); Redis without it has lost its data (FLUSHALL, a restart without persistence, a failover), and
 # with it the slot keys of runs that may still be going. The first script to see that makes a new generation and
@@ -14,10 +25,11 @@ from service.backends.redis.side_scripts import APPEND_EVENT
 # found the loss (for the caller to log), else 0, and the generation now in Redis.
 FENCE = """
 local function fence_open(generation, fence, new_generation, ttl_ms)
-  local current = redis.call('GET', generation)
+  local current = generation_in(generation)
   if not current then
     redis.call('SET', generation, new_generation)
     redis.call('SET', fence, new_generation, 'PX', ttl_ms)
+    generation_read = new_generation
     return false, 1, new_generation
   end
   return redis.call('EXISTS', fence) == 0, 0, current
@@ -82,7 +94,7 @@ end
 # the one in Redis (the new one, when this call made it: a re-run after a lost reply still shows it as this
 # call's). While the fence stands it answers as if every slot were taken: busy, or queued. suspect: as in
 # TAKE_SCRIPT (ORPHANS_SUSPECT), on a started run.
-ADMIT_SCRIPT = FENCE + MINT + ORPHANS_SUSPECT + """
+ADMIT_SCRIPT = STEP_STATE + FENCE + MINT + ORPHANS_SUSPECT + """
 local unfinished_count = redis.call('HLEN', KEYS[5])
 local n = tonumber(ARGV[8])
 if redis.call('EXISTS', KEYS[2]) == 1 then
@@ -241,11 +253,11 @@ local function take(K, A)
   local n = tonumber(A[3])
   local held, free
   for i = 1, n do
-    local holder = redis.call('GET', K[2 + i])
+    local holder = K[2 + i] ~= released_slot and redis.call('GET', K[2 + i])
     if holder == A[1] then held = i elseif not holder then free = true end
   end
   if not held and not free and A[4] ~= '1' then  -- every slot held by others: nothing to take, nothing to check
-    return {'', -1, redis.call('GET', K[3 + n]) or '', 0}
+    return {'', -1, generation_in(K[3 + n]) or '', 0}
   end
   local unfinished_count = redis.call('HLEN', K[2])
   local open, lost, generation = fence_open(K[3 + n], K[4 + n], A[5], A[2])
@@ -294,7 +306,7 @@ local function take(K, A)
   return {'', -1, generation, 0}
 end
 """
-TAKE_SCRIPT = FENCE + MINT + ORPHANS_SUSPECT + MARK_RUNNING + TAKE + "return take(KEYS, ARGV)\n"
+TAKE_SCRIPT = STEP_STATE + FENCE + MINT + ORPHANS_SUSPECT + MARK_RUNNING + TAKE + "return take(KEYS, ARGV)\n"
 
 # Store a terminal state: record, indexes, size, cancel flag, lock release (if the token still holds it),
 # the webhook delivery it owes (ARGV[6], the URL, or '') and the finished message in one step. Safe to run
@@ -322,7 +334,8 @@ FINISH = """
 local finished_now = false  -- this call stored the end (not a retry that found it stored): HANDOFF_SCRIPT
 local function finish(K, A)
   local holder = A[10] or ''
-  local data_lost = (A[9] or '') ~= '' and redis.call('GET', K[13]) ~= A[9]
+  local data_lost = (A[9] or '') ~= '' and generation_in(K[13]) ~= A[9]
+  local held = false  -- the holder's in the unfinished index: its record is there (retention drops finished runs only)
   if holder ~= '' then
     local owner = redis.call('HGET', K[3], A[2])
     if owner ~= holder and (owner or not data_lost) then
@@ -331,8 +344,9 @@ local function finish(K, A)
       if stored and stored ~= A[1] then return {0, 0, -2} end
       return {redis.call('ZCARD', K[2]), tonumber(redis.call('GET', K[6]) or '0'), 0}
     end
+    held = owner == holder
   end
-  local stored = redis.call('EXISTS', K[1]) == 1
+  local stored = held or redis.call('EXISTS', K[1]) == 1
   if data_lost then
     stored = true
     if not redis.call('ZSCORE', K[14], A[2]) then
@@ -365,18 +379,21 @@ local function finish(K, A)
       end
     end
   end
-  if A[4] ~= '' and redis.call('GET', K[8]) == A[4] then redis.call('DEL', K[8]) end
+  if A[4] ~= '' and redis.call('GET', K[8]) == A[4] then
+    redis.call('DEL', K[8])
+    released_slot = K[8]
+  end
   redis.call('PUBLISH', A[3], A[2])
   return {redis.call('ZCARD', K[2]), total or tonumber(redis.call('GET', K[6]) or '0'), owed}
 end
 """
-FINISH_SCRIPT = FINISH + "return finish(KEYS, ARGV)\n"
+FINISH_SCRIPT = STEP_STATE + FINISH + "return finish(KEYS, ARGV)\n"
 
 # Cancel a run still waiting in the queue: take it out and store its terminal state (FINISH_SCRIPT) in one step,
 # so a run never leaves the line without an end. A retry whose first reply was lost finds the record it stored.
 # KEYS: FINISH_SCRIPT's, then queue. ARGV: FINISH_SCRIPT's (holder ''). Returns FINISH_SCRIPT's answer, or nil
 # when the run no longer waits (taken, or cancelled by another request).
-CANCEL_WAITING_SCRIPT = FINISH + """
+CANCEL_WAITING_SCRIPT = STEP_STATE + FINISH + """
 if redis.call('LREM', KEYS[15], 1, ARGV[2]) == 0 and redis.call('GET', KEYS[1]) ~= ARGV[1] then return nil end
 return finish(KEYS, ARGV)
 """
@@ -396,7 +413,7 @@ return finish(KEYS, ARGV)
 # events ('1' or ''), run stream key prefix, state, caps (APPEND_EVENT's 7), the ended run's public JSON.
 # Returns {FINISH's answer, TAKE's answer, {the ended run's event id, the taken run's}} (an id: false when none
 # was appended; TAKE's answer and the ids left out when FINISH was refused).
-HANDOFF_SCRIPT = FENCE + MINT + ORPHANS_SUSPECT + MARK_RUNNING + FINISH + TAKE + APPEND_EVENT + """
+HANDOFF_SCRIPT = STEP_STATE + FENCE + MINT + ORPHANS_SUSPECT + MARK_RUNNING + FINISH + TAKE + APPEND_EVENT + """
 local function public_of(record)  -- a record without its trace field, which comes last but for fencing_token
   local at = string.find(record, ',"trace":"[%w%- ]*","fencing_token":[%dnul]+}$')
   if not at then return record end

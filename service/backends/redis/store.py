@@ -15,7 +15,7 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
-from service.backends.base import FrameSink, new_message_id
+from service.backends.base import FrameSink, new_message_id, unique_id
 from service.backends.records import MAX_OWED, MAX_OWED_BYTES, Page, Run, StoreUnavailable, WriteRefused
 from service.backends.redis.connect import Endpoint
 from service.backends.redis.events import RedisEvents
@@ -86,6 +86,10 @@ class RedisBackend:
         # Handoffs not answered yet, by the token of the run that ends: their take's token, and whether they
         # append the events (finish_and_take). A retry asks again with both; one given up on goes to dispatch.
         self._handoffs: dict[str, tuple[str, bool]] = {}
+        # the keys (and key prefixes, ending with ':') the terminal writes and takes name, made once
+        self._fixed = {name: self.key(*name.split(":")) for name in (
+            "run:", "cancel:", "webhook:", "events:run:", "finished", "unfinished", "sizes", "bytes", "seq", "lock",
+            "logbytes", "webhooks", "generation", "runs", "queue", "fencing", "events", "events:runs")}
         self._reads = CoalescedReads(client)  # concurrent record reads share one MGET
         self._finish = client.register_script(FINISH_SCRIPT)
         self._trim = client.register_script(TRIM_SCRIPT)
@@ -221,7 +225,7 @@ class RedisBackend:
         await self._progress_written(run)
         retry = run.holder in self._handoffs
         token, append = self._handoffs.setdefault(
-            run.holder, (uuid.uuid4().hex, self._events is not None and self._events.idle()))
+            run.holder, (unique_id(), self._events is not None and self._events.idle()))
         async with self.health.guard():
             take_args, keys, args = self._handoff_call(run, token, retry, append)
             self._freeing(run, run.holder)
@@ -249,8 +253,8 @@ class RedisBackend:
         keys, args = self._finish_call(run, run.holder, run.holder)
         take_keys, take_args = self._take_call(token, retry)
         caps = self._events.stream_caps() if self._events is not None else [0] * 7
-        return take_args, [*keys, *take_keys, self.key("events"), self.key("events", "runs")], \
-            [*args, *take_args, "1" if append else "", self.key("events", "run", ""), run.state, *caps, run.json()]
+        return take_args, [*keys, *take_keys, self._fixed["events"], self._fixed["events:runs"]], \
+            [*args, *take_args, "1" if append else "", self._fixed["events:run:"], run.state, *caps, run.json()]
 
     async def _progress_written(self, run: Run) -> None:
         """A progress write of ``run`` in flight lands first: it never overwrites the write to come."""
@@ -297,14 +301,14 @@ class RedisBackend:
                      holder: str) -> tuple[builtins.list[str], builtins.list[bytes | str | int]]:
         """FINISH_SCRIPT's keys and arguments for ``run``'s terminal state; ``token``: the slot released with it,
         ``holder``: the token the run is held under ('' for a run that never held a slot)."""
-        return ([self.key("run", run.run_id), self.key("finished"), self.key("unfinished"),
-                 self.key("cancel", run.run_id), self.key("sizes"), self.key("bytes"), self.key("seq"),
-                 self._lock.key_of(token) if token else self.key("lock"),
-                 self.key("logbytes"), self.key("webhooks"), self.key("webhook", run.run_id),
-                 self.key("events", "run", run.run_id, "bytes"), self.key("generation"), self.key("runs")],
-                [run.record(), run.run_id, self.key("finished"), token, run.size, run.webhook or "", MAX_OWED,
+        run_id, fixed = run.run_id, self._fixed
+        return ([fixed["run:"] + run_id, fixed["finished"], fixed["unfinished"], fixed["cancel:"] + run_id,
+                 fixed["sizes"], fixed["bytes"], fixed["seq"], self._lock.key_of(token) if token else fixed["lock"],
+                 fixed["logbytes"], fixed["webhooks"], fixed["webhook:"] + run_id,
+                 f"{fixed['events:run:']}{run_id}:bytes", fixed["generation"], fixed["runs"]],
+                [run.record(), run_id, fixed["finished"], token, run.size, run.webhook or "", MAX_OWED,
                  MAX_OWED_BYTES, self._lock.generation_of(run.holder) if run.holder else "",  # releasing or not
-                 holder, new_message_id()])  # the id is stored only when the delivery is owed, by the first call
+                 holder, new_message_id() if run.webhook else ""])  # the id: stored with the delivery it owes
 
     async def _after_finish(self, run: Run, finished_count: int, finished_bytes: int, owed: int) -> None:
         """After a terminal state was stored: wake the webhook deliverer (or report the delivery refused), trim."""
@@ -463,10 +467,11 @@ class RedisBackend:
 
     def _take_call(self, token: str, retry: bool) -> tuple[builtins.list[str], builtins.list[str | int]]:
         """TAKE_SCRIPT's keys and arguments for a take under ``token`` (``retry``: asked before, its answer lost)."""
-        return [self.key("queue"), self.key("unfinished"), *self._lock.keys, self._lock.generation_key,
-                self._lock.fence_key, self.key("fencing")], \
-            [token, int(self._lock.ttl_seconds * 1000), len(self._lock.keys), int(retry), uuid.uuid4().hex,
-             self.highest_token, self.key("run", ""), utc_now()]
+        fixed = self._fixed
+        return [fixed["queue"], fixed["unfinished"], *self._lock.keys, self._lock.generation_key,
+                self._lock.fence_key, fixed["fencing"]], \
+            [token, int(self._lock.ttl_seconds * 1000), len(self._lock.keys), int(retry), unique_id(),
+             self.highest_token, fixed["run:"], utc_now()]
 
     async def _taken(self, token: str, args: builtins.list[str | int], answer: builtins.list[Any],
                      step: str) -> Run | None:
