@@ -56,6 +56,8 @@ async def open_runtime(config: settings.Settings,
     await transport.start()
     capture_agent_logs(hub)
     runtime = Runtime(backend, hub, runner, Admission(runner))
+    backend.watching = hub.watches_queue
+    backend.on_moved = runtime.admission.publish_queue
     runtime.deliverer = start_delivering(backend)
     return runtime
 

@@ -210,6 +210,8 @@ class Backend(Protocol):
     appended_events: frozenset[str]
     on_cancel: Callable[[str, str | None], object]  # a cancel (or, with ``by``, an interrupt) of a run, from anywhere
     on_work: Callable[[], None]  # a run was queued or a slot freed: look at the queue
+    on_moved: Callable[[], None]  # another process took a run from the queue in a handoff: waiting runs moved
+    watching: Callable[[], bool]  # whether clients here watch waiting runs' positions (EventHub.watches_queue)
     on_finished: Callable[[Run], None]  # a run with a webhook was stored terminal: its delivery is owed
     on_not_owed: Callable[[Run, str], None]  # its delivery was past the bound on those owed: dropped
     # (variable, detail): the store, reached only after start, turned out unusable by this version (Postgres: a

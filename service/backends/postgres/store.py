@@ -69,6 +69,8 @@ class PostgresBackend(TerminalSteps, RunReads):
         self.log = log
         self.on_cancel: Callable[[str, str | None], object] = lambda run_id, by: None
         self.on_work: Callable[[], None] = lambda: None
+        self.on_moved: Callable[[], None] = lambda: None  # never called here: Redis mode's handoffs
+        self.watching: Callable[[], bool] = lambda: False
         self.on_finished: Callable[[Run], None] = lambda run: None
         self.on_not_owed: Callable[[Run, str], None] = lambda run, detail: None
         self.on_invalid_configuration: Callable[[str, str], object] = lambda variable, detail: None

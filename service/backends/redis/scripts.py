@@ -8,9 +8,11 @@ from service.backends.redis.side_scripts import APPEND_EVENT
 
 # What the steps of one script call tell each other (HANDOFF_SCRIPT runs FINISH, then TAKE), so the second does not
 # ask Redis again: the generation key's value (generation_in: read once; FENCE writes it when it makes a new one) and
-# the slot key FINISH let go of (free now). Every script of the steps below starts with it.
+# the slot key FINISH let go of (free now); HANDOFF_SCRIPT's FINISH leaves its message to the end (ended_now). Every
+# script of the steps below starts with it.
 STEP_STATE = """
 local generation_read, generation_known, released_slot = false, false, false
+local ended_now = false  -- FINISH stored the end without its "finished" message: HANDOFF_SCRIPT sends one after TAKE
 local function generation_in(key)
   if not generation_known then generation_read, generation_known = redis.call('GET', key), true end
   return generation_read
@@ -328,7 +330,7 @@ TAKE_SCRIPT = STEP_STATE + FENCE + MINT + ORPHANS_SUSPECT + MARK_RUNNING + TAKE 
 # whichever replica makes it, sends the same one.
 # KEYS: run, finished, unfinished, cancel, sizes, bytes, seq, lock, logbytes, webhooks, webhook, run events bytes,
 # generation, runs. ARGV: json, run_id, channel, token, size, webhook url, max owed, max owed bytes, generation,
-# holder, delivery id. Returns {finished runs, their bytes, owed}: owed 1 (a delivery is owed now), -1 (refused: past the bound),
+# holder, delivery id, and (HANDOFF_SCRIPT's own) 'handoff': the message is left to it (ended_now). Returns {finished runs, their bytes, owed}: owed 1 (a delivery is owed now), -1 (refused: past the bound),
 # 0, or -2: the write was refused.
 FINISH = """
 local finished_now = false  -- this call stored the end (not a retry that found it stored): HANDOFF_SCRIPT
@@ -383,7 +385,7 @@ local function finish(K, A)
     redis.call('DEL', K[8])
     released_slot = K[8]
   end
-  redis.call('PUBLISH', A[3], A[2])
+  if A[12] == 'handoff' then ended_now = true else redis.call('PUBLISH', A[3], A[2]) end
   return {redis.call('ZCARD', K[2]), total or tonumber(redis.call('GET', K[6]) or '0'), owed}
 end
 """
@@ -409,8 +411,12 @@ return finish(KEYS, ARGV)
 # record without the trace field) and the run's stream has its first event already. A retry appends nothing again.
 # The ids answered are those of the two events when they are in Redis (appended by this call or by the call it
 # retries), else false: the runner sends those itself.
+# FINISH's message goes out after TAKE: on FINISH's channel (ARGV[3], "finished") when nothing was taken, so every
+# replica's dispatch looks at the queue; else on ARGV[31] ("ended"), which only replicas with waiters (or clients of
+# queue positions) follow: a slot handed on wakes no dispatcher anywhere.
 # KEYS: FINISH's 14, then TAKE's, then the streams of all events and of run events. ARGV: FINISH's 11, TAKE's 8,
-# events ('1' or ''), run stream key prefix, state, caps (APPEND_EVENT's 7), the ended run's public JSON.
+# events ('1' or ''), run stream key prefix, state, caps (APPEND_EVENT's 7), the ended run's public JSON, the
+# channel of runs that ended in a handoff.
 # Returns {FINISH's answer, TAKE's answer, {the ended run's event id, the taken run's}} (an id: false when none
 # was appended; TAKE's answer and the ids left out when FINISH was refused).
 HANDOFF_SCRIPT = STEP_STATE + FENCE + MINT + ORPHANS_SUSPECT + MARK_RUNNING + FINISH + TAKE + APPEND_EVENT + """
@@ -419,9 +425,14 @@ local function public_of(record)  -- a record without its trace field, which com
   if not at then return record end
   return string.sub(record, 1, at - 1) .. string.sub(record, (string.find(record, ',"fencing_token":', at, true)))
 end
-local finished = finish({unpack(KEYS, 1, 14)}, {unpack(ARGV, 1, 11)})
+local finish_args = {unpack(ARGV, 1, 11)}
+finish_args[12] = 'handoff'
+local finished = finish({unpack(KEYS, 1, 14)}, finish_args)
 if finished[3] == -2 then return {finished} end
 local took = take({unpack(KEYS, 15, #KEYS - 2)}, {unpack(ARGV, 12, 19)})
+if ended_now then  -- a slot freed: "finished", for every replica's dispatch too; handed on: "ended", for waiters
+  redis.call('PUBLISH', took[1] == '' and ARGV[3] or ARGV[31], ARGV[2])
+end
 local function appended(stream, state)  -- the stream's newest event, when it is the run's change to state
   local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1]
   if newest and newest[2][6] == state then return newest[1] end

@@ -66,12 +66,15 @@ class RedisBackend:
         self._records = RecordReader(log)
         self.on_cancel: Callable[[str, str | None], object] = lambda run_id, by: None
         self.on_work: Callable[[], None] = lambda: None  # a run was queued or a slot freed, on any replica
+        self.on_moved: Callable[[], None] = lambda: None  # a run was taken in a handoff, on any replica
+        self.watching: Callable[[], bool] = lambda: False  # clients here watch queue positions (listener.follow_ended)
         self.on_finished: Callable[[Run], None] = lambda run: None  # a run with a webhook was stored terminal
         self.on_not_owed: Callable[[Run, str], None] = lambda run, detail: None  # its delivery was past the bound
         self.on_invalid_configuration: Callable[[str, str], object] = lambda variable, detail: None  # never found later
         self.idempotency_keys = RedisIdempotencyKeys(client, self.key("idempotency", ""), self.key("run", ""), health,
                                                      idempotency_ttl_seconds)
         self._waiters: dict[str, set[asyncio.Event]] = {}
+        self.waiters_changed = asyncio.Event()  # the first waiter came or the last one went (listener.follow_ended)
         self._progress_writes: dict[str, asyncio.Task[None]] = {}
         self._progress_dirty: set[str] = set()
         self._listener: asyncio.Task[None] | None = None
@@ -89,7 +92,7 @@ class RedisBackend:
         # the keys (and key prefixes, ending with ':') the terminal writes and takes name, made once
         self._fixed = {name: self.key(*name.split(":")) for name in (
             "run:", "cancel:", "webhook:", "events:run:", "finished", "unfinished", "sizes", "bytes", "seq", "lock",
-            "logbytes", "webhooks", "generation", "runs", "queue", "fencing", "events", "events:runs")}
+            "logbytes", "webhooks", "generation", "runs", "queue", "fencing", "events", "events:runs", "ended")}
         self._reads = CoalescedReads(client)  # concurrent record reads share one MGET
         self._finish = client.register_script(FINISH_SCRIPT)
         self._trim = client.register_script(TRIM_SCRIPT)
@@ -157,6 +160,9 @@ class RedisBackend:
             return False
         del self._freed_here[run_id]
         return True
+
+    def has_waiters(self) -> bool:
+        return bool(self._waiters)
 
     def wake_all(self) -> None:
         for run_id in list(self._waiters):
@@ -231,6 +237,9 @@ class RedisBackend:
             self._freeing(run, run.holder)
             finished, *took = await self._handoff(keys=keys, args=args)
             del self._handoffs[run.holder]
+            if took and took[0][0]:  # handed on: its message went to "ended", not to "finished" (no echo to await)
+                self._freed_here.pop(run.run_id, None)
+                self.wake(run.run_id)
             self._finished(run, run.holder, finished)  # refused: nothing was taken, nothing appended
             taken = await self._taken(token, take_args, took[0], "handoff")
             ended_id, taken_id = took[1]
@@ -254,7 +263,8 @@ class RedisBackend:
         take_keys, take_args = self._take_call(token, retry)
         caps = self._events.stream_caps() if self._events is not None else [0] * 7
         return take_args, [*keys, *take_keys, self._fixed["events"], self._fixed["events:runs"]], \
-            [*args, *take_args, "1" if append else "", self._fixed["events:run:"], run.state, *caps, run.json()]
+            [*args, *take_args, "1" if append else "", self._fixed["events:run:"], run.state, *caps, run.json(),
+             self._fixed["ended"]]
 
     async def _progress_written(self, run: Run) -> None:
         """A progress write of ``run`` in flight lands first: it never overwrites the write to come."""
@@ -352,7 +362,12 @@ class RedisBackend:
         return self._records.read(self.key("run", run_id), raw, holder)
 
     async def wait_finished(self, run_id: str, timeout: float) -> Run | None:
+        """The run once it is terminal, or as it stands after ``timeout``. Woken by the message of its end from
+        whichever replica stores it: on ``finished``, or on ``ended`` when its slot went to the next run, which the
+        listener follows only while this replica has waiters (and wakes them all once Redis confirms it follows)."""
         event = asyncio.Event()
+        if not self._waiters:
+            self.waiters_changed.set()
         self._waiters.setdefault(run_id, set()).add(event)
         deadline = asyncio.get_running_loop().time() + timeout
         try:
@@ -369,6 +384,8 @@ class RedisBackend:
             waiters.discard(event)
             if not waiters:
                 del self._waiters[run_id]
+                if not self._waiters:
+                    self.waiters_changed.set()
 
     async def list(self, page: Page, before: str | None = None) -> builtins.list[Run]:
         """As MemoryBackend.list; fetches in small batches so a page of large runs stays small in memory."""
