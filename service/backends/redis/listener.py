@@ -1,8 +1,9 @@
 """Redis mode's pub/sub listener: runs finished, cancels asked and runs queued, heard from every replica.
 
-A run whose slot went straight to the next run (a handoff: scripts.HANDOFF_SCRIPT) is told on a channel of its own,
-``ended``, which a replica follows only while it has something to do with it: waiters (``GET ...?wait``) or stream
-clients that watch queue positions. So a drain costs the other replicas nothing per run: no message, no take.
+A run whose slot went straight to the next run (a handoff: scripts.HANDOFF_SCRIPT) frees no slot: its end is told
+on ``ended:<run_id>``, which a replica follows only while it has waiters (``GET ...?wait``) for that run, and on
+``ended``, which it follows while stream clients watch queue positions (the queue moved). So a drain costs the other
+replicas nothing per run, and a replica with waiters hears only the ends of their runs.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from service.backends.redis.connect import STORE_ERRORS
 from service.backends.redis.lock import StoreHealth
 from service.cancelling import cancel_and_wait
 
-ENDED_LINGER_SECONDS = 5.0  # ``ended`` is followed this long after the last reason to, so bursts of waits share it
+MOVED_LINGER_SECONDS = 5.0  # ``ended`` is followed this long after the last client of queue positions left
 WATCH_CHECK_SECONDS = 0.25  # how often whether stream clients watch the queue is looked at (their positions)
 
 
@@ -36,7 +37,7 @@ class Listener(Protocol):
 
     def key(self, *parts: str) -> str: ...
 
-    def has_waiters(self) -> bool: ...
+    def waited_runs(self) -> list[str]: ...
 
     def wake(self, run_id: str) -> None: ...
 
@@ -51,27 +52,41 @@ async def listen(backend: Listener) -> None:
     Without it a cross-replica cancel waits for the next lock renewal, so it must not die: a
     message it cannot decode is skipped, and any other failure is logged and it subscribes again.
     """
-    finished, cancel, queued, ended = (backend.key(name).encode() for name in ("finished", "cancel", "queued", "ended"))
+    finished, cancel, queued, moved = (backend.key(name).encode() for name in ("finished", "cancel", "queued", "ended"))
+    ended = moved + b":"  # ended:<run_id>
     while True:
         follower: asyncio.Task[None] | None = None
         try:
             await backend.client.ping()  # a cluster client learns the slots here: its pubsub does not
             async with backend.client.pubsub() as pubsub:
                 await pubsub.subscribe(finished, cancel, queued)
-                follower = asyncio.create_task(follow_ended(backend, pubsub, ended), name="redis-follow-ended")
+                follower = asyncio.create_task(follow(backend, pubsub, moved), name="redis-follow-ended")
                 backend.wake_all()  # anything finished while we were not subscribed
                 async for message in pubsub.listen():
-                    if message["type"] == "subscribe" and message["channel"] == ended:
-                        backend.wake_all()  # waiters read their run again: a handoff before now passed by unheard
-                    if message["type"] != "message":
+                    kind, channel = message["type"], message["channel"]
+                    if kind not in ("message", "subscribe") or kind == "subscribe" and not channel.startswith(ended):
                         continue
                     try:
-                        run_id = message["data"].decode()
+                        run_id = (channel[len(ended):] if kind == "subscribe" else message["data"]).decode()
                     except UnicodeDecodeError:
                         backend.health.log.warning("pubsub_message_ignored",
-                                                   extra={"channel": message["channel"].decode(errors="replace")})
+                                                   extra={"channel": channel.decode(errors="replace")})
                         continue
-                    heard(backend, message["channel"], run_id, finished, cancel, ended)
+                    if kind == "subscribe":  # its waiters read it again: an end before now passed by unheard
+                        backend.wake(run_id)
+                    elif channel == finished:
+                        backend.wake(run_id)
+                        if not backend.finished_here(run_id):  # a slot freed elsewhere: look at the queue
+                            backend.on_work()
+                    elif channel == moved:  # a handoff: no slot to take, but the queue moved
+                        backend.on_moved()
+                    elif channel.startswith(ended):
+                        backend.wake(run_id)
+                    elif channel == cancel:
+                        run_id, _, by = run_id.partition(" ")
+                        backend.on_cancel(run_id, by or None)
+                    else:  # queued
+                        backend.on_work()
         except STORE_ERRORS:
             await asyncio.sleep(0.5)
         except Exception as exc:
@@ -83,40 +98,24 @@ async def listen(backend: Listener) -> None:
                 await cancel_and_wait(follower)
 
 
-def heard(backend: Listener, channel: bytes, run_id: str, finished: bytes, cancel: bytes, ended: bytes) -> None:
-    if channel == finished:
-        backend.wake(run_id)
-        if not backend.finished_here(run_id):  # a slot freed elsewhere: look at the queue
-            backend.on_work()
-    elif channel == ended:  # handed on to the next run: no slot to take, but the queue moved
-        backend.wake(run_id)
-        backend.on_moved()
-    elif channel == cancel:
-        run_id, _, by = run_id.partition(" ")
-        backend.on_cancel(run_id, by or None)
-    else:  # queued
-        backend.on_work()
-
-
-async def follow_ended(backend: Listener, pubsub: PubSub, channel: bytes) -> None:
-    """Keep ``pubsub`` subscribed to ``channel`` while the replica wants its messages (waiters, or stream clients of
-    queue positions), and for ENDED_LINGER_SECONDS after. Once Redis confirms the subscription, the listener wakes
-    every waiter to read its run again, so a waiter that came before it misses nothing."""
-    subscribed = False
+async def follow(backend: Listener, pubsub: PubSub, moved: bytes) -> None:
+    """Keep ``pubsub`` subscribed to ``ended:<run_id>`` for each run this replica has waiters for, and to ``moved``
+    while stream clients here watch queue positions (and MOVED_LINGER_SECONDS after). Once Redis confirms a run's
+    subscription, the listener wakes its waiters to read it again, so a waiter that came before misses nothing."""
+    subscribed: set[bytes] = set()
+    watched_until = 0.0
     while True:
         backend.waiters_changed.clear()
-        wanted = backend.has_waiters() or backend.watching()
-        if wanted and not subscribed:
-            await pubsub.subscribe(channel)
-            subscribed = True
-        elif not wanted and subscribed:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(backend.waiters_changed.wait(), ENDED_LINGER_SECONDS)
-                continue  # a waiter came (or went) meanwhile: look again
-            if not (backend.has_waiters() or backend.watching()):
-                await pubsub.unsubscribe(channel)
-                subscribed = False
-            continue
+        now = asyncio.get_running_loop().time()
+        if backend.watching():
+            watched_until = now + MOVED_LINGER_SECONDS
+        wanted = {moved + b":" + run_id.encode() for run_id in backend.waited_runs()}
+        if now < watched_until:
+            wanted.add(moved)
+        if wanted - subscribed:
+            await pubsub.subscribe(*(wanted - subscribed))
+        if subscribed - wanted:
+            await pubsub.unsubscribe(*(subscribed - wanted))
+        subscribed = wanted
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(backend.waiters_changed.wait(), WATCH_CHECK_SECONDS)
-

@@ -412,8 +412,9 @@ return finish(KEYS, ARGV)
 # The ids answered are those of the two events when they are in Redis (appended by this call or by the call it
 # retries), else false: the runner sends those itself.
 # FINISH's message goes out after TAKE: on FINISH's channel (ARGV[3], "finished") when nothing was taken, so every
-# replica's dispatch looks at the queue; else on ARGV[31] ("ended"), which only replicas with waiters (or clients of
-# queue positions) follow: a slot handed on wakes no dispatcher anywhere.
+# replica's dispatch looks at the queue; else on ARGV[31] ("ended": the queue moved) and ARGV[31]:<run_id> (for the
+# run's waiters), which replicas follow only while they have clients of queue positions or waiters of that run: a
+# slot handed on wakes no dispatcher anywhere (listener.py).
 # KEYS: FINISH's 14, then TAKE's, then the streams of all events and of run events. ARGV: FINISH's 11, TAKE's 8,
 # events ('1' or ''), run stream key prefix, state, caps (APPEND_EVENT's 7), the ended run's public JSON, the
 # channel of runs that ended in a handoff.
@@ -430,8 +431,11 @@ finish_args[12] = 'handoff'
 local finished = finish({unpack(KEYS, 1, 14)}, finish_args)
 if finished[3] == -2 then return {finished} end
 local took = take({unpack(KEYS, 15, #KEYS - 2)}, {unpack(ARGV, 12, 19)})
-if ended_now then  -- a slot freed: "finished", for every replica's dispatch too; handed on: "ended", for waiters
-  redis.call('PUBLISH', took[1] == '' and ARGV[3] or ARGV[31], ARGV[2])
+if ended_now and took[1] == '' then  -- a slot freed: "finished", for every replica's dispatch too
+  redis.call('PUBLISH', ARGV[3], ARGV[2])
+elseif ended_now then  -- handed on: for the clients of queue positions, and for the run's waiters
+  redis.call('PUBLISH', ARGV[31], ARGV[2])
+  redis.call('PUBLISH', ARGV[31] .. ':' .. ARGV[2], ARGV[2])
 end
 local function appended(stream, state)  -- the stream's newest event, when it is the run's change to state
   local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1]

@@ -67,14 +67,14 @@ class RedisBackend:
         self.on_cancel: Callable[[str, str | None], object] = lambda run_id, by: None
         self.on_work: Callable[[], None] = lambda: None  # a run was queued or a slot freed, on any replica
         self.on_moved: Callable[[], None] = lambda: None  # a run was taken in a handoff, on any replica
-        self.watching: Callable[[], bool] = lambda: False  # clients here watch queue positions (listener.follow_ended)
+        self.watching: Callable[[], bool] = lambda: False  # clients here watch queue positions (listener.follow)
         self.on_finished: Callable[[Run], None] = lambda run: None  # a run with a webhook was stored terminal
         self.on_not_owed: Callable[[Run, str], None] = lambda run, detail: None  # its delivery was past the bound
         self.on_invalid_configuration: Callable[[str, str], object] = lambda variable, detail: None  # never found later
         self.idempotency_keys = RedisIdempotencyKeys(client, self.key("idempotency", ""), self.key("run", ""), health,
                                                      idempotency_ttl_seconds)
         self._waiters: dict[str, set[asyncio.Event]] = {}
-        self.waiters_changed = asyncio.Event()  # the first waiter came or the last one went (listener.follow_ended)
+        self.waiters_changed = asyncio.Event()  # a run's first waiter came or its last one went (listener.follow)
         self._progress_writes: dict[str, asyncio.Task[None]] = {}
         self._progress_dirty: set[str] = set()
         self._listener: asyncio.Task[None] | None = None
@@ -161,8 +161,8 @@ class RedisBackend:
         del self._freed_here[run_id]
         return True
 
-    def has_waiters(self) -> bool:
-        return bool(self._waiters)
+    def waited_runs(self) -> builtins.list[str]:
+        return builtins.list(self._waiters)
 
     def wake_all(self) -> None:
         for run_id in list(self._waiters):
@@ -363,10 +363,10 @@ class RedisBackend:
 
     async def wait_finished(self, run_id: str, timeout: float) -> Run | None:
         """The run once it is terminal, or as it stands after ``timeout``. Woken by the message of its end from
-        whichever replica stores it: on ``finished``, or on ``ended`` when its slot went to the next run, which the
-        listener follows only while this replica has waiters (and wakes them all once Redis confirms it follows)."""
+        whichever replica stores it: on ``finished``, or on ``ended:<run_id>`` when its slot went to the next run,
+        which the listener follows only while the run has waiters here (and wakes them once Redis confirms it)."""
         event = asyncio.Event()
-        if not self._waiters:
+        if run_id not in self._waiters:
             self.waiters_changed.set()
         self._waiters.setdefault(run_id, set()).add(event)
         deadline = asyncio.get_running_loop().time() + timeout
@@ -384,8 +384,7 @@ class RedisBackend:
             waiters.discard(event)
             if not waiters:
                 del self._waiters[run_id]
-                if not self._waiters:
-                    self.waiters_changed.set()
+                self.waiters_changed.set()
 
     async def list(self, page: Page, before: str | None = None) -> builtins.list[Run]:
         """As MemoryBackend.list; fetches in small batches so a page of large runs stays small in memory."""
