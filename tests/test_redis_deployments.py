@@ -275,6 +275,17 @@ def test_every_client_packs_commands_in_c_into_the_bytes_redis_py_would_send(url
                 connection.pack_command("SET", "k", bad)
 
 
+def test_a_client_asked_for_another_encoding_packs_commands_as_redis_py_does() -> None:
+    """hiredis sends strings as strict UTF-8 only: with ?encoding= in the URL the Python packer stays."""
+    from redis.asyncio.connection import Connection
+
+    from service.backends.redis.connect import open_client, parse
+
+    for query in ("encoding=latin-1", "encoding_errors=replace"):
+        client: Any = open_client(parse(f"redis://127.0.0.1:6379/0?{query}"))
+        assert client.connection_pool.connection_class.pack_command is Connection.pack_command
+
+
 def test_redis_clients_send_no_maintenance_notifications_handshake() -> None:
     """redis-py 8 sends CLIENT MAINT_NOTIFICATIONS on every new cluster connection (RESP3, "auto"): a round trip
     that open-source Redis refuses, and during a failover a race in it (the connection closed under the handshake)

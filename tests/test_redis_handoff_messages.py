@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio
+import redis.exceptions
 
 from conftest import RedisServer
 from service.backends.records import Run, utc_now
@@ -176,6 +177,127 @@ def test_a_replica_follows_handoffs_only_for_its_waiters_runs_and_while_clients_
             await until(following(0, second.run_id))
         finally:
             await a.close()
+            await b.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_listener_that_fails_leaves_no_follower_subscribing_on_a_connection_of_its_own(
+        redis_server: RedisServer) -> None:
+    """The follower stops before the listener's pubsub closes: one left running while the listener pauses to start
+    again subscribed on a new pool connection, never given back (a few dozen restarts used up the pool)."""
+
+    async def scenario() -> None:
+        b = open_redis(redis_server.url, f"t-{uuid.uuid4().hex[:8]}", 30.0, 100, 1 << 30, LOG)[1]
+        await b.start()
+        pool: Any = b.client.connection_pool
+        try:
+            waited = new_run()
+            await b.add(waited)
+            await asyncio.sleep(0.3)
+            in_use = len(pool._in_use_connections)
+
+            def fails(run_id: str, by: str | None) -> None:
+                raise RuntimeError("a bug in a callback")  # the listener's "any other failure": it starts again
+
+            b.on_cancel = fails
+            publisher = redis.asyncio.Redis.from_url(redis_server.url)
+            await publisher.publish(b.key("cancel"), "whatever")
+            await publisher.aclose()
+            await asyncio.sleep(0.1)  # the listener failed and pauses
+            b.on_cancel = lambda run_id, by: None
+            await b.wait_finished(waited.run_id, 1.5)  # a waiter comes and goes meanwhile
+            await asyncio.sleep(0.6)
+            assert await followers(redis_server.url, b, waited.run_id) == 0
+            assert len(pool._in_use_connections) == in_use  # the listener's own, again
+        finally:
+            await b.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_follower_subscribes_again_after_a_failed_subscribe(redis_server: RedisServer) -> None:
+    """One SUBSCRIBE fails (the listener's read reconnecting under it): the follower goes on, and subscribes."""
+
+    async def scenario() -> None:
+        b = open_redis(redis_server.url, f"t-{uuid.uuid4().hex[:8]}", 30.0, 100, 1 << 30, LOG)[1]
+        ended = b.key("ended", "").encode()
+        pubsub, failures = b.client.pubsub, [1]
+
+        def flaky_pubsub(**kwargs: Any) -> Any:
+            made = pubsub(**kwargs)
+            subscribe = made.subscribe
+
+            async def fails_once(*channels: Any) -> Any:
+                if failures and any(channel.startswith(ended) for channel in channels):
+                    failures.pop()
+                    raise redis.exceptions.ConnectionError("reset by peer")
+                return await subscribe(*channels)
+
+            made.subscribe = fails_once
+            return made
+
+        b.client.pubsub = flaky_pubsub
+        await b.start()
+        try:
+            first, second = new_run(), new_run()
+            await b.add(first)
+            await b.add(second)
+            await asyncio.sleep(0.3)
+            await b.wait_finished(first.run_id, 0.3)  # its SUBSCRIBE fails
+            waiter = asyncio.create_task(b.wait_finished(second.run_id, 3))
+
+            async def followed() -> bool:
+                return await followers(redis_server.url, b, second.run_id) == 1
+
+            await until(followed)
+            waiter.cancel()
+            await asyncio.gather(waiter, return_exceptions=True)
+        finally:
+            await b.close()
+
+    asyncio.run(scenario())
+
+
+def test_subscriptions_end_up_as_the_waiters_want_after_pubsub_connections_are_killed_under_churn(
+        redis_server: RedisServer) -> None:
+    """Waits come and go while Redis kills the pubsub connection again and again (a failover, an output buffer
+    limit): afterwards one pubsub connection stands, subscribed to the three channels and nothing of a run."""
+
+    async def scenario() -> None:
+        prefix = f"t-{uuid.uuid4().hex[:8]}"
+        b = open_redis(redis_server.url, prefix, 30.0, 100, 1 << 30, LOG)[1]
+        await b.start()
+        admin = redis.asyncio.Redis.from_url(redis_server.url)
+        runs = [new_run() for _ in range(50)]
+        for run in runs:
+            await b.add(run)
+        stop = asyncio.Event()
+
+        async def churn() -> None:
+            waits = 0
+            while not stop.is_set():
+                await b.wait_finished(runs[waits % 50].run_id, 0.01)
+                waits += 1
+
+        waiting = [asyncio.create_task(churn()) for _ in range(20)]
+        try:
+            for _ in range(30):
+                await asyncio.sleep(0.05)
+                await admin.client_kill_filter(_type="pubsub")
+            await asyncio.sleep(0.3)
+            stop.set()
+            await asyncio.gather(*waiting)
+
+            async def settled() -> bool:
+                clients = await admin.client_list(_type="pubsub")
+                return len(clients) == 1 and clients[0]["sub"] == "3"
+
+            await until(settled, 5)
+            assert await admin.pubsub_channels(f"{prefix}:ended*") == []
+            assert len(b.client.connection_pool._in_use_connections) == 1  # type: ignore[attr-defined]
+        finally:
+            await admin.aclose()
             await b.close()
 
     asyncio.run(scenario())

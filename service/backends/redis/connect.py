@@ -123,13 +123,16 @@ def _packed_in_c(connection_class: type[Any]) -> type[Any]:
 
 
 def _pack_in_c(client: Redis) -> Redis:
-    """``client``, its connections (made from now on) packing commands in C when hiredis is installed."""
-    if not HIREDIS_AVAILABLE:
+    """``client``, its connections (made from now on) packing commands in C when hiredis is installed and strings
+    are sent as UTF-8, strictly (hiredis's only way: not with ``?encoding=`` or ``?encoding_errors=`` in the URL)."""
+    cluster = client if isinstance(client, RedisCluster) else None
+    options = cluster.nodes_manager.connection_kwargs if cluster else client.connection_pool.connection_kwargs
+    utf8 = options.get("encoding", "utf-8").lower().replace("_", "-") in ("utf-8", "utf8")
+    if not HIREDIS_AVAILABLE or not utf8 or options.get("encoding_errors", "strict") != "strict":
         return client
-    if isinstance(client, RedisCluster):
-        options = client.nodes_manager.connection_kwargs
+    if cluster is not None:
         options["connection_class"] = _packed_in_c(options["connection_class"])
-        for node in client.nodes_manager.startup_nodes.values():
+        for node in cluster.nodes_manager.startup_nodes.values():
             node.connection_class = _packed_in_c(node.connection_class)
     else:
         pool = client.connection_pool

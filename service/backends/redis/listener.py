@@ -33,11 +33,15 @@ class Listener(Protocol):
     on_work: Callable[[], None]
     on_moved: Callable[[], None]
     watching: Callable[[], bool]
-    waiters_changed: asyncio.Event  # set when the first waiter comes or the last one goes
+    waiters_changed: asyncio.Event  # set when a run's first waiter comes or its last one goes (waiters_changed_for)
 
     def key(self, *parts: str) -> str: ...
 
     def waited_runs(self) -> list[str]: ...
+
+    def has_waiters(self, run_id: str) -> bool: ...
+
+    def waiters_changed_for(self) -> set[str]: ...
 
     def wake(self, run_id: str) -> None: ...
 
@@ -53,69 +57,89 @@ async def listen(backend: Listener) -> None:
     message it cannot decode is skipped, and any other failure is logged and it subscribes again.
     """
     finished, cancel, queued, moved = (backend.key(name).encode() for name in ("finished", "cancel", "queued", "ended"))
-    ended = moved + b":"  # ended:<run_id>
     while True:
-        follower: asyncio.Task[None] | None = None
         try:
             await backend.client.ping()  # a cluster client learns the slots here: its pubsub does not
             async with backend.client.pubsub() as pubsub:
                 await pubsub.subscribe(finished, cancel, queued)
                 follower = asyncio.create_task(follow(backend, pubsub, moved), name="redis-follow-ended")
                 backend.wake_all()  # anything finished while we were not subscribed
-                async for message in pubsub.listen():
-                    kind, channel = message["type"], message["channel"]
-                    if kind not in ("message", "subscribe") or kind == "subscribe" and not channel.startswith(ended):
-                        continue
-                    try:
-                        run_id = (channel[len(ended):] if kind == "subscribe" else message["data"]).decode()
-                    except UnicodeDecodeError:
-                        backend.health.log.warning("pubsub_message_ignored",
-                                                   extra={"channel": channel.decode(errors="replace")})
-                        continue
-                    if kind == "subscribe":  # its waiters read it again: an end before now passed by unheard
-                        backend.wake(run_id)
-                    elif channel == finished:
-                        backend.wake(run_id)
-                        if not backend.finished_here(run_id):  # a slot freed elsewhere: look at the queue
-                            backend.on_work()
-                    elif channel == moved:  # a handoff: no slot to take, but the queue moved
-                        backend.on_moved()
-                    elif channel.startswith(ended):
-                        backend.wake(run_id)
-                    elif channel == cancel:
-                        run_id, _, by = run_id.partition(" ")
-                        backend.on_cancel(run_id, by or None)
-                    else:  # queued
-                        backend.on_work()
+                try:
+                    await hear(backend, pubsub, finished, cancel, moved)
+                finally:  # before the pubsub closes: a follower left running would subscribe on a new connection
+                    await cancel_and_wait(follower)
         except STORE_ERRORS:
             await asyncio.sleep(0.5)
         except Exception as exc:
             backend.health.log.error("pubsub_listener_restarted", exc_info=exc,
                                      extra={"error": f"{type(exc).__name__}: {exc}"})
             await asyncio.sleep(0.5)
-        finally:
-            if follower is not None:
-                await cancel_and_wait(follower)
+
+
+async def hear(backend: Listener, pubsub: PubSub, finished: bytes, cancel: bytes, moved: bytes) -> None:
+    ended = moved + b":"  # ended:<run_id>
+    async for message in pubsub.listen():
+        kind, channel = message["type"], message["channel"]
+        if kind not in ("message", "subscribe") or kind == "subscribe" and not channel.startswith(ended):
+            continue
+        try:
+            run_id = (channel[len(ended):] if kind == "subscribe" else message["data"]).decode()
+        except UnicodeDecodeError:
+            backend.health.log.warning("pubsub_message_ignored", extra={"channel": channel.decode(errors="replace")})
+            continue
+        if kind == "subscribe":  # its waiters read it again: an end before now passed by unheard
+            backend.wake(run_id)
+        elif channel == finished:
+            backend.wake(run_id)
+            if not backend.finished_here(run_id):  # a slot freed elsewhere: look at the queue
+                backend.on_work()
+        elif channel == moved:  # a handoff: no slot to take, but the queue moved
+            backend.on_moved()
+        elif channel.startswith(ended):
+            backend.wake(run_id)
+        elif channel == cancel:
+            run_id, _, by = run_id.partition(" ")
+            backend.on_cancel(run_id, by or None)
+        else:  # queued
+            backend.on_work()
 
 
 async def follow(backend: Listener, pubsub: PubSub, moved: bytes) -> None:
     """Keep ``pubsub`` subscribed to ``ended:<run_id>`` for each run this replica has waiters for, and to ``moved``
     while stream clients here watch queue positions (and MOVED_LINGER_SECONDS after). Once Redis confirms a run's
-    subscription, the listener wakes its waiters to read it again, so a waiter that came before misses nothing."""
-    subscribed: set[bytes] = set()
-    watched_until = 0.0
+    subscription, the listener wakes its waiters to read it again, so a waiter that came before misses nothing.
+
+    Each turn looks at the runs whose first waiter came or last one went since the last turn; at the start and
+    after a failure (its SUBSCRIBE failed while the listener's read reconnected under it), at every waited run. What
+    is subscribed is redis-py's own record (``pubsub.channels``), which its reconnects subscribe to again."""
+    ended = moved + b":"
+    watched_until, everything = 0.0, True
     while True:
         backend.waiters_changed.clear()
         now = asyncio.get_running_loop().time()
         if backend.watching():
             watched_until = now + MOVED_LINGER_SECONDS
-        wanted = {moved + b":" + run_id.encode() for run_id in backend.waited_runs()}
-        if now < watched_until:
-            wanted.add(moved)
-        if wanted - subscribed:
-            await pubsub.subscribe(*(wanted - subscribed))
-        if subscribed - wanted:
-            await pubsub.unsubscribe(*(subscribed - wanted))
-        subscribed = wanted
+        held = set(pubsub.channels) - set(pubsub.pending_unsubscribe_channels)
+        if everything:
+            wanted = {ended + run_id.encode() for run_id in backend.waited_runs()}
+            join, leave = wanted - held, {channel for channel in held if channel.startswith(ended)} - wanted
+        else:
+            changed = {ended + run_id.encode(): backend.has_waiters(run_id) for run_id in backend.waiters_changed_for()}
+            join = {channel for channel, waited in changed.items() if waited and channel not in held}
+            leave = {channel for channel, waited in changed.items() if not waited and channel in held}
+        if now < watched_until and moved not in held:
+            join.add(moved)
+        elif now >= watched_until and moved in held:
+            leave.add(moved)
+        try:
+            if join:
+                await pubsub.subscribe(*join)
+            if leave:
+                await pubsub.unsubscribe(*leave)
+            everything = False
+        except Exception:  # noqa: BLE001 - the listener's read reconnecting under it; asked again, for every run
+            everything = True
+            await asyncio.sleep(0.5)
+            continue
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(backend.waiters_changed.wait(), WATCH_CHECK_SECONDS)

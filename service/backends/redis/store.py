@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from service.backends.base import FrameSink, new_message_id, unique_id
 from service.backends.records import MAX_OWED, MAX_OWED_BYTES, Page, Run, StoreUnavailable, WriteRefused
 from service.backends.redis.connect import Endpoint
+from service.backends.redis.direct import DirectScript
 from service.backends.redis.events import RedisEvents
 from service.backends.redis.idempotency import RedisIdempotencyKeys
 from service.backends.redis.listener import listen
@@ -75,6 +76,7 @@ class RedisBackend:
                                                      idempotency_ttl_seconds)
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self.waiters_changed = asyncio.Event()  # a run's first waiter came or its last one went (listener.follow)
+        self._waiters_changed_for: set[str] = set()  # those runs
         self._progress_writes: dict[str, asyncio.Task[None]] = {}
         self._progress_dirty: set[str] = set()
         self._listener: asyncio.Task[None] | None = None
@@ -98,7 +100,8 @@ class RedisBackend:
         self._trim = client.register_script(TRIM_SCRIPT)
         self._admit = client.register_script(ADMIT_SCRIPT)
         self._take = client.register_script(TAKE_SCRIPT)
-        self._handoff = client.register_script(HANDOFF_SCRIPT)
+        # the one call between a run's end and the next run's start: on connections of its own (direct.py)
+        self._handoff_script = self._handoff = DirectScript(client, HANDOFF_SCRIPT)
         self._orphans = client.register_script(ORPHANS_SCRIPT)
         self._cancel_waiting = client.register_script(CANCEL_WAITING_SCRIPT)
         self._interrupt = client.register_script(INTERRUPT_SCRIPT)
@@ -121,6 +124,7 @@ class RedisBackend:
     async def close(self) -> None:
         if self._listener is not None:
             await cancel_and_wait(self._listener)
+        await self._handoff_script.close()
         await self.client.aclose()
 
     async def check(self) -> None:
@@ -163,6 +167,14 @@ class RedisBackend:
 
     def waited_runs(self) -> builtins.list[str]:
         return builtins.list(self._waiters)
+
+    def has_waiters(self, run_id: str) -> bool:
+        return run_id in self._waiters
+
+    def waiters_changed_for(self) -> set[str]:
+        """The runs whose first waiter came or last one went since the last call (listener.follow)."""
+        changed, self._waiters_changed_for = self._waiters_changed_for, set()
+        return changed
 
     def wake_all(self) -> None:
         for run_id in list(self._waiters):
@@ -365,14 +377,15 @@ class RedisBackend:
         """The run once it is terminal, or as it stands after ``timeout``. Woken by the message of its end from
         whichever replica stores it: on ``finished``, or on ``ended:<run_id>`` when its slot went to the next run,
         which the listener follows only while the run has waiters here (and wakes them once Redis confirms it)."""
-        event = asyncio.Event()
-        if run_id not in self._waiters:
-            self.waiters_changed.set()
-        self._waiters.setdefault(run_id, set()).add(event)
         deadline = asyncio.get_running_loop().time() + timeout
+        run = await self.get(run_id)
+        if run is None or run.finished or timeout <= 0:
+            return run  # no waiter: nothing to subscribe to
+        event = asyncio.Event()
+        self._waiting(run_id, event, comes=True)
         try:
             while True:
-                run = await self.get(run_id)
+                run = await self.get(run_id)  # (again once waiting: a message of its end would wake it from now)
                 left = deadline - asyncio.get_running_loop().time()
                 if run is None or run.finished or left <= 0:
                     return run
@@ -380,11 +393,21 @@ class RedisBackend:
                     await asyncio.wait_for(event.wait(), min(left, self.POLL_SECONDS))
                 event.clear()
         finally:
-            waiters = self._waiters[run_id]
+            self._waiting(run_id, event, comes=False)
+
+    def _waiting(self, run_id: str, event: asyncio.Event, comes: bool) -> None:
+        """A waiter of ``run_id`` comes or goes; the run's first and last are told to the listener (follow)."""
+        waiters = self._waiters.setdefault(run_id, set())
+        if comes:
+            waiters.add(event)
+        else:
             waiters.discard(event)
-            if not waiters:
-                del self._waiters[run_id]
-                self.waiters_changed.set()
+        first_or_last = len(waiters) == (1 if comes else 0)
+        if not waiters:
+            del self._waiters[run_id]
+        if first_or_last:
+            self._waiters_changed_for.add(run_id)
+            self.waiters_changed.set()
 
     async def list(self, page: Page, before: str | None = None) -> builtins.list[Run]:
         """As MemoryBackend.list; fetches in small batches so a page of large runs stays small in memory."""
