@@ -53,6 +53,14 @@ async def followers(url: str, backend: RedisBackend, *channel: str) -> int:
         await client.aclose()
 
 
+def heard_by(replica: RedisBackend) -> list[str]:
+    """What ``replica``'s listener asks of it from now on: a take ("work"), new queue positions ("moved")."""
+    woken: list[str] = []
+    replica.on_work = lambda: woken.append("work")
+    replica.on_moved = lambda: woken.append("moved")
+    return woken
+
+
 async def queue_behind_a_running_run(a: RedisBackend, b: RedisBackend, woken: list[str]) -> tuple[Run, Run]:
     """``first`` running on ``a``'s slot, ``second`` waiting; ``b`` heard the queueing (and nothing since)."""
     first, second = new_run(), new_run()
@@ -72,9 +80,7 @@ def test_a_handoff_wakes_no_dispatcher_and_a_waiter_on_another_replica_hears_it_
         redis_server: RedisServer) -> None:
     async def scenario() -> None:
         a, b = await two_replicas(redis_server.url)
-        woken: list[str] = []
-        b.on_work = lambda: woken.append("work")
-        b.on_moved = lambda: woken.append("moved")
+        woken = heard_by(b)
         try:
             first, second = await queue_behind_a_running_run(a, b, woken)
             waiter = asyncio.create_task(b.wait_finished(first.run_id, 10))
@@ -104,8 +110,7 @@ def test_a_waiter_subscribed_only_after_the_handoff_reads_its_run_again_at_once(
 
     async def scenario() -> None:
         a, b = await two_replicas(redis_server.url)
-        woken: list[str] = []
-        b.on_work = lambda: woken.append("work")
+        woken = heard_by(b)
         subscribe_now = asyncio.Event()
         ended = b.key("ended", "").encode()  # ended:<run_id>
         pubsub = b.client.pubsub
@@ -148,9 +153,7 @@ def test_a_replica_follows_handoffs_only_for_its_waiters_runs_and_while_clients_
 
     async def scenario() -> None:
         a, b = await two_replicas(redis_server.url)
-        woken: list[str] = []
-        b.on_work = lambda: woken.append("work")
-        b.on_moved = lambda: woken.append("moved")
+        woken = heard_by(b)
         try:
             def following(count: int, *channel: str) -> Callable[[], Awaitable[bool]]:
                 async def check() -> bool:
@@ -298,6 +301,47 @@ def test_subscriptions_end_up_as_the_waiters_want_after_pubsub_connections_are_k
             assert len(b.client.connection_pool._in_use_connections) == 1  # type: ignore[attr-defined]
         finally:
             await admin.aclose()
+            await b.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("end", ["handoff", "save"])
+def test_a_renewal_answered_while_the_runs_end_is_out_finds_its_slot_let_go_not_lost(
+        redis_server: RedisServer, end: str) -> None:
+    """The lock keeper's renewal and the terminal write that frees the slot are out at once (on two connections):
+    the renewal answered after the write landed says the slot is gone, which is the write's doing, not a loss
+    (runs.Runner.keep_lock stops without lock_lost when the backend no longer holds the token)."""
+    from service.backends.records import LockLost
+
+    async def scenario() -> None:
+        a, b = await two_replicas(redis_server.url)
+        try:
+            run = new_run()
+            assert await a.admit(run, "enqueue", 10) == "started"
+            token = run.holder
+            assert token is not None and a.holds(token)
+            held_while_out: list[bool] = []
+            name = "_handoff" if end == "handoff" else "_finish"
+            write = getattr(a, name)
+
+            async def renewed_meanwhile(keys: Any, args: Any) -> Any:
+                answer = await write(keys=keys, args=args)  # landed; its answer not read yet
+                with pytest.raises(LockLost):
+                    await a.renew(run)
+                held_while_out.append(a.holds(token))
+                return answer
+
+            setattr(a, name, renewed_meanwhile)
+            run.update(state="DONE", finished_at=utc_now(), result_json=b'"done"')
+            if end == "handoff":
+                assert await a.finish_and_take(run) is None  # nothing queued
+            else:
+                await a.save(run, release=True)
+            assert held_while_out == [False]
+            assert not a.holds(token)
+        finally:
+            await a.close()
             await b.close()
 
     asyncio.run(scenario())

@@ -109,37 +109,46 @@ async def follow(backend: Listener, pubsub: PubSub, moved: bytes) -> None:
     while stream clients here watch queue positions (and MOVED_LINGER_SECONDS after). Once Redis confirms a run's
     subscription, the listener wakes its waiters to read it again, so a waiter that came before misses nothing.
 
-    Each turn looks at the runs whose first waiter came or last one went since the last turn; at the start and
-    after a failure (its SUBSCRIBE failed while the listener's read reconnected under it), at every waited run. What
-    is subscribed is redis-py's own record (``pubsub.channels``), which its reconnects subscribe to again."""
+    A turn looks at the runs whose first waiter came or last one went since the last turn; the first turn, one
+    after a failure (its SUBSCRIBE failed while the listener's read reconnected under it) and one every
+    WATCH_CHECK_SECONDS at every waited run. What is subscribed is redis-py's own record
+    (``pubsub.channels``): its reconnects subscribe again to all of it, also to a channel whose UNSUBSCRIBE was not
+    confirmed."""
     ended = moved + b":"
-    watched_until, everything = 0.0, True
+    watched_until, every_run_due, everything = 0.0, 0.0, True
     while True:
         backend.waiters_changed.clear()
         now = asyncio.get_running_loop().time()
         if backend.watching():
             watched_until = now + MOVED_LINGER_SECONDS
-        held = set(pubsub.channels) - set(pubsub.pending_unsubscribe_channels)
-        if everything:
+        channels, leaving = pubsub.channels, pubsub.pending_unsubscribe_channels
+
+        def held(channel: bytes) -> bool:
+            return channel in channels and channel not in leaving
+
+        if everything or now >= every_run_due:  # (a reconnect subscribed again to all it held)
+            every_run_due = now + WATCH_CHECK_SECONDS
+            backend.waiters_changed_for()  # looked at with every other run
             wanted = {ended + run_id.encode() for run_id in backend.waited_runs()}
-            join, leave = wanted - held, {channel for channel in held if channel.startswith(ended)} - wanted
+            subscribed = {channel for channel in channels if channel.startswith(ended) and held(channel)}
+            join, leave = wanted - subscribed, subscribed - wanted
         else:
             changed = {ended + run_id.encode(): backend.has_waiters(run_id) for run_id in backend.waiters_changed_for()}
-            join = {channel for channel, waited in changed.items() if waited and channel not in held}
-            leave = {channel for channel, waited in changed.items() if not waited and channel in held}
-        if now < watched_until and moved not in held:
+            join = {channel for channel, waited in changed.items() if waited and not held(channel)}
+            leave = {channel for channel, waited in changed.items() if not waited and held(channel)}
+        if now < watched_until and not held(moved):
             join.add(moved)
-        elif now >= watched_until and moved in held:
+        elif now >= watched_until and held(moved):
             leave.add(moved)
         try:
             if join:
                 await pubsub.subscribe(*join)
             if leave:
                 await pubsub.unsubscribe(*leave)
-            everything = False
         except Exception:  # noqa: BLE001 - the listener's read reconnecting under it; asked again, for every run
             everything = True
             await asyncio.sleep(0.5)
             continue
+        everything = False
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(backend.waiters_changed.wait(), WATCH_CHECK_SECONDS)

@@ -10,7 +10,7 @@ import builtins
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 from redis.asyncio import Redis
@@ -84,6 +84,7 @@ class RedisBackend:
         self._taking = asyncio.Lock()  # one of dispatch's takes at a time: they share the token above
         self._suspects: set[str] = set()  # slots given out with a run maybe left behind (claim_orphans)
         self._freed_here: dict[str, None] = {}  # runs whose slot this replica frees with their end (finished_here)
+        self._releasing: set[str] = set()  # tokens whose slot a terminal write out now frees (holds)
         self.take_again = True  # after a take that answered a run: whether another could start one now
         self.queue_after_take: int | None = None  # and the queue's length after it
         self.appended_events: frozenset[str] = frozenset()  # set by finish_and_take (see Backend)
@@ -138,7 +139,9 @@ class RedisBackend:
         return RedisDeliveries(self.client, self.key, self.health, timeout_seconds)
 
     def holds(self, token: str) -> bool:
-        return token in self._lock.tokens()
+        """Whether ``token``'s slot is this replica's: not once a terminal write that frees it is out (a renewal
+        answered meanwhile finds the slot gone by that write's doing, not lost)."""
+        return token in self._lock.tokens() and token not in self._releasing
 
     async def renew(self, run: Run) -> bool:
         return await self._lock.renew(run)
@@ -222,8 +225,8 @@ class RedisBackend:
                 return
             token = run.holder if release and run.holder is not None else ""
             keys, args = self._finish_call(run, token, run.holder or "")
-            self._freeing(run, token)
-            answer = await self._finish(keys=keys, args=args)
+            with self._freeing(run, token):
+                answer = await self._finish(keys=keys, args=args)
             self._finished(run, token, answer)
             await self._after_finish(run, *answer)
 
@@ -246,8 +249,8 @@ class RedisBackend:
             run.holder, (unique_id(), self._events is not None and self._events.idle()))
         async with self.health.guard():
             take_args, keys, args = self._handoff_call(run, token, retry, append)
-            self._freeing(run, run.holder)
-            finished, *took = await self._handoff(keys=keys, args=args)
+            with self._freeing(run, run.holder):
+                finished, *took = await self._handoff(keys=keys, args=args)
             del self._handoffs[run.holder]
             if took and took[0][0]:  # handed on: its message went to "ended", not to "finished" (no echo to await)
                 self._freed_here.pop(run.run_id, None)
@@ -285,13 +288,22 @@ class RedisBackend:
         if pending is not None:
             await asyncio.gather(pending, return_exceptions=True)
 
-    def _freeing(self, run: Run, token: str) -> None:
-        """Before a terminal write that frees the slot of ``token`` (none when ''): its "finished" message may come
-        before its answer, and must not wake this replica's dispatch (finished_here)."""
-        if token:
-            self._freed_here[run.run_id] = None
-            if len(self._freed_here) > FREED_MARKS:  # messages lost (pub/sub is best effort) leave marks
-                del self._freed_here[next(iter(self._freed_here))]
+    @contextlib.contextmanager
+    def _freeing(self, run: Run, token: str) -> Iterator[None]:
+        """Around a terminal write that frees the slot of ``token`` (none when ''): its "finished" message may come
+        before its answer, and must not wake this replica's dispatch (finished_here); while it is out, the slot is
+        no longer held (holds)."""
+        if not token:
+            yield
+            return
+        self._freed_here[run.run_id] = None
+        if len(self._freed_here) > FREED_MARKS:  # messages lost (pub/sub is best effort) leave marks
+            del self._freed_here[next(iter(self._freed_here))]
+        self._releasing.add(token)
+        try:
+            yield
+        finally:
+            self._releasing.discard(token)
 
     def _finished(self, run: Run, token: str, answer: builtins.list[int]) -> None:
         """FINISH_SCRIPT answered ``answer`` for ``run``'s terminal write that freed the slot of ``token`` (none
