@@ -664,3 +664,40 @@ def test_a_pooled_connection_the_server_closed_for_idling_costs_no_request(postg
             await db.close()
 
     assert asyncio.run(scenario()) == [(1,), (1,), True]
+
+
+def test_a_renewal_answered_while_the_runs_end_is_out_finds_its_slot_let_go_not_lost(
+        postgres_server: PostgresServer) -> None:
+    """As in Redis mode (test_redis_handoff_messages.py): the lock keeper's renewal answered after the terminal
+    write that frees the slot landed finds the slot gone by that write's doing, which is no loss."""
+    from service.backends.records import LockLost, Run, utc_now
+
+    async def scenario() -> None:
+        backend = open_backend(postgres_server.url, new_schema())
+        await backend.start()
+        try:
+            run = Run.new(str(uuid.uuid4()), "sleeper", "u", {}, holder=None)
+            assert await backend.admit(run, "enqueue", 10) == "started"
+            token = run.holder
+            assert token is not None and backend.holds(token)
+            held_while_out: list[bool] = []
+            db_run, renewing = backend.db.run, []
+
+            async def renewed_meanwhile(step: Any, **kwargs: Any) -> Any:
+                answer = await db_run(step, **kwargs)
+                if not renewing:  # the terminal write landed; its answer not read yet
+                    renewing.append(True)
+                    with pytest.raises(LockLost):
+                        await backend.renew(run)
+                    held_while_out.append(backend.holds(token))
+                return answer
+
+            backend.db.run = renewed_meanwhile
+            run.update(state="DONE", finished_at=utc_now(), result_json=b'"done"')
+            await backend.save(run, release=True)
+            assert held_while_out == [False]
+            assert not backend.holds(token)
+        finally:
+            await backend.close()
+
+    asyncio.run(scenario())

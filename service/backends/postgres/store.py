@@ -77,6 +77,7 @@ class PostgresBackend(TerminalSteps, RunReads):
         self.idempotency_keys = PostgresIdempotencyKeys(db, idempotency_ttl_seconds)
         self.listener = Listener(db, log, self)
         self._held: set[str] = set()  # tokens of the slots this replica holds (until it releases them)
+        self._releasing: set[str] = set()  # tokens whose slot a terminal write out now frees (holds)
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._progress: dict[str, asyncio.Task[None]] = {}
         self._progress_dirty: set[str] = set()
@@ -310,7 +311,9 @@ class PostgresBackend(TerminalSteps, RunReads):
     # --- leases --------------------------------------------------------------------------------------------
 
     def holds(self, token: str) -> bool:
-        return token in self._held
+        """Whether ``token``'s slot is this replica's: not once a terminal write that frees it is out (a renewal
+        answered meanwhile finds the slot gone by that write's doing, not lost)."""
+        return token in self._held and token not in self._releasing
 
     async def renew(self, run: Run) -> bool:
         """Extend the lease of ``run``'s slot; True when it had lapsed and was taken back (the run still this
@@ -452,7 +455,12 @@ class PostgresBackend(TerminalSteps, RunReads):
             await self.db.lock(connection)
             return await self._finish(connection, run, token)
 
-        answer = await self.db.run(finish)
+        if token:
+            self._releasing.add(token)
+        try:
+            answer = await self.db.run(finish)
+        finally:
+            self._releasing.discard(token)
         if token:
             self._held.discard(token)
         if answer[2] == -2:
