@@ -60,7 +60,8 @@ async def pause_reader(events: Any) -> AsyncIterator[None]:
     """The reader stopped (a replica whose loop is busy), then started again where it was."""
     from service.cancelling import cancel_and_wait
 
-    await cancel_and_wait(events._tasks[1])
+    await events.follow()  # it follows the table: it has read where the end was (a reader stopped before that
+    await cancel_and_wait(events._tasks[1])  # starts from the end when started again, and reads nothing sent meanwhile)
     yield
     events._tasks[1] = asyncio.create_task(events._read_forever())
 
