@@ -29,8 +29,7 @@ class DirectScript:
 
     def __init__(self, client: Redis, text: str) -> None:
         self._script = client.register_script(text)  # its sha, and the client's way for a cluster
-        self._direct = not isinstance(client, RedisCluster)
-        self._pool = client.connection_pool if self._direct else None
+        self._pool = None if isinstance(client, RedisCluster) else client.connection_pool
         self._idle: list[AbstractConnection] = []
 
     @property
