@@ -330,8 +330,9 @@ TAKE_SCRIPT = STEP_STATE + FENCE + MINT + ORPHANS_SUSPECT + MARK_RUNNING + TAKE 
 # whichever replica makes it, sends the same one.
 # KEYS: run, finished, unfinished, cancel, sizes, bytes, seq, lock, logbytes, webhooks, webhook, run events bytes,
 # generation, runs. ARGV: json, run_id, channel, token, size, webhook url, max owed, max owed bytes, generation,
-# holder, delivery id, and (HANDOFF_SCRIPT's own) 'handoff': the message is left to it (ended_now). Returns {finished runs, their bytes, owed}: owed 1 (a delivery is owed now), -1 (refused: past the bound),
-# 0, or -2: the write was refused.
+# holder, delivery id, and (HANDOFF_SCRIPT's own) 'handoff': the message is left to it (ended_now).
+# Returns {finished runs, their bytes, owed}: owed 1 (a delivery is owed now), -1 (refused: past the bound), 0, or
+# -2: the write was refused.
 FINISH = """
 local finished_now = false  -- this call stored the end (not a retry that found it stored): HANDOFF_SCRIPT
 local function finish(K, A)
