@@ -38,10 +38,12 @@ def page(browser: Any) -> Iterator[Any]:  # noqa: F811 - the fixture imported ab
     context.close()
 
 
-def watch_for_a_while(page: Any, server: ServerProcess, run_id: str, seconds: float) -> dict[str, Any]:
+def watch_until_closed(page: Any, server: ServerProcess, run_id: str, timeout: float = 15) -> dict[str, Any]:
+    """What an EventSource on the run's stream saw by the time it closed for good (CLOSED, readyState 2: by the
+    spec it never reconnects after that), failing if it is still open after ``timeout`` seconds."""
     page.goto(server.url + "/openapi.json")  # a page of the service's own origin, without the dashboard's streams
     page.evaluate(WATCH, run_id)
-    time.sleep(seconds)  # several of the stream's retry intervals (2 s): any reconnect would show
+    page.wait_for_function("window.source.readyState === 2", timeout=timeout * 1000)
     return dict(page.evaluate("({...window.seen, readyState: window.source.readyState})"))
 
 
@@ -53,7 +55,7 @@ def requests_for(server: ServerProcess, run_id: str) -> list[int]:
 def test_eventsource_on_a_finished_run_gets_its_history_and_one_done_then_closes(page: Any,
                                                                                 server: ServerProcess) -> None:
     run_id = server.run_to_end("sleeper", seconds=0.1)["run_id"]
-    seen = watch_for_a_while(page, server, run_id, 7)
+    seen = watch_until_closed(page, server, run_id)
     assert seen["terminal"] == 1 and seen["states"][-1] == "DONE", seen
     assert seen["states"][0] in ("PENDING", "RUNNING"), seen  # the whole run, from its first event
     assert seen["opens"] == 1 and seen["readyState"] == 2, seen  # CLOSED: no reconnect after the 204
@@ -62,7 +64,7 @@ def test_eventsource_on_a_finished_run_gets_its_history_and_one_done_then_closes
 
 def test_eventsource_watching_a_run_to_its_end_gets_one_done_then_closes(page: Any, server: ServerProcess) -> None:
     run_id = server.start_run("sleeper", seconds=1.5)
-    seen = watch_for_a_while(page, server, run_id, 7)
+    seen = watch_until_closed(page, server, run_id)
     assert seen["terminal"] == 1 and seen["states"].count("DONE") == 1, seen
     assert seen["opens"] == 1 and seen["readyState"] == 2, seen
     assert seen["ids"] == sorted(seen["ids"], key=lambda event_id: tuple(map(int, event_id.split("-"))))
