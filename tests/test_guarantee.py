@@ -491,16 +491,64 @@ def test_a_failed_trim_after_a_handoff_still_answers_the_run_it_took(redis_serve
 
     from service.backends.records import utc_now
 
+    tried: list[bool] = []
+
     async def scenario(store: Any, runs: list[Any]) -> Any:
         async def trim(**kwargs: Any) -> Any:
+            tried.append(True)
             raise redis.ConnectionError("gone")
 
         store._trim = trim
+        # more finished runs past retention than an end drops in its own step (two): the trim call is needed
+        await store.client.zadd(store.key("finished"), {f"old-{i}": i for i in range(5)})
         runs[0].update(state="DONE", finished_at=utc_now())
         return await store.finish_and_take(runs[0]), runs
 
     taken, runs = handoff_scenario(redis_server, scenario, retention=0)
+    assert tried == [True]
     assert taken is not None and taken.run_id == runs[2].run_id and taken.state == "RUNNING"
+
+
+def test_a_terminal_write_at_full_retention_drops_the_oldest_run_in_its_own_step(redis_server: RedisServer) -> None:
+    """Once retention is full (a service that has run for a while), every run's end drops the oldest finished run.
+    It does so in the terminal write's own script, handoff or not: no trim call after it, so no second round trip
+    before the next run starts. Whatever is dropped goes whole: record, size, log lines, event backlog."""
+    from service.backends.records import utc_now
+
+    async def scenario(store: Any, runs: list[Any]) -> Any:
+        trims: list[Any] = []
+
+        async def trim(**kwargs: Any) -> Any:
+            trims.append(kwargs)
+            return 0
+
+        store._trim = trim
+        kept, dropped_left = [], []
+        finished: list[Any] = []
+        for run in runs:  # 0 and 1 hold the two slots; 2 and 3 wait
+            if run.queue_position is not None:
+                continue
+            run.update(state="DONE", finished_at=utc_now())
+            await store.client.hset(store.key("logbytes"), run.run_id, 10)
+            await store.client.rpush(store.key("log", run.run_id), "a line")
+            taken = await store.finish_and_take(run)  # a handoff: 2, then 3
+            finished.append(run)
+            if taken is not None:
+                taken.update(state="DONE", finished_at=utc_now())
+                await store.save(taken, release=True)  # the runner's plain write, no queue left to take from
+                finished.append(taken)
+            kept.append(int(await store.client.zcard(store.key("finished"))))
+        for run in finished[:-1]:
+            dropped_left.append([key for key in (store.key("run", run.run_id), store.key("log", run.run_id),
+                                                 store.key("events", "run", run.run_id))
+                                 if await store.client.exists(key)]
+                                + ([run.run_id] if await store.client.hexists(store.key("sizes"), run.run_id) else []))
+        return trims, kept, dropped_left, await store.client.zrange(store.key("finished"), 0, -1)
+
+    trims, kept, dropped_left, newest = handoff_scenario(redis_server, scenario, retention=1)
+    assert trims == [] and kept == [1, 1], (trims, kept)
+    assert dropped_left == [[], [], []], dropped_left
+    assert len(newest) == 1
 
 
 def test_a_handoff_and_a_dispatch_take_whose_replies_were_lost_each_answer_their_own_run(

@@ -391,13 +391,17 @@ def drain_once(servers: list[Server], count: int, url: str | None) -> dict[str, 
 
 
 def drain_figure(replicas: int, count: int, rounds: int, url: str | None) -> dict[str, float]:
-    """Medians over ``rounds`` drains of ``count`` runs, on fresh servers (memory mode: one, its own state)."""
+    """Medians over ``rounds`` drains of ``count`` runs, on fresh servers (memory mode: one, its own state).
+
+    Each measured drain runs at full retention (RUN_RETENTION=count, filled by a first drain), as in a service that
+    has run a while: every run's end drops the oldest finished run. Its own runs are the ones kept after it."""
     samples = []
     for _ in range(rounds):
-        env = {"QUEUE_MAX": str(count), **(redis_env(url) if url else {})}
+        env = {"QUEUE_MAX": str(count), "RUN_RETENTION": str(count), **(redis_env(url) if url else {})}
         servers = [Server("service", **env) for _ in range(replicas)]
         try:
             done_run(servers[0])  # warm-up: the first run pays for imports
+            drain_once(servers, count, url)  # fills retention
             samples.append(drain_once(servers, count, url))
         finally:
             for server in servers:

@@ -310,6 +310,33 @@ end
 """
 TAKE_SCRIPT = STEP_STATE + FENCE + MINT + ORPHANS_SUSPECT + MARK_RUNNING + TAKE + "return take(KEYS, ARGV)\n"
 
+# A Lua function for the scripts that keep retention (TRIM_SCRIPT, and FINISH for the run it stores): drop the
+# oldest finished runs while more than ``retention`` of them, or more than ``retention_bytes`` bytes, are kept, at
+# most ``limit`` of them, each whole (record, size, log lines, event backlog and its bytes). Keys: the finished
+# index, the runs index, the sizes, the finished bytes, the log bytes; then the key prefixes of runs, of log lines
+# and of run event streams; ``total``: the finished bytes, when the caller knows them (nil: read). Returns the
+# number dropped, and the finished runs and bytes kept after it.
+DROP_OLDEST = """
+local function drop_oldest(finished, runs, sizes, bytes, logbytes, retention, retention_bytes, run_prefix,
+                           log_prefix, events_prefix, limit, total)
+  local dropped = 0
+  local count = redis.call('ZCARD', finished)
+  total = total or tonumber(redis.call('GET', bytes) or '0')
+  while dropped < limit and (count > tonumber(retention) or total > tonumber(retention_bytes)) do
+    local oldest = redis.call('ZPOPMIN', finished)
+    if #oldest == 0 then break end
+    local id = oldest[1]
+    total = redis.call('DECRBY', bytes, tonumber(redis.call('HGET', sizes, id) or '0'))
+    redis.call('HDEL', sizes, id)
+    redis.call('DEL', run_prefix .. id, log_prefix .. id, events_prefix .. id, events_prefix .. id .. ':bytes')
+    redis.call('HDEL', logbytes, id)
+    redis.call('ZREM', runs, id)
+    dropped, count = dropped + 1, count - 1
+  end
+  return dropped, count, total
+end
+"""
+
 # Store a terminal state: record, indexes, size, cancel flag, lock release (if the token still holds it),
 # the webhook delivery it owes (ARGV[6], the URL, or '') and the finished message in one step. Safe to run
 # twice: a retry after a lost reply counts the size once and owes the delivery once, and when retention dropped
@@ -330,9 +357,12 @@ TAKE_SCRIPT = STEP_STATE + FENCE + MINT + ORPHANS_SUSPECT + MARK_RUNNING + TAKE 
 # whichever replica makes it, sends the same one.
 # KEYS: run, finished, unfinished, cancel, sizes, bytes, seq, lock, logbytes, webhooks, webhook, run events bytes,
 # generation, runs. ARGV: json, run_id, channel, token, size, webhook url, max owed, max owed bytes, generation,
-# holder, delivery id, and (HANDOFF_SCRIPT's own) 'handoff': the message is left to it (ended_now).
-# Returns {finished runs, their bytes, owed}: owed 1 (a delivery is owed now), -1 (refused: past the bound), 0, or
-# -2: the write was refused.
+# holder, delivery id, retention, retention bytes ('' or absent: none), and (HANDOFF_SCRIPT's own) 'handoff': the
+# message is left to it (ended_now).
+# Past retention (ARGV[12] runs, ARGV[13] bytes), a stored end drops the oldest finished runs itself, two at most
+# (DROP_OLDEST): once retention is full each end drops one, with no trim call after it. TRIM_SCRIPT drops the rest.
+# Returns {finished runs, their bytes, owed}, the runs and bytes as kept after it: owed 1 (a delivery is owed now),
+# -1 (refused: past the bound), 0, or -2: the write was refused.
 FINISH = """
 local finished_now = false  -- this call stored the end (not a retry that found it stored): HANDOFF_SCRIPT
 local function finish(K, A)
@@ -386,17 +416,23 @@ local function finish(K, A)
     redis.call('DEL', K[8])
     released_slot = K[8]
   end
-  if A[12] == 'handoff' then ended_now = true else redis.call('PUBLISH', A[3], A[2]) end
-  return {redis.call('ZCARD', K[2]), total or tonumber(redis.call('GET', K[6]) or '0'), owed}
+  if A[14] == 'handoff' then ended_now = true else redis.call('PUBLISH', A[3], A[2]) end
+  if (A[12] or '') == '' then  -- no retention given: nothing dropped here
+    return {redis.call('ZCARD', K[2]), total or tonumber(redis.call('GET', K[6]) or '0'), owed}
+  end
+  local base = string.sub(K[1], 1, #K[1] - #A[2] - 4)  -- "<prefix>:" of "<prefix>:run:<id>"
+  local _, count, kept = drop_oldest(K[2], K[14], K[5], K[6], K[9], A[12], A[13], base .. 'run:', base .. 'log:',
+                                     base .. 'events:run:', 2, total)
+  return {count, kept, owed}
 end
 """
-FINISH_SCRIPT = STEP_STATE + FINISH + "return finish(KEYS, ARGV)\n"
+FINISH_SCRIPT = STEP_STATE + DROP_OLDEST + FINISH + "return finish(KEYS, ARGV)\n"
 
 # Cancel a run still waiting in the queue: take it out and store its terminal state (FINISH_SCRIPT) in one step,
 # so a run never leaves the line without an end. A retry whose first reply was lost finds the record it stored.
 # KEYS: FINISH_SCRIPT's, then queue. ARGV: FINISH_SCRIPT's (holder ''). Returns FINISH_SCRIPT's answer, or nil
 # when the run no longer waits (taken, or cancelled by another request).
-CANCEL_WAITING_SCRIPT = STEP_STATE + FINISH + """
+CANCEL_WAITING_SCRIPT = STEP_STATE + DROP_OLDEST + FINISH + """
 if redis.call('LREM', KEYS[15], 1, ARGV[2]) == 0 and redis.call('GET', KEYS[1]) ~= ARGV[1] then return nil end
 return finish(KEYS, ARGV)
 """
@@ -406,37 +442,38 @@ return finish(KEYS, ARGV)
 # with its slot released, then TAKE (with a start time: the run taken is stored RUNNING). Saves the round trips of
 # a dispatcher waking to take and of the runner storing RUNNING. A refused FINISH takes nothing. Safe to run again
 # after a lost reply as each of its two steps is (a retry sends TAKE's retry flag).
-# With ARGV[20] = '1' (the replica's events writer has nothing waiting: every event published before is in Redis),
-# it also appends the events of the two changes (APPEND_EVENT): the ended run's (its public JSON, ARGV[30], and
-# state, ARGV[22]) when this call stored the end, and the taken run's RUNNING when this call stored it so (its
+# With ARGV[22] = '1' (the replica's events writer has nothing waiting: every event published before is in Redis),
+# it also appends the events of the two changes (APPEND_EVENT): the ended run's (its public JSON, ARGV[32], and
+# state, ARGV[24]) when this call stored the end, and the taken run's RUNNING when this call stored it so (its
 # record without the trace field) and the run's stream has its first event already. A retry appends nothing again.
 # The ids answered are those of the two events when they are in Redis (appended by this call or by the call it
 # retries), else false: the runner sends those itself.
 # FINISH's message goes out after TAKE: on FINISH's channel (ARGV[3], "finished") when nothing was taken, so every
-# replica's dispatch looks at the queue; else on ARGV[31] ("ended": the queue moved) and ARGV[31]:<run_id> (for the
+# replica's dispatch looks at the queue; else on ARGV[33] ("ended": the queue moved) and ARGV[33]:<run_id> (for the
 # run's waiters), which replicas follow only while they have clients of queue positions or waiters of that run: a
 # slot handed on wakes no dispatcher anywhere (listener.py).
-# KEYS: FINISH's 14, then TAKE's, then the streams of all events and of run events. ARGV: FINISH's 11, TAKE's 8,
+# KEYS: FINISH's 14, then TAKE's, then the streams of all events and of run events. ARGV: FINISH's 13, TAKE's 8,
 # events ('1' or ''), run stream key prefix, state, caps (APPEND_EVENT's 7), the ended run's public JSON, the
 # channel of runs that ended in a handoff.
 # Returns {FINISH's answer, TAKE's answer, {the ended run's event id, the taken run's}} (an id: false when none
 # was appended; TAKE's answer and the ids left out when FINISH was refused).
-HANDOFF_SCRIPT = STEP_STATE + FENCE + MINT + ORPHANS_SUSPECT + MARK_RUNNING + FINISH + TAKE + APPEND_EVENT + """
+HANDOFF_SCRIPT = (STEP_STATE + FENCE + MINT + ORPHANS_SUSPECT + MARK_RUNNING + DROP_OLDEST + FINISH + TAKE
+                  + APPEND_EVENT) + """
 local function public_of(record)  -- a record without its trace field, which comes last but for fencing_token
   local at = string.find(record, ',"trace":"[%w%- ]*","fencing_token":[%dnul]+}$')
   if not at then return record end
   return string.sub(record, 1, at - 1) .. string.sub(record, (string.find(record, ',"fencing_token":', at, true)))
 end
-local finish_args = {unpack(ARGV, 1, 11)}
-finish_args[12] = 'handoff'
+local finish_args = {unpack(ARGV, 1, 13)}
+finish_args[14] = 'handoff'
 local finished = finish({unpack(KEYS, 1, 14)}, finish_args)
 if finished[3] == -2 then return {finished} end
-local took = take({unpack(KEYS, 15, #KEYS - 2)}, {unpack(ARGV, 12, 19)})
+local took = take({unpack(KEYS, 15, #KEYS - 2)}, {unpack(ARGV, 14, 21)})
 if ended_now and took[1] == '' then  -- a slot freed: "finished", for every replica's dispatch too
   redis.call('PUBLISH', ARGV[3], ARGV[2])
 elseif ended_now then  -- handed on: for the clients of queue positions, and for the run's waiters
-  redis.call('PUBLISH', ARGV[31], ARGV[2])
-  redis.call('PUBLISH', ARGV[31] .. ':' .. ARGV[2], ARGV[2])
+  redis.call('PUBLISH', ARGV[33], ARGV[2])
+  redis.call('PUBLISH', ARGV[33] .. ':' .. ARGV[2], ARGV[2])
 end
 local function appended(stream, state)  -- the stream's newest event, when it is the run's change to state
   local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1]
@@ -444,13 +481,13 @@ local function appended(stream, state)  -- the stream's newest event, when it is
   return false
 end
 local ids = {false, false}
-if ARGV[20] == '1' then
-  local all, runs, caps = KEYS[#KEYS - 1], KEYS[#KEYS], {unpack(ARGV, 23, 29)}
-  local ended, started = ARGV[21] .. ARGV[2], ARGV[21] .. took[1]
+if ARGV[22] == '1' then
+  local all, runs, caps = KEYS[#KEYS - 1], KEYS[#KEYS], {unpack(ARGV, 25, 31)}
+  local ended, started = ARGV[23] .. ARGV[2], ARGV[23] .. took[1]
   if finished_now then
-    ids[1] = append_event(all, runs, ended, 'run', ARGV[2], ARGV[22], ARGV[30], caps) or false
+    ids[1] = append_event(all, runs, ended, 'run', ARGV[2], ARGV[24], ARGV[32], caps) or false
   else  -- a retry: the call it retries appended it, if it stored the end
-    ids[1] = appended(ended, ARGV[22])
+    ids[1] = appended(ended, ARGV[24])
   end
   if marked_now then  -- after the run's first event only (its replica may not have sent that one yet)
     if redis.call('EXISTS', started) == 1 then
@@ -464,26 +501,11 @@ return {finished, took, ids}
 """
 
 # Drop the oldest finished runs while more than ARGV[1] of them, or more than ARGV[2] bytes, are kept
-# (at most 1000 per call), with their log lines and event backlog.
+# (at most 1000 per call), with their log lines and event backlog (DROP_OLDEST).
 # KEYS: finished, runs, sizes, bytes, logbytes. ARGV: retention, bytes, run key prefix, log key prefix,
 # run events key prefix.
-TRIM_SCRIPT = """
-local dropped = 0
-while dropped < 1000 do
-  local count = redis.call('ZCARD', KEYS[1])
-  local total = tonumber(redis.call('GET', KEYS[4]) or '0')
-  if count <= tonumber(ARGV[1]) and total <= tonumber(ARGV[2]) then break end
-  local oldest = redis.call('ZPOPMIN', KEYS[1])
-  if #oldest == 0 then break end
-  local id = oldest[1]
-  redis.call('DECRBY', KEYS[4], tonumber(redis.call('HGET', KEYS[3], id) or '0'))
-  redis.call('HDEL', KEYS[3], id)
-  redis.call('DEL', ARGV[3] .. id, ARGV[4] .. id, ARGV[5] .. id, ARGV[5] .. id .. ':bytes')
-  redis.call('HDEL', KEYS[5], id)
-  redis.call('ZREM', KEYS[2], id)
-  dropped = dropped + 1
-end
-return dropped
+TRIM_SCRIPT = DROP_OLDEST + """
+return (drop_oldest(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], 1000))
 """
 
 

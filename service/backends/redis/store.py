@@ -342,7 +342,8 @@ class RedisBackend:
                  f"{fixed['events:run:']}{run_id}:bytes", fixed["generation"], fixed["runs"]],
                 [run.record(), run_id, fixed["finished"], token, run.size, run.webhook or "", MAX_OWED,
                  MAX_OWED_BYTES, self._lock.generation_of(run.holder) if run.holder else "",  # releasing or not
-                 holder, new_message_id() if run.webhook else ""])  # the id: stored with the delivery it owes
+                 holder, new_message_id() if run.webhook else "",  # the id: stored with the delivery it owes
+                 self.retention, self.retention_bytes])
 
     async def _after_finish(self, run: Run, finished_count: int, finished_bytes: int, owed: int) -> None:
         """After a terminal state was stored: wake the webhook deliverer (or report the delivery refused), trim."""
