@@ -184,7 +184,7 @@ class Admission:
                     try:
                         if (run := await self.backend.take()) is None:
                             break
-                        self.begin_waited_run(run)
+                        self.begin_waited_run(run, run.run_id in self.backend.appended_events)
                     finally:
                         self.admitting -= 1
                     taken += 1
@@ -201,9 +201,12 @@ class Admission:
             except StoreUnavailable:
                 pass  # the next tick tries again
 
-    def begin_waited_run(self, run: Run) -> None:
+    def begin_waited_run(self, run: Run, appended: bool = False) -> None:
+        """Start a run taken from the queue (``appended``: its take's step appended its RUNNING event, if it stored it
+        RUNNING)."""
         agent_input = json.loads(run.input_json)  # written by Run.new: always a JSON object
         active = self.runner.start(run, agents.registry.get(run.agent_type), agent_input, waited=True)
+        active.running_appended = appended and active.running_stored
         with tracing.current(active.span):  # its agent starts on the next turn of the loop, after this line
             lifecycle_log.info("run_dequeued", run_fields(run))
 

@@ -47,7 +47,7 @@ class Dispatch(Protocol):
     accepting_runs: bool
     admitting: int
 
-    def begin_waited_run(self, run: Run) -> None: ...
+    def begin_waited_run(self, run: Run, appended: bool = False) -> None: ...
 
     def publish_queue(self) -> None: ...
 
@@ -309,10 +309,7 @@ class Runner:
         """Start the run the terminal write took onto its slot (finish_and_take), as dispatch starts one;
         ``appended``: the step appended its RUNNING event, if it stored it RUNNING."""
         assert self.dispatch is not None
-        self.dispatch.begin_waited_run(run)
-        active = self.active_runs.get(run.run_id)
-        if active is not None:
-            active.running_appended = appended and active.running_stored
+        self.dispatch.begin_waited_run(run, appended)
         self.dispatch.publish_queue()
         if self.backend.queue_after_take is not None:
             metrics.QUEUE_DEPTH.set(self.backend.queue_after_take)

@@ -370,7 +370,8 @@ def test_a_take_sent_again_after_its_reply_was_lost_answers_the_run_it_took(redi
         assert first[:4] == ["run-1", 0, "gen-1", 0] and first[4] > 0
         assert take_as("token-a") == first  # the retry: the same run, slot and token
         assert client.get(f"{prefix}:run:run-1") == '{"run_id":"run-1","fencing_token":%d}' % first[4]
-        assert first[7:] == [client.get(f"{prefix}:run:run-1"), 1]  # the record as stored, and one run waits
+        # the record as stored, one run waits, and no RUNNING event of it is in Redis (it has no stream)
+        assert first[7:] == [client.get(f"{prefix}:run:run-1"), 1, None]
         assert client.lrange(f"{prefix}:queue", 0, -1) == ["run-2"] and client.get(f"{prefix}:lock:1") is None
         second = take_as("token-b")
         assert second[:4] == ["run-2", 1, "gen-1", 0] and second[4] > first[4]
@@ -381,7 +382,7 @@ def test_a_take_sent_again_after_its_reply_was_lost_answers_the_run_it_took(redi
         assert take_as("token-c") == ["", -1, "", 0] and client.get(f"{prefix}:fence") is None
         client.set(f"{prefix}:generation", "gen-1")
         retried = take_as("token-a")  # a retry of a take that holds its slot still answers it (again: no slot free)
-        assert retried[:6] == first[:6] and retried[6:] == [0, first[7], 1]
+        assert retried[:6] == first[:6] and retried[6:] == [0, first[7], 1, None]
     finally:
         client.close()
 
@@ -429,7 +430,10 @@ def test_a_handoff_sent_again_after_its_reply_was_lost_answers_the_run_it_took(r
             await store.close()
 
     first, again, queue, ended = asyncio.run(scenario())
-    assert first == again  # the same end counted once (finished runs, bytes, owed), the same run, slot, token
+    # the same end counted once (finished runs, bytes, owed), the same run, slot, token; the retry's take also
+    # tells the RUNNING event the first call appended
+    assert first[0] == again[0] and first[1][:9] == again[1][:9] and first[2] == again[2]
+    assert first[1][9] is None and again[1][9] == first[2][1]
     assert len(queue) == 1 and first[1][0].decode() not in queue
     assert ended is not None and b'"state":"DONE"' in ended
     assert b'"state":"RUNNING"' in first[1][7]
@@ -579,6 +583,29 @@ def test_a_handoff_and_a_dispatch_take_whose_replies_were_lost_each_answer_their
     assert streams[2] == [b"PENDING"]  # dispatch's take appends no event: its runner sends RUNNING
     assert streams[3] == [b"PENDING", b"RUNNING"] and handed.run_id in appended  # the handoff's, once
     assert streams[0] == [b"DONE"]
+
+
+def test_a_handoff_given_up_on_leaves_dispatch_the_run_it_took_with_its_running_event_told_appended(
+        redis_server: RedisServer) -> None:
+    """A handoff stores its end, takes run 2, appends both events, and its reply is lost; the store stays away past
+    the runner's retries, which give up and release the slot. Dispatch's next take asks again with the handoff's
+    token and answers run 2, stored RUNNING: it tells that run 2's RUNNING event is in Redis already, so the runner
+    does not send it a second time."""
+    from service.backends.records import utc_now
+
+    async def scenario(store: Any, runs: list[Any]) -> Any:
+        store._handoff = Lossy(store._handoff)
+        runs[0].update(state="DONE", finished_at=utc_now())
+        with pytest.raises(Exception):
+            await store.finish_and_take(runs[0])
+        await store.release(runs[0].holder)  # the runner gave up on the end (save_finished)
+        taken = await store.take()
+        return taken, store.appended_events, await running_events(store, runs[2].run_id)
+
+    taken, appended, stream = handoff_scenario(redis_server, scenario)
+    assert taken is not None and taken.state == "RUNNING"
+    assert stream == [b"PENDING", b"RUNNING"]  # the handoff's append
+    assert appended == {taken.run_id}
 
 
 def test_a_handoff_retried_after_its_slot_expired_answers_its_run_as_stored(redis_server: RedisServer) -> None:

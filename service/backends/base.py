@@ -205,8 +205,8 @@ class Backend(Protocol):
     renew_interval: float | None
     take_again: bool  # set by take (see there)
     queue_after_take: int | None  # set by take: the queue's length after a take that answered a run, None if unknown
-    # Set by finish_and_take: the runs whose change its step stored (the end, the taken run's RUNNING) have their
-    # event in the store already; it is not to be sent again (EventHub.publish_run's appended).
+    # Set by finish_and_take and take: the runs whose change its step stored (the end, the taken run's RUNNING) have
+    # their event in the store already; it is not to be sent again (EventHub.publish_run's appended).
     appended_events: frozenset[str]
     on_cancel: Callable[[str, str | None], object]  # a cancel (or, with ``by``, an interrupt) of a run, from anywhere
     on_work: Callable[[], None]  # a run was queued or a slot freed: look at the queue

@@ -239,17 +239,24 @@ end
 # it stores RUNNING). A retry answers the record as stored (RUNNING or not): it is never marked twice.
 # KEYS: queue, unfinished, slot 0..n-1, generation, fence, fencing counter. ARGV: token, ttl_ms, n, retry, new
 # generation, token floor, run key prefix (<prefix>:run:), start time ('' or absent: not stored RUNNING here).
-# Returns {run_id, slot, generation, lost, fencing token, suspect, again, record, waiting}, run_id '' (and slot -1)
-# when none was taken; generation and lost as in ADMIT_SCRIPT; suspect (ORPHANS_SUSPECT): 1 when a run may have been
-# left behind; again: 1 when another take could start a run now (a run waits and a slot is free), else 0 (no take is
-# asked for until something changes: a run queued, a slot freed); record: the taken run's record as stored, its token
-# (and RUNNING, when stored so) in it (nil when it is missing), so the caller needs no read of its own; waiting: the
-# queue's length after the take. TAKE is the step as a function of its keys and arguments (HANDOFF_SCRIPT runs it
-# after FINISH).
+# Returns {run_id, slot, generation, lost, fencing token, suspect, again, record, waiting, event}, run_id '' (and slot
+# -1) when none was taken; generation and lost as in ADMIT_SCRIPT; suspect (ORPHANS_SUSPECT): 1 when a run may have
+# been left behind; again: 1 when another take could start a run now (a run waits and a slot is free), else 0 (no
+# take is asked for until something changes: a run queued, a slot freed); record: the taken run's record as stored,
+# its token (and RUNNING, when stored so) in it (nil when it is missing), so the caller needs no read of its own;
+# waiting: the queue's length after the take; event: for a run this token took before (a retry), the id of its
+# RUNNING event when its stream ends with it (a handoff's take, given up on and asked again by dispatch, appended
+# it), else false. TAKE is the step as a function of its keys and arguments (HANDOFF_SCRIPT runs it after FINISH).
 TAKE = """
 local marked_now = false  -- this call stored the run it took RUNNING: HANDOFF_SCRIPT
 local function cancel_key(run_prefix, id)  -- <prefix>:cancel:<id>, beside <prefix>:run:<id>
   return string.sub(run_prefix, 1, -5) .. 'cancel:' .. id
+end
+local function running_event(run_prefix, id)  -- the id of the run's RUNNING event, when its stream ends with it
+  local stream = string.sub(run_prefix, 1, -5) .. 'events:run:' .. id
+  local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1]
+  if newest and newest[2][6] == 'RUNNING' then return newest[1] end
+  return false
 end
 local function take(K, A)
   local n = tonumber(A[3])
@@ -263,7 +270,7 @@ local function take(K, A)
   end
   local unfinished_count = redis.call('HLEN', K[2])
   local open, lost, generation = fence_open(K[3 + n], K[4 + n], A[5], A[2])
-  local function taken(id, slot, found_lost, record, token, added, waiting)
+  local function taken(id, slot, found_lost, record, token, added, waiting, retried)
     local known = token == nil and slot + 1 or 0  -- just taken, trying the slots in order: those before it are held
     local suspect, held = orphans_suspect(K, unfinished_count + (added or 0), 3, 2 + n, known)
     if token == nil then
@@ -278,18 +285,19 @@ local function take(K, A)
       end
     end
     waiting = waiting or redis.call('LLEN', K[1])
-    local again = (open and held < n and waiting > 0) and 1 or 0
-    return {id, slot, generation, found_lost, token, suspect, again, record or false, waiting}
+    local event = retried and running_event(A[7], id) or false
+    return {id, slot, generation, found_lost, token, suspect, (open and held < n and waiting > 0) and 1 or 0,
+            record or false, waiting, event}
   end
   if held or A[4] == '1' then
     local entries = redis.call('HGETALL', K[2])
     for i = 1, #entries, 2 do
       if entries[i + 1] == A[1] then
         local record = redis.call('GET', A[7] .. entries[i])
-        if held then return taken(entries[i], held - 1, lost, record, token_of(record)) end
+        if held then return taken(entries[i], held - 1, lost, record, token_of(record), nil, nil, true) end
         for s = 1, open and n or 0 do
           if redis.call('SET', K[2 + s], A[1], 'NX', 'PX', A[2]) then
-            return taken(entries[i], s - 1, 0, record)
+            return taken(entries[i], s - 1, 0, record, nil, nil, nil, true)
           end
         end
         return {'', -1, generation, lost}
@@ -493,8 +501,8 @@ if ARGV[22] == '1' then
     if redis.call('EXISTS', started) == 1 then
       ids[2] = append_event(all, runs, started, 'run', took[1], 'RUNNING', public_of(took[8]), caps) or false
     end
-  elseif took[1] ~= '' then
-    ids[2] = appended(started, 'RUNNING')
+  elseif took[1] ~= '' then  -- a retry: TAKE tells whether the call it retries appended it
+    ids[2] = took[10] or false
   end
 end
 return {finished, took, ids}

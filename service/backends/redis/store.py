@@ -502,7 +502,8 @@ class RedisBackend:
 
     async def take(self) -> Run | None:
         """The head of the queue on a free slot, or None; one script, so a run is taken once. The run taken is
-        stored RUNNING by the same script when nothing asks the runner to write it (TAKE_SCRIPT).
+        stored RUNNING by the same script when nothing asks the runner to write it (TAKE_SCRIPT). Its RUNNING
+        event is in ``appended_events`` when it is in Redis already (a handoff given up on appended it).
 
         The token is kept until the take is answered: a take whose reply was lost (or whose run could not be
         read) is asked again with it at dispatch's next take, and answers the same run (a handoff has a token of its
@@ -515,7 +516,14 @@ class RedisBackend:
             async with self.health.guard():
                 answer = await self._take(keys=keys, args=args)
             self._take_token = None  # answered: a failed call keeps it, and the next take answers this run again
-            return await self._taken(token, args, answer, "take")
+            run = await self._taken(token, args, answer, "take")
+            event: bytes | None = answer[9] if len(answer) > 9 else None
+            if run is not None and event and self._events is not None:  # appended by a handoff given up on
+                self._events.appended(event)
+                self.appended_events = frozenset((run.run_id,))
+            else:
+                self.appended_events = frozenset()
+            return run
 
     def _take_call(self, token: str, retry: bool) -> tuple[builtins.list[str], builtins.list[str | int]]:
         """TAKE_SCRIPT's keys and arguments for a take under ``token`` (``retry``: asked before, its answer lost)."""
@@ -536,7 +544,7 @@ class RedisBackend:
             return None
         run_id = taken.decode()
         self._lock.adopt(token, int(slot), generation.decode())
-        fencing_token, suspect, self.take_again, record, self.queue_after_take = minted
+        fencing_token, suspect, self.take_again, record, self.queue_after_take = minted[:5]
         self.take_again = bool(self.take_again)
         run = self.read(run_id, record)  # as the take stored it, its token in it; its position: none now
         if run is None:  # missing or unreadable: give the slot back; the run stays unfinished for orphan recovery
