@@ -18,6 +18,7 @@ from redis.asyncio.client import PubSub
 
 from service.backends.redis.connect import STORE_ERRORS
 from service.backends.redis.lock import StoreHealth
+from service.backends.redis.waiters import Waiters
 from service.cancelling import cancel_and_wait
 
 MOVED_LINGER_SECONDS = 5.0  # ``ended`` is followed this long after the last client of queue positions left
@@ -33,21 +34,11 @@ class Listener(Protocol):
     on_work: Callable[[], None]
     on_moved: Callable[[], None]
     watching: Callable[[], bool]
-    waiters_changed: asyncio.Event  # set when a run's first waiter comes or its last one goes (waiters_changed_for)
+    waiters: Waiters  # of ?wait= requests here, by run
 
     def key(self, *parts: str) -> str: ...
 
-    def waited_runs(self) -> list[str]: ...
-
-    def has_waiters(self, run_id: str) -> bool: ...
-
-    def waiters_changed_for(self) -> set[str]: ...
-
-    def wake(self, run_id: str) -> None: ...
-
     def finished_here(self, run_id: str) -> bool: ...
-
-    def wake_all(self) -> None: ...
 
 
 async def listen(backend: Listener) -> None:
@@ -63,7 +54,7 @@ async def listen(backend: Listener) -> None:
             async with backend.client.pubsub() as pubsub:
                 await pubsub.subscribe(finished, cancel, queued)
                 follower = asyncio.create_task(follow(backend, pubsub, moved), name="redis-follow-ended")
-                backend.wake_all()  # anything finished while we were not subscribed
+                backend.waiters.wake_all()  # anything finished while we were not subscribed
                 try:
                     await hear(backend, pubsub, finished, cancel, moved)
                 finally:  # before the pubsub closes: a follower left running would subscribe on a new connection
@@ -88,15 +79,15 @@ async def hear(backend: Listener, pubsub: PubSub, finished: bytes, cancel: bytes
             backend.health.log.warning("pubsub_message_ignored", extra={"channel": channel.decode(errors="replace")})
             continue
         if kind == "subscribe":  # its waiters read it again: an end before now passed by unheard
-            backend.wake(run_id)
+            backend.waiters.wake(run_id)
         elif channel == finished:
-            backend.wake(run_id)
+            backend.waiters.wake(run_id)
             if not backend.finished_here(run_id):  # a slot freed elsewhere: look at the queue
                 backend.on_work()
         elif channel == moved:  # a handoff: no slot to take, but the queue moved
             backend.on_moved()
         elif channel.startswith(ended):
-            backend.wake(run_id)
+            backend.waiters.wake(run_id)
         elif channel == cancel:
             run_id, _, by = run_id.partition(" ")
             backend.on_cancel(run_id, by or None)
@@ -117,7 +108,7 @@ async def follow(backend: Listener, pubsub: PubSub, moved: bytes) -> None:
     ended = moved + b":"
     watched_until, every_run_due, everything = 0.0, 0.0, True
     while True:
-        backend.waiters_changed.clear()
+        backend.waiters.changed.clear()
         now = asyncio.get_running_loop().time()
         if backend.watching():
             watched_until = now + MOVED_LINGER_SECONDS
@@ -128,12 +119,12 @@ async def follow(backend: Listener, pubsub: PubSub, moved: bytes) -> None:
 
         if everything or now >= every_run_due:  # (a reconnect subscribed again to all it held)
             every_run_due = now + WATCH_CHECK_SECONDS
-            backend.waiters_changed_for()  # looked at with every other run
-            wanted = {ended + run_id.encode() for run_id in backend.waited_runs()}
+            backend.waiters.changed_for()  # looked at with every other run
+            wanted = {ended + run_id.encode() for run_id in backend.waiters.runs()}
             subscribed = {channel for channel in channels if channel.startswith(ended) and held(channel)}
             join, leave = wanted - subscribed, subscribed - wanted
         else:
-            changed = {ended + run_id.encode(): backend.has_waiters(run_id) for run_id in backend.waiters_changed_for()}
+            changed = {ended + run_id.encode(): backend.waiters.has(run_id) for run_id in backend.waiters.changed_for()}
             join = {channel for channel, waited in changed.items() if waited and not held(channel)}
             leave = {channel for channel, waited in changed.items() if not waited and held(channel)}
         if now < watched_until and not held(moved):
@@ -151,4 +142,4 @@ async def follow(backend: Listener, pubsub: PubSub, moved: bytes) -> None:
             continue
         everything = False
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(backend.waiters_changed.wait(), WATCH_CHECK_SECONDS)
+            await asyncio.wait_for(backend.waiters.changed.wait(), WATCH_CHECK_SECONDS)

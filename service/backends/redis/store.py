@@ -24,6 +24,7 @@ from service.backends.redis.idempotency import RedisIdempotencyKeys
 from service.backends.redis.listener import listen
 from service.backends.redis.lock import RedisRunLock, StoreHealth
 from service.backends.redis.readiness import Readiness
+from service.backends.redis.waiters import Waiters
 from service.backends.redis.reads import CoalescedReads, RecordReader
 from service.backends.records import utc_now
 from service.backends.redis.scripts import (ADMIT_SCRIPT, CANCEL_WAITING_SCRIPT, FINISH_SCRIPT, HANDOFF_SCRIPT,
@@ -74,9 +75,7 @@ class RedisBackend:
         self.on_invalid_configuration: Callable[[str, str], object] = lambda variable, detail: None  # never found later
         self.idempotency_keys = RedisIdempotencyKeys(client, self.key("idempotency", ""), self.key("run", ""), health,
                                                      idempotency_ttl_seconds)
-        self._waiters: dict[str, set[asyncio.Event]] = {}
-        self.waiters_changed = asyncio.Event()  # a run's first waiter came or its last one went (listener.follow)
-        self._waiters_changed_for: set[str] = set()  # those runs
+        self.waiters = Waiters()  # of ?wait= requests here, by run (listener.follow)
         self._progress_writes: dict[str, asyncio.Task[None]] = {}
         self._progress_dirty: set[str] = set()
         self._listener: asyncio.Task[None] | None = None
@@ -155,10 +154,6 @@ class RedisBackend:
             self._take_token = pending[0]
         await self._lock.release(token)
 
-    def wake(self, run_id: str) -> None:
-        for event in self._waiters.get(run_id, ()):
-            event.set()
-
     def finished_here(self, run_id: str) -> bool:
         """Whether ``run_id``'s "finished" message is the echo of a terminal write of this replica that freed its
         slot: the runner woke dispatch itself once the write was answered, so the echo need not wake it again (a
@@ -167,21 +162,6 @@ class RedisBackend:
             return False
         del self._freed_here[run_id]
         return True
-
-    def waited_runs(self) -> builtins.list[str]:
-        return builtins.list(self._waiters)
-
-    def has_waiters(self, run_id: str) -> bool:
-        return run_id in self._waiters
-
-    def waiters_changed_for(self) -> set[str]:
-        """The runs whose first waiter came or last one went since the last call (listener.follow)."""
-        changed, self._waiters_changed_for = self._waiters_changed_for, set()
-        return changed
-
-    def wake_all(self) -> None:
-        for run_id in list(self._waiters):
-            self.wake(run_id)
 
     async def add(self, run: Run) -> None:
         async with self.health.guard():
@@ -254,7 +234,7 @@ class RedisBackend:
             del self._handoffs[run.holder]
             if took and took[0][0]:  # handed on: its message went to "ended", not to "finished" (no echo to await)
                 self._freed_here.pop(run.run_id, None)
-                self.wake(run.run_id)
+                self.waiters.wake(run.run_id)
             self._finished(run, run.holder, finished)  # refused: nothing was taken, nothing appended
             taken = await self._taken(token, take_args, took[0], "handoff")
             ended_id, taken_id = took[1]
@@ -395,7 +375,7 @@ class RedisBackend:
         if run is None or run.finished or timeout <= 0:
             return run  # no waiter: nothing to subscribe to
         event = asyncio.Event()
-        self._waiting(run_id, event, comes=True)
+        self.waiters.waiting(run_id, event, comes=True)
         try:
             while True:
                 run = await self.get(run_id)  # (again once waiting: a message of its end would wake it from now)
@@ -406,21 +386,7 @@ class RedisBackend:
                     await asyncio.wait_for(event.wait(), min(left, self.POLL_SECONDS))
                 event.clear()
         finally:
-            self._waiting(run_id, event, comes=False)
-
-    def _waiting(self, run_id: str, event: asyncio.Event, comes: bool) -> None:
-        """A waiter of ``run_id`` comes or goes; the run's first and last are told to the listener (follow)."""
-        waiters = self._waiters.setdefault(run_id, set())
-        if comes:
-            waiters.add(event)
-        else:
-            waiters.discard(event)
-        first_or_last = len(waiters) == (1 if comes else 0)
-        if not waiters:
-            del self._waiters[run_id]
-        if first_or_last:
-            self._waiters_changed_for.add(run_id)
-            self.waiters_changed.set()
+            self.waiters.waiting(run_id, event, comes=False)
 
     async def list(self, page: Page, before: str | None = None) -> builtins.list[Run]:
         """As MemoryBackend.list; fetches in small batches so a page of large runs stays small in memory."""
