@@ -141,6 +141,34 @@ def test_the_claim_and_report_scripts_lease_count_and_give_up(redis_server: Redi
         client.close()
 
 
+def test_a_claim_sent_again_answers_the_same_delivery_and_counts_its_attempt_once(redis_server: RedisServer) -> None:
+    """redis-py sends a script again when its reply was lost (a timeout, a dropped connection), possibly after the
+    first copy ran. The copy with the same lease token answers what the first claimed, or gave up on, and changes
+    nothing: no attempt counted twice, no second delivery leased for nobody."""
+    client = redis.Redis.from_url(redis_server.url)
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    zset, key = f"{prefix}:webhooks", f"{prefix}:webhook:"
+    claim = client.register_script(CLAIM_WEBHOOK_SCRIPT)
+    try:
+        for run_id, attempt in (("run-a", 0), ("run-b", 0)):
+            client.hset(key + run_id, mapping={"url": "http://x/", "body": b"{}", "attempt": attempt})
+            client.zadd(zset, {run_id: 0 if run_id == "run-a" else 1})
+        first = claim(keys=[zset], args=[5000, "t1", key, 6])
+        assert first == [1, b"run-a", 1, b"http://x/", b"{}", None]
+        assert claim(keys=[zset], args=[5000, "t1", key, 6]) == first  # the copy: the same claim
+        assert client.hget(key + "run-a", "attempt") == b"1"
+        assert client.hget(key + "run-b", "attempt") == b"0" and client.zscore(zset, "run-b") == 1  # untouched
+        # a delivery given up on (every attempt made): its copy answers the same, and claims nothing else
+        client.hset(key + "run-c", mapping={"url": "http://x/", "body": b"{}", "attempt": 6})
+        client.zadd(zset, {"run-c": -1})
+        assert claim(keys=[zset], args=[5000, "t2", key, 6]) == [2, b"run-c", 6]
+        assert claim(keys=[zset], args=[5000, "t2", key, 6]) == [2, b"run-c", 6]
+        assert client.hget(key + "run-b", "attempt") == b"0" and client.zscore(zset, "run-b") == 1
+        assert claim(keys=[zset], args=[5000, "t3", key, 6])[:3] == [1, b"run-b", 1]  # a new claim goes on
+    finally:
+        client.close()
+
+
 def test_a_delivery_owed_across_a_redis_restart_is_still_delivered(tmp_path: Path, persistent_redis: RedisServer,
                                                                    receiver_factory) -> None:
     receiver = receiver_factory(500)

@@ -3,8 +3,8 @@ Idempotency-Keys, each one atomic step across replicas with its KEYS and ARGV.
 
 redis-py sends a command again when its connection drops or times out, possibly while the first copy still runs.
 The events writer's script applies each call once by its sequence number; the Idempotency-Key steps find their own
-earlier write; a webhook claim that runs twice uses up one more attempt of its delivery (within the attempt limit),
-and a report that runs twice answers 0 the second time.
+earlier write; a webhook claim that runs twice answers what it claimed the first time, and a report that runs twice
+answers 0 the second time.
 """
 
 
@@ -13,10 +13,23 @@ and a report that runs twice answers 0 the second time.
 # bytes of the owed bodies (FINISH bounds them; a delivery that ends gives its bytes back). Claiming a due
 # delivery moves its due time past the lease, so no other replica sees it due while the claimer's attempt
 # can last; a claimer that dies leaves it due again once the lease ends.
+# Each claim has a token of its own (the lease's), and leaves what it did under <webhooks>:claim:<token> for the
+# lease's time: a copy of the call (redis-py sends it again when the reply was lost) answers the same, and changes
+# nothing.
 # KEYS: webhooks. ARGV: lease_ms, lease token, webhook key prefix, max attempts.
-# Returns {1, id, attempt, url, body, webhook-id (absent when none was stored)} claimed, {2, id, attempts} given up (the last claimer died mid-attempt),
-# {0, ms until the next is due or -1} nothing due.
+# Returns {1, id, attempt, url, body, webhook-id (absent when none was stored)} claimed, {2, id, attempts} given
+# up (the last claimer died mid-attempt), {0, ms until the next is due or -1} nothing due.
 CLAIM_WEBHOOK_SCRIPT = """
+local marker = KEYS[1] .. ':claim:' .. ARGV[2]
+local done = redis.call('GET', marker)
+if done then
+  local made, gone = string.match(done, '^gave up (%d+) (.*)$')
+  if made then return {2, gone, tonumber(made)} end
+  local key = ARGV[3] .. done
+  if redis.call('HGET', key, 'lease') ~= ARGV[2] then return {0, 0} end  -- taken over since: claim again
+  return {1, done, tonumber(redis.call('HGET', key, 'attempt')), redis.call('HGET', key, 'url'),
+          redis.call('HGET', key, 'body'), redis.call('HGET', key, 'id')}
+end
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1)
@@ -38,10 +51,12 @@ if made >= tonumber(ARGV[4]) then
     redis.call('SET', KEYS[1] .. ':bytes', 0)  -- owed by a version that did not count them
   end
   redis.call('DEL', key)
+  redis.call('SET', marker, 'gave up ' .. made .. ' ' .. id, 'PX', ARGV[1])
   return {2, id, made}
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), id)
 redis.call('HSET', key, 'attempt', made + 1, 'lease', ARGV[2])
+redis.call('SET', marker, id, 'PX', ARGV[1])
 return {1, id, made + 1, redis.call('HGET', key, 'url'), redis.call('HGET', key, 'body'),
         redis.call('HGET', key, 'id')}
 """
