@@ -244,9 +244,9 @@ end
 # been left behind; again: 1 when another take could start a run now (a run waits and a slot is free), else 0 (no
 # take is asked for until something changes: a run queued, a slot freed); record: the taken run's record as stored,
 # its token (and RUNNING, when stored so) in it (nil when it is missing), so the caller needs no read of its own;
-# waiting: the queue's length after the take; event: for a run this token took before (a retry), the id of its
-# RUNNING event when its stream ends with it (a handoff's take, given up on and asked again by dispatch, appended
-# it), else false. TAKE is the step as a function of its keys and arguments (HANDOFF_SCRIPT runs it after FINISH).
+# waiting: the queue's length after the take; event: for a run this token took before and still holds the slot of
+# (a retry), the id of its RUNNING event when its stream ends with it (a handoff's take, given up on and asked again
+# by dispatch, appended it), else false (also when the slot expired: the token minted again is not in that event). TAKE is the step as a function of its keys and arguments (HANDOFF_SCRIPT runs it after FINISH).
 TAKE = """
 local marked_now = false  -- this call stored the run it took RUNNING: HANDOFF_SCRIPT
 local function cancel_key(run_prefix, id)  -- <prefix>:cancel:<id>, beside <prefix>:run:<id>
@@ -295,9 +295,9 @@ local function take(K, A)
       if entries[i + 1] == A[1] then
         local record = redis.call('GET', A[7] .. entries[i])
         if held then return taken(entries[i], held - 1, lost, record, token_of(record), nil, nil, true) end
-        for s = 1, open and n or 0 do
+        for s = 1, open and n or 0 do  -- its slot expired: a new token goes into the record (and its RUNNING event)
           if redis.call('SET', K[2 + s], A[1], 'NX', 'PX', A[2]) then
-            return taken(entries[i], s - 1, 0, record, nil, nil, nil, true)
+            return taken(entries[i], s - 1, 0, record)
           end
         end
         return {'', -1, generation, lost}
@@ -322,11 +322,13 @@ TAKE_SCRIPT = STEP_STATE + FENCE + MINT + ORPHANS_SUSPECT + MARK_RUNNING + TAKE 
 # oldest finished runs while more than ``retention`` of them, or more than ``retention_bytes`` bytes, are kept, at
 # most ``limit`` of them, each whole (record, size, log lines, event backlog and its bytes). Keys: the finished
 # index, the runs index, the sizes, the finished bytes, the log bytes; then the key prefixes of runs, of log lines
-# and of run event streams; ``total``: the finished bytes, when the caller knows them (nil: read). Returns the
+# and of run event streams; ``total``: the finished bytes, when the caller knows them (nil: read); ``keep``: a run
+# not to drop (FINISH's own: past the bytes alone, it is dropped by the trim call after the answer, so that a copy
+# of the call sent again still finds it, and nothing appended after it in the same script outlives it). Returns the
 # number dropped, and the finished runs and bytes kept after it.
 DROP_OLDEST = """
 local function drop_oldest(finished, runs, sizes, bytes, logbytes, retention, retention_bytes, run_prefix,
-                           log_prefix, events_prefix, limit, total)
+                           log_prefix, events_prefix, limit, total, keep)
   local dropped = 0
   local count = redis.call('ZCARD', finished)
   total = total or tonumber(redis.call('GET', bytes) or '0')
@@ -334,6 +336,10 @@ local function drop_oldest(finished, runs, sizes, bytes, logbytes, retention, re
     local oldest = redis.call('ZPOPMIN', finished)
     if #oldest == 0 then break end
     local id = oldest[1]
+    if id == keep then
+      redis.call('ZADD', finished, oldest[2], id)
+      break
+    end
     total = redis.call('DECRBY', bytes, tonumber(redis.call('HGET', sizes, id) or '0'))
     redis.call('HDEL', sizes, id)
     redis.call('DEL', run_prefix .. id, log_prefix .. id, events_prefix .. id, events_prefix .. id .. ':bytes')
@@ -367,8 +373,9 @@ end
 # generation, runs. ARGV: json, run_id, channel, token, size, webhook url, max owed, max owed bytes, generation,
 # holder, delivery id, retention, retention bytes ('' or absent: none), and (HANDOFF_SCRIPT's own) 'handoff': the
 # message is left to it (ended_now).
-# Past retention (ARGV[12] runs, ARGV[13] bytes), a stored end drops the oldest finished runs itself, two at most
-# (DROP_OLDEST): once retention is full each end drops one, with no trim call after it. TRIM_SCRIPT drops the rest.
+# Past retention (ARGV[12] runs, ARGV[13] bytes), a stored end drops the oldest finished runs itself, two at most and
+# never its own run (DROP_OLDEST): once retention is full each end drops one, with no trim call after it.
+# TRIM_SCRIPT drops the rest.
 # Returns {finished runs, their bytes, owed}, the runs and bytes as kept after it: owed 1 (a delivery is owed now),
 # -1 (refused: past the bound), 0, or -2: the write was refused.
 FINISH = """
@@ -430,7 +437,7 @@ local function finish(K, A)
   end
   local base = string.sub(K[1], 1, #K[1] - #A[2] - 4)  -- "<prefix>:" of "<prefix>:run:<id>"
   local _, count, kept = drop_oldest(K[2], K[14], K[5], K[6], K[9], A[12], A[13], base .. 'run:', base .. 'log:',
-                                     base .. 'events:run:', 2, total)
+                                     base .. 'events:run:', 2, total, A[2])
   return {count, kept, owed}
 end
 """

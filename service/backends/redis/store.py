@@ -243,10 +243,10 @@ class RedisBackend:
             if entry_id and self._events is not None:  # in Redis, by this call or by the one it retries
                 self._events.appended(entry_id)
                 appended.add(run_id)
-        self.appended_events = frozenset(appended)
         with contextlib.suppress(StoreUnavailable):  # a trim left undone is done by the next terminal write
             async with self.health.guard():
                 await self._after_finish(run, *finished)
+        self.appended_events = frozenset(appended)  # after the last await: a take meanwhile sets it too
         return taken
 
     def _handoff_call(self, run: Run, token: str, retry: bool, append: bool) -> tuple[
