@@ -2,9 +2,11 @@
 
     python tools/bench_peers.py celery|arq REDIS_URL COUNT OUT_JSON
 
-COUNT instant jobs are queued while no worker runs (the service's drain queues them behind a blocker), then one
-worker with one slot starts and drains them. Each job stamps the wall-clock times it started and ended; the last
-writes every stamp to OUT_JSON, which bench.py reads (runs/s and handoff gaps as for the service).
+One worker with one slot drains COUNT instant jobs twice, as the service's drain does: first to warm up, then,
+timed, the COUNT jobs queued behind a job that blocks the worker until they are all in (the service's blocker).
+Each job stamps the wall-clock times it started and ended; the last of a drain writes its drain's stamps to its
+file (OUT_JSON for the timed one), which bench.py reads (runs/s and handoff gaps as for the service), with the
+Redis commands run from the blocker's release to the end in OUT_JSON.commands (as bench.py counts the service's).
 """
 
 from __future__ import annotations
@@ -17,31 +19,72 @@ import sys
 import time
 from pathlib import Path
 
-STAMPS: list[tuple[float, float]] = []
+STAMPS: dict[str, list[tuple[float, float]]] = {}  # by the file each drain's stamps go to
 
 
 def stamp(index: int, count: int, out: str) -> None:
     """The job: two clock readings; the job that ends the drain writes them all (arq does not keep the order)."""
     started = time.time()
-    STAMPS.append((started, time.time()))
-    if len(STAMPS) == count:
-        Path(out).write_text(json.dumps(STAMPS))
+    stamps = STAMPS.setdefault(out, [])
+    stamps.append((started, time.time()))
+    if len(stamps) == count:
+        Path(out).write_text(json.dumps(stamps))
+
+
+def redis_commands(url: str) -> int:
+    """bench.redis_commands, with the peer's own redis-py."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    return sum(int(entry["calls"]) for name, entry in stats.items() if name != "cmdstat_info")
+
+
+def release(url: str, go: str) -> int:
+    """Let the blocker go; the commands Redis has run so far."""
+    commands = redis_commands(url)
+    Path(go).touch()
+    return commands
+
+
+def count_commands(url: str, out: str, since: int) -> None:
+    Path(out + ".commands").write_text(str(redis_commands(url) - since))
+
+
+def block(go: str) -> None:
+    """The blocker: says it runs (``<go>.blocking``), then holds the worker's one slot until the timed drain's jobs
+    are all queued (``go`` exists)."""
+    Path(go + ".blocking").touch()
+    deadline = time.monotonic() + 120
+    while not Path(go).exists() and time.monotonic() < deadline:
+        time.sleep(0.001)
 
 
 def drain_celery(url: str, count: int, out: str) -> None:
     os.environ["BENCH_REDIS_URL"] = url
     sys.path.insert(0, str(Path(__file__).parent))
-    from bench_peers_celery import app, celery_stamp
+    from bench_peers_celery import app, celery_block, celery_stamp
 
+    warm, go = out + ".warm", out + ".go"
     for index in range(count):
-        celery_stamp.delay(index, count, out)
-    app.close()
+        celery_stamp.delay(index, count, warm)
     worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "bench_peers_celery", "worker", "--pool=solo",
                                "--concurrency=1", "--loglevel=WARNING", "--without-gossip", "--without-mingle",
                                "--without-heartbeat"], cwd=Path(__file__).parent, env=os.environ,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        wait_for(Path(warm), worker)
+        celery_block.delay(go)
+        wait_for(Path(go + ".blocking"), worker)
+        for index in range(count):
+            celery_stamp.delay(index, count, out)
+        since = release(url, go)
+        app.close()
         wait_for(Path(out), worker)
+        count_commands(url, out, since)
     finally:
         worker.terminate()
         worker.wait(10)
@@ -59,6 +102,14 @@ async def arq_stamp(ctx: dict[str, object], index: int, count: int, out: str) ->
     stamp(index, count, out)
 
 
+async def arq_block(ctx: dict[str, object], go: str) -> None:
+    """block(), without blocking the loop the worker and the queueing share."""
+    Path(go + ".blocking").touch()
+    deadline = time.monotonic() + 120
+    while not Path(go).exists() and time.monotonic() < deadline:
+        await asyncio.sleep(0.001)
+
+
 async def drain_arq(url: str, count: int, out: str) -> None:
     from arq import create_pool
     from arq.connections import RedisSettings
@@ -66,13 +117,34 @@ async def drain_arq(url: str, count: int, out: str) -> None:
 
     settings = RedisSettings.from_dsn(url)
     pool = await create_pool(settings)
+    warm, go = out + ".warm", out + ".go"
     for index in range(count):
-        await pool.enqueue_job("arq_stamp", index, count, out)
-    await pool.aclose()
-    worker = Worker(functions=[arq_stamp], redis_settings=settings, max_jobs=1, poll_delay=0.01, burst=True,
+        await pool.enqueue_job("arq_stamp", index, count, warm)
+    worker = Worker(functions=[arq_stamp, arq_block], redis_settings=settings, max_jobs=1, poll_delay=0.01,
                     handle_signals=False)
-    await worker.main()
-    await worker.close()
+    running = asyncio.create_task(worker.main())
+    try:
+        await arq_wait_for(Path(warm), running)
+        await pool.enqueue_job("arq_block", go)
+        await arq_wait_for(Path(go + ".blocking"), running)
+        for index in range(count):
+            await pool.enqueue_job("arq_stamp", index, count, out)
+        since = release(url, go)
+        await arq_wait_for(Path(out), running)
+        count_commands(url, out, since)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await worker.close()
+        await pool.aclose()
+
+
+async def arq_wait_for(path: Path, worker: asyncio.Task[None]) -> None:
+    deadline = time.monotonic() + 120
+    while not path.exists():
+        if worker.done() or time.monotonic() > deadline:
+            raise RuntimeError("the worker ended (or took two minutes) before the last job")
+        await asyncio.sleep(0.01)
 
 
 def main() -> None:

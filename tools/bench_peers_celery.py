@@ -4,7 +4,7 @@ import os
 
 from celery import Celery
 
-from bench_peers import stamp
+from bench_peers import block, stamp
 
 app = Celery("bench_peers", broker=os.environ["BENCH_REDIS_URL"])
 app.conf.worker_prefetch_multiplier = 1
@@ -13,3 +13,8 @@ app.conf.worker_prefetch_multiplier = 1
 @app.task(name="stamp", ignore_result=True)
 def celery_stamp(index: int, count: int, out: str) -> None:
     stamp(index, count, out)
+
+
+@app.task(name="block", ignore_result=True)
+def celery_block(go: str) -> None:
+    block(go)
