@@ -133,9 +133,12 @@ async def drain_arq(url: str, count: int, out: str) -> None:
         await arq_wait_for(Path(out), running)
         count_commands(url, out, since)
     finally:
+        deadline = time.monotonic() + 5
+        while worker.tasks and time.monotonic() < deadline:  # the last job's own bookkeeping, once it stamped
+            await asyncio.sleep(0.001)
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
-        await worker.close()
+        await asyncio.gather(worker.close(), return_exceptions=True)  # a job cut short raises CancelledError here
         await pool.aclose()
 
 
