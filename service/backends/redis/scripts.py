@@ -246,7 +246,8 @@ end
 # its token (and RUNNING, when stored so) in it (nil when it is missing), so the caller needs no read of its own;
 # waiting: the queue's length after the take; event: for a run this token took before and still holds the slot of
 # (a retry), the id of its RUNNING event when its stream ends with it (a handoff's take, given up on and asked again
-# by dispatch, appended it), else false (also when the slot expired: the token minted again is not in that event). TAKE is the step as a function of its keys and arguments (HANDOFF_SCRIPT runs it after FINISH).
+# by dispatch, appended it), else false (also when the slot expired: the token minted again is not in that event).
+# TAKE is the step as a function of its keys and arguments (HANDOFF_SCRIPT runs it after FINISH).
 TAKE = """
 local marked_now = false  -- this call stored the run it took RUNNING: HANDOFF_SCRIPT
 local function cancel_key(run_prefix, id)  -- <prefix>:cancel:<id>, beside <prefix>:run:<id>
