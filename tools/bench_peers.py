@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench import redis_commands  # tools/bench.py (standard library at import): run with the peer's redis-py
+
 STAMPS: dict[str, list[tuple[float, float]]] = {}  # by the file each drain's stamps go to
 
 
@@ -29,18 +31,6 @@ def stamp(index: int, count: int, out: str) -> None:
     stamps.append((started, time.time()))
     if len(stamps) == count:
         Path(out).write_text(json.dumps(stamps))
-
-
-def redis_commands(url: str) -> int:
-    """bench.redis_commands, with the peer's own redis-py."""
-    import redis
-
-    client = redis.Redis.from_url(url)
-    try:
-        stats = client.info("commandstats")
-    finally:
-        client.close()
-    return sum(int(entry["calls"]) for name, entry in stats.items() if name != "cmdstat_info")
 
 
 def release(url: str, go: str) -> int:
