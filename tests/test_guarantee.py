@@ -456,7 +456,8 @@ class Lossy:
         return answer
 
 
-def handoff_scenario(redis_server: RedisServer, scenario: Any, retention: int = 100) -> Any:
+def handoff_scenario(redis_server: RedisServer, scenario: Any, retention: int = 100,
+                     retention_bytes: int = 1 << 30) -> Any:
     """``scenario(store, runs)`` on a started Redis backend under a prefix of its own, with one run started and
     ``waiting`` queued behind it (each with its accepted event in its stream, as the hub sends it)."""
     import asyncio
@@ -466,7 +467,7 @@ def handoff_scenario(redis_server: RedisServer, scenario: Any, retention: int = 
     from service.backends.records import Run
 
     async def opened() -> Any:
-        _, store = open_redis(redis_server.url, f"test-{uuid.uuid4().hex[:8]}", 30.0, retention, 1 << 30,
+        _, store = open_redis(redis_server.url, f"test-{uuid.uuid4().hex[:8]}", 30.0, retention, retention_bytes,
                               logging.getLogger("test"), slots=2)
         await store.start()
         store.event_transport(lambda frame: None)  # type: ignore[arg-type]  # its caps; never started

@@ -21,37 +21,24 @@ def test_a_handoff_whose_ended_run_is_past_retention_bytes_leaves_no_event_strea
     """RUN_RETENTION_MB=1 and a run whose counted size (record + log bytes + event backlog bytes, each under its
     cap) is past it: the end's own step never drops its own run (HANDOFF appends the run's end event after it, which
     would make its stream again); the trim call after the answer drops it, stream and all."""
-    from service.backends.records import Run, utc_now
-    from service.backends.redis import open_redis
+    from service.backends.records import utc_now
 
-    async def opened() -> Any:
-        _, store = open_redis(redis_server.url, f"test-{uuid.uuid4().hex[:8]}", 30.0, 100, 1024 * 1024,
-                              logging.getLogger("test"), slots=2)
-        await store.start()
-        store.event_transport(lambda frame: None)  # type: ignore[arg-type]  # its caps; never started: idle
-        try:
-            runs = [Run.new(str(uuid.uuid4()), "sleeper", new_user(), {"i": i}, holder=None) for i in range(3)]
-            for run in runs:
-                await store.admit(run, "enqueue", 10)
-                if run.queue_position is not None:
-                    await store.client.xadd(store.key("events", "run", run.run_id),
-                                            {"k": "run", "r": run.run_id, "s": "PENDING", "d": run.json()})
-            ended = runs[0]
-            # within the caps: LOG_BYTES_MAX 256 KiB of log lines, RUN_BACKLOG_BYTES 1 MiB of event backlog
-            await store.client.hset(store.key("logbytes"), ended.run_id, 200 * 1024)
-            await store.client.set(store.key("events", "run", ended.run_id) + ":bytes", 1000 * 1024)
-            ended.update(state="DONE", finished_at=utc_now())
-            taken = await store.finish_and_take(ended)
-            return (taken, await store.client.exists(store.key("run", ended.run_id)),
-                    await store.client.exists(store.key("events", "run", ended.run_id)),
-                    await store.client.exists(store.key("events", "run", ended.run_id) + ":bytes"),
-                    ended.run_id in store.appended_events)
-        finally:
-            await store.close()
+    async def scenario(store: Any, runs: list[Any]) -> Any:
+        ended = runs[0]
+        # within the caps: LOG_BYTES_MAX 256 KiB of log lines, RUN_BACKLOG_BYTES 1 MiB of event backlog
+        await store.client.hset(store.key("logbytes"), ended.run_id, 200 * 1024)
+        await store.client.set(store.key("events", "run", ended.run_id) + ":bytes", 1000 * 1024)
+        ended.update(state="DONE", finished_at=utc_now())
+        taken = await store.finish_and_take(ended)
+        return (taken, await store.client.exists(store.key("run", ended.run_id)),
+                await store.client.exists(store.key("events", "run", ended.run_id)),
+                await store.client.exists(store.key("events", "run", ended.run_id) + ":bytes"),
+                ended.run_id in store.appended_events)
 
-    taken, record, stream, stream_bytes, appended = asyncio.run(opened())
+    taken, record, stream, stream_bytes, appended = handoff_scenario(redis_server, scenario,
+                                                                     retention_bytes=1024 * 1024)
     assert taken is not None and appended  # handed on, its end event appended by the script
-    assert record == 0  # dropped by retention in FINISH's own step
+    assert record == 0  # dropped by retention, by the trim call after the answer
     assert (stream, stream_bytes) == (0, 0), "the dropped run's event stream was made again after its drop"
 
 

@@ -20,6 +20,9 @@ answers 0 the second time.
 # Returns {1, id, attempt, url, body, webhook-id (absent when none was stored)} claimed, {2, id, attempts} given
 # up (the last claimer died mid-attempt), {0, ms until the next is due or -1} nothing due.
 CLAIM_WEBHOOK_SCRIPT = """
+local function claimed(id, key, attempt)
+  return {1, id, attempt, redis.call('HGET', key, 'url'), redis.call('HGET', key, 'body'), redis.call('HGET', key, 'id')}
+end
 local marker = KEYS[1] .. ':claim:' .. ARGV[2]
 local done = redis.call('GET', marker)
 if done then
@@ -27,8 +30,7 @@ if done then
   if made then return {2, gone, tonumber(made)} end
   local key = ARGV[3] .. done
   if redis.call('HGET', key, 'lease') ~= ARGV[2] then return {0, 0} end  -- taken over since: claim again
-  return {1, done, tonumber(redis.call('HGET', key, 'attempt')), redis.call('HGET', key, 'url'),
-          redis.call('HGET', key, 'body'), redis.call('HGET', key, 'id')}
+  return claimed(done, key, tonumber(redis.call('HGET', key, 'attempt')))
 end
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
@@ -57,8 +59,7 @@ end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), id)
 redis.call('HSET', key, 'attempt', made + 1, 'lease', ARGV[2])
 redis.call('SET', marker, id, 'PX', ARGV[1])
-return {1, id, made + 1, redis.call('HGET', key, 'url'), redis.call('HGET', key, 'body'),
-        redis.call('HGET', key, 'id')}
+return claimed(id, key, made + 1)
 """
 
 # Record an attempt's outcome, only while the lease is still the caller's: ARGV[2] 'done' ends the delivery,

@@ -219,9 +219,9 @@ class RedisBackend:
         after a failure) asks again with it and answers the same run; a handoff given up on (``release``) passes
         it to dispatch's next take. Dispatch's takes keep theirs, so neither answers a run the other took.
         """
-        self.appended_events = frozenset()
         if run.holder is None:
             await self.save(run, release=True)
+            self.appended_events = frozenset()  # after the last await, as below
             return None
         await self._progress_written(run)
         retry = run.holder in self._handoffs
