@@ -66,9 +66,10 @@ def test_cancel_keeps_the_lock_until_the_agents_thread_returns(start_server, tmp
     refused = 0
     while len(uses(ledger)[run_id]) < 2:  # the thread still uses the resource
         response = post(srv, "sleeper", seconds=0)
-        if len(uses(ledger)[run_id]) < 2:
+        state = srv.client.get(f"/agents/status/{run_id}").json()["state"]
+        if len(uses(ledger)[run_id]) < 2:  # read after both answers: the thread was still using it when they came
             assert response.status_code == 409, response.text
-            assert srv.client.get(f"/agents/status/{run_id}").json()["state"] == "RUNNING"
+            assert state == "RUNNING"
             refused += 1
         time.sleep(0.05)
     cancel.join(15)
